@@ -1,0 +1,67 @@
+"""tokengate: run ordinary Python functions concurrently on a Rust work-stealing pool.
+
+>>> from tokengate import task_token_guard, OperationsCoordinator
+>>> @task_token_guard(operation_type="string_ops", tags={"weight": "light"})
+... def upper(s: str) -> str:
+...     return s.upper()
+>>> with OperationsCoordinator():
+...     upper("abc").result(timeout=5)
+'ABC'
+"""
+
+from __future__ import annotations
+
+from . import _tokengate
+from ._coordinator import OperationsCoordinator
+from ._decorator import task_token_guard
+from ._gather import as_completed, gather
+from ._tags import DigestPolicy, HashPolicy
+from ._tokengate import TaskToken
+from .exceptions import (
+    AdmissionRejectedError,
+    ForkedProcessError,
+    NotStartedError,
+    OperationBlockedError,
+    ShutdownError,
+    TaskKilledError,
+    TaskKilledException,
+    TaskPanicError,
+    TaskTimeoutError,
+    TokengateError,
+    WorkerCrashedError,
+)
+
+__version__: str = _tokengate.__version__
+
+#: The original's lifecycle states, plus ``cancelled``.
+TOKEN_STATES = ("created", "waiting", "admitted", "executing", "completed", "failed", "killed", "timeout", "cancelled")
+
+
+def current_token() -> TaskToken | None:
+    """The token whose task runs on this thread (None outside a task)."""
+    return _tokengate.current_token()
+
+
+__all__ = [
+    "AdmissionRejectedError",
+    "DigestPolicy",
+    "ForkedProcessError",
+    "HashPolicy",
+    "NotStartedError",
+    "OperationBlockedError",
+    "OperationsCoordinator",
+    "ShutdownError",
+    "TOKEN_STATES",
+    "TaskKilledError",
+    "TaskKilledException",
+    "TaskPanicError",
+    "TaskTimeoutError",
+    "TaskToken",
+    "TokengateError",
+    "WorkerCrashedError",
+    "__version__",
+    "as_completed",
+    "current_token",
+    "gather",
+    "task_token_guard",
+]

@@ -1,0 +1,149 @@
+"""``task_token_guard``: turns a synchronous function into one that returns a token."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable, Iterable, Mapping
+import sys
+from typing import Any, TypeVar, overload
+
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover
+    from typing_extensions import ParamSpec
+
+from . import _tokengate
+from ._tags import validate_tags, weight_of
+from ._tokengate import TaskToken
+
+__all__ = ["task_token_guard"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _is_async_callable(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return True
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        call = getattr(type(fn), "__call__", None)
+        if call is not None and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)):
+            return True
+    return False
+
+
+def _is_generator_callable(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isgeneratorfunction(fn):
+        return True
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        call = getattr(type(fn), "__call__", None)
+        if call is not None and inspect.isgeneratorfunction(call):
+            return True
+    return False
+
+
+def _check_function(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"@task_token_guard needs a callable, not {type(fn).__name__}")
+    if _is_async_callable(fn):
+        raise TypeError(
+            f"@task_token_guard cannot decorate {fn!r}: it is asynchronous (async def). "
+            "tokengate runs synchronous functions on worker threads; await coroutines on your event loop."
+        )
+    if _is_generator_callable(fn):
+        raise TypeError(
+            f"@task_token_guard cannot decorate {fn!r}: it is a generator function, whose body would run "
+            "lazily on the consumer's thread, not on a worker. Return a list instead."
+        )
+
+
+def _arity(fn: Callable[..., Any], name: str) -> tuple[int, int | None, bool, Callable[..., None] | None]:
+    """(min positional, max positional or None for *args, fast path allowed, binder)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 0, None, True, None  # builtins without a signature: the call itself will check
+    min_pos = 0
+    max_pos: int | None = 0
+    required_kwonly = False
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            assert max_pos is not None
+            max_pos += 1
+            if p.default is p.empty:
+                min_pos += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            max_pos = None
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            required_kwonly = True
+
+    def binder(*args: Any, **kwargs: Any) -> None:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+
+    return min_pos, max_pos, not required_kwonly, binder
+
+
+@overload
+def task_token_guard(operation_type: Callable[P, R]) -> Callable[P, TaskToken[R]]: ...
+
+
+@overload
+def task_token_guard(
+    operation_type: str | None = None, tags: Mapping[str, Any] | None = None
+) -> Callable[[Callable[P, R]], Callable[P, TaskToken[R]]]: ...
+
+
+def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None = None) -> Any:
+    """Decorate a synchronous function so that calling it returns a :class:`TaskToken` at once
+    while a worker of the running :class:`OperationsCoordinator` runs the body.
+
+    ``operation_type`` names the operation (default: the function's qualified name);
+    ``tags`` is a mapping of scheduling tags, validated now (unknown keys and bad values
+    raise ``ValueError``) and copied (later changes to the caller's dict change nothing).
+    """
+    if callable(operation_type) and tags is None:
+        return task_token_guard()(operation_type)
+    if operation_type is not None and (not isinstance(operation_type, str) or not operation_type):
+        raise TypeError(f"operation_type must be a non-empty string or None, not {operation_type!r}")
+    validated = validate_tags(tags)
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, TaskToken[R]]:
+        _check_function(fn)
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        op = operation_type or name
+        op_tags = dict(validated)
+        op_tags.setdefault("weight", weight_of(op, validated))
+        min_pos, max_pos, fast, binder = _arity(fn, name)
+        spec = _tokengate.OperationSpec(fn, op, types.MappingProxyType(op_tags), min_pos, max_pos, fast, binder)
+        submit = spec.submit
+
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
+            return submit(args, kwargs)
+
+        try:
+            functools.update_wrapper(wrapper, fn)  # type: ignore[arg-type]
+        except AttributeError:  # pragma: no cover - callables without __name__
+            wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        wrapper.operation_type = op  # type: ignore[attr-defined]
+        wrapper.tags = spec.tags  # type: ignore[attr-defined]
+        wrapper.spec = spec  # type: ignore[attr-defined]
+        wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _map(fn: Callable[..., TaskToken[Any]], iterable: Iterable[Any], *, buffer: int | None = None) -> Any:
+    from ._gather import map_tokens
+
+    return map_tokens(fn, iterable, buffer=buffer)
+

@@ -1,0 +1,16 @@
+//! tokengate: run ordinary Python functions concurrently on a Rust
+//! work-stealing pool.
+//!
+//! * [`pool`]: the engine (crossbeam-deque work stealing, parking_lot
+//!   sleep/wake, core pinning). No Python.
+//! * [`token`]: the token state machine. No Python.
+//! * `py` (feature `python`): the PyO3 binding layer, the only code that
+//!   touches the interpreter.
+
+pub mod error;
+pub mod pool;
+mod sync;
+pub mod token;
+
+#[cfg(feature = "python")]
+mod py;

@@ -1,0 +1,55 @@
+//! Pool configuration: how many workers, how they are pinned, their stacks.
+
+use crate::error::Error;
+
+/// Smallest worker stack we accept. A 20,000-deep `json.dumps` overflows
+/// Rust's 2 MiB default thread stack; 8 MiB is what Python's own threads get
+/// from `ulimit -s` on Linux.
+pub const MIN_STACK_SIZE: usize = 8 << 20;
+
+/// How a [`crate::pool::Pool`] is built. Validate with [`PoolConfig::validate`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Number of worker threads (at least 1).
+    pub workers: usize,
+    /// Pin worker `i` to core `i mod n` of the cores this process may use.
+    pub pin_cores: bool,
+    /// Stack size of each worker thread in bytes (raised to [`MIN_STACK_SIZE`]).
+    pub stack_size: usize,
+    /// Thread name prefix; workers are named `{prefix}-{index}`.
+    pub thread_name: String,
+    /// How many idle workers may spin looking for work at once before parking.
+    pub max_spinners: usize,
+    /// How many backoff rounds an idle worker spins before it parks.
+    pub spin_rounds: u32,
+}
+
+impl PoolConfig {
+    /// A configuration with `workers` threads and the defaults for the rest.
+    pub fn new(workers: usize) -> Self {
+        PoolConfig {
+            workers,
+            pin_cores: true,
+            stack_size: MIN_STACK_SIZE,
+            thread_name: "tokengate-worker".to_owned(),
+            max_spinners: 1,
+            spin_rounds: 64,
+        }
+    }
+
+    /// Checks every field and returns a copy with the stack size raised to the minimum.
+    pub fn validate(&self) -> Result<PoolConfig, Error> {
+        if self.workers == 0 {
+            return Err(Error::InvalidConfig("workers must be greater than 0".into()));
+        }
+        if self.workers > 4096 {
+            return Err(Error::InvalidConfig(format!("workers must be at most 4096, got {}", self.workers)));
+        }
+        if self.max_spinners == 0 {
+            return Err(Error::InvalidConfig("max_spinners must be greater than 0".into()));
+        }
+        let mut out = self.clone();
+        out.stack_size = out.stack_size.max(MIN_STACK_SIZE);
+        Ok(out)
+    }
+}

@@ -1,0 +1,312 @@
+//! The work-stealing pool. Pure Rust: nothing here imports pyo3, so
+//! `cargo test --no-default-features` exercises it without an interpreter.
+//!
+//! # Architecture
+//!
+//! * One global [`crossbeam_deque::Injector`] receives jobs submitted from
+//!   any thread.
+//! * Each worker owns a FIFO [`crossbeam_deque::Worker`] deque; others steal
+//!   from it through its `Stealer`. A worker looks for work in its own deque,
+//!   then takes a batch (up to 32) from the injector, then steals a batch
+//!   from the other workers.
+//! * Idle workers spin briefly, then park; see `sleep.rs` for the wake-up
+//!   protocol (a burst of submissions wakes at most one sleeper).
+//! * Worker `i` is pinned to core `i mod n` when `pin_cores` is set.
+//!
+//! # Who may touch what
+//!
+//! * `injector`, `stealers`: any thread (lock-free).
+//! * Each `Worker` deque: only its own worker thread.
+//! * `terminate`: written by `shutdown`, read by workers before they park.
+//! * `alive`: decremented by each worker as it exits, under its mutex, and
+//!   waited on by `join`.
+//!
+//! # Shutdown protocol
+//!
+//! 1. `shutdown()` sets `terminate` and wakes every sleeper.
+//! 2. Each worker keeps running jobs while it finds any; when it finds none
+//!    and `terminate` is set, it leaves its loop (the embedder's
+//!    `run_worker` returns) and decrements `alive`.
+//! 3. `join(timeout)` waits for `alive == 0`, then joins the threads. If the
+//!    timeout passes first (a job that never returns), the threads are left
+//!    to exit on their own.
+//! 4. Jobs submitted after the last worker looked (a submit racing step 1)
+//!    stay in the queues; `drain()` hands them back so the embedder can
+//!    resolve them. Dropping the pool drops them.
+
+mod config;
+mod sleep;
+mod topology;
+mod worker;
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+
+pub use config::{PoolConfig, MIN_STACK_SIZE};
+pub use topology::Topology;
+pub use worker::{current_worker, WorkerHooks, WorkerInfo, WorkerLoop};
+
+use crate::error::Error;
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use sleep::Sleep;
+
+/// What the embedder runs on each worker thread.
+pub trait Host<J>: Send + Sync + 'static {
+    /// Runs the worker's whole life; must call `worker.run(hooks)` once.
+    fn run_worker(&self, worker: WorkerLoop<J>);
+}
+
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// State shared by a pool's handle and its workers.
+pub(crate) struct Shared<J> {
+    id: u64,
+    injector: Injector<J>,
+    stealers: Vec<Stealer<J>>,
+    sleep: Sleep,
+    terminate: AtomicBool,
+    config: PoolConfig,
+    alive: Mutex<usize>,
+    exited: Condvar,
+    panics: AtomicU64,
+    submitted: AtomicU64,
+    pinned: Vec<AtomicUsize>,
+}
+
+impl<J> Shared<J> {
+    fn has_work(&self) -> bool {
+        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+    }
+}
+
+/// Counters describing a pool at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Number of worker threads the pool started.
+    pub workers: usize,
+    /// Workers whose loop has not exited yet.
+    pub alive: usize,
+    /// Workers spinning in search of work.
+    pub spinning: u64,
+    /// Workers parked.
+    pub sleeping: u64,
+    /// Jobs submitted so far.
+    pub submitted: u64,
+    /// Jobs waiting in the injector (approximate).
+    pub queued_global: usize,
+    /// Jobs waiting in each worker's deque (approximate).
+    pub queued_local: Vec<usize>,
+    /// Times a parked worker was signalled.
+    pub wakes: u64,
+    /// Panics that escaped `WorkerHooks::execute` (each was caught).
+    pub panics: u64,
+}
+
+/// A running pool of worker threads executing jobs of type `J`.
+pub struct Pool<J: Send + 'static> {
+    shared: Arc<Shared<J>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<J: Send + 'static> std::fmt::Debug for Pool<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("id", &self.shared.id).field("stats", &self.stats()).finish()
+    }
+}
+
+const NOT_PINNED: usize = usize::MAX;
+
+impl<J: Send + 'static> Pool<J> {
+    /// Starts `config.workers` threads, each running `host.run_worker`.
+    pub fn start<H: Host<J>>(config: &PoolConfig, host: Arc<H>) -> Result<Pool<J>, Error> {
+        let config = config.validate()?;
+        let locals: Vec<Worker<J>> = (0..config.workers).map(|_| Worker::new_fifo()).collect();
+        let shared = Arc::new(Shared {
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            injector: Injector::new(),
+            stealers: locals.iter().map(Worker::stealer).collect(),
+            sleep: Sleep::new(config.workers, config.max_spinners),
+            terminate: AtomicBool::new(false),
+            alive: Mutex::new(config.workers),
+            exited: Condvar::new(),
+            panics: AtomicU64::new(0),
+            submitted: AtomicU64::new(0),
+            pinned: (0..config.workers).map(|_| AtomicUsize::new(NOT_PINNED)).collect(),
+            config,
+        });
+        let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
+        let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())) };
+        for (index, local) in locals.into_iter().enumerate() {
+            let shared = shared.clone();
+            let host = host.clone();
+            let core = topology.as_ref().map(|t| t.core_ids[index % t.core_ids.len()]);
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-{index}", shared.config.thread_name))
+                .stack_size(shared.config.stack_size)
+                .spawn(move || {
+                    let pinned = core.filter(|&id| core_affinity::set_for_current(core_affinity::CoreId { id }));
+                    shared.pinned[index].store(pinned.unwrap_or(NOT_PINNED), Ordering::Relaxed);
+                    let info = WorkerInfo { index, core: pinned, pool_id: shared.id };
+                    let exit_guard = ExitGuard(&shared);
+                    host.run_worker(WorkerLoop { info, local, shared: shared.clone() });
+                    drop(exit_guard);
+                });
+            match spawned {
+                Ok(handle) => pool.handles.lock().push(handle),
+                Err(e) => {
+                    // Workers never started count as exited.
+                    let missing = pool.shared.config.workers - index;
+                    *pool.shared.alive.lock() -= missing;
+                    pool.shutdown();
+                    pool.join(None);
+                    return Err(Error::Spawn(e.to_string()));
+                }
+            }
+        }
+        Ok(pool)
+    }
+
+    /// The pool's unique id (see [`current_worker`]).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.config.workers
+    }
+
+    /// The core each worker is pinned to (`None`: unpinned or not started yet).
+    pub fn pinned_cores(&self) -> Vec<Option<usize>> {
+        self.shared
+            .pinned
+            .iter()
+            .map(|p| Some(p.load(Ordering::Relaxed)).filter(|&c| c != NOT_PINNED))
+            .collect()
+    }
+
+    /// Queues a job. Fails (handing the job back) once shutdown has begun.
+    #[inline]
+    pub fn submit(&self, job: J) -> Result<(), (Error, J)> {
+        if self.shared.terminate.load(Ordering::Relaxed) {
+            return Err((Error::ShutDown, job));
+        }
+        self.shared.injector.push(job);
+        self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+        self.shared.sleep.notify_work();
+        Ok(())
+    }
+
+    /// Queues many jobs with one wake-up check.
+    pub fn submit_batch(&self, jobs: impl IntoIterator<Item = J>) -> Result<(), Error> {
+        if self.shared.terminate.load(Ordering::Relaxed) {
+            return Err(Error::ShutDown);
+        }
+        let mut n = 0;
+        for job in jobs {
+            self.shared.injector.push(job);
+            n += 1;
+        }
+        self.shared.submitted.fetch_add(n, Ordering::Relaxed);
+        self.shared.sleep.notify_work();
+        Ok(())
+    }
+
+    /// Removes every queued job (not yet started) and returns them.
+    pub fn drain(&self) -> Vec<J> {
+        let mut out = Vec::new();
+        loop {
+            match self.shared.injector.steal() {
+                Steal::Success(job) => out.push(job),
+                Steal::Empty => break,
+                Steal::Retry => {}
+            }
+        }
+        for stealer in &self.shared.stealers {
+            loop {
+                match stealer.steal() {
+                    Steal::Success(job) => out.push(job),
+                    Steal::Empty => break,
+                    Steal::Retry => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// True once `shutdown` was called.
+    pub fn is_shutdown(&self) -> bool {
+        self.shared.terminate.load(Ordering::SeqCst)
+    }
+
+    /// Tells the workers to exit once they find no more work. Idempotent.
+    pub fn shutdown(&self) {
+        self.shared.terminate.store(true, Ordering::SeqCst);
+        self.shared.sleep.wake_all();
+    }
+
+    /// Waits for every worker to exit (up to `timeout`) and joins them.
+    /// Returns true when all exited. Call `shutdown` first.
+    pub fn join(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        {
+            let mut alive = self.shared.alive.lock();
+            while *alive > 0 {
+                match deadline {
+                    Some(d) => {
+                        if self.shared.exited.wait_until(&mut alive, d).timed_out() && *alive > 0 {
+                            return false;
+                        }
+                    }
+                    None => self.shared.exited.wait(&mut alive),
+                }
+            }
+        }
+        let current = std::thread::current().id();
+        for handle in self.handles.lock().drain(..) {
+            if handle.thread().id() != current {
+                let _ = handle.join();
+            }
+        }
+        true
+    }
+
+    /// Counters for monitoring.
+    pub fn stats(&self) -> PoolStats {
+        let (spinning, sleeping) = self.shared.sleep.counts();
+        PoolStats {
+            workers: self.shared.config.workers,
+            alive: *self.shared.alive.lock(),
+            spinning,
+            sleeping,
+            submitted: self.shared.submitted.load(Ordering::Relaxed),
+            queued_global: self.shared.injector.len(),
+            queued_local: self.shared.stealers.iter().map(Stealer::len).collect(),
+            wakes: self.shared.sleep.wakes(),
+            panics: self.shared.panics.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<J: Send + 'static> Drop for Pool<J> {
+    fn drop(&mut self) {
+        // Threads hold their own `Arc<Shared>`; telling them to stop is enough.
+        self.shutdown();
+    }
+}
+
+/// Marks a worker as exited even if the embedder's `run_worker` panics.
+struct ExitGuard<'a, J>(&'a Shared<J>);
+
+impl<J> Drop for ExitGuard<'_, J> {
+    fn drop(&mut self) {
+        let mut alive = self.0.alive.lock();
+        *alive -= 1;
+        self.0.exited.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;

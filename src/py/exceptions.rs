@@ -1,0 +1,124 @@
+//! The one place where internal errors become Python exceptions.
+//!
+//! The exception classes themselves are defined in Python
+//! (`python/tokengate/exceptions.py`) so that they can derive from two bases
+//! (`NotStartedError(TokengateError, RuntimeError)`); they are imported here
+//! lazily and cached.
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyModule;
+
+use crate::error::Error;
+
+/// Errors raised by the binding layer itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BindError {
+    /// No coordinator is running.
+    NotStarted,
+    /// The coordinator is stopping or stopped.
+    ShutDown,
+    /// Interpreter shutdown has begun.
+    InterpreterShutdown,
+    /// This process was forked from one with running workers.
+    Forked,
+    /// A bad argument; the message names it.
+    Value(String),
+    /// Waiting for a token timed out (`result(timeout=...)`).
+    WaitTimeout,
+    /// The token was cancelled.
+    Cancelled,
+    /// A task waited on its own token.
+    SelfWait,
+    /// Any other runtime failure (thread spawn).
+    Runtime(String),
+}
+
+impl From<Error> for BindError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidConfig(msg) => BindError::Value(msg),
+            Error::Spawn(msg) => BindError::Runtime(format!("could not start a worker thread: {msg}")),
+            Error::ShutDown => BindError::ShutDown,
+        }
+    }
+}
+
+static EXCEPTIONS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+
+/// `tokengate.exceptions.<name>` (the class object).
+pub(crate) fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    let module = EXCEPTIONS.get_or_try_init(py, || PyModule::import(py, "tokengate.exceptions").map(Bound::unbind))?;
+    module.bind(py).getattr(name)
+}
+
+fn instance<'py, A>(py: Python<'py>, module: &str, name: &str, args: A) -> PyErr
+where
+    A: pyo3::call::PyCallArgs<'py>,
+{
+    match py.import(module).and_then(|m| m.getattr(name)).and_then(|cls| cls.call1(args)) {
+        Ok(value) => PyErr::from_value(value),
+        Err(e) => e,
+    }
+}
+
+impl BindError {
+    /// The Python exception for this error.
+    pub(crate) fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        let tokengate = |name: &str, msg: String| match class(py, name).and_then(|c| c.call1((msg,))) {
+            Ok(v) => PyErr::from_value(v),
+            Err(e) => e,
+        };
+        match self {
+            BindError::NotStarted => tokengate(
+                "NotStartedError",
+                "no OperationsCoordinator is running: start one (coordinator.start(), \
+                 `with OperationsCoordinator():` or `async with OperationsCoordinator():`) \
+                 before calling a @task_token_guard function"
+                    .into(),
+            ),
+            BindError::ShutDown => tokengate("ShutdownError", "cannot schedule new futures after shutdown".into()),
+            BindError::InterpreterShutdown => {
+                tokengate("ShutdownError", "cannot schedule new futures after interpreter shutdown".into())
+            }
+            BindError::Forked => tokengate(
+                "ForkedProcessError",
+                "tokengate cannot be used in a child created by fork() after a coordinator started in the \
+                 parent: worker threads do not survive fork. Use the 'spawn' start method."
+                    .into(),
+            ),
+            BindError::Value(msg) => PyValueError::new_err(msg),
+            BindError::WaitTimeout => instance(py, "concurrent.futures", "TimeoutError", ("timed out waiting for the token",)),
+            BindError::Cancelled => instance(py, "concurrent.futures", "CancelledError", ("the token was cancelled",)),
+            BindError::SelfWait => PyRuntimeError::new_err(
+                "a task waited on its own token: this would deadlock (result() called inside the task it belongs to)",
+            ),
+            BindError::Runtime(msg) => PyRuntimeError::new_err(msg),
+        }
+    }
+}
+
+impl From<BindError> for PyErr {
+    fn from(e: BindError) -> PyErr {
+        Python::attach(|py| e.into_pyerr(py))
+    }
+}
+
+/// A `TaskKilledError(reason)` value to store in a token.
+pub(crate) fn killed_value(py: Python<'_>, reason: &str) -> PyResult<Py<PyAny>> {
+    Ok(class(py, "TaskKilledError")?.call1((reason,))?.unbind())
+}
+
+/// A `TaskPanicError(message)` value to store in a token.
+pub(crate) fn panic_value(py: Python<'_>, message: &str) -> Py<PyAny> {
+    match class(py, "TaskPanicError").and_then(|c| c.call1((format!("tokengate panicked while running the task: {message}"),))) {
+        Ok(v) => v.unbind(),
+        Err(e) => e.into_value(py).into_any(),
+    }
+}
+
+/// `asyncio.CancelledError()` (raised by an awaited cancelled token).
+pub(crate) fn asyncio_cancelled(py: Python<'_>) -> PyErr {
+    instance(py, "asyncio", "CancelledError", ())
+}

@@ -1,0 +1,582 @@
+//! `TaskToken`: the handle a decorated call returns.
+//!
+//! A token's shared part (`TokenInner`) is owned by the Python object, by
+//! the job in the run queue, and by listeners. Its outcome and listeners
+//! live in the lock-protected slot of the engine's [`TokenCore`]; see
+//! `src/token.rs` for the state protocol. Listeners are taken out of the slot
+//! by the resolving thread and fired after the lock is released:
+//!
+//! * `Listener::Thread` (registered with no running event loop): called on
+//!   the resolving thread, as `concurrent.futures` does.
+//! * `Listener::Loop` (registered from a thread running an event loop, which
+//!   is how asyncio's `Task` and `gather` register): queued on that loop's
+//!   completion queue (`asyncio.rs`), called on the loop thread.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::asyncio::{self as aio, Delivery, LoopQueue};
+use super::engine::Counters;
+use super::exceptions::{self, BindError};
+use super::spec::SpecShared;
+use super::wait::{timeout_arg, wait_detached};
+use crate::sync::{AtomicBool, Ordering};
+use crate::token::{ns_to_unix, now_ns, Stamp, TokenCore, TokenState};
+
+/// What a finished body produced.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The returned value.
+    Value(Py<PyAny>),
+    /// The exception instance (raised by the body, or made by tokengate: killed, panic).
+    Error(Py<PyAny>),
+}
+
+/// Someone to tell when the token resolves.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    /// Call `func(arg)` on the resolving thread.
+    Thread { func: Py<PyAny>, arg: Py<PyAny> },
+    /// Call `func(arg)` on an event loop's thread.
+    Loop { queue: Arc<LoopQueue>, delivery: Delivery },
+}
+
+/// The lock-protected part of a token.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    pub(crate) outcome: Option<Outcome>,
+    pub(crate) listeners: Vec<Listener>,
+}
+
+/// The shared part of a token.
+#[derive(Debug)]
+pub(crate) struct TokenInner {
+    pub(crate) core: TokenCore<Slot>,
+    pub(crate) id: u64,
+    pub(crate) spec: Arc<SpecShared>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl TokenInner {
+    pub(crate) fn new(id: u64, spec: Arc<SpecShared>, counters: Arc<Counters>) -> Self {
+        TokenInner { core: TokenCore::new(Slot::default()), id, spec, counters }
+    }
+
+    /// Resolves the token once: moves to `to` if `allowed(current)`, stores
+    /// `outcome`, then fires listeners. False when it was resolved already.
+    pub(crate) fn resolve(
+        &self,
+        py: Python<'_>,
+        allowed: impl Fn(TokenState) -> bool,
+        to: TokenState,
+        outcome: Option<Outcome>,
+    ) -> bool {
+        match self.resolve_quiet(allowed, to, outcome) {
+            Some(listeners) => {
+                fire(py, listeners);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Like `resolve`, but hands the listeners back instead of firing them
+    /// (for callers that may not be attached to the interpreter).
+    pub(crate) fn resolve_quiet(
+        &self,
+        allowed: impl Fn(TokenState) -> bool,
+        to: TokenState,
+        outcome: Option<Outcome>,
+    ) -> Option<Vec<Listener>> {
+        let listeners = self.core.resolve(allowed, to, |slot| {
+            slot.outcome = outcome;
+            std::mem::take(&mut slot.listeners)
+        })?;
+        self.counters.record_resolved(to);
+        Some(listeners)
+    }
+
+    /// Cancels a token whose job was dropped without running (pool gone).
+    /// May run on any thread, attached or not.
+    pub(crate) fn cancel_unrun(&self) {
+        if let Some(listeners) = self.resolve_quiet(|_| true, TokenState::Cancelled, None) {
+            if !listeners.is_empty() {
+                // Without an interpreter (finalizing) there is nobody left to tell.
+                let _ = Python::try_attach(|py| fire(py, listeners));
+            }
+        }
+    }
+
+    /// The outcome as a Python return value or exception. The token must be done.
+    pub(crate) fn outcome(&self, py: Python<'_>, asyncio: bool) -> PyResult<Py<PyAny>> {
+        let state = self.core.state();
+        if state == TokenState::Cancelled {
+            return Err(if asyncio { exceptions::asyncio_cancelled(py) } else { BindError::Cancelled.into_pyerr(py) });
+        }
+        let slot = self.core.lock();
+        match &slot.outcome {
+            Some(Outcome::Value(v)) => Ok(v.clone_ref(py)),
+            Some(Outcome::Error(e)) => Err(PyErr::from_value(e.bind(py).clone())),
+            None => Err(BindError::Runtime(format!("token in state {} has no outcome", state.as_str())).into_pyerr(py)),
+        }
+    }
+
+    /// Blocks (detached, Ctrl-C aware) until done; Err(TimeoutError) after `timeout`.
+    pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        if self.core.is_done() {
+            return Ok(());
+        }
+        super::engine::check_not_forked()?;
+        if super::job::is_current_token(self) {
+            return Err(BindError::SelfWait.into());
+        }
+        let timeout = timeout_arg(timeout)?;
+        if wait_detached(py, timeout, |step| self.core.wait(Some(step)))? {
+            Ok(())
+        } else {
+            Err(BindError::WaitTimeout.into_pyerr(py))
+        }
+    }
+
+    /// `cancel()`: cancels a token that has not started. A running token
+    /// cannot be cancelled; its cooperative cancel flag is set instead.
+    pub(crate) fn cancel(&self, py: Python<'_>) -> bool {
+        if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, None) {
+            return true;
+        }
+        match self.core.state() {
+            TokenState::Cancelled => true,
+            TokenState::Executing => {
+                self.core.request_cancel();
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Registers `func(arg)` to run once the token resolves; runs it now
+    /// (or schedules it on the running loop) if it already has.
+    pub(crate) fn add_listener(
+        &self,
+        py: Python<'_>,
+        func: Bound<'_, PyAny>,
+        arg: Py<PyAny>,
+        context: Option<Py<PyAny>>,
+        on_thread: bool,
+    ) -> PyResult<()> {
+        let running_loop = if on_thread { None } else { aio::running_loop(py)? };
+        let listener = match &running_loop {
+            Some(event_loop) => Listener::Loop {
+                queue: aio::queue_for(py, event_loop),
+                delivery: Delivery { func: func.unbind(), arg, context },
+            },
+            None => Listener::Thread { func: func.unbind(), arg },
+        };
+        {
+            let mut slot = self.core.lock();
+            if !self.core.is_done() {
+                slot.listeners.push(listener);
+                return Ok(());
+            }
+        }
+        match listener {
+            Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
+            Listener::Loop { delivery, .. } => {
+                let event_loop = running_loop.expect("loop listener without a loop");
+                aio::call_soon(py, &event_loop, delivery)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every listener whose function equals `func`; returns how many.
+    pub(crate) fn remove_listener(&self, py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let removed: Vec<Listener> = {
+            let mut slot = self.core.lock();
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut slot.listeners).into_iter().partition(|l| {
+                let f = match l {
+                    Listener::Thread { func, .. } => func,
+                    Listener::Loop { delivery, .. } => &delivery.func,
+                };
+                f.bind(py).eq(func).unwrap_or(false)
+            });
+            slot.listeners = kept;
+            gone
+        };
+        Ok(removed.len())
+    }
+}
+
+/// Fires listeners taken out of a resolved token.
+pub(crate) fn fire(py: Python<'_>, listeners: Vec<Listener>) {
+    for listener in listeners {
+        match listener {
+            Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
+            Listener::Loop { queue, delivery } => queue.push(py, delivery),
+        }
+    }
+}
+
+fn call_thread_listener(py: Python<'_>, func: &Py<PyAny>, arg: &Py<PyAny>) {
+    if let Err(err) = func.call1(py, (arg.clone_ref(py),)) {
+        log_exception(py, "exception calling callback for token", err);
+    }
+}
+
+/// Logs `err` on the `tokengate.token` logger (as concurrent.futures does for callbacks).
+pub(crate) fn log_exception(py: Python<'_>, message: &str, err: PyErr) {
+    let logged = py.import("logging").and_then(|logging| {
+        let logger = logging.call_method1("getLogger", ("tokengate.token",))?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("exc_info", err.into_value(py))?;
+        logger.call_method("error", (message,), Some(&kwargs))
+    });
+    if let Err(e) = logged {
+        e.write_unraisable(py, None);
+    }
+}
+
+/// The handle a decorated call returns. See `tokengate/_tokengate.pyi`.
+#[pyclass(frozen, weakref, name = "TaskToken", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct TaskToken {
+    pub(crate) inner: Arc<TokenInner>,
+}
+
+fn stamp(core: &TokenCore<Slot>, which: Stamp) -> Option<f64> {
+    core.time(which).map(ns_to_unix)
+}
+
+fn span(from: Option<u64>, to: Option<u64>) -> Option<f64> {
+    let from = from?;
+    let to = to.unwrap_or_else(now_ns);
+    Some(to.saturating_sub(from) as f64 / 1e9)
+}
+
+#[pymethods]
+impl TaskToken {
+    /// Waits for the result (re-raising the task's exception).
+    #[pyo3(signature = (timeout=None))]
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        self.inner.wait(py, timeout)?;
+        self.inner.outcome(py, false)
+    }
+
+    /// The original Py-TokenGate name of `result`.
+    #[pyo3(signature = (timeout=None))]
+    fn get(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        self.result(py, timeout)
+    }
+
+    /// Waits, then returns the task's exception (None if it succeeded).
+    #[pyo3(signature = (timeout=None))]
+    fn exception(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        self.inner.wait(py, timeout)?;
+        match self.inner.outcome(py, false) {
+            Ok(_) => Ok(None),
+            Err(e) if self.inner.core.state() == TokenState::Cancelled => Err(e),
+            Err(e) => Ok(Some(e.into_value(py).into_any())),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.inner.core.is_done()
+    }
+
+    fn running(&self) -> bool {
+        self.inner.core.state() == TokenState::Executing
+    }
+
+    fn cancelled(&self) -> bool {
+        self.inner.core.state() == TokenState::Cancelled
+    }
+
+    /// Cancels the token if it has not started. `msg` is accepted for asyncio compatibility.
+    #[pyo3(signature = (msg=None))]
+    fn cancel(&self, py: Python<'_>, msg: Option<Py<PyAny>>) -> bool {
+        let _ = msg;
+        self.inner.cancel(py)
+    }
+
+    /// Kills the token: its waiters get `TaskKilledError(reason)` at once.
+    #[pyo3(signature = (reason="admin_override"))]
+    fn kill(&self, py: Python<'_>, reason: &str) -> PyResult<bool> {
+        let value = exceptions::killed_value(py, reason)?;
+        self.inner.core.request_cancel();
+        Ok(self.inner.resolve(py, |_| true, TokenState::Killed, Some(Outcome::Error(value))))
+    }
+
+    /// The original's name for "was this token killed".
+    fn is_killed(&self) -> bool {
+        self.inner.core.state() == TokenState::Killed
+    }
+
+    #[pyo3(signature = (func, *, context=None))]
+    fn add_done_callback(
+        slf: &Bound<'_, Self>,
+        func: Bound<'_, PyAny>,
+        context: Option<Py<PyAny>>,
+    ) -> PyResult<()> {
+        if !func.is_callable() {
+            return Err(PyTypeError::new_err(format!(
+                "add_done_callback() needs a callable, got {}",
+                func.get_type().name()?
+            )));
+        }
+        let arg = slf.clone().into_any().unbind();
+        slf.get().inner.add_listener(slf.py(), func, arg, context, false)
+    }
+
+    /// Like `add_done_callback`, but always calls `func` on the resolving thread.
+    fn _add_thread_callback(slf: &Bound<'_, Self>, func: Bound<'_, PyAny>) -> PyResult<()> {
+        let arg = slf.clone().into_any().unbind();
+        slf.get().inner.add_listener(slf.py(), func, arg, None, true)
+    }
+
+    fn remove_done_callback(&self, py: Python<'_>, func: Bound<'_, PyAny>) -> PyResult<usize> {
+        self.inner.remove_listener(py, &func)
+    }
+
+    #[getter]
+    fn state(&self) -> &'static str {
+        self.inner.core.state().as_str()
+    }
+
+    #[getter]
+    fn token_id(&self) -> u64 {
+        self.inner.id
+    }
+
+    #[getter]
+    fn operation_type(&self, py: Python<'_>) -> Py<PyAny> {
+        self.inner.spec.operation_type.clone_ref(py).into_any()
+    }
+
+    #[getter]
+    fn tags(&self, py: Python<'_>) -> Py<PyAny> {
+        self.inner.spec.tags.clone_ref(py)
+    }
+
+    #[getter]
+    fn created_at(&self) -> Option<f64> {
+        stamp(&self.inner.core, Stamp::Created)
+    }
+
+    #[getter]
+    fn admitted_at(&self) -> Option<f64> {
+        stamp(&self.inner.core, Stamp::Admitted)
+    }
+
+    #[getter]
+    fn started_at(&self) -> Option<f64> {
+        stamp(&self.inner.core, Stamp::Started)
+    }
+
+    #[getter]
+    fn finished_at(&self) -> Option<f64> {
+        stamp(&self.inner.core, Stamp::Finished)
+    }
+
+    /// Seconds from creation to start (to now while it waits; None if it never started).
+    fn wait_time(&self) -> Option<f64> {
+        let core = &self.inner.core;
+        match core.time(Stamp::Started) {
+            Some(started) => span(core.time(Stamp::Created), Some(started)),
+            None if core.is_done() => None,
+            None => span(core.time(Stamp::Created), None),
+        }
+    }
+
+    /// Seconds from start to finish (to now while it runs; None if it never started).
+    fn execution_time(&self) -> Option<f64> {
+        let core = &self.inner.core;
+        span(core.time(Stamp::Started), core.time(Stamp::Finished))
+    }
+
+    #[getter]
+    fn worker_id(&self) -> Option<u32> {
+        self.inner.core.placement().0
+    }
+
+    #[getter]
+    fn core_id(&self) -> Option<u32> {
+        self.inner.core.placement().1
+    }
+
+    /// True once someone asked the running task to stop (cancel, kill, timeout).
+    #[getter]
+    fn cancel_requested(&self) -> bool {
+        self.inner.core.cancel_requested()
+    }
+
+    /// Everything about the token as a dict.
+    fn get_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let core = &self.inner.core;
+        d.set_item("token_id", self.inner.id)?;
+        d.set_item("state", core.state().as_str())?;
+        d.set_item("operation_type", self.inner.spec.operation_type.bind(py))?;
+        d.set_item("tags", self.inner.spec.tags_dict(py)?)?;
+        d.set_item("created_at", self.created_at())?;
+        d.set_item("admitted_at", self.admitted_at())?;
+        d.set_item("started_at", self.started_at())?;
+        d.set_item("finished_at", self.finished_at())?;
+        d.set_item("age", span(core.time(Stamp::Created), None))?;
+        d.set_item("wait_time", self.wait_time())?;
+        d.set_item("execution_time", self.execution_time())?;
+        d.set_item("worker_id", self.worker_id())?;
+        d.set_item("core_id", self.core_id())?;
+        d.set_item("killed", core.state() == TokenState::Killed)?;
+        d.set_item("cancel_requested", core.cancel_requested())?;
+        let has_result = matches!(core.lock().outcome, Some(Outcome::Value(_)));
+        d.set_item("has_result", has_result)?;
+        Ok(d)
+    }
+
+    /// The loop of the caller (tokens are not bound to one loop).
+    fn get_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        aio::get_running_loop(py)
+    }
+
+    /// Marks tokens as asyncio-compatible futures (`asyncio.isfuture`), so
+    /// `asyncio.gather` registers a callback instead of wrapping each token in a Task.
+    #[getter(_asyncio_future_blocking)]
+    fn asyncio_future_blocking(&self) -> bool {
+        false
+    }
+
+    fn __await__(slf: &Bound<'_, Self>) -> TokenAwait {
+        TokenAwait { token: slf.clone().unbind(), blocking: AtomicBool::new(false) }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let op = self.inner.spec.operation_type.bind(py).repr()?;
+        Ok(format!("<TaskToken id={} operation_type={} state={}>", self.inner.id, op, self.state()))
+    }
+}
+
+/// The iterator behind `await token`. It yields itself as a future-like
+/// object (asyncio's `Task` then registers its wake-up with
+/// `add_done_callback`, which reaches the token's loop queue) and returns
+/// the token's result once it is done.
+#[pyclass(frozen, name = "TokenAwait", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct TokenAwait {
+    token: Py<TaskToken>,
+    blocking: AtomicBool,
+}
+
+impl TokenAwait {
+    fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let inner = &slf.get().token.get().inner;
+        if inner.core.is_done() {
+            let value = inner.outcome(py, true)?;
+            return Err(pyo3::exceptions::PyStopIteration::new_err((value,)));
+        }
+        slf.get().blocking.store(true, Ordering::Relaxed);
+        Ok(slf.clone().into_any().unbind())
+    }
+}
+
+#[pymethods]
+impl TokenAwait {
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Self::step(slf)
+    }
+
+    #[pyo3(signature = (_value=None))]
+    fn send(slf: &Bound<'_, Self>, _value: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        Self::step(slf)
+    }
+
+    /// Re-raises what the driver throws in (asyncio throws `CancelledError` when the awaiting task is cancelled).
+    #[pyo3(signature = (typ, val=None, _tb=None))]
+    fn throw(&self, py: Python<'_>, typ: Bound<'_, PyAny>, val: Option<Bound<'_, PyAny>>, _tb: Option<Py<PyAny>>) -> PyResult<()> {
+        let exc = match val {
+            Some(v) if !v.is_none() => v,
+            _ if typ.is_instance_of::<pyo3::exceptions::PyBaseException>() => typ,
+            _ => typ.call0()?,
+        };
+        let _ = py;
+        Err(PyErr::from_value(exc))
+    }
+
+    fn close(&self) {}
+
+    #[getter(_asyncio_future_blocking)]
+    fn get_blocking(&self) -> bool {
+        self.blocking.load(Ordering::Relaxed)
+    }
+
+    #[setter(_asyncio_future_blocking)]
+    fn set_blocking(&self, value: bool) {
+        self.blocking.store(value, Ordering::Relaxed);
+    }
+
+    fn get_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        aio::get_running_loop(py)
+    }
+
+    #[pyo3(signature = (func, *, context=None))]
+    fn add_done_callback(slf: &Bound<'_, Self>, func: Bound<'_, PyAny>, context: Option<Py<PyAny>>) -> PyResult<()> {
+        let arg = slf.clone().into_any().unbind();
+        slf.get().token.get().inner.add_listener(slf.py(), func, arg, context, false)
+    }
+
+    fn remove_done_callback(&self, py: Python<'_>, func: Bound<'_, PyAny>) -> PyResult<usize> {
+        self.token.get().inner.remove_listener(py, &func)
+    }
+
+    /// Called by asyncio when the awaiting task is cancelled: cancels the
+    /// token if it has not started, else sets its cooperative cancel flag.
+    #[pyo3(signature = (msg=None))]
+    fn cancel(&self, py: Python<'_>, msg: Option<Py<PyAny>>) -> bool {
+        let _ = msg;
+        self.token.get().inner.cancel(py)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.token.get().inner.core.state() == TokenState::Cancelled
+    }
+
+    fn done(&self) -> bool {
+        self.token.get().inner.core.is_done()
+    }
+
+    fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let inner = &self.token.get().inner;
+        if !inner.core.is_done() {
+            return Err(py.import("asyncio")?.getattr("InvalidStateError")?.call1(("Result is not ready.",)).map(PyErr::from_value)?);
+        }
+        inner.outcome(py, true)
+    }
+
+    fn exception(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match self.result(py) {
+            Ok(_) => Ok(None),
+            Err(e) if self.cancelled() => Err(e),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) && !self.done() => Err(e),
+            Err(e) => Ok(Some(e.into_value(py).into_any())),
+        }
+    }
+
+    /// The token being awaited.
+    #[getter]
+    fn token(&self, py: Python<'_>) -> Py<TaskToken> {
+        self.token.clone_ref(py)
+    }
+}
+
+/// Builds a tuple `(first, *rest)`.
+pub(crate) fn prepend<'py>(first: &Bound<'py, PyAny>, rest: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyTuple>> {
+    let items: Vec<Bound<'py, PyAny>> = std::iter::once(first.clone()).chain(rest.iter()).collect();
+    PyTuple::new(first.py(), items)
+}

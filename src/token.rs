@@ -1,0 +1,380 @@
+//! The token state machine, independent of what a token carries.
+//!
+//! # States
+//!
+//! * `CREATED`: made by a call, not yet handed to the scheduler.
+//! * `WAITING`: held by the scheduler (admission limits, dependencies, pauses).
+//! * `ADMITTED`: in a run queue.
+//! * `EXECUTING`: a worker is running its body.
+//! * `COMPLETED`, `FAILED`, `KILLED`, `TIMEOUT`, `CANCELLED`: terminal.
+//!
+//! # Protocol
+//!
+//! * Forward moves to `WAITING`, `ADMITTED` and `EXECUTING` are a single
+//!   compare-and-swap on `state`, without the lock.
+//! * A terminal move happens under the `slot` lock: the resolver CASes the
+//!   state to the terminal value, fills the slot (outcome, listeners) and
+//!   wakes blocked waiters before it unlocks. It therefore happens exactly
+//!   once, and whoever sees a terminal `state` and then takes the lock sees
+//!   the outcome.
+//! * `start` (to `EXECUTING`) and a cancel (to `CANCELLED`) race through the
+//!   same atomic, so exactly one wins: a cancelled token never runs, and a
+//!   token that started can no longer be cancelled (only killed or timed out,
+//!   which resolve its waiters while the body finishes on its own).
+//! * Blocked waiters count themselves in `waiters` under the lock; a resolver
+//!   signals the condvar only when that count is non-zero.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Condvar, Mutex, MutexGuard, Ordering};
+
+/// Lifecycle state of a token (the original's eight states plus `Cancelled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TokenState {
+    /// Made, not yet handed to the scheduler.
+    Created = 0,
+    /// Held back by the scheduler (limits, dependencies, pauses).
+    Waiting = 1,
+    /// In a run queue.
+    Admitted = 2,
+    /// Running on a worker.
+    Executing = 3,
+    /// Returned a value.
+    Completed = 4,
+    /// Raised an exception.
+    Failed = 5,
+    /// Killed by `kill()` or the control plane.
+    Killed = 6,
+    /// Passed its deadline.
+    Timeout = 7,
+    /// Cancelled before it started.
+    Cancelled = 8,
+}
+
+impl TokenState {
+    /// All states, in numeric order.
+    pub const ALL: [TokenState; 9] = [
+        TokenState::Created,
+        TokenState::Waiting,
+        TokenState::Admitted,
+        TokenState::Executing,
+        TokenState::Completed,
+        TokenState::Failed,
+        TokenState::Killed,
+        TokenState::Timeout,
+        TokenState::Cancelled,
+    ];
+
+    fn from_u8(v: u8) -> TokenState {
+        TokenState::ALL[v as usize]
+    }
+
+    /// True for the five end states.
+    pub fn is_terminal(self) -> bool {
+        self as u8 >= TokenState::Completed as u8
+    }
+
+    /// True before the body started (it can still be cancelled).
+    pub fn is_pending(self) -> bool {
+        (self as u8) < TokenState::Executing as u8
+    }
+
+    /// The lowercase name used by the Python API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Created => "created",
+            TokenState::Waiting => "waiting",
+            TokenState::Admitted => "admitted",
+            TokenState::Executing => "executing",
+            TokenState::Completed => "completed",
+            TokenState::Failed => "failed",
+            TokenState::Killed => "killed",
+            TokenState::Timeout => "timeout",
+            TokenState::Cancelled => "cancelled",
+        }
+    }
+}
+
+struct Clock {
+    base: Instant,
+    base_unix: f64,
+}
+
+fn clock() -> &'static Clock {
+    static CLOCK: OnceLock<Clock> = OnceLock::new();
+    CLOCK.get_or_init(|| Clock {
+        base: Instant::now(),
+        base_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+    })
+}
+
+/// Monotonic nanoseconds since the process clock base, never 0.
+pub fn now_ns() -> u64 {
+    clock().base.elapsed().as_nanos() as u64 + 1
+}
+
+/// Converts a `now_ns` reading to seconds since the Unix epoch.
+pub fn ns_to_unix(ns: u64) -> f64 {
+    clock().base_unix + (ns - 1) as f64 / 1e9
+}
+
+/// Index of each timestamp in [`TokenCore::time`].
+#[derive(Debug, Clone, Copy)]
+#[repr(usize)]
+pub enum Stamp {
+    /// When the call made the token.
+    Created = 0,
+    /// When the token entered a run queue.
+    Admitted = 1,
+    /// When a worker started the body.
+    Started = 2,
+    /// When the token reached a terminal state.
+    Finished = 3,
+}
+
+const NO_WORKER: u32 = u32::MAX;
+
+/// State, timestamps and the lock-protected slot `S` of one token.
+#[derive(Debug)]
+pub struct TokenCore<S> {
+    state: AtomicU8,
+    cancel_requested: AtomicBool,
+    waiters: AtomicU32,
+    worker: AtomicU32,
+    core: AtomicU32,
+    times: [AtomicU64; 4],
+    slot: Mutex<S>,
+    cv: Condvar,
+}
+
+impl<S> TokenCore<S> {
+    /// A new token in `CREATED`, stamped now.
+    pub fn new(slot: S) -> Self {
+        TokenCore {
+            state: AtomicU8::new(TokenState::Created as u8),
+            cancel_requested: AtomicBool::new(false),
+            waiters: AtomicU32::new(0),
+            worker: AtomicU32::new(NO_WORKER),
+            core: AtomicU32::new(NO_WORKER),
+            times: [AtomicU64::new(now_ns()), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            slot: Mutex::new(slot),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// The current state.
+    #[inline]
+    pub fn state(&self) -> TokenState {
+        TokenState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// True once a terminal state was reached.
+    #[inline]
+    pub fn is_done(&self) -> bool {
+        self.state().is_terminal()
+    }
+
+    /// A timestamp (`now_ns` units), if it was taken.
+    pub fn time(&self, which: Stamp) -> Option<u64> {
+        Some(self.times[which as usize].load(Ordering::Acquire)).filter(|&t| t != 0)
+    }
+
+    /// Worker index and pinned core of the worker that started the body.
+    pub fn placement(&self) -> (Option<u32>, Option<u32>) {
+        let w = self.worker.load(Ordering::Acquire);
+        let c = self.core.load(Ordering::Acquire);
+        ((w != NO_WORKER).then_some(w), (c != NO_WORKER).then_some(c))
+    }
+
+    /// Whether someone asked the running body to stop (cooperative).
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel_requested.load(Ordering::Acquire)
+    }
+
+    /// Asks a running body to stop at its next check.
+    pub fn request_cancel(&self) {
+        self.cancel_requested.store(true, Ordering::Release);
+    }
+
+    fn advance(&self, allowed: impl Fn(TokenState) -> bool, to: TokenState) -> bool {
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if !allowed(TokenState::from_u8(cur)) {
+                return false;
+            }
+            match self.state.compare_exchange_weak(cur, to as u8, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// `CREATED` -> `WAITING`.
+    pub fn hold(&self) -> bool {
+        self.advance(|s| s == TokenState::Created, TokenState::Waiting)
+    }
+
+    /// `CREATED`/`WAITING` -> `ADMITTED`, stamping the admission time.
+    pub fn admit(&self) -> bool {
+        let t = now_ns();
+        let ok = self.advance(|s| matches!(s, TokenState::Created | TokenState::Waiting), TokenState::Admitted);
+        if ok {
+            self.times[Stamp::Admitted as usize].store(t, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Any pending state -> `EXECUTING` on `worker` (pinned to `core`).
+    /// False when the token was resolved first (then the body must not run).
+    pub fn start(&self, worker: u32, core: Option<u32>) -> bool {
+        let t = now_ns();
+        let ok = self.advance(TokenState::is_pending, TokenState::Executing);
+        if ok {
+            self.worker.store(worker, Ordering::Release);
+            self.core.store(core.unwrap_or(NO_WORKER), Ordering::Release);
+            let admitted = &self.times[Stamp::Admitted as usize];
+            if admitted.load(Ordering::Acquire) == 0 {
+                admitted.store(t, Ordering::Release);
+            }
+            self.times[Stamp::Started as usize].store(t, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Moves to the terminal state `to` if `allowed(current)`, running `fill`
+    /// on the slot under the lock, and wakes blocked waiters. Returns
+    /// `fill`'s value, or None when the token was already resolved or the
+    /// current state is not allowed.
+    pub fn resolve<R>(
+        &self,
+        allowed: impl Fn(TokenState) -> bool,
+        to: TokenState,
+        fill: impl FnOnce(&mut S) -> R,
+    ) -> Option<R> {
+        debug_assert!(to.is_terminal());
+        let mut slot = self.slot.lock();
+        if !self.advance(|s| !s.is_terminal() && allowed(s), to) {
+            return None;
+        }
+        self.times[Stamp::Finished as usize].store(now_ns(), Ordering::Release);
+        let out = fill(&mut slot);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.cv.notify_all();
+        }
+        Some(out)
+    }
+
+    /// Locks the slot (to read the outcome or register a listener).
+    pub fn lock(&self) -> MutexGuard<'_, S> {
+        self.slot.lock()
+    }
+
+    /// Blocks until the token is done or `timeout` passes; true when done.
+    /// Spins briefly first, so a fast completion costs no sleep.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        if self.is_done() {
+            return true;
+        }
+        for round in 0..40u32 {
+            if round < 8 {
+                for _ in 0..(1u32 << round) {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+            if self.is_done() {
+                return true;
+            }
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut slot = self.slot.lock();
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        while !self.is_done() {
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut slot, d).timed_out() {
+                        break;
+                    }
+                }
+                None => self.cv.wait(&mut slot),
+            }
+        }
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.is_done()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn happy_path_stamps_and_resolves_once() {
+        let t = TokenCore::new(None::<u32>);
+        assert_eq!(t.state(), TokenState::Created);
+        assert!(t.admit());
+        assert!(t.start(3, Some(1)));
+        assert_eq!(t.placement(), (Some(3), Some(1)));
+        assert_eq!(t.resolve(|s| s == TokenState::Executing, TokenState::Completed, |s| *s = Some(7)), Some(()));
+        assert!(t.resolve(|_| true, TokenState::Killed, |_| ()).is_none());
+        assert_eq!(*t.lock(), Some(7));
+        assert!(t.time(Stamp::Created) <= t.time(Stamp::Admitted));
+        assert!(t.time(Stamp::Started) <= t.time(Stamp::Finished));
+    }
+
+    #[test]
+    fn cancelled_token_never_starts() {
+        let t = TokenCore::new(());
+        t.admit();
+        assert!(t.resolve(TokenState::is_pending, TokenState::Cancelled, |_| ()).is_some());
+        assert!(!t.start(0, None));
+        assert_eq!(t.state(), TokenState::Cancelled);
+    }
+
+    #[test]
+    fn started_token_cannot_be_cancelled() {
+        let t = TokenCore::new(());
+        assert!(t.start(0, None));
+        assert!(t.resolve(TokenState::is_pending, TokenState::Cancelled, |_| ()).is_none());
+        assert_eq!(t.state(), TokenState::Executing);
+    }
+
+    #[test]
+    fn cancel_races_start_exactly_one_wins() {
+        for _ in 0..2000 {
+            let t = Arc::new(TokenCore::new(()));
+            t.admit();
+            let t2 = t.clone();
+            let h = std::thread::spawn(move || t2.start(0, None));
+            let cancelled = t.resolve(TokenState::is_pending, TokenState::Cancelled, |_| ()).is_some();
+            let started = h.join().unwrap();
+            assert!(cancelled ^ started);
+        }
+    }
+
+    #[test]
+    fn wait_times_out_then_sees_completion() {
+        let t = Arc::new(TokenCore::new(()));
+        assert!(!t.wait(Some(Duration::from_millis(20))));
+        let t2 = t.clone();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            t2.start(0, None);
+            t2.resolve(|_| true, TokenState::Completed, |_| ());
+        });
+        assert!(t.wait(Some(Duration::from_secs(10))));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn state_names_and_order() {
+        let names: Vec<_> = TokenState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), 9);
+        assert!(TokenState::ALL[..4].iter().all(|s| !s.is_terminal()));
+        assert!(TokenState::ALL[4..].iter().all(|s| s.is_terminal()));
+    }
+}
