@@ -191,6 +191,20 @@ impl EngineShared {
     }
 }
 
+impl Engine {
+    /// The engine, if it still accepts work.
+    pub(crate) fn shared_for_submit(&self) -> Result<Arc<EngineShared>, BindError> {
+        check_not_forked()?;
+        if EXITING.load(Ordering::Relaxed) {
+            return Err(BindError::InterpreterShutdown);
+        }
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return Err(BindError::ShutDown);
+        }
+        Ok(self.shared.clone())
+    }
+}
+
 #[pymethods]
 impl Engine {
     #[new]

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
-use super::engine::current_engine;
+use super::engine::{current_engine, Engine, EngineShared};
 use super::exceptions::BindError;
 use super::job::{Call, PyJob};
 use super::token::{TaskToken, TokenInner};
@@ -44,6 +44,36 @@ impl SpecShared {
 #[derive(Debug)]
 pub(crate) struct OperationSpec {
     shared: Arc<SpecShared>,
+}
+
+impl OperationSpec {
+    fn enqueue(
+        &self,
+        py: Python<'_>,
+        engine: &EngineShared,
+        func: Py<PyAny>,
+        args: Bound<'_, PyTuple>,
+        kwargs: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<Py<TaskToken>> {
+        let context = COPY_CONTEXT.import(py, "contextvars", "copy_context")?.call0()?;
+        let inner = Arc::new(TokenInner::new(
+            NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
+            self.shared.clone(),
+            engine.counters.clone(),
+        ));
+        engine.counters.record_submitted();
+        inner.core.admit();
+        let job = PyJob::new(
+            inner.clone(),
+            Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) },
+        );
+        if let Err((err, mut job)) = engine.pool.submit(job) {
+            job.forget_call();
+            inner.resolve(py, |_| true, TokenState::Cancelled, None);
+            return Err(BindError::from(err).into());
+        }
+        Py::new(py, TaskToken { inner })
+    }
 }
 
 #[pymethods]
@@ -88,28 +118,44 @@ impl OperationSpec {
             }
         }
         let engine = current_engine()?;
-        let context = COPY_CONTEXT.import(py, "contextvars", "copy_context")?.call0()?;
+        self.enqueue(py, &engine, spec.func.clone_ref(py), args, kwargs)
+    }
+
+    /// Queues `func(*args, **kwargs)` as a token of this operation on
+    /// `engine` (default: the running coordinator's). No arity check: the
+    /// call's own `TypeError` fails the token. Used by `tokengate.Executor`.
+    #[pyo3(signature = (func, args, kwargs=None, engine=None))]
+    fn submit_call(
+        &self,
+        py: Python<'_>,
+        func: Py<PyAny>,
+        args: Bound<'_, PyTuple>,
+        kwargs: Option<Bound<'_, PyDict>>,
+        engine: Option<Bound<'_, Engine>>,
+    ) -> PyResult<Py<TaskToken>> {
+        let engine = match engine {
+            Some(e) => e.get().shared_for_submit()?,
+            None => current_engine()?,
+        };
+        self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()))
+    }
+
+    /// A token of this operation that no worker runs: a lane outside the
+    /// pool (process lane, I/O lane) drives it with `_start`, `_set_result`
+    /// and `_set_exception`. It counts on `engine` (default: the running one).
+    #[pyo3(signature = (engine=None))]
+    fn external_token(&self, py: Python<'_>, engine: Option<Bound<'_, Engine>>) -> PyResult<Py<TaskToken>> {
+        let engine = match engine {
+            Some(e) => e.get().shared_for_submit()?,
+            None => current_engine()?,
+        };
         let inner = Arc::new(TokenInner::new(
             NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            spec.clone(),
+            self.shared.clone(),
             engine.counters.clone(),
         ));
         engine.counters.record_submitted();
         inner.core.admit();
-        let job = PyJob::new(
-            inner.clone(),
-            Call {
-                func: spec.func.clone_ref(py),
-                args: args.unbind(),
-                kwargs: kwargs.map(Bound::unbind),
-                context: Some(context.unbind()),
-            },
-        );
-        if let Err((err, mut job)) = engine.pool.submit(job) {
-            job.forget_call();
-            inner.resolve(py, |_| true, TokenState::Cancelled, None);
-            return Err(BindError::from(err).into());
-        }
         Py::new(py, TaskToken { inner })
     }
 

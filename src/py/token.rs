@@ -436,6 +436,34 @@ impl TaskToken {
         Ok(d)
     }
 
+    /// Lane API (external tokens): marks the token as executing. False when
+    /// it was cancelled or killed first (then it must not run).
+    #[pyo3(signature = (worker_id=None))]
+    fn _start(&self, worker_id: Option<u32>) -> bool {
+        self.inner.core.start(worker_id.unwrap_or(u32::MAX - 1), None)
+    }
+
+    /// Lane API: resolves the token with a value. False if it was already resolved.
+    fn _set_result(&self, py: Python<'_>, value: Py<PyAny>) -> bool {
+        self.inner.resolve(py, |_| true, TokenState::Completed, Some(Outcome::Value(value)))
+    }
+
+    /// Lane API: resolves the token with an exception instance. `state` is
+    /// "failed" (default), "timeout" or "killed". False if already resolved.
+    #[pyo3(signature = (exc, state="failed"))]
+    fn _set_exception(&self, py: Python<'_>, exc: Bound<'_, PyAny>, state: &str) -> PyResult<bool> {
+        if !exc.is_instance_of::<pyo3::exceptions::PyBaseException>() {
+            return Err(PyTypeError::new_err("_set_exception() needs an exception instance"));
+        }
+        let to = match state {
+            "failed" => TokenState::Failed,
+            "timeout" => TokenState::Timeout,
+            "killed" => TokenState::Killed,
+            other => return Err(BindError::Value(format!("state must be 'failed', 'timeout' or 'killed', not {other:?}")).into()),
+        };
+        Ok(self.inner.resolve(py, |_| true, to, Some(Outcome::Error(exc.unbind()))))
+    }
+
     /// The loop of the caller (tokens are not bound to one loop).
     fn get_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         aio::get_running_loop(py)
