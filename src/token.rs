@@ -271,6 +271,26 @@ impl<S> TokenCore<S> {
         self.slot.lock()
     }
 
+    /// Spins (no sleep) up to `limit` for the token to finish; true when done.
+    pub fn spin_until_done(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        let mut round = 0u32;
+        while !self.is_done() {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            if round < 6 {
+                for _ in 0..(1u32 << round) {
+                    std::hint::spin_loop();
+                }
+                round += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        true
+    }
+
     /// Blocks until the token is done or `timeout` passes; true when done.
     /// Spins briefly first, so a fast completion costs no sleep.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {

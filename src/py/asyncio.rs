@@ -68,7 +68,7 @@ pub(crate) fn running_loop(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>>
 
 /// The running loop of this thread, or `RuntimeError('no running event loop')`.
 pub(crate) fn get_running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    py.import("asyncio")?.call_method0("get_running_loop")
+    running_loop(py)?.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("no running event loop"))
 }
 
 /// The queue of `event_loop` (which runs on this thread).
@@ -90,31 +90,31 @@ pub(crate) fn queue_for(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> Arc<Lo
     })
 }
 
-/// Schedules one delivery on `event_loop` (the caller runs on its thread).
-pub(crate) fn call_soon(py: Python<'_>, event_loop: &Bound<'_, PyAny>, d: Delivery) -> PyResult<()> {
-    let kwargs = PyDict::new(py);
-    if let Some(ctx) = d.context {
-        kwargs.set_item("context", ctx)?;
-    }
-    event_loop.call_method("call_soon", (d.func, d.arg), Some(&kwargs))?;
-    Ok(())
-}
-
 impl LoopQueue {
     /// Queues a delivery; wakes the loop only if the queue was empty.
     pub(crate) fn push(self: &Arc<Self>, py: Python<'_>, d: Delivery) {
-        let was_empty = {
-            let mut pending = self.pending.lock();
-            let was_empty = pending.is_empty();
-            pending.push(d);
-            was_empty
-        };
-        if was_empty {
-            self.schedule(py);
+        if self.enqueue(d) {
+            self.schedule(py, true);
         }
     }
 
-    fn schedule(self: &Arc<Self>, py: Python<'_>) {
+    /// Like `push`, from the loop's own thread: the drain is scheduled with
+    /// `call_soon`, which needs no cross-thread wake.
+    pub(crate) fn push_local(self: &Arc<Self>, py: Python<'_>, d: Delivery) {
+        if self.enqueue(d) {
+            self.schedule(py, false);
+        }
+    }
+
+    /// Queues `d`; true when the queue was empty (the caller schedules a drain).
+    fn enqueue(&self, d: Delivery) -> bool {
+        let mut pending = self.pending.lock();
+        let was_empty = pending.is_empty();
+        pending.push(d);
+        was_empty
+    }
+
+    fn schedule(self: &Arc<Self>, py: Python<'_>, threadsafe: bool) {
         let event_loop = self.event_loop.bind(py);
         let closed = event_loop.call_method0("is_closed").and_then(|c| c.is_truthy()).unwrap_or(true);
         if !closed {
@@ -122,8 +122,11 @@ impl LoopQueue {
                 Py::new(py, LoopDrain { queue: Arc::downgrade(self) }).map(|d| d.into_any())
             });
             if let Ok(drain) = drain {
-                if event_loop.call_method1("call_soon_threadsafe", (drain.clone_ref(py),)).is_ok() {
-                    LOOP_WAKES.fetch_add(1, Ordering::Relaxed);
+                let method = if threadsafe { pyo3::intern!(py, "call_soon_threadsafe") } else { pyo3::intern!(py, "call_soon") };
+                if event_loop.call_method1(method, (drain.clone_ref(py),)).is_ok() {
+                    if threadsafe {
+                        LOOP_WAKES.fetch_add(1, Ordering::Relaxed);
+                    }
                     return;
                 }
             }

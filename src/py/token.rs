@@ -184,10 +184,7 @@ impl TokenInner {
         }
         match listener {
             Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
-            Listener::Loop { delivery, .. } => {
-                let event_loop = running_loop.expect("loop listener without a loop");
-                aio::call_soon(py, &event_loop, delivery)?;
-            }
+            Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
         }
         Ok(())
     }
@@ -486,6 +483,9 @@ impl TaskToken {
     }
 }
 
+/// How long `await token` spins for a token about to finish before it suspends.
+const AWAIT_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+
 /// The iterator behind `await token`. It yields itself as a future-like
 /// object (asyncio's `Task` then registers its wake-up with
 /// `add_done_callback`, which reaches the token's loop queue) and returns
@@ -501,7 +501,9 @@ impl TokenAwait {
     fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let inner = &slf.get().token.get().inner;
-        if inner.core.is_done() {
+        // A short task is often done within microseconds: wait that long
+        // (detached) rather than suspend the task and pay a loop wake-up.
+        if inner.core.is_done() || py.detach(|| inner.core.spin_until_done(AWAIT_SPIN)) {
             let value = inner.outcome(py, true)?;
             return Err(pyo3::exceptions::PyStopIteration::new_err((value,)));
         }
