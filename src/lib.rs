@@ -7,9 +7,11 @@
 //! * `py` (feature `python`): the PyO3 binding layer, the only code that
 //!   touches the interpreter.
 
+pub mod admission;
 pub mod error;
 pub mod pool;
 mod sync;
+pub mod timer;
 pub mod token;
 
 #[cfg(feature = "python")]

@@ -211,9 +211,14 @@ impl<S> TokenCore<S> {
         }
     }
 
-    /// `CREATED` -> `WAITING`.
+    /// `CREATED`/`ADMITTED` -> `WAITING` (held back: paused, limits, dependencies).
     pub fn hold(&self) -> bool {
-        self.advance(|s| s == TokenState::Created, TokenState::Waiting)
+        self.advance(|s| matches!(s, TokenState::Created | TokenState::Admitted), TokenState::Waiting)
+    }
+
+    /// `EXECUTING` -> `WAITING`: the body failed and will be tried again.
+    pub fn requeue(&self) -> bool {
+        self.advance(|s| s == TokenState::Executing, TokenState::Waiting)
     }
 
     /// `CREATED`/`WAITING` -> `ADMITTED`, stamping the admission time.

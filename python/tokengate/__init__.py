@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging as _logging
+
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
 from ._decorator import task_token_guard
@@ -32,6 +34,10 @@ from .exceptions import (
 )
 
 __version__: str = _tokengate.__version__
+
+# Silent by default: loggers tokengate.gate, .pool, .worker, .token, .executor
+# propagate to "tokengate", which has a NullHandler (configure logging to see them).
+_logging.getLogger("tokengate").addHandler(_logging.NullHandler())
 
 #: The original's lifecycle states, plus ``cancelled``.
 TOKEN_STATES = ("created", "waiting", "admitted", "executing", "completed", "failed", "killed", "timeout", "cancelled")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
+import time
 import weakref
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 from . import _tokengate
+from .exceptions import NotStartedError
 
 __all__ = ["OperationsCoordinator"]
 
@@ -50,6 +54,10 @@ class OperationsCoordinator:
         pin_workers: bool = True,
         thread_name_prefix: str = "tokengate-worker",
         stack_size: int | None = None,
+        max_pending: int | None = None,
+        operation_limits: Mapping[str, int] | None = None,
+        history_size: int = 100,
+        aging: float = 0.5,
         enable_convergence: bool = True,
         auto_block_dangerous: bool = False,
     ) -> None:
@@ -64,6 +72,20 @@ class OperationsCoordinator:
         self.pin_workers = pin_workers
         self.thread_name_prefix = thread_name_prefix
         self.stack_size = stack_size
+        self.max_pending = _positive_int("max_pending", max_pending, allow_none=True)
+        if operation_limits is not None and not isinstance(operation_limits, Mapping):
+            raise TypeError(f"operation_limits must be a mapping of operation name to limit, not {type(operation_limits).__name__}")
+        self.operation_limits: dict[str, int] = {}
+        for op, limit in (operation_limits or {}).items():
+            if not isinstance(op, str):
+                raise TypeError(f"operation_limits keys must be operation names (str), not {op!r}")
+            self.operation_limits[op] = _positive_int(f"operation_limits[{op!r}]", limit)  # type: ignore[assignment]
+        if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 0:
+            raise ValueError(f"history_size must be a non-negative int, got {history_size!r}")
+        self.history_size = history_size
+        if not isinstance(aging, (int, float)) or isinstance(aging, bool) or not aging > 0:
+            raise ValueError(f"aging must be a positive number of seconds, got {aging!r}")
+        self.aging = float(aging)
         self.enable_convergence = bool(enable_convergence)
         self.auto_block_dangerous = bool(auto_block_dangerous)
         self._engine: _tokengate.Engine | None = None
@@ -95,7 +117,13 @@ class OperationsCoordinator:
                 pin_cores=self.pin_workers,
                 stack_size=stack,
                 thread_name=self.thread_name_prefix,
+                max_pending=self.max_pending or 0,
+                history_size=self.history_size,
+                auto_block=self.auto_block_dangerous,
+                aging=self.aging,
             )
+            for op, limit in self.operation_limits.items():
+                self._engine.set_operation_limit(op, limit)
             _live.add(self)
             return self
 
@@ -138,7 +166,95 @@ class OperationsCoordinator:
         # Stopping waits for the workers; do it off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.stop(cancel_pending=cancel))
 
+    # -- control plane -------------------------------------------------------------
+
+    def _running_engine(self) -> _tokengate.Engine:
+        engine = self._engine
+        if engine is None or not engine.running:
+            raise NotStartedError("the coordinator is not running: call start() first")
+        return engine
+
+    def pause_admission(self) -> int:
+        """No queued token starts, and new calls wait, until :meth:`resume_admission`.
+        Running tokens finish. Returns how many unstarted tokens are held back."""
+        return self._running_engine().pause_admission()
+
+    def resume_admission(self) -> int:
+        """Ends :meth:`pause_admission`. Returns how many held tokens were released."""
+        return self._running_engine().resume_admission()
+
+    def pause_operation(self, operation_type: str) -> int:
+        """Tokens of ``operation_type`` wait (others flow) until :meth:`resume_operation`.
+        Returns how many unstarted tokens of it are held back."""
+        return self._running_engine().pause_operation(_op_name(operation_type))
+
+    def resume_operation(self, operation_type: str) -> int:
+        """Ends :meth:`pause_operation`. Returns how many held tokens were released."""
+        return self._running_engine().resume_operation(_op_name(operation_type))
+
+    def drain_pool(self) -> int:
+        """Cancels every token that has not started. Returns how many."""
+        return self._running_engine().drain_pool()
+
+    def drain_operation(self, operation_type: str) -> int:
+        """Cancels every unstarted token of ``operation_type``. Returns how many."""
+        return self._running_engine().drain_operation(_op_name(operation_type))
+
+    def kill_token(self, token_id: int, reason: str = "admin_override") -> int:
+        """Kills one token (its waiters get ``TaskKilledError(reason)``). Returns 1, or 0 if it
+        was already resolved or unknown."""
+        return self._running_engine().kill_token(int(token_id), str(reason))
+
+    def kill_all_by_operation(self, operation_type: str | None, reason: str = "admin_override") -> int:
+        """Kills every unresolved token of ``operation_type`` (of every operation with None).
+        Returns how many."""
+        op = None if operation_type is None else _op_name(operation_type)
+        return self._running_engine().kill_all_by_operation(op, str(reason))
+
+    def set_max_pending(self, limit: int | None) -> None:
+        """Changes the global limit on unresolved tokens (None: unlimited)."""
+        self.max_pending = _positive_int("max_pending", limit, allow_none=True)
+        if self._engine is not None:
+            self._engine.set_max_pending(self.max_pending)
+
+    def set_operation_limit(self, operation_type: str, limit: int | None) -> None:
+        """Changes the limit on unresolved tokens of one operation (None: unlimited)."""
+        op = _op_name(operation_type)
+        value = _positive_int("limit", limit, allow_none=True)
+        if value is None:
+            self.operation_limits.pop(op, None)
+        else:
+            self.operation_limits[op] = value
+        if self._engine is not None:
+            self._engine.set_operation_limit(op, value)
+
+    def unblock_operation(self, operation_type: str) -> bool:
+        """Accepts calls of an auto-blocked operation again (its health counts restart)."""
+        return self._running_engine().unblock_operation(_op_name(operation_type))
+
     # -- monitoring ----------------------------------------------------------------
+
+    def get_recent_executions(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest ``limit`` execution records (newest first) from a ring of ``history_size``."""
+        engine = self._engine
+        if engine is None:
+            return []
+        return engine.recent_executions(limit)
+
+    def dump_execution_history(self, filepath: str | os.PathLike[str] | None = None) -> str:
+        """Writes the kept execution records to a JSON file
+        (``{"timestamp", "total_executions", "executions"}``) and returns its path."""
+        engine = self._engine
+        records = engine.execution_history() if engine is not None else []
+        path = os.fspath(filepath) if filepath is not None else f"tokengate_history_{int(time.time())}.json"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"timestamp": time.time(), "total_executions": len(records), "executions": records}, f, indent=2)
+        return path
+
+    def get_guard_house_stats(self) -> dict[str, Any]:
+        """Health per operation (the original's Guard House): attempts, successes, failures,
+        timeouts, min/mean/max time and a health class."""
+        return {op: d["health"] for op, d in self.get_stats().get("operations", {}).items()}
 
     def get_stats(self) -> dict[str, Any]:
         """Topology, token counts by state, and pool state (see the README for the schema)."""
@@ -151,7 +267,8 @@ class OperationsCoordinator:
                 "total_workers": self.total_workers,
                 "pinned_cores": [],
             }
-            return {"active": False, "topology": topology, "tokens": {}, "pool": {}}
+            return {"active": False, "topology": topology, "tokens": {}, "pool": {}, "admission": {},
+                    "timeouts": {}, "operations": {}}
         stats: dict[str, Any] = engine.stats()
         stats["active"] = True
         return stats
@@ -159,6 +276,15 @@ class OperationsCoordinator:
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
         return f"<OperationsCoordinator {state} workers={self.total_workers}>"
+
+
+def _op_name(operation_type: object) -> str:
+    if isinstance(operation_type, str) and operation_type:
+        return operation_type
+    name = getattr(operation_type, "operation_type", None)  # a decorated function
+    if isinstance(name, str):
+        return name
+    raise TypeError(f"expected an operation name (str) or a decorated function, not {operation_type!r}")
 
 
 def _logical_cores() -> int:

@@ -123,7 +123,21 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         op_tags = dict(validated)
         op_tags.setdefault("weight", weight_of(op, validated))
         min_pos, max_pos, fast, binder = _arity(fn, name)
-        spec = _tokengate.OperationSpec(fn, op, types.MappingProxyType(op_tags), min_pos, max_pos, fast, binder)
+        retries = validated.get("retries", 0)
+        if validated.get("allow_retries") is False:
+            retries = 0
+        spec = _tokengate.OperationSpec(
+            fn,
+            op,
+            types.MappingProxyType(op_tags),
+            min_pos,
+            max_pos,
+            fast,
+            binder,
+            priority=validated.get("priority", 0),
+            timeout=validated.get("timeout"),
+            retries=retries,
+        )
         submit = spec.submit
 
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
@@ -137,9 +151,64 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.tags = spec.tags  # type: ignore[attr-defined]
         wrapper.spec = spec  # type: ignore[attr-defined]
         wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
+        wrapper.options = functools.partial(CallWith, spec)  # type: ignore[attr-defined]
+        wrapper.try_submit = CallWith(spec, block=False)  # type: ignore[attr-defined]
+        wrapper.submit_async = CallWith(spec).submit_async  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+class CallWith:
+    """A decorated function with per-call options: ``fn.options(priority=5, timeout=2.0)(x)``.
+
+    ``priority`` (int, higher first), ``timeout`` (seconds until the token's deadline),
+    ``retries`` (extra attempts after a failure) override the tags for these calls.
+    ``block=False`` makes a call on a full bounded coordinator return ``None``
+    instead of waiting (``fn.try_submit(x)`` is that form); ``admission_timeout``
+    bounds the wait, then raises ``AdmissionRejectedError``.
+    """
+
+    __slots__ = ("_spec", "_kw")
+
+    def __init__(
+        self,
+        spec: Any,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: bool = True,
+        admission_timeout: float | None = None,
+    ) -> None:
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self._spec = spec
+        self._kw = {
+            "priority": priority,
+            "timeout": timeout,
+            "retries": retries,
+            "block": block,
+            "admission_timeout": admission_timeout,
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._spec.submit_with(args, kwargs, **self._kw)
+
+    async def submit_async(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        """Waits for admission without blocking the event loop, then returns the token."""
+        import asyncio
+
+        kw = dict(self._kw, block=False)
+        delay = 0.0002
+        while True:
+            token = self._spec.submit_with(args, kwargs, **kw)
+            if token is not None:
+                return token  # type: ignore[no-any-return]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
 
 def _map(fn: Callable[..., TaskToken[Any]], iterable: Iterable[Any], *, buffer: int | None = None) -> Any:

@@ -22,6 +22,8 @@ pub struct PoolConfig {
     pub max_spinners: usize,
     /// How many backoff rounds an idle worker spins before it parks.
     pub spin_rounds: u32,
+    /// A prioritized job waiting this long gains one priority level.
+    pub aging: std::time::Duration,
 }
 
 impl PoolConfig {
@@ -34,6 +36,7 @@ impl PoolConfig {
             thread_name: "tokengate-worker".to_owned(),
             max_spinners: 1,
             spin_rounds: 64,
+            aging: std::time::Duration::from_millis(500),
         }
     }
 
@@ -44,6 +47,9 @@ impl PoolConfig {
         }
         if self.workers > 4096 {
             return Err(Error::InvalidConfig(format!("workers must be at most 4096, got {}", self.workers)));
+        }
+        if self.aging.is_zero() {
+            return Err(Error::InvalidConfig("aging must be greater than 0".into()));
         }
         if self.max_spinners == 0 {
             return Err(Error::InvalidConfig("max_spinners must be greater than 0".into()));

@@ -9,6 +9,13 @@
 //!   from it through its `Stealer`. A worker looks for work in its own deque,
 //!   then takes a batch (up to 32) from the injector, then steals a batch
 //!   from the other workers.
+//! * Jobs submitted with a priority go to a shared heap instead. Its order
+//!   is `priority * aging - enqueue time` (larger first), which ages every
+//!   waiting job by one priority level per `aging` interval with a key that
+//!   never changes; equal keys run in submission order. Workers take from the
+//!   heap before anything else when its top outranks a priority-0 job
+//!   submitted now (any positive priority, or a negative one that has
+//!   waited long enough), and after everything else otherwise.
 //! * Idle workers spin briefly, then park; see `sleep.rs` for the wake-up
 //!   protocol (a burst of submissions wakes at most one sleeper).
 //! * Worker `i` is pinned to core `i mod n` when `pin_cores` is set.
@@ -42,6 +49,8 @@ mod worker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::collections::BinaryHeap;
+
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
 pub use config::{PoolConfig, MIN_STACK_SIZE};
@@ -73,11 +82,62 @@ pub(crate) struct Shared<J> {
     panics: AtomicU64,
     submitted: AtomicU64,
     pinned: Vec<AtomicUsize>,
+    /// Workers that have applied their core pinning (start waits for all).
+    ready: AtomicUsize,
+    prio: Mutex<BinaryHeap<PrioEntry<J>>>,
+    prio_len: AtomicUsize,
+    clock: Instant,
+}
+
+/// A job in the priority heap (see the module docs for the key).
+struct PrioEntry<J> {
+    key: i128,
+    seq: u64,
+    job: J,
+}
+
+impl<J> PartialEq for PrioEntry<J> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.key, self.seq) == (other.key, other.seq)
+    }
+}
+impl<J> Eq for PrioEntry<J> {}
+impl<J> PartialOrd for PrioEntry<J> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<J> Ord for PrioEntry<J> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Max-heap: larger key first, then the lower (older) sequence number.
+        self.key.cmp(&other.key).then(other.seq.cmp(&self.seq))
+    }
 }
 
 impl<J> Shared<J> {
     fn has_work(&self) -> bool {
-        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+        self.prio_len.load(Ordering::SeqCst) > 0
+            || !self.injector.is_empty()
+            || self.stealers.iter().any(|s| !s.is_empty())
+    }
+
+    fn now_ns(&self) -> i128 {
+        self.clock.elapsed().as_nanos() as i128
+    }
+
+    /// Pops the heap's top; with `only_urgent`, only if it outranks a priority-0 job submitted now.
+    fn take_prio(&self, only_urgent: bool) -> Option<J> {
+        if self.prio_len.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let mut heap = self.prio.lock();
+        let top = heap.peek()?;
+        if only_urgent && top.key < -self.now_ns() {
+            return None;
+        }
+        let entry = heap.pop()?;
+        self.prio_len.store(heap.len(), Ordering::SeqCst);
+        Some(entry.job)
     }
 }
 
@@ -134,6 +194,10 @@ impl<J: Send + 'static> Pool<J> {
             panics: AtomicU64::new(0),
             submitted: AtomicU64::new(0),
             pinned: (0..config.workers).map(|_| AtomicUsize::new(NOT_PINNED)).collect(),
+            ready: AtomicUsize::new(0),
+            prio: Mutex::new(BinaryHeap::new()),
+            prio_len: AtomicUsize::new(0),
+            clock: Instant::now(),
             config,
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
@@ -147,7 +211,8 @@ impl<J: Send + 'static> Pool<J> {
                 .stack_size(shared.config.stack_size)
                 .spawn(move || {
                     let pinned = core.filter(|&id| core_affinity::set_for_current(core_affinity::CoreId { id }));
-                    shared.pinned[index].store(pinned.unwrap_or(NOT_PINNED), Ordering::Relaxed);
+                    shared.pinned[index].store(pinned.unwrap_or(NOT_PINNED), Ordering::Release);
+                    shared.ready.fetch_add(1, Ordering::AcqRel);
                     let info = WorkerInfo { index, core: pinned, pool_id: shared.id };
                     let exit_guard = ExitGuard(&shared);
                     host.run_worker(WorkerLoop { info, local, shared: shared.clone() });
@@ -164,6 +229,11 @@ impl<J: Send + 'static> Pool<J> {
                     return Err(Error::Spawn(e.to_string()));
                 }
             }
+        }
+        // Report a settled topology: wait (briefly) until every worker is pinned.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.shared.ready.load(Ordering::Acquire) < pool.shared.config.workers && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
         }
         Ok(pool)
     }
@@ -199,6 +269,23 @@ impl<J: Send + 'static> Pool<J> {
         Ok(())
     }
 
+    /// Queues a job with a priority (higher first; 0 is the priority of
+    /// plain `submit`). See the module docs for ordering and aging.
+    pub fn submit_prioritized(&self, job: J, priority: i64) -> Result<(), (Error, J)> {
+        if self.shared.terminate.load(Ordering::Relaxed) {
+            return Err((Error::ShutDown, job));
+        }
+        let aging = self.shared.config.aging.as_nanos() as i128;
+        {
+            let mut heap = self.shared.prio.lock();
+            let seq = self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+            heap.push(PrioEntry { key: i128::from(priority) * aging - self.shared.now_ns(), seq, job });
+            self.shared.prio_len.store(heap.len(), Ordering::SeqCst);
+        }
+        self.shared.sleep.notify_work();
+        Ok(())
+    }
+
     /// Queues many jobs with one wake-up check.
     pub fn submit_batch(&self, jobs: impl IntoIterator<Item = J>) -> Result<(), Error> {
         if self.shared.terminate.load(Ordering::Relaxed) {
@@ -214,9 +301,39 @@ impl<J: Send + 'static> Pool<J> {
         Ok(())
     }
 
+    /// Takes one queued job (priority heap, injector, any worker's deque),
+    /// for a thread that runs it itself (a worker helping while it waits).
+    pub fn try_take(&self) -> Option<J> {
+        if let Some(job) = self.shared.take_prio(false) {
+            return Some(job);
+        }
+        loop {
+            match self.shared.injector.steal() {
+                Steal::Success(job) => return Some(job),
+                Steal::Empty => break,
+                Steal::Retry => {}
+            }
+        }
+        for stealer in &self.shared.stealers {
+            loop {
+                match stealer.steal() {
+                    Steal::Success(job) => return Some(job),
+                    Steal::Empty => break,
+                    Steal::Retry => {}
+                }
+            }
+        }
+        None
+    }
+
     /// Removes every queued job (not yet started) and returns them.
     pub fn drain(&self) -> Vec<J> {
-        let mut out = Vec::new();
+        let mut out: Vec<J> = {
+            let mut heap = self.shared.prio.lock();
+            let jobs = std::mem::take(&mut *heap).into_sorted_vec().into_iter().rev().map(|e| e.job).collect();
+            self.shared.prio_len.store(0, Ordering::SeqCst);
+            jobs
+        };
         loop {
             match self.shared.injector.steal() {
                 Steal::Success(job) => out.push(job),
@@ -282,7 +399,7 @@ impl<J: Send + 'static> Pool<J> {
             spinning,
             sleeping,
             submitted: self.shared.submitted.load(Ordering::Relaxed),
-            queued_global: self.shared.injector.len(),
+            queued_global: self.shared.injector.len() + self.shared.prio_len.load(Ordering::Relaxed),
             queued_local: self.shared.stealers.iter().map(Stealer::len).collect(),
             wakes: self.shared.sleep.wakes(),
             panics: self.shared.panics.load(Ordering::Relaxed),

@@ -246,3 +246,59 @@ fn current_worker_is_set_only_on_workers() {
     p.shutdown();
     p.join(None);
 }
+
+#[test]
+fn priorities_run_highest_first_fifo_within_a_level() {
+    let p = pool(1);
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    p.submit(Box::new(move |_| gate_rx.recv().unwrap())).map_err(|(e, _)| e).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let plan: [(i64, u32); 7] = [(0, 0), (1, 10), (5, 50), (1, 11), (-3, 99), (5, 51), (0, 1)];
+    for (prio, tag) in plan {
+        let order = order.clone();
+        let job: Job = Box::new(move |_| order.lock().unwrap().push(tag));
+        if prio == 0 {
+            p.submit(job).map_err(|(e, _)| e).unwrap();
+        } else {
+            p.submit_prioritized(job, prio).map_err(|(e, _)| e).unwrap();
+        }
+    }
+    gate_tx.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while order.lock().unwrap().len() < plan.len() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(*order.lock().unwrap(), vec![50, 51, 10, 11, 0, 1, 99]);
+    p.shutdown();
+    p.join(None);
+}
+
+#[test]
+fn aging_lets_a_low_priority_job_overtake() {
+    let mut config = PoolConfig::new(1);
+    config.pin_cores = false;
+    config.aging = Duration::from_millis(10);
+    let p: Pool<Job> = Pool::start(&config, Arc::new(ClosureHost)).unwrap();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    p.submit(Box::new(move |_| gate_rx.recv().unwrap())).map_err(|(e, _)| e).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o = order.clone();
+    p.submit_prioritized(Box::new(move |_| o.lock().unwrap().push("old-low")), -1).map_err(|(e, _)| e).unwrap();
+    std::thread::sleep(Duration::from_millis(60)); // waited 6 aging intervals: now outranks priority 0..4
+    let o = order.clone();
+    p.submit_prioritized(Box::new(move |_| o.lock().unwrap().push("new-high")), 2).map_err(|(e, _)| e).unwrap();
+    let o = order.clone();
+    p.submit(Box::new(move |_| o.lock().unwrap().push("new-default"))).map_err(|(e, _)| e).unwrap();
+    gate_tx.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while order.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(*order.lock().unwrap(), vec!["old-low", "new-high", "new-default"]);
+    p.shutdown();
+    p.join(None);
+}

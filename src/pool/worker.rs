@@ -99,6 +99,9 @@ impl<J: Send + 'static> WorkerLoop<J> {
 
     /// Local deque, then a batch from the injector, then the other workers.
     fn find_work(&mut self) -> Option<J> {
+        if let Some(job) = self.shared.take_prio(true) {
+            return Some(job);
+        }
         if let Some(job) = self.local.pop() {
             return Some(job);
         }
@@ -122,7 +125,7 @@ impl<J: Send + 'static> WorkerLoop<J> {
                 }
             }
         }
-        None
+        self.shared.take_prio(false)
     }
 
     /// Spins, then parks, until a job is found (Some) or the pool terminates (None).

@@ -21,6 +21,17 @@
 //! 5. Anything still queued (a submit that raced step 1, or a timeout) is
 //!    resolved as cancelled.
 //!
+//! Tokens held by a pause (`pause_admission`, `pause_operation`) are
+//! cancelled by step 2 or 3 (a pause would otherwise hold them forever).
+//!
+//! # Dispatch
+//!
+//! Every job reaches the pool through `EngineShared::dispatch`: a job is
+//! parked (state `waiting`) while admission or its operation is paused, goes
+//! to the priority heap when its priority is not 0, and to the FIFO
+//! injector otherwise. Workers park a queued job whose pause began after it
+//! was queued. Resuming re-dispatches what was parked, in order.
+//!
 //! # Fork and interpreter exit
 //!
 //! `after_fork_in_child` (registered with `os.register_at_fork`) marks the
@@ -31,62 +42,41 @@
 //! refuses new work and stops every engine, running what was queued.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use super::exceptions::BindError;
 use super::job::{cancel_jobs, PyHost, PyJob};
+use super::ledger::{Ledger, OpState, Record};
+use super::token::TokenInner;
 use super::wait::{timeout_arg, wait_detached};
 use crate::pool::{Pool, PoolConfig, Topology};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
-use crate::token::TokenState;
+use crate::timer::Timer;
+use crate::token::{ns_to_unix, now_ns, TokenState};
 
-/// Token counters of one engine (atomics: no lock on the hot path).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    submitted: AtomicU64,
-    running: AtomicU64,
-    resolved: [AtomicU64; 9],
+/// What the engine's timer thread wakes up for.
+#[derive(Debug)]
+pub(crate) enum TimerItem {
+    /// A token's deadline.
+    Deadline(Weak<TokenInner>),
+    /// A failed token's next attempt.
+    Retry(PyJob),
 }
 
-impl Counters {
-    pub(crate) fn record_submitted(&self) {
-        self.submitted.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn record_resolved(&self, state: TokenState) {
-        self.resolved[state as usize].fetch_add(1, Ordering::Release);
-    }
-
-    pub(crate) fn running_delta(&self, delta: i64) {
-        if delta >= 0 {
-            self.running.fetch_add(delta as u64, Ordering::Relaxed);
-        } else {
-            self.running.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
-    }
-
-    fn total_resolved(&self) -> u64 {
-        self.resolved.iter().map(|c| c.load(Ordering::Acquire)).sum()
-    }
-
-    /// Submitted tokens not yet resolved.
-    fn unresolved(&self) -> u64 {
-        self.submitted.load(Ordering::Acquire).saturating_sub(self.total_resolved())
-    }
-}
-
-/// A running engine, shared by its `Engine` object, the registry and the workers' cache.
+/// A running engine, shared by its `Engine` object, the registry and the workers.
 #[derive(Debug)]
 pub(crate) struct EngineShared {
     pub(crate) pool: Pool<PyJob>,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) ledger: Arc<Ledger>,
     stopping: AtomicBool,
     topology: Topology,
     workers_per_core: usize,
+    timer: Timer<TimerItem>,
 }
 
 static ACTIVE: Mutex<Vec<Arc<EngineShared>>> = Mutex::new(Vec::new());
@@ -153,22 +143,115 @@ pub(crate) struct Engine {
 }
 
 impl EngineShared {
+    /// Sends a job towards a worker (see "Dispatch" in the module docs).
+    pub(crate) fn dispatch(&self, py: Python<'_>, job: PyJob) -> Result<(), BindError> {
+        let token = job.token().clone();
+        if self.ledger.admission_paused.load(Ordering::Relaxed) {
+            let mut parked = self.ledger.parked.lock();
+            if self.ledger.admission_paused.load(Ordering::SeqCst) {
+                token.core.hold();
+                parked.push_back(job);
+                return Ok(());
+            }
+        }
+        if token.op.paused.load(Ordering::Relaxed) {
+            let mut parked = token.op.parked.lock();
+            if token.op.paused.load(Ordering::SeqCst) {
+                token.core.hold();
+                parked.push_back(job);
+                return Ok(());
+            }
+        }
+        token.core.admit();
+        let submitted = if token.priority != 0 {
+            self.pool.submit_prioritized(job, token.priority)
+        } else {
+            self.pool.submit(job)
+        };
+        if let Err((err, mut job)) = submitted {
+            job.forget_call();
+            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Re-dispatches parked jobs (after a resume).
+    fn release_parked(&self, py: Python<'_>, jobs: VecDeque<PyJob>) -> usize {
+        let mut n = 0;
+        for job in jobs {
+            if job.token().core.is_done() {
+                continue; // cancelled or killed while parked
+            }
+            if self.dispatch(py, job).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Arms the deadline of `token` (its `deadline_ns` is set).
+    pub(crate) fn schedule_deadline(&self, token: &Arc<TokenInner>, after: Duration) {
+        let _ = self.timer.schedule(Instant::now() + after, TimerItem::Deadline(Arc::downgrade(token)));
+    }
+
+    /// Queues another attempt of a failed token after `after`.
+    pub(crate) fn schedule_retry(&self, py: Python<'_>, job: PyJob, after: Duration) {
+        if let Err(TimerItem::Retry(mut job)) = self.timer.schedule(Instant::now() + after, TimerItem::Retry(job)) {
+            job.forget_call();
+            job.token().resolve(py, |_| true, TokenState::Cancelled, None);
+        }
+    }
+
+    fn on_timer(self: &Arc<Self>, py: Python<'_>, items: Vec<TimerItem>) {
+        for item in items {
+            match item {
+                TimerItem::Deadline(token) => {
+                    if let Some(token) = token.upgrade() {
+                        token.expire(py);
+                    }
+                }
+                TimerItem::Retry(job) => {
+                    let _ = self.dispatch(py, job);
+                }
+            }
+        }
+    }
+
+    /// Cancels every job held by a pause; returns how many.
+    fn cancel_parked(&self, py: Python<'_>, op: Option<&OpState>) -> usize {
+        let mut jobs: Vec<PyJob> = Vec::new();
+        match op {
+            Some(op) => jobs.extend(op.parked.lock().drain(..)),
+            None => {
+                jobs.extend(self.ledger.parked.lock().drain(..));
+                for op in self.ledger.ops() {
+                    jobs.extend(op.parked.lock().drain(..));
+                }
+            }
+        }
+        let jobs: Vec<PyJob> = jobs.into_iter().filter(|j| !j.token().core.is_done()).collect();
+        cancel_jobs(py, jobs)
+    }
+
     fn stop(&self, py: Python<'_>, wait: bool, cancel_pending: bool, timeout: Option<Duration>) -> PyResult<bool> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         deactivate(self);
         if !self.stopping.swap(true, Ordering::SeqCst) {
             LIVE_ENGINES.fetch_sub(1, Ordering::SeqCst);
+            super::log::info(py, "pool", || format!("stopping engine {} (wait={wait}, cancel_pending={cancel_pending})", self.pool.id()));
         }
+        self.cancel_parked(py, None);
         if cancel_pending {
             cancel_jobs(py, self.pool.drain());
         }
         if wait {
-            let counters = &self.counters;
+            let ledger = &self.ledger;
             wait_detached(py, remaining(), |step| {
                 let until = Instant::now() + step;
                 loop {
-                    if counters.unresolved() == 0 {
+                    if ledger.unresolved() == 0 {
                         return true;
                     }
                     if Instant::now() >= until {
@@ -186,7 +269,15 @@ impl EngineShared {
         } else {
             false
         };
+        let timer = &self.timer;
+        let leftovers = py.detach(|| timer.shutdown(Duration::from_secs(2)));
+        for item in leftovers {
+            if let TimerItem::Retry(job) = item {
+                cancel_jobs(py, vec![job]);
+            }
+        }
         cancel_jobs(py, self.pool.drain());
+        self.cancel_parked(py, None);
         Ok(joined)
     }
 }
@@ -208,7 +299,9 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker"))]
+    #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
+                        max_pending=0, history_size=100, auto_block=false, aging=0.5))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         workers: usize,
@@ -216,27 +309,48 @@ impl Engine {
         pin_cores: bool,
         stack_size: usize,
         thread_name: &str,
+        max_pending: usize,
+        history_size: usize,
+        auto_block: bool,
+        aging: f64,
     ) -> PyResult<Self> {
         check_not_forked()?;
         if EXITING.load(Ordering::Relaxed) {
             return Err(BindError::InterpreterShutdown.into());
         }
+        if !(aging.is_finite() && aging > 0.0) {
+            return Err(BindError::Value(format!("aging must be a positive number of seconds, got {aging}")).into());
+        }
         let mut config = PoolConfig::new(workers);
         config.pin_cores = pin_cores;
         config.stack_size = stack_size;
         config.thread_name = thread_name.to_owned();
+        config.aging = Duration::from_secs_f64(aging);
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
+        let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
+        let me_for_timer = me.clone();
+        let timer = Timer::new(format!("{thread_name}-timer"), move |items: Vec<TimerItem>| {
+            let engine = me_for_timer.get().and_then(Weak::upgrade);
+            let unhandled = Python::try_attach(|py| match &engine {
+                Some(engine) => engine.on_timer(py, items),
+                None => drop(items),
+            });
+            let _ = unhandled;
+        });
         let shared = Arc::new(EngineShared {
             pool,
-            counters: Arc::new(Counters::default()),
+            ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block)),
             stopping: AtomicBool::new(false),
             topology: Topology::detect(),
             workers_per_core,
+            timer,
         });
+        let _ = me.set(Arc::downgrade(&shared));
         let _ = host.engine.set(Arc::downgrade(&shared));
         LIVE_ENGINES.fetch_add(1, Ordering::SeqCst);
         activate(&shared);
+        super::log::info(py, "pool", || format!("engine {} started with {workers} workers", shared.pool.id()));
         Ok(Engine { shared })
     }
 
@@ -270,6 +384,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         check_not_forked()?;
         let sh = &self.shared;
+        let lg = &sh.ledger;
         let out = PyDict::new(py);
 
         let topo = PyDict::new(py);
@@ -280,15 +395,14 @@ impl Engine {
         topo.set_item("pinned_cores", sh.pool.pinned_cores())?;
         out.set_item("topology", topo)?;
 
-        let c = &sh.counters;
         let tokens = PyDict::new(py);
-        let submitted = c.submitted.load(Ordering::Acquire);
-        tokens.set_item("submitted", submitted)?;
-        tokens.set_item("unresolved", c.unresolved())?;
-        tokens.set_item("executing", c.running.load(Ordering::Relaxed))?;
+        tokens.set_item("submitted", lg.submitted.load(Ordering::Acquire))?;
+        tokens.set_item("unresolved", lg.unresolved())?;
+        tokens.set_item("executing", lg.running.load(Ordering::Relaxed))?;
         for state in TokenState::ALL.iter().filter(|s| s.is_terminal()) {
-            tokens.set_item(state.as_str(), c.resolved[*state as usize].load(Ordering::Acquire))?;
+            tokens.set_item(state.as_str(), lg.resolved[*state as usize].load(Ordering::Acquire))?;
         }
+        tokens.set_item("retries", lg.retries.load(Ordering::Relaxed))?;
         out.set_item("tokens", tokens)?;
 
         let p = sh.pool.stats();
@@ -303,8 +417,209 @@ impl Engine {
         pool.set_item("wakes", p.wakes)?;
         pool.set_item("panics", p.panics)?;
         out.set_item("pool", pool)?;
+
+        let admission = PyDict::new(py);
+        admission.set_item("paused", lg.admission_paused.load(Ordering::Relaxed))?;
+        admission.set_item("max_pending", (lg.pending.limit() != 0).then(|| lg.pending.limit()))?;
+        admission.set_item("pending", lg.pending.in_use())?;
+        admission.set_item("peak_pending", lg.pending.peak())?;
+        admission.set_item("blocked_callers", lg.pending.waiting())?;
+        admission.set_item("rejected", lg.pending.rejected())?;
+        admission.set_item("parked", lg.parked.lock().len())?;
+        out.set_item("admission", admission)?;
+
+        let timeouts = PyDict::new(py);
+        timeouts.set_item("armed", sh.timer.len())?;
+        timeouts.set_item("expired_queued", lg.timeouts_queued.load(Ordering::Relaxed))?;
+        timeouts.set_item("expired_running", lg.timeouts_running.load(Ordering::Relaxed))?;
+        timeouts.set_item("overruns", lg.overruns.load(Ordering::Relaxed))?;
+        timeouts.set_item("overrun_total_s", lg.overrun_total_ns.load(Ordering::Relaxed) as f64 / 1e9)?;
+        timeouts.set_item("overrun_max_s", lg.overrun_max_ns.load(Ordering::Relaxed) as f64 / 1e9)?;
+        out.set_item("timeouts", timeouts)?;
+
+        let ops = PyDict::new(py);
+        for op in lg.ops() {
+            let d = PyDict::new(py);
+            d.set_item("pending", op.limit.in_use())?;
+            d.set_item("max_pending", (op.limit.limit() != 0).then(|| op.limit.limit()))?;
+            d.set_item("peak_pending", op.limit.peak())?;
+            d.set_item("rejected", op.limit.rejected())?;
+            d.set_item("paused", op.paused.load(Ordering::Relaxed))?;
+            d.set_item("parked", op.parked.lock().len())?;
+            d.set_item("blocked", op.blocked.load(Ordering::Relaxed))?;
+            d.set_item("health", health_dict(py, &op)?)?;
+            ops.set_item(&*op.name, d)?;
+        }
+        out.set_item("operations", ops)?;
         Ok(out)
     }
+
+    /// The newest `limit` execution records, newest first.
+    #[pyo3(signature = (limit=50))]
+    fn recent_executions<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyList>> {
+        records_list(py, self.shared.ledger.recent(limit))
+    }
+
+    /// Every execution record kept, oldest first.
+    fn execution_history<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        records_list(py, self.shared.ledger.history())
+    }
+
+    // -- control plane ---------------------------------------------------------
+
+    /// No queued token starts (and new ones wait) until `resume_admission`.
+    /// Returns how many unstarted tokens it holds back now.
+    fn pause_admission(&self) -> usize {
+        let lg = &self.shared.ledger;
+        {
+            let _parked = lg.parked.lock();
+            lg.admission_paused.store(true, Ordering::SeqCst);
+        }
+        lg.live_tokens(None).iter().filter(|t| t.core.state().is_pending()).count()
+    }
+
+    /// Lets held tokens go; returns how many were released.
+    fn resume_admission(&self, py: Python<'_>) -> usize {
+        let lg = &self.shared.ledger;
+        let jobs = {
+            let mut parked = lg.parked.lock();
+            lg.admission_paused.store(false, Ordering::SeqCst);
+            std::mem::take(&mut *parked)
+        };
+        self.shared.release_parked(py, jobs)
+    }
+
+    /// Tokens of `op` wait (others flow) until `resume_operation`. Returns
+    /// how many unstarted tokens of `op` it holds back now.
+    fn pause_operation(&self, op: &str) -> usize {
+        let state = self.shared.ledger.op(op);
+        {
+            let _parked = state.parked.lock();
+            state.paused.store(true, Ordering::SeqCst);
+        }
+        self.shared.ledger.live_tokens(Some(op)).iter().filter(|t| t.core.state().is_pending()).count()
+    }
+
+    /// Releases the tokens of `op` held by `pause_operation`; returns how many.
+    fn resume_operation(&self, py: Python<'_>, op: &str) -> usize {
+        let Some(state) = self.shared.ledger.find_op(op) else { return 0 };
+        let jobs = {
+            let mut parked = state.parked.lock();
+            state.paused.store(false, Ordering::SeqCst);
+            std::mem::take(&mut *parked)
+        };
+        self.shared.release_parked(py, jobs)
+    }
+
+    /// Cancels every token that has not started; returns how many.
+    fn drain_pool(&self, py: Python<'_>) -> PyResult<usize> {
+        check_not_forked()?;
+        Ok(cancel_jobs(py, self.shared.pool.drain()) + self.shared.cancel_parked(py, None))
+    }
+
+    /// Cancels every token of `op` that has not started; returns how many.
+    fn drain_operation(&self, py: Python<'_>, op: &str) -> PyResult<usize> {
+        check_not_forked()?;
+        let mut n = 0;
+        for token in self.shared.ledger.live_tokens(Some(op)) {
+            if token.cancel_pending(py) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Kills token `token_id`; returns 1 if it was unresolved, else 0.
+    #[pyo3(signature = (token_id, reason="admin_override"))]
+    fn kill_token(&self, py: Python<'_>, token_id: u64, reason: &str) -> PyResult<usize> {
+        match self.shared.ledger.lookup(token_id) {
+            Some(t) => Ok(usize::from(t.kill(py, reason)?)),
+            None => Ok(0),
+        }
+    }
+
+    /// Kills every unresolved token of `op` (all operations when None); returns how many.
+    #[pyo3(signature = (op=None, reason="admin_override"))]
+    fn kill_all_by_operation(&self, py: Python<'_>, op: Option<&str>, reason: &str) -> PyResult<usize> {
+        let mut n = 0;
+        for t in self.shared.ledger.live_tokens(op) {
+            if t.kill(py, reason)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Sets the global limit on unresolved tokens (None or 0: unlimited).
+    #[pyo3(signature = (limit=None))]
+    fn set_max_pending(&self, limit: Option<usize>) {
+        self.shared.ledger.pending.set_limit(limit.unwrap_or(0));
+    }
+
+    /// Sets the limit on unresolved tokens of `op` (None or 0: unlimited).
+    #[pyo3(signature = (op, limit=None))]
+    fn set_operation_limit(&self, op: &str, limit: Option<usize>) {
+        self.shared.ledger.op(op).limit.set_limit(limit.unwrap_or(0));
+    }
+
+    /// Accepts calls of `op` again after auto-block; returns whether it was blocked.
+    fn unblock_operation(&self, op: &str) -> bool {
+        match self.shared.ledger.find_op(op) {
+            Some(state) => {
+                let was = state.blocked.swap(false, Ordering::SeqCst);
+                state.health.attempts.store(0, Ordering::Relaxed);
+                state.health.failures.store(0, Ordering::Relaxed);
+                state.health.successes.store(0, Ordering::Relaxed);
+                was
+            }
+            None => false,
+        }
+    }
+
+    /// Turns auto-block on or off.
+    fn set_auto_block(&self, enabled: bool) {
+        self.shared.ledger.auto_block.store(enabled, Ordering::SeqCst);
+    }
+}
+
+fn health_dict<'py>(py: Python<'py>, op: &OpState) -> PyResult<Bound<'py, PyDict>> {
+    let h = &op.health;
+    let d = PyDict::new(py);
+    let attempts = h.attempts.load(Ordering::Relaxed);
+    d.set_item("attempts", attempts)?;
+    d.set_item("successes", h.successes.load(Ordering::Relaxed))?;
+    d.set_item("failures", h.failures.load(Ordering::Relaxed))?;
+    d.set_item("timeouts", h.timeouts.load(Ordering::Relaxed))?;
+    let secs = |ns: u64| ns as f64 / 1e9;
+    d.set_item("min_time", (attempts > 0).then(|| secs(h.min_ns.load(Ordering::Relaxed))))?;
+    d.set_item("max_time", (attempts > 0).then(|| secs(h.max_ns.load(Ordering::Relaxed))))?;
+    d.set_item("mean_time", (attempts > 0).then(|| secs(h.total_ns.load(Ordering::Relaxed)) / attempts as f64))?;
+    d.set_item(
+        "success_rate",
+        (attempts > 0).then(|| h.successes.load(Ordering::Relaxed) as f64 / attempts as f64),
+    )?;
+    d.set_item("health", h.class())?;
+    Ok(d)
+}
+
+fn records_list(py: Python<'_>, records: Vec<Record>) -> PyResult<Bound<'_, PyList>> {
+    let out = PyList::empty(py);
+    for r in records {
+        let d = PyDict::new(py);
+        d.set_item("token_id", r.token_id)?;
+        d.set_item("operation_type", &*r.operation_type)?;
+        d.set_item("state", r.state.as_str())?;
+        d.set_item("created_at", (r.created_ns != 0).then(|| ns_to_unix(r.created_ns)))?;
+        d.set_item("started_at", r.started_ns.map(ns_to_unix))?;
+        d.set_item("finished_at", ns_to_unix(r.finished_ns))?;
+        d.set_item("wait_time", r.started_ns.map(|s| s.saturating_sub(r.created_ns) as f64 / 1e9))?;
+        d.set_item("execution_time", r.started_ns.map(|s| r.finished_ns.saturating_sub(s) as f64 / 1e9))?;
+        d.set_item("worker_id", r.worker_id)?;
+        d.set_item("core_id", r.core_id)?;
+        d.set_item("error", r.error)?;
+        out.append(d)?;
+    }
+    Ok(out)
 }
 
 impl Drop for Engine {
@@ -340,6 +655,7 @@ pub(crate) fn begin_interpreter_shutdown(py: Python<'_>) -> PyResult<()> {
     for engine in engines.iter().rev() {
         engine.stop(py, true, false, None)?;
     }
+    let _ = now_ns();
     Ok(())
 }
 

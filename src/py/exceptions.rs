@@ -33,6 +33,10 @@ pub(crate) enum BindError {
     SelfWait,
     /// Any other runtime failure (thread spawn).
     Runtime(String),
+    /// The operation is blocked by auto-block.
+    Blocked(String),
+    /// Bounded admission refused the call (full, timed out).
+    Rejected(String),
 }
 
 impl From<Error> for BindError {
@@ -95,6 +99,12 @@ impl BindError {
                 "a task waited on its own token: this would deadlock (result() called inside the task it belongs to)",
             ),
             BindError::Runtime(msg) => PyRuntimeError::new_err(msg),
+            BindError::Blocked(op) => tokengate(
+                "OperationBlockedError",
+                format!("operation {op:?} is blocked: over 90% of its last attempts failed (auto_block); \
+                         unblock it with coordinator.unblock_operation({op:?})"),
+            ),
+            BindError::Rejected(msg) => tokengate("AdmissionRejectedError", msg),
         }
     }
 }
@@ -113,6 +123,15 @@ pub(crate) fn killed_value(py: Python<'_>, reason: &str) -> PyResult<Py<PyAny>> 
 /// A `TaskPanicError(message)` value to store in a token.
 pub(crate) fn panic_value(py: Python<'_>, message: &str) -> Py<PyAny> {
     match class(py, "TaskPanicError").and_then(|c| c.call1((format!("tokengate panicked while running the task: {message}"),))) {
+        Ok(v) => v.unbind(),
+        Err(e) => e.into_value(py).into_any(),
+    }
+}
+
+/// A `TaskTimeoutError` value to store in a token that passed its deadline.
+pub(crate) fn timeout_value(py: Python<'_>, id: u64, op: &str) -> Py<PyAny> {
+    let msg = format!("token {id} ({op}) passed its deadline");
+    match class(py, "TaskTimeoutError").and_then(|c| c.call1((msg,))) {
         Ok(v) => v.unbind(),
         Err(e) => e.into_value(py).into_any(),
     }

@@ -22,7 +22,7 @@ use super::exceptions;
 use super::token::{prepend, Outcome, TaskToken, TokenInner};
 use crate::pool::{Host, WorkerHooks, WorkerInfo, WorkerLoop};
 use crate::sync::{AtomicU64, Ordering};
-use crate::token::TokenState;
+use crate::token::{now_ns, TokenState};
 
 /// The function call a token stands for.
 #[derive(Debug)]
@@ -35,6 +35,15 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    fn clone_ref(&self, py: Python<'_>) -> Call {
+        Call {
+            func: self.func.clone_ref(py),
+            args: self.args.clone_ref(py),
+            kwargs: self.kwargs.as_ref().map(|k| k.clone_ref(py)),
+            context: self.context.as_ref().map(|c| c.clone_ref(py)),
+        }
+    }
+
     fn invoke(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let func = self.func.bind(py);
         let args = self.args.bind(py);
@@ -64,6 +73,11 @@ impl PyJob {
     /// Drops the call without resolving the token (the caller resolves it).
     pub(crate) fn forget_call(&mut self) {
         self.call = None;
+    }
+
+    /// The token this job runs.
+    pub(crate) fn token(&self) -> &Arc<TokenInner> {
+        &self.token
     }
 }
 
@@ -135,21 +149,86 @@ fn coroutine_error(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Option<
     Ok(Some(Outcome::Error(err.into_value(py).into_any())))
 }
 
+thread_local! {
+    /// The engine and worker identity of the worker running on this thread.
+    static WORKER: RefCell<Option<(Weak<EngineShared>, WorkerInfo)>> = const { RefCell::new(None) };
+    static HELP_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// True on a pool worker thread.
+pub(crate) fn on_worker_thread() -> bool {
+    WORKER.with(|w| w.borrow().is_some())
+}
+
+/// Nested waits deeper than this block instead of running more work inline.
+const MAX_HELP_DEPTH: u32 = 200;
+
+/// Waits for `token` on a worker thread, running queued jobs inline meanwhile
+/// (rayon's help-while-waiting), so a task that waits on tokens it submitted
+/// cannot deadlock even with one worker. True when done, false on timeout.
+pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Option<std::time::Duration>) -> PyResult<bool> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
+        return Ok(token.core.wait(timeout));
+    };
+    let depth = HELP_DEPTH.with(|d| d.get());
+    let mut last_signal_check = std::time::Instant::now();
+    loop {
+        if token.core.is_done() {
+            return Ok(true);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok(false);
+        }
+        let job = if depth < MAX_HELP_DEPTH { engine.as_ref().and_then(|e| e.pool.try_take()) } else { None };
+        match job {
+            Some(job) => {
+                HELP_DEPTH.with(|d| d.set(depth + 1));
+                execute(py, job, &info, engine.as_ref().map(Arc::downgrade).unwrap_or_default());
+                HELP_DEPTH.with(|d| d.set(depth));
+            }
+            None => {
+                let step = std::time::Duration::from_millis(2);
+                py.detach(|| token.core.wait(Some(step)));
+            }
+        }
+        if last_signal_check.elapsed() >= std::time::Duration::from_millis(50) {
+            py.check_signals()?;
+            last_signal_check = std::time::Instant::now();
+        }
+    }
+}
+
 /// Runs one job on a worker (attached).
-fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo) {
+fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<EngineShared>) {
     let Some(call) = job.call.take() else { return };
     let token = job.token.clone();
+    // An operation paused after this token was queued: park it instead.
+    if token.op.paused.load(Ordering::Relaxed) {
+        let mut parked = token.op.parked.lock();
+        if token.op.paused.load(Ordering::SeqCst) && token.core.hold() {
+            job.call = Some(call);
+            parked.push_back(job);
+            return;
+        }
+    }
     drop(job);
     if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
-        return; // cancelled or killed before it started: never run it
+        return; // cancelled, killed or timed out before it started: never run it
     }
-    token.counters.running_delta(1);
+    token.attempts.fetch_add(1, Ordering::Relaxed);
+    token.ledger.running_delta(1);
+    let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
     let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token.clone())));
+    let t0 = now_ns();
     let result = catch_unwind(AssertUnwindSafe(|| {
         maybe_inject_fault();
         call.invoke(py)
     }));
+    let elapsed = now_ns().saturating_sub(t0);
     CURRENT_TOKEN.with(|c| *c.borrow_mut() = previous);
+    token.ledger.running_delta(-1);
+    let mut panicked = false;
     let (state, outcome) = match result {
         Ok(Ok(value)) => match coroutine_error(py, value.bind(py)) {
             Ok(None) => (TokenState::Completed, Outcome::Value(value)),
@@ -158,6 +237,7 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo) {
         },
         Ok(Err(err)) => (TokenState::Failed, Outcome::Error(err.into_value(py).into_any())),
         Err(payload) => {
+            panicked = true;
             let msg = payload
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -166,9 +246,41 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo) {
             (TokenState::Failed, Outcome::Error(exceptions::panic_value(py, &msg)))
         }
     };
-    token.counters.running_delta(-1);
+    token.op.health.record(state == TokenState::Completed, elapsed);
+    if state == TokenState::Failed && !panicked {
+        if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
+            if try_retry(py, &token, call, &engine) {
+                return;
+            }
+        }
+    }
+    if token.core.state() == TokenState::Timeout {
+        let deadline = token.deadline_ns.load(Ordering::Relaxed);
+        if deadline != 0 {
+            token.ledger.note_overrun(now_ns().saturating_sub(deadline));
+        }
+    }
     // A token killed or timed out while running is already resolved: its result is dropped.
     token.resolve(py, |s| s == TokenState::Executing, state, Some(outcome));
+}
+
+/// Schedules another attempt after a back-off. False when no retry is left
+/// (or the token was resolved meanwhile).
+fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<EngineShared>) -> bool {
+    let left = token.retries_left.load(Ordering::Relaxed);
+    if left == 0 || !token.core.requeue() {
+        return false;
+    }
+    token.retries_left.store(left - 1, Ordering::Relaxed);
+    let attempt = token.attempts.load(Ordering::Relaxed).max(1);
+    let backoff = (token.retry_backoff * f64::from(2u32.saturating_pow(attempt - 1))).min(30.0);
+    token.ledger.retries.fetch_add(1, Ordering::Relaxed);
+    super::log::debug(py, "worker", || {
+        format!("token {} ({}) failed attempt {attempt}; retrying in {backoff:.3}s", token.id, token.op.name)
+    });
+    let job = PyJob::new(token.clone(), call);
+    engine.schedule_retry(py, job, std::time::Duration::from_secs_f64(backoff.max(0.0)));
+    true
 }
 
 /// Runs the workers of one engine: attached to Python for their whole life.
@@ -177,13 +289,23 @@ pub(crate) struct PyHost {
     pub(crate) engine: OnceLock<Weak<EngineShared>>,
 }
 
-struct PyHooks<'py> {
+struct PyHooks<'a, 'py> {
     py: Python<'py>,
+    host: &'a PyHost,
+    engine: Weak<EngineShared>,
 }
 
-impl WorkerHooks<PyJob> for PyHooks<'_> {
+impl WorkerHooks<PyJob> for PyHooks<'_, '_> {
     fn execute(&mut self, job: PyJob, worker: &WorkerInfo) {
-        execute(self.py, job, worker);
+        if self.engine.strong_count() == 0 {
+            // The engine is published right after the pool starts; jobs exist only after that.
+            if let Some(e) = self.host.engine.get() {
+                self.engine = e.clone();
+                let w = self.engine.clone();
+                WORKER.with(|slot| *slot.borrow_mut() = Some((w, *worker)));
+            }
+        }
+        execute(self.py, job, worker, self.engine.clone());
     }
 
     fn idle(&mut self, wait: &mut (dyn FnMut() + Send)) {
@@ -205,7 +327,11 @@ impl Host<PyJob> for PyHost {
         let mut slot = Some(worker);
         let attached = Python::try_attach(|py| {
             if let Some(worker) = slot.take() {
-                worker.run(&mut PyHooks { py });
+                let engine = self.engine.get().cloned().unwrap_or_default();
+                WORKER.with(|w| *w.borrow_mut() = Some((engine.clone(), worker.info())));
+                let mut hooks = PyHooks { py, host: self, engine };
+                worker.run(&mut hooks);
+                WORKER.with(|w| *w.borrow_mut() = None);
             }
         });
         if attached.is_none() {

@@ -14,6 +14,8 @@ mod asyncio;
 mod engine;
 mod exceptions;
 mod job;
+mod ledger;
+mod log;
 mod spec;
 mod token;
 mod wait;

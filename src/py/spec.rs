@@ -1,7 +1,13 @@
 //! `OperationSpec`: everything fixed at decoration time, and `submit`, the
 //! hot path of every decorated call.
+//!
+//! A call goes through: arity check (fast path in Rust, `inspect` binder
+//! otherwise) -> engine lookup -> auto-block check -> admission (the
+//! operation's limit, then the engine's `max_pending`; blocking, bounded or
+//! non-blocking) -> token -> deadline timer (if any) -> dispatch.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -10,9 +16,12 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use super::engine::{current_engine, Engine, EngineShared};
 use super::exceptions::BindError;
 use super::job::{Call, PyJob};
-use super::token::{TaskToken, TokenInner};
-use crate::sync::{AtomicU64, Ordering};
-use crate::token::TokenState;
+use super::ledger::OpState;
+use super::token::{CallOptions, TaskToken, TokenInner};
+use super::wait::{timeout_arg, wait_detached};
+use crate::admission::Limit;
+use crate::sync::{AtomicU64, Mutex, Ordering};
+use crate::token::now_ns;
 
 static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -22,12 +31,16 @@ static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 pub(crate) struct SpecShared {
     pub(crate) func: Py<PyAny>,
     pub(crate) operation_type: Py<PyString>,
+    op_name: String,
     /// A read-only view (`types.MappingProxyType`) of the validated tags.
     pub(crate) tags: Py<PyAny>,
     min_pos: usize,
     max_pos: usize,
     fast_arity: bool,
     binder: Option<Py<PyAny>>,
+    defaults: CallOptions,
+    /// (pool id, state of this operation on that engine).
+    op_cache: Mutex<Option<(u64, Arc<OpState>)>>,
 }
 
 impl SpecShared {
@@ -36,6 +49,52 @@ impl SpecShared {
         let d = PyDict::new(py);
         d.update(self.tags.bind(py).cast::<pyo3::types::PyMapping>()?)?;
         Ok(d)
+    }
+
+    fn op_for(&self, engine: &EngineShared) -> Arc<OpState> {
+        let mut cache = self.op_cache.lock();
+        if let Some((id, op)) = cache.as_ref() {
+            if *id == engine.pool.id() {
+                return op.clone();
+            }
+        }
+        let op = engine.ledger.op(&self.op_name);
+        *cache = Some((engine.pool.id(), op.clone()));
+        op
+    }
+}
+
+/// How a call waits for admission when a limit is full.
+#[derive(Debug, Clone, Copy)]
+enum Admit {
+    /// Block (releasing the GIL) up to the timeout, then raise.
+    Block(Option<Duration>),
+    /// Do not wait: report the rejection.
+    Try,
+}
+
+fn admit(py: Python<'_>, limit: &Limit, how: Admit, what: &str) -> PyResult<bool> {
+    if limit.try_acquire() {
+        return Ok(true);
+    }
+    match how {
+        Admit::Try => {
+            limit.note_rejected();
+            Ok(false)
+        }
+        Admit::Block(timeout) => {
+            if wait_detached(py, timeout, |step| limit.acquire(Some(step)))? {
+                Ok(true)
+            } else {
+                limit.note_rejected();
+                Err(BindError::Rejected(format!(
+                    "{what} is full ({} pending) and no slot freed within {:.3}s",
+                    limit.limit(),
+                    timeout.unwrap_or_default().as_secs_f64()
+                ))
+                .into())
+            }
+        }
     }
 }
 
@@ -47,32 +106,90 @@ pub(crate) struct OperationSpec {
 }
 
 impl OperationSpec {
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
         py: Python<'_>,
-        engine: &EngineShared,
+        engine: &Arc<EngineShared>,
         func: Py<PyAny>,
         args: Bound<'_, PyTuple>,
         kwargs: Option<Bound<'_, PyDict>>,
-    ) -> PyResult<Py<TaskToken>> {
+        opts: &CallOptions,
+        how: Admit,
+    ) -> PyResult<Option<Py<TaskToken>>> {
+        let op = self.shared.op_for(engine);
+        let ledger = &engine.ledger;
+        if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.health.is_dangerous() {
+            op.blocked.store(true, Ordering::SeqCst);
+            super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
+        }
+        if op.blocked.load(Ordering::Relaxed) {
+            return Err(BindError::Blocked(op.name.to_string()).into());
+        }
+        if !admit(py, &op.limit, how, &format!("operation {:?}", op.name))? {
+            return Ok(None);
+        }
+        match admit(py, &ledger.pending, how, "the coordinator (max_pending)") {
+            Ok(true) => {}
+            Ok(false) => {
+                op.limit.release();
+                return Ok(None);
+            }
+            Err(e) => {
+                op.limit.release();
+                return Err(e);
+            }
+        }
         let context = COPY_CONTEXT.import(py, "contextvars", "copy_context")?.call0()?;
         let inner = Arc::new(TokenInner::new(
             NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
             self.shared.clone(),
-            engine.counters.clone(),
+            ledger.clone(),
+            op,
+            opts,
         ));
-        engine.counters.record_submitted();
-        inner.core.admit();
+        ledger.record_submitted();
+        ledger.register(&inner);
+        if let Some(t) = opts.timeout {
+            let after = Duration::from_secs_f64(t);
+            inner.deadline_ns.store(now_ns() + after.as_nanos() as u64, Ordering::Relaxed);
+            engine.schedule_deadline(&inner, after);
+        }
         let job = PyJob::new(
             inner.clone(),
             Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) },
         );
-        if let Err((err, mut job)) = engine.pool.submit(job) {
-            job.forget_call();
-            inner.resolve(py, |_| true, TokenState::Cancelled, None);
-            return Err(BindError::from(err).into());
+        engine.dispatch(py, job)?;
+        Ok(Some(Py::new(py, TaskToken { inner })?))
+    }
+
+    fn check_arity(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let spec = &self.shared;
+        let n = args.len();
+        let fast = spec.fast_arity && kwargs.is_none() && spec.min_pos <= n && n <= spec.max_pos;
+        if !fast {
+            if let Some(binder) = &spec.binder {
+                binder.bind(py).call(args, kwargs)?;
+            }
         }
-        Py::new(py, TaskToken { inner })
+        Ok(())
+    }
+
+    fn options(&self, priority: Option<i64>, timeout: Option<f64>, retries: Option<u32>) -> PyResult<CallOptions> {
+        let mut opts = self.shared.defaults;
+        if let Some(p) = priority {
+            opts.priority = p;
+        }
+        if let Some(t) = timeout {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(BindError::Value(format!("timeout must be a positive, finite number of seconds, got {t}")).into());
+            }
+            opts.timeout = Some(t);
+        }
+        if let Some(r) = retries {
+            opts.retries = r;
+        }
+        Ok(opts)
     }
 }
 
@@ -81,44 +198,79 @@ impl OperationSpec {
     /// `min_pos`/`max_pos` (None: `*args`) bound the positional count that
     /// needs no further check when there are no keyword arguments and
     /// `fast_arity` is true; every other call is checked by `binder(*args, **kwargs)`.
+    /// `priority`, `timeout`, `retries` and `retry_backoff` are the defaults from the tags.
     #[new]
-    #[pyo3(signature = (func, operation_type, tags, min_pos, max_pos, fast_arity, binder))]
+    #[pyo3(signature = (func, operation_type, tags, min_pos, max_pos, fast_arity, binder, *,
+                        priority=0, timeout=None, retries=0, retry_backoff=0.05))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         func: Py<PyAny>,
-        operation_type: Py<PyString>,
+        operation_type: Bound<'_, PyString>,
         tags: Py<PyAny>,
         min_pos: usize,
         max_pos: Option<usize>,
         fast_arity: bool,
         binder: Option<Py<PyAny>>,
-    ) -> Self {
-        OperationSpec {
+        priority: i64,
+        timeout: Option<f64>,
+        retries: u32,
+        retry_backoff: f64,
+    ) -> PyResult<Self> {
+        if timeout.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+            return Err(BindError::Value("timeout must be a positive, finite number of seconds".into()).into());
+        }
+        if !(retry_backoff.is_finite() && retry_backoff >= 0.0) {
+            return Err(BindError::Value("retry_backoff must be a non-negative number of seconds".into()).into());
+        }
+        Ok(OperationSpec {
             shared: Arc::new(SpecShared {
                 func,
-                operation_type,
+                op_name: operation_type.to_cow()?.into_owned(),
+                operation_type: operation_type.unbind(),
                 tags,
                 min_pos,
                 max_pos: max_pos.unwrap_or(usize::MAX),
                 fast_arity,
                 binder,
+                defaults: CallOptions { priority, timeout, retries, retry_backoff },
+                op_cache: Mutex::new(None),
             }),
-        }
+        })
     }
 
-    /// Checks the call's arity, then queues a token on the running coordinator.
+    /// Checks the call's arity, then queues a token on the running
+    /// coordinator (blocking while a bounded coordinator is full).
     #[pyo3(signature = (args, kwargs=None))]
     fn submit(&self, py: Python<'_>, args: Bound<'_, PyTuple>, kwargs: Option<Bound<'_, PyDict>>) -> PyResult<Py<TaskToken>> {
-        let spec = &self.shared;
         let kwargs = kwargs.filter(|k| !k.is_empty());
-        let n = args.len();
-        let fast = spec.fast_arity && kwargs.is_none() && spec.min_pos <= n && n <= spec.max_pos;
-        if !fast {
-            if let Some(binder) = &spec.binder {
-                binder.bind(py).call(&args, kwargs.as_ref())?;
-            }
-        }
+        self.check_arity(py, &args, kwargs.as_ref())?;
         let engine = current_engine()?;
-        self.enqueue(py, &engine, spec.func.clone_ref(py), args, kwargs)
+        let token = self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None))?;
+        token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
+    }
+
+    /// `submit` with per-call options. With `block=False` a full coordinator
+    /// returns None instead of waiting; with `admission_timeout` a blocking
+    /// call raises `AdmissionRejectedError` after that many seconds.
+    #[pyo3(signature = (args, kwargs=None, *, priority=None, timeout=None, retries=None, block=true, admission_timeout=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_with(
+        &self,
+        py: Python<'_>,
+        args: Bound<'_, PyTuple>,
+        kwargs: Option<Bound<'_, PyDict>>,
+        priority: Option<i64>,
+        timeout: Option<f64>,
+        retries: Option<u32>,
+        block: bool,
+        admission_timeout: Option<f64>,
+    ) -> PyResult<Option<Py<TaskToken>>> {
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        self.check_arity(py, &args, kwargs.as_ref())?;
+        let opts = self.options(priority, timeout, retries)?;
+        let how = if block { Admit::Block(timeout_arg(admission_timeout)?) } else { Admit::Try };
+        let engine = current_engine()?;
+        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how)
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
@@ -137,7 +289,8 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
-        self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()))
+        let token = self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None))?;
+        token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
     /// A token of this operation that no worker runs: a lane outside the
@@ -149,12 +302,18 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
+        let op = self.shared.op_for(&engine);
+        op.limit.force_acquire();
+        engine.ledger.pending.force_acquire();
         let inner = Arc::new(TokenInner::new(
             NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
             self.shared.clone(),
-            engine.counters.clone(),
+            engine.ledger.clone(),
+            op,
+            &self.shared.defaults,
         ));
-        engine.counters.record_submitted();
+        engine.ledger.record_submitted();
+        engine.ledger.register(&inner);
         inner.core.admit();
         Py::new(py, TaskToken { inner })
     }

@@ -19,11 +19,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use super::asyncio::{self as aio, Delivery, LoopQueue};
-use super::engine::Counters;
+use super::ledger::{Ledger, OpState};
 use super::exceptions::{self, BindError};
 use super::spec::SpecShared;
 use super::wait::{timeout_arg, wait_detached};
-use crate::sync::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::token::{ns_to_unix, now_ns, Stamp, TokenCore, TokenState};
 
 /// What a finished body produced.
@@ -51,18 +51,49 @@ pub(crate) struct Slot {
     pub(crate) listeners: Vec<Listener>,
 }
 
+/// Per-call scheduling options (from tags, overridden per call).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CallOptions {
+    /// Higher runs first; 0 is the plain FIFO path.
+    pub(crate) priority: i64,
+    /// Seconds from the call to the token's deadline.
+    pub(crate) timeout: Option<f64>,
+    /// Extra attempts after a failure.
+    pub(crate) retries: u32,
+    /// First back-off between attempts, in seconds (doubles each time).
+    pub(crate) retry_backoff: f64,
+}
+
 /// The shared part of a token.
 #[derive(Debug)]
 pub(crate) struct TokenInner {
     pub(crate) core: TokenCore<Slot>,
     pub(crate) id: u64,
     pub(crate) spec: Arc<SpecShared>,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) op: Arc<OpState>,
+    pub(crate) priority: i64,
+    /// `now_ns` deadline, 0 for none.
+    pub(crate) deadline_ns: AtomicU64,
+    pub(crate) retries_left: AtomicU32,
+    pub(crate) attempts: AtomicU32,
+    pub(crate) retry_backoff: f64,
 }
 
 impl TokenInner {
-    pub(crate) fn new(id: u64, spec: Arc<SpecShared>, counters: Arc<Counters>) -> Self {
-        TokenInner { core: TokenCore::new(Slot::default()), id, spec, counters }
+    pub(crate) fn new(id: u64, spec: Arc<SpecShared>, ledger: Arc<Ledger>, op: Arc<OpState>, opts: &CallOptions) -> Self {
+        TokenInner {
+            core: TokenCore::new(Slot::default()),
+            id,
+            spec,
+            ledger,
+            op,
+            priority: opts.priority,
+            deadline_ns: AtomicU64::new(0),
+            retries_left: AtomicU32::new(opts.retries),
+            attempts: AtomicU32::new(0),
+            retry_backoff: opts.retry_backoff,
+        }
     }
 
     /// Resolves the token once: moves to `to` if `allowed(current)`, stores
@@ -74,7 +105,11 @@ impl TokenInner {
         to: TokenState,
         outcome: Option<Outcome>,
     ) -> bool {
-        match self.resolve_quiet(allowed, to, outcome) {
+        let error = match &outcome {
+            Some(Outcome::Error(e)) => e.bind(py).get_type().name().ok().map(|n| n.to_string()),
+            _ => None,
+        };
+        match self.resolve_quiet(allowed, to, outcome, error) {
             Some(listeners) => {
                 fire(py, listeners);
                 true
@@ -90,19 +125,20 @@ impl TokenInner {
         allowed: impl Fn(TokenState) -> bool,
         to: TokenState,
         outcome: Option<Outcome>,
+        error: Option<String>,
     ) -> Option<Vec<Listener>> {
         let listeners = self.core.resolve(allowed, to, |slot| {
             slot.outcome = outcome;
             std::mem::take(&mut slot.listeners)
         })?;
-        self.counters.record_resolved(to);
+        self.ledger.record_resolved(self, to, error);
         Some(listeners)
     }
 
     /// Cancels a token whose job was dropped without running (pool gone).
     /// May run on any thread, attached or not.
     pub(crate) fn cancel_unrun(&self) {
-        if let Some(listeners) = self.resolve_quiet(|_| true, TokenState::Cancelled, None) {
+        if let Some(listeners) = self.resolve_quiet(|_| true, TokenState::Cancelled, None, None) {
             if !listeners.is_empty() {
                 // Without an interpreter (finalizing) there is nobody left to tell.
                 let _ = Python::try_attach(|py| fire(py, listeners));
@@ -134,11 +170,48 @@ impl TokenInner {
             return Err(BindError::SelfWait.into());
         }
         let timeout = timeout_arg(timeout)?;
+        if super::job::on_worker_thread() {
+            // A task waiting on another token: run queued work meanwhile, so
+            // that nested waits cannot exhaust the workers (help while waiting).
+            return if super::job::help_until_done(py, self, timeout)? {
+                Ok(())
+            } else {
+                Err(BindError::WaitTimeout.into_pyerr(py))
+            };
+        }
         if wait_detached(py, timeout, |step| self.core.wait(Some(step)))? {
             Ok(())
         } else {
             Err(BindError::WaitTimeout.into_pyerr(py))
         }
+    }
+
+    /// Kills the token: waiters get `TaskKilledError(reason)` at once; a
+    /// running body sees its cancel flag and its result is dropped.
+    pub(crate) fn kill(&self, py: Python<'_>, reason: &str) -> PyResult<bool> {
+        let value = exceptions::killed_value(py, reason)?;
+        self.core.request_cancel();
+        Ok(self.resolve(py, |_| true, TokenState::Killed, Some(Outcome::Error(value))))
+    }
+
+    /// The deadline passed: a queued token never runs; a running one's
+    /// waiters get `TaskTimeoutError` now and its body sees the cancel flag.
+    pub(crate) fn expire(&self, py: Python<'_>) {
+        let was = self.core.state();
+        if was.is_terminal() {
+            return;
+        }
+        let value = exceptions::timeout_value(py, self.id, &self.op.name);
+        self.core.request_cancel();
+        if self.resolve(py, |_| true, TokenState::Timeout, Some(Outcome::Error(value))) {
+            let counter = if was == TokenState::Executing { &self.ledger.timeouts_running } else { &self.ledger.timeouts_queued };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Cancels the token if it has not started (no cancel flag otherwise).
+    pub(crate) fn cancel_pending(&self, py: Python<'_>) -> bool {
+        self.resolve(py, TokenState::is_pending, TokenState::Cancelled, None)
     }
 
     /// `cancel()`: cancels a token that has not started. A running token
@@ -301,9 +374,28 @@ impl TaskToken {
     /// Kills the token: its waiters get `TaskKilledError(reason)` at once.
     #[pyo3(signature = (reason="admin_override"))]
     fn kill(&self, py: Python<'_>, reason: &str) -> PyResult<bool> {
-        let value = exceptions::killed_value(py, reason)?;
-        self.inner.core.request_cancel();
-        Ok(self.inner.resolve(py, |_| true, TokenState::Killed, Some(Outcome::Error(value))))
+        self.inner.kill(py, reason)
+    }
+
+    /// Raises `TaskCancelledError`-style `concurrent.futures.CancelledError`
+    /// inside a task whose token was asked to stop (cancel, kill, timeout).
+    fn check_cancelled(&self, py: Python<'_>) -> PyResult<()> {
+        if self.inner.core.cancel_requested() {
+            return Err(BindError::Cancelled.into_pyerr(py));
+        }
+        Ok(())
+    }
+
+    /// The token's priority (higher runs first).
+    #[getter]
+    fn priority(&self) -> i64 {
+        self.inner.priority
+    }
+
+    /// Attempts made so far (more than 1 after retries).
+    #[getter]
+    fn attempts(&self) -> u32 {
+        self.inner.attempts.load(Ordering::Relaxed)
     }
 
     /// The original's name for "was this token killed".
