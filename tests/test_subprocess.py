@@ -1,0 +1,298 @@
+"""Process-level behaviour in a child interpreter: fork, Ctrl-C, interpreter exit, deep recursion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
+TIMEOUT = 30  # per child interpreter: generous, the machine is small and shared
+
+
+def run_script(script: str, cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def describe(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+
+
+# -- fork -----------------------------------------------------------------------------------------
+
+
+FORK_SCRIPT = """
+import os, sys, time
+from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
+
+@task_token_guard
+def square(x):
+    return x * x
+
+c = OperationsCoordinator(max_workers=2).start()
+assert square(3).result(timeout=10) == 9
+
+pid = os.fork()
+if pid == 0:
+    # child: no worker threads survive a fork; every use must fail fast
+    t0 = time.monotonic()
+    try:
+        tok = square(4)
+        try:
+            value = tok.result(timeout=5)
+            print(f"CHILD: no error, result {value!r}", flush=True)
+        except BaseException as e:
+            print(f"CHILD: call returned a token whose wait raised {type(e).__name__}: {e}", flush=True)
+        os._exit(2)
+    except ForkedProcessError as e:
+        elapsed = time.monotonic() - t0
+        print(f"CHILD: ForkedProcessError after {elapsed:.4f}s: {e}", flush=True)
+        if elapsed >= 1.0:
+            os._exit(3)
+    except BaseException as e:
+        print(f"CHILD: wrong exception {type(e).__name__}: {e}", flush=True)
+        os._exit(4)
+    # leave through normal interpreter shutdown (the exit hooks must not hang in the child)
+    sys.exit(0)
+
+deadline = time.monotonic() + 20
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("PARENT: child hung", flush=True)
+        sys.exit(5)
+    time.sleep(0.01)
+code = os.waitstatus_to_exitcode(status)
+print(f"PARENT: child exit code {code}", flush=True)
+# the parent's pool is unaffected
+assert square(5).result(timeout=10) == 25
+c.stop()
+sys.exit(0 if code == 0 else 6)
+"""
+
+
+def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> None:
+    proc = run_script(FORK_SCRIPT, tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "CHILD: ForkedProcessError" in proc.stdout, describe(proc)
+    assert "PARENT: child exit code 0" in proc.stdout, describe(proc)
+    assert "Fatal Python error" not in proc.stderr, describe(proc)
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+SIGINT_SCRIPT = """
+import sys, time
+from tokengate import OperationsCoordinator, task_token_guard
+
+@task_token_guard
+def sleepy(s):
+    time.sleep(s)
+    return s
+
+try:
+    with OperationsCoordinator(max_workers=2):
+        tok = sleepy(5.0)
+        print("READY", flush=True)
+        try:
+            tok.result()
+            print("NOT INTERRUPTED", flush=True)
+        except KeyboardInterrupt:
+            print(f"CAUGHT {time.monotonic():.6f}", flush=True)
+            raise
+except KeyboardInterrupt:
+    print("EXITING", flush=True)
+    sys.exit(0)
+"""
+
+
+def test_ctrl_c_interrupts_result_wait(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SIGINT_SCRIPT)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", line
+        time.sleep(1.0)
+        sent = time.monotonic()  # CLOCK_MONOTONIC is system-wide on Linux: comparable with the child's
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        exited = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    out = line + out
+    report = f"rc={proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    caught_lines = [ln for ln in out.splitlines() if ln.startswith("CAUGHT ")]
+    assert caught_lines, report
+    latency = float(caught_lines[0].split()[1]) - sent
+    print(f"SIGINT -> KeyboardInterrupt latency: {latency * 1000:.1f} ms; SIGINT -> exit: {exited - sent:.2f} s")
+    assert latency < 0.5, f"KeyboardInterrupt took {latency:.3f}s to reach the waiter\n{report}"
+    assert "EXITING" in out, report
+    assert proc.returncode == 0, report
+    # exit is bounded by the running 5 s task (started ~1 s before SIGINT) plus a wide margin
+    assert exited - sent < 10.0, report
+    assert "Fatal Python error" not in err, report
+
+
+# -- interpreter exit ---------------------------------------------------------------------------------
+
+
+PENDING_AT_EXIT_SCRIPT = """
+import time
+from tokengate import OperationsCoordinator, task_token_guard
+
+@task_token_guard
+def work(i):
+    time.sleep(0.001)
+    with open("ran.txt", "a") as f:
+        f.write(f"{i}\\n")
+    return i
+
+c = OperationsCoordinator(max_workers=2).start()
+toks = [work(i) for i in range(100)]
+print("SUBMITTED", flush=True)
+# exit without stop(): the exit hook must run the queued work
+"""
+
+
+def test_exit_with_pending_work_runs_it(tmp_path: Path) -> None:
+    proc = run_script(PENDING_AT_EXIT_SCRIPT, tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stderr == "", describe(proc)
+    assert "SUBMITTED" in proc.stdout
+    ran = (tmp_path / "ran.txt").read_text().split()
+    assert sorted(int(x) for x in ran) == list(range(100)), f"{len(ran)} of 100 ran"
+
+
+ATEXIT_SUBMIT_SCRIPT = """
+import atexit, time
+from tokengate import OperationsCoordinator, ShutdownError, task_token_guard
+
+@task_token_guard
+def square(x):
+    return x * x
+
+def late():
+    try:
+        tok = square(2)
+    except ShutdownError as e:
+        print(f"SHUTDOWN_ERROR {type(e).__name__}: {e}", flush=True)
+        print(f"IS_RUNTIME_ERROR {isinstance(e, RuntimeError)}", flush=True)
+        return
+    except BaseException as e:
+        print(f"WRONG {type(e).__name__}: {e}", flush=True)
+        return
+    try:
+        print(f"ACCEPTED result={tok.result(timeout=5)!r}", flush=True)
+    except BaseException as e:
+        print(f"ACCEPTED then {type(e).__name__}: {e}", flush=True)
+
+atexit.register(late)
+c = OperationsCoordinator(max_workers=2).start()
+assert square(3).result(timeout=10) == 9
+print("MAIN DONE", flush=True)
+"""
+
+
+def test_submit_from_atexit_raises_shutdown_error(tmp_path: Path) -> None:
+    proc = run_script(ATEXIT_SUBMIT_SCRIPT, tmp_path)
+    print(proc.stdout)
+    assert proc.returncode == 0, describe(proc)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SHUTDOWN_ERROR")]
+    assert lines, describe(proc)
+    assert "after interpreter shutdown" in lines[0], describe(proc)
+    assert "cannot schedule new futures" in lines[0], describe(proc)
+    assert "IS_RUNTIME_ERROR True" in proc.stdout, describe(proc)
+    assert proc.stderr == "", describe(proc)
+
+
+RUNNING_AT_EXIT_SCRIPT = """
+import time
+from tokengate import OperationsCoordinator, task_token_guard
+
+@task_token_guard
+def slow():
+    time.sleep(0.5)
+    with open("finished.txt", "w") as f:
+        f.write("done")
+    return 1
+
+c = OperationsCoordinator(max_workers=2).start()
+tok = slow()
+while not tok.running():
+    time.sleep(0.001)
+print("RUNNING", flush=True)
+# exit now: stop() is never called and the task is still running
+"""
+
+
+def test_exit_while_task_running_is_clean(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    proc = run_script(RUNNING_AT_EXIT_SCRIPT, tmp_path)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, describe(proc)
+    assert "RUNNING" in proc.stdout
+    assert "Fatal Python error" not in proc.stderr, describe(proc)
+    assert "panicked" not in proc.stderr, describe(proc)
+    assert proc.stderr == "", describe(proc)
+    assert (tmp_path / "finished.txt").read_text() == "done", "the running task was cut off at exit"
+    assert elapsed < 20, elapsed
+
+
+# -- deep recursion ------------------------------------------------------------------------------------
+
+
+DEEP_RECURSION_SCRIPT = """
+import json, sys
+from tokengate import OperationsCoordinator, task_token_guard
+
+sys.setrecursionlimit(100_000)
+
+@task_token_guard
+def deep_dumps(depth):
+    nested = []
+    for _ in range(depth):
+        nested = [nested]
+    return len(json.dumps(nested))
+
+with OperationsCoordinator(max_workers=2):
+    n = deep_dumps(20_000).result(timeout=20)
+print(f"LEN {n}", flush=True)
+"""
+
+
+def test_deep_recursion_in_task_does_not_crash(tmp_path: Path) -> None:
+    proc = run_script(DEEP_RECURSION_SCRIPT, tmp_path)
+    assert proc.returncode == 0, describe(proc)  # -11 would be a segfault on a small worker stack
+    assert "LEN 40002" in proc.stdout, describe(proc)
