@@ -137,6 +137,7 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             priority=validated.get("priority", 0),
             timeout=validated.get("timeout"),
             retries=retries,
+            weight=op_tags["weight"],
         )
         submit = spec.submit
 

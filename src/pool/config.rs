@@ -24,6 +24,11 @@ pub struct PoolConfig {
     pub spin_rounds: u32,
     /// A prioritized job waiting this long gains one priority level.
     pub aging: std::time::Duration,
+    /// Cores the workers are spread over (worker `i` -> core slot `i % cores`).
+    pub cores: usize,
+    /// Capacity units of each core (`workers_per_core`): light tokens take 1,
+    /// medium 2, heavy all of them.
+    pub units_per_core: u32,
 }
 
 impl PoolConfig {
@@ -37,6 +42,8 @@ impl PoolConfig {
             max_spinners: 1,
             spin_rounds: 64,
             aging: std::time::Duration::from_millis(500),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            units_per_core: 4,
         }
     }
 
@@ -50,6 +57,9 @@ impl PoolConfig {
         }
         if self.aging.is_zero() {
             return Err(Error::InvalidConfig("aging must be greater than 0".into()));
+        }
+        if self.units_per_core == 0 {
+            return Err(Error::InvalidConfig("units_per_core must be greater than 0".into()));
         }
         if self.max_spinners == 0 {
             return Err(Error::InvalidConfig("max_spinners must be greater than 0".into()));

@@ -41,6 +41,7 @@
 //!    stay in the queues; `drain()` hands them back so the embedder can
 //!    resolve them. Dropping the pool drops them.
 
+mod capacity;
 mod config;
 mod sleep;
 mod topology;
@@ -53,13 +54,23 @@ use std::collections::BinaryHeap;
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
+pub use capacity::Weight;
 pub use config::{PoolConfig, MIN_STACK_SIZE};
 pub use topology::Topology;
 pub use worker::{current_worker, WorkerHooks, WorkerInfo, WorkerLoop};
 
 use crate::error::Error;
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use capacity::CoreSlot;
 use sleep::Sleep;
+
+/// What the pool needs to know about a job.
+pub trait Job: Send + 'static {
+    /// How much of a core it needs (see `capacity.rs`).
+    fn weight(&self) -> Weight {
+        Weight::Light
+    }
+}
 
 /// What the embedder runs on each worker thread.
 pub trait Host<J>: Send + Sync + 'static {
@@ -87,6 +98,18 @@ pub(crate) struct Shared<J> {
     prio: Mutex<BinaryHeap<PrioEntry<J>>>,
     prio_len: AtomicUsize,
     clock: Instant,
+    /// One core slot per core in use; worker `i` belongs to slot `i % cores.len()`.
+    cores: Vec<CoreSlot>,
+    /// Active workers per core (the adaptive pattern); workers of a higher rank only run their inbox.
+    active_per_core: AtomicU32,
+    /// Jobs whose weight did not fit the core of the worker that found them.
+    deferred: Mutex<std::collections::VecDeque<(J, Weight)>>,
+    deferred_len: AtomicUsize,
+    draining: AtomicUsize,
+    /// Per-worker queues of jobs that must run on that worker (not stealable).
+    inboxes: Vec<Injector<J>>,
+    heavy_peak: AtomicUsize,
+    heavy_now: AtomicUsize,
 }
 
 /// A job in the priority heap (see the module docs for the key).
@@ -119,6 +142,49 @@ impl<J> Shared<J> {
         self.prio_len.load(Ordering::SeqCst) > 0
             || !self.injector.is_empty()
             || self.stealers.iter().any(|s| !s.is_empty())
+    }
+
+    fn slot_of(&self, worker: usize) -> usize {
+        worker % self.cores.len()
+    }
+
+    /// True when worker `index` is inside the active pattern.
+    fn is_active(&self, index: usize) -> bool {
+        (index / self.cores.len()) < self.active_per_core.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether worker `index` could take shared (not pinned) work now.
+    pub(crate) fn can_take_shared(&self, index: usize) -> bool {
+        if !self.is_active(index) {
+            return false;
+        }
+        let slot = &self.cores[self.slot_of(index)];
+        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
+        let used = slot.used();
+        if slot.draining.load(Ordering::Relaxed) {
+            return used == 0 && self.deferred_len.load(Ordering::SeqCst) > 0;
+        }
+        used < budget
+    }
+
+    /// Wakes one parked worker that can take shared work, if none is searching.
+    pub(crate) fn notify_work(&self) {
+        self.sleep.notify_work(|i| self.can_take_shared(i));
+    }
+
+    /// Work that worker `index` could take now (used before it parks).
+    fn has_work_for(&self, index: usize) -> bool {
+        if !self.inboxes[index].is_empty() {
+            return true;
+        }
+        if !self.is_active(index) {
+            return false;
+        }
+        let slot = &self.cores[self.slot_of(index)];
+        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
+        let room = slot.used() < budget;
+        (room && !slot.draining.load(Ordering::Relaxed) && self.has_work())
+            || (self.deferred_len.load(Ordering::SeqCst) > 0 && (room || slot.used() == 0))
     }
 
     fn now_ns(&self) -> i128 {
@@ -162,15 +228,33 @@ pub struct PoolStats {
     pub wakes: u64,
     /// Panics that escaped `WorkerHooks::execute` (each was caught).
     pub panics: u64,
+    /// Units in use on each core slot.
+    pub core_units: Vec<u32>,
+    /// Heavy jobs running on each core slot.
+    pub core_heavy: Vec<u32>,
+    /// Core slots draining for a heavy job.
+    pub draining: usize,
+    /// Jobs waiting for room on a core.
+    pub deferred: usize,
+    /// Jobs pinned to each worker, not yet started.
+    pub inbox: Vec<usize>,
+    /// Most heavy jobs running at once so far.
+    pub heavy_peak: usize,
 }
 
 /// A running pool of worker threads executing jobs of type `J`.
-pub struct Pool<J: Send + 'static> {
+pub struct Pool<J: Job> {
     shared: Arc<Shared<J>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl<J: Send + 'static> std::fmt::Debug for Pool<J> {
+/// Core slots for `workers` workers on `cores` cores (worker `i` -> slot `i % n`), `units` each.
+fn core_slots(workers: usize, cores: usize, units: u32) -> Vec<CoreSlot> {
+    let n = cores.clamp(1, workers.max(1));
+    (0..n).map(|_| CoreSlot::new(units)).collect()
+}
+
+impl<J: Job> std::fmt::Debug for Pool<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool").field("id", &self.shared.id).field("stats", &self.stats()).finish()
     }
@@ -178,7 +262,7 @@ impl<J: Send + 'static> std::fmt::Debug for Pool<J> {
 
 const NOT_PINNED: usize = usize::MAX;
 
-impl<J: Send + 'static> Pool<J> {
+impl<J: Job> Pool<J> {
     /// Starts `config.workers` threads, each running `host.run_worker`.
     pub fn start<H: Host<J>>(config: &PoolConfig, host: Arc<H>) -> Result<Pool<J>, Error> {
         let config = config.validate()?;
@@ -198,14 +282,23 @@ impl<J: Send + 'static> Pool<J> {
             prio: Mutex::new(BinaryHeap::new()),
             prio_len: AtomicUsize::new(0),
             clock: Instant::now(),
+            cores: core_slots(config.workers, config.cores, config.units_per_core),
+            active_per_core: AtomicU32::new(u32::MAX),
+            deferred: Mutex::new(std::collections::VecDeque::new()),
+            deferred_len: AtomicUsize::new(0),
+            draining: AtomicUsize::new(0),
+            inboxes: (0..config.workers).map(|_| Injector::new()).collect(),
+            heavy_peak: AtomicUsize::new(0),
+            heavy_now: AtomicUsize::new(0),
             config,
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
+        let n_slots = shared.cores.len();
         let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())) };
         for (index, local) in locals.into_iter().enumerate() {
             let shared = shared.clone();
             let host = host.clone();
-            let core = topology.as_ref().map(|t| t.core_ids[index % t.core_ids.len()]);
+            let core = topology.as_ref().map(|t| t.core_ids[(index % n_slots) % t.core_ids.len()]);
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{index}", shared.config.thread_name))
                 .stack_size(shared.config.stack_size)
@@ -265,7 +358,7 @@ impl<J: Send + 'static> Pool<J> {
         }
         self.shared.injector.push(job);
         self.shared.submitted.fetch_add(1, Ordering::Relaxed);
-        self.shared.sleep.notify_work();
+        self.shared.notify_work();
         Ok(())
     }
 
@@ -282,8 +375,53 @@ impl<J: Send + 'static> Pool<J> {
             heap.push(PrioEntry { key: i128::from(priority) * aging - self.shared.now_ns(), seq, job });
             self.shared.prio_len.store(heap.len(), Ordering::SeqCst);
         }
-        self.shared.sleep.notify_work();
+        self.shared.notify_work();
         Ok(())
+    }
+
+    /// Queues a job that must run on worker `index` (sticky anchors, lead
+    /// domains). It is never stolen; it takes its units past the budget.
+    pub fn submit_to(&self, index: usize, job: J) -> Result<(), (Error, J)> {
+        if self.shared.terminate.load(Ordering::Relaxed) {
+            return Err((Error::ShutDown, job));
+        }
+        if index >= self.shared.inboxes.len() {
+            return Err((Error::InvalidConfig(format!("no worker {index}")), job));
+        }
+        self.shared.inboxes[index].push(job);
+        self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+        self.shared.sleep.wake_worker(index);
+        Ok(())
+    }
+
+    /// Number of core slots (distinct cores the workers are spread over).
+    pub fn core_slots(&self) -> usize {
+        self.shared.cores.len()
+    }
+
+    /// The worker indices of core slot `slot`.
+    pub fn workers_of_slot(&self, slot: usize) -> Vec<usize> {
+        let n = self.shared.cores.len();
+        (0..self.shared.config.workers).filter(|i| i % n == slot).collect()
+    }
+
+    /// The core slot of worker `index`.
+    pub fn slot_of(&self, index: usize) -> usize {
+        self.shared.slot_of(index)
+    }
+
+    /// Sets how many workers per core take shared work (the adaptive
+    /// pattern); the others only run jobs pinned to them.
+    pub fn set_active_per_core(&self, active: u32) {
+        let prev = self.shared.active_per_core.swap(active.max(1), Ordering::SeqCst);
+        if active > prev {
+            self.shared.sleep.wake_all_idle();
+        }
+    }
+
+    /// Active workers per core (`u32::MAX`: all).
+    pub fn active_per_core(&self) -> u32 {
+        self.shared.active_per_core.load(Ordering::Relaxed)
     }
 
     /// Queues many jobs with one wake-up check.
@@ -297,13 +435,29 @@ impl<J: Send + 'static> Pool<J> {
             n += 1;
         }
         self.shared.submitted.fetch_add(n, Ordering::Relaxed);
-        self.shared.sleep.notify_work();
+        self.shared.notify_work();
         Ok(())
     }
 
     /// Takes one queued job (priority heap, injector, any worker's deque),
     /// for a thread that runs it itself (a worker helping while it waits).
     pub fn try_take(&self) -> Option<J> {
+        if let Some((_, index)) = current_worker().filter(|(id, _)| *id == self.shared.id) {
+            loop {
+                match self.shared.inboxes[index].steal() {
+                    Steal::Success(job) => return Some(job),
+                    Steal::Empty => break,
+                    Steal::Retry => {}
+                }
+            }
+        }
+        if self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
+            let mut deferred = self.shared.deferred.lock();
+            if let Some((job, _)) = deferred.pop_front() {
+                self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
+                return Some(job);
+            }
+        }
         if let Some(job) = self.shared.take_prio(false) {
             return Some(job);
         }
@@ -341,14 +495,19 @@ impl<J: Send + 'static> Pool<J> {
                 Steal::Retry => {}
             }
         }
-        for stealer in &self.shared.stealers {
+        for queue in self.shared.stealers.iter().map(|s| StealFrom::Stealer(s)).chain(self.shared.inboxes.iter().map(StealFrom::Injector)) {
             loop {
-                match stealer.steal() {
+                match queue.steal() {
                     Steal::Success(job) => out.push(job),
                     Steal::Empty => break,
                     Steal::Retry => {}
                 }
             }
+        }
+        {
+            let mut deferred = self.shared.deferred.lock();
+            out.extend(deferred.drain(..).map(|(job, _)| job));
+            self.shared.deferred_len.store(0, Ordering::SeqCst);
         }
         out
     }
@@ -403,14 +562,35 @@ impl<J: Send + 'static> Pool<J> {
             queued_local: self.shared.stealers.iter().map(Stealer::len).collect(),
             wakes: self.shared.sleep.wakes(),
             panics: self.shared.panics.load(Ordering::Relaxed),
+            core_units: self.shared.cores.iter().map(CoreSlot::used).collect(),
+            core_heavy: self.shared.cores.iter().map(CoreSlot::heavy_running).collect(),
+            draining: self.shared.draining.load(Ordering::Relaxed),
+            deferred: self.shared.deferred_len.load(Ordering::Relaxed),
+            inbox: self.shared.inboxes.iter().map(Injector::len).collect(),
+            heavy_peak: self.shared.heavy_peak.load(Ordering::Relaxed),
         }
     }
 }
 
-impl<J: Send + 'static> Drop for Pool<J> {
+impl<J: Job> Drop for Pool<J> {
     fn drop(&mut self) {
         // Threads hold their own `Arc<Shared>`; telling them to stop is enough.
         self.shutdown();
+    }
+}
+
+/// Either kind of queue a drain empties.
+enum StealFrom<'a, J> {
+    Stealer(&'a Stealer<J>),
+    Injector(&'a Injector<J>),
+}
+
+impl<J> StealFrom<'_, J> {
+    fn steal(&self) -> Steal<J> {
+        match self {
+            StealFrom::Stealer(s) => s.steal(),
+            StealFrom::Injector(i) => i.steal(),
+        }
     }
 }
 

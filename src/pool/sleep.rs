@@ -12,7 +12,10 @@
 //!
 //! * **Submitter** (`notify_work`): push the job, then `fence(SeqCst)`, then
 //!   read the counts. If a worker is spinning it will find the job: do
-//!   nothing. Otherwise, if one sleeps, wake exactly one. A burst of
+//!   nothing. Otherwise, if one sleeps, wake exactly one, among those that
+//!   can take shared work now (inside the active pattern, room on its core).
+//!   If none can, the work waits for a running worker: it looks for more
+//!   work as soon as its job ends and its units are free. A burst of
 //!   submissions therefore wakes at most one sleeper: the woken worker is
 //!   counted as a spinner at once, which silences the rest of the burst.
 //! * **Waker** (`wake_one`): under the `idle` lock pop one sleeper and move
@@ -95,25 +98,56 @@ impl Sleep {
         self.counts.fetch_sub(SPINNER, Ordering::SeqCst);
     }
 
-    /// Called after new work was published: wakes one sleeper if nobody spins.
+    /// Called after new work was published: wakes one sleeper that
+    /// `can_take` it, if nobody spins. (A worker that could not take the
+    /// work, because its core is full or it is outside the active pattern,
+    /// would go back to sleep and the wake-up would be lost.)
     #[inline]
-    pub(crate) fn notify_work(&self) {
+    pub(crate) fn notify_work(&self, can_take: impl Fn(usize) -> bool) {
         fence(Ordering::SeqCst);
         let counts = self.counts.load(Ordering::SeqCst);
         if spinners(counts) == 0 && sleepers(counts) > 0 {
-            self.wake_one();
+            self.wake_one(can_take);
         }
     }
 
-    /// Wakes one sleeping worker, handing it the spinning role.
-    fn wake_one(&self) {
+    /// Wakes the most recently parked worker that `can_take` work, handing it the spinning role.
+    fn wake_one(&self, can_take: impl Fn(usize) -> bool) {
         let index = {
             let mut idle = self.idle.lock();
-            let Some(index) = idle.pop() else { return };
+            let Some(pos) = idle.iter().rposition(|&i| can_take(i)) else { return };
+            let index = idle.remove(pos);
             self.counts.fetch_sub(SLEEPER - SPINNER, Ordering::SeqCst);
             index
         };
         self.signal(index);
+    }
+
+    /// Wakes worker `index` if it sleeps (a job was pinned to it). If it is
+    /// not listed as sleeping it is running or searching and will see its
+    /// inbox; the inbox push and the sleeper's registration are ordered by
+    /// the `idle` lock, so the check cannot miss a worker about to park.
+    pub(crate) fn wake_worker(&self, index: usize) {
+        fence(Ordering::SeqCst);
+        let found = {
+            let mut idle = self.idle.lock();
+            match idle.iter().position(|&i| i == index) {
+                Some(pos) => {
+                    idle.swap_remove(pos);
+                    self.counts.fetch_sub(SLEEPER - SPINNER, Ordering::SeqCst);
+                    true
+                }
+                None => false,
+            }
+        };
+        if found {
+            self.signal(index);
+        }
+    }
+
+    /// Wakes every sleeping worker (a pattern change: they re-check their role).
+    pub(crate) fn wake_all_idle(&self) {
+        self.wake_all();
     }
 
     /// Wakes every sleeping worker (shutdown).

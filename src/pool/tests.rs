@@ -6,6 +6,8 @@ use std::sync::mpsc;
 
 type Job = Box<dyn FnOnce(&WorkerInfo) + Send>;
 
+impl super::Job for Job {}
+
 struct ClosureHost;
 
 struct Hooks;
@@ -299,6 +301,198 @@ fn aging_lets_a_low_priority_job_overtake() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(*order.lock().unwrap(), vec!["old-low", "new-high", "new-default"]);
+    p.shutdown();
+    p.join(None);
+}
+
+/// A job with an explicit weight.
+struct Weighted(Weight, Box<dyn FnOnce(&WorkerInfo) + Send>);
+
+impl super::Job for Weighted {
+    fn weight(&self) -> Weight {
+        self.0
+    }
+}
+
+struct WeightedHooks;
+
+impl WorkerHooks<Weighted> for WeightedHooks {
+    fn execute(&mut self, job: Weighted, worker: &WorkerInfo) {
+        (job.1)(worker);
+    }
+}
+
+struct WeightedHost;
+
+impl Host<Weighted> for WeightedHost {
+    fn run_worker(&self, worker: WorkerLoop<Weighted>) {
+        worker.run(&mut WeightedHooks);
+    }
+}
+
+fn weighted_pool(workers: usize, cores: usize) -> Pool<Weighted> {
+    let mut config = PoolConfig::new(workers);
+    config.pin_cores = false;
+    config.cores = cores;
+    Pool::start(&config, Arc::new(WeightedHost)).unwrap()
+}
+
+#[test]
+fn heavy_jobs_never_exceed_the_core_count_and_mixed_bursts_finish() {
+    let p = weighted_pool(8, 2);
+    let running_heavy = Arc::new(StdAtomicUsize::new(0));
+    let max_heavy = Arc::new(StdAtomicUsize::new(0));
+    let light_done = Arc::new(StdAtomicUsize::new(0));
+    let heavy_done = Arc::new(StdAtomicUsize::new(0));
+    for i in 0..200 {
+        if i % 4 == 0 {
+            let (r, m, d) = (running_heavy.clone(), max_heavy.clone(), heavy_done.clone());
+            p.submit(Weighted(
+                Weight::Heavy,
+                Box::new(move |_| {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(300));
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    d.fetch_add(1, Ordering::SeqCst);
+                }),
+            ))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        } else {
+            let d = light_done.clone();
+            p.submit(Weighted(
+                Weight::Light,
+                Box::new(move |_| {
+                    std::thread::sleep(Duration::from_micros(200));
+                    d.fetch_add(1, Ordering::SeqCst);
+                }),
+            ))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while light_done.load(Ordering::SeqCst) < 150 || heavy_done.load(Ordering::SeqCst) < 50 {
+        assert!(Instant::now() < deadline, "starved: {} light, {} heavy done", light_done.load(Ordering::SeqCst), heavy_done.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(max_heavy.load(Ordering::SeqCst) <= 2, "{} heavy at once on 2 cores", max_heavy.load(Ordering::SeqCst));
+    assert!(p.stats().heavy_peak <= 2);
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
+
+#[test]
+fn a_heavy_job_has_its_core_to_itself() {
+    let p = weighted_pool(4, 1);
+    let concurrent = Arc::new(StdAtomicUsize::new(0));
+    let violations = Arc::new(StdAtomicUsize::new(0));
+    let done = Arc::new(StdAtomicUsize::new(0));
+    for i in 0..60 {
+        let (c, v, d) = (concurrent.clone(), violations.clone(), done.clone());
+        let weight = if i % 3 == 0 { Weight::Heavy } else { Weight::Light };
+        p.submit(Weighted(
+            weight,
+            Box::new(move |_| {
+                let now = c.fetch_add(1, Ordering::SeqCst) + 1;
+                std::thread::sleep(Duration::from_micros(300));
+                if weight == Weight::Heavy && c.load(Ordering::SeqCst) > 1 {
+                    v.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = now;
+                c.fetch_sub(1, Ordering::SeqCst);
+                d.fetch_add(1, Ordering::SeqCst);
+            }),
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(Ordering::SeqCst) < 60 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+    p.shutdown();
+    p.join(None);
+}
+
+#[test]
+fn medium_jobs_share_a_core_two_ways() {
+    let p = weighted_pool(4, 1);
+    let running = Arc::new(StdAtomicUsize::new(0));
+    let max = Arc::new(StdAtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..20 {
+        let (r, m, tx) = (running.clone(), max.clone(), tx.clone());
+        p.submit(Weighted(
+            Weight::Medium,
+            Box::new(move |_| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+                r.fetch_sub(1, Ordering::SeqCst);
+                tx.send(()).unwrap();
+            }),
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    for _ in 0..20 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert_eq!(max.load(Ordering::SeqCst), 2, "4 workers, 4 units per core, medium = 2 units");
+    p.shutdown();
+    p.join(None);
+}
+
+#[test]
+fn pinned_jobs_run_on_their_worker() {
+    let p = weighted_pool(4, 2);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..40 {
+        let tx = tx.clone();
+        let target = i % 4;
+        p.submit_to(target, Weighted(Weight::Light, Box::new(move |w| tx.send((target, w.index)).unwrap())))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    for _ in 0..40 {
+        let (want, got) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(want, got);
+    }
+    p.shutdown();
+    p.join(None);
+}
+
+#[test]
+fn the_active_pattern_limits_which_workers_take_shared_work() {
+    let p = weighted_pool(8, 2);
+    p.set_active_per_core(2);
+    // A pattern change takes effect at each worker's next look for work.
+    std::thread::sleep(Duration::from_millis(50));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..400 {
+        let (seen, tx) = (seen.clone(), tx.clone());
+        p.submit(Weighted(
+            Weight::Light,
+            Box::new(move |w| {
+                seen.lock().unwrap().insert(w.index);
+                std::thread::sleep(Duration::from_micros(100));
+                tx.send(()).unwrap();
+            }),
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    for _ in 0..400 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|&i| i < 4), "workers of rank >= 2 ran shared work: {seen:?}");
+    p.set_active_per_core(4);
     p.shutdown();
     p.join(None);
 }

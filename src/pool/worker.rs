@@ -12,7 +12,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crossbeam_deque::{Steal, Worker};
 
-use super::Shared;
+use super::capacity::{CoreSlot, Weight};
+use super::{Job, Shared};
 use crate::sync::Ordering;
 
 thread_local! {
@@ -62,7 +63,15 @@ impl<J> std::fmt::Debug for WorkerLoop<J> {
 
 const STEAL_BATCH: usize = 32;
 
-impl<J: Send + 'static> WorkerLoop<J> {
+/// A job found by `find_work`, with the core units it already holds (if any).
+struct Found<J> {
+    job: J,
+    weight: Weight,
+    /// Units already taken on this worker's core (deferred and pinned jobs).
+    units: Option<u32>,
+}
+
+impl<J: Job> WorkerLoop<J> {
     /// Who this worker is.
     pub fn info(&self) -> WorkerInfo {
         self.info
@@ -72,8 +81,8 @@ impl<J: Send + 'static> WorkerLoop<J> {
     pub fn run(mut self, hooks: &mut dyn WorkerHooks<J>) {
         CURRENT.with(|c| c.set(Some((self.info.pool_id, self.info.index))));
         loop {
-            if let Some(job) = self.find_work() {
-                self.execute(hooks, job);
+            if let Some(found) = self.find_work() {
+                self.execute(hooks, found);
                 continue;
             }
             let mut next = None;
@@ -83,31 +92,142 @@ impl<J: Send + 'static> WorkerLoop<J> {
                 hooks.idle(&mut || *slot = me.wait_for_work());
             }
             match next {
-                Some(job) => self.execute(hooks, job),
+                Some(found) => self.execute(hooks, found),
                 None => break,
             }
         }
         CURRENT.with(|c| c.set(None));
     }
 
-    fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, job: J) {
+    fn slot(&self) -> &CoreSlot {
+        &self.shared.cores[self.shared.slot_of(self.info.index)]
+    }
+
+    fn budget(&self) -> u32 {
+        self.slot().budget(self.shared.active_per_core.load(Ordering::Relaxed))
+    }
+
+    /// Takes core units for `found` and runs it, or defers it when it does not fit.
+    fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, found: Found<J>) {
+        let Found { job, weight, units } = found;
+        let budget = self.budget();
+        let units = match units {
+            Some(u) => u,
+            None => {
+                let u = weight.units(budget);
+                if !self.slot().try_acquire(u, budget) {
+                    self.defer(job, weight);
+                    return;
+                }
+                u
+            }
+        };
+        let heavy = weight == Weight::Heavy;
+        if heavy {
+            self.slot().heavy_started();
+            let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
+            self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
+            if self.slot().draining.swap(false, Ordering::AcqRel) {
+                self.shared.draining.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let info = self.info;
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
             self.shared.panics.fetch_add(1, Ordering::Relaxed);
         }
+        if heavy {
+            self.slot().heavy_finished();
+            self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.slot().release(units);
     }
 
-    /// Local deque, then a batch from the injector, then the other workers.
-    fn find_work(&mut self) -> Option<J> {
+    /// Parks a job whose units did not fit this core; a heavy one makes a core drain.
+    fn defer(&mut self, job: J, weight: Weight) {
+        {
+            let mut deferred = self.shared.deferred.lock();
+            deferred.push_back((job, weight));
+            self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
+            let cores = self.shared.cores.len();
+            if weight == Weight::Heavy && self.shared.draining.load(Ordering::Acquire) < cores.div_ceil(2) {
+                let target = self
+                    .shared
+                    .cores
+                    .iter()
+                    .filter(|c| !c.draining.load(Ordering::Acquire))
+                    .min_by_key(|c| c.used());
+                if let Some(core) = target {
+                    if !core.draining.swap(true, Ordering::AcqRel) {
+                        self.shared.draining.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+        self.shared.notify_work();
+    }
+
+    /// A deferred job that fits this core now, with its units taken.
+    fn take_deferred(&self) -> Option<Found<J>> {
+        if self.shared.deferred_len.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let slot = self.slot();
+        let budget = self.budget();
+        let draining = slot.draining.load(Ordering::Acquire);
+        let mut deferred = self.shared.deferred.lock();
+        let pos = deferred.iter().position(|(_, w)| {
+            (!draining || *w == Weight::Heavy) && slot.used() + w.units(budget) <= budget
+        })?;
+        let weight = deferred[pos].1;
+        let units = weight.units(budget);
+        if !slot.try_acquire(units, budget) {
+            return None;
+        }
+        let (job, _) = deferred.remove(pos)?;
+        self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
+        Some(Found { job, weight, units: Some(units) })
+    }
+
+    fn fresh(job: J) -> Found<J> {
+        let weight = job.weight();
+        Found { job, weight, units: None }
+    }
+
+    /// Inbox, deferred jobs that fit, the urgent part of the priority heap,
+    /// local deque, a batch from the injector, the other workers, then the
+    /// rest of the heap. A draining core or an inactive worker takes only
+    /// its inbox (and, draining, a deferred heavy job).
+    fn find_work(&mut self) -> Option<Found<J>> {
+        loop {
+            match self.shared.inboxes[self.info.index].steal() {
+                Steal::Success(job) => {
+                    let weight = job.weight();
+                    let units = weight.units(self.budget());
+                    self.slot().force_acquire(units);
+                    return Some(Found { job, weight, units: Some(units) });
+                }
+                Steal::Empty => break,
+                Steal::Retry => {}
+            }
+        }
+        if !self.shared.is_active(self.info.index) {
+            return None;
+        }
+        if let Some(found) = self.take_deferred() {
+            return Some(found);
+        }
+        if self.slot().draining.load(Ordering::Acquire) || self.slot().used() >= self.budget() {
+            return None;
+        }
         if let Some(job) = self.shared.take_prio(true) {
-            return Some(job);
+            return Some(Self::fresh(job));
         }
         if let Some(job) = self.local.pop() {
-            return Some(job);
+            return Some(Self::fresh(job));
         }
         loop {
             match self.shared.injector.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
-                Steal::Success(job) => return Some(job),
+                Steal::Success(job) => return Some(Self::fresh(job)),
                 Steal::Empty => break,
                 Steal::Retry => {}
             }
@@ -119,33 +239,36 @@ impl<J: Send + 'static> WorkerLoop<J> {
             for k in 1..n {
                 let victim = &self.shared.stealers[(self.info.index + k) % n];
                 match victim.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
-                    Steal::Success(job) => return Some(job),
+                    Steal::Success(job) => return Some(Self::fresh(job)),
                     Steal::Empty => {}
                     Steal::Retry => retry = true,
                 }
             }
         }
-        self.shared.take_prio(false)
+        self.shared.take_prio(false).map(Self::fresh)
     }
 
     /// Spins, then parks, until a job is found (Some) or the pool terminates (None).
-    fn wait_for_work(&mut self) -> Option<J> {
+    fn wait_for_work(&mut self) -> Option<Found<J>> {
         let shared = self.shared.clone();
         let sleep = &shared.sleep;
-        let mut spinning = sleep.try_begin_spin();
+        let index = self.info.index;
+        // Only a worker that could take shared work spins for it (a spinner
+        // silences the submitters' wake-ups).
+        let mut spinning = shared.can_take_shared(index) && sleep.try_begin_spin();
         loop {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
             for round in 0..rounds {
-                if let Some(job) = self.find_work() {
+                if let Some(found) = self.find_work() {
                     if spinning {
                         sleep.end_spin();
                     }
                     if self.shared.has_work() {
-                        sleep.notify_work();
+                        self.shared.notify_work();
                     }
-                    return Some(job);
+                    return Some(found);
                 }
-                if self.shared.terminate.load(Ordering::SeqCst) {
+                if self.shared.terminate.load(Ordering::SeqCst) && !self.shared.has_work_for(index) {
                     if spinning {
                         sleep.end_spin();
                     }
@@ -153,8 +276,17 @@ impl<J: Send + 'static> WorkerLoop<J> {
                 }
                 backoff(round);
             }
-            spinning = sleep.sleep(self.info.index, spinning, || {
-                shared.has_work() || shared.terminate.load(Ordering::SeqCst)
+            if spinning {
+                // Hand the search over before parking: a submitter may have
+                // skipped its wake-up because this worker was spinning.
+                sleep.end_spin();
+                spinning = false;
+                if shared.has_work() {
+                    shared.notify_work();
+                }
+            }
+            spinning = sleep.sleep(index, spinning, || {
+                shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst)
             });
         }
     }

@@ -326,6 +326,9 @@ impl Engine {
         config.stack_size = stack_size;
         config.thread_name = thread_name.to_owned();
         config.aging = Duration::from_secs_f64(aging);
+        let topology = Topology::detect();
+        config.cores = topology.logical_cores.min(workers).max(1);
+        config.units_per_core = u32::try_from(workers_per_core).unwrap_or(u32::MAX).max(1);
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
         let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
@@ -342,7 +345,7 @@ impl Engine {
             pool,
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block)),
             stopping: AtomicBool::new(false),
-            topology: Topology::detect(),
+            topology,
             workers_per_core,
             timer,
         });
@@ -416,6 +419,14 @@ impl Engine {
         pool.set_item("queued_local", p.queued_local)?;
         pool.set_item("wakes", p.wakes)?;
         pool.set_item("panics", p.panics)?;
+        pool.set_item("core_units", p.core_units)?;
+        pool.set_item("core_heavy", p.core_heavy)?;
+        pool.set_item("heavy_peak", p.heavy_peak)?;
+        pool.set_item("draining_cores", p.draining)?;
+        pool.set_item("deferred", p.deferred)?;
+        pool.set_item("inbox", p.inbox)?;
+        pool.set_item("core_slots", sh.pool.core_slots())?;
+        pool.set_item("active_per_core", sh.pool.active_per_core().min(sh.workers_per_core as u32))?;
         out.set_item("pool", pool)?;
 
         let admission = PyDict::new(py);

@@ -20,7 +20,7 @@ use pyo3::types::{PyDict, PyTuple};
 use super::engine::EngineShared;
 use super::exceptions;
 use super::token::{prepend, Outcome, TaskToken, TokenInner};
-use crate::pool::{Host, WorkerHooks, WorkerInfo, WorkerLoop};
+use crate::pool::{Host, Job, Weight, WorkerHooks, WorkerInfo, WorkerLoop};
 use crate::sync::{AtomicU64, Ordering};
 use crate::token::{now_ns, TokenState};
 
@@ -78,6 +78,12 @@ impl PyJob {
     /// The token this job runs.
     pub(crate) fn token(&self) -> &Arc<TokenInner> {
         &self.token
+    }
+}
+
+impl Job for PyJob {
+    fn weight(&self) -> Weight {
+        self.token.spec.weight
     }
 }
 

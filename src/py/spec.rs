@@ -20,6 +20,7 @@ use super::ledger::OpState;
 use super::token::{CallOptions, TaskToken, TokenInner};
 use super::wait::{timeout_arg, wait_detached};
 use crate::admission::Limit;
+use crate::pool::Weight;
 use crate::sync::{AtomicU64, Mutex, Ordering};
 use crate::token::now_ns;
 
@@ -39,6 +40,8 @@ pub(crate) struct SpecShared {
     fast_arity: bool,
     binder: Option<Py<PyAny>>,
     defaults: CallOptions,
+    /// Core capacity a token needs (see `src/pool/capacity.rs`).
+    pub(crate) weight: Weight,
     /// (pool id, state of this operation on that engine).
     op_cache: Mutex<Option<(u64, Arc<OpState>)>>,
 }
@@ -201,7 +204,7 @@ impl OperationSpec {
     /// `priority`, `timeout`, `retries` and `retry_backoff` are the defaults from the tags.
     #[new]
     #[pyo3(signature = (func, operation_type, tags, min_pos, max_pos, fast_arity, binder, *,
-                        priority=0, timeout=None, retries=0, retry_backoff=0.05))]
+                        priority=0, timeout=None, retries=0, retry_backoff=0.05, weight="medium"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         func: Py<PyAny>,
@@ -215,7 +218,14 @@ impl OperationSpec {
         timeout: Option<f64>,
         retries: u32,
         retry_backoff: f64,
+        weight: &str,
     ) -> PyResult<Self> {
+        let weight = match weight {
+            "light" => Weight::Light,
+            "medium" => Weight::Medium,
+            "heavy" => Weight::Heavy,
+            other => return Err(BindError::Value(format!("weight must be 'light', 'medium' or 'heavy', not {other:?}")).into()),
+        };
         if timeout.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
             return Err(BindError::Value("timeout must be a positive, finite number of seconds".into()).into());
         }
@@ -233,6 +243,7 @@ impl OperationSpec {
                 fast_arity,
                 binder,
                 defaults: CallOptions { priority, timeout, retries, retry_backoff },
+                weight,
                 op_cache: Mutex::new(None),
             }),
         })
@@ -326,6 +337,11 @@ impl OperationSpec {
     #[getter]
     fn tags(&self, py: Python<'_>) -> Py<PyAny> {
         self.shared.tags.clone_ref(py)
+    }
+
+    #[getter]
+    fn weight(&self) -> &'static str {
+        self.shared.weight.as_str()
     }
 
     #[getter]
