@@ -226,7 +226,7 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
     token.ledger.running_delta(1);
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
     let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token.clone())));
-    let t0 = now_ns();
+    let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
     let result = catch_unwind(AssertUnwindSafe(|| {
         maybe_inject_fault();
         call.invoke(py)

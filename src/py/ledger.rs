@@ -25,7 +25,28 @@ use crate::admission::Limit;
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::token::{now_ns, TokenState};
 
-const SHARDS: usize = 16;
+const SHARDS: usize = 32;
+
+/// Token ids are sequential: a multiplicative (Fibonacci) hash spreads them
+/// at a fraction of SipHash's cost. Not exposed to untrusted keys.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Health of one operation (the original's Guard House), counted per attempt.
 #[derive(Debug, Default)]
@@ -140,7 +161,7 @@ pub(crate) struct Ledger {
     pub(crate) overrun_max_ns: AtomicU64,
     pub(crate) overruns: AtomicU64,
     ops: Mutex<HashMap<Arc<str>, Arc<OpState>>>,
-    registry: Vec<Mutex<HashMap<u64, Weak<TokenInner>>>>,
+    registry: Vec<Mutex<IdMap<Weak<TokenInner>>>>,
     recent: Mutex<VecDeque<Record>>,
     recent_cap: usize,
 }
@@ -162,7 +183,7 @@ impl Ledger {
             overrun_max_ns: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
             ops: Mutex::new(HashMap::new()),
-            registry: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            registry: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
             recent: Mutex::new(VecDeque::with_capacity(history.min(4096))),
             recent_cap: history,
         }

@@ -162,8 +162,11 @@ impl OperationSpec {
             inner.clone(),
             Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) },
         );
+        // Everything else first: the caller holds the GIL until it returns,
+        // and a worker that finds the job before that waits for the GIL.
+        let token = Py::new(py, TaskToken { inner })?;
         engine.dispatch(py, job)?;
-        Ok(Some(Py::new(py, TaskToken { inner })?))
+        Ok(Some(token))
     }
 
     fn check_arity(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
