@@ -17,6 +17,7 @@ from . import _tokengate
 from ._coordinator import OperationsCoordinator
 from ._decorator import task_token_guard
 from ._gather import as_completed, gather
+from .executor import Executor
 from ._tags import DigestPolicy, HashPolicy
 from ._tokengate import TaskToken
 from .exceptions import (
@@ -51,6 +52,7 @@ def current_token() -> TaskToken | None:
 __all__ = [
     "AdmissionRejectedError",
     "DigestPolicy",
+    "Executor",
     "ForkedProcessError",
     "HashPolicy",
     "NotStartedError",

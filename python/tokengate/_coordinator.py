@@ -60,6 +60,7 @@ class OperationsCoordinator:
         aging: float = 0.5,
         enable_convergence: bool = True,
         auto_block_dangerous: bool = False,
+        register_global: bool = True,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -87,6 +88,8 @@ class OperationsCoordinator:
             raise ValueError(f"aging must be a positive number of seconds, got {aging!r}")
         self.aging = float(aging)
         self.enable_convergence = bool(enable_convergence)
+        #: False: decorated calls never go to this coordinator (an Executor's private one).
+        self.register_global = bool(register_global)
         self.auto_block_dangerous = bool(auto_block_dangerous)
         self._engine: _tokengate.Engine | None = None
         self._lock = threading.RLock()
@@ -121,6 +124,7 @@ class OperationsCoordinator:
                 history_size=self.history_size,
                 auto_block=self.auto_block_dangerous,
                 aging=self.aging,
+                register=self.register_global,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)

@@ -201,13 +201,24 @@ class CallWith:
     async def submit_async(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
         """Waits for admission without blocking the event loop, then returns the token."""
         import asyncio
+        import time
 
-        kw = dict(self._kw, block=False)
+        from .exceptions import AdmissionRejectedError
+
+        limit = self._kw["admission_timeout"]
+        deadline = None if limit is None else time.monotonic() + float(limit)
+        kw = dict(self._kw, block=False, probe=True)
         delay = 0.0002
         while True:
             token = self._spec.submit_with(args, kwargs, **kw)
             if token is not None:
                 return token  # type: ignore[no-any-return]
+            if deadline is not None and time.monotonic() >= deadline:
+                # One counted attempt, so the rejection shows in the stats.
+                token = self._spec.submit_with(args, kwargs, **dict(kw, probe=False))
+                if token is not None:
+                    return token  # type: ignore[no-any-return]
+                raise AdmissionRejectedError(f"no admission slot freed within {limit}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.005)
 

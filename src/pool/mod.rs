@@ -549,6 +549,12 @@ impl<J: Job> Pool<J> {
         true
     }
 
+    /// Hands over the worker threads' join handles (for a caller that will
+    /// join them later, e.g. at interpreter exit).
+    pub fn take_handles(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.handles.lock())
+    }
+
     /// Counters for monitoring.
     pub fn stats(&self) -> PoolStats {
         let (spinning, sleeping) = self.shared.sleep.counts();

@@ -57,7 +57,7 @@ use super::wait::{timeout_arg, wait_detached};
 use crate::pool::{Pool, PoolConfig, Topology};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timer::Timer;
-use crate::token::{ns_to_unix, now_ns, TokenState};
+use crate::token::{ns_to_unix, TokenState};
 
 /// What the engine's timer thread wakes up for.
 #[derive(Debug)]
@@ -80,6 +80,22 @@ pub(crate) struct EngineShared {
 }
 
 static ACTIVE: Mutex<Vec<Arc<EngineShared>>> = Mutex::new(Vec::new());
+/// Every engine whose workers may still run (running, or stopped without joining).
+static ALL: Mutex<Vec<Weak<EngineShared>>> = Mutex::new(Vec::new());
+/// Worker threads of engines dropped before their workers were joined;
+/// joined at interpreter exit (a worker needs the interpreter to exit cleanly).
+static UNJOINED: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+impl Drop for EngineShared {
+    fn drop(&mut self) {
+        self.pool.shutdown();
+        let _ = self.timer.shutdown(Duration::ZERO);
+        let handles = self.pool.take_handles();
+        if !handles.is_empty() {
+            UNJOINED.lock().extend(handles);
+        }
+    }
+}
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 static LIVE_ENGINES: AtomicUsize = AtomicUsize::new(0);
 static FORKED: AtomicBool = AtomicBool::new(false);
@@ -143,9 +159,21 @@ pub(crate) struct Engine {
 }
 
 impl EngineShared {
+    /// True once `stop` began.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// Sends a job towards a worker (see "Dispatch" in the module docs).
     pub(crate) fn dispatch(&self, py: Python<'_>, job: PyJob) -> Result<(), BindError> {
         let token = job.token().clone();
+        if self.is_stopping() && (self.ledger.admission_paused.load(Ordering::SeqCst) || token.op.paused.load(Ordering::SeqCst)) {
+            // A pause would hold it past the stop: refuse it instead.
+            let mut job = job;
+            job.forget_call();
+            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            return Err(BindError::ShutDown);
+        }
         if self.ledger.admission_paused.load(Ordering::Relaxed) {
             let mut parked = self.ledger.parked.lock();
             if self.ledger.admission_paused.load(Ordering::SeqCst) {
@@ -300,7 +328,7 @@ impl Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
-                        max_pending=0, history_size=100, auto_block=false, aging=0.5))]
+                        max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -313,6 +341,7 @@ impl Engine {
         history_size: usize,
         auto_block: bool,
         aging: f64,
+        register: bool,
     ) -> PyResult<Self> {
         check_not_forked()?;
         if EXITING.load(Ordering::Relaxed) {
@@ -352,7 +381,14 @@ impl Engine {
         let _ = me.set(Arc::downgrade(&shared));
         let _ = host.engine.set(Arc::downgrade(&shared));
         LIVE_ENGINES.fetch_add(1, Ordering::SeqCst);
-        activate(&shared);
+        {
+            let mut all = ALL.lock();
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(&shared));
+        }
+        if register {
+            activate(&shared);
+        }
         super::log::info(py, "pool", || format!("engine {} started with {workers} workers", shared.pool.id()));
         Ok(Engine { shared })
     }
@@ -362,6 +398,14 @@ impl Engine {
     fn stop(&self, py: Python<'_>, wait: bool, cancel_pending: bool, timeout: Option<f64>) -> PyResult<bool> {
         if FORKED.load(Ordering::Relaxed) {
             return Ok(false);
+        }
+        if wait && crate::pool::current_worker().is_some_and(|(id, _)| id == self.shared.pool.id()) {
+            return Err(BindError::Runtime(
+                "cannot stop a coordinator with wait=True from inside one of its own tasks (it would wait for itself); \
+                 use stop(wait=False)"
+                    .into(),
+            )
+            .into());
         }
         let timeout = timeout_arg(timeout)?;
         self.shared.stop(py, wait, cancel_pending, timeout)
@@ -436,7 +480,7 @@ impl Engine {
         admission.set_item("peak_pending", lg.pending.peak())?;
         admission.set_item("blocked_callers", lg.pending.waiting())?;
         admission.set_item("rejected", lg.pending.rejected())?;
-        admission.set_item("parked", lg.parked.lock().len())?;
+        admission.set_item("parked", lg.parked.lock().iter().filter(|j| !j.token().core.is_done()).count())?;
         out.set_item("admission", admission)?;
 
         let timeouts = PyDict::new(py);
@@ -456,7 +500,7 @@ impl Engine {
             d.set_item("peak_pending", op.limit.peak())?;
             d.set_item("rejected", op.limit.rejected())?;
             d.set_item("paused", op.paused.load(Ordering::Relaxed))?;
-            d.set_item("parked", op.parked.lock().len())?;
+            d.set_item("parked", op.parked.lock().iter().filter(|j| !j.token().core.is_done()).count())?;
             d.set_item("blocked", op.blocked.load(Ordering::Relaxed))?;
             d.set_item("health", health_dict(py, &op)?)?;
             ops.set_item(&*op.name, d)?;
@@ -537,6 +581,11 @@ impl Engine {
                 n += 1;
             }
         }
+        // Forget the parked jobs of tokens just cancelled.
+        if let Some(state) = self.shared.ledger.find_op(op) {
+            state.parked.lock().retain(|j| !j.token().core.is_done());
+        }
+        self.shared.ledger.parked.lock().retain(|j| !j.token().core.is_done());
         Ok(n)
     }
 
@@ -662,11 +711,19 @@ pub(crate) fn begin_interpreter_shutdown(py: Python<'_>) -> PyResult<()> {
     if FORKED.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let engines: Vec<Arc<EngineShared>> = ACTIVE.lock().clone();
+    // Every engine, including those stopped with wait=False whose workers
+    // still run: no worker may be attached when the interpreter finalizes.
+    let engines: Vec<Arc<EngineShared>> = ALL.lock().iter().filter_map(Weak::upgrade).collect();
     for engine in engines.iter().rev() {
         engine.stop(py, true, false, None)?;
     }
-    let _ = now_ns();
+    drop(engines);
+    let handles: Vec<_> = std::mem::take(&mut *UNJOINED.lock());
+    py.detach(|| {
+        for h in handles {
+            let _ = h.join();
+        }
+    });
     Ok(())
 }
 

@@ -209,7 +209,15 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
 fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<EngineShared>) {
     let Some(call) = job.call.take() else { return };
     let token = job.token.clone();
-    // An operation paused after this token was queued: park it instead.
+    // Admission or the operation was paused after this token was queued: park it instead.
+    if token.ledger.admission_paused.load(Ordering::Relaxed) {
+        let mut parked = token.ledger.parked.lock();
+        if token.ledger.admission_paused.load(Ordering::SeqCst) && token.core.hold() {
+            job.call = Some(call);
+            parked.push_back(job);
+            return;
+        }
+    }
     if token.op.paused.load(Ordering::Relaxed) {
         let mut parked = token.op.parked.lock();
         if token.op.paused.load(Ordering::SeqCst) && token.core.hold() {

@@ -18,7 +18,7 @@ use super::exceptions::BindError;
 use super::job::{Call, PyJob};
 use super::ledger::OpState;
 use super::token::{CallOptions, TaskToken, TokenInner};
-use super::wait::{timeout_arg, wait_detached};
+use super::wait::timeout_arg;
 use crate::admission::Limit;
 use crate::pool::Weight;
 use crate::sync::{AtomicU64, Mutex, Ordering};
@@ -74,32 +74,49 @@ enum Admit {
     Block(Option<Duration>),
     /// Do not wait: report the rejection.
     Try,
+    /// Do not wait and do not count a rejection (an async caller polling).
+    Probe,
 }
 
-fn admit(py: Python<'_>, limit: &Limit, how: Admit, what: &str) -> PyResult<bool> {
+fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what: &str) -> PyResult<bool> {
     if limit.try_acquire() {
         return Ok(true);
     }
-    match how {
+    let timeout = match how {
         Admit::Try => {
             limit.note_rejected();
-            Ok(false)
+            return Ok(false);
         }
-        Admit::Block(timeout) => {
-            if wait_detached(py, timeout, |step| limit.acquire(Some(step)))? {
-                Ok(true)
-            } else {
-                limit.note_rejected();
-                Err(BindError::Rejected(format!(
-                    "{what} is full ({} pending) and no slot freed within {:.3}s",
-                    limit.limit(),
-                    timeout.unwrap_or_default().as_secs_f64()
-                ))
-                .into())
+        Admit::Probe => return Ok(false),
+        Admit::Block(timeout) => timeout,
+    };
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let step = deadline.map_or(SIGNAL_POLL, |d| d.saturating_duration_since(std::time::Instant::now()).min(SIGNAL_POLL));
+        let got = py.detach(|| limit.acquire(Some(step)));
+        if engine.is_stopping() {
+            if got {
+                limit.release();
             }
+            return Err(BindError::ShutDown.into());
+        }
+        if got {
+            return Ok(true);
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            limit.note_rejected();
+            return Err(BindError::Rejected(format!(
+                "{what} is full ({} pending) and no slot freed within {:.3}s",
+                limit.limit(),
+                timeout.unwrap_or_default().as_secs_f64()
+            ))
+            .into());
         }
     }
 }
+
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// The decoration-time record of a `@task_token_guard` function.
 #[pyclass(frozen, name = "OperationSpec", module = "tokengate._tokengate")]
@@ -129,10 +146,10 @@ impl OperationSpec {
         if op.blocked.load(Ordering::Relaxed) {
             return Err(BindError::Blocked(op.name.to_string()).into());
         }
-        if !admit(py, &op.limit, how, &format!("operation {:?}", op.name))? {
+        if !admit(py, engine, &op.limit, how, &format!("operation {:?}", op.name))? {
             return Ok(None);
         }
-        match admit(py, &ledger.pending, how, "the coordinator (max_pending)") {
+        match admit(py, engine, &ledger.pending, how, "the coordinator (max_pending)") {
             Ok(true) => {}
             Ok(false) => {
                 op.limit.release();
@@ -264,9 +281,10 @@ impl OperationSpec {
     }
 
     /// `submit` with per-call options. With `block=False` a full coordinator
-    /// returns None instead of waiting; with `admission_timeout` a blocking
-    /// call raises `AdmissionRejectedError` after that many seconds.
-    #[pyo3(signature = (args, kwargs=None, *, priority=None, timeout=None, retries=None, block=true, admission_timeout=None))]
+    /// returns None instead of waiting (and counts a rejection; `probe=True`
+    /// does not count it, for polling async callers); with `admission_timeout`
+    /// a blocking call raises `AdmissionRejectedError` after that many seconds.
+    #[pyo3(signature = (args, kwargs=None, *, priority=None, timeout=None, retries=None, block=true, admission_timeout=None, probe=false))]
     #[allow(clippy::too_many_arguments)]
     fn submit_with(
         &self,
@@ -278,11 +296,16 @@ impl OperationSpec {
         retries: Option<u32>,
         block: bool,
         admission_timeout: Option<f64>,
+        probe: bool,
     ) -> PyResult<Option<Py<TaskToken>>> {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let opts = self.options(priority, timeout, retries)?;
-        let how = if block { Admit::Block(timeout_arg(admission_timeout)?) } else { Admit::Try };
+        let how = match (block, probe) {
+            (_, true) => Admit::Probe,
+            (true, false) => Admit::Block(timeout_arg(admission_timeout)?),
+            (false, false) => Admit::Try,
+        };
         let engine = current_engine()?;
         self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how)
     }
