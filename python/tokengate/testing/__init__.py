@@ -1,0 +1,306 @@
+"""Test helpers: prove that a function really runs concurrently on tokengate.
+
+>>> import time
+>>> from tokengate.testing import prove_concurrency
+>>> report = prove_concurrency(time.sleep, [0.02] * 4)
+>>> report.assert_speedup(at_least=2)     # serial time / parallel wall time
+>>> report.assert_in_flight(at_least=2)   # sum of task durations / parallel wall time
+
+``prove_concurrency`` runs the same calls one after another and then all at
+once on the worker pool, in the same process, and reports both: the **real
+speedup** (how much faster all at once was) and the **in-flight ratio** (how
+many tasks were running at the same moment, on average). The two differ when
+the function holds the GIL: pure-Python tasks are in flight together but take
+turns, so their in-flight ratio is high and their real speedup about 1.
+
+With pytest, the ``tokengate`` plugin (``tokengate.testing.plugin``) adds a
+``tokengate_coordinator`` fixture and ``--tokengate-report``, which prints
+every report made during the run in the terminal summary.
+
+This module does not import tokengate's native extension until it is used.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokengate import OperationsCoordinator
+
+__all__ = ["ConcurrencyReport", "RunFigures", "prove_concurrency"]
+
+#: Callables given every report ``prove_concurrency`` makes (the pytest plugin adds one).
+_report_hooks: list[Callable[[ConcurrencyReport], None]] = []
+
+
+def _gil_enabled() -> bool:
+    probe = getattr(sys, "_is_gil_enabled", None)
+    return True if probe is None else bool(probe())
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """One repeat: the calls one after another, then all at once on the pool."""
+
+    serial_s: float
+    wall_s: float
+    serial_durations_s: tuple[float, ...]
+    durations_s: tuple[float, ...]
+    start_offsets_s: tuple[float, ...]
+    submit_s: float
+
+    @property
+    def real_speedup(self) -> float:
+        return self.serial_s / self.wall_s if self.wall_s > 0 else math.inf
+
+    @property
+    def in_flight(self) -> float:
+        return math.fsum(self.durations_s) / self.wall_s if self.wall_s > 0 else math.inf
+
+    @property
+    def jitter_s(self) -> float:
+        return statistics.pstdev(self.start_offsets_s) if len(self.start_offsets_s) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class ConcurrencyReport:
+    """What ``prove_concurrency`` measured. Figures over several repeats are medians.
+
+    * ``real_speedup``: time of the calls one after another / wall time of the
+      same calls all at once (first submit to last result). 1.0 means no gain;
+      the most it can be is ``max_speedup`` = min(tasks, workers).
+    * ``in_flight``: sum of the tasks' own durations (start to finish on a
+      worker) / that wall time: how many tasks were running at once, on
+      average. Time a task spends waiting for the GIL counts as running, so
+      this is not a measure of parallel work.
+    * ``jitter_s``: population standard deviation of the tasks' start times
+      (offsets from the first start). Small when they all started together.
+    """
+
+    name: str
+    tasks: int
+    workers: int
+    repeat: int
+    gil_enabled: bool
+    serial_s: float
+    wall_s: float
+    real_speedup: float
+    in_flight: float
+    jitter_s: float
+    durations_s: tuple[float, ...]
+    start_offsets_s: tuple[float, ...]
+    serial_durations_s: tuple[float, ...]
+    runs: tuple[RunFigures, ...] = field(repr=False)
+
+    @property
+    def max_speedup(self) -> int:
+        """The most the real speedup can be: min(tasks, workers)."""
+        return max(1, min(self.tasks, self.workers))
+
+    def one_line(self) -> str:
+        return (
+            f"{self.name}: {self.tasks} tasks on {self.workers} workers, real speedup {self.real_speedup:.2f}x "
+            f"(of at most {self.max_speedup}x), in flight {self.in_flight:.2f}x, serial {self.serial_s * 1000:.2f} ms, "
+            f"parallel wall {self.wall_s * 1000:.2f} ms, start jitter {self.jitter_s * 1000:.3f} ms"
+            + (f" (median of {self.repeat})" if self.repeat > 1 else "")
+        )
+
+    def summary(self) -> str:
+        """Every figure with what it means (the body of the assertion messages)."""
+        med = "median of " + str(self.repeat) + " repeats" if self.repeat > 1 else "1 repeat"
+        gil = "GIL enabled" if self.gil_enabled else "GIL disabled (free-threaded)"
+        lines = [
+            f"  {self.tasks} tasks on {self.workers} workers; {med}; {gil}",
+            f"  one after another (serial):     {self.serial_s * 1000:10.3f} ms",
+            f"  all at once (parallel wall):    {self.wall_s * 1000:10.3f} ms   first submit -> last result",
+            f"  real speedup = serial / wall:   {self.real_speedup:10.2f}x     1.0x = no gain; at most "
+            f"{self.max_speedup}x here (min of tasks and workers)",
+            f"  in-flight ratio:                {self.in_flight:10.2f}x     sum of task durations / wall: tasks "
+            "running at once on average (GIL waits count as running)",
+            f"  start jitter (stdev):           {self.jitter_s * 1000:10.3f} ms   spread of the tasks' start times",
+            "  per-task durations (ms):        " + " ".join(f"{d * 1000:.2f}" for d in self.durations_s),
+            "  serial durations (ms):          " + " ".join(f"{d * 1000:.2f}" for d in self.serial_durations_s),
+        ]
+        if self.repeat > 1:
+            lines.append(
+                "  real speedup per repeat:        " + " ".join(f"{r.real_speedup:.2f}x" for r in self.runs)
+            )
+        return "\n".join(lines)
+
+    def _hint(self) -> str:
+        if self.in_flight >= 1.5 and self.real_speedup < 1.3:
+            if self.gil_enabled:
+                return (
+                    "  The tasks were in flight together but took turns: the function most likely holds the GIL "
+                    "(pure-Python code). Threads, tokengate's included, only run in parallel code that releases it "
+                    "(I/O, time.sleep, hashlib/zlib on large buffers, NumPy, ...)."
+                )
+            return "  The tasks were in flight together but took turns: they may contend on a shared lock."
+        if self.in_flight < 1.5:
+            return (
+                "  The tasks hardly overlapped: too few workers, tasks too short for the submission cost, "
+                "or the machine was busy."
+            )
+        return ""
+
+    def _fail(self, what: str) -> AssertionError:
+        __tracebackhide__ = True
+        hint = self._hint()
+        return AssertionError(f"{self.name}: {what}\n{self.summary()}" + (f"\n{hint}" if hint else ""))
+
+    def assert_speedup(self, at_least: float | None = None, *, at_most: float | None = None) -> ConcurrencyReport:
+        """Fails unless ``at_least <= real_speedup`` (and ``real_speedup <= at_most`` when given)."""
+        __tracebackhide__ = True
+        if at_least is None and at_most is None:
+            raise TypeError("assert_speedup() needs at_least or at_most")
+        if at_least is not None and not self.real_speedup >= at_least:
+            raise self._fail(f"real speedup {self.real_speedup:.2f}x is below the required {at_least:.2f}x")
+        if at_most is not None and not self.real_speedup <= at_most:
+            raise self._fail(f"real speedup {self.real_speedup:.2f}x is above the allowed {at_most:.2f}x")
+        return self
+
+    def assert_in_flight(self, at_least: float) -> ConcurrencyReport:
+        """Fails unless ``in_flight >= at_least``."""
+        __tracebackhide__ = True
+        if not self.in_flight >= at_least:
+            raise self._fail(f"in-flight ratio {self.in_flight:.2f}x is below the required {at_least:.2f}x")
+        return self
+
+    def assert_jitter(self, at_most: float) -> ConcurrencyReport:
+        """Fails unless the tasks' start times have a standard deviation of at most ``at_most`` seconds."""
+        __tracebackhide__ = True
+        if not self.jitter_s <= at_most:
+            raise self._fail(
+                f"start jitter {self.jitter_s * 1000:.3f} ms is above the allowed {at_most * 1000:.3f} ms"
+            )
+        return self
+
+
+def _median_run(runs: list[RunFigures]) -> RunFigures:
+    order = sorted(range(len(runs)), key=lambda k: runs[k].real_speedup)
+    return runs[order[len(order) // 2]]
+
+
+def prove_concurrency(
+    fn: Callable[..., Any],
+    inputs: Iterable[Any],
+    *,
+    repeat: int = 1,
+    coordinator: OperationsCoordinator | None = None,
+    workers: int | None = None,
+    unpack: bool = False,
+    warmup: bool = True,
+    timeout: float = 60.0,
+    name: str | None = None,
+) -> ConcurrencyReport:
+    """Runs ``fn(x)`` for every ``x`` in ``inputs`` one after another, then all at once on tokengate, and compares.
+
+    ``fn``: a synchronous function, plain or decorated with ``@task_token_guard``
+    (the serial runs call the undecorated body). ``inputs``: one positional
+    argument per call, or with ``unpack=True`` a tuple of arguments per call.
+    ``repeat``: repeats of (serial, parallel); the report holds the medians.
+    ``coordinator``: a running ``OperationsCoordinator`` to run the tasks on
+    (the ``tokengate_coordinator`` fixture, say); by default a temporary one
+    with ``workers`` workers (default: one per input) is started and stopped.
+    ``warmup``: run the first input once each way first, unmeasured.
+    ``timeout``: seconds to wait for each parallel batch.
+
+    The task's own exceptions propagate. Returns a :class:`ConcurrencyReport`.
+    """
+    import tokengate
+    from tokengate import OperationsCoordinator, _tokengate, task_token_guard
+
+    items = [tuple(x) if unpack else (x,) for x in inputs]
+    if not items:
+        raise ValueError("prove_concurrency() needs at least one input")
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    spec = getattr(fn, "spec", None)
+    if isinstance(spec, _tokengate.OperationSpec):
+        body = fn.__wrapped__  # type: ignore[attr-defined]
+    else:
+        body = fn
+        label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        spec = task_token_guard(operation_type=f"prove_concurrency.{label}")(fn).spec  # type: ignore[attr-defined]
+    label = name or getattr(body, "__qualname__", None) or getattr(body, "__name__", None) or repr(body)
+
+    own = coordinator is None
+    if coordinator is None:
+        coordinator = OperationsCoordinator(max_workers=workers or min(max(len(items), 1), 256))
+        coordinator.start()
+    elif not coordinator.is_running:
+        raise ValueError("prove_concurrency(): the coordinator given is not running (call start() first)")
+    try:
+        engine = coordinator._engine
+        submit = spec.submit_call
+
+        def parallel() -> tuple[float, float, list[Any]]:
+            t0 = time.perf_counter()
+            tokens = [submit(body, args, None, engine) for args in items]
+            t_sub = time.perf_counter()
+            tokengate.gather(tokens, timeout=timeout)
+            return time.perf_counter() - t0, t_sub - t0, tokens
+
+        def serial() -> tuple[float, list[float]]:
+            durs = []
+            t_all = time.perf_counter()
+            for args in items:
+                t0 = time.perf_counter()
+                body(*args)
+                durs.append(time.perf_counter() - t0)
+            return time.perf_counter() - t_all, durs
+
+        if warmup:
+            body(*items[0])
+            submit(body, items[0], None, engine).result(timeout=timeout)
+        runs = []
+        for r in range(repeat):
+            if r % 2 == 0:
+                serial_s, serial_durs = serial()
+                wall, submit_s, tokens = parallel()
+            else:
+                wall, submit_s, tokens = parallel()
+                serial_s, serial_durs = serial()
+            starts = [t.started_at for t in tokens]
+            first = min(s for s in starts if s is not None)
+            runs.append(
+                RunFigures(
+                    serial_s=serial_s,
+                    wall_s=wall,
+                    serial_durations_s=tuple(serial_durs),
+                    durations_s=tuple(t.execution_time() or 0.0 for t in tokens),
+                    start_offsets_s=tuple((s - first) if s is not None else 0.0 for s in starts),
+                    submit_s=submit_s,
+                )
+            )
+        total_workers = coordinator.total_workers
+    finally:
+        if own:
+            coordinator.stop(cancel_pending=True, timeout=timeout)
+
+    mid = _median_run(runs)
+    report = ConcurrencyReport(
+        name=label,
+        tasks=len(items),
+        workers=total_workers,
+        repeat=repeat,
+        gil_enabled=_gil_enabled(),
+        serial_s=statistics.median(r.serial_s for r in runs),
+        wall_s=statistics.median(r.wall_s for r in runs),
+        real_speedup=statistics.median(r.real_speedup for r in runs),
+        in_flight=statistics.median(r.in_flight for r in runs),
+        jitter_s=statistics.median(r.jitter_s for r in runs),
+        durations_s=mid.durations_s,
+        start_offsets_s=mid.start_offsets_s,
+        serial_durations_s=mid.serial_durations_s,
+        runs=tuple(runs),
+    )
+    for hook in list(_report_hooks):
+        hook(report)
+    return report

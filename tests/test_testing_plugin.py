@@ -1,0 +1,213 @@
+"""tokengate.testing (prove_concurrency, ConcurrencyReport) and its pytest plugin.
+
+Timing margins are wide on purpose: the machine has 2 cores shared with other work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import entry_points
+
+import pytest
+
+import tokengate
+from tokengate import OperationsCoordinator, task_token_guard
+from tokengate.testing import ConcurrencyReport, RunFigures, prove_concurrency
+
+
+def _plugin_autoloaded() -> bool:
+    """True when pytest loads the plugin by itself (its pytest11 entry point is installed)."""
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    return any(ep.value == "tokengate.testing.plugin" for ep in entry_points(group="pytest11"))
+
+
+AUTOLOADED = _plugin_autoloaded()
+# Before `maturin develop` installs the entry point, load the plugin by hand
+# (loading it both ways would register it twice).
+pytest_plugins = ["pytester"] + ([] if AUTOLOADED else ["tokengate.testing.plugin"])
+PLUGIN_ARGS: list[str] = [] if AUTOLOADED else ["-p", "tokengate.testing.plugin"]
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@task_token_guard(operation_type="tests.decorated_nap")
+def decorated_nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_fixture_gives_a_running_coordinator(tokengate_coordinator: OperationsCoordinator) -> None:
+    assert isinstance(tokengate_coordinator, OperationsCoordinator)
+    assert tokengate_coordinator.is_running
+    assert decorated_nap(0.0).result(timeout=10) == 0.0
+
+
+def test_sleep_runs_concurrently_on_the_fixture(tokengate_coordinator: OperationsCoordinator) -> None:
+    n = min(8, tokengate_coordinator.total_workers)
+    report = prove_concurrency(nap, [0.05] * n, coordinator=tokengate_coordinator)
+    assert isinstance(report, ConcurrencyReport)
+    assert report.tasks == n and len(report.durations_s) == n and len(report.start_offsets_s) == n
+    assert report.workers == tokengate_coordinator.total_workers
+    # Ideal is n (8): serial ~0.4 s against ~0.05 s. Wide margins for a busy machine.
+    report.assert_speedup(at_least=2.0)
+    report.assert_in_flight(at_least=2.0)
+    report.assert_jitter(at_most=0.5)
+    assert report.serial_s >= 0.05 * n * 0.9
+    assert all(d >= 0.04 for d in report.durations_s)
+    assert min(report.start_offsets_s) == 0.0
+    assert tokengate_coordinator.is_running  # prove_concurrency does not stop a coordinator it was given
+
+
+def test_decorated_function_and_repeat_without_coordinator() -> None:
+    report = prove_concurrency(decorated_nap, [0.03] * 4, repeat=3)
+    assert report.repeat == 3 and len(report.runs) == 3
+    assert all(isinstance(r, RunFigures) for r in report.runs)
+    assert report.workers == 4  # temporary coordinator: one worker per input
+    report.assert_speedup(at_least=1.5)
+    assert tokengate._tokengate.active_engine_count() == 0  # the temporary coordinator was stopped
+
+
+def test_unpack_and_name() -> None:
+    def add_after(a: float, b: float) -> float:
+        time.sleep(0.01)
+        return a + b
+
+    report = prove_concurrency(add_after, [(1, 2), (3, 4)], unpack=True, name="adder", warmup=False)
+    assert report.name == "adder" and report.tasks == 2
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least one input"):
+        prove_concurrency(nap, [])
+    with pytest.raises(ValueError, match="repeat"):
+        prove_concurrency(nap, [0.0], repeat=0)
+    stopped = OperationsCoordinator(max_workers=1)
+    with pytest.raises(ValueError, match="not running"):
+        prove_concurrency(nap, [0.0], coordinator=stopped)
+
+
+def test_task_exception_propagates() -> None:
+    def boom(x: int) -> int:
+        raise KeyError(x)
+
+    with pytest.raises(KeyError):
+        prove_concurrency(boom, [1, 2], warmup=False)
+
+
+def _report(speedup_serial: float, wall: float, durations: tuple[float, ...]) -> ConcurrencyReport:
+    run = RunFigures(
+        serial_s=speedup_serial,
+        wall_s=wall,
+        serial_durations_s=durations,
+        durations_s=durations,
+        start_offsets_s=tuple(0.0 for _ in durations),
+        submit_s=0.0,
+    )
+    return ConcurrencyReport(
+        name="pure_python",
+        tasks=len(durations),
+        workers=8,
+        repeat=1,
+        gil_enabled=True,
+        serial_s=run.serial_s,
+        wall_s=run.wall_s,
+        real_speedup=run.real_speedup,
+        in_flight=run.in_flight,
+        jitter_s=run.jitter_s,
+        durations_s=run.durations_s,
+        start_offsets_s=run.start_offsets_s,
+        serial_durations_s=run.serial_durations_s,
+        runs=(run,),
+    )
+
+
+def test_failure_messages_show_the_numbers_and_what_they_mean() -> None:
+    # In flight together (ratio 2) but no faster: what a GIL-bound task looks like.
+    report = _report(0.100, 0.100, (0.100, 0.100))
+    with pytest.raises(AssertionError) as info:
+        report.assert_speedup(at_least=1.8)
+    msg = str(info.value)
+    assert "real speedup 1.00x is below the required 1.80x" in msg
+    assert "serial / wall" in msg and "100.000 ms" in msg
+    assert "in-flight ratio" in msg and "2.00x" in msg
+    assert "GIL" in msg
+    with pytest.raises(AssertionError, match="above the allowed 0.50x"):
+        report.assert_speedup(at_most=0.5)
+    with pytest.raises(AssertionError, match="in-flight ratio 2.00x is below the required 3.00x"):
+        report.assert_in_flight(at_least=3)
+    with pytest.raises(TypeError):
+        report.assert_speedup()
+    assert report.assert_speedup(at_least=0.9, at_most=1.1) is report
+
+
+# -- the plugin, through pytester -------------------------------------------------------
+
+INNER_TESTS = """
+import time
+from tokengate.testing import prove_concurrency
+
+def nap(s):
+    time.sleep(s)
+
+def test_sleeps(tokengate_coordinator):
+    n = min(4, tokengate_coordinator.total_workers)
+    prove_concurrency(nap, [0.02] * n, coordinator=tokengate_coordinator).assert_speedup(at_least=1.2)
+
+def test_impossible(tokengate_coordinator):
+    prove_concurrency(nap, [0.01, 0.01], coordinator=tokengate_coordinator).assert_speedup(at_least=1000)
+"""
+
+
+@pytest.mark.subprocess
+def test_plugin_option_prints_reports_and_failures_are_readable(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "--tokengate-report", "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*tokengate concurrency reports*",
+            "test_inner.py::test_sleeps",
+            "*nap: * tasks on * workers, real speedup *x (of at most *x), in flight *x*",
+            "test_inner.py::test_impossible",
+        ]
+    )
+    # The failing assertion says what failed, with the numbers and their meaning.
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: nap: real speedup *x is below the required 1000.00x",
+            "*one after another (serial):*ms",
+            "*real speedup = serial / wall:*1.0x = no gain*",
+            "*in-flight ratio:*sum of task durations / wall*",
+        ]
+    )
+    assert "no prove_concurrency() reports" not in out
+
+
+@pytest.mark.subprocess
+def test_plugin_report_section_only_with_the_option(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_quiet="""
+import pytest
+
+def test_fixture(tokengate_coordinator):
+    assert tokengate_coordinator.is_running
+
+@pytest.mark.tokengate(max_workers=3)
+def test_marker(tokengate_coordinator):
+    assert tokengate_coordinator.total_workers == 3
+"""
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider", "--strict-markers", timeout=120)
+    result.assert_outcomes(passed=2)
+    assert "tokengate concurrency reports" not in result.stdout.str()
+    result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "--tokengate-report", "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*tokengate concurrency reports*", "no prove_concurrency() reports in this run"])
+    help_result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "--help", timeout=120)
+    help_result.stdout.fnmatch_lines(["*--tokengate-report*"])
