@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod error;
+pub mod lane;
 pub mod pool;
 mod sync;
 pub mod timer;

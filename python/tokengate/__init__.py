@@ -18,10 +18,12 @@ from ._coordinator import OperationsCoordinator
 from ._decorator import task_token_guard
 from ._gather import as_completed, gather
 from .executor import Executor
+from ._routing import make_hashable
 from ._tags import DigestPolicy, HashPolicy
 from ._tokengate import TaskToken
 from .exceptions import (
     AdmissionRejectedError,
+    DependencyFailedError,
     ForkedProcessError,
     NotStartedError,
     OperationBlockedError,
@@ -51,6 +53,7 @@ def current_token() -> TaskToken | None:
 
 __all__ = [
     "AdmissionRejectedError",
+    "DependencyFailedError",
     "DigestPolicy",
     "Executor",
     "ForkedProcessError",
@@ -70,6 +73,7 @@ __all__ = [
     "__version__",
     "as_completed",
     "current_token",
+    "make_hashable",
     "gather",
     "task_token_guard",
 ]

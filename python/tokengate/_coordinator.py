@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _tokengate
+from ._tags import STORAGE_TIERS
 from .exceptions import NotStartedError
 
 __all__ = ["OperationsCoordinator"]
@@ -61,6 +62,8 @@ class OperationsCoordinator:
         enable_convergence: bool = True,
         auto_block_dangerous: bool = False,
         register_global: bool = True,
+        storage_limits: Mapping[str, int] | None = None,
+        io_idle_timeout: float = 5.0,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -90,8 +93,20 @@ class OperationsCoordinator:
         self.enable_convergence = bool(enable_convergence)
         #: False: decorated calls never go to this coordinator (an Executor's private one).
         self.register_global = bool(register_global)
+        if storage_limits is not None and not isinstance(storage_limits, Mapping):
+            raise TypeError(f"storage_limits must be a mapping of tier to limit, not {type(storage_limits).__name__}")
+        self.storage_limits: dict[str, int] = dict(STORAGE_TIERS)
+        for tier, limit in (storage_limits or {}).items():
+            key = tier.upper() if isinstance(tier, str) else tier
+            if key not in STORAGE_TIERS:
+                raise ValueError(f"unknown storage tier {tier!r}; valid tiers: {', '.join(STORAGE_TIERS)}")
+            self.storage_limits[key] = _positive_int(f"storage_limits[{tier!r}]", limit)  # type: ignore[assignment]
+        if not isinstance(io_idle_timeout, (int, float)) or isinstance(io_idle_timeout, bool) or not io_idle_timeout > 0:
+            raise ValueError(f"io_idle_timeout must be a positive number of seconds, got {io_idle_timeout!r}")
+        self.io_idle_timeout = float(io_idle_timeout)
         self.auto_block_dangerous = bool(auto_block_dangerous)
         self._engine: _tokengate.Engine | None = None
+        self._last_engine: _tokengate.Engine | None = None
         self._lock = threading.RLock()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -125,6 +140,8 @@ class OperationsCoordinator:
                 auto_block=self.auto_block_dangerous,
                 aging=self.aging,
                 register=self.register_global,
+                storage_limits=[self.storage_limits[t] for t in STORAGE_TIERS],
+                io_idle_timeout=self.io_idle_timeout,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)
@@ -147,6 +164,7 @@ class OperationsCoordinator:
             if engine is None:
                 return True
             joined = engine.stop(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
+            self._last_engine = engine  # history stays readable after stop
             if joined or not wait:
                 self._engine = None
             return joined
@@ -232,6 +250,25 @@ class OperationsCoordinator:
         if self._engine is not None:
             self._engine.set_operation_limit(op, value)
 
+    def set_storage_limit(self, tier: str, limit: int) -> None:
+        """Changes how many tokens of a storage tier (SLOW, MODERATE, FAST, INSANE) run at once."""
+        key = tier.upper() if isinstance(tier, str) else tier
+        if key not in STORAGE_TIERS:
+            raise ValueError(f"unknown storage tier {tier!r}; valid tiers: {', '.join(STORAGE_TIERS)}")
+        self.storage_limits[key] = _positive_int("limit", limit)  # type: ignore[assignment]
+        if self._engine is not None:
+            self._engine.set_storage_limit(key, limit)
+
+    def sticky_snapshot(self) -> dict[str, tuple[int, int]]:
+        """Sticky keys in flight: key -> (worker, tokens in flight). Empty once they all resolved."""
+        engine = self._engine
+        return {} if engine is None else engine.sticky_snapshot()
+
+    def domain_snapshot(self) -> dict[str, tuple[int | None, int]]:
+        """Open lead domains: seed -> (core slot, tokens pending). Empty once leads and children resolved."""
+        engine = self._engine
+        return {} if engine is None else engine.domain_snapshot()
+
     def unblock_operation(self, operation_type: str) -> bool:
         """Accepts calls of an auto-blocked operation again (its health counts restart)."""
         return self._running_engine().unblock_operation(_op_name(operation_type))
@@ -240,7 +277,7 @@ class OperationsCoordinator:
 
     def get_recent_executions(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` execution records (newest first) from a ring of ``history_size``."""
-        engine = self._engine
+        engine = self._engine or self._last_engine
         if engine is None:
             return []
         return engine.recent_executions(limit)
@@ -248,7 +285,7 @@ class OperationsCoordinator:
     def dump_execution_history(self, filepath: str | os.PathLike[str] | None = None) -> str:
         """Writes the kept execution records to a JSON file
         (``{"timestamp", "total_executions", "executions"}``) and returns its path."""
-        engine = self._engine
+        engine = self._engine or self._last_engine
         records = engine.execution_history() if engine is not None else []
         path = os.fspath(filepath) if filepath is not None else f"tokengate_history_{int(time.time())}.json"
         with open(path, "w", encoding="utf-8") as f:

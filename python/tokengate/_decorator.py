@@ -7,6 +7,7 @@ import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping
 import sys
+import warnings
 from typing import Any, TypeVar, overload
 
 if sys.version_info >= (3, 10):
@@ -15,6 +16,7 @@ else:  # pragma: no cover
     from typing_extensions import ParamSpec
 
 from . import _tokengate
+from ._routing import sticky_key
 from ._tags import validate_tags, weight_of
 from ._tokengate import TaskToken
 
@@ -138,11 +140,29 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             timeout=validated.get("timeout"),
             retries=retries,
             weight=op_tags["weight"],
+            storage_speed=validated.get("storage_speed"),
+            external_calls=list(validated["external_calls"]) if "external_calls" in validated else None,
+            digest_policy=validated.get("digest_policy", "full"),
         )
-        submit = spec.submit
+        if validated.get("storage_speed") and validated.get("process_pool"):
+            warnings.warn(
+                f"{op}: storage_speed and process_pool both set; the token stays on threads (the I/O lane)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        anchor = validated.get("sticky_anchor")
+        if isinstance(anchor, str):
+            policy = str(validated.get("hash_policy", "standard"))
+            submit_with = spec.submit_with
 
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
-            return submit(args, kwargs)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
+                return submit_with(args, kwargs, sticky_key=sticky_key(anchor, policy, args, kwargs))  # type: ignore[no-any-return]
+
+        else:
+            submit = spec.submit
+
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
+                return submit(args, kwargs)
 
         try:
             functools.update_wrapper(wrapper, fn)  # type: ignore[arg-type]

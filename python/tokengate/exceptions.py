@@ -24,6 +24,7 @@ __all__ = [
     "OperationBlockedError",
     "AdmissionRejectedError",
     "WorkerCrashedError",
+    "DependencyFailedError",
 ]
 
 
@@ -97,3 +98,11 @@ class WorkerCrashedError(TokengateError):
     def __init__(self, message: str = "worker process died", exitcode: int | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+
+class DependencyFailedError(TokengateError):
+    """A token passed as an argument failed (or was cancelled, killed, timed
+    out), so the call that received it never ran. ``__cause__`` is the input
+    token's exception; ``input_token_id`` names it."""
+
+    input_token_id: int | None = None

@@ -13,9 +13,11 @@
 //!   is `priority * aging - enqueue time` (larger first), which ages every
 //!   waiting job by one priority level per `aging` interval with a key that
 //!   never changes; equal keys run in submission order. Workers take from the
-//!   heap before anything else when its top outranks a priority-0 job
-//!   submitted now (any positive priority, or a negative one that has
-//!   waited long enough), and after everything else otherwise.
+//!   heap before the FIFO queues when its top outranks the oldest FIFO job
+//!   (seen as a priority-0 job of that age, estimated from the submission
+//!   time of the last FIFO job taken), and after them otherwise; so a
+//!   priority-0 job waiting behind a stream of priority-1 jobs runs once it
+//!   has waited one `aging` interval longer than the heap's top.
 //! * Idle workers spin briefly, then park; see `sleep.rs` for the wake-up
 //!   protocol (a burst of submissions wakes at most one sleeper).
 //! * Worker `i` is pinned to core `i mod n` when `pin_cores` is set.
@@ -70,6 +72,12 @@ pub trait Job: Send + 'static {
     fn weight(&self) -> Weight {
         Weight::Light
     }
+
+    /// When it was submitted (`crate::token::now_ns` units), if known: lets
+    /// the pool age the FIFO queue against the priority heap.
+    fn submitted_ns(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What the embedder runs on each worker thread.
@@ -97,7 +105,8 @@ pub(crate) struct Shared<J> {
     ready: AtomicUsize,
     prio: Mutex<BinaryHeap<PrioEntry<J>>>,
     prio_len: AtomicUsize,
-    clock: Instant,
+    /// Estimated submission time of the oldest job in the FIFO queues.
+    fifo_head_ns: AtomicU64,
     /// One core slot per core in use; worker `i` belongs to slot `i % cores.len()`.
     cores: Vec<CoreSlot>,
     /// Active workers per core (the adaptive pattern); workers of a higher rank only run their inbox.
@@ -188,17 +197,35 @@ impl<J> Shared<J> {
     }
 
     fn now_ns(&self) -> i128 {
-        self.clock.elapsed().as_nanos() as i128
+        i128::from(crate::token::now_ns())
     }
 
-    /// Pops the heap's top; with `only_urgent`, only if it outranks a priority-0 job submitted now.
+    fn fifo_nonempty(&self) -> bool {
+        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+    }
+
+    /// Records the submission time of a job just taken from the FIFO queues
+    /// (the next one was submitted no earlier).
+    fn note_fifo_pop(&self, job: &J)
+    where
+        J: Job,
+    {
+        if let Some(t) = job.submitted_ns() {
+            self.fifo_head_ns.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// Pops the heap's top; with `only_urgent`, only if it outranks the
+    /// oldest job of the FIFO queues (a priority-0 job of that age).
     fn take_prio(&self, only_urgent: bool) -> Option<J> {
         if self.prio_len.load(Ordering::SeqCst) == 0 {
             return None;
         }
+        let fifo_key = -i128::from(self.fifo_head_ns.load(Ordering::Relaxed));
+        let fifo_waiting = only_urgent && self.fifo_nonempty();
         let mut heap = self.prio.lock();
         let top = heap.peek()?;
-        if only_urgent && top.key < -self.now_ns() {
+        if fifo_waiting && top.key <= fifo_key {
             return None;
         }
         let entry = heap.pop()?;
@@ -281,7 +308,7 @@ impl<J: Job> Pool<J> {
             ready: AtomicUsize::new(0),
             prio: Mutex::new(BinaryHeap::new()),
             prio_len: AtomicUsize::new(0),
-            clock: Instant::now(),
+            fifo_head_ns: AtomicU64::new(0),
             cores: core_slots(config.workers, config.cores, config.units_per_core),
             active_per_core: AtomicU32::new(u32::MAX),
             deferred: Mutex::new(std::collections::VecDeque::new()),
@@ -355,6 +382,11 @@ impl<J: Job> Pool<J> {
     pub fn submit(&self, job: J) -> Result<(), (Error, J)> {
         if self.shared.terminate.load(Ordering::Relaxed) {
             return Err((Error::ShutDown, job));
+        }
+        if self.shared.injector.is_empty() {
+            // Aging compares the heap against the FIFO head: stamp a fresh head.
+            let t = job.submitted_ns().unwrap_or_else(crate::token::now_ns);
+            self.shared.fifo_head_ns.store(t, Ordering::Relaxed);
         }
         self.shared.injector.push(job);
         self.shared.submitted.fetch_add(1, Ordering::Relaxed);

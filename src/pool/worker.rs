@@ -223,11 +223,15 @@ impl<J: Job> WorkerLoop<J> {
             return Some(Self::fresh(job));
         }
         if let Some(job) = self.local.pop() {
+            self.shared.note_fifo_pop(&job);
             return Some(Self::fresh(job));
         }
         loop {
             match self.shared.injector.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
-                Steal::Success(job) => return Some(Self::fresh(job)),
+                Steal::Success(job) => {
+                    self.shared.note_fifo_pop(&job);
+                    return Some(Self::fresh(job));
+                }
                 Steal::Empty => break,
                 Steal::Retry => {}
             }
@@ -239,7 +243,10 @@ impl<J: Job> WorkerLoop<J> {
             for k in 1..n {
                 let victim = &self.shared.stealers[(self.info.index + k) % n];
                 match victim.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
-                    Steal::Success(job) => return Some(Self::fresh(job)),
+                    Steal::Success(job) => {
+                        self.shared.note_fifo_pop(&job);
+                        return Some(Self::fresh(job));
+                    }
                     Steal::Empty => {}
                     Steal::Retry => retry = true,
                 }

@@ -50,7 +50,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use super::exceptions::BindError;
-use super::job::{cancel_jobs, PyHost, PyJob};
+use super::job::{cancel_jobs, IoHost, PyHost, PyJob};
+use super::routing::{DomainTable, StickyTable};
+use super::token::LaneKind;
+use crate::lane::Lane;
 use super::ledger::{Ledger, OpState, Record};
 use super::token::TokenInner;
 use super::wait::{timeout_arg, wait_detached};
@@ -77,23 +80,37 @@ pub(crate) struct EngineShared {
     topology: Topology,
     workers_per_core: usize,
     timer: Timer<TimerItem>,
+    pub(crate) sticky: Arc<StickyTable>,
+    pub(crate) domains: Arc<DomainTable>,
+    /// The elastic I/O lane (`storage_speed` tokens), one tier per storage speed.
+    pub(crate) io: Lane<PyJob>,
 }
+
+/// Storage tiers of the I/O lane, in order (the `storage_speed` tag values).
+pub(crate) const STORAGE_TIERS: [&str; 4] = ["SLOW", "MODERATE", "FAST", "INSANE"];
 
 static ACTIVE: Mutex<Vec<Arc<EngineShared>>> = Mutex::new(Vec::new());
 /// Every engine whose workers may still run (running, or stopped without joining).
 static ALL: Mutex<Vec<Weak<EngineShared>>> = Mutex::new(Vec::new());
 /// Worker threads of engines dropped before their workers were joined;
 /// joined at interpreter exit (a worker needs the interpreter to exit cleanly).
-static UNJOINED: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+static UNJOINED: Mutex<Vec<Unjoined>> = Mutex::new(Vec::new());
+
+/// Threads of a dropped engine, to join at interpreter exit.
+#[derive(Debug)]
+enum Unjoined {
+    Worker(std::thread::JoinHandle<()>),
+    Lane(crate::lane::LaneJoiner),
+}
 
 impl Drop for EngineShared {
     fn drop(&mut self) {
         self.pool.shutdown();
+        self.io.shutdown();
         let _ = self.timer.shutdown(Duration::ZERO);
-        let handles = self.pool.take_handles();
-        if !handles.is_empty() {
-            UNJOINED.lock().extend(handles);
-        }
+        let mut unjoined = UNJOINED.lock();
+        unjoined.extend(self.pool.take_handles().into_iter().map(Unjoined::Worker));
+        unjoined.push(Unjoined::Lane(self.io.joiner()));
     }
 }
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -191,10 +208,20 @@ impl EngineShared {
             }
         }
         token.core.admit();
-        let submitted = if token.priority != 0 {
-            self.pool.submit_prioritized(job, token.priority)
-        } else {
-            self.pool.submit(job)
+        if let LaneKind::Io(tier) = token.lane {
+            return match self.io.submit(tier, job) {
+                Ok(()) => Ok(()),
+                Err(mut job) => {
+                    job.forget_call();
+                    token.resolve(py, |_| true, TokenState::Cancelled, None);
+                    Err(BindError::ShutDown)
+                }
+            };
+        }
+        let submitted = match token.pinned {
+            Some(worker) => self.pool.submit_to(worker, job),
+            None if token.priority != 0 => self.pool.submit_prioritized(job, token.priority),
+            None => self.pool.submit(job),
         };
         if let Err((err, mut job)) = submitted {
             job.forget_call();
@@ -239,11 +266,21 @@ impl EngineShared {
                         token.expire(py);
                     }
                 }
-                TimerItem::Retry(job) => {
-                    let _ = self.dispatch(py, job);
+                TimerItem::Retry(mut job) => {
+                    if job.token().core.is_done() {
+                        job.forget_call(); // cancelled or killed while it waited
+                    } else {
+                        let _ = self.dispatch(py, job);
+                    }
                 }
             }
         }
+    }
+
+    /// Cancels every live token that has not started and is in no queue
+    /// (waiting for a retry, for input tokens, or held by a pause); returns how many.
+    fn cancel_unstarted(&self, py: Python<'_>) -> usize {
+        self.ledger.live_tokens(None).iter().filter(|t| t.cancel_pending(py)).count()
     }
 
     /// Cancels every job held by a pause; returns how many.
@@ -266,6 +303,7 @@ impl EngineShared {
         let deadline = timeout.map(|t| Instant::now() + t);
         let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         deactivate(self);
+        self.ledger.stopping.store(true, Ordering::SeqCst);
         if !self.stopping.swap(true, Ordering::SeqCst) {
             LIVE_ENGINES.fetch_sub(1, Ordering::SeqCst);
             super::log::info(py, "pool", || format!("stopping engine {} (wait={wait}, cancel_pending={cancel_pending})", self.pool.id()));
@@ -273,6 +311,8 @@ impl EngineShared {
         self.cancel_parked(py, None);
         if cancel_pending {
             cancel_jobs(py, self.pool.drain());
+            cancel_jobs(py, self.io.drain());
+            self.cancel_unstarted(py);
         }
         if wait {
             let ledger = &self.ledger;
@@ -290,10 +330,12 @@ impl EngineShared {
             })?;
         }
         self.pool.shutdown();
+        self.io.shutdown();
         let joined = if wait {
             let pool = &self.pool;
+            let io = &self.io;
             let limit = remaining();
-            py.detach(|| pool.join(limit))
+            py.detach(|| pool.join(limit) && io.join(remaining()))
         } else {
             false
         };
@@ -305,6 +347,7 @@ impl EngineShared {
             }
         }
         cancel_jobs(py, self.pool.drain());
+        cancel_jobs(py, self.io.drain());
         self.cancel_parked(py, None);
         Ok(joined)
     }
@@ -328,7 +371,8 @@ impl Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
-                        max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true))]
+                        max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
+                        storage_limits=None, io_idle_timeout=5.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -342,7 +386,19 @@ impl Engine {
         auto_block: bool,
         aging: f64,
         register: bool,
+        storage_limits: Option<Vec<usize>>,
+        io_idle_timeout: f64,
     ) -> PyResult<Self> {
+        let limits = storage_limits.unwrap_or_else(|| vec![10, 25, 50, 70]);
+        if limits.len() != STORAGE_TIERS.len() || limits.contains(&0) {
+            return Err(BindError::Value(format!(
+                "storage_limits must give a positive limit for each of {STORAGE_TIERS:?}, got {limits:?}"
+            ))
+            .into());
+        }
+        if !(io_idle_timeout.is_finite() && io_idle_timeout > 0.0) {
+            return Err(BindError::Value("io_idle_timeout must be a positive number of seconds".into()).into());
+        }
         check_not_forked()?;
         if EXITING.load(Ordering::Relaxed) {
             return Err(BindError::InterpreterShutdown.into());
@@ -370,7 +426,20 @@ impl Engine {
             });
             let _ = unhandled;
         });
+        let io_host = Arc::new(IoHost::default());
+        let io = Lane::new(
+            format!("{thread_name}-io"),
+            &limits,
+            limits.iter().sum(),
+            Duration::from_secs_f64(io_idle_timeout),
+            stack_size,
+            io_host.clone(),
+        );
+        let workers_total = pool.workers();
         let shared = Arc::new(EngineShared {
+            sticky: Arc::new(StickyTable::new(workers_total)),
+            domains: Arc::new(DomainTable::default()),
+            io,
             pool,
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block)),
             stopping: AtomicBool::new(false),
@@ -380,6 +449,7 @@ impl Engine {
         });
         let _ = me.set(Arc::downgrade(&shared));
         let _ = host.engine.set(Arc::downgrade(&shared));
+        let _ = io_host.engine.set(Arc::downgrade(&shared));
         LIVE_ENGINES.fetch_add(1, Ordering::SeqCst);
         {
             let mut all = ALL.lock();
@@ -492,6 +562,30 @@ impl Engine {
         timeouts.set_item("overrun_max_s", lg.overrun_max_ns.load(Ordering::Relaxed) as f64 / 1e9)?;
         out.set_item("timeouts", timeouts)?;
 
+        let io = sh.io.stats();
+        let lane = PyDict::new(py);
+        lane.set_item("threads", io.threads)?;
+        lane.set_item("idle_threads", io.idle)?;
+        lane.set_item("threads_started", io.spawned)?;
+        let tiers = PyDict::new(py);
+        for (name, t) in STORAGE_TIERS.iter().zip(io.tiers.iter()) {
+            let d = PyDict::new(py);
+            d.set_item("limit", t.limit)?;
+            d.set_item("running", t.running)?;
+            d.set_item("peak", t.peak)?;
+            d.set_item("queued", t.queued)?;
+            tiers.set_item(*name, d)?;
+        }
+        lane.set_item("tiers", tiers)?;
+        let lanes = PyDict::new(py);
+        lanes.set_item("io", lane)?;
+        out.set_item("lanes", lanes)?;
+
+        let routing = PyDict::new(py);
+        routing.set_item("sticky_keys", sh.sticky.snapshot().len())?;
+        routing.set_item("domains", sh.domains.snapshot().len())?;
+        out.set_item("routing", routing)?;
+
         let ops = PyDict::new(py);
         for op in lg.ops() {
             let d = PyDict::new(py);
@@ -569,7 +663,10 @@ impl Engine {
     /// Cancels every token that has not started; returns how many.
     fn drain_pool(&self, py: Python<'_>) -> PyResult<usize> {
         check_not_forked()?;
-        Ok(cancel_jobs(py, self.shared.pool.drain()) + self.shared.cancel_parked(py, None))
+        Ok(cancel_jobs(py, self.shared.pool.drain())
+            + cancel_jobs(py, self.shared.io.drain())
+            + self.shared.cancel_parked(py, None)
+            + self.shared.cancel_unstarted(py))
     }
 
     /// Cancels every token of `op` that has not started; returns how many.
@@ -627,13 +724,42 @@ impl Engine {
         match self.shared.ledger.find_op(op) {
             Some(state) => {
                 let was = state.blocked.swap(false, Ordering::SeqCst);
-                state.health.attempts.store(0, Ordering::Relaxed);
-                state.health.failures.store(0, Ordering::Relaxed);
-                state.health.successes.store(0, Ordering::Relaxed);
+                state.health.reset();
                 was
             }
             None => false,
         }
+    }
+
+    /// Sticky keys in flight: key -> (worker, tokens in flight).
+    fn sticky_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, w, n) in self.shared.sticky.snapshot() {
+            d.set_item(k, (w, n))?;
+        }
+        Ok(d)
+    }
+
+    /// Lead domains open: seed -> (core slot or None, tokens pending).
+    fn domain_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, slot, n) in self.shared.domains.snapshot() {
+            d.set_item(k, (slot, n))?;
+        }
+        Ok(d)
+    }
+
+    /// Changes the concurrency limit of a storage tier.
+    fn set_storage_limit(&self, tier: &str, limit: usize) -> PyResult<()> {
+        let index = STORAGE_TIERS
+            .iter()
+            .position(|t| t.eq_ignore_ascii_case(tier))
+            .ok_or_else(|| BindError::Value(format!("unknown storage tier {tier:?}; valid: {STORAGE_TIERS:?}")))?;
+        if limit == 0 {
+            return Err(BindError::Value("a storage tier limit must be greater than 0".into()).into());
+        }
+        self.shared.io.set_limit(index, limit);
+        Ok(())
     }
 
     /// Turns auto-block on or off.
@@ -721,7 +847,14 @@ pub(crate) fn begin_interpreter_shutdown(py: Python<'_>) -> PyResult<()> {
     let handles: Vec<_> = std::mem::take(&mut *UNJOINED.lock());
     py.detach(|| {
         for h in handles {
-            let _ = h.join();
+            match h {
+                Unjoined::Worker(h) => {
+                    let _ = h.join();
+                }
+                Unjoined::Lane(j) => {
+                    j.join(None);
+                }
+            }
         }
     });
     Ok(())

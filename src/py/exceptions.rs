@@ -137,6 +137,26 @@ pub(crate) fn timeout_value(py: Python<'_>, id: u64, op: &str) -> Py<PyAny> {
     }
 }
 
+/// A `DependencyFailedError` for a token whose input token failed, with
+/// `__cause__` set to the input's exception.
+pub(crate) fn dependency_failed(py: Python<'_>, input: &super::token::TokenInner, cause: Py<PyAny>) -> Py<PyAny> {
+    let msg = format!(
+        "input token {} ({}) ended {}: the call that received it never ran",
+        input.id,
+        input.op.name,
+        input.core.state().as_str()
+    );
+    let made = class(py, "DependencyFailedError").and_then(|c| c.call1((msg,))).and_then(|e| {
+        e.setattr("__cause__", cause.bind(py))?;
+        e.setattr("input_token_id", input.id)?;
+        Ok(e)
+    });
+    match made {
+        Ok(v) => v.unbind(),
+        Err(e) => e.into_value(py).into_any(),
+    }
+}
+
 /// `asyncio.CancelledError()` (raised by an awaited cancelled token).
 pub(crate) fn asyncio_cancelled(py: Python<'_>) -> PyErr {
     instance(py, "asyncio", "CancelledError", ())

@@ -79,11 +79,49 @@ impl PyJob {
     pub(crate) fn token(&self) -> &Arc<TokenInner> {
         &self.token
     }
+
+    /// Replaces input tokens among the arguments with their values. On a
+    /// failed input, returns it with the exception to use as the cause.
+    pub(crate) fn substitute_inputs(&mut self, py: Python<'_>) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
+        let Some(call) = self.call.as_mut() else { return Ok(()) };
+        let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {
+            match v.cast::<TaskToken>() {
+                Ok(t) => {
+                    let inner = t.get().inner.clone();
+                    inner.outcome(py, false).map_err(|e| (inner.clone(), e.into_value(py).into_any()))
+                }
+                Err(_) => Ok(v.unbind()),
+            }
+        };
+        let mut args = Vec::new();
+        for a in call.args.bind(py).iter() {
+            args.push(value_of(a)?);
+        }
+        let new_kwargs = match &call.kwargs {
+            Some(kw) => {
+                let d = PyDict::new(py);
+                for (k, v) in kw.bind(py).iter() {
+                    let v = value_of(v)?;
+                    d.set_item(k, v).map_err(|e| (self.token.clone(), e.into_value(py).into_any()))?;
+                }
+                Some(d.unbind())
+            }
+            None => None,
+        };
+        let tuple = PyTuple::new(py, args).map_err(|e| (self.token.clone(), e.into_value(py).into_any()))?;
+        call.args = tuple.unbind();
+        call.kwargs = new_kwargs;
+        Ok(())
+    }
 }
 
 impl Job for PyJob {
     fn weight(&self) -> Weight {
         self.token.spec.weight
+    }
+
+    fn submitted_ns(&self) -> Option<u64> {
+        self.token.core.time(crate::token::Stamp::Created)
     }
 }
 
@@ -97,16 +135,23 @@ impl Drop for PyJob {
 
 /// Resolves dropped jobs as cancelled (they are dropped by `Drop`).
 pub(crate) fn cancel_jobs(py: Python<'_>, jobs: Vec<PyJob>) -> usize {
-    let n = jobs.len();
+    let mut n = 0;
     for mut job in jobs {
         job.forget_call();
-        job.token.resolve(py, |_| true, TokenState::Cancelled, None);
+        if job.token.resolve(py, |_| true, TokenState::Cancelled, None) {
+            n += 1;
+        }
     }
     n
 }
 
 thread_local! {
     static CURRENT_TOKEN: RefCell<Option<Arc<TokenInner>>> = const { RefCell::new(None) };
+}
+
+/// The token whose body runs on this thread, if any.
+pub(crate) fn running_token() -> Option<Arc<TokenInner>> {
+    CURRENT_TOKEN.with(|c| c.borrow().clone())
 }
 
 /// True when this thread is running `token`'s body right now.
@@ -209,7 +254,15 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
 fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<EngineShared>) {
     let Some(call) = job.call.take() else { return };
     let token = job.token.clone();
-    // Admission or the operation was paused after this token was queued: park it instead.
+    // Admission or the operation was paused after this token was queued: park
+    // it instead (or, once the engine is stopping, cancel it: a pause would
+    // hold it past the stop).
+    let paused = token.ledger.admission_paused.load(Ordering::Relaxed) || token.op.paused.load(Ordering::Relaxed);
+    if paused && token.ledger.stopping.load(Ordering::SeqCst) {
+        drop(call);
+        token.resolve(py, |_| true, TokenState::Cancelled, None);
+        return;
+    }
     if token.ledger.admission_paused.load(Ordering::Relaxed) {
         let mut parked = token.ledger.parked.lock();
         if token.ledger.admission_paused.load(Ordering::SeqCst) && token.core.hold() {
@@ -229,6 +282,11 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
     drop(job);
     if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
         return; // cancelled, killed or timed out before it started: never run it
+    }
+    if token.is_lead {
+        if let (Some(seed), Some(engine)) = (token.route.seed(), engine.upgrade()) {
+            engine.domains.set_slot(seed, engine.pool.slot_of(info.index));
+        }
     }
     token.attempts.fetch_add(1, Ordering::Relaxed);
     token.ledger.running_delta(1);
@@ -260,7 +318,9 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
             (TokenState::Failed, Outcome::Error(exceptions::panic_value(py, &msg)))
         }
     };
-    token.op.health.record(state == TokenState::Completed, elapsed);
+    // An attempt that outlived its deadline (or was killed) is not a success.
+    let succeeded = state == TokenState::Completed && token.core.state() == TokenState::Executing;
+    token.op.health.record(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
             if try_retry(py, &token, call, &engine) {
@@ -319,6 +379,46 @@ impl WorkerHooks<PyJob> for PyHooks<'_, '_> {
                 WORKER.with(|slot| *slot.borrow_mut() = Some((w, *worker)));
             }
         }
+        execute(self.py, job, worker, self.engine.clone());
+    }
+
+    fn idle(&mut self, wait: &mut (dyn FnMut() + Send)) {
+        self.py.detach(wait);
+    }
+}
+
+/// Runs the threads of an engine's I/O lane (attached for their whole life,
+/// detached while they wait).
+#[derive(Debug, Default)]
+pub(crate) struct IoHost {
+    pub(crate) engine: OnceLock<Weak<EngineShared>>,
+}
+
+impl crate::lane::LaneHost<PyJob> for IoHost {
+    fn run_thread(&self, thread: crate::lane::LaneThread<PyJob>) {
+        let mut slot = Some(thread);
+        let attached = Python::try_attach(|py| {
+            if let Some(thread) = slot.take() {
+                let engine = self.engine.get().cloned().unwrap_or_default();
+                let mut hooks = IoHooks { py, engine };
+                thread.run(&mut hooks);
+            }
+        });
+        if attached.is_none() {
+            if let Some(thread) = slot.take() {
+                thread.run(&mut NoPython);
+            }
+        }
+    }
+}
+
+struct IoHooks<'py> {
+    py: Python<'py>,
+    engine: Weak<EngineShared>,
+}
+
+impl WorkerHooks<PyJob> for IoHooks<'_> {
+    fn execute(&mut self, job: PyJob, worker: &WorkerInfo) {
         execute(self.py, job, worker, self.engine.clone());
     }
 

@@ -79,6 +79,13 @@ impl Health {
         }
     }
 
+    /// Starts counting afresh (after an unblock).
+    pub(crate) fn reset(&self) {
+        for c in [&self.attempts, &self.successes, &self.failures, &self.timeouts, &self.total_ns, &self.min_ns, &self.max_ns] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// The original's health classes: unknown (< 5 attempts), excellent (>= 95 %
     /// success), healthy (>= 80 %), at_risk (>= 50 %), problematic.
     pub(crate) fn class(&self) -> &'static str {
@@ -153,6 +160,8 @@ pub(crate) struct Ledger {
     pub(crate) pending: Limit,
     pub(crate) admission_paused: AtomicBool,
     pub(crate) parked: Mutex<VecDeque<PyJob>>,
+    /// Set when the engine starts stopping: pauses no longer hold tokens (they are cancelled).
+    pub(crate) stopping: AtomicBool,
     pub(crate) auto_block: AtomicBool,
     pub(crate) retries: AtomicU64,
     pub(crate) timeouts_queued: AtomicU64,
@@ -175,6 +184,7 @@ impl Ledger {
             pending: Limit::new(max_pending),
             admission_paused: AtomicBool::new(false),
             parked: Mutex::new(VecDeque::new()),
+            stopping: AtomicBool::new(false),
             auto_block: AtomicBool::new(auto_block),
             retries: AtomicU64::new(0),
             timeouts_queued: AtomicU64::new(0),
@@ -255,6 +265,7 @@ impl Ledger {
         token.op.limit.release();
         self.pending.release();
         self.unregister(token.id);
+        token.route.release();
         if state == TokenState::Timeout {
             token.op.health.timeouts.fetch_add(1, Ordering::Relaxed);
         }

@@ -11,11 +11,13 @@
 //! * `exceptions`: the single mapping from internal errors to Python exceptions.
 
 mod asyncio;
+mod deps;
 mod engine;
 mod exceptions;
 mod job;
 mod ledger;
 mod log;
+mod routing;
 mod spec;
 mod token;
 mod wait;

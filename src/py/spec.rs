@@ -13,11 +13,13 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
-use super::engine::{current_engine, Engine, EngineShared};
+use super::engine::{current_engine, Engine, EngineShared, STORAGE_TIERS};
 use super::exceptions::BindError;
 use super::job::{Call, PyJob};
 use super::ledger::OpState;
-use super::token::{CallOptions, TaskToken, TokenInner};
+use super::deps::{input_tokens, DepWait};
+use super::routing::Route;
+use super::token::{CallOptions, LaneKind, Placement, TaskToken, TokenInner};
 use super::wait::timeout_arg;
 use crate::admission::Limit;
 use crate::pool::Weight;
@@ -26,6 +28,7 @@ use crate::token::now_ns;
 
 static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static DIGEST: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// What a decorated function's tokens share.
 #[derive(Debug)]
@@ -42,6 +45,11 @@ pub(crate) struct SpecShared {
     defaults: CallOptions,
     /// Core capacity a token needs (see `src/pool/capacity.rs`).
     pub(crate) weight: Weight,
+    /// I/O lane tier (`storage_speed`), or None for the CPU pool.
+    storage_tier: Option<usize>,
+    /// `external_calls` of a lead token, as digest input.
+    lead_calls: Option<String>,
+    digest_policy: String,
     /// (pool id, state of this operation on that engine).
     op_cache: Mutex<Option<(u64, Arc<OpState>)>>,
 }
@@ -136,6 +144,7 @@ impl OperationSpec {
         kwargs: Option<Bound<'_, PyDict>>,
         opts: &CallOptions,
         how: Admit,
+        sticky_key: Option<String>,
     ) -> PyResult<Option<Py<TaskToken>>> {
         let op = self.shared.op_for(engine);
         let ledger = &engine.ledger;
@@ -161,13 +170,17 @@ impl OperationSpec {
             }
         }
         let context = COPY_CONTEXT.import(py, "contextvars", "copy_context")?.call0()?;
-        let inner = Arc::new(TokenInner::new(
-            NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            self.shared.clone(),
-            ledger.clone(),
-            op,
-            opts,
-        ));
+        let id = NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed);
+        let placement = match self.placement(py, engine, id, sticky_key) {
+            Ok(p) => p,
+            Err(e) => {
+                op.limit.release();
+                ledger.pending.release();
+                return Err(e);
+            }
+        };
+        let inputs = input_tokens(&args, kwargs.as_ref());
+        let inner = Arc::new(TokenInner::new(id, self.shared.clone(), ledger.clone(), op, opts, placement));
         ledger.record_submitted();
         ledger.register(&inner);
         if let Some(t) = opts.timeout {
@@ -182,8 +195,47 @@ impl OperationSpec {
         // Everything else first: the caller holds the GIL until it returns,
         // and a worker that finds the job before that waits for the GIL.
         let token = Py::new(py, TaskToken { inner })?;
-        engine.dispatch(py, job)?;
+        if inputs.is_empty() {
+            engine.dispatch(py, job)?;
+        } else {
+            DepWait::start(py, job, &inputs, engine);
+        }
         Ok(Some(token))
+    }
+
+    /// Lane, pin and domain of a new token (see `routing.rs`).
+    fn placement(&self, py: Python<'_>, engine: &EngineShared, id: u64, sticky_key: Option<String>) -> PyResult<Placement> {
+        let spec = &self.shared;
+        if let Some(tier) = spec.storage_tier {
+            return Ok(Placement { lane: LaneKind::Io(tier), ..Placement::default() });
+        }
+        if let Some(calls) = &spec.lead_calls {
+            let digest = DIGEST.import(py, "tokengate._routing", "digest")?;
+            let seed: String = digest.call1((spec.digest_policy.as_str(), format!("{id}:{calls}")))?.extract()?;
+            let seed: Arc<str> = seed.into();
+            engine.domains.open(seed.clone());
+            return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed), is_lead: true, ..Placement::default() });
+        }
+        // A call made inside a lead (or one of its children) joins its domain.
+        if let Some(parent) = super::job::running_token() {
+            if let Some(seed) = parent.route.seed() {
+                let here = crate::pool::current_worker().map(|(_, i)| i);
+                let joined = engine.domains.join(seed, |slot| engine.pool.workers_of_slot(slot), here);
+                if let Some(pinned) = joined {
+                    return Ok(Placement {
+                        route: Route::Domain(engine.domains.clone(), seed.into()),
+                        pinned,
+                        ..Placement::default()
+                    });
+                }
+            }
+        }
+        if let Some(key) = sticky_key {
+            let candidates: Vec<usize> = (0..engine.pool.workers()).collect();
+            let worker = engine.sticky.acquire(&key, &candidates);
+            return Ok(Placement { route: Route::Sticky(engine.sticky.clone(), key), pinned: Some(worker), ..Placement::default() });
+        }
+        Ok(Placement::default())
     }
 
     fn check_arity(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
@@ -224,7 +276,8 @@ impl OperationSpec {
     /// `priority`, `timeout`, `retries` and `retry_backoff` are the defaults from the tags.
     #[new]
     #[pyo3(signature = (func, operation_type, tags, min_pos, max_pos, fast_arity, binder, *,
-                        priority=0, timeout=None, retries=0, retry_backoff=0.05, weight="medium"))]
+                        priority=0, timeout=None, retries=0, retry_backoff=0.05, weight="medium",
+                        storage_speed=None, external_calls=None, digest_policy="full"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         func: Py<PyAny>,
@@ -239,7 +292,23 @@ impl OperationSpec {
         retries: u32,
         retry_backoff: f64,
         weight: &str,
+        storage_speed: Option<&str>,
+        external_calls: Option<Vec<String>>,
+        digest_policy: &str,
     ) -> PyResult<Self> {
+        let storage_tier = match storage_speed {
+            None => None,
+            Some(t) => Some(
+                STORAGE_TIERS
+                    .iter()
+                    .position(|x| x.eq_ignore_ascii_case(t))
+                    .ok_or_else(|| BindError::Value(format!("unknown storage_speed {t:?}; valid: {STORAGE_TIERS:?}")))?,
+            ),
+        };
+        let lead_calls = external_calls.map(|mut calls| {
+            calls.sort();
+            calls.join(",")
+        });
         let weight = match weight {
             "light" => Weight::Light,
             "medium" => Weight::Medium,
@@ -264,6 +333,9 @@ impl OperationSpec {
                 binder,
                 defaults: CallOptions { priority, timeout, retries, retry_backoff },
                 weight,
+                storage_tier,
+                lead_calls,
+                digest_policy: digest_policy.to_owned(),
                 op_cache: Mutex::new(None),
             }),
         })
@@ -276,7 +348,7 @@ impl OperationSpec {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let engine = current_engine()?;
-        let token = self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None))?;
+        let token = self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
@@ -284,7 +356,7 @@ impl OperationSpec {
     /// returns None instead of waiting (and counts a rejection; `probe=True`
     /// does not count it, for polling async callers); with `admission_timeout`
     /// a blocking call raises `AdmissionRejectedError` after that many seconds.
-    #[pyo3(signature = (args, kwargs=None, *, priority=None, timeout=None, retries=None, block=true, admission_timeout=None, probe=false))]
+    #[pyo3(signature = (args, kwargs=None, *, priority=None, timeout=None, retries=None, block=true, admission_timeout=None, probe=false, sticky_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit_with(
         &self,
@@ -297,6 +369,7 @@ impl OperationSpec {
         block: bool,
         admission_timeout: Option<f64>,
         probe: bool,
+        sticky_key: Option<String>,
     ) -> PyResult<Option<Py<TaskToken>>> {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
@@ -307,7 +380,7 @@ impl OperationSpec {
             (false, false) => Admit::Try,
         };
         let engine = current_engine()?;
-        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how)
+        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
@@ -326,7 +399,7 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
-        let token = self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None))?;
+        let token = self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None), None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
@@ -348,6 +421,7 @@ impl OperationSpec {
             engine.ledger.clone(),
             op,
             &self.shared.defaults,
+            Placement::default(),
         ));
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);

@@ -20,6 +20,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use super::asyncio::{self as aio, Delivery, LoopQueue};
 use super::ledger::{Ledger, OpState};
+use super::routing::Route;
 use super::exceptions::{self, BindError};
 use super::spec::SpecShared;
 use super::wait::{timeout_arg, wait_detached};
@@ -42,6 +43,8 @@ pub(crate) enum Listener {
     Thread { func: Py<PyAny>, arg: Py<PyAny> },
     /// Call `func(arg)` on an event loop's thread.
     Loop { queue: Arc<LoopQueue>, delivery: Delivery },
+    /// A token that takes this one as an argument.
+    Dependent(Arc<super::deps::DepWait>),
 }
 
 /// The lock-protected part of a token.
@@ -78,11 +81,49 @@ pub(crate) struct TokenInner {
     pub(crate) retries_left: AtomicU32,
     pub(crate) attempts: AtomicU32,
     pub(crate) retry_backoff: f64,
+    /// Pin to release at resolution (sticky key or lead domain).
+    pub(crate) route: Route,
+    /// The worker this token must run on (sticky anchors, lead children).
+    pub(crate) pinned: Option<usize>,
+    /// Which lane runs it.
+    pub(crate) lane: LaneKind,
+    /// A lead token (its domain's core is recorded when it starts).
+    pub(crate) is_lead: bool,
+}
+
+/// The lane a token runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum LaneKind {
+    /// The CPU work-stealing pool.
+    #[default]
+    Cpu,
+    /// The elastic I/O lane, in one storage tier.
+    Io(usize),
+}
+
+/// Routing decided at call time.
+#[derive(Debug, Default)]
+pub(crate) struct Placement {
+    pub(crate) route: Route,
+    pub(crate) pinned: Option<usize>,
+    pub(crate) lane: LaneKind,
+    pub(crate) is_lead: bool,
 }
 
 impl TokenInner {
-    pub(crate) fn new(id: u64, spec: Arc<SpecShared>, ledger: Arc<Ledger>, op: Arc<OpState>, opts: &CallOptions) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        spec: Arc<SpecShared>,
+        ledger: Arc<Ledger>,
+        op: Arc<OpState>,
+        opts: &CallOptions,
+        placement: Placement,
+    ) -> Self {
         TokenInner {
+            route: placement.route,
+            pinned: placement.pinned,
+            lane: placement.lane,
+            is_lead: placement.is_lead,
             core: TokenCore::new(Slot::default()),
             id,
             spec,
@@ -258,8 +299,19 @@ impl TokenInner {
         match listener {
             Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
             Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
+            Listener::Dependent(wait) => wait.input_done(py),
         }
         Ok(())
+    }
+
+    /// Registers a dependent token's wait; false if this token is already done.
+    pub(crate) fn add_dependent(&self, wait: &Arc<super::deps::DepWait>) -> bool {
+        let mut slot = self.core.lock();
+        if self.core.is_done() {
+            return false;
+        }
+        slot.listeners.push(Listener::Dependent(wait.clone()));
+        true
     }
 
     /// Removes every listener whose function equals `func`; returns how many.
@@ -270,6 +322,7 @@ impl TokenInner {
                 let f = match l {
                     Listener::Thread { func, .. } => func,
                     Listener::Loop { delivery, .. } => &delivery.func,
+                    Listener::Dependent(_) => return false,
                 };
                 f.bind(py).eq(func).unwrap_or(false)
             });
@@ -286,6 +339,7 @@ pub(crate) fn fire(py: Python<'_>, listeners: Vec<Listener>) {
         match listener {
             Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
             Listener::Loop { queue, delivery } => queue.push(py, delivery),
+            Listener::Dependent(wait) => wait.input_done(py),
         }
     }
 }
@@ -390,6 +444,27 @@ impl TaskToken {
     #[getter]
     fn priority(&self) -> i64 {
         self.inner.priority
+    }
+
+    /// The lead domain's seed (leads and the calls made inside them), else None.
+    #[getter]
+    fn conductor_seed(&self) -> Option<&str> {
+        self.inner.route.seed()
+    }
+
+    /// True for a lead token (tagged `external_calls`).
+    #[getter]
+    fn is_lead(&self) -> bool {
+        self.inner.is_lead
+    }
+
+    /// "cpu" (the work-stealing pool) or "io" (the elastic I/O lane).
+    #[getter]
+    fn lane(&self) -> &'static str {
+        match self.inner.lane {
+            LaneKind::Cpu => "cpu",
+            LaneKind::Io(_) => "io",
+        }
     }
 
     /// Attempts made so far (more than 1 after retries).
@@ -520,6 +595,9 @@ impl TaskToken {
         d.set_item("core_id", self.core_id())?;
         d.set_item("killed", core.state() == TokenState::Killed)?;
         d.set_item("cancel_requested", core.cancel_requested())?;
+        d.set_item("priority", self.inner.priority)?;
+        d.set_item("lane", self.lane())?;
+        d.set_item("conductor_seed", self.inner.route.seed())?;
         let has_result = matches!(core.lock().outcome, Some(Outcome::Value(_)));
         d.set_item("has_result", has_result)?;
         Ok(d)

@@ -1,0 +1,102 @@
+//! Tokens as arguments: a call that receives unresolved tokens waits in the
+//! scheduler (state `waiting`, holding no worker) until they resolve; then
+//! the worker receives their values.
+//!
+//! # Protocol
+//!
+//! `DepWait::remaining` starts at (pending inputs + 1). Each pending input
+//! gets a `Listener::Dependent`; each firing decrements `remaining`. The
+//! submitting thread drops its extra unit last, so the wait completes exactly
+//! once, after every input resolved, on whichever thread resolved the last
+//! input. Completion swaps the input tokens in the arguments for their values
+//! and dispatches the job; if any input failed (or was cancelled, killed,
+//! timed out), the dependent token fails with `DependencyFailedError` whose
+//! `__cause__` is that input's exception. A dependent token resolved in the
+//! meantime (cancelled, timed out) is simply dropped.
+//!
+//! This replaces the original's blocking result proxies (`int(token)`,
+//! `token + 1`), which blocked a worker on another token and deadlocked a
+//! saturated pool.
+
+use std::sync::{Arc, Weak};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::engine::EngineShared;
+use super::exceptions;
+use super::job::PyJob;
+use super::token::{Outcome, TaskToken, TokenInner};
+use crate::sync::{AtomicUsize, Mutex, Ordering};
+use crate::token::TokenState;
+
+/// A token waiting for its input tokens.
+#[derive(Debug)]
+pub(crate) struct DepWait {
+    remaining: AtomicUsize,
+    job: Mutex<Option<PyJob>>,
+    engine: Weak<EngineShared>,
+}
+
+/// The unresolved input tokens among `args` and `kwargs` values (top level only).
+pub(crate) fn input_tokens(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> Vec<Arc<TokenInner>> {
+    let mut out = Vec::new();
+    let mut visit = |v: Bound<'_, PyAny>| {
+        if let Ok(t) = v.cast::<TaskToken>() {
+            out.push(t.get().inner.clone());
+        }
+    };
+    for a in args.iter() {
+        visit(a);
+    }
+    if let Some(kw) = kwargs {
+        for (_, v) in kw.iter() {
+            visit(v);
+        }
+    }
+    out
+}
+
+impl DepWait {
+    /// Parks `job` until `inputs` resolve (dispatching it at once if they all have).
+    pub(crate) fn start(py: Python<'_>, job: PyJob, inputs: &[Arc<TokenInner>], engine: &Arc<EngineShared>) {
+        job.token().core.hold();
+        let wait = Arc::new(DepWait {
+            remaining: AtomicUsize::new(inputs.len() + 1),
+            job: Mutex::new(Some(job)),
+            engine: Arc::downgrade(engine),
+        });
+        for input in inputs {
+            if !input.add_dependent(&wait) {
+                wait.remaining.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        wait.input_done(py);
+    }
+
+    /// One input resolved (or the submitter finished registering).
+    pub(crate) fn input_done(&self, py: Python<'_>) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(mut job) = self.job.lock().take() else { return };
+        let token = job.token().clone();
+        if token.core.is_done() {
+            job.forget_call();
+            return;
+        }
+        match job.substitute_inputs(py) {
+            Ok(()) => match self.engine.upgrade() {
+                Some(engine) => {
+                    let _ = engine.dispatch(py, job);
+                }
+                None => drop(job), // engine gone: the job's drop cancels the token
+            },
+            Err((input, cause)) => {
+                job.forget_call();
+                let err = exceptions::dependency_failed(py, &input, cause);
+                token.resolve(py, |_| true, TokenState::Failed, Some(Outcome::Error(err)));
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Routing tables: sticky anchors and lead domains, both pinning tokens to
+//! workers while they are in flight.
+//!
+//! # Sticky anchors
+//!
+//! `StickyTable` maps a routing key (anchor plus, by `hash_policy`, the
+//! arguments; computed in Python by `tokengate._routing.sticky_key`) to
+//! `(worker, in_flight)`. The first token of a key picks the active worker
+//! with the fewest pinned keys; later tokens of that key go to the same
+//! worker's inbox (never stolen). Each token's resolution decrements
+//! `in_flight` (`Route::release`, called exactly once from
+//! `Ledger::record_resolved`), and the key is removed at zero, whatever the
+//! way the token ended (the original leaked pins of tokens with arguments).
+//!
+//! # Lead domains
+//!
+//! A token tagged `external_calls` is a lead. Its domain (seed -> core slot,
+//! pending count) is created when the lead is made (pending 1); the lead's
+//! core slot is recorded when it starts. A decorated call made while a lead
+//! (or one of its children) runs on this thread joins the domain
+//! (pending + 1, same seed) and is pinned, round-robin, to a worker of the
+//! lead's core. The domain is removed when pending falls to 0, i.e. once the
+//! lead and every child have resolved (the original released it twice per
+//! token, so twice as early).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::sync::Mutex;
+
+/// Where a token's routing state must be released when it resolves.
+#[derive(Debug, Default)]
+pub(crate) enum Route {
+    /// No pin.
+    #[default]
+    Free,
+    /// Pinned through a sticky key.
+    Sticky(Arc<StickyTable>, String),
+    /// Part of a lead's domain (the lead itself or a child).
+    Domain(Arc<DomainTable>, Arc<str>),
+}
+
+impl Route {
+    /// Releases this token's share of its pin (called once, at resolution).
+    pub(crate) fn release(&self) {
+        match self {
+            Route::Free => {}
+            Route::Sticky(table, key) => table.release(key),
+            Route::Domain(table, seed) => table.release(seed),
+        }
+    }
+
+    /// The domain seed, for leads and their children.
+    pub(crate) fn seed(&self) -> Option<&str> {
+        match self {
+            Route::Domain(_, seed) => Some(seed),
+            _ => None,
+        }
+    }
+}
+
+/// Sticky key -> (worker, tokens in flight).
+#[derive(Debug)]
+pub(crate) struct StickyTable {
+    map: Mutex<HashMap<String, (usize, usize)>>,
+    pins: Mutex<Vec<usize>>,
+}
+
+impl StickyTable {
+    pub(crate) fn new(workers: usize) -> Self {
+        StickyTable { map: Mutex::new(HashMap::new()), pins: Mutex::new(vec![0; workers]) }
+    }
+
+    /// The worker of `key`, pinning it (to the least pinned of `candidates`) on first use.
+    pub(crate) fn acquire(&self, key: &str, candidates: &[usize]) -> usize {
+        let mut map = self.map.lock();
+        if let Some(entry) = map.get_mut(key) {
+            entry.1 += 1;
+            return entry.0;
+        }
+        let mut pins = self.pins.lock();
+        let worker = candidates.iter().copied().min_by_key(|&w| (pins[w], w)).unwrap_or(0);
+        pins[worker] += 1;
+        map.insert(key.to_owned(), (worker, 1));
+        worker
+    }
+
+    fn release(&self, key: &str) {
+        let mut map = self.map.lock();
+        let remove = match map.get_mut(key) {
+            Some(entry) => {
+                entry.1 -= 1;
+                entry.1 == 0
+            }
+            None => false,
+        };
+        if remove {
+            if let Some((worker, _)) = map.remove(key) {
+                self.pins.lock()[worker] -= 1;
+            }
+        }
+    }
+
+    /// key -> (worker, in flight), for monitoring and tests.
+    pub(crate) fn snapshot(&self) -> Vec<(String, usize, usize)> {
+        let mut v: Vec<_> = self.map.lock().iter().map(|(k, (w, n))| (k.clone(), *w, *n)).collect();
+        v.sort();
+        v
+    }
+}
+
+/// One lead's domain.
+#[derive(Debug)]
+struct Domain {
+    slot: Option<usize>,
+    pending: usize,
+    next: usize,
+}
+
+/// Seed -> domain.
+#[derive(Debug, Default)]
+pub(crate) struct DomainTable {
+    map: Mutex<HashMap<Arc<str>, Domain>>,
+}
+
+impl DomainTable {
+    /// Opens the domain of a new lead (pending 1).
+    pub(crate) fn open(&self, seed: Arc<str>) {
+        self.map.lock().insert(seed, Domain { slot: None, pending: 1, next: 0 });
+    }
+
+    /// Records the core slot the lead started on.
+    pub(crate) fn set_slot(&self, seed: &str, slot: usize) {
+        if let Some(d) = self.map.lock().get_mut(seed) {
+            d.slot = Some(slot);
+        }
+    }
+
+    /// Adds a child; returns the worker to pin it to (round-robin over
+    /// `workers_of(slot)`), or None if the domain is gone or has no core yet.
+    pub(crate) fn join(&self, seed: &str, workers_of: impl Fn(usize) -> Vec<usize>, avoid: Option<usize>) -> Option<Option<usize>> {
+        let mut map = self.map.lock();
+        let d = map.get_mut(seed)?;
+        d.pending += 1;
+        let Some(slot) = d.slot else { return Some(None) };
+        let mut workers = workers_of(slot);
+        if workers.len() > 1 {
+            workers.retain(|&w| Some(w) != avoid);
+        }
+        if workers.is_empty() {
+            return Some(None);
+        }
+        let w = workers[d.next % workers.len()];
+        d.next += 1;
+        Some(Some(w))
+    }
+
+    fn release(&self, seed: &str) {
+        let mut map = self.map.lock();
+        let remove = match map.get_mut(seed) {
+            Some(d) => {
+                d.pending -= 1;
+                d.pending == 0
+            }
+            None => false,
+        };
+        if remove {
+            map.remove(seed);
+        }
+    }
+
+    /// seed -> (core slot, pending), for monitoring and tests.
+    pub(crate) fn snapshot(&self) -> Vec<(String, Option<usize>, usize)> {
+        let mut v: Vec<_> = self.map.lock().iter().map(|(k, d)| (k.to_string(), d.slot, d.pending)).collect();
+        v.sort();
+        v
+    }
+}
