@@ -64,6 +64,7 @@ class OperationsCoordinator:
         register_global: bool = True,
         storage_limits: Mapping[str, int] | None = None,
         io_idle_timeout: float = 5.0,
+        convergence_interval: float = 5.0,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -104,6 +105,9 @@ class OperationsCoordinator:
         if not isinstance(io_idle_timeout, (int, float)) or isinstance(io_idle_timeout, bool) or not io_idle_timeout > 0:
             raise ValueError(f"io_idle_timeout must be a positive number of seconds, got {io_idle_timeout!r}")
         self.io_idle_timeout = float(io_idle_timeout)
+        if not isinstance(convergence_interval, (int, float)) or isinstance(convergence_interval, bool) or not convergence_interval > 0:
+            raise ValueError(f"convergence_interval must be a positive number of seconds, got {convergence_interval!r}")
+        self.convergence_interval = float(convergence_interval)
         self.auto_block_dangerous = bool(auto_block_dangerous)
         self._engine: _tokengate.Engine | None = None
         self._last_engine: _tokengate.Engine | None = None
@@ -142,6 +146,8 @@ class OperationsCoordinator:
                 register=self.register_global,
                 storage_limits=[self.storage_limits[t] for t in STORAGE_TIERS],
                 io_idle_timeout=self.io_idle_timeout,
+                convergence=self.enable_convergence,
+                convergence_interval=self.convergence_interval,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)

@@ -391,7 +391,19 @@ impl<J: Job> Pool<J> {
         self.shared.injector.push(job);
         self.shared.submitted.fetch_add(1, Ordering::Relaxed);
         self.shared.notify_work();
+        self.restore_pattern_if_backlogged();
         Ok(())
+    }
+
+    /// With a reduced pattern, a queue longer than the active workers restores every worker.
+    #[inline]
+    fn restore_pattern_if_backlogged(&self) {
+        let active = self.shared.active_per_core.load(Ordering::Relaxed);
+        if active < self.shared.config.units_per_core
+            && self.shared.injector.len() > active as usize * self.shared.cores.len()
+        {
+            self.set_active_per_core(u32::MAX);
+        }
     }
 
     /// Queues a job with a priority (higher first; 0 is the priority of

@@ -69,6 +69,28 @@ pub(crate) enum TimerItem {
     Deadline(Weak<TokenInner>),
     /// A failed token's next attempt.
     Retry(PyJob),
+    /// The adaptive pattern's periodic decision.
+    Converge,
+}
+
+/// The adaptive worker pattern (the original's convergence engine, applied).
+///
+/// Every `interval` it looks at the queue-wait p95 of tokens that started
+/// since the last look, the queue depth and the utilisation of the active
+/// workers, and picks how many workers per core take shared work: all of
+/// them (`workers_per_core`, 4 by default) under pressure (p95 wait over 1 s,
+/// queue deeper than twice the active workers, or utilisation over 80 %),
+/// one level fewer (down to `workers_per_core - 2`) when utilisation is under
+/// 40 % with an empty queue, else unchanged. Between looks, a queue that grows
+/// past the active workers restores the full pattern at once (the pool does
+/// this on submit), so a burst after a quiet spell is not throttled.
+#[derive(Debug)]
+pub(crate) struct Convergence {
+    enabled: AtomicBool,
+    interval: Duration,
+    decisions: AtomicU64,
+    last: Mutex<Option<(f64, usize, f64, u32)>>,
+    last_look_ns: AtomicU64,
 }
 
 /// A running engine, shared by its `Engine` object, the registry and the workers.
@@ -84,6 +106,7 @@ pub(crate) struct EngineShared {
     pub(crate) domains: Arc<DomainTable>,
     /// The elastic I/O lane (`storage_speed` tokens), one tier per storage speed.
     pub(crate) io: Lane<PyJob>,
+    convergence: Convergence,
 }
 
 /// Storage tiers of the I/O lane, in order (the `storage_speed` tag values).
@@ -266,6 +289,12 @@ impl EngineShared {
                         token.expire(py);
                     }
                 }
+                TimerItem::Converge => {
+                    if !self.is_stopping() && self.convergence.enabled.load(Ordering::Relaxed) {
+                        self.converge();
+                        let _ = self.timer.schedule(Instant::now() + self.convergence.interval, TimerItem::Converge);
+                    }
+                }
                 TimerItem::Retry(mut job) => {
                     if job.token().core.is_done() {
                         job.forget_call(); // cancelled or killed while it waited
@@ -275,6 +304,39 @@ impl EngineShared {
                 }
             }
         }
+    }
+
+    /// One decision of the adaptive pattern (see `Convergence`).
+    fn converge(&self) {
+        let conv = &self.convergence;
+        let max = u32::try_from(self.workers_per_core).unwrap_or(u32::MAX).max(1);
+        let floor = max.saturating_sub(2).max(1);
+        let current = self.pool.active_per_core().min(max);
+        let since = conv.last_look_ns.swap(crate::token::now_ns(), Ordering::Relaxed);
+        let mut waits: Vec<u64> = self
+            .ledger
+            .history()
+            .iter()
+            .filter_map(|r| r.started_ns.filter(|&s| s >= since).map(|s| s.saturating_sub(r.created_ns)))
+            .collect();
+        waits.sort_unstable();
+        let p95 = waits.get(waits.len().saturating_sub(1).min(waits.len() * 95 / 100)).map_or(0.0, |&w| w as f64 / 1e9);
+        let stats = self.pool.stats();
+        let depth = stats.queued_global + stats.queued_local.iter().sum::<usize>() + stats.deferred;
+        let active_workers = (current as usize * stats.core_units.len()).max(1);
+        let utilization = self.ledger.running.load(Ordering::Relaxed) as f64 / active_workers as f64;
+        let next = if p95 > 1.0 || depth > 2 * active_workers || utilization > 0.8 {
+            max
+        } else if utilization < 0.4 && depth == 0 {
+            current.saturating_sub(1).max(floor)
+        } else {
+            current
+        };
+        if next != current {
+            self.pool.set_active_per_core(next);
+            conv.decisions.fetch_add(1, Ordering::Relaxed);
+        }
+        *conv.last.lock() = Some((p95, depth, utilization, next));
     }
 
     /// Cancels every live token that has not started and is in no queue
@@ -372,7 +434,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
                         max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
-                        storage_limits=None, io_idle_timeout=5.0))]
+                        storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -388,7 +450,12 @@ impl Engine {
         register: bool,
         storage_limits: Option<Vec<usize>>,
         io_idle_timeout: f64,
+        convergence: bool,
+        convergence_interval: f64,
     ) -> PyResult<Self> {
+        if !(convergence_interval.is_finite() && convergence_interval > 0.0) {
+            return Err(BindError::Value("convergence_interval must be a positive number of seconds".into()).into());
+        }
         let limits = storage_limits.unwrap_or_else(|| vec![10, 25, 50, 70]);
         if limits.len() != STORAGE_TIERS.len() || limits.contains(&0) {
             return Err(BindError::Value(format!(
@@ -440,6 +507,13 @@ impl Engine {
             sticky: Arc::new(StickyTable::new(workers_total)),
             domains: Arc::new(DomainTable::default()),
             io,
+            convergence: Convergence {
+                enabled: AtomicBool::new(convergence),
+                interval: Duration::from_secs_f64(convergence_interval),
+                decisions: AtomicU64::new(0),
+                last: Mutex::new(None),
+                last_look_ns: AtomicU64::new(crate::token::now_ns()),
+            },
             pool,
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block)),
             stopping: AtomicBool::new(false),
@@ -458,6 +532,9 @@ impl Engine {
         }
         if register {
             activate(&shared);
+        }
+        if convergence {
+            let _ = shared.timer.schedule(Instant::now() + shared.convergence.interval, TimerItem::Converge);
         }
         super::log::info(py, "pool", || format!("engine {} started with {workers} workers", shared.pool.id()));
         Ok(Engine { shared })
@@ -580,6 +657,21 @@ impl Engine {
         let lanes = PyDict::new(py);
         lanes.set_item("io", lane)?;
         out.set_item("lanes", lanes)?;
+
+        let conv = PyDict::new(py);
+        conv.set_item("enabled", sh.convergence.enabled.load(Ordering::Relaxed))?;
+        conv.set_item("interval_s", sh.convergence.interval.as_secs_f64())?;
+        conv.set_item("pattern", sh.pool.active_per_core().min(sh.workers_per_core as u32))?;
+        conv.set_item("decisions", sh.convergence.decisions.load(Ordering::Relaxed))?;
+        if let Some((p95, depth, util, decision)) = *sh.convergence.last.lock() {
+            let last = PyDict::new(py);
+            last.set_item("queue_wait_p95_s", p95)?;
+            last.set_item("queue_depth", depth)?;
+            last.set_item("utilization", util)?;
+            last.set_item("pattern", decision)?;
+            conv.set_item("last", last)?;
+        }
+        out.set_item("convergence", conv)?;
 
         let routing = PyDict::new(py);
         routing.set_item("sticky_keys", sh.sticky.snapshot().len())?;
@@ -759,6 +851,29 @@ impl Engine {
             return Err(BindError::Value("a storage tier limit must be greater than 0".into()).into());
         }
         self.shared.io.set_limit(index, limit);
+        Ok(())
+    }
+
+    /// Runs one adaptive-pattern decision now (tests, tools); returns the pattern.
+    fn converge_now(&self) -> u32 {
+        self.shared.converge();
+        self.shared.pool.active_per_core().min(self.shared.workers_per_core as u32)
+    }
+
+    /// Turns the adaptive pattern on or off (off restores every worker).
+    fn set_convergence(&self, enabled: bool) {
+        self.shared.convergence.enabled.store(enabled, Ordering::SeqCst);
+        if !enabled {
+            self.shared.pool.set_active_per_core(u32::MAX);
+        }
+    }
+
+    /// Sets the active workers per core by hand (the adaptive pattern may change it again).
+    fn set_pattern(&self, active_per_core: u32) -> PyResult<()> {
+        if active_per_core == 0 {
+            return Err(BindError::Value("active workers per core must be at least 1".into()).into());
+        }
+        self.shared.pool.set_active_per_core(active_per_core);
         Ok(())
     }
 
