@@ -22,6 +22,10 @@ echo "== cargo test (engine, no Python)"
 cargo test --no-default-features -q 2>&1 | grep -E "^test result|FAILED|panicked" || true
 cargo test --no-default-features -q >/dev/null 2>&1
 
+echo "== loom models of the sleep/wake and shutdown handshakes"
+scripts/loom.sh 2>&1 | grep -E "^test result|FAILED|panicked" || true
+scripts/loom.sh >/dev/null 2>&1
+
 echo "== pytest ($("$VENV/bin/python" -V))"
 "$VENV/bin/python" -m pytest -q "$@"
 

@@ -26,7 +26,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::pool::{WorkerHooks, WorkerInfo};
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::sync::{Condvar, Mutex};
+use std::sync::Arc;
 
 /// What the embedder runs on each lane thread.
 pub trait LaneHost<J>: Send + Sync + 'static {
@@ -373,7 +374,7 @@ impl<J: Send + 'static> LaneThread<J> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

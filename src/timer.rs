@@ -18,7 +18,8 @@ use std::collections::BinaryHeap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::sync::{Condvar, Mutex};
+use std::sync::Arc;
 
 struct Entry<T> {
     deadline: Instant,
@@ -172,7 +173,7 @@ fn run<T>(shared: &Shared<T>, on_expire: &(dyn Fn(Vec<T>) + Send + Sync)) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::mpsc;

@@ -86,7 +86,7 @@ pub trait Host<J>: Send + Sync + 'static {
     fn run_worker(&self, worker: WorkerLoop<J>);
 }
 
-static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// State shared by a pool's handle and its workers.
 pub(crate) struct Shared<J> {
@@ -655,5 +655,8 @@ impl<J> Drop for ExitGuard<'_, J> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;

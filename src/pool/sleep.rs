@@ -53,7 +53,7 @@ fn sleepers(counts: u64) -> u64 {
 }
 
 #[derive(Debug, Default)]
-struct Slot {
+pub(crate) struct Slot {
     notified: Mutex<bool>,
     cv: Condvar,
 }
