@@ -162,6 +162,22 @@ impl<J> Shared<J> {
         (index / self.cores.len()) < self.active_per_core.load(Ordering::Relaxed) as usize
     }
 
+    /// With a reduced adaptive pattern, a backlog (queued plus deferred jobs
+    /// beyond the active workers) restores every worker at once.
+    #[inline]
+    pub(crate) fn restore_pattern_if_backlogged(&self) {
+        let active = self.active_per_core.load(Ordering::Relaxed);
+        if active < self.config.units_per_core {
+            let waiting = self.injector.len() + self.deferred_len.load(Ordering::Relaxed);
+            if waiting > active as usize * self.cores.len() || self.deferred_len.load(Ordering::Relaxed) > 0 {
+                let prev = self.active_per_core.swap(u32::MAX, Ordering::SeqCst);
+                if prev != u32::MAX {
+                    self.sleep.wake_all_idle();
+                }
+            }
+        }
+    }
+
     /// Whether worker `index` could take shared (not pinned) work now.
     pub(crate) fn can_take_shared(&self, index: usize) -> bool {
         if !self.is_active(index) {
@@ -398,12 +414,7 @@ impl<J: Job> Pool<J> {
     /// With a reduced pattern, a queue longer than the active workers restores every worker.
     #[inline]
     fn restore_pattern_if_backlogged(&self) {
-        let active = self.shared.active_per_core.load(Ordering::Relaxed);
-        if active < self.shared.config.units_per_core
-            && self.shared.injector.len() > active as usize * self.shared.cores.len()
-        {
-            self.set_active_per_core(u32::MAX);
-        }
+        self.shared.restore_pattern_if_backlogged();
     }
 
     /// Queues a job with a priority (higher first; 0 is the priority of

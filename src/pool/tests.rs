@@ -473,26 +473,49 @@ fn the_active_pattern_limits_which_workers_take_shared_work() {
     // A pattern change takes effect at each worker's next look for work.
     std::thread::sleep(Duration::from_millis(50));
     let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-    let (tx, rx) = mpsc::channel();
-    for _ in 0..400 {
-        let (seen, tx) = (seen.clone(), tx.clone());
+    // One job at a time: no backlog, so the reduced pattern stays in force.
+    for _ in 0..200 {
+        let (tx, rx) = mpsc::channel();
+        let seen = seen.clone();
         p.submit(Weighted(
             Weight::Light,
             Box::new(move |w| {
                 seen.lock().unwrap().insert(w.index);
-                std::thread::sleep(Duration::from_micros(100));
+                tx.send(()).unwrap();
+            }),
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|&i| i < 4), "workers of rank >= 2 ran shared work: {seen:?}");
+    assert_eq!(p.active_per_core(), 2);
+    p.shutdown();
+    p.join(None);
+}
+
+#[test]
+fn a_backlog_restores_the_full_pattern() {
+    let p = weighted_pool(8, 2);
+    p.set_active_per_core(2);
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..64 {
+        let tx = tx.clone();
+        p.submit(Weighted(
+            Weight::Light,
+            Box::new(move |_| {
+                std::thread::sleep(Duration::from_millis(1));
                 tx.send(()).unwrap();
             }),
         ))
         .map_err(|(e, _)| e)
         .unwrap();
     }
-    for _ in 0..400 {
+    for _ in 0..64 {
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
     }
-    let seen = seen.lock().unwrap().clone();
-    assert!(seen.iter().all(|&i| i < 4), "workers of rank >= 2 ran shared work: {seen:?}");
-    p.set_active_per_core(4);
+    assert_eq!(p.active_per_core(), u32::MAX, "64 queued jobs for 4 active workers must restore every worker");
     p.shutdown();
     p.join(None);
 }

@@ -164,6 +164,7 @@ impl<J: Job> WorkerLoop<J> {
             }
         }
         self.shared.notify_work();
+        self.shared.restore_pattern_if_backlogged();
     }
 
     /// A deferred job that fits this core now, with its units taken.
