@@ -73,14 +73,20 @@ impl Limit {
     #[inline]
     pub fn try_acquire(&self) -> bool {
         let limit = self.limit.load(Ordering::SeqCst);
+        if limit == 0 {
+            // Unlimited: just count (one RMW, no CAS loop).
+            let now = self.in_use.fetch_add(1, Ordering::SeqCst) + 1;
+            self.note_peak(now);
+            return true;
+        }
         let mut cur = self.in_use.load(Ordering::SeqCst);
         loop {
-            if limit != 0 && cur >= limit {
+            if cur >= limit {
                 return false;
             }
             match self.in_use.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
-                    self.peak.fetch_max(cur + 1, Ordering::Relaxed);
+                    self.note_peak(cur + 1);
                     return true;
                 }
                 Err(actual) => cur = actual,
@@ -88,11 +94,19 @@ impl Limit {
         }
     }
 
+    #[inline]
+    fn note_peak(&self, now: usize) {
+        // A read first: the peak line is written only when it moves.
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
     /// Takes a slot even when the limit is reached (for work that already
     /// exists and only needs counting, like an external lane's token).
     pub fn force_acquire(&self) {
         let now = self.in_use.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::Relaxed);
+        self.note_peak(now);
     }
 
     /// Counts a rejection (the caller gave up).

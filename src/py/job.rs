@@ -297,7 +297,8 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
         maybe_inject_fault();
         call.invoke(py)
     }));
-    let elapsed = now_ns().saturating_sub(t0);
+    let t1 = now_ns();
+    let elapsed = t1.saturating_sub(t0);
     CURRENT_TOKEN.with(|c| *c.borrow_mut() = previous);
     token.ledger.running_delta(-1);
     let mut panicked = false;
@@ -335,7 +336,7 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
         }
     }
     // A token killed or timed out while running is already resolved: its result is dropped.
-    token.resolve(py, |s| s == TokenState::Executing, state, Some(outcome));
+    token.resolve_at(py, |s| s == TokenState::Executing, state, Some(outcome), Some(t1));
 }
 
 /// Schedules another attempt after a back-off. False when no retry is left

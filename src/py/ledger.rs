@@ -10,7 +10,10 @@
 //!   on submit, remove on resolve; `kill_*` scans it.
 //! * `ops` (operation name -> `OpState`) is locked only on an operation's
 //!   first call per engine; each `OperationSpec` caches its `OpState`.
-//! * `recent` (a bounded ring) is locked once per resolved token.
+//! * `recent` is sharded like the registry (by token id): each resolution
+//!   locks one shard; a shard keeps the newest `history_size` records and a
+//!   read merges the shards by finish time, so the newest `history_size`
+//!   overall are always there. No lock is shared by all tokens.
 //! * `parked` queues (global and per operation) hold jobs while admission or
 //!   their operation is paused. The paused flag is changed and read under
 //!   the same lock as the queue, so a job is never parked after a resume has
@@ -69,12 +72,19 @@ impl Health {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.total_ns.fetch_add(ns, Ordering::Relaxed);
-        self.max_ns.fetch_max(ns, Ordering::Relaxed);
-        let mut cur = self.min_ns.load(Ordering::Relaxed);
-        while cur == 0 || ns < cur {
-            match self.min_ns.compare_exchange_weak(cur, ns.max(1), Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(actual) => cur = actual,
+        // Reads first: the extremes' lines are written only when they move.
+        if ns > self.max_ns.load(Ordering::Relaxed) {
+            self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+        let ns = ns.max(1);
+        let min = self.min_ns.load(Ordering::Relaxed);
+        if min == 0 || ns < min {
+            let mut cur = min;
+            while cur == 0 || ns < cur {
+                match self.min_ns.compare_exchange_weak(cur, ns, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(actual) => cur = actual,
+                }
             }
         }
     }
@@ -141,6 +151,7 @@ impl OpState {
 pub(crate) struct Record {
     pub(crate) token_id: u64,
     pub(crate) operation_type: Arc<str>,
+    seq: u64,
     pub(crate) state: TokenState,
     pub(crate) created_ns: u64,
     pub(crate) started_ns: Option<u64>,
@@ -171,7 +182,7 @@ pub(crate) struct Ledger {
     pub(crate) overruns: AtomicU64,
     ops: Mutex<HashMap<Arc<str>, Arc<OpState>>>,
     registry: Vec<Mutex<IdMap<Weak<TokenInner>>>>,
-    recent: Mutex<VecDeque<Record>>,
+    recent: Vec<Mutex<VecDeque<Record>>>,
     recent_cap: usize,
 }
 
@@ -194,7 +205,7 @@ impl Ledger {
             overruns: AtomicU64::new(0),
             ops: Mutex::new(HashMap::new()),
             registry: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
-            recent: Mutex::new(VecDeque::with_capacity(history.min(4096))),
+            recent: (0..SHARDS).map(|_| Mutex::new(VecDeque::new())).collect(),
             recent_cap: history,
         }
     }
@@ -274,6 +285,7 @@ impl Ledger {
             let record = Record {
                 token_id: token.id,
                 operation_type: token.op.name.clone(),
+                seq: token.core.time(crate::token::Stamp::Finished).unwrap_or(0),
                 state,
                 created_ns: token.core.time(crate::token::Stamp::Created).unwrap_or(0),
                 started_ns: token.core.time(crate::token::Stamp::Started),
@@ -282,7 +294,7 @@ impl Ledger {
                 core_id,
                 error,
             };
-            let mut recent = self.recent.lock();
+            let mut recent = self.recent[token.id as usize % SHARDS].lock();
             if recent.len() >= self.recent_cap {
                 recent.pop_front();
             }
@@ -292,12 +304,19 @@ impl Ledger {
 
     /// The newest `limit` records, newest first.
     pub(crate) fn recent(&self, limit: usize) -> Vec<Record> {
-        self.recent.lock().iter().rev().take(limit).cloned().collect()
+        let mut all = self.history();
+        all.reverse();
+        all.truncate(limit);
+        all
     }
 
-    /// Every record kept, oldest first.
+    /// The newest `history_size` records, oldest first.
     pub(crate) fn history(&self) -> Vec<Record> {
-        self.recent.lock().iter().cloned().collect()
+        let mut all: Vec<Record> = self.recent.iter().flat_map(|s| s.lock().iter().cloned().collect::<Vec<_>>()).collect();
+        all.sort_by_key(|r| (r.seq, r.token_id));
+        let excess = all.len().saturating_sub(self.recent_cap);
+        all.drain(..excess);
+        all
     }
 
     pub(crate) fn total_resolved(&self) -> u64 {

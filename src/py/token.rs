@@ -146,11 +146,23 @@ impl TokenInner {
         to: TokenState,
         outcome: Option<Outcome>,
     ) -> bool {
+        self.resolve_at(py, allowed, to, outcome, None)
+    }
+
+    /// `resolve` with the finish time already read (`None`: read it now).
+    pub(crate) fn resolve_at(
+        &self,
+        py: Python<'_>,
+        allowed: impl Fn(TokenState) -> bool,
+        to: TokenState,
+        outcome: Option<Outcome>,
+        finished_ns: Option<u64>,
+    ) -> bool {
         let error = match &outcome {
             Some(Outcome::Error(e)) => e.bind(py).get_type().name().ok().map(|n| n.to_string()),
             _ => None,
         };
-        match self.resolve_quiet(allowed, to, outcome, error) {
+        match self.resolve_quiet_at(allowed, to, outcome, error, finished_ns) {
             Some(listeners) => {
                 fire(py, listeners);
                 true
@@ -168,7 +180,18 @@ impl TokenInner {
         outcome: Option<Outcome>,
         error: Option<String>,
     ) -> Option<Vec<Listener>> {
-        let listeners = self.core.resolve(allowed, to, |slot| {
+        self.resolve_quiet_at(allowed, to, outcome, error, None)
+    }
+
+    fn resolve_quiet_at(
+        &self,
+        allowed: impl Fn(TokenState) -> bool,
+        to: TokenState,
+        outcome: Option<Outcome>,
+        error: Option<String>,
+        finished_ns: Option<u64>,
+    ) -> Option<Vec<Listener>> {
+        let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
             slot.outcome = outcome;
             std::mem::take(&mut slot.listeners)
         })?;
@@ -775,8 +798,23 @@ impl TokenAwait {
     }
 }
 
-/// Builds a tuple `(first, *rest)`.
+/// Builds a tuple `(first, *rest)` (no intermediate vector).
 pub(crate) fn prepend<'py>(first: &Bound<'py, PyAny>, rest: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyTuple>> {
-    let items: Vec<Bound<'py, PyAny>> = std::iter::once(first.clone()).chain(rest.iter()).collect();
-    PyTuple::new(first.py(), items)
+    struct Prepend<'a, 'py> {
+        first: Option<Bound<'py, PyAny>>,
+        rest: pyo3::types::iter::BoundTupleIterator<'py>,
+        _marker: std::marker::PhantomData<&'a ()>,
+    }
+    impl<'py> Iterator for Prepend<'_, 'py> {
+        type Item = Bound<'py, PyAny>;
+        fn next(&mut self) -> Option<Self::Item> {
+            self.first.take().or_else(|| self.rest.next())
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            let n = usize::from(self.first.is_some()) + self.rest.len();
+            (n, Some(n))
+        }
+    }
+    impl ExactSizeIterator for Prepend<'_, '_> {}
+    PyTuple::new(first.py(), Prepend { first: Some(first.clone()), rest: rest.iter(), _marker: std::marker::PhantomData })
 }
