@@ -54,6 +54,7 @@ struct State<J> {
 }
 
 struct Shared<J> {
+    handles: Mutex<Vec<std::thread::JoinHandle<()>>>,
     state: Mutex<State<J>>,
     cv: Condvar,
     exited: Condvar,
@@ -126,6 +127,7 @@ impl<J: Send + 'static> Lane<J> {
         let tiers = limits.iter().map(|&l| Tier { limit: l.max(1), running: 0, peak: 0, queue: VecDeque::new() }).collect();
         Lane {
             shared: Arc::new(Shared {
+                handles: Mutex::new(Vec::new()),
                 state: Mutex::new(State { tiers, ready: VecDeque::new(), threads: 0, idle: 0, spawned: 0, stop: false }),
                 cv: Condvar::new(),
                 exited: Condvar::new(),
@@ -150,16 +152,7 @@ impl<J: Send + 'static> Lane<J> {
                 t.running += 1;
                 t.peak = t.peak.max(t.running);
                 st.ready.push_back((tier, job));
-                if st.idle > 0 {
-                    self.shared.cv.notify_one();
-                    false
-                } else if st.threads < self.shared.max_threads {
-                    st.threads += 1;
-                    st.spawned += 1;
-                    true
-                } else {
-                    false
-                }
+                self.wake_or_spawn(&mut st)
             } else {
                 t.queue.push_back(job);
                 false
@@ -169,6 +162,23 @@ impl<J: Send + 'static> Lane<J> {
             self.spawn();
         }
         Ok(())
+    }
+
+    /// Wakes an idle thread, or decides to spawn one (never more threads
+    /// than jobs running across all tiers). Call with the lock held.
+    fn wake_or_spawn(&self, st: &mut State<J>) -> bool {
+        if st.idle > 0 {
+            self.shared.cv.notify_one();
+            return false;
+        }
+        let running: usize = st.tiers.iter().map(|t| t.running).sum();
+        if st.threads < running.min(self.shared.max_threads) {
+            st.threads += 1;
+            st.spawned += 1;
+            true
+        } else {
+            false
+        }
     }
 
     fn spawn(&self) {
@@ -184,34 +194,51 @@ impl<J: Send + 'static> Lane<J> {
                 host.run_thread(LaneThread { shared, info });
                 drop(guard);
             });
-        if spawned.is_err() {
-            let mut st = self.shared.state.lock();
-            st.threads -= 1;
-            self.shared.exited.notify_all();
+        match spawned {
+            Ok(handle) => {
+                let mut handles = self.shared.handles.lock();
+                // Join the threads that retired since (they have left Python).
+                let (done, alive): (Vec<_>, Vec<_>) = handles.drain(..).partition(|h| h.is_finished());
+                *handles = alive;
+                handles.push(handle);
+                drop(handles);
+                for h in done {
+                    let _ = h.join();
+                }
+            }
+            Err(_) => {
+                let mut st = self.shared.state.lock();
+                st.threads -= 1;
+                self.shared.exited.notify_all();
+            }
         }
     }
 
     /// Changes a tier's limit (queued jobs start if the limit grew).
     pub fn set_limit(&self, tier: usize, limit: usize) {
-        let mut st = self.shared.state.lock();
-        if tier >= st.tiers.len() {
-            return;
-        }
-        st.tiers[tier].limit = limit.max(1);
-        let mut moved = 0;
-        loop {
-            let t = &mut st.tiers[tier];
-            if t.running >= t.limit {
-                break;
+        let mut spawn = 0;
+        {
+            let mut st = self.shared.state.lock();
+            if tier >= st.tiers.len() {
+                return;
             }
-            let Some(job) = t.queue.pop_front() else { break };
-            t.running += 1;
-            t.peak = t.peak.max(t.running);
-            st.ready.push_back((tier, job));
-            moved += 1;
+            st.tiers[tier].limit = limit.max(1);
+            loop {
+                let t = &mut st.tiers[tier];
+                if t.running >= t.limit {
+                    break;
+                }
+                let Some(job) = t.queue.pop_front() else { break };
+                t.running += 1;
+                t.peak = t.peak.max(t.running);
+                st.ready.push_back((tier, job));
+                if self.wake_or_spawn(&mut st) {
+                    spawn += 1;
+                }
+            }
         }
-        if moved > 0 {
-            self.shared.cv.notify_all();
+        for _ in 0..spawn {
+            self.spawn();
         }
     }
 
@@ -270,18 +297,27 @@ trait Join: Send {
 struct SharedJoin<J>(Arc<Shared<J>>);
 
 impl<J: Send> Join for SharedJoin<J> {
+    /// Waits for `threads == 0`, then joins every handle: a thread counts
+    /// itself out before it leaves the embedder (Python), so only the join
+    /// proves it is gone.
     fn join(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut st = self.0.state.lock();
-        while st.threads > 0 {
-            match deadline {
-                Some(d) => {
-                    if self.0.exited.wait_until(&mut st, d).timed_out() {
-                        return st.threads == 0;
+        {
+            let mut st = self.0.state.lock();
+            while st.threads > 0 {
+                match deadline {
+                    Some(d) => {
+                        if self.0.exited.wait_until(&mut st, d).timed_out() && st.threads > 0 {
+                            return false;
+                        }
                     }
+                    None => self.0.exited.wait(&mut st),
                 }
-                None => self.0.exited.wait(&mut st),
             }
+        }
+        let handles: Vec<_> = std::mem::take(&mut *self.0.handles.lock());
+        for h in handles {
+            let _ = h.join();
         }
         true
     }

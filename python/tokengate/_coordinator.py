@@ -38,7 +38,8 @@ class OperationsCoordinator:
     ``workers_per_core`` (default 4, as in Py-TokenGate) times the number of
     logical cores this process may use gives the worker count; ``max_workers``
     sets it directly instead. Worker ``i`` is pinned to core ``i mod n``
-    unless ``pin_workers=False``.
+    unless ``pin_workers=False``. ``process_workers`` (default: the logical
+    cores) sizes the process lane that runs ``process_pool: True`` tokens.
 
     ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
     be started again. It is also a context manager (``with``) and an async
@@ -65,6 +66,7 @@ class OperationsCoordinator:
         storage_limits: Mapping[str, int] | None = None,
         io_idle_timeout: float = 5.0,
         convergence_interval: float = 5.0,
+        process_workers: int | None = None,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -109,6 +111,11 @@ class OperationsCoordinator:
             raise ValueError(f"convergence_interval must be a positive number of seconds, got {convergence_interval!r}")
         self.convergence_interval = float(convergence_interval)
         self.auto_block_dangerous = bool(auto_block_dangerous)
+        # -- W1-5 process lane: worker processes of process_pool tokens (default: logical cores),
+        # started on the first such token, shut down by stop().
+        self.process_workers = _positive_int("process_workers", process_workers, allow_none=True)
+        self._process_lane: Any = None
+        # -- end W1-5
         self._engine: _tokengate.Engine | None = None
         self._last_engine: _tokengate.Engine | None = None
         self._lock = threading.RLock()
@@ -170,6 +177,12 @@ class OperationsCoordinator:
             if engine is None:
                 return True
             joined = engine.stop(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
+            # -- W1-5: shut the process lane down (no worker process outlives stop()).
+            lane, self._process_lane = self._process_lane, None
+            if lane is not None:
+                lane_done = lane.shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
+                joined = joined and (lane_done or not wait)
+            # -- end W1-5
             self._last_engine = engine  # history stays readable after stop
             if joined or not wait:
                 self._engine = None
@@ -318,6 +331,9 @@ class OperationsCoordinator:
                     "timeouts": {}, "operations": {}}
         stats: dict[str, Any] = engine.stats()
         stats["active"] = True
+        lane = self._process_lane  # W1-5
+        if lane is not None and lane.engine is engine:
+            stats.setdefault("lanes", {})["process"] = lane.stats()
         return stats
 
     def __repr__(self) -> str:

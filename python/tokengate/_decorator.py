@@ -175,6 +175,11 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.options = functools.partial(CallWith, spec)  # type: ignore[attr-defined]
         wrapper.try_submit = CallWith(spec, block=False)  # type: ignore[attr-defined]
         wrapper.submit_async = CallWith(spec).submit_async  # type: ignore[attr-defined]
+        if validated.get("process_pool") and not validated.get("storage_speed"):
+            # W1-5: the process lane (python/tokengate/_process.py) runs these tokens.
+            from ._process import process_wrapper
+
+            return process_wrapper(spec, fn)  # type: ignore[return-value]
         return wrapper
 
     return decorate

@@ -41,7 +41,7 @@ def make_hashable(obj: Any) -> Any:
 
 
 def _mh(obj: Any, active: set[int]) -> Any:
-    if isinstance(obj, _SCALARS):
+    if type(obj) in _SCALARS:  # exact builtins only: a subclass may not be hashable
         return (type(obj).__name__, obj)
     oid = id(obj)
     if oid in active:
@@ -62,7 +62,7 @@ def _mh(obj: Any, active: set[int]) -> Any:
     try:
         hash(obj)
         return (type(obj).__qualname__, obj)
-    except TypeError:
+    except Exception:  # noqa: BLE001 - unhashable, or a __hash__ that raises
         return ("<object>", type(obj).__qualname__, id(obj))
 
 

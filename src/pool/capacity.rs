@@ -106,6 +106,11 @@ impl CoreSlot {
         self.used.fetch_sub(units, Ordering::AcqRel);
     }
 
+    /// Becomes the core's only heavy job if none runs (inline runs).
+    pub(crate) fn try_heavy_alone(&self) -> bool {
+        self.heavy_running.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
     pub(crate) fn heavy_started(&self) {
         self.heavy_running.fetch_add(1, Ordering::AcqRel);
     }

@@ -19,6 +19,13 @@ use crate::sync::Ordering;
 thread_local! {
     /// (pool id, worker index) of the pool worker running on this thread.
     static CURRENT: Cell<Option<(u64, usize)>> = const { Cell::new(None) };
+    /// Core units held by the job this worker runs now.
+    static HELD: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Core units held by the job the pool is running on this thread (0 elsewhere).
+pub fn held_units() -> u32 {
+    HELD.with(Cell::get)
 }
 
 /// The pool id and index of the worker running on the current thread, if any.
@@ -132,9 +139,11 @@ impl<J: Job> WorkerLoop<J> {
             }
         }
         let info = self.info;
+        HELD.with(|h| h.set(units));
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
             self.shared.panics.fetch_add(1, Ordering::Relaxed);
         }
+        HELD.with(|h| h.set(0));
         if heavy {
             self.slot().heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);

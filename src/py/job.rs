@@ -4,9 +4,13 @@
 //! (`PyHost::run_worker`), so running a task costs no thread-state setup;
 //! it detaches only inside `WorkerHooks::idle`, while it spins or sleeps.
 //!
-//! A job owns the call (function, arguments, context). If a job is dropped
-//! without running (the pool was drained or dropped), its token resolves as
-//! cancelled: no token is ever left pending.
+//! The call (function, arguments, context) lives in the token; a queued job
+//! points at the token. Whoever takes the call first runs it: a worker that
+//! pops the job, or a task that waits on the token and runs it inline (help
+//! while waiting: the awaited token itself first, depth-first like a plain
+//! recursive call). If a job is dropped while the call is still there (the
+//! pool was drained or dropped), its token resolves as cancelled: no token is
+//! ever left pending.
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -58,21 +62,23 @@ impl Call {
     }
 }
 
-/// A queued token and its call.
+/// A queued token (its call is in the token).
 #[derive(Debug)]
 pub(crate) struct PyJob {
     token: Arc<TokenInner>,
-    call: Option<Call>,
+    armed: bool,
 }
 
 impl PyJob {
     pub(crate) fn new(token: Arc<TokenInner>, call: Call) -> Self {
-        PyJob { token, call: Some(call) }
+        *token.call.lock() = Some(call);
+        PyJob { token, armed: true }
     }
 
     /// Drops the call without resolving the token (the caller resolves it).
     pub(crate) fn forget_call(&mut self) {
-        self.call = None;
+        self.armed = false;
+        drop(self.token.call.lock().take());
     }
 
     /// The token this job runs.
@@ -83,7 +89,9 @@ impl PyJob {
     /// Replaces input tokens among the arguments with their values. On a
     /// failed input, returns it with the exception to use as the cause.
     pub(crate) fn substitute_inputs(&mut self, py: Python<'_>) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
-        let Some(call) = self.call.as_mut() else { return Ok(()) };
+        let token = self.token.clone();
+        let mut guard = token.call.lock();
+        let Some(call) = guard.as_mut() else { return Ok(()) };
         let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {
             match v.cast::<TaskToken>() {
                 Ok(t) => {
@@ -127,7 +135,7 @@ impl Job for PyJob {
 
 impl Drop for PyJob {
     fn drop(&mut self) {
-        if self.call.take().is_some() {
+        if self.armed && self.token.call.lock().take().is_some() {
             self.token.cancel_unrun();
         }
     }
@@ -204,6 +212,33 @@ thread_local! {
     /// The engine and worker identity of the worker running on this thread.
     static WORKER: RefCell<Option<(Weak<EngineShared>, WorkerInfo)>> = const { RefCell::new(None) };
     static HELP_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Core units held by the jobs this worker thread runs inline (its waits);
+    /// the job the pool started holds `crate::pool::held_units()`.
+    static CHAIN_UNITS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Core units a job of `weight` gets to run inline on this worker now, or
+/// None. Light and medium jobs use the units the waiting chain already
+/// holds. A heavy job needs its core to itself: nothing else running on it,
+/// or, once the wait has stalled, no other heavy job there (the waiting
+/// jobs are blocked), so liveness never costs the heavy limit.
+fn inline_units(engine: &EngineShared, info: &WorkerInfo, weight: Weight, stalled: bool) -> Option<u32> {
+    if weight != Weight::Heavy {
+        return Some(engine.pool.units_of(info.index, weight));
+    }
+    let held = crate::pool::held_units() + CHAIN_UNITS.with(std::cell::Cell::get);
+    engine.pool.inline_heavy(info.index, held, stalled)
+}
+
+/// Runs `f` with `units` counted in this thread's chain, then gives them back.
+fn with_chain_units<R>(engine: &EngineShared, info: &WorkerInfo, weight: Weight, units: u32, f: impl FnOnce() -> R) -> R {
+    CHAIN_UNITS.with(|c| c.set(c.get() + units));
+    let out = f();
+    CHAIN_UNITS.with(|c| c.set(c.get() - units));
+    if weight == Weight::Heavy {
+        engine.pool.inline_release(info.index, weight, units);
+    }
+    out
 }
 
 /// True on a pool worker thread.
@@ -222,8 +257,11 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
     let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
         return Ok(token.core.wait(timeout));
     };
+    let Some(engine) = engine else { return Ok(token.core.wait(timeout)) };
+    let weak = Arc::downgrade(&engine);
     let depth = HELP_DEPTH.with(|d| d.get());
-    let mut last_signal_check = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let mut last_signal_check = started;
     loop {
         if token.core.is_done() {
             return Ok(true);
@@ -231,14 +269,50 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Ok(false);
         }
-        let job = if depth < MAX_HELP_DEPTH { engine.as_ref().and_then(|e| e.pool.try_take()) } else { None };
-        match job {
-            Some(job) => {
+        let stalled = started.elapsed() >= STALL_LIMIT;
+        // The awaited token itself, if it still waits in a queue and may run here.
+        let runnable_here = token.core.state() == TokenState::Admitted
+            && token.lane == super::token::LaneKind::Cpu
+            && token.pinned.is_none_or(|w| w == info.index)
+            && (depth < MAX_HELP_DEPTH || stalled);
+        let units = if runnable_here { inline_units(&engine, &info, token.spec.weight, stalled) } else { None };
+        if let Some(units) = units {
+            let weight = token.spec.weight;
+            let claimed = token.call.lock().take();
+            match claimed {
+                Some(call) => {
+                    HELP_DEPTH.with(|d| d.set(depth + 1));
+                    with_chain_units(&engine, &info, weight, units, || {
+                        run_call(py, &token.self_arc(), call, &info, weak.clone());
+                    });
+                    HELP_DEPTH.with(|d| d.set(depth));
+                }
+                None if weight == Weight::Heavy => engine.pool.inline_release(info.index, weight, units),
+                None => {}
+            }
+            continue;
+        }
+        // Otherwise other queued work that may run here.
+        let other = if depth < MAX_HELP_DEPTH { engine.pool.try_take() } else { None };
+        let fit = other.as_ref().and_then(|job| inline_units(&engine, &info, Job::weight(job), stalled));
+        match (other, fit) {
+            (Some(job), Some(units)) => {
+                let weight = Job::weight(&job);
                 HELP_DEPTH.with(|d| d.set(depth + 1));
-                execute(py, job, &info, engine.as_ref().map(Arc::downgrade).unwrap_or_default());
+                with_chain_units(&engine, &info, weight, units, || execute(py, job, &info, weak.clone()));
                 HELP_DEPTH.with(|d| d.set(depth));
             }
-            None => {
+            (Some(job), None) => {
+                // A heavy job that cannot have this core: back to the queues.
+                let back = match job.token().pinned {
+                    Some(w) => engine.pool.submit_to(w, job),
+                    None => engine.pool.submit(job),
+                };
+                drop(back);
+                let step = std::time::Duration::from_millis(1);
+                py.detach(|| token.core.wait(Some(step)));
+            }
+            (None, _) => {
                 let step = std::time::Duration::from_millis(2);
                 py.detach(|| token.core.wait(Some(step)));
             }
@@ -250,36 +324,38 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
     }
 }
 
+/// How long a waiting task respects core capacity before it runs the awaited token anyway.
+const STALL_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Runs one job on a worker (attached).
 fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<EngineShared>) {
-    let Some(call) = job.call.take() else { return };
     let token = job.token.clone();
     // Admission or the operation was paused after this token was queued: park
     // it instead (or, once the engine is stopping, cancel it: a pause would
     // hold it past the stop).
     let paused = token.ledger.admission_paused.load(Ordering::Relaxed) || token.op.paused.load(Ordering::Relaxed);
-    if paused && token.ledger.stopping.load(Ordering::SeqCst) {
-        drop(call);
-        token.resolve(py, |_| true, TokenState::Cancelled, None);
-        return;
-    }
-    if token.ledger.admission_paused.load(Ordering::Relaxed) {
-        let mut parked = token.ledger.parked.lock();
-        if token.ledger.admission_paused.load(Ordering::SeqCst) && token.core.hold() {
-            job.call = Some(call);
+    if paused {
+        if token.ledger.stopping.load(Ordering::SeqCst) {
+            job.forget_call();
+            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            return;
+        }
+        let queue = if token.ledger.admission_paused.load(Ordering::Relaxed) { &token.ledger.parked } else { &token.op.parked };
+        let mut parked = queue.lock();
+        let still = token.ledger.admission_paused.load(Ordering::SeqCst) || token.op.paused.load(Ordering::SeqCst);
+        if still && token.core.hold() {
             parked.push_back(job);
             return;
         }
     }
-    if token.op.paused.load(Ordering::Relaxed) {
-        let mut parked = token.op.parked.lock();
-        if token.op.paused.load(Ordering::SeqCst) && token.core.hold() {
-            job.call = Some(call);
-            parked.push_back(job);
-            return;
-        }
-    }
+    job.armed = false;
+    let Some(call) = token.call.lock().take() else { return }; // run inline by a waiter, or cancelled
     drop(job);
+    run_call(py, &token, call, info, engine);
+}
+
+/// Runs a claimed call: start, invoke, record, retry or resolve.
+fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: Weak<EngineShared>) {
     if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
         return; // cancelled, killed or timed out before it started: never run it
     }
@@ -324,7 +400,7 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<Engin
     token.op.health.record(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
-            if try_retry(py, &token, call, &engine) {
+            if try_retry(py, token, call, &engine) {
                 return;
             }
         }

@@ -180,7 +180,7 @@ impl OperationSpec {
             }
         };
         let inputs = input_tokens(&args, kwargs.as_ref());
-        let inner = Arc::new(TokenInner::new(id, self.shared.clone(), ledger.clone(), op, opts, placement));
+        let inner = TokenInner::new(id, self.shared.clone(), ledger.clone(), op, opts, placement);
         ledger.record_submitted();
         ledger.register(&inner);
         if let Some(t) = opts.timeout {
@@ -415,14 +415,14 @@ impl OperationSpec {
         let op = self.shared.op_for(&engine);
         op.limit.force_acquire();
         engine.ledger.pending.force_acquire();
-        let inner = Arc::new(TokenInner::new(
+        let inner = TokenInner::new(
             NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
             self.shared.clone(),
             engine.ledger.clone(),
             op,
             &self.shared.defaults,
             Placement::default(),
-        ));
+        );
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);
         inner.core.admit();

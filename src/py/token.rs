@@ -89,6 +89,10 @@ pub(crate) struct TokenInner {
     pub(crate) lane: LaneKind,
     /// A lead token (its domain's core is recorded when it starts).
     pub(crate) is_lead: bool,
+    /// The call, until someone takes it to run it (see `job.rs`).
+    pub(crate) call: crate::sync::Mutex<Option<super::job::Call>>,
+    /// A weak handle on itself (to hand out `Arc`s from `&self`).
+    me: std::sync::Weak<TokenInner>,
 }
 
 /// The lane a token runs on.
@@ -118,8 +122,10 @@ impl TokenInner {
         op: Arc<OpState>,
         opts: &CallOptions,
         placement: Placement,
-    ) -> Self {
-        TokenInner {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| TokenInner {
+            call: crate::sync::Mutex::new(None),
+            me: me.clone(),
             route: placement.route,
             pinned: placement.pinned,
             lane: placement.lane,
@@ -134,7 +140,12 @@ impl TokenInner {
             retries_left: AtomicU32::new(opts.retries),
             attempts: AtomicU32::new(0),
             retry_backoff: opts.retry_backoff,
-        }
+        })
+    }
+
+    /// An `Arc` of this token.
+    pub(crate) fn self_arc(&self) -> Arc<TokenInner> {
+        self.me.upgrade().expect("a token is alive while it is borrowed")
     }
 
     /// Resolves the token once: moves to `to` if `allowed(current)`, stores
@@ -335,6 +346,18 @@ impl TokenInner {
         }
         slot.listeners.push(Listener::Dependent(wait.clone()));
         true
+    }
+
+    /// Takes out the listeners registered with `arg` (by identity).
+    pub(crate) fn take_listeners_for(&self, arg: &Bound<'_, PyAny>) -> Vec<Listener> {
+        let mut slot = self.core.lock();
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut slot.listeners).into_iter().partition(|l| match l {
+            Listener::Thread { arg: a, .. } => a.as_ptr() == arg.as_ptr(),
+            Listener::Loop { delivery, .. } => delivery.arg.as_ptr() == arg.as_ptr(),
+            Listener::Dependent(_) => false,
+        });
+        slot.listeners = rest;
+        mine
     }
 
     /// Removes every listener whose function equals `func`; returns how many.
@@ -667,7 +690,7 @@ impl TaskToken {
     }
 
     fn __await__(slf: &Bound<'_, Self>) -> TokenAwait {
-        TokenAwait { token: slf.clone().unbind(), blocking: AtomicBool::new(false) }
+        TokenAwait { token: slf.clone().unbind(), blocking: AtomicBool::new(false), cancelled: AtomicBool::new(false) }
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -688,11 +711,17 @@ const AWAIT_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 pub(crate) struct TokenAwait {
     token: Py<TaskToken>,
     blocking: AtomicBool,
+    /// The awaiting task was cancelled: this await ends with `CancelledError`
+    /// even if the token itself runs on (its cancel flag is set).
+    cancelled: AtomicBool,
 }
 
 impl TokenAwait {
     fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
+        if slf.get().cancelled.load(Ordering::Acquire) {
+            return Err(exceptions::asyncio_cancelled(py));
+        }
         let inner = &slf.get().token.get().inner;
         // A short task is often done within microseconds: wait that long
         // (detached) rather than suspend the task and pay a loop wake-up.
@@ -759,22 +788,45 @@ impl TokenAwait {
     }
 
     /// Called by asyncio when the awaiting task is cancelled: cancels the
-    /// token if it has not started, else sets its cooperative cancel flag.
+    /// token if it has not started, else sets its cooperative cancel flag;
+    /// either way this await ends now with `CancelledError` (the task's
+    /// wake-up is delivered at once, not when the token finishes).
     #[pyo3(signature = (msg=None))]
-    fn cancel(&self, py: Python<'_>, msg: Option<Py<PyAny>>) -> bool {
+    fn cancel(slf: &Bound<'_, Self>, msg: Option<Py<PyAny>>) -> bool {
         let _ = msg;
-        self.token.get().inner.cancel(py)
+        let py = slf.py();
+        let me = slf.get();
+        let inner = &me.token.get().inner;
+        if inner.core.is_done() || me.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        inner.cancel(py);
+        if inner.core.state() == TokenState::Cancelled {
+            return true; // resolving the token delivered the wake-up already
+        }
+        me.cancelled.store(true, Ordering::Release);
+        for listener in inner.take_listeners_for(slf.as_any()) {
+            match listener {
+                Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
+                Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
+                Listener::Dependent(_) => {}
+            }
+        }
+        true
     }
 
     fn cancelled(&self) -> bool {
-        self.token.get().inner.core.state() == TokenState::Cancelled
+        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.core.state() == TokenState::Cancelled
     }
 
     fn done(&self) -> bool {
-        self.token.get().inner.core.is_done()
+        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.core.is_done()
     }
 
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(exceptions::asyncio_cancelled(py));
+        }
         let inner = &self.token.get().inner;
         if !inner.core.is_done() {
             return Err(py.import("asyncio")?.getattr("InvalidStateError")?.call1(("Result is not ready.",)).map(PyErr::from_value)?);

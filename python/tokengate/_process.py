@@ -1,0 +1,1331 @@
+"""The process lane (W1-5): tokens of ``process_pool: True`` operations run in worker processes.
+
+A decorated function tagged ``process_pool: True`` (and no ``storage_speed``)
+is a :class:`ProcessFunction`. Calling it returns an ordinary
+:class:`~tokengate.TaskToken` (``result``, ``await``, ``cancel``, ``kill``,
+done callbacks, ``gather``/``as_completed``), counted on the running
+coordinator like any other token, but the body runs in one of the
+coordinator's worker *processes*.
+
+Design
+------
+* **One lane per running coordinator**, made on its first process token, with
+  ``OperationsCoordinator(process_workers=N)`` processes (default: the logical
+  cores this process may use). ``coordinator.stop()`` shuts it down.
+* **A supervisor thread** (one Python thread per lane) owns everything: a
+  priority queue (higher ``priority`` first, FIFO within a priority; a waiting
+  token gains +1 per ``aging`` seconds like the thread lane), the deadlines,
+  retry back-offs and the worker processes. It waits on one selector over the
+  workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
+  submissions and deadlines all wake it at once.
+* **Per-process supervision.** Each worker runs exactly one token at a time,
+  so the lane always knows which token a process is running. That is what
+  makes the lane crash-safe and killable:
+
+  - a worker that dies (``os._exit``, segfault, ``kill -9``) fails only the
+    token it was running, with :class:`~tokengate.WorkerCrashedError` whose
+    ``exitcode`` is the process's exit status (negative: the signal); the
+    death is seen at once (socket EOF and pidfd, with a 1 s poll as a
+    fallback) and the process is replaced;
+  - a running token that passes its deadline (``timeout`` tag or per-call) or
+    is killed (``token.kill()``, ``kill_token``, ``kill_all_by_operation``)
+    has its process SIGKILLed, reaped and replaced: the work really stops.
+
+* **Why not loky's reusable executor for running tokens.** loky's executor
+  cannot stop one running call, and a worker that dies breaks the whole
+  executor (every pending future fails with ``TerminatedWorkerError``, not
+  only the dead worker's); its process launcher also starts resource-tracker
+  helper processes that outlive ``stop()``. We use loky for what the lane
+  needs from it, serialization: functions, arguments and results that plain
+  pickle cannot handle go through loky's pickler (cloudpickle with loky's
+  reducers), so functions defined in ``__main__``, inside other functions, or
+  lambdas work. Workers are started with ``subprocess`` (fork+exec of a fresh
+  interpreter, keeping only the worker's socket: safe with the Rust threads
+  of the parent, no inherited state, and nothing else started).
+* **Functions** importable by name (module-level functions of a real module)
+  are sent by reference: the worker imports the module and calls the
+  undecorated function (``__wrapped__``); others go by value (cloudpickle).
+  Either way a worker receives a function once and caches it.
+* **Decorated calls inside a worker** raise :class:`~tokengate.NotStartedError`
+  with a message saying so: no coordinator runs in a worker process. Call the
+  plain function (``fn.__wrapped__(...)``) there instead.
+* **Pickling errors.** Arguments are pickled in the calling thread; one that
+  cannot be pickled fails *that token* with :class:`UnpicklableError` (a
+  ``TypeError`` and ``pickle.PicklingError``) naming the argument and its type.
+  A result (or the function) that cannot be pickled fails the token the same
+  way; the lane stays usable.
+* **Admission.** The coordinator's ``max_pending`` and ``operation_limits``
+  apply (checked here, a caller waits or ``try_submit`` returns None);
+  ``pause_admission``/``pause_operation`` hold queued process tokens;
+  ``drain_*`` cancel the unstarted ones. ``retries`` retries a token whose
+  function raised (not a crash, a timeout or a pickling error), with the same
+  0.05 s doubling back-off. Tokens passed as arguments are awaited first and
+  their values sent (``DependencyFailedError`` if one failed).
+* ``weight`` and ``sticky_anchor`` have no further effect: a process runs one
+  token at a time. Ctrl-C (SIGINT) is ignored in workers: the parent stops
+  them. On Linux a worker also dies with its parent (``PR_SET_PDEATHSIG``).
+* **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
+  cancels them), then closes every worker and reaps it; when ``timeout``
+  passes first, running process tokens end killed
+  (``TaskKilledError('process_lane_stopped')``) and their processes are
+  SIGKILLed. Interpreter exit does the same after the engines stopped.
+* **Notes.** ``token.worker_id`` is the worker's slot (0..N-1); the lane's
+  pids are in ``get_stats()['lanes']['process']['pids']``. Calls go to the
+  newest running coordinator (also from inside a task of an older one).
+  Thread done callbacks of process tokens run on the supervisor thread:
+  keep them short and never wait there for another process token.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import json
+import os
+import pickle
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import _tokengate
+from ._tokengate import TaskToken
+from .exceptions import (
+    AdmissionRejectedError,
+    DependencyFailedError,
+    NotStartedError,
+    ShutdownError,
+    TaskKilledError,
+    TaskTimeoutError,
+    TokengateError,
+    WorkerCrashedError,
+)
+
+__all__ = ["ProcessFunction", "ProcessLane", "UnpicklableError"]
+
+_PROTO = pickle.HIGHEST_PROTOCOL
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_FKEYS = itertools.count(1)
+#: True inside a worker process of the lane.
+_IN_WORKER = False
+
+
+class UnpicklableError(TokengateError, pickle.PicklingError, TypeError):
+    """An argument, the function or the result of a process token could not be
+    pickled to cross the process boundary. The message names what and its type."""
+
+
+class _RemoteTraceback(Exception):
+    """The worker-side traceback, attached as ``__cause__`` of a task's exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(TokengateError):
+    """Stands in for a task exception that could not be sent back from the worker
+    process (it could not be pickled). The message keeps its type and text."""
+
+
+# -- serialization --------------------------------------------------------------------
+
+
+def _cloud_dumps(obj: object) -> bytes:
+    """loky's pickler: cloudpickle (by-value functions and classes) plus loky's reducers."""
+    from loky.backend.reduction import dumps
+
+    return bytes(dumps(obj, protocol=_PROTO))
+
+
+def _dumps(obj: object) -> bytes:
+    return _cloud_dumps(obj)
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    mod = getattr(t, "__module__", "")
+    name = getattr(t, "__qualname__", t.__name__)
+    return name if mod in ("builtins", "", None) else f"{mod}.{name}"
+
+
+def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickles (args, kwargs); UnpicklableError naming the first argument that fails."""
+    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+        return pickle.dumps((args, kwargs), _PROTO)
+    try:
+        return _cloud_dumps((args, kwargs))
+    except Exception as exc:
+        first: BaseException = exc
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for what, value in named:
+        try:
+            _cloud_dumps(value)
+        except Exception as exc:
+            raise UnpicklableError(
+                f"{op}: {what} ({_type_name(value)}) cannot be pickled for the process lane: {exc}"
+            ) from exc
+    raise UnpicklableError(f"{op}: the arguments cannot be pickled for the process lane: {first}") from first
+
+
+def _resolve_qualname(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _function_payload(pf: ProcessFunction) -> tuple[str, Any, Any]:
+    """("ref", module, qualname) when the worker can import the decorated function by
+    name, else ("value", pickled function, None)."""
+    fn = pf._fn
+    mod = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(mod, str) and isinstance(qualname, str) and mod != "__main__" and "<locals>" not in qualname:
+        module = sys.modules.get(mod)
+        try:
+            found = _resolve_qualname(module, qualname) if module is not None else None
+        except Exception:
+            found = None
+        if found is pf or found is fn:
+            return ("ref", mod, qualname)
+    try:
+        return ("value", _cloud_dumps(fn), None)
+    except Exception as exc:
+        raise UnpicklableError(
+            f"{pf._op}: the function {qualname or fn!r} cannot be pickled for the process lane: {exc}"
+        ) from exc
+
+
+# -- the decorated function -----------------------------------------------------------
+
+
+class ProcessFunction:
+    """What ``@task_token_guard(tags={"process_pool": True})`` returns: calling it
+    returns a token whose body runs in a worker process of the coordinator's
+    process lane. Same attributes as the thread wrapper (``__wrapped__``,
+    ``operation_type``, ``tags``, ``spec``, ``map``, ``options``, ``try_submit``,
+    ``submit_async``)."""
+
+    #: Marks the process-lane wrapper (the worker unwraps it).
+    _tokengate_process_lane = True
+
+    def __init__(self, spec: Any, fn: Any) -> None:
+        from ._decorator import _arity
+
+        functools.update_wrapper(self, fn)
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        self._fn = fn
+        self._name = name
+        self._op: str = spec.operation_type
+        self._min_pos, self._max_pos, self._fast, self._binder = _arity(fn, name)
+        tags = spec.tags
+        self._priority: int = int(tags.get("priority", 0))
+        self._timeout: float | None = tags.get("timeout")
+        retries = int(tags.get("retries", 0))
+        if tags.get("allow_retries") is False:
+            retries = 0
+        self._retries = retries
+        self._fkey = next(_FKEYS)
+        self._payload: tuple[str, Any, Any] | None = None
+        self.operation_type = spec.operation_type
+        self.tags = spec.tags
+        self.spec = spec
+        self.map = functools.partial(_map, self)
+        self.options = functools.partial(ProcessCallWith, self)
+        self.try_submit = ProcessCallWith(self, block=False)
+        self.submit_async = ProcessCallWith(self).submit_async
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        return self._submit(args, kwargs)  # type: ignore[return-value]
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __repr__(self) -> str:
+        return f"<process-lane function {self._name} operation_type={self._op!r}>"
+
+    def __reduce__(self) -> Any:
+        # A reference to this wrapper inside a pickled function (recursion, a helper
+        # calling another decorated function) arrives in a worker as a stub whose
+        # call raises a clear error.
+        return (_worker_stub, (self._fn, self._op))
+
+    def _payload_of(self) -> tuple[str, Any, Any]:
+        payload = self._payload
+        if payload is None:
+            payload = self._payload = _function_payload(self)
+        return payload
+
+    def _check_arity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        n = len(args)
+        if not kwargs and self._fast and n >= self._min_pos and (self._max_pos is None or n <= self._max_pos):
+            return
+        if self._binder is not None:
+            self._binder(*args, **kwargs)
+
+    def _submit(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: bool = True,
+        admission_timeout: float | None = None,
+        probe: bool = False,
+    ) -> TaskToken[Any] | None:
+        if _IN_WORKER:
+            raise NotStartedError(_in_worker_message(self._name))
+        self._check_arity(args, kwargs)
+        coordinator = _current_coordinator()
+        if coordinator is None:
+            raise NotStartedError(
+                "no OperationsCoordinator is running: start one (coordinator.start(), "
+                "`with OperationsCoordinator():` or `async with OperationsCoordinator():`) "
+                "before calling a @task_token_guard function"
+            )
+        lane = lane_for(coordinator)
+        return lane.submit(self, args, kwargs, priority, timeout, retries, block, admission_timeout, probe)
+
+
+def _in_worker_message(name: str) -> str:
+    return (
+        f"{name}(): decorated calls cannot be made inside a process-lane worker (pid {os.getpid()}): "
+        "no OperationsCoordinator runs in a worker process. Call the plain function instead "
+        f"({name}.__wrapped__(...))."
+    )
+
+
+class _WorkerStub:
+    """A process-lane function as it arrives inside a worker (by reference from a pickled
+    function): calling it raises; ``__wrapped__`` is the plain function."""
+
+    def __init__(self, fn: Any, op: str) -> None:
+        self.__wrapped__ = fn
+        self._op = op
+        self._name = getattr(fn, "__qualname__", op)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotStartedError(_in_worker_message(self._name))
+
+    def __reduce__(self) -> Any:
+        return (_worker_stub, (self.__wrapped__, self._op))
+
+
+def _worker_stub(fn: Any, op: str) -> _WorkerStub:
+    return _WorkerStub(fn, op)
+
+
+class ProcessCallWith:
+    """``fn.options(priority=, timeout=, retries=, block=, admission_timeout=)`` of a
+    process-lane function (same meaning as for the thread lane)."""
+
+    __slots__ = ("_pf", "_kw")
+
+    def __init__(
+        self,
+        pf: ProcessFunction,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: bool = True,
+        admission_timeout: float | None = None,
+    ) -> None:
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._pf = pf
+        self._kw = {
+            "priority": priority,
+            "timeout": timeout,
+            "retries": retries,
+            "block": block,
+            "admission_timeout": admission_timeout,
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pf._submit(args, kwargs, **self._kw)
+
+    async def submit_async(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        """Waits for admission without blocking the event loop, then returns the token."""
+        import asyncio
+
+        limit = self._kw["admission_timeout"]
+        deadline = None if limit is None else time.monotonic() + float(limit)
+        kw = dict(self._kw, block=False)
+        delay = 0.0002
+        while True:
+            token = self._pf._submit(args, kwargs, probe=True, **kw)
+            if token is not None:
+                return token
+            if deadline is not None and time.monotonic() >= deadline:
+                raise AdmissionRejectedError(f"no admission slot freed within {limit}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+
+def _map(fn: Any, iterable: Any, *, buffer: int | None = None) -> Any:
+    from ._gather import map_tokens
+
+    return map_tokens(fn, iterable, buffer=buffer)
+
+
+def process_wrapper(spec: Any, fn: Any) -> ProcessFunction:
+    """The decorator's hook: the wrapper of a ``process_pool: True`` function."""
+    return ProcessFunction(spec, fn)
+
+
+# -- finding the lane -----------------------------------------------------------------
+
+
+def _current_coordinator() -> Any:
+    """The newest running coordinator that takes decorated calls (highest pool id)."""
+    from ._coordinator import _live
+
+    best = None
+    best_id = -1
+    for c in list(_live):
+        engine = c._engine
+        if engine is not None and c.register_global and engine.running:
+            pool_id = engine.pool_id
+            if pool_id > best_id:
+                best, best_id = c, pool_id
+    return best
+
+
+_lane_lock = threading.Lock()
+
+
+def lane_for(coordinator: Any) -> ProcessLane:
+    """The coordinator's process lane, made on first use."""
+    lane = coordinator._process_lane
+    engine = coordinator._engine
+    if lane is not None and lane.engine is engine:
+        return lane  # type: ignore[no-any-return]
+    # Not coordinator._lock: stop() holds it while it waits for running tasks,
+    # and a task may be the one making the first process call.
+    with _lane_lock:
+        engine = coordinator._engine
+        if engine is None or not engine.running:
+            raise ShutdownError("cannot schedule new futures after shutdown")
+        lane = coordinator._process_lane
+        if lane is None or lane.engine is not engine:
+            workers = coordinator.process_workers
+            if workers is None:
+                from ._coordinator import _logical_cores
+
+                workers = _logical_cores()
+            lane = ProcessLane(engine, workers, aging=coordinator.aging, coordinator=coordinator)
+            coordinator._process_lane = lane
+    if not engine.running:
+        # stop() began meanwhile and may have missed this lane: shut it down here.
+        lane.shutdown(wait=True, timeout=5.0)
+        raise ShutdownError("cannot schedule new futures after shutdown")
+    return lane  # type: ignore[no-any-return]
+
+
+# -- the lane ---------------------------------------------------------------------------
+
+
+class _Item:
+    """One process token in the lane."""
+
+    __slots__ = (
+        "seq", "token", "pf", "args", "priority", "timeout", "deadline", "retries", "attempt",
+        "started", "done", "worker", "inputs", "remaining", "lock",
+    )
+
+    def __init__(self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int) -> None:
+        self.seq = seq
+        self.token = token
+        self.pf = pf
+        self.args: bytes | None = None
+        self.priority = priority
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.retries = retries
+        self.attempt = 0
+        self.started = False
+        self.done = False
+        self.worker: _Worker | None = None
+        self.inputs: list[Any] | None = None
+        self.remaining = 0
+        self.lock: threading.Lock | None = None
+
+
+class _Worker:
+    """One worker process and its socket."""
+
+    __slots__ = ("slot", "proc", "conn", "pid", "pidfd", "ready", "item", "funcs", "spawned_at")
+
+    def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None) -> None:
+        self.slot = slot
+        self.proc = proc
+        self.conn = conn
+        self.pid = proc.pid
+        self.pidfd = pidfd
+        self.ready = False
+        self.item: _Item | None = None
+        self.funcs: set[int] = set()
+        self.spawned_at = time.monotonic()
+
+
+_BOOT = (
+    "import json,os,sys\n"
+    "p=os.environ.pop('TOKENGATE_PROCESS_LANE_PATH',None)\n"
+    "if p is not None: sys.path[:]=json.loads(p)\n"
+    "from tokengate._process import _child_main\n"
+    "_child_main({fd},{ppid})\n"
+)
+
+_LANES: weakref.WeakSet[ProcessLane] = weakref.WeakSet()
+
+
+class ProcessLane:
+    """The worker processes of one running coordinator and the supervisor thread that
+    feeds them. Made by :func:`lane_for`; shut down by the coordinator's ``stop()``."""
+
+    def __init__(self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
+            raise ValueError(f"process_workers must be a positive int, got {workers!r}")
+        self.engine = engine
+        self.size = workers
+        self._aging = float(aging) if aging and aging > 0 else 0.5
+        self._coordinator = weakref.ref(coordinator) if coordinator is not None else None
+        self._lock = threading.Lock()
+        self._admit_lock = threading.Lock()
+        self._seq = itertools.count()
+        self._t0 = time.monotonic()
+        self._heap: list[tuple[float, int, _Item]] = []
+        self._timers: list[tuple[float, int, str, _Item]] = []
+        self._events: list[_Item] = []
+        self._waiting_inputs: set[_Item] = set()
+        self._running: dict[int, _Item] = {}
+        self._workers: list[_Worker | None] = [None] * workers
+        self._respawn_at: list[float] = [0.0] * workers
+        self._startup_failures = 0
+        self._sleeping = False
+        self._closing = False
+        self._cancel_pending = False
+        self._abort = False
+        self._exited = False
+        self._paused_cache: tuple[float, bool, frozenset[str]] = (0.0, False, frozenset())
+        self._counts = {
+            "submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timeouts": 0,
+            "killed": 0, "retries": 0, "spawned": 0, "replaced": 0, "unpicklable": 0,
+        }
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._rfd, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="tokengate-process-lane", daemon=True)
+        _LANES.add(self)
+        _ensure_exit_hook()
+        self._thread.start()
+
+    # -- submission (caller threads) --------------------------------------------------
+
+    def submit(
+        self,
+        pf: ProcessFunction,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int | None,
+        timeout: float | None,
+        retries: int | None,
+        block: bool,
+        admission_timeout: float | None,
+        probe: bool,
+    ) -> TaskToken[Any] | None:
+        coordinator = self._coordinator() if self._coordinator is not None else None
+        limited = coordinator is not None and (
+            coordinator.max_pending is not None or pf._op in coordinator.operation_limits
+        )
+        if limited:
+            with self._admit_lock:
+                if not self._admit(coordinator, pf._op, block, admission_timeout):
+                    return None
+                token = pf.spec.external_token(self.engine)
+        else:
+            token = pf.spec.external_token(self.engine)
+        item = _Item(
+            next(self._seq),
+            token,
+            pf,
+            pf._priority if priority is None else priority,
+            pf._timeout if timeout is None else timeout,
+            pf._retries if retries is None else retries,
+        )
+        token._add_thread_callback(self._on_token_done)
+        inputs = [a for a in args if type(a) is TaskToken]
+        inputs += [v for v in kwargs.values() if type(v) is TaskToken]
+        with self._lock:
+            self._counts["submitted"] += 1
+            if item.deadline is not None:
+                heapq.heappush(self._timers, (item.deadline, item.seq, "deadline", item))
+                self._wake_locked()
+        if inputs:
+            self._wait_for_inputs(item, args, kwargs, inputs)
+        else:
+            self._prepare(item, args, kwargs)
+        return token
+
+    def _admit(self, coordinator: Any, op: str, block: bool, admission_timeout: float | None) -> bool:
+        deadline = None if admission_timeout is None else time.monotonic() + float(admission_timeout)
+        delay = 0.0005
+        while True:
+            if not self.engine.running:
+                raise ShutdownError("cannot schedule new futures after shutdown")
+            stats = self.engine.stats()
+            max_pending = coordinator.max_pending
+            op_limit = coordinator.operation_limits.get(op)
+            full_global = max_pending is not None and stats["admission"]["pending"] >= max_pending
+            op_stats = stats["operations"].get(op)
+            full_op = op_limit is not None and op_stats is not None and op_stats["pending"] >= op_limit
+            if not (full_global or full_op):
+                return True
+            if not block:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                what = f"operation {op!r}" if full_op else "the coordinator"
+                raise AdmissionRejectedError(f"{what} is full and no slot freed within {admission_timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _prepare(self, item: _Item, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pickles function and arguments in the calling thread, then queues the item."""
+        try:
+            item.pf._payload_of()
+            item.args = _dump_args(item.pf._op, args, kwargs)
+        except UnpicklableError as exc:
+            with self._lock:
+                self._counts["unpicklable"] += 1
+            item.done = True
+            item.token._set_exception(exc)
+            return
+        self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        key = (time.monotonic() - self._t0) / self._aging - item.priority
+        with self._lock:
+            if self._exited:
+                item.done = True
+                exited = True
+            else:
+                exited = False
+                heapq.heappush(self._heap, (key, item.seq, item))
+                self._wake_locked()
+        if exited:
+            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+
+    def _wake_locked(self) -> None:
+        if self._sleeping and not self._exited:
+            self._sleeping = False
+            try:
+                os.write(self._wfd, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _wait_for_inputs(self, item: _Item, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[Any]) -> None:
+        item.inputs = inputs
+        item.remaining = len(inputs) + 1
+        item.lock = threading.Lock()
+        with self._lock:
+            self._waiting_inputs.add(item)
+
+        def input_done(_token: Any) -> None:
+            assert item.lock is not None
+            with item.lock:
+                item.remaining -= 1
+                ready = item.remaining == 0
+            if ready:
+                self._inputs_ready(item, args, kwargs)
+
+        for t in inputs:
+            t._add_thread_callback(input_done)
+        input_done(None)
+
+    def _inputs_ready(self, item: _Item, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with self._lock:
+            self._waiting_inputs.discard(item)
+        if item.token.done():
+            item.done = True
+            return
+        for t in item.inputs or ():
+            if t.state != "completed":
+                try:
+                    cause = t.exception(timeout=0)
+                except BaseException as exc:  # cancelled
+                    cause = exc
+                err = DependencyFailedError(
+                    f"input token {t.token_id} ({t.operation_type}) ended {t.state}: the call that received it never ran"
+                )
+                err.input_token_id = t.token_id
+                err.__cause__ = cause
+                item.done = True
+                item.token._set_exception(err)
+                return
+        sub = {id(t): t.result(timeout=0) for t in item.inputs or ()}
+        args = tuple(sub[id(a)] if type(a) is TaskToken else a for a in args)
+        kwargs = {k: (sub[id(v)] if type(v) is TaskToken else v) for k, v in kwargs.items()}
+        self._prepare(item, args, kwargs)
+
+    def _on_token_done(self, token: Any) -> None:
+        """Any token of the lane resolved. One still running in a process was killed or
+        timed out from outside: the supervisor terminates its process."""
+        item = self._running.get(token.token_id)
+        if item is not None and not item.done:
+            with self._lock:
+                self._events.append(item)
+                self._wake_locked()
+
+    # -- control ------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
+        """Stops the lane. Queued tokens still run (``cancel_pending``: they are
+        cancelled). ``wait``: block until the lane is idle and every process has
+        exited; after ``timeout`` seconds, queued tokens are cancelled and running
+        ones killed (their processes terminated). Returns True when the supervisor
+        and every process are gone."""
+        with self._lock:
+            self._closing = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+            self._sleeping = True
+            self._wake_locked()
+        if not wait:
+            return False
+        if threading.current_thread() is self._thread:  # a done callback stopping its coordinator
+            return False
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._abort = True
+                self._sleeping = True
+                self._wake_locked()
+            self._thread.join()
+        return True
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the worker processes alive now."""
+        return [w.pid for w in list(self._workers) if w is not None]
+
+    def pid_of(self, token: Any) -> int | None:
+        """Pid of the process running ``token`` (None when it is not running)."""
+        item = self._running.get(token.token_id)
+        worker = item.worker if item is not None else None
+        return worker.pid if worker is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+            out: dict[str, Any] = dict(self._counts)
+            out.update(
+                workers=self.size,
+                alive=len(workers),
+                ready=sum(1 for w in workers if w.ready),
+                busy=sum(1 for w in workers if w.item is not None),
+                queued=sum(1 for _, _, it in self._heap if not it.done and not it.token.done()),
+                waiting_inputs=len(self._waiting_inputs),
+                pids=[w.pid for w in workers],
+                closing=self._closing,
+            )
+        return out
+
+    # -- supervisor thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            for slot in range(self.size):
+                self._spawn(slot)
+            self._loop()
+        except BaseException:  # pragma: no cover - a bug: fail what is left rather than hang
+            import logging
+
+            logging.getLogger("tokengate.pool").exception("process lane supervisor failed")
+            self._abort = True
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                events, self._events = self._events, []
+                closing, abort, cancel = self._closing, self._abort, self._cancel_pending
+            if abort:
+                return
+            for item in events:
+                w = item.worker
+                if w is not None and w.item is item:
+                    self._replace(w, "killed")
+            if closing and cancel:
+                self._cancel_queued()
+            self._fire_timers(now)
+            self._respawn(now)
+            held = self._dispatch(now, closing)
+            with self._lock:
+                if self._closing and self._idle_locked():
+                    self._exited = True
+                    return
+                if self._events or self._abort or (self._closing and self._cancel_pending and self._heap):
+                    continue
+                idle = any(w is not None and w.ready and w.item is None for w in self._workers)
+                if self._heap and idle and not held:
+                    continue  # submitted meanwhile
+                wait_s = 0.02 if held else 1.0
+                if self._timers:
+                    wait_s = min(wait_s, max(0.0, self._timers[0][0] - time.monotonic()))
+                if any(t > 0 for t in self._respawn_at):
+                    wait_s = min(wait_s, max(0.0, min(t for t in self._respawn_at if t > 0) - time.monotonic()))
+                self._sleeping = True
+            ready = self._sel.select(wait_s)
+            with self._lock:
+                self._sleeping = False
+            for key, _ in ready:
+                if key.data is None:
+                    try:
+                        while os.read(self._rfd, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                kind, w = key.data
+                if self._workers[w.slot] is not w:
+                    continue
+                if kind == "conn":
+                    self._read(w)
+                else:  # pidfd: the process exited
+                    self._died(w)
+            if not ready:
+                self._poll_exits()
+
+    def _idle_locked(self) -> bool:
+        if self._running or any(not it.token.done() for it in self._waiting_inputs):
+            return False
+        if any(not it.done and not it.token.done() for _, _, it in self._heap):
+            return False
+        return not any(kind == "retry" and not it.token.done() for _, _, kind, it in self._timers)
+
+    def _refresh_paused(self, now: float) -> None:
+        """Reads the engine's pause flags (admission and per operation)."""
+        try:
+            stats = self.engine.stats() if self.engine.running else None
+        except Exception:
+            stats = None
+        if stats is None:
+            self._paused_cache = (now, False, frozenset())
+            return
+        ops = frozenset(op for op, d in stats.get("operations", {}).items() if d.get("paused"))
+        self._paused_cache = (now, bool(stats.get("admission", {}).get("paused")), ops)
+
+    def _dispatch(self, now: float, closing: bool) -> bool:
+        """Sends queued tokens to idle workers. True when a pause holds some back."""
+        idle = [w for w in self._workers if w is not None and w.ready and w.item is None]
+        if not idle or not self._heap:
+            return False
+        self._refresh_paused(now)  # engine.stats(): a few microseconds
+        _, paused, paused_ops = self._paused_cache
+        held: list[tuple[float, int, _Item]] = []
+        try:
+            while idle:
+                with self._lock:
+                    if not self._heap:
+                        break
+                    entry = heapq.heappop(self._heap)
+                item = entry[2]
+                if item.done or item.token.done():
+                    item.done = True
+                    continue
+                if paused or item.pf._op in paused_ops:
+                    if closing:  # stop() cancels tokens held by a pause
+                        item.token.cancel()
+                        item.done = True
+                    else:
+                        held.append(entry)
+                    continue
+                if not item.started:
+                    if not item.token._start(idle[-1].slot):
+                        item.done = True  # cancelled, killed or timed out before it started
+                        continue
+                    item.started = True
+                w = idle.pop()
+                self._send(w, item)
+        finally:
+            if held:
+                with self._lock:
+                    for entry in held:
+                        heapq.heappush(self._heap, entry)
+        return bool(held)
+
+    def _send(self, w: _Worker, item: _Item) -> None:
+        pf = item.pf
+        fpayload = None if pf._fkey in w.funcs else pf._payload
+        msg = pickle.dumps((item.seq, pf._fkey, fpayload, item.args), _PROTO)
+        w.item = item
+        item.worker = w
+        self._running[item.token.token_id] = item
+        try:
+            w.conn.send_bytes(msg)
+        except OSError:
+            self._died(w)
+            return
+        w.funcs.add(pf._fkey)
+        if item.token.done():  # killed while we were sending
+            self._replace(w, "killed")
+
+    def _read(self, w: _Worker) -> None:
+        # One message per readiness event: the selector is level-triggered, so a
+        # second message still in the socket wakes the next select at once.
+        try:
+            data = w.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._died(w)
+            return
+        self._handle(w, data)
+
+    def _handle(self, w: _Worker, data: bytes) -> None:
+        try:
+            msg = pickle.loads(data)
+        except BaseException as exc:
+            item = w.item
+            if item is not None:
+                self._finish_item(w, item)
+                self._fail(item, UnpicklableError(f"{item.pf._op}: the worker's reply could not be unpickled: {exc!r}"))
+            return
+        if msg[0] == "ready":
+            w.ready = True
+            self._startup_failures = 0
+            return
+        _, seq, ok, value, tb = msg
+        item = w.item
+        if item is None or item.seq != seq:
+            return  # a reply for a token that was killed meanwhile
+        self._finish_item(w, item)
+        if ok:
+            if not item.token.done():  # counted first: a waiter woken by the result sees it
+                self._count("completed")
+            item.token._set_result(value)
+            return
+        if tb:
+            try:
+                value.__cause__ = _RemoteTraceback(tb)
+            except Exception:
+                pass
+        if item.attempt < item.retries and not isinstance(value, UnpicklableError) and not item.token.done():
+            item.attempt += 1
+            self._count("retries")
+            when = time.monotonic() + 0.05 * (2 ** (item.attempt - 1))
+            with self._lock:
+                heapq.heappush(self._timers, (when, item.seq, "retry", item))
+            self._running[item.token.token_id] = item  # still ours (kill during back-off)
+            return
+        self._fail(item, value)
+
+    def _finish_item(self, w: _Worker, item: _Item) -> None:
+        w.item = None
+        item.worker = None
+        self._running.pop(item.token.token_id, None)
+
+    def _fail(self, item: _Item, exc: BaseException, state: str = "failed") -> None:
+        item.done = True
+        self._running.pop(item.token.token_id, None)
+        if not item.token.done():  # counted first: a waiter woken by the error sees it
+            self._count({"failed": "failed", "timeout": "timeouts", "killed": "killed"}[state])
+            if isinstance(exc, UnpicklableError):
+                self._count("unpicklable")
+        item.token._set_exception(exc, state)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _fire_timers(self, now: float) -> None:
+        while True:
+            with self._lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                _, _, kind, item = heapq.heappop(self._timers)
+            if kind == "retry":
+                self._running.pop(item.token.token_id, None)
+                if item.token.done() or item.done:
+                    item.done = True
+                    continue
+                key = (now - self._t0) / self._aging - item.priority
+                with self._lock:
+                    heapq.heappush(self._heap, (key, item.seq, item))
+                continue
+            # deadline
+            if item.token.done():
+                continue
+            exc = TaskTimeoutError(
+                f"token {item.token.token_id} ({item.pf._op}) passed its deadline ({item.timeout}s)"
+            )
+            w = item.worker
+            item.done = True
+            self._running.pop(item.token.token_id, None)
+            self._count("timeouts")
+            if w is not None and w.item is item:
+                self._replace(w, "timeout")  # the process is gone before waiters wake
+            item.token._set_exception(exc, "timeout")
+
+    # -- processes ----------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        fd = child_sock.fileno()
+        env = dict(os.environ)
+        env["TOKENGATE_PROCESS_LANE_PATH"] = json.dumps([p for p in sys.path if isinstance(p, str)])
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT.format(fd=fd, ppid=os.getpid())],
+                pass_fds=(fd,),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except OSError as exc:
+            parent_sock.close()
+            self._workers[slot] = None
+            self._startup_failed(slot, f"the process lane could not start a worker process: {exc}", None)
+            return
+        finally:
+            child_sock.close()
+        conn = Connection(parent_sock.detach())
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(proc.pid)
+            except OSError:
+                pidfd = None
+        w = _Worker(slot, proc, conn, pidfd)
+        self._workers[slot] = w
+        self._respawn_at[slot] = 0.0
+        self._sel.register(conn.fileno(), selectors.EVENT_READ, ("conn", w))
+        if pidfd is not None:
+            self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", w))
+        self._count("spawned")
+
+    def _close(self, w: _Worker) -> None:
+        for fd in (w.conn.fileno() if not w.conn.closed else None, w.pidfd):
+            if fd is not None:
+                try:
+                    self._sel.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        if w.pidfd is not None:
+            try:
+                os.close(w.pidfd)
+            except OSError:
+                pass
+            w.pidfd = None
+
+    def _reap(self, w: _Worker, grace: float) -> int:
+        try:
+            return w.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                w.proc.kill()
+            except OSError:
+                pass
+            return w.proc.wait()
+
+    def _replace(self, w: _Worker, why: str) -> None:
+        """SIGKILLs a worker whose token was killed or timed out and starts another."""
+        item = w.item
+        if item is not None:
+            self._finish_item(w, item)
+            item.done = True
+        try:
+            w.proc.kill()
+        except OSError:
+            pass
+        self._close(w)
+        self._reap(w, 5.0)
+        self._count("replaced")
+        self._workers[w.slot] = None
+        if not self._abort:
+            self._spawn(w.slot)
+
+    def _died(self, w: _Worker) -> None:
+        """The worker's socket hit EOF or its pidfd fired: it exited."""
+        if self._workers[w.slot] is not w:
+            return
+        self._close(w)
+        code = self._reap(w, 2.0)
+        self._workers[w.slot] = None
+        item = w.item
+        if item is not None:
+            self._finish_item(w, item)
+            why = f"signal {-code}" if code < 0 else f"exit code {code}"
+            try:
+                if code < 0:
+                    why = f"{signal.Signals(-code).name} (exit code {code})"
+            except ValueError:
+                pass
+            self._count("crashed")
+            self._fail(
+                item,
+                WorkerCrashedError(
+                    f"the worker process (pid {w.pid}) running token {item.token.token_id} ({item.pf._op}) died: {why}",
+                    exitcode=code,
+                ),
+            )
+        if self._abort:
+            return
+        if not w.ready:
+            self._startup_failed(w.slot, f"a worker process of the process lane died while starting: exit code {code}", code)
+        else:
+            self._spawn(w.slot)
+
+    def _startup_failed(self, slot: int, message: str, code: int | None) -> None:
+        """A worker could not start. Retried at once twice; from the third failure in a
+        row on, the queued tokens fail (a broken environment must not hang them) and
+        the slot is retried every second."""
+        self._startup_failures += 1
+        if self._startup_failures < 3:
+            self._spawn(slot)
+            return
+        err = WorkerCrashedError(message, exitcode=code)
+        with self._lock:
+            queued, self._heap = self._heap, []
+        for _, _, it in queued:
+            if not it.done:
+                it.done = True
+                it.token._set_exception(err)
+        self._respawn_at[slot] = time.monotonic() + 1.0
+
+    def _respawn(self, now: float) -> None:
+        for slot, at in enumerate(self._respawn_at):
+            if at and at <= now and self._workers[slot] is None:
+                self._respawn_at[slot] = 0.0
+                self._spawn(slot)
+
+    def _poll_exits(self) -> None:
+        """Fallback without pidfds: notice an exited process within the 1 s wait."""
+        for w in list(self._workers):
+            if w is not None and w.pidfd is None and w.proc.poll() is not None:
+                self._died(w)
+
+    def _cancel_queued(self) -> None:
+        with self._lock:
+            queued, self._heap = self._heap, []
+        for _, _, item in queued:
+            item.done = True
+            if not item.token.cancel():
+                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+
+    def _finish(self) -> None:
+        """Supervisor exit: fail what is left, terminate every process, close fds."""
+        with self._lock:
+            self._exited = True
+            queued, self._heap = self._heap, []
+            timers, self._timers = self._timers, []
+            waiting = list(self._waiting_inputs)
+        for _, _, item in queued:
+            if not item.done and not item.token.cancel():
+                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+        for item in waiting:
+            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+        for _, _, kind, item in timers:
+            if kind == "retry":
+                item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+        for item in list(self._running.values()):
+            item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+        self._running.clear()
+        workers = [w for w in self._workers if w is not None]
+        for w in workers:  # EOF: an idle worker exits at once
+            self._close(w)
+        for w in workers:
+            if w.item is not None:
+                try:
+                    w.proc.kill()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        for w in workers:
+            self._reap(w, max(0.0, deadline - time.monotonic()))
+        self._workers = [None] * self.size
+        try:
+            self._sel.close()
+        except Exception:
+            pass
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- interpreter exit ---------------------------------------------------------------------
+
+_hook_lock = threading.Lock()
+_hook_registered = False
+
+
+def _shutdown_all_lanes() -> None:
+    for lane in list(_LANES):
+        try:
+            lane.shutdown(wait=True, timeout=10.0)
+        except Exception:
+            pass
+
+
+def _ensure_exit_hook() -> None:
+    """Registers, once, a hook that stops every lane at interpreter exit (after the
+    engines stopped, which lets queued process tokens finish first)."""
+    global _hook_registered
+    with _hook_lock:
+        if _hook_registered:
+            return
+        _hook_registered = True
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is not None:
+                register(_shutdown_all_lanes)
+            else:  # pragma: no cover
+                import atexit
+
+                atexit.register(_shutdown_all_lanes)
+        except RuntimeError:  # interpreter already shutting down
+            pass
+
+
+# -- the worker process ---------------------------------------------------------------------
+
+
+def _set_parent_death_signal(ppid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+    if os.getppid() != ppid:  # the parent died before we got here
+        os._exit(0)
+
+
+def _load_function(payload: Any) -> Any:
+    kind, a, b = payload
+    if kind == "ref":
+        import importlib
+
+        obj = _resolve_qualname(importlib.import_module(a), b)
+        if getattr(obj, "_tokengate_process_lane", False) or isinstance(obj, _WorkerStub):
+            obj = obj.__wrapped__
+        return obj
+    fn = pickle.loads(a)
+    return fn
+
+
+def _reply_error(seq: int, exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = f'\n"""\n{tb}"""'
+    exc.__traceback__ = None
+    try:
+        data = _dumps(("result", seq, False, exc, tb))
+        pickle.loads(data)  # an exception that pickles but cannot be rebuilt
+        return data
+    except BaseException as err:
+        stand_in = RemoteError(
+            f"{_type_name(exc)}: {exc} (the exception could not be sent back from the worker process: {err!r})"
+        )
+        return _dumps(("result", seq, False, stand_in, tb))
+
+
+def _run_task(funcs: dict[int, Any], msg: bytes) -> bytes:
+    seq, fkey, fpayload, args_payload = pickle.loads(msg)
+    try:
+        fn = funcs.get(fkey)
+        if fn is None:
+            if fpayload is None:
+                raise RuntimeError("the worker process lost the function of this token")
+            fn = funcs[fkey] = _load_function(fpayload)
+        args, kwargs = pickle.loads(args_payload)
+    except BaseException as exc:
+        return _reply_error(seq, exc)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        if isinstance(exc, NotStartedError) and hasattr(exc, "add_note") and "process-lane worker" not in str(exc):
+            exc.add_note(
+                f"tokengate: this call ran inside a process-lane worker (pid {os.getpid()}), where no "
+                "coordinator runs; call the plain function (fn.__wrapped__) there"
+            )
+        return _reply_error(seq, exc)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+    try:
+        if type(value) in _PLAIN:
+            return pickle.dumps(("result", seq, True, value, None), _PROTO)
+        return _dumps(("result", seq, True, value, None))
+    except BaseException as exc:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        err = UnpicklableError(
+            f"the result of {name} ({_type_name(value)}) cannot be pickled to leave the worker process: {exc}"
+        )
+        return _reply_error(seq, err)
+
+
+def _child_main(fd: int, ppid: int) -> None:
+    """Entry point of a worker process: run tokens sent over the socket until EOF."""
+    global _IN_WORKER
+    _IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal(ppid)
+    os.set_inheritable(fd, False)
+    conn = Connection(fd)
+    funcs: dict[int, Any] = {}
+    code = 0
+    try:
+        conn.send_bytes(pickle.dumps(("ready", os.getpid()), _PROTO))
+        while True:
+            try:
+                msg = conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            reply = _run_task(funcs, msg)
+            conn.send_bytes(reply)
+    except (EOFError, OSError):
+        pass
+    except BaseException:  # pragma: no cover
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+

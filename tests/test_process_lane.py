@@ -1,0 +1,610 @@
+"""The process lane (W1-5): ``process_pool: True`` tokens run in worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import tokengate
+from tokengate import (
+    OperationsCoordinator,
+    TaskKilledError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    task_token_guard,
+)
+from tokengate._process import ProcessFunction, UnpicklableError
+
+PROC = {"process_pool": True}
+
+
+@task_token_guard(tags=PROC)
+def module_level_square(x: int) -> tuple[int, int]:
+    """Module-level: sent to the worker by reference (the worker imports this module)."""
+    return os.getpid(), x * x
+
+
+def _alive(pid: int) -> bool:
+    """True while /proc/<pid> exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children() -> set[int]:
+    """Direct child processes of this process, from /proc (every thread's children)."""
+    out: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return {p for p in out if _alive(p)}
+
+
+def _wait_gone(pids: list[int], limit: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + limit
+    left = [p for p in pids if _alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [p for p in left if _alive(p)]
+    return left
+
+
+@pytest.fixture
+def lane() -> Iterator[OperationsCoordinator]:
+    """A running coordinator whose process lane has 2 processes."""
+    c = OperationsCoordinator(max_workers=2, process_workers=2).start()
+    try:
+        yield c
+    finally:
+        c.stop(cancel_pending=True, timeout=10)
+
+
+@pytest.fixture
+def lane1() -> Iterator[OperationsCoordinator]:
+    """A running coordinator whose process lane has 1 process."""
+    c = OperationsCoordinator(max_workers=2, process_workers=1).start()
+    try:
+        yield c
+    finally:
+        c.stop(cancel_pending=True, timeout=10)
+
+
+# -- basics ----------------------------------------------------------------------------
+
+
+def test_runs_in_another_process_local_and_module_functions(lane: OperationsCoordinator) -> None:
+    base = 10
+
+    @task_token_guard(tags=PROC)
+    def local(a: int, b: int = 1) -> tuple[int, int]:  # defined inside a test: goes by value
+        return os.getpid(), a + b + base
+
+    assert isinstance(local, ProcessFunction)
+    pid, value = local(1, b=2).result(timeout=30)
+    assert value == 13 and pid != os.getpid()
+    pid2, sq = module_level_square(7).result(timeout=30)
+    assert sq == 49 and pid2 != os.getpid()
+    assert pid in lane._process_lane.pids and pid2 in lane._process_lane.pids
+    lam = task_token_guard(tags=PROC)(lambda x: x + 1)
+    assert lam(1).result(timeout=30) == 2
+    t = local(5)
+    t.result(timeout=30)
+    assert t.state == "completed" and t.done() and t.worker_id in (0, 1)
+    stats = lane.get_stats()
+    assert stats["tokens"]["completed"] >= 4
+    proc = stats["lanes"]["process"]
+    assert proc["workers"] == 2 and proc["completed"] >= 4 and proc["crashed"] == 0
+
+
+def test_wrapper_attributes_and_arity(lane: OperationsCoordinator) -> None:
+    def f(a: int, b: int) -> int:
+        return a - b
+
+    g = task_token_guard("sub_op", tags={"process_pool": True, "priority": 3})(f)
+    assert g.__wrapped__ is f and g.operation_type == "sub_op" and g.tags["process_pool"] is True
+    assert g.spec.operation_type == "sub_op"
+    with pytest.raises(TypeError):
+        g(1)
+    with pytest.raises(TypeError):
+        g(1, 2, 3)
+    assert g(5, b=2).result(timeout=30) == 3
+    h = task_token_guard(tags=PROC)(abs)
+    assert list(h.map([-1, -2, 3])) == [1, 2, 3]
+
+
+def test_not_started_raises() -> None:
+    @task_token_guard(tags=PROC)
+    def f() -> int:
+        return 1
+
+    with pytest.raises(tokengate.NotStartedError):
+        f()
+
+
+def test_exception_and_remote_traceback(lane: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def boom(x: int) -> None:
+        raise ValueError(f"bad {x}")
+
+    t = boom(3)
+    with pytest.raises(ValueError, match="bad 3") as info:
+        t.result(timeout=30)
+    assert "boom" in str(info.value.__cause__)  # the worker's traceback
+    assert t.state == "failed"
+
+
+def test_decorated_call_inside_worker_raises_clearly(lane: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def inner(x: int) -> int:
+        return x
+
+    @task_token_guard(tags=PROC)
+    def outer(x: int) -> int:
+        return inner(x).result()  # type: ignore[no-any-return]
+
+    @task_token_guard(tags=PROC)
+    def outer_plain(x: int) -> int:
+        return inner.__wrapped__(x) + 1  # type: ignore[no-any-return]
+
+    with pytest.raises(tokengate.NotStartedError, match="inside a process-lane worker"):
+        outer(1).result(timeout=30)
+    assert outer_plain(1).result(timeout=30) == 2
+
+
+def test_await_and_gather(lane: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def double(x: int) -> int:
+        return 2 * x
+
+    async def main() -> list[int]:
+        one = await double(1)
+        rest = await asyncio.gather(*(double(i) for i in range(2, 6)))
+        return [one, *rest]
+
+    assert asyncio.run(main()) == [2, 4, 6, 8, 10]
+    assert tokengate.gather([double(i) for i in range(3)], timeout=30) == [0, 2, 4]
+
+
+# -- crashes ---------------------------------------------------------------------------------
+
+
+def _crash_and_recover(c: OperationsCoordinator, crash: object, expected_code: int) -> None:
+    @task_token_guard(tags=PROC)
+    def die(how: str) -> None:
+        import ctypes
+
+        if how == "exit":
+            os._exit(3)
+        elif how == "kill9":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "segv":
+            ctypes.string_at(0)
+        time.sleep(5)
+
+    @task_token_guard(tags=PROC)
+    def slow_ok(x: int) -> tuple[int, int]:
+        time.sleep(0.4)
+        return os.getpid(), x
+
+    warm = [slow_ok(i) for i in range(2)]  # both processes ready and busy-able
+    tokengate.gather(warm, timeout=30)
+    bystander = slow_ok(1)  # runs in the other process meanwhile
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    t = die(crash)
+    with pytest.raises(WorkerCrashedError) as info:
+        t.result(timeout=30)
+    assert time.monotonic() - t0 < 30
+    assert info.value.exitcode == expected_code
+    assert str(expected_code) in str(info.value)
+    assert t.state == "failed"
+    assert bystander.result(timeout=30)[1] == 1  # only the crashed process's token failed
+    later = [slow_ok(i) for i in range(3)]  # the lane replaced the process
+    assert [v for _, v in tokengate.gather(later, timeout=30)] == [0, 1, 2]
+    stats = c.get_stats()["lanes"]["process"]
+    assert stats["crashed"] == 1 and stats["alive"] == 2
+
+
+def test_crash_os_exit(lane: OperationsCoordinator) -> None:
+    _crash_and_recover(lane, "exit", 3)
+
+
+def test_crash_sigkill(lane: OperationsCoordinator) -> None:
+    _crash_and_recover(lane, "kill9", -signal.SIGKILL)
+
+
+def test_crash_segfault(lane: OperationsCoordinator) -> None:
+    _crash_and_recover(lane, "segv", -signal.SIGSEGV)
+
+
+# -- pickling -----------------------------------------------------------------------------
+
+
+def test_unpicklable_argument_fails_only_that_token(lane: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def take(x: object, y: object = None) -> str:
+        return type(x).__name__
+
+    t = take(threading.Lock())
+    with pytest.raises(UnpicklableError, match=r"argument 0 \(_thread\.lock\)") as info:
+        t.result(timeout=30)
+    assert isinstance(info.value, TypeError)
+    assert t.state == "failed"
+    with pytest.raises(TypeError, match=r"keyword argument 'y' \(_thread\.RLock\)"):
+        take(1, y=threading.RLock()).result(timeout=30)
+    assert take(1).result(timeout=30) == "int"  # the lane stays usable
+
+
+def test_unpicklable_result_fails_only_that_token(lane: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def give(lock: bool) -> object:
+        return threading.Lock() if lock else "fine"
+
+    with pytest.raises(UnpicklableError, match=r"result of .*give \(_thread\.lock\)"):
+        give(True).result(timeout=30)
+    assert give(False).result(timeout=30) == "fine"
+    assert lane.get_stats()["lanes"]["process"]["crashed"] == 0
+
+
+# -- stopping a running token -------------------------------------------------------------
+
+
+def _sleeper(tmp: Path) -> ProcessFunction:
+    @task_token_guard(tags=PROC)
+    def sleep_long(name: str) -> str:
+        Path(name).write_text(str(os.getpid()))
+        time.sleep(30)
+        return "never"
+
+    return sleep_long  # type: ignore[return-value]
+
+
+def _pid_from(path: Path, limit: float = 20.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    raise AssertionError("the task never started")
+
+
+def test_timeout_kills_the_process(lane: OperationsCoordinator, tmp_path: Path) -> None:
+    sleep_long = _sleeper(tmp_path)
+    marker = tmp_path / "pid"
+    t = sleep_long.options(timeout=0.5)(str(marker))
+    pid = _pid_from(marker)
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError):
+        t.result(timeout=30)
+    assert time.monotonic() - t0 < 2.5
+    assert t.state == "timeout"
+    assert _wait_gone([pid]) == []
+    stats = lane.get_stats()["lanes"]["process"]
+    assert stats["timeouts"] == 1 and stats["replaced"] >= 1
+
+    @task_token_guard(tags=PROC)
+    def after() -> int:
+        return os.getpid()
+
+    assert after().result(timeout=30) != pid
+
+
+def test_timeout_tag_on_queued_token(lane1: OperationsCoordinator, tmp_path: Path) -> None:
+    @task_token_guard(tags=PROC)
+    def hold(s: float) -> None:
+        time.sleep(s)
+
+    @task_token_guard(tags={"process_pool": True, "timeout": 0.3})
+    def mark(path: str) -> None:
+        Path(path).write_text("ran")
+
+    h = hold(1.0)
+    t = mark(str(tmp_path / "m"))
+    with pytest.raises(TaskTimeoutError):
+        t.result(timeout=30)
+    h.result(timeout=30)
+    time.sleep(0.2)
+    assert not (tmp_path / "m").exists()
+
+
+def test_kill_terminates_the_process(lane: OperationsCoordinator, tmp_path: Path) -> None:
+    sleep_long = _sleeper(tmp_path)
+    marker = tmp_path / "pid"
+    t = sleep_long(str(marker))
+    pid = _pid_from(marker)
+    assert t.running()
+    t0 = time.monotonic()
+    assert t.kill("enough")
+    with pytest.raises(TaskKilledError, match="enough"):
+        t.result(timeout=30)
+    assert time.monotonic() - t0 < 2.0
+    assert _wait_gone([pid]) == []
+    marker2 = tmp_path / "pid2"
+    t2 = sleep_long(str(marker2))
+    pid2 = _pid_from(marker2)
+    assert lane.kill_all_by_operation(sleep_long.operation_type, "bulk") == 1
+    with pytest.raises(TaskKilledError):
+        t2.result(timeout=30)
+    assert _wait_gone([pid2]) == []
+    assert module_level_square(3).result(timeout=30)[1] == 9
+
+
+def test_cancel_before_start_never_runs(lane1: OperationsCoordinator, tmp_path: Path) -> None:
+    @task_token_guard(tags=PROC)
+    def hold(s: float) -> None:
+        time.sleep(s)
+
+    @task_token_guard(tags=PROC)
+    def mark(path: str) -> None:
+        Path(path).write_text("ran")
+
+    h = hold(0.5)
+    t = mark(str(tmp_path / "m"))
+    assert t.cancel()
+    assert t.cancelled() and t.state == "cancelled"
+    with pytest.raises(Exception) as info:
+        t.result(timeout=1)
+    assert type(info.value).__name__ == "CancelledError"
+    h.result(timeout=30)
+    assert mark(str(tmp_path / "n")).result(timeout=30) is None
+    assert not (tmp_path / "m").exists() and (tmp_path / "n").exists()
+
+
+# -- scheduling ------------------------------------------------------------------------------
+
+
+def test_priority_orders_the_queue(lane1: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def stamp(tag: str) -> int:
+        return time.monotonic_ns()
+
+    @task_token_guard(tags=PROC)
+    def hold(s: float) -> None:
+        time.sleep(s)
+
+    hold(0.01).result(timeout=30)
+    h = hold(0.5)
+    time.sleep(0.1)
+    low = [stamp("low") for _ in range(2)]
+    high = stamp.options(priority=10)("high")
+    tokengate.gather([h, *low, high], timeout=30)
+    assert high.result() < min(t.result() for t in low)
+
+
+def test_operation_limit_applies(tmp_path: Path) -> None:
+    with OperationsCoordinator(max_workers=2, process_workers=1, operation_limits={"plim": 1}) as c:
+
+        @task_token_guard("plim", tags=PROC)
+        def hold(s: float) -> float:
+            time.sleep(s)
+            return s
+
+        first = hold(0.3)
+        assert hold.try_submit(0.0) is None
+        assert first.result(timeout=30) == 0.3
+        second = hold.try_submit(0.0)
+        assert second is not None and second.result(timeout=30) == 0.0
+        ops = c.get_stats()["operations"]["plim"]
+        assert ops["max_pending"] == 1 and ops["pending"] == 0
+
+
+def test_retries_and_token_arguments(lane: OperationsCoordinator, tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+
+    @task_token_guard(tags={"process_pool": True, "retries": 2})
+    def flaky(path: str) -> int:
+        p = Path(path)
+        n = int(p.read_text()) if p.exists() else 0
+        p.write_text(str(n + 1))
+        if n < 1:
+            raise RuntimeError("first attempt fails")
+        return n + 1
+
+    assert flaky(str(counter)).result(timeout=30) == 2
+    assert lane.get_stats()["lanes"]["process"]["retries"] == 1
+
+    @task_token_guard
+    def on_thread(x: int) -> int:
+        return x + 100
+
+    @task_token_guard(tags=PROC)
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert add(on_thread(1), b=on_thread(2)).result(timeout=30) == 203
+
+    @task_token_guard
+    def fails() -> int:
+        raise KeyError("no")
+
+    with pytest.raises(tokengate.DependencyFailedError) as info:
+        add(fails(), 1).result(timeout=30)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_two_cpu_tasks_run_in_parallel(lane: OperationsCoordinator) -> None:
+    def spin(n: int) -> int:
+        s = 0
+        for i in range(n):
+            s += i * i
+        return s
+
+    n = 20_000
+    while True:  # calibrate: ~50 ms of pure-Python work here
+        t0 = time.perf_counter()
+        spin(n)
+        if time.perf_counter() - t0 >= 0.05:
+            break
+        n *= 2
+    cpu = task_token_guard(tags=PROC)(spin)
+    tokengate.gather([cpu(1000), cpu(1000)], timeout=30)  # both processes have the function
+    best = 0.0
+    for _ in range(15):  # the machine is shared: retry until a quiet moment
+        t0 = time.perf_counter()
+        spin(n)
+        spin(n)
+        serial = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokengate.gather([cpu(n), cpu(n)], timeout=30)
+        parallel = time.perf_counter() - t0
+        best = max(best, serial / parallel)
+        if best > 1.3:
+            break
+        time.sleep(0.1)
+    assert best > 1.3, f"speedup {best:.2f}"
+
+
+def test_pause_admission_holds_process_tokens(lane1: OperationsCoordinator) -> None:
+    @task_token_guard(tags=PROC)
+    def one() -> int:
+        return 1
+
+    assert one().result(timeout=30) == 1
+    lane1.pause_admission()
+    t = one()
+    time.sleep(0.3)
+    assert not t.done() and not t.running()
+    lane1.resume_admission()
+    assert t.result(timeout=30) == 1
+
+
+def test_workers_that_cannot_start_fail_queued_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokengate._process as lane_module
+
+    monkeypatch.setattr(lane_module, "_BOOT", "import os\nos._exit(7)  # {fd} {ppid}\n")
+    with OperationsCoordinator(max_workers=1, process_workers=1) as c:
+
+        @task_token_guard(tags=PROC)
+        def f() -> int:
+            return 1
+
+        t = f()
+        with pytest.raises(WorkerCrashedError, match="while starting") as info:
+            t.result(timeout=30)
+        assert info.value.exitcode == 7
+        assert c.get_stats()["lanes"]["process"]["spawned"] >= 3
+
+
+# -- configuration, stop, orphans -------------------------------------------------------------
+
+
+def test_process_count_default_and_configurable() -> None:
+    with OperationsCoordinator(max_workers=1) as c:
+        assert c.process_workers is None
+        assert module_level_square(2).result(timeout=30)[1] == 4
+        assert c.get_stats()["lanes"]["process"]["workers"] == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError):
+        OperationsCoordinator(process_workers=0)
+    with pytest.raises(TypeError):
+        OperationsCoordinator(process_workers=1.5)  # type: ignore[arg-type]
+
+
+def test_storage_speed_with_process_pool_stays_on_threads() -> None:
+    with pytest.warns(RuntimeWarning, match="stays on threads"):
+
+        @task_token_guard(tags={"process_pool": True, "storage_speed": "FAST"})
+        def io_op() -> int:
+            return os.getpid()
+
+    assert not isinstance(io_op, ProcessFunction)
+    with OperationsCoordinator(max_workers=1):
+        assert io_op().result(timeout=30) == os.getpid()
+
+
+def test_stop_leaves_no_processes(tmp_path: Path) -> None:
+    before = _children()
+    c = OperationsCoordinator(max_workers=2, process_workers=2).start()
+    seen = {module_level_square(i).result(timeout=30)[0] for i in range(6)}
+    pids = set(c._process_lane.pids) | seen
+    assert pids and all(_alive(p) for p in c._process_lane.pids)
+    assert c.stop()
+    assert _wait_gone(sorted(pids), 1.0) == []
+    assert _children() - before == set()
+    assert c.get_stats()["active"] is False
+
+    # Stopping with a token still running: after the timeout its process is killed.
+    c = OperationsCoordinator(max_workers=2, process_workers=2).start()
+    sleep_long = _sleeper(tmp_path)
+    marker = tmp_path / "pid"
+    t = sleep_long(str(marker))
+    pid = _pid_from(marker)
+    lane_pids = c._process_lane.pids
+    t0 = time.monotonic()
+    c.stop(timeout=0.5)
+    assert time.monotonic() - t0 < 10
+    assert t.done()
+    with pytest.raises(TaskKilledError):
+        t.result()
+    assert _wait_gone([pid, *lane_pids], 1.0) == []
+    assert _children() - before == set()
+    with pytest.raises(tokengate.NotStartedError):
+        module_level_square(1)
+
+
+@pytest.mark.subprocess
+def test_workers_die_with_their_parent(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys
+            from tokengate import OperationsCoordinator, task_token_guard
+
+            @task_token_guard(tags={"process_pool": True})
+            def pid():
+                return os.getpid()
+
+            c = OperationsCoordinator(max_workers=1, process_workers=2).start()
+            pid().result(timeout=30)
+            print(" ".join(map(str, c._process_lane.pids)), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no stop(), no atexit
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    assert _wait_gone(pids, 5.0) == []
+
+
+@pytest.mark.subprocess
+def test_interpreter_exit_runs_queued_process_tokens(tmp_path: Path) -> None:
+    script = tmp_path / "exit.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import time
+            from tokengate import OperationsCoordinator, task_token_guard
+
+            def work(x):
+                time.sleep(0.05)
+                return x
+
+            work = task_token_guard(tags={"process_pool": True})(work)
+            c = OperationsCoordinator(max_workers=1, process_workers=1).start()
+            toks = [work(i) for i in range(4)]
+            toks[-1].add_done_callback(lambda t: print("last", t.result(), flush=True))
+            # no stop(): interpreter exit runs queued work, then the lane shuts down
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "last 3" in proc.stdout
