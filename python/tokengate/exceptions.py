@@ -12,7 +12,11 @@ wrapped: ``result()`` and ``await`` re-raise the task's own exception object.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 __all__ = [
+    "TaskCancelledError",
     "TokengateError",
     "NotStartedError",
     "ShutdownError",
@@ -51,6 +55,15 @@ class ForkedProcessError(TokengateError, RuntimeError):
     coordinator had started in the parent. Worker threads do not survive a
     fork; start a new coordinator in the child (or use the ``spawn`` start
     method)."""
+
+
+class TaskCancelledError(TokengateError, concurrent.futures.CancelledError, asyncio.CancelledError):
+    """The token was cancelled before it ran.
+
+    It is both a ``concurrent.futures.CancelledError`` and an
+    ``asyncio.CancelledError``, so ``except`` clauses written for either API
+    (including asyncio's own ``wait_for``, ``gather`` and ``shield``) catch it.
+    """
 
 
 class TaskKilledError(TokengateError):

@@ -408,8 +408,14 @@ impl EngineShared {
                 cancel_jobs(py, vec![job]);
             }
         }
-        cancel_jobs(py, self.pool.drain());
-        cancel_jobs(py, self.io.drain());
+        if wait || cancel_pending {
+            // What is still queued now raced the stop (or outlived the
+            // timeout): nobody will run it. With wait=False the workers
+            // still drain the queues (as ThreadPoolExecutor.shutdown(wait=False)
+            // does); anything left when the engine is dropped is cancelled then.
+            cancel_jobs(py, self.pool.drain());
+            cancel_jobs(py, self.io.drain());
+        }
         self.cancel_parked(py, None);
         Ok(joined)
     }

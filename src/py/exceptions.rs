@@ -94,7 +94,7 @@ impl BindError {
             ),
             BindError::Value(msg) => PyValueError::new_err(msg),
             BindError::WaitTimeout => instance(py, "concurrent.futures", "TimeoutError", ("timed out waiting for the token",)),
-            BindError::Cancelled => instance(py, "concurrent.futures", "CancelledError", ("the token was cancelled",)),
+            BindError::Cancelled => tokengate("TaskCancelledError", "the token was cancelled".into()),
             BindError::SelfWait => PyRuntimeError::new_err(
                 "a task waited on its own token: this would deadlock (result() called inside the task it belongs to)",
             ),
@@ -157,7 +157,9 @@ pub(crate) fn dependency_failed(py: Python<'_>, input: &super::token::TokenInner
     }
 }
 
-/// `asyncio.CancelledError()` (raised by an awaited cancelled token).
+/// The error of an await that was cancelled: exactly `asyncio.CancelledError`
+/// (asyncio's `timeout()` tests the class by identity). The synchronous API
+/// raises `TaskCancelledError`, which is both kinds of `CancelledError`.
 pub(crate) fn asyncio_cancelled(py: Python<'_>) -> PyErr {
     instance(py, "asyncio", "CancelledError", ())
 }

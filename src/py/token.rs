@@ -682,6 +682,17 @@ impl TaskToken {
         aio::get_running_loop(py)
     }
 
+    /// asyncio's hook for the error of a cancelled future (used by `gather`).
+    fn _make_cancelled_error(&self, py: Python<'_>) -> Py<PyAny> {
+        exceptions::asyncio_cancelled(py).into_value(py).into_any()
+    }
+
+    /// asyncio reads this on cancelled futures (no message is kept).
+    #[getter]
+    fn _cancel_message(&self) -> Option<String> {
+        None
+    }
+
     /// Marks tokens as asyncio-compatible futures (`asyncio.isfuture`), so
     /// `asyncio.gather` registers a callback instead of wrapping each token in a Task.
     #[getter(_asyncio_future_blocking)]
@@ -775,6 +786,15 @@ impl TokenAwait {
 
     fn get_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         aio::get_running_loop(py)
+    }
+
+    fn _make_cancelled_error(&self, py: Python<'_>) -> Py<PyAny> {
+        exceptions::asyncio_cancelled(py).into_value(py).into_any()
+    }
+
+    #[getter]
+    fn _cancel_message(&self) -> Option<String> {
+        None
     }
 
     #[pyo3(signature = (func, *, context=None))]
