@@ -141,6 +141,8 @@ const NO_WORKER: u32 = u32::MAX;
 pub struct TokenCore<S> {
     state: AtomicU8,
     cancel_requested: AtomicBool,
+    /// Someone waits for this token (set when a wait begins).
+    awaited: AtomicBool,
     waiters: AtomicU32,
     worker: AtomicU32,
     core: AtomicU32,
@@ -155,6 +157,7 @@ impl<S> TokenCore<S> {
         TokenCore {
             state: AtomicU8::new(TokenState::Created as u8),
             cancel_requested: AtomicBool::new(false),
+            awaited: AtomicBool::new(false),
             waiters: AtomicU32::new(0),
             worker: AtomicU32::new(NO_WORKER),
             core: AtomicU32::new(NO_WORKER),
@@ -293,8 +296,22 @@ impl<S> TokenCore<S> {
         self.slot.lock()
     }
 
+    /// True once someone began to wait for the token.
+    pub fn is_awaited(&self) -> bool {
+        self.awaited.load(Ordering::Acquire)
+    }
+
+    /// Spins up to `limit` until someone waits for the token (or it is done).
+    pub fn spin_until_awaited(&self, limit: Duration) {
+        let start = Instant::now();
+        while !self.is_awaited() && !self.is_done() && start.elapsed() < limit {
+            std::hint::spin_loop();
+        }
+    }
+
     /// Spins (no sleep) up to `limit` for the token to finish; true when done.
     pub fn spin_until_done(&self, limit: Duration) -> bool {
+        self.awaited.store(true, Ordering::Release);
         let start = Instant::now();
         let mut round = 0u32;
         while !self.is_done() {
@@ -319,6 +336,7 @@ impl<S> TokenCore<S> {
         if self.is_done() {
             return true;
         }
+        self.awaited.store(true, Ordering::Release);
         for round in 0..40u32 {
             if round < 8 {
                 for _ in 0..(1u32 << round) {

@@ -78,6 +78,13 @@ pub trait Job: Send + 'static {
     fn submitted_ns(&self) -> Option<u64> {
         None
     }
+
+    /// Called by a worker that found this job while idle, before it leaves
+    /// its idle state (for the Python binding: before it re-attaches to the
+    /// interpreter). The binding waits there a few microseconds for the
+    /// submitting thread to release the interpreter, instead of blocking on
+    /// it and paying a thread wake-up.
+    fn before_idle_run(&self) {}
 }
 
 /// What the embedder runs on each worker thread.

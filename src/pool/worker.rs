@@ -283,6 +283,7 @@ impl<J: Job> WorkerLoop<J> {
                     if self.shared.has_work() {
                         self.shared.notify_work();
                     }
+                    found.job.before_idle_run();
                     return Some(found);
                 }
                 if self.shared.terminate.load(Ordering::SeqCst) && !self.shared.has_work_for(index) {

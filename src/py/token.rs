@@ -254,7 +254,15 @@ impl TokenInner {
                 Err(BindError::WaitTimeout.into_pyerr(py))
             };
         }
-        if wait_detached(py, timeout, |step| self.core.wait(Some(step)))? {
+        let epoch = super::job::idle_epoch();
+        let done = wait_detached(py, timeout, |step| {
+            let done = self.core.wait(Some(step));
+            if done {
+                super::job::settle_after_wait(epoch);
+            }
+            done
+        })?;
+        if done {
             Ok(())
         } else {
             Err(BindError::WaitTimeout.into_pyerr(py))
@@ -736,7 +744,16 @@ impl TokenAwait {
         let inner = &slf.get().token.get().inner;
         // A short task is often done within microseconds: wait that long
         // (detached) rather than suspend the task and pay a loop wake-up.
-        if inner.core.is_done() || py.detach(|| inner.core.spin_until_done(AWAIT_SPIN)) {
+        let epoch = super::job::idle_epoch();
+        if inner.core.is_done()
+            || py.detach(|| {
+                let done = inner.core.spin_until_done(AWAIT_SPIN);
+                if done {
+                    super::job::settle_after_wait(epoch);
+                }
+                done
+            })
+        {
             let value = inner.outcome(py, true)?;
             return Err(pyo3::exceptions::PyStopIteration::new_err((value,)));
         }
