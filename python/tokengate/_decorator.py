@@ -172,9 +172,9 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.tags = spec.tags  # type: ignore[attr-defined]
         wrapper.spec = spec  # type: ignore[attr-defined]
         wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
-        wrapper.options = functools.partial(CallWith, spec)  # type: ignore[attr-defined]
-        wrapper.try_submit = CallWith(spec, block=False)  # type: ignore[attr-defined]
-        wrapper.submit_async = CallWith(spec).submit_async  # type: ignore[attr-defined]
+        wrapper.options = functools.partial(CallWith, spec.submit_with)  # type: ignore[attr-defined]
+        wrapper.try_submit = CallWith(spec.submit_with, block=False)  # type: ignore[attr-defined]
+        wrapper.submit_async = CallWith(spec.submit_with).submit_async  # type: ignore[attr-defined]
         if validated.get("process_pool") and not validated.get("storage_speed"):
             # W1-5: the process lane (python/tokengate/_process.py) runs these tokens.
             from ._process import process_wrapper
@@ -192,14 +192,15 @@ class CallWith:
     ``retries`` (extra attempts after a failure) override the tags for these calls.
     ``block=False`` makes a call on a full bounded coordinator return ``None``
     instead of waiting (``fn.try_submit(x)`` is that form); ``admission_timeout``
-    bounds the wait, then raises ``AdmissionRejectedError``.
+    bounds the wait, then raises ``AdmissionRejectedError``. ``submit`` is the
+    lane's ``submit(args, kwargs, **options)`` (thread or process lane).
     """
 
-    __slots__ = ("_spec", "_kw")
+    __slots__ = ("_submit", "_kw")
 
     def __init__(
         self,
-        spec: Any,
+        submit: Callable[..., Any],
         *,
         priority: int | None = None,
         timeout: float | None = None,
@@ -211,7 +212,11 @@ class CallWith:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        self._spec = spec
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._submit = submit
         self._kw = {
             "priority": priority,
             "timeout": timeout,
@@ -221,7 +226,7 @@ class CallWith:
         }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._spec.submit_with(args, kwargs, **self._kw)
+        return self._submit(args, kwargs, **self._kw)
 
     async def submit_async(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
         """Waits for admission without blocking the event loop, then returns the token."""
@@ -235,12 +240,12 @@ class CallWith:
         kw = dict(self._kw, block=False, probe=True)
         delay = 0.0002
         while True:
-            token = self._spec.submit_with(args, kwargs, **kw)
+            token = self._submit(args, kwargs, **kw)
             if token is not None:
                 return token  # type: ignore[no-any-return]
             if deadline is not None and time.monotonic() >= deadline:
                 # One counted attempt, so the rejection shows in the stats.
-                token = self._spec.submit_with(args, kwargs, **dict(kw, probe=False))
+                token = self._submit(args, kwargs, **dict(kw, probe=False))
                 if token is not None:
                     return token  # type: ignore[no-any-return]
                 raise AdmissionRejectedError(f"no admission slot freed within {limit}s")

@@ -98,6 +98,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _tokengate
+from ._decorator import CallWith, _map
 from ._tokengate import TaskToken
 from .exceptions import (
     AdmissionRejectedError,
@@ -243,9 +244,9 @@ class ProcessFunction:
         self.tags = spec.tags
         self.spec = spec
         self.map = functools.partial(_map, self)
-        self.options = functools.partial(ProcessCallWith, self)
-        self.try_submit = ProcessCallWith(self, block=False)
-        self.submit_async = ProcessCallWith(self).submit_async
+        self.options = functools.partial(CallWith, self._submit)
+        self.try_submit = CallWith(self._submit, block=False)
+        self.submit_async = CallWith(self._submit).submit_async
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
         return self._submit(args, kwargs)  # type: ignore[return-value]
@@ -326,66 +327,6 @@ class _WorkerStub:
 
 def _worker_stub(fn: Any, op: str) -> _WorkerStub:
     return _WorkerStub(fn, op)
-
-
-class ProcessCallWith:
-    """``fn.options(priority=, timeout=, retries=, block=, admission_timeout=)`` of a
-    process-lane function (same meaning as for the thread lane)."""
-
-    __slots__ = ("_pf", "_kw")
-
-    def __init__(
-        self,
-        pf: ProcessFunction,
-        *,
-        priority: int | None = None,
-        timeout: float | None = None,
-        retries: int | None = None,
-        block: bool = True,
-        admission_timeout: float | None = None,
-    ) -> None:
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if timeout is not None and (
-            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self._pf = pf
-        self._kw = {
-            "priority": priority,
-            "timeout": timeout,
-            "retries": retries,
-            "block": block,
-            "admission_timeout": admission_timeout,
-        }
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pf._submit(args, kwargs, **self._kw)
-
-    async def submit_async(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
-        """Waits for admission without blocking the event loop, then returns the token."""
-        import asyncio
-
-        limit = self._kw["admission_timeout"]
-        deadline = None if limit is None else time.monotonic() + float(limit)
-        kw = dict(self._kw, block=False)
-        delay = 0.0002
-        while True:
-            token = self._pf._submit(args, kwargs, probe=True, **kw)
-            if token is not None:
-                return token
-            if deadline is not None and time.monotonic() >= deadline:
-                raise AdmissionRejectedError(f"no admission slot freed within {limit}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.005)
-
-
-def _map(fn: Any, iterable: Any, *, buffer: int | None = None) -> Any:
-    from ._gather import map_tokens
-
-    return map_tokens(fn, iterable, buffer=buffer)
 
 
 def process_wrapper(spec: Any, fn: Any) -> ProcessFunction:
