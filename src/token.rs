@@ -13,10 +13,12 @@
 //! * Forward moves to `WAITING`, `ADMITTED` and `EXECUTING` are a single
 //!   compare-and-swap on `state`, without the lock.
 //! * A terminal move happens under the `slot` lock: the resolver CASes the
-//!   state to the terminal value, fills the slot (outcome, listeners) and
+//!   state to the internal `RESOLVING` marker (readers still see the state
+//!   it came from), fills the slot (outcome, listeners, bookkeeping such as
+//!   admission slots and counters), then publishes the terminal state and
 //!   wakes blocked waiters before it unlocks. It therefore happens exactly
-//!   once, and whoever sees a terminal `state` and then takes the lock sees
-//!   the outcome.
+//!   once, and whoever sees a terminal `state` sees everything the resolver
+//!   did (a caller whose `result()` returned finds its admission slot free).
 //! * `start` (to `EXECUTING`) and a cancel (to `CANCELLED`) race through the
 //!   same atomic, so exactly one wins: a cancelled token never runs, and a
 //!   token that started can no longer be cancelled (only killed or timed out,
@@ -136,10 +138,15 @@ pub enum Stamp {
 
 const NO_WORKER: u32 = u32::MAX;
 
+/// Internal state value while a resolver fills the slot (see the protocol).
+const RESOLVING: u8 = u8::MAX;
+
 /// State, timestamps and the lock-protected slot `S` of one token.
 #[derive(Debug)]
 pub struct TokenCore<S> {
     state: AtomicU8,
+    /// The state a resolver started from, reported while `state == RESOLVING`.
+    resolving_from: AtomicU8,
     cancel_requested: AtomicBool,
     /// Someone waits for this token (set when a wait begins).
     awaited: AtomicBool,
@@ -156,6 +163,7 @@ impl<S> TokenCore<S> {
     pub fn new(slot: S) -> Self {
         TokenCore {
             state: AtomicU8::new(TokenState::Created as u8),
+            resolving_from: AtomicU8::new(TokenState::Created as u8),
             cancel_requested: AtomicBool::new(false),
             awaited: AtomicBool::new(false),
             waiters: AtomicU32::new(0),
@@ -170,7 +178,10 @@ impl<S> TokenCore<S> {
     /// The current state.
     #[inline]
     pub fn state(&self) -> TokenState {
-        TokenState::from_u8(self.state.load(Ordering::Acquire))
+        match self.state.load(Ordering::Acquire) {
+            RESOLVING => TokenState::from_u8(self.resolving_from.load(Ordering::Acquire)),
+            v => TokenState::from_u8(v),
+        }
     }
 
     /// True once a terminal state was reached.
@@ -202,12 +213,17 @@ impl<S> TokenCore<S> {
     }
 
     fn advance(&self, allowed: impl Fn(TokenState) -> bool, to: TokenState) -> bool {
+        self.advance_raw(allowed, to as u8)
+    }
+
+    fn advance_raw(&self, allowed: impl Fn(TokenState) -> bool, to: u8) -> bool {
         let mut cur = self.state.load(Ordering::Acquire);
         loop {
-            if !allowed(TokenState::from_u8(cur)) {
+            // A token being resolved is as good as resolved: no other move.
+            if cur == RESOLVING || !allowed(TokenState::from_u8(cur)) {
                 return false;
             }
-            match self.state.compare_exchange_weak(cur, to as u8, Ordering::AcqRel, Ordering::Acquire) {
+            match self.state.compare_exchange_weak(cur, to, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
@@ -280,11 +296,22 @@ impl<S> TokenCore<S> {
     ) -> Option<R> {
         debug_assert!(to.is_terminal());
         let mut slot = self.slot.lock();
-        if !self.advance(|s| !s.is_terminal() && allowed(s), to) {
-            return None;
+        // Under the lock no other resolver runs; lock-free moves (start,
+        // hold) may still race, so `resolving_from` is set before each try.
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if cur == RESOLVING || TokenState::from_u8(cur).is_terminal() || !allowed(TokenState::from_u8(cur)) {
+                return None;
+            }
+            self.resolving_from.store(cur, Ordering::Release);
+            match self.state.compare_exchange_weak(cur, RESOLVING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
         }
         self.times[Stamp::Finished as usize].store(finished_ns.unwrap_or_else(now_ns), Ordering::Release);
         let out = fill(&mut slot);
+        self.state.store(to as u8, Ordering::Release);
         if self.waiters.load(Ordering::Relaxed) > 0 {
             self.cv.notify_all();
         }

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import sys
-import time
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from tokengate import OperationsCoordinator, _tokengate
 
+from support import os_thread_count, running_coordinator, wait_for_threads
+
 IS_FREE_THREADED = bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False)
-
-
-def os_thread_count() -> int:
-    """Threads of this process according to the kernel (Python and Rust threads alike)."""
-    return len(os.listdir("/proc/self/task"))
-
-
-def wait_for_threads(baseline: int, limit: float = 2.0) -> int:
-    deadline = time.monotonic() + limit
-    n = os_thread_count()
-    while n > baseline and time.monotonic() < deadline:
-        time.sleep(0.01)
-        gc.collect()
-        n = os_thread_count()
-    return n
 
 
 @pytest.fixture(autouse=True)
@@ -50,20 +35,22 @@ def _no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def coordinator() -> Iterator[OperationsCoordinator]:
     """A running coordinator with 4 workers, stopped after the test."""
-    c = OperationsCoordinator(max_workers=4)
-    c.start()
-    try:
+    with running_coordinator(max_workers=4) as c:
         yield c
-    finally:
-        c.stop(cancel_pending=True, timeout=10)
 
 
 @pytest.fixture
 def one_worker() -> Iterator[OperationsCoordinator]:
     """A running coordinator with a single worker."""
-    c = OperationsCoordinator(max_workers=1)
-    c.start()
-    try:
+    with running_coordinator(max_workers=1) as c:
         yield c
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """An Event released at teardown, so a worker blocked on it always exits."""
+    ev = threading.Event()
+    try:
+        yield ev
     finally:
-        c.stop(cancel_pending=True, timeout=10)
+        ev.set()

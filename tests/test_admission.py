@@ -18,24 +18,9 @@ import pytest
 
 from tokengate import AdmissionRejectedError, OperationsCoordinator, TaskToken, task_token_guard
 
+from support import Env, rss_mb, wait_until
+
 WAIT = 10.0
-
-
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @task_token_guard(operation_type="adm_hold", tags={"weight": "light"})
@@ -55,48 +40,10 @@ def noop(x: Any) -> Any:
     return x
 
 
-class Env:
-    """Coordinators, gates and helper threads of one test; teardown opens every gate,
-    joins the threads, then stops every coordinator."""
-
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-        self.gates: list[threading.Event] = []
-        self.threads: list[threading.Thread] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 2)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def thread(self, target: Callable[[], None]) -> threading.Thread:
-        th = threading.Thread(target=target, daemon=True)
-        self.threads.append(th)
-        th.start()
-        return th
-
-    def close(self) -> None:
-        for g in self.gates:
-            g.set()
-        for th in self.threads:
-            th.join(WAIT)
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=2) as e:
         yield e
-    finally:
-        e.close()
 
 
 def blocked_call(env: Env, call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

@@ -19,18 +19,14 @@ import pytest
 import tokengate
 from tokengate import OperationsCoordinator, TaskToken, task_token_guard
 
-from conftest import os_thread_count, wait_for_threads
+import support
+from support import os_thread_count, wait_for_threads
 
 WAIT = 30.0  # generous: 2 shared cores
 
 
 def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
+    return support.wait_until(pred, limit)
 
 
 async def async_wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
@@ -40,15 +36,6 @@ async def async_wait_until(pred: Callable[[], bool], limit: float = WAIT) -> boo
             return True
         await asyncio.sleep(0.005)
     return pred()
-
-
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    try:
-        yield ev
-    finally:
-        ev.set()
 
 
 class Noise:

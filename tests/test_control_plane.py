@@ -7,6 +7,7 @@ drained ones are cancelled, and nothing is ever left unresolved.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,16 +18,13 @@ import pytest
 import tokengate
 from tokengate import NotStartedError, OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
+import support
+from support import Env
+
 WAIT = 10.0
 
 
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
+wait_until = functools.partial(support.wait_until, interval=0.002)
 
 
 @task_token_guard(operation_type="cp_hold", tags={"weight": "light"})
@@ -61,45 +59,10 @@ def op_a_wait(ev: threading.Event, state: dict[str, Any], limit: float = 30.0) -
     return "a-finished"
 
 
-class Env:
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-        self.gates: list[threading.Event] = []
-        self.threads: list[threading.Thread] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 1)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def hold_worker(self) -> tuple[threading.Event, TaskToken[str]]:
-        ev = self.gate()
-        tok = hold(ev)
-        assert wait_until(tok.running), f"blocker never started: {tok.state}"
-        return ev, tok
-
-    def close(self) -> None:
-        for g in self.gates:
-            g.set()
-        for th in self.threads:
-            th.join(WAIT)
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=1, blocker=hold) as e:
         yield e
-    finally:
-        e.close()
 
 
 def assert_cancelled(tok: TaskToken[Any]) -> None:

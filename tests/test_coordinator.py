@@ -5,29 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tokengate import NotStartedError, OperationsCoordinator, TaskToken, _tokengate, task_token_guard
 
-from conftest import os_thread_count, wait_for_threads
+from support import fd_count, os_thread_count, start_blocker, wait_for_threads, wait_until
 
 WAIT = 10.0
-
-
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @task_token_guard
@@ -52,19 +38,8 @@ def boom(msg: str) -> None:
     raise ValueError(msg)
 
 
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    try:
-        yield ev
-    finally:
-        ev.set()
-
-
 def block_worker(ev: threading.Event) -> TaskToken[str]:
-    tok = wait_on(ev)
-    assert wait_until(tok.running), tok.state
-    return tok
+    return start_blocker(wait_on, ev)
 
 
 # -- lifecycle -----------------------------------------------------------------------------

@@ -24,16 +24,9 @@ from tokengate import (
     task_token_guard,
 )
 
+from support import wait_until
+
 WAIT = 30.0
-
-
-def wait_until(cond, limit: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return bool(cond())
 
 
 @task_token_guard(operation_type="dep_inc")

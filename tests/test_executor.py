@@ -19,7 +19,7 @@ from concurrent import futures
 
 import pytest
 
-from conftest import os_thread_count, wait_for_threads
+from support import os_thread_count, wait_for_threads
 from tokengate import OperationsCoordinator, TaskKilledError, TaskPanicError, _tokengate
 from tokengate.executor import BrokenThreadPool, Executor
 
@@ -175,6 +175,10 @@ def test_shutdown_race_issue12456(executor: Executor) -> None:
     executor.shutdown()
 
 
+@pytest.mark.skipif(
+    not getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="free-threaded CPython frees objects shared across threads later (biased reference counting)",
+)
 def test_no_stale_references(executor: Executor) -> None:
     my_object = MyObject()
     collected = threading.Event()

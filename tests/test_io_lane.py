@@ -7,6 +7,7 @@ waiting for a tier slot holds no thread; ``token.lane == "io"``.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,20 +21,13 @@ import pytest
 
 from tokengate import OperationsCoordinator, current_token, task_token_guard
 
+import support
+from support import os_thread_count as os_threads
+
 WAIT = 30.0
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def wait_until(cond, limit: float = 10.0, step: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
+wait_until = functools.partial(support.wait_until, interval=0.01)
 
 
 class Tracker:

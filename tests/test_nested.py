@@ -15,17 +15,16 @@ import pytest
 import tokengate
 from tokengate import OperationsCoordinator, current_token, task_token_guard
 
+from support import running_coordinator
+
 LIMIT = 10.0  # the bound for the recursive workloads
 
 
 @pytest.fixture
 def solo() -> Iterator[OperationsCoordinator]:
-    c = OperationsCoordinator(max_workers=1).start()
-    try:
+    # Stopping with cancel_pending also unblocks a task stuck waiting on a queued token.
+    with running_coordinator(max_workers=1) as c:
         yield c
-    finally:
-        # cancel_pending also unblocks a task stuck waiting on a queued token.
-        c.stop(cancel_pending=True, timeout=10)
 
 
 @task_token_guard(operation_type="nest_fib")

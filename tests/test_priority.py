@@ -6,26 +6,24 @@ the tokens are queued, so the queue order is all that decides the run order.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, TaskToken, task_token_guard
+from tokengate import TaskToken, task_token_guard
+
+import support
+from support import Env
 
 WAIT = 10.0
 NO_AGING = 1000.0  # seconds per priority level: aging cannot matter within a test
 
 
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
+wait_until = functools.partial(support.wait_until, interval=0.002)
 
 
 @task_token_guard(operation_type="prio_block", tags={"weight": "light"})
@@ -48,44 +46,10 @@ def tagged(log: list[Any], item: Any) -> Any:
     return item
 
 
-class Env:
-    """Coordinators and gates of one test; teardown opens every gate, then stops every coordinator."""
-
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-        self.gates: list[threading.Event] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 1)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def hold_worker(self) -> tuple[threading.Event, TaskToken[str]]:
-        ev = self.gate()
-        tok = block(ev)
-        assert wait_until(tok.running), f"blocker never started: {tok.state}"
-        return ev, tok
-
-    def close(self) -> None:
-        for g in self.gates:
-            g.set()
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=1, blocker=block) as e:
         yield e
-    finally:
-        e.close()
 
 
 def expected_order(items: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -26,6 +26,8 @@ from tokengate import (
 )
 from tokengate._process import ProcessFunction, UnpicklableError
 
+from support import running_coordinator
+
 PROC = {"process_pool": True}
 
 
@@ -68,21 +70,15 @@ def _wait_gone(pids: list[int], limit: float = 5.0) -> list[int]:
 @pytest.fixture
 def lane() -> Iterator[OperationsCoordinator]:
     """A running coordinator whose process lane has 2 processes."""
-    c = OperationsCoordinator(max_workers=2, process_workers=2).start()
-    try:
+    with running_coordinator(max_workers=2, process_workers=2) as c:
         yield c
-    finally:
-        c.stop(cancel_pending=True, timeout=10)
 
 
 @pytest.fixture
 def lane1() -> Iterator[OperationsCoordinator]:
     """A running coordinator whose process lane has 1 process."""
-    c = OperationsCoordinator(max_workers=2, process_workers=1).start()
-    try:
+    with running_coordinator(max_workers=2, process_workers=1) as c:
         yield c
-    finally:
-        c.stop(cancel_pending=True, timeout=10)
 
 
 # -- basics ----------------------------------------------------------------------------

@@ -4,9 +4,10 @@ including ``auto_block_dangerous``."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,16 +20,13 @@ from tokengate import (
     task_token_guard,
 )
 
+import support
+from support import Env
+
 WAIT = 10.0
 
 
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
+wait_until = functools.partial(support.wait_until, interval=0.002)
 
 
 class Flaky:
@@ -81,28 +79,10 @@ def other(x: Any) -> Any:
     return x
 
 
-class Env:
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 2)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def close(self) -> None:
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=2) as e:
         yield e
-    finally:
-        e.close()
 
 
 def health(c: OperationsCoordinator, op: str) -> dict[str, Any]:

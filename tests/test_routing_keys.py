@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import string
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -16,6 +16,8 @@ import pytest
 import tokengate
 from tokengate import DigestPolicy, HashPolicy, OperationsCoordinator, current_token, make_hashable, task_token_guard
 from tokengate._routing import sticky_key
+
+import support
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -28,13 +30,7 @@ except ImportError:  # pragma: no cover - the free-threaded leg has no hypothesi
 WAIT = 30.0
 
 
-def wait_until(cond, limit: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
+wait_until = functools.partial(support.wait_until, interval=0.01)
 
 
 # -- odd argument objects ---------------------------------------------------------------

@@ -21,6 +21,8 @@ import pytest
 
 from tokengate import OperationsCoordinator, TaskToken, task_token_guard
 
+from support import rss_mb
+
 SOAK_SECONDS = float(os.environ.get("TOKENGATE_SOAK_SECONDS", "20"))
 SAMPLE_EVERY = 2.0
 WAIT = 30.0
@@ -48,14 +50,6 @@ def _quantile(hist: list[int], q: float) -> float:
         if acc >= need:
             return _LO * _RATIO**i
     return _LO * _RATIO ** (_NBUCKETS - 1)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise AssertionError("no VmRSS")
 
 
 def _slope_per_min(ts: list[float], ys: list[float]) -> float:
@@ -131,7 +125,7 @@ def test_soak_mixed_workload(seconds: float) -> None:
             now = time.monotonic()
             if now >= next_sample:
                 samples.append(
-                    (now - t_start, _rss_mb(), len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd")))
+                    (now - t_start, rss_mb(), len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd")))
                 )
                 if len(samples) > 1:
                     for i, n in enumerate(hist):

@@ -5,6 +5,7 @@ channel, silent by default, no print in the library)."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,18 +23,15 @@ import pytest
 import tokengate
 from tokengate import OperationsCoordinator, TaskTimeoutError, task_token_guard
 
+import support
+from support import Env
+
 WAIT = 10.0
 PKG = pathlib.Path(tokengate.__file__).resolve().parent
 REPO = PKG.parent.parent
 
 
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
+wait_until = functools.partial(support.wait_until, interval=0.002)
 
 
 @task_token_guard(operation_type="sl_ok", tags={"weight": "light"})
@@ -52,36 +50,10 @@ def hold(ev: threading.Event, limit: float = 30.0) -> str:
     return "released"
 
 
-class Env:
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-        self.gates: list[threading.Event] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 2)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def close(self) -> None:
-        for g in self.gates:
-            g.set()
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=2) as e:
         yield e
-    finally:
-        e.close()
 
 
 # -- get_stats ----------------------------------------------------------------------------------

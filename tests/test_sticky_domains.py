@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import threading
 import time
 
@@ -18,16 +19,12 @@ import pytest
 
 from tokengate import OperationsCoordinator, current_token, task_token_guard
 
+import support
+
 WAIT = 30.0
 
 
-def wait_until(cond, limit: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
+wait_until = functools.partial(support.wait_until, interval=0.01)
 
 
 def routing(coord: OperationsCoordinator) -> dict:

@@ -287,12 +287,20 @@ def deep_dumps(depth):
     return len(json.dumps(nested))
 
 with OperationsCoordinator(max_workers=2):
-    n = deep_dumps(20_000).result(timeout=20)
-print(f"LEN {n}", flush=True)
+    try:
+        n = deep_dumps(20_000).result(timeout=20)
+    except RecursionError:
+        # CPython 3.13+ bounds C recursion on its own (no stack overflow either way).
+        print("RECURSION_ERROR", flush=True)
+    else:
+        print(f"LEN {n}", flush=True)
 """
 
 
 def test_deep_recursion_in_task_does_not_crash(tmp_path: Path) -> None:
     proc = run_script(DEEP_RECURSION_SCRIPT, tmp_path)
     assert proc.returncode == 0, describe(proc)  # -11 would be a segfault on a small worker stack
-    assert "LEN 40002" in proc.stdout, describe(proc)
+    if sys.version_info >= (3, 13):
+        assert "LEN 40002" in proc.stdout or "RECURSION_ERROR" in proc.stdout, describe(proc)
+    else:
+        assert "LEN 40002" in proc.stdout, describe(proc)

@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import tokengate
-from tokengate import OperationsCoordinator, TaskKilledError, TaskTimeoutError, TaskToken, task_token_guard
+from tokengate import TaskKilledError, TaskTimeoutError, task_token_guard
+
+import support
+from support import Env
 
 WAIT = 10.0
 
 
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
+wait_until = functools.partial(support.wait_until, interval=0.002)
 
 
 @task_token_guard(operation_type="to_hold", tags={"weight": "light"})
@@ -83,42 +81,10 @@ def coop(state: dict[str, Any]) -> str:
     return "late result"
 
 
-class Env:
-    def __init__(self) -> None:
-        self.coords: list[OperationsCoordinator] = []
-        self.gates: list[threading.Event] = []
-
-    def coord(self, **kw: Any) -> OperationsCoordinator:
-        kw.setdefault("max_workers", 1)
-        c = OperationsCoordinator(**kw).start()
-        self.coords.append(c)
-        return c
-
-    def gate(self) -> threading.Event:
-        ev = threading.Event()
-        self.gates.append(ev)
-        return ev
-
-    def hold_worker(self) -> tuple[threading.Event, TaskToken[str]]:
-        ev = self.gate()
-        tok = hold(ev)
-        assert wait_until(tok.running), f"blocker never started: {tok.state}"
-        return ev, tok
-
-    def close(self) -> None:
-        for g in self.gates:
-            g.set()
-        for c in self.coords:
-            c.stop(cancel_pending=True, timeout=10)
-
-
 @pytest.fixture
 def env() -> Iterator[Env]:
-    e = Env()
-    try:
+    with Env(max_workers=1, blocker=hold) as e:
         yield e
-    finally:
-        e.close()
 
 
 # -- queued tokens --------------------------------------------------------------------------

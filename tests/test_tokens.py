@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,16 +14,9 @@ import pytest
 import tokengate
 from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
+from support import start_blocker, wait_until
+
 WAIT = 10.0  # generous: the machine is small and shared
-
-
-def wait_until(pred: Callable[[], bool], limit: float = WAIT) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
 
 
 @task_token_guard
@@ -49,21 +41,9 @@ def fail_with(exc: BaseException) -> None:
     raise exc
 
 
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    """An Event released at teardown, so a blocked worker always exits."""
-    ev = threading.Event()
-    try:
-        yield ev
-    finally:
-        ev.set()
-
-
 def blocked_worker(ev: threading.Event) -> TaskToken[str]:
     """Submits a task that holds a worker until ``ev`` is set; returns once it runs."""
-    tok = wait_on(ev)
-    assert wait_until(tok.running), f"blocker never started: {tok.state}"
-    return tok
+    return start_blocker(wait_on, ev)
 
 
 # -- result / get / exception ---------------------------------------------------------

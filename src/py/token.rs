@@ -202,11 +202,12 @@ impl TokenInner {
         error: Option<String>,
         finished_ns: Option<u64>,
     ) -> Option<Vec<Listener>> {
+        // The books are kept before the terminal state is published.
         let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
             slot.outcome = outcome;
+            self.ledger.record_resolved(self, to, error);
             std::mem::take(&mut slot.listeners)
         })?;
-        self.ledger.record_resolved(self, to, error);
         Some(listeners)
     }
 
