@@ -3,6 +3,8 @@ contextvars (misuse row 19), async as_completed timeouts and fn.map from corouti
 
 from __future__ import annotations
 
+import sys
+
 import asyncio
 import contextvars
 import gc
@@ -393,24 +395,31 @@ def test_cancelled_await_of_running_token_returns_promptly(
     asyncio.run(main())
 
 
-def test_wait_for_on_the_token_itself_waits_until_the_body_has_stopped(
-    one_worker: OperationsCoordinator, gate: threading.Event
-) -> None:
-    """``asyncio.wait_for(token, t)`` passes the token itself as the future, and asyncio's
-    contract for it is that the future "is not running after wait_for() returns": at the
-    timeout it calls ``token.cancel()``, which sets the running body's cancel flag at once,
-    then waits for the body to stop. (Await through a task — ``asyncio.timeout``,
-    ``task.cancel()`` — to release the awaiting side at once instead.)"""
+def test_wait_for_on_the_token_itself(one_worker: OperationsCoordinator, gate: threading.Event) -> None:
+    """``asyncio.wait_for(token, t)`` on a running token sets the body's cancel flag at the
+    timeout. From Python 3.12, ``wait_for`` awaits through ``asyncio.timeout`` and is released at
+    once (``TimeoutError``). On 3.11 it passes the token itself as the future and, by its contract
+    that the future "is not running after wait_for() returns", waits for the body to stop, then
+    returns the body's result. (Await through ``asyncio.timeout`` or a task to be released at once
+    on every version.)"""
 
     async def main() -> None:
         tok = watch_cancel_flag(gate)
         assert await async_wait_until(tok.running)
         outer = asyncio.ensure_future(asyncio.wait_for(tok, 0.1))
         assert await async_wait_until(lambda: tok.cancel_requested, 5.0), "timeout did not set the cancel flag"
-        await asyncio.sleep(0.2)
-        assert not outer.done(), "wait_for returned while the body was still running"
-        gate.set()
-        assert await asyncio.wait_for(outer, WAIT) is True  # the body's own result, once it stopped
+        if sys.version_info >= (3, 12):
+            done, _ = await asyncio.wait([outer], timeout=3.0)
+            assert outer in done, "wait_for was not released at its timeout"
+            with pytest.raises(TimeoutError):
+                outer.result()
+            gate.set()
+        else:
+            await asyncio.sleep(0.2)
+            assert not outer.done(), "wait_for returned while the body was still running"
+            gate.set()
+            assert await asyncio.wait_for(outer, WAIT) is True  # the body's own result, once it stopped
+        assert await tok is True
         assert tok.state == "completed"
 
     asyncio.run(main())
