@@ -548,30 +548,6 @@ impl<J: Job> Pool<J> {
         weight.units(slot.budget(self.shared.active_per_core.load(Ordering::Relaxed)))
     }
 
-    /// Units in use on worker `index`'s core.
-    pub fn core_used(&self, index: usize) -> u32 {
-        self.shared.cores[self.shared.slot_of(index)].used()
-    }
-
-    /// Takes core units for a job that worker `index` runs inline while its
-    /// current job (weight `lent`) waits on it: the waiting job's units are
-    /// lent to the inline one. None when it does not fit (another job on the
-    /// core holds the room). A heavy inline job counts as heavy.
-    pub fn inline_acquire(&self, index: usize, weight: Weight, lent: Weight) -> Option<u32> {
-        let slot = &self.shared.cores[self.shared.slot_of(index)];
-        let budget = slot.budget(self.shared.active_per_core.load(Ordering::Relaxed));
-        let units = weight.units(budget);
-        if !slot.try_acquire(units, budget + lent.units(budget)) {
-            return None;
-        }
-        if weight == Weight::Heavy {
-            slot.heavy_started();
-            let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
-            self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-        }
-        Some(units)
-    }
-
     /// A heavy job run inline by worker `index`, whose waiting jobs hold
     /// `held` units: it may run when nothing else is on the core, or, when
     /// `stalled`, when no other heavy job runs there (the waiting jobs are
@@ -591,20 +567,7 @@ impl<J: Job> Pool<J> {
         Some(units)
     }
 
-    /// Like `inline_acquire`, but always succeeds (liveness when the wait has stalled).
-    pub fn inline_force(&self, index: usize, weight: Weight) -> u32 {
-        let slot = &self.shared.cores[self.shared.slot_of(index)];
-        let units = weight.units(slot.budget(self.shared.active_per_core.load(Ordering::Relaxed)));
-        slot.force_acquire(units);
-        if weight == Weight::Heavy {
-            slot.heavy_started();
-            let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
-            self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-        }
-        units
-    }
-
-    /// Gives back what `inline_acquire`/`inline_force` took.
+    /// Gives back what `inline_heavy` took.
     pub fn inline_release(&self, index: usize, weight: Weight, units: u32) {
         let slot = &self.shared.cores[self.shared.slot_of(index)];
         if weight == Weight::Heavy {
