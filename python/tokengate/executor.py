@@ -250,10 +250,8 @@ class _Future(_cf.Future):  # type: ignore[type-arg]
             token.cancel()
 
 
-def _run_plain(future: _Future, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """What a token runs (no initializer): ThreadPoolExecutor's ``_WorkItem.run``."""
-    if not future.set_running_or_notify_cancel():
-        return
+def _call_into(future: _Future, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Calls ``fn`` and settles ``future`` with its result or exception (a kill may have settled it first)."""
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
@@ -266,6 +264,13 @@ def _run_plain(future: _Future, fn: Callable[..., Any], args: tuple[Any, ...], k
             future.set_result(result)
         except _InvalidStateError:  # killed meanwhile
             pass
+
+
+def _run_plain(future: _Future, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """What a token runs (no initializer): ThreadPoolExecutor's ``_WorkItem.run``."""
+    if not future.set_running_or_notify_cancel():
+        return
+    _call_into(future, fn, args, kwargs)
 
 
 def _run_initialized(
@@ -286,18 +291,7 @@ def _run_initialized(
         local.initialized = True
     if not future._claim():
         return
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        try:
-            future.set_exception(exc)
-        except _InvalidStateError:
-            pass
-    else:
-        try:
-            future.set_result(result)
-        except _InvalidStateError:
-            pass
+    _call_into(future, fn, args, kwargs)
 
 
 class _Core:

@@ -47,6 +47,7 @@ from typing import Any, TextIO
 
 import tokengate
 from tokengate import OperationsCoordinator, task_token_guard
+from tokengate.testing import serial_run
 
 __all__ = [
     "ORIGINAL_E2E_TOK_S",
@@ -624,16 +625,6 @@ def _inline_submit(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:
     return lambda args: _Done(fn(*args))
 
 
-def _serial(fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]) -> tuple[float, list[float]]:
-    durations = []
-    t_all = time.perf_counter()
-    for args in args_list:
-        t0 = time.perf_counter()
-        fn(*args)
-        durations.append(time.perf_counter() - t0)
-    return time.perf_counter() - t_all, durations
-
-
 def run_bursts(
     workloads: Sequence[BurstWorkload],
     *,
@@ -674,7 +665,7 @@ def run_bursts(
                 shift = r % len(order)
                 for name in order[shift:] + order[:shift]:
                     if name == "serial":
-                        total, durs = _serial(wl.fn, wl.args_list)
+                        total, durs = serial_run(wl.fn, wl.args_list)
                         rep["serial"] = {"total_s": total, "durations_s": durs}
                     else:
                         rep[name] = rel.release(submitters[name], wl.args_list, settle)
@@ -782,7 +773,7 @@ def run_window(
                     st.releases += 1
                     st.per_option[wl.label] = st.per_option.get(wl.label, 0) + 1
                     if name == "serial":
-                        st.durations.extend(_serial(wl.fn, wl.args_list)[1])
+                        st.durations.extend(serial_run(wl.fn, wl.args_list)[1])
                     else:
                         records, _ = rel.release(submitters[name][wl.label], wl.args_list, None)
                         st.durations.extend(r[1] - r[0] for r in records)

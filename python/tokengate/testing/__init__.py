@@ -187,6 +187,17 @@ def _median_run(runs: list[RunFigures]) -> RunFigures:
     return runs[order[len(order) // 2]]
 
 
+def serial_run(fn: Callable[..., Any], args_list: Iterable[tuple[Any, ...]]) -> tuple[float, list[float]]:
+    """Runs ``fn(*args)`` for each args, one after another: (total seconds, each call's seconds)."""
+    durations = []
+    t_all = time.perf_counter()
+    for args in args_list:
+        t0 = time.perf_counter()
+        fn(*args)
+        durations.append(time.perf_counter() - t0)
+    return time.perf_counter() - t_all, durations
+
+
 def prove_concurrency(
     fn: Callable[..., Any],
     inputs: Iterable[Any],
@@ -248,13 +259,7 @@ def prove_concurrency(
             return time.perf_counter() - t0, t_sub - t0, tokens
 
         def serial() -> tuple[float, list[float]]:
-            durs = []
-            t_all = time.perf_counter()
-            for args in items:
-                t0 = time.perf_counter()
-                body(*args)
-                durs.append(time.perf_counter() - t0)
-            return time.perf_counter() - t_all, durs
+            return serial_run(body, items)
 
         if warmup:
             body(*items[0])
