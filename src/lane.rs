@@ -186,10 +186,8 @@ impl<J: Send + 'static> Lane<J> {
         let host = self.host.clone();
         let index = { self.shared.state.lock().spawned as usize };
         let info = WorkerInfo { index, core: None, pool_id: 0 };
-        let spawned = std::thread::Builder::new()
-            .name(format!("{}-{index}", self.shared.name))
-            .stack_size(self.shared.stack_size)
-            .spawn(move || {
+        let spawned =
+            std::thread::Builder::new().name(format!("{}-{index}", self.shared.name)).stack_size(self.shared.stack_size).spawn(move || {
                 let guard = ExitGuard(shared.clone());
                 host.run_thread(LaneThread { shared, info });
                 drop(guard);
@@ -228,7 +226,9 @@ impl<J: Send + 'static> Lane<J> {
                 if t.running >= t.limit {
                     break;
                 }
-                let Some(job) = t.queue.pop_front() else { break };
+                let Some(job) = t.queue.pop_front() else {
+                    break;
+                };
                 t.running += 1;
                 t.peak = t.peak.max(t.running);
                 st.ready.push_back((tier, job));
@@ -264,11 +264,7 @@ impl<J: Send + 'static> Lane<J> {
             threads: st.threads,
             idle: st.idle,
             spawned: st.spawned,
-            tiers: st
-                .tiers
-                .iter()
-                .map(|t| TierStats { limit: t.limit, running: t.running, peak: t.peak, queued: t.queue.len() })
-                .collect(),
+            tiers: st.tiers.iter().map(|t| TierStats { limit: t.limit, running: t.running, peak: t.peak, queued: t.queue.len() }).collect(),
         }
     }
 
@@ -443,14 +439,18 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         for _ in 0..40 {
             let (r, m, tx) = (running.clone(), max.clone(), tx.clone());
-            l.submit(0, Box::new(move || {
-                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(2));
-                r.fetch_sub(1, Ordering::SeqCst);
-                tx.send(()).unwrap();
-            }))
-            .map_err(|_| "refused").unwrap();
+            l.submit(
+                0,
+                Box::new(move || {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(2));
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    tx.send(()).unwrap();
+                }),
+            )
+            .map_err(|_| "refused")
+            .unwrap();
         }
         for _ in 0..40 {
             rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -467,10 +467,13 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         for _ in 0..5 {
             let tx = tx.clone();
-            l.submit(0, Box::new(move || {
-                std::thread::sleep(Duration::from_millis(5));
-                tx.send(()).unwrap();
-            }))
+            l.submit(
+                0,
+                Box::new(move || {
+                    std::thread::sleep(Duration::from_millis(5));
+                    tx.send(()).unwrap();
+                }),
+            )
             .map_err(|_| "refused")
             .unwrap();
         }

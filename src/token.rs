@@ -244,11 +244,7 @@ impl<S> TokenCore<S> {
     /// token admitted straight from `CREATED` reuses its creation stamp:
     /// one clock read less on the hot path).
     pub fn admit(&self) -> bool {
-        let t = if self.state() == TokenState::Created {
-            self.times[Stamp::Created as usize].load(Ordering::Relaxed)
-        } else {
-            now_ns()
-        };
+        let t = if self.state() == TokenState::Created { self.times[Stamp::Created as usize].load(Ordering::Relaxed) } else { now_ns() };
         let ok = self.advance(|s| matches!(s, TokenState::Created | TokenState::Waiting), TokenState::Admitted);
         if ok {
             self.times[Stamp::Admitted as usize].store(t, Ordering::Release);
@@ -277,12 +273,7 @@ impl<S> TokenCore<S> {
     /// on the slot under the lock, and wakes blocked waiters. Returns
     /// `fill`'s value, or None when the token was already resolved or the
     /// current state is not allowed.
-    pub fn resolve<R>(
-        &self,
-        allowed: impl Fn(TokenState) -> bool,
-        to: TokenState,
-        fill: impl FnOnce(&mut S) -> R,
-    ) -> Option<R> {
+    pub fn resolve<R>(&self, allowed: impl Fn(TokenState) -> bool, to: TokenState, fill: impl FnOnce(&mut S) -> R) -> Option<R> {
         self.resolve_at(allowed, to, None, fill)
     }
 

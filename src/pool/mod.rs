@@ -155,9 +155,7 @@ impl<J> Ord for PrioEntry<J> {
 
 impl<J> Shared<J> {
     fn has_work(&self) -> bool {
-        self.prio_len.load(Ordering::SeqCst) > 0
-            || !self.injector.is_empty()
-            || self.stealers.iter().any(|s| !s.is_empty())
+        self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
     fn slot_of(&self, worker: usize) -> usize {
@@ -393,11 +391,7 @@ impl<J: Job> Pool<J> {
 
     /// The core each worker is pinned to (`None`: unpinned or not started yet).
     pub fn pinned_cores(&self) -> Vec<Option<usize>> {
-        self.shared
-            .pinned
-            .iter()
-            .map(|p| Some(p.load(Ordering::Relaxed)).filter(|&c| c != NOT_PINNED))
-            .collect()
+        self.shared.pinned.iter().map(|p| Some(p.load(Ordering::Relaxed)).filter(|&c| c != NOT_PINNED)).collect()
     }
 
     /// Queues a job. Fails (handing the job back) once shutdown has begun.

@@ -115,7 +115,9 @@ impl Sleep {
     fn wake_one(&self, can_take: impl Fn(usize) -> bool) {
         let index = {
             let mut idle = self.idle.lock();
-            let Some(pos) = idle.iter().rposition(|&i| can_take(i)) else { return };
+            let Some(pos) = idle.iter().rposition(|&i| can_take(i)) else {
+                return;
+            };
             let index = idle.remove(pos);
             self.counts.fetch_sub(SLEEPER - SPINNER, Ordering::SeqCst);
             index

@@ -374,7 +374,12 @@ fn heavy_jobs_never_exceed_the_core_count_and_mixed_bursts_finish() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while light_done.load(Ordering::SeqCst) < 150 || heavy_done.load(Ordering::SeqCst) < 50 {
-        assert!(Instant::now() < deadline, "starved: {} light, {} heavy done", light_done.load(Ordering::SeqCst), heavy_done.load(Ordering::SeqCst));
+        assert!(
+            Instant::now() < deadline,
+            "starved: {} light, {} heavy done",
+            light_done.load(Ordering::SeqCst),
+            heavy_done.load(Ordering::SeqCst)
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(max_heavy.load(Ordering::SeqCst) <= 2, "{} heavy at once on 2 cores", max_heavy.load(Ordering::SeqCst));
@@ -454,9 +459,7 @@ fn pinned_jobs_run_on_their_worker() {
     for i in 0..40 {
         let tx = tx.clone();
         let target = i % 4;
-        p.submit_to(target, Weighted(Weight::Light, Box::new(move |w| tx.send((target, w.index)).unwrap())))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        p.submit_to(target, Weighted(Weight::Light, Box::new(move |w| tx.send((target, w.index)).unwrap()))).map_err(|(e, _)| e).unwrap();
     }
     for _ in 0..40 {
         let (want, got) = rx.recv_timeout(Duration::from_secs(5)).unwrap();

@@ -14,14 +14,9 @@ pub struct Topology {
 impl Topology {
     /// Reads the topology of the current process.
     pub fn detect() -> Topology {
-        let core_ids: Vec<usize> = core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect())
-            .unwrap_or_default();
-        let core_ids = if core_ids.is_empty() {
-            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-        } else {
-            core_ids
-        };
+        let core_ids: Vec<usize> = core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect()).unwrap_or_default();
+        let core_ids =
+            if core_ids.is_empty() { (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect() } else { core_ids };
         let logical_cores = core_ids.len();
         let physical_cores = physical_core_count(&core_ids).unwrap_or(logical_cores).clamp(1, logical_cores);
         Topology { logical_cores, physical_cores, core_ids }

@@ -159,12 +159,7 @@ impl<J: Job> WorkerLoop<J> {
             self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
             let cores = self.shared.cores.len();
             if weight == Weight::Heavy && self.shared.draining.load(Ordering::Acquire) < cores.div_ceil(2) {
-                let target = self
-                    .shared
-                    .cores
-                    .iter()
-                    .filter(|c| !c.draining.load(Ordering::Acquire))
-                    .min_by_key(|c| c.used());
+                let target = self.shared.cores.iter().filter(|c| !c.draining.load(Ordering::Acquire)).min_by_key(|c| c.used());
                 if let Some(core) = target {
                     if !core.draining.swap(true, Ordering::AcqRel) {
                         self.shared.draining.fetch_add(1, Ordering::AcqRel);
@@ -185,9 +180,7 @@ impl<J: Job> WorkerLoop<J> {
         let budget = self.budget();
         let draining = slot.draining.load(Ordering::Acquire);
         let mut deferred = self.shared.deferred.lock();
-        let pos = deferred.iter().position(|(_, w)| {
-            (!draining || *w == Weight::Heavy) && slot.used() + w.units(budget) <= budget
-        })?;
+        let pos = deferred.iter().position(|(_, w)| (!draining || *w == Weight::Heavy) && slot.used() + w.units(budget) <= budget)?;
         let weight = deferred[pos].1;
         let units = weight.units(budget);
         if !slot.try_acquire(units, budget) {
@@ -303,9 +296,7 @@ impl<J: Job> WorkerLoop<J> {
                     shared.notify_work();
                 }
             }
-            spinning = sleep.sleep(index, spinning, || {
-                shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst)
-            });
+            spinning = sleep.sleep(index, spinning, || shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst));
         }
     }
 }

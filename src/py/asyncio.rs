@@ -80,11 +80,7 @@ pub(crate) fn queue_for(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> Arc<Lo
                 return q.clone();
             }
         }
-        let q = Arc::new(LoopQueue {
-            event_loop: event_loop.clone().unbind(),
-            pending: Mutex::new(Vec::new()),
-            drain: PyOnceLock::new(),
-        });
+        let q = Arc::new(LoopQueue { event_loop: event_loop.clone().unbind(), pending: Mutex::new(Vec::new()), drain: PyOnceLock::new() });
         *cache = Some(q.clone());
         q
     })
@@ -118,9 +114,7 @@ impl LoopQueue {
         let event_loop = self.event_loop.bind(py);
         let closed = event_loop.call_method0("is_closed").and_then(|c| c.is_truthy()).unwrap_or(true);
         if !closed {
-            let drain = self.drain.get_or_try_init(py, || {
-                Py::new(py, LoopDrain { queue: Arc::downgrade(self) }).map(|d| d.into_any())
-            });
+            let drain = self.drain.get_or_try_init(py, || Py::new(py, LoopDrain { queue: Arc::downgrade(self) }).map(|d| d.into_any()));
             if let Ok(drain) = drain {
                 let method = if threadsafe { pyo3::intern!(py, "call_soon_threadsafe") } else { pyo3::intern!(py, "call_soon") };
                 if event_loop.call_method1(method, (drain.clone_ref(py),)).is_ok() {
@@ -147,14 +141,17 @@ pub(crate) struct LoopDrain {
 #[pymethods]
 impl LoopDrain {
     fn __call__(&self, py: Python<'_>) {
-        let Some(queue) = self.queue.upgrade() else { return };
+        let Some(queue) = self.queue.upgrade() else {
+            return;
+        };
         let batch = std::mem::take(&mut *queue.pending.lock());
         LOOP_DELIVERIES.fetch_add(batch.len() as u64, Ordering::Relaxed);
         for d in batch {
             let func = d.func.bind(py);
             let result = match &d.context {
-                Some(ctx) => PyTuple::new(py, [func.clone(), d.arg.bind(py).clone()])
-                    .and_then(|args| ctx.bind(py).call_method1("run", args)),
+                Some(ctx) => {
+                    PyTuple::new(py, [func.clone(), d.arg.bind(py).clone()]).and_then(|args| ctx.bind(py).call_method1("run", args))
+                }
                 None => func.call1((d.arg.bind(py),)),
             };
             if let Err(err) = result {

@@ -61,11 +61,8 @@ impl DepWait {
     /// Parks `job` until `inputs` resolve (dispatching it at once if they all have).
     pub(crate) fn start(py: Python<'_>, job: PyJob, inputs: &[Arc<TokenInner>], engine: &Arc<EngineShared>) {
         job.token().core.hold();
-        let wait = Arc::new(DepWait {
-            remaining: AtomicUsize::new(inputs.len() + 1),
-            job: Mutex::new(Some(job)),
-            engine: Arc::downgrade(engine),
-        });
+        let wait =
+            Arc::new(DepWait { remaining: AtomicUsize::new(inputs.len() + 1), job: Mutex::new(Some(job)), engine: Arc::downgrade(engine) });
         for input in inputs {
             if !input.add_dependent(&wait) {
                 wait.remaining.fetch_sub(1, Ordering::AcqRel);
@@ -79,7 +76,9 @@ impl DepWait {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let Some(mut job) = self.job.lock().take() else { return };
+        let Some(mut job) = self.job.lock().take() else {
+            return;
+        };
         let token = job.token().clone();
         if token.core.is_done() {
             job.forget_call();

@@ -51,12 +51,12 @@ use pyo3::types::{PyDict, PyList};
 
 use super::exceptions::BindError;
 use super::job::{cancel_jobs, IoHost, PyHost, PyJob};
+use super::ledger::{Ledger, OpState, Record};
 use super::routing::{DomainTable, StickyTable};
 use super::token::LaneKind;
-use crate::lane::Lane;
-use super::ledger::{Ledger, OpState, Record};
 use super::token::TokenInner;
 use super::wait::{timeout_arg, wait_detached};
+use crate::lane::Lane;
 use crate::pool::{Pool, PoolConfig, Topology};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timer::Timer;
@@ -207,7 +207,7 @@ impl EngineShared {
     /// Sends a job towards a worker (see "Dispatch" in the module docs).
     pub(crate) fn dispatch(&self, py: Python<'_>, job: PyJob) -> Result<(), BindError> {
         let token = job.token().clone();
-        if self.is_stopping() && (self.ledger.admission_paused.load(Ordering::SeqCst) || token.op.paused.load(Ordering::SeqCst)) {
+        if self.is_stopping() && (self.ledger.admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst)) {
             // A pause would hold it past the stop: refuse it instead.
             let mut job = job;
             job.forget_call();
@@ -222,9 +222,9 @@ impl EngineShared {
                 return Ok(());
             }
         }
-        if token.op.paused.load(Ordering::Relaxed) {
-            let mut parked = token.op.parked.lock();
-            if token.op.paused.load(Ordering::SeqCst) {
+        if token.op().paused.load(Ordering::Relaxed) {
+            let mut parked = token.op().parked.lock();
+            if token.op().paused.load(Ordering::SeqCst) {
                 token.core.hold();
                 parked.push_back(job);
                 return Ok(());
@@ -704,12 +704,12 @@ impl Engine {
     /// The newest `limit` execution records, newest first.
     #[pyo3(signature = (limit=50))]
     fn recent_executions<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyList>> {
-        records_list(py, self.shared.ledger.recent(limit))
+        records_list(py, &self.shared.ledger, self.shared.ledger.recent(limit))
     }
 
     /// Every execution record kept, oldest first.
     fn execution_history<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        records_list(py, self.shared.ledger.history())
+        records_list(py, &self.shared.ledger, self.shared.ledger.history())
     }
 
     // -- control plane ---------------------------------------------------------
@@ -749,7 +749,9 @@ impl Engine {
 
     /// Releases the tokens of `op` held by `pause_operation`; returns how many.
     fn resume_operation(&self, py: Python<'_>, op: &str) -> usize {
-        let Some(state) = self.shared.ledger.find_op(op) else { return 0 };
+        let Some(state) = self.shared.ledger.find_op(op) else {
+            return 0;
+        };
         let jobs = {
             let mut parked = state.parked.lock();
             state.paused.store(false, Ordering::SeqCst);
@@ -892,7 +894,7 @@ impl Engine {
 fn health_dict<'py>(py: Python<'py>, op: &OpState) -> PyResult<Bound<'py, PyDict>> {
     let h = &op.health;
     let d = PyDict::new(py);
-    let attempts = h.attempts.load(Ordering::Relaxed);
+    let attempts = h.attempts();
     d.set_item("attempts", attempts)?;
     d.set_item("successes", h.successes.load(Ordering::Relaxed))?;
     d.set_item("failures", h.failures.load(Ordering::Relaxed))?;
@@ -901,20 +903,17 @@ fn health_dict<'py>(py: Python<'py>, op: &OpState) -> PyResult<Bound<'py, PyDict
     d.set_item("min_time", (attempts > 0).then(|| secs(h.min_ns.load(Ordering::Relaxed))))?;
     d.set_item("max_time", (attempts > 0).then(|| secs(h.max_ns.load(Ordering::Relaxed))))?;
     d.set_item("mean_time", (attempts > 0).then(|| secs(h.total_ns.load(Ordering::Relaxed)) / attempts as f64))?;
-    d.set_item(
-        "success_rate",
-        (attempts > 0).then(|| h.successes.load(Ordering::Relaxed) as f64 / attempts as f64),
-    )?;
+    d.set_item("success_rate", (attempts > 0).then(|| h.successes.load(Ordering::Relaxed) as f64 / attempts as f64))?;
     d.set_item("health", h.class())?;
     Ok(d)
 }
 
-fn records_list(py: Python<'_>, records: Vec<Record>) -> PyResult<Bound<'_, PyList>> {
+fn records_list<'py>(py: Python<'py>, ledger: &Ledger, records: Vec<Record>) -> PyResult<Bound<'py, PyList>> {
     let out = PyList::empty(py);
     for r in records {
         let d = PyDict::new(py);
         d.set_item("token_id", r.token_id)?;
-        d.set_item("operation_type", &*r.operation_type)?;
+        d.set_item("operation_type", &*ledger.op_name(r.op_index))?;
         d.set_item("state", r.state.as_str())?;
         d.set_item("created_at", (r.created_ns != 0).then(|| ns_to_unix(r.created_ns)))?;
         d.set_item("started_at", r.started_ns.map(ns_to_unix))?;

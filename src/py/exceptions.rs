@@ -83,9 +83,7 @@ impl BindError {
                     .into(),
             ),
             BindError::ShutDown => tokengate("ShutdownError", "cannot schedule new futures after shutdown".into()),
-            BindError::InterpreterShutdown => {
-                tokengate("ShutdownError", "cannot schedule new futures after interpreter shutdown".into())
-            }
+            BindError::InterpreterShutdown => tokengate("ShutdownError", "cannot schedule new futures after interpreter shutdown".into()),
             BindError::Forked => tokengate(
                 "ForkedProcessError",
                 "tokengate cannot be used in a child created by fork() after a coordinator started in the \
@@ -101,8 +99,10 @@ impl BindError {
             BindError::Runtime(msg) => PyRuntimeError::new_err(msg),
             BindError::Blocked(op) => tokengate(
                 "OperationBlockedError",
-                format!("operation {op:?} is blocked: over 90% of its last attempts failed (auto_block); \
-                         unblock it with coordinator.unblock_operation({op:?})"),
+                format!(
+                    "operation {op:?} is blocked: over 90% of its last attempts failed (auto_block); \
+                         unblock it with coordinator.unblock_operation({op:?})"
+                ),
             ),
             BindError::Rejected(msg) => tokengate("AdmissionRejectedError", msg),
         }
@@ -143,7 +143,7 @@ pub(crate) fn dependency_failed(py: Python<'_>, input: &super::token::TokenInner
     let msg = format!(
         "input token {} ({}) ended {}: the call that received it never ran",
         input.id,
-        input.op.name,
+        input.op().name,
         input.core.state().as_str()
     );
     let made = class(py, "DependencyFailedError").and_then(|c| c.call1((msg,))).and_then(|e| {

@@ -23,7 +23,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use super::engine::EngineShared;
 use super::exceptions;
-use super::token::{prepend, Outcome, TaskToken, TokenInner};
+use super::token::{Outcome, TaskToken, TokenInner};
 use crate::pool::{Host, Job, Weight, WorkerHooks, WorkerInfo, WorkerLoop};
 use crate::sync::{AtomicU64, Ordering};
 use crate::token::{now_ns, TokenState};
@@ -53,10 +53,7 @@ impl Call {
         let args = self.args.bind(py);
         let kwargs = self.kwargs.as_ref().map(|k| k.bind(py));
         match &self.context {
-            Some(ctx) => {
-                let run = ctx.bind(py).getattr(pyo3::intern!(py, "run"))?;
-                run.call(prepend(func, args)?, kwargs).map(Bound::unbind)
-            }
+            Some(ctx) => super::ffi::run_in_context(ctx.bind(py), func, args, kwargs).map(Bound::unbind),
             None => func.call(args, kwargs).map(Bound::unbind),
         }
     }
@@ -91,7 +88,9 @@ impl PyJob {
     pub(crate) fn substitute_inputs(&mut self, py: Python<'_>) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
         let token = self.token.clone();
         let mut guard = token.call.lock();
-        let Some(call) = guard.as_mut() else { return Ok(()) };
+        let Some(call) = guard.as_mut() else {
+            return Ok(());
+        };
         let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {
             match v.cast::<TaskToken>() {
                 Ok(t) => {
@@ -125,7 +124,7 @@ impl PyJob {
 
 impl Job for PyJob {
     fn weight(&self) -> Weight {
-        self.token.spec.weight
+        self.token.spec().weight
     }
 
     fn submitted_ns(&self) -> Option<u64> {
@@ -208,7 +207,8 @@ static COROUTINE_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn coroutine_error(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Option<Outcome>> {
     let coroutine_type = COROUTINE_TYPE.import(py, "types", "CoroutineType")?;
-    if !value.is_instance(coroutine_type)? {
+    // The coroutine type cannot be subclassed: an identity check suffices.
+    if !value.get_type().is(coroutine_type) {
         return Ok(None);
     }
     value.call_method0("close")?;
@@ -268,7 +268,9 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
     let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
         return Ok(token.core.wait(timeout));
     };
-    let Some(engine) = engine else { return Ok(token.core.wait(timeout)) };
+    let Some(engine) = engine else {
+        return Ok(token.core.wait(timeout));
+    };
     let weak = Arc::downgrade(&engine);
     let depth = HELP_DEPTH.with(|d| d.get());
     let started = std::time::Instant::now();
@@ -286,15 +288,15 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
             && token.lane == super::token::LaneKind::Cpu
             && token.pinned.is_none_or(|w| w == info.index)
             && (depth < MAX_HELP_DEPTH || stalled);
-        let units = if runnable_here { inline_units(&engine, &info, token.spec.weight, stalled) } else { None };
+        let units = if runnable_here { inline_units(&engine, &info, token.spec().weight, stalled) } else { None };
         if let Some(units) = units {
-            let weight = token.spec.weight;
+            let weight = token.spec().weight;
             let claimed = token.call.lock().take();
             match claimed {
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
                     with_chain_units(&engine, &info, weight, units, || {
-                        run_call(py, &token.self_arc(), call, &info, weak.clone());
+                        run_call(py, &token.self_arc(), call, &info, &weak);
                     });
                     HELP_DEPTH.with(|d| d.set(depth));
                 }
@@ -310,7 +312,7 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
             (Some(job), Some(units)) => {
                 let weight = Job::weight(&job);
                 HELP_DEPTH.with(|d| d.set(depth + 1));
-                with_chain_units(&engine, &info, weight, units, || execute(py, job, &info, weak.clone()));
+                with_chain_units(&engine, &info, weight, units, || execute(py, job, &info, &weak));
                 HELP_DEPTH.with(|d| d.set(depth));
             }
             (Some(job), None) => {
@@ -339,34 +341,36 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
 const STALL_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs one job on a worker (attached).
-fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: Weak<EngineShared>) {
+fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<EngineShared>) {
     let token = job.token.clone();
     // Admission or the operation was paused after this token was queued: park
     // it instead (or, once the engine is stopping, cancel it: a pause would
     // hold it past the stop).
-    let paused = token.ledger.admission_paused.load(Ordering::Relaxed) || token.op.paused.load(Ordering::Relaxed);
+    let paused = token.ledger().admission_paused.load(Ordering::Relaxed) || token.op().paused.load(Ordering::Relaxed);
     if paused {
-        if token.ledger.stopping.load(Ordering::SeqCst) {
+        if token.ledger().stopping.load(Ordering::SeqCst) {
             job.forget_call();
             token.resolve(py, |_| true, TokenState::Cancelled, None);
             return;
         }
-        let queue = if token.ledger.admission_paused.load(Ordering::Relaxed) { &token.ledger.parked } else { &token.op.parked };
+        let queue = if token.ledger().admission_paused.load(Ordering::Relaxed) { &token.ledger().parked } else { &token.op().parked };
         let mut parked = queue.lock();
-        let still = token.ledger.admission_paused.load(Ordering::SeqCst) || token.op.paused.load(Ordering::SeqCst);
+        let still = token.ledger().admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst);
         if still && token.core.hold() {
             parked.push_back(job);
             return;
         }
     }
     job.armed = false;
-    let Some(call) = token.call.lock().take() else { return }; // run inline by a waiter, or cancelled
+    let Some(call) = token.call.lock().take() else {
+        return;
+    }; // run inline by a waiter, or cancelled
     drop(job);
     run_call(py, &token, call, info, engine);
 }
 
 /// Runs a claimed call: start, invoke, record, retry or resolve.
-fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: Weak<EngineShared>) {
+fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: &Weak<EngineShared>) {
     if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
         return; // cancelled, killed or timed out before it started: never run it
     }
@@ -376,7 +380,7 @@ fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerIn
         }
     }
     token.attempts.fetch_add(1, Ordering::Relaxed);
-    token.ledger.running_delta(1);
+    token.ledger().running_delta(1);
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
     let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token.clone())));
     let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
@@ -387,7 +391,7 @@ fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerIn
     let t1 = now_ns();
     let elapsed = t1.saturating_sub(t0);
     CURRENT_TOKEN.with(|c| *c.borrow_mut() = previous);
-    token.ledger.running_delta(-1);
+    token.ledger().running_delta(-1);
     let mut panicked = false;
     let (state, outcome) = match result {
         Ok(Ok(value)) => match coroutine_error(py, value.bind(py)) {
@@ -408,7 +412,7 @@ fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerIn
     };
     // An attempt that outlived its deadline (or was killed) is not a success.
     let succeeded = state == TokenState::Completed && token.core.state() == TokenState::Executing;
-    token.op.health.record(succeeded, elapsed);
+    token.op().health.record(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
             if try_retry(py, token, call, &engine) {
@@ -419,7 +423,7 @@ fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerIn
     if token.core.state() == TokenState::Timeout {
         let deadline = token.deadline_ns.load(Ordering::Relaxed);
         if deadline != 0 {
-            token.ledger.note_overrun(now_ns().saturating_sub(deadline));
+            token.ledger().note_overrun(now_ns().saturating_sub(deadline));
         }
     }
     // A token killed or timed out while running is already resolved: its result is dropped.
@@ -436,9 +440,9 @@ fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<E
     token.retries_left.store(left - 1, Ordering::Relaxed);
     let attempt = token.attempts.load(Ordering::Relaxed).max(1);
     let backoff = (token.retry_backoff * f64::from(2u32.saturating_pow(attempt - 1))).min(30.0);
-    token.ledger.retries.fetch_add(1, Ordering::Relaxed);
+    token.ledger().retries.fetch_add(1, Ordering::Relaxed);
     super::log::debug(py, "worker", || {
-        format!("token {} ({}) failed attempt {attempt}; retrying in {backoff:.3}s", token.id, token.op.name)
+        format!("token {} ({}) failed attempt {attempt}; retrying in {backoff:.3}s", token.id, token.op().name)
     });
     let job = PyJob::new(token.clone(), call);
     engine.schedule_retry(py, job, std::time::Duration::from_secs_f64(backoff.max(0.0)));
@@ -467,7 +471,7 @@ impl WorkerHooks<PyJob> for PyHooks<'_, '_> {
                 WORKER.with(|slot| *slot.borrow_mut() = Some((w, *worker)));
             }
         }
-        execute(self.py, job, worker, self.engine.clone());
+        execute(self.py, job, worker, &self.engine);
     }
 
     fn idle(&mut self, wait: &mut (dyn FnMut() + Send)) {
@@ -530,7 +534,7 @@ struct IoHooks<'py> {
 
 impl WorkerHooks<PyJob> for IoHooks<'_> {
     fn execute(&mut self, job: PyJob, worker: &WorkerInfo) {
-        execute(self.py, job, worker, self.engine.clone());
+        execute(self.py, job, worker, &self.engine);
     }
 
     fn idle(&mut self, wait: &mut (dyn FnMut() + Send)) {

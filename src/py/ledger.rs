@@ -6,14 +6,19 @@
 //!
 //! * Counters and limits are atomics: the submit and resolve paths take no
 //!   lock for them.
-//! * The registry is sharded by token id (16 mutex-protected maps): insert
-//!   on submit, remove on resolve; `kill_*` scans it.
+//! * The registry is a slab of weak token handles per shard, sharded by
+//!   submitting thread (each thread picks a shard once, so its shard stays
+//!   cache-hot): submit fills a free slot and the token remembers where;
+//!   resolution empties that slot (no hashing, no search). `kill_*` and
+//!   `stop` scan it.
 //! * `ops` (operation name -> `OpState`) is locked only on an operation's
 //!   first call per engine; each `OperationSpec` caches its `OpState`.
-//! * `recent` is sharded like the registry (by token id): each resolution
+//! * `recent` is sharded by resolving thread, so a worker's shard stays in its core's cache: each resolution
 //!   locks one shard; a shard keeps the newest `history_size` records and a
 //!   read merges the shards by finish time, so the newest `history_size`
-//!   overall are always there. No lock is shared by all tokens.
+//!   overall are always there. No lock is shared by all tokens, and shards
+//!   sit on separate cache lines. A record names its operation by index
+//!   (`op_names`), so recording touches no shared reference count.
 //! * `parked` queues (global and per operation) hold jobs while admission or
 //!   their operation is paused. The paused flag is changed and read under
 //!   the same lock as the queue, so a job is never parked after a resume has
@@ -21,6 +26,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
+
+use crossbeam_utils::CachePadded;
 
 use super::job::PyJob;
 use super::token::TokenInner;
@@ -30,31 +37,9 @@ use crate::token::{now_ns, TokenState};
 
 const SHARDS: usize = 32;
 
-/// Token ids are sequential: a multiplicative (Fibonacci) hash spreads them
-/// at a fraction of SipHash's cost. Not exposed to untrusted keys.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
-
 /// Health of one operation (the original's Guard House), counted per attempt.
 #[derive(Debug, Default)]
 pub(crate) struct Health {
-    pub(crate) attempts: AtomicU64,
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) timeouts: AtomicU64,
@@ -65,7 +50,6 @@ pub(crate) struct Health {
 
 impl Health {
     pub(crate) fn record(&self, ok: bool, ns: u64) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
         if ok {
             self.successes.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -91,15 +75,20 @@ impl Health {
 
     /// Starts counting afresh (after an unblock).
     pub(crate) fn reset(&self) {
-        for c in [&self.attempts, &self.successes, &self.failures, &self.timeouts, &self.total_ns, &self.min_ns, &self.max_ns] {
+        for c in [&self.successes, &self.failures, &self.timeouts, &self.total_ns, &self.min_ns, &self.max_ns] {
             c.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Attempts counted (successes + failures: one counter less on the hot path).
+    pub(crate) fn attempts(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed) + self.failures.load(Ordering::Relaxed)
     }
 
     /// The original's health classes: unknown (< 5 attempts), excellent (>= 95 %
     /// success), healthy (>= 80 %), at_risk (>= 50 %), problematic.
     pub(crate) fn class(&self) -> &'static str {
-        let attempts = self.attempts.load(Ordering::Relaxed);
+        let attempts = self.attempts();
         if attempts < 5 {
             return "unknown";
         }
@@ -117,7 +106,7 @@ impl Health {
 
     /// More than 90 % failures over at least 10 attempts.
     pub(crate) fn is_dangerous(&self) -> bool {
-        let attempts = self.attempts.load(Ordering::Relaxed);
+        let attempts = self.attempts();
         attempts >= 10 && self.failures.load(Ordering::Relaxed) as f64 > 0.9 * attempts as f64
     }
 }
@@ -126,21 +115,25 @@ impl Health {
 #[derive(Debug)]
 pub(crate) struct OpState {
     pub(crate) name: Arc<str>,
-    pub(crate) limit: Limit,
+    /// Position in the ledger's `op_names` (history records name it by index).
+    index: u32,
+    /// (Written by submitters and workers: on a cache line of its own, as is `health`.)
+    pub(crate) limit: CachePadded<Limit>,
     pub(crate) paused: AtomicBool,
     pub(crate) parked: Mutex<VecDeque<PyJob>>,
-    pub(crate) health: Health,
+    pub(crate) health: CachePadded<Health>,
     pub(crate) blocked: AtomicBool,
 }
 
 impl OpState {
-    fn new(name: &str) -> Self {
+    fn new(name: Arc<str>, index: u32) -> Self {
         OpState {
-            name: name.into(),
-            limit: Limit::new(0),
+            name,
+            index,
+            limit: CachePadded::new(Limit::new(0)),
             paused: AtomicBool::new(false),
             parked: Mutex::new(VecDeque::new()),
-            health: Health::default(),
+            health: CachePadded::default(),
             blocked: AtomicBool::new(false),
         }
     }
@@ -150,7 +143,8 @@ impl OpState {
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
     pub(crate) token_id: u64,
-    pub(crate) operation_type: Arc<str>,
+    /// Index into the ledger's operation names (`Ledger::op_name`).
+    pub(crate) op_index: u32,
     seq: u64,
     pub(crate) state: TokenState,
     pub(crate) created_ns: u64,
@@ -161,14 +155,62 @@ pub(crate) struct Record {
     pub(crate) error: Option<String>,
 }
 
+/// Weak handles of the tokens submitted from the threads of one shard.
+#[derive(Debug, Default)]
+struct RegistryShard {
+    slots: Vec<Option<(u64, Weak<TokenInner>)>>,
+    free: Vec<u32>,
+}
+
+impl RegistryShard {
+    fn insert(&mut self, id: u64, token: Weak<TokenInner>) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some((id, token));
+                i
+            }
+            None => {
+                self.slots.push(Some((id, token)));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn remove(&mut self, index: u32, id: u64) {
+        if let Some(slot) = self.slots.get_mut(index as usize) {
+            if slot.as_ref().is_some_and(|(tid, _)| *tid == id) {
+                *slot = None;
+                self.free.push(index);
+            }
+        }
+    }
+
+    fn handles(&self) -> impl Iterator<Item = &(u64, Weak<TokenInner>)> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// This thread's shard of the registry and the history (threads take
+/// shards round-robin, so one thread always uses the same, cache-hot shard).
+fn thread_shard() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 /// The books of one engine, shared with its tokens.
 #[derive(Debug)]
 pub(crate) struct Ledger {
-    pub(crate) submitted: AtomicU64,
-    pub(crate) running: AtomicU64,
-    pub(crate) resolved: [AtomicU64; 9],
+    // The counters the hot paths write sit on cache lines of their own:
+    // `submitted` (submitting threads), `running` and `resolved` (workers),
+    // `pending` (both), apart from the flags everyone reads.
+    pub(crate) submitted: CachePadded<AtomicU64>,
+    pub(crate) running: CachePadded<AtomicU64>,
+    pub(crate) resolved: CachePadded<[AtomicU64; 9]>,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
-    pub(crate) pending: Limit,
+    pub(crate) pending: CachePadded<Limit>,
     pub(crate) admission_paused: AtomicBool,
     pub(crate) parked: Mutex<VecDeque<PyJob>>,
     /// Set when the engine starts stopping: pauses no longer hold tokens (they are cancelled).
@@ -181,18 +223,20 @@ pub(crate) struct Ledger {
     pub(crate) overrun_max_ns: AtomicU64,
     pub(crate) overruns: AtomicU64,
     ops: Mutex<HashMap<Arc<str>, Arc<OpState>>>,
-    registry: Vec<Mutex<IdMap<Weak<TokenInner>>>>,
-    recent: Vec<Mutex<VecDeque<Record>>>,
+    /// Operation names by `OpState::index`.
+    op_names: Mutex<Vec<Arc<str>>>,
+    registry: Vec<CachePadded<Mutex<RegistryShard>>>,
+    recent: Vec<CachePadded<Mutex<VecDeque<Record>>>>,
     recent_cap: usize,
 }
 
 impl Ledger {
     pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool) -> Self {
         Ledger {
-            submitted: AtomicU64::new(0),
-            running: AtomicU64::new(0),
-            resolved: Default::default(),
-            pending: Limit::new(max_pending),
+            submitted: CachePadded::new(AtomicU64::new(0)),
+            running: CachePadded::new(AtomicU64::new(0)),
+            resolved: CachePadded::default(),
+            pending: CachePadded::new(Limit::new(max_pending)),
             admission_paused: AtomicBool::new(false),
             parked: Mutex::new(VecDeque::new()),
             stopping: AtomicBool::new(false),
@@ -204,8 +248,9 @@ impl Ledger {
             overrun_max_ns: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
             ops: Mutex::new(HashMap::new()),
-            registry: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
-            recent: (0..SHARDS).map(|_| Mutex::new(VecDeque::new())).collect(),
+            op_names: Mutex::new(Vec::new()),
+            registry: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(RegistryShard::default()))).collect(),
+            recent: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(VecDeque::new()))).collect(),
             recent_cap: history,
         }
     }
@@ -216,9 +261,17 @@ impl Ledger {
         if let Some(op) = ops.get(name) {
             return op.clone();
         }
-        let op = Arc::new(OpState::new(name));
+        let mut names = self.op_names.lock();
+        let name: Arc<str> = name.into();
+        let op = Arc::new(OpState::new(name.clone(), names.len() as u32));
+        names.push(name);
         ops.insert(op.name.clone(), op.clone());
         op
+    }
+
+    /// The name of the operation with `index` (see `Record::op_index`).
+    pub(crate) fn op_name(&self, index: u32) -> Arc<str> {
+        self.op_names.lock()[index as usize].clone()
     }
 
     /// The operation `name` if it was ever used.
@@ -233,27 +286,37 @@ impl Ledger {
         v
     }
 
+    /// Adds `token` to the registry (once, at submission).
     pub(crate) fn register(&self, token: &Arc<TokenInner>) {
-        self.registry[token.id as usize % SHARDS].lock().insert(token.id, Arc::downgrade(token));
+        let shard = thread_shard();
+        let index = self.registry[shard].lock().insert(token.id, Arc::downgrade(token));
+        token.registry_slot.store(((shard as u64) << 32) | u64::from(index), Ordering::Relaxed);
     }
 
-    pub(crate) fn unregister(&self, id: u64) {
-        self.registry[id as usize % SHARDS].lock().remove(&id);
+    fn unregister(&self, token: &TokenInner) {
+        let at = token.registry_slot.load(Ordering::Relaxed);
+        if at != u64::MAX {
+            self.registry[(at >> 32) as usize].lock().remove(at as u32, token.id);
+        }
     }
 
+    /// The unresolved token `id`, if any.
     pub(crate) fn lookup(&self, id: u64) -> Option<Arc<TokenInner>> {
-        self.registry[id as usize % SHARDS].lock().get(&id).and_then(Weak::upgrade)
+        let found = self.registry.iter().find_map(|shard| {
+            let shard = shard.lock();
+            let hit = shard.handles().find(|(tid, _)| *tid == id).map(|(_, w)| w.upgrade());
+            hit
+        });
+        found.flatten().filter(|t| !t.core.is_done())
     }
 
     /// Every live, unresolved token (optionally of one operation).
     pub(crate) fn live_tokens(&self, op: Option<&str>) -> Vec<Arc<TokenInner>> {
         let mut out = Vec::new();
         for shard in &self.registry {
-            for t in shard.lock().values().filter_map(Weak::upgrade) {
-                if !t.core.is_done() && op.is_none_or(|o| &*t.op.name == o) {
-                    out.push(t);
-                }
-            }
+            // Upgraded under the lock, filtered (and the rest dropped) after it.
+            let all: Vec<Arc<TokenInner>> = shard.lock().handles().filter_map(|(_, w)| w.upgrade()).collect();
+            out.extend(all.into_iter().filter(|t| !t.core.is_done() && op.is_none_or(|o| &*t.op().name == o)));
         }
         out
     }
@@ -273,18 +336,18 @@ impl Ledger {
     /// Books a resolution: counters, limits, registry, history.
     pub(crate) fn record_resolved(&self, token: &TokenInner, state: TokenState, error: Option<String>) {
         self.resolved[state as usize].fetch_add(1, Ordering::Release);
-        token.op.limit.release();
+        token.op().limit.release();
         self.pending.release();
-        self.unregister(token.id);
+        self.unregister(token);
         token.route.release();
         if state == TokenState::Timeout {
-            token.op.health.timeouts.fetch_add(1, Ordering::Relaxed);
+            token.op().health.timeouts.fetch_add(1, Ordering::Relaxed);
         }
         if self.recent_cap > 0 {
             let (worker_id, core_id) = token.core.placement();
             let record = Record {
                 token_id: token.id,
-                operation_type: token.op.name.clone(),
+                op_index: token.op().index,
                 seq: token.core.time(crate::token::Stamp::Finished).unwrap_or(0),
                 state,
                 created_ns: token.core.time(crate::token::Stamp::Created).unwrap_or(0),
@@ -294,7 +357,7 @@ impl Ledger {
                 core_id,
                 error,
             };
-            let mut recent = self.recent[token.id as usize % SHARDS].lock();
+            let mut recent = self.recent[thread_shard()].lock();
             if recent.len() >= self.recent_cap {
                 recent.pop_front();
             }

@@ -9,11 +9,13 @@
 //! * `asyncio`: per-loop completion queues (one loop wake per burst).
 //! * `wait`: the one helper that blocks while detached and polls for Ctrl-C.
 //! * `exceptions`: the single mapping from internal errors to Python exceptions.
+//! * `ffi`: the only `unsafe` code (direct C-API calls for the context copy and run).
 
 mod asyncio;
 mod deps;
 mod engine;
 mod exceptions;
+mod ffi;
 mod job;
 mod ledger;
 mod log;

@@ -142,7 +142,9 @@ impl DomainTable {
         let mut map = self.map.lock();
         let d = map.get_mut(seed)?;
         d.pending += 1;
-        let Some(slot) = d.slot else { return Some(None) };
+        let Some(slot) = d.slot else {
+            return Some(None);
+        };
         let mut workers = workers_of(slot);
         if workers.len() > 1 {
             workers.retain(|&w| Some(w) != avoid);

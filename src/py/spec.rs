@@ -13,11 +13,11 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
+use super::deps::{input_tokens, DepWait};
 use super::engine::{current_engine, Engine, EngineShared, STORAGE_TIERS};
 use super::exceptions::BindError;
 use super::job::{Call, PyJob};
-use super::ledger::OpState;
-use super::deps::{input_tokens, DepWait};
+use super::ledger::{Ledger, OpState};
 use super::routing::Route;
 use super::token::{CallOptions, LaneKind, Placement, TaskToken, TokenInner};
 use super::wait::timeout_arg;
@@ -27,7 +27,6 @@ use crate::sync::{AtomicU64, Mutex, Ordering};
 use crate::token::now_ns;
 
 static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
-static COPY_CONTEXT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static DIGEST: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// What a decorated function's tokens share.
@@ -50,8 +49,16 @@ pub(crate) struct SpecShared {
     /// `external_calls` of a lead token, as digest input.
     lead_calls: Option<String>,
     digest_policy: String,
-    /// (pool id, state of this operation on that engine).
-    op_cache: Mutex<Option<(u64, Arc<OpState>)>>,
+}
+
+/// What every token of one operation on one engine shares: one reference
+/// count per token instead of three (these counts are touched by the
+/// submitting thread and the workers alike).
+#[derive(Debug)]
+pub(crate) struct Binding {
+    pub(crate) spec: Arc<SpecShared>,
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) op: Arc<OpState>,
 }
 
 impl SpecShared {
@@ -60,18 +67,6 @@ impl SpecShared {
         let d = PyDict::new(py);
         d.update(self.tags.bind(py).cast::<pyo3::types::PyMapping>()?)?;
         Ok(d)
-    }
-
-    fn op_for(&self, engine: &EngineShared) -> Arc<OpState> {
-        let mut cache = self.op_cache.lock();
-        if let Some((id, op)) = cache.as_ref() {
-            if *id == engine.pool.id() {
-                return op.clone();
-            }
-        }
-        let op = engine.ledger.op(&self.op_name);
-        *cache = Some((engine.pool.id(), op.clone()));
-        op
     }
 }
 
@@ -86,7 +81,7 @@ enum Admit {
     Probe,
 }
 
-fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what: &str) -> PyResult<bool> {
+fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what: impl Fn() -> String) -> PyResult<bool> {
     if limit.try_acquire() {
         return Ok(true);
     }
@@ -115,7 +110,8 @@ fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what:
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             limit.note_rejected();
             return Err(BindError::Rejected(format!(
-                "{what} is full ({} pending) and no slot freed within {:.3}s",
+                "{} is full ({} pending) and no slot freed within {:.3}s",
+                what(),
                 limit.limit(),
                 timeout.unwrap_or_default().as_secs_f64()
             ))
@@ -131,9 +127,23 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub(crate) struct OperationSpec {
     shared: Arc<SpecShared>,
+    /// (pool id, this operation's binding on that engine).
+    binding: Mutex<Option<(u64, Arc<Binding>)>>,
 }
 
 impl OperationSpec {
+    fn binding_for(&self, engine: &EngineShared) -> Arc<Binding> {
+        let mut cache = self.binding.lock();
+        if let Some((id, b)) = cache.as_ref() {
+            if *id == engine.pool.id() {
+                return b.clone();
+            }
+        }
+        let b = Arc::new(Binding { spec: self.shared.clone(), ledger: engine.ledger.clone(), op: engine.ledger.op(&self.shared.op_name) });
+        *cache = Some((engine.pool.id(), b.clone()));
+        b
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
@@ -146,7 +156,8 @@ impl OperationSpec {
         how: Admit,
         sticky_key: Option<String>,
     ) -> PyResult<Option<Py<TaskToken>>> {
-        let op = self.shared.op_for(engine);
+        let binding = self.binding_for(engine);
+        let op = &binding.op;
         let ledger = &engine.ledger;
         if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.health.is_dangerous() {
             op.blocked.store(true, Ordering::SeqCst);
@@ -155,10 +166,10 @@ impl OperationSpec {
         if op.blocked.load(Ordering::Relaxed) {
             return Err(BindError::Blocked(op.name.to_string()).into());
         }
-        if !admit(py, engine, &op.limit, how, &format!("operation {:?}", op.name))? {
+        if !admit(py, engine, &op.limit, how, || format!("operation {:?}", op.name))? {
             return Ok(None);
         }
-        match admit(py, engine, &ledger.pending, how, "the coordinator (max_pending)") {
+        match admit(py, engine, &ledger.pending, how, || "the coordinator (max_pending)".to_owned()) {
             Ok(true) => {}
             Ok(false) => {
                 op.limit.release();
@@ -169,7 +180,7 @@ impl OperationSpec {
                 return Err(e);
             }
         }
-        let context = COPY_CONTEXT.import(py, "contextvars", "copy_context")?.call0()?;
+        let context = super::ffi::copy_context(py)?;
         let id = NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed);
         let placement = match self.placement(py, engine, id, sticky_key) {
             Ok(p) => p,
@@ -180,7 +191,7 @@ impl OperationSpec {
             }
         };
         let inputs = input_tokens(&args, kwargs.as_ref());
-        let inner = TokenInner::new(id, self.shared.clone(), ledger.clone(), op, opts, placement);
+        let inner = TokenInner::new(id, binding, opts, placement);
         ledger.record_submitted();
         ledger.register(&inner);
         if let Some(t) = opts.timeout {
@@ -222,11 +233,7 @@ impl OperationSpec {
                 let here = crate::pool::current_worker().map(|(_, i)| i);
                 let joined = engine.domains.join(seed, |slot| engine.pool.workers_of_slot(slot), here);
                 if let Some(pinned) = joined {
-                    return Ok(Placement {
-                        route: Route::Domain(engine.domains.clone(), seed.into()),
-                        pinned,
-                        ..Placement::default()
-                    });
+                    return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed.into()), pinned, ..Placement::default() });
                 }
             }
         }
@@ -336,8 +343,8 @@ impl OperationSpec {
                 storage_tier,
                 lead_calls,
                 digest_policy: digest_policy.to_owned(),
-                op_cache: Mutex::new(None),
             }),
+            binding: Mutex::new(None),
         })
     }
 
@@ -348,7 +355,8 @@ impl OperationSpec {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let engine = current_engine()?;
-        let token = self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)?;
+        let token =
+            self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
@@ -399,7 +407,8 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
-        let token = self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None), None)?;
+        let token =
+            self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None), None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
@@ -412,17 +421,10 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
-        let op = self.shared.op_for(&engine);
-        op.limit.force_acquire();
+        let binding = self.binding_for(&engine);
+        binding.op.limit.force_acquire();
         engine.ledger.pending.force_acquire();
-        let inner = TokenInner::new(
-            NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            self.shared.clone(),
-            engine.ledger.clone(),
-            op,
-            &self.shared.defaults,
-            Placement::default(),
-        );
+        let inner = TokenInner::new(NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed), binding, &self.shared.defaults, Placement::default());
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);
         inner.core.admit();

@@ -16,16 +16,16 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 
 use super::asyncio::{self as aio, Delivery, LoopQueue};
+use super::exceptions::{self, BindError};
 use super::ledger::{Ledger, OpState};
 use super::routing::Route;
-use super::exceptions::{self, BindError};
-use super::spec::SpecShared;
+use super::spec::{Binding, SpecShared};
 use super::wait::{timeout_arg, wait_detached};
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use crate::token::{ns_to_unix, now_ns, Stamp, TokenCore, TokenState};
+use crate::token::{now_ns, ns_to_unix, Stamp, TokenCore, TokenState};
 
 /// What a finished body produced.
 #[derive(Debug)]
@@ -72,9 +72,8 @@ pub(crate) struct CallOptions {
 pub(crate) struct TokenInner {
     pub(crate) core: TokenCore<Slot>,
     pub(crate) id: u64,
-    pub(crate) spec: Arc<SpecShared>,
-    pub(crate) ledger: Arc<Ledger>,
-    pub(crate) op: Arc<OpState>,
+    /// Its operation, on its engine (spec, ledger and operation state).
+    bind: Arc<Binding>,
     pub(crate) priority: i64,
     /// `now_ns` deadline, 0 for none.
     pub(crate) deadline_ns: AtomicU64,
@@ -89,6 +88,8 @@ pub(crate) struct TokenInner {
     pub(crate) lane: LaneKind,
     /// A lead token (its domain's core is recorded when it starts).
     pub(crate) is_lead: bool,
+    /// Where the ledger's registry holds it: shard << 32 | slot (MAX: not registered).
+    pub(crate) registry_slot: AtomicU64,
     /// The call, until someone takes it to run it (see `job.rs`).
     pub(crate) call: crate::sync::Mutex<Option<super::job::Call>>,
     /// A weak handle on itself (to hand out `Arc`s from `&self`).
@@ -115,16 +116,10 @@ pub(crate) struct Placement {
 }
 
 impl TokenInner {
-    pub(crate) fn new(
-        id: u64,
-        spec: Arc<SpecShared>,
-        ledger: Arc<Ledger>,
-        op: Arc<OpState>,
-        opts: &CallOptions,
-        placement: Placement,
-    ) -> Arc<Self> {
+    pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement) -> Arc<Self> {
         Arc::new_cyclic(|me| TokenInner {
             call: crate::sync::Mutex::new(None),
+            registry_slot: AtomicU64::new(u64::MAX),
             me: me.clone(),
             route: placement.route,
             pinned: placement.pinned,
@@ -132,15 +127,31 @@ impl TokenInner {
             is_lead: placement.is_lead,
             core: TokenCore::new(Slot::default()),
             id,
-            spec,
-            ledger,
-            op,
+            bind,
             priority: opts.priority,
             deadline_ns: AtomicU64::new(0),
             retries_left: AtomicU32::new(opts.retries),
             attempts: AtomicU32::new(0),
             retry_backoff: opts.retry_backoff,
         })
+    }
+
+    /// The decorated function's record.
+    #[inline]
+    pub(crate) fn spec(&self) -> &Arc<SpecShared> {
+        &self.bind.spec
+    }
+
+    /// The books of its engine.
+    #[inline]
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.bind.ledger
+    }
+
+    /// Its operation's state on its engine.
+    #[inline]
+    pub(crate) fn op(&self) -> &Arc<OpState> {
+        &self.bind.op
     }
 
     /// An `Arc` of this token.
@@ -150,13 +161,7 @@ impl TokenInner {
 
     /// Resolves the token once: moves to `to` if `allowed(current)`, stores
     /// `outcome`, then fires listeners. False when it was resolved already.
-    pub(crate) fn resolve(
-        &self,
-        py: Python<'_>,
-        allowed: impl Fn(TokenState) -> bool,
-        to: TokenState,
-        outcome: Option<Outcome>,
-    ) -> bool {
+    pub(crate) fn resolve(&self, py: Python<'_>, allowed: impl Fn(TokenState) -> bool, to: TokenState, outcome: Option<Outcome>) -> bool {
         self.resolve_at(py, allowed, to, outcome, None)
     }
 
@@ -205,7 +210,7 @@ impl TokenInner {
         // The books are kept before the terminal state is published.
         let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
             slot.outcome = outcome;
-            self.ledger.record_resolved(self, to, error);
+            self.ledger().record_resolved(self, to, error);
             std::mem::take(&mut slot.listeners)
         })?;
         Some(listeners)
@@ -249,11 +254,7 @@ impl TokenInner {
         if super::job::on_worker_thread() {
             // A task waiting on another token: run queued work meanwhile, so
             // that nested waits cannot exhaust the workers (help while waiting).
-            return if super::job::help_until_done(py, self, timeout)? {
-                Ok(())
-            } else {
-                Err(BindError::WaitTimeout.into_pyerr(py))
-            };
+            return if super::job::help_until_done(py, self, timeout)? { Ok(()) } else { Err(BindError::WaitTimeout.into_pyerr(py)) };
         }
         let epoch = super::job::idle_epoch();
         let done = wait_detached(py, timeout, |step| {
@@ -285,10 +286,10 @@ impl TokenInner {
         if was.is_terminal() {
             return;
         }
-        let value = exceptions::timeout_value(py, self.id, &self.op.name);
+        let value = exceptions::timeout_value(py, self.id, &self.op().name);
         self.core.request_cancel();
         if self.resolve(py, |_| true, TokenState::Timeout, Some(Outcome::Error(value))) {
-            let counter = if was == TokenState::Executing { &self.ledger.timeouts_running } else { &self.ledger.timeouts_queued };
+            let counter = if was == TokenState::Executing { &self.ledger().timeouts_running } else { &self.ledger().timeouts_queued };
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -326,10 +327,9 @@ impl TokenInner {
     ) -> PyResult<()> {
         let running_loop = if on_thread { None } else { aio::running_loop(py)? };
         let listener = match &running_loop {
-            Some(event_loop) => Listener::Loop {
-                queue: aio::queue_for(py, event_loop),
-                delivery: Delivery { func: func.unbind(), arg, context },
-            },
+            Some(event_loop) => {
+                Listener::Loop { queue: aio::queue_for(py, event_loop), delivery: Delivery { func: func.unbind(), arg, context } }
+            }
             None => Listener::Thread { func: func.unbind(), arg },
         };
         {
@@ -534,16 +534,9 @@ impl TaskToken {
     }
 
     #[pyo3(signature = (func, *, context=None))]
-    fn add_done_callback(
-        slf: &Bound<'_, Self>,
-        func: Bound<'_, PyAny>,
-        context: Option<Py<PyAny>>,
-    ) -> PyResult<()> {
+    fn add_done_callback(slf: &Bound<'_, Self>, func: Bound<'_, PyAny>, context: Option<Py<PyAny>>) -> PyResult<()> {
         if !func.is_callable() {
-            return Err(PyTypeError::new_err(format!(
-                "add_done_callback() needs a callable, got {}",
-                func.get_type().name()?
-            )));
+            return Err(PyTypeError::new_err(format!("add_done_callback() needs a callable, got {}", func.get_type().name()?)));
         }
         let arg = slf.clone().into_any().unbind();
         slf.get().inner.add_listener(slf.py(), func, arg, context, false)
@@ -571,12 +564,12 @@ impl TaskToken {
 
     #[getter]
     fn operation_type(&self, py: Python<'_>) -> Py<PyAny> {
-        self.inner.spec.operation_type.clone_ref(py).into_any()
+        self.inner.spec().operation_type.clone_ref(py).into_any()
     }
 
     #[getter]
     fn tags(&self, py: Python<'_>) -> Py<PyAny> {
-        self.inner.spec.tags.clone_ref(py)
+        self.inner.spec().tags.clone_ref(py)
     }
 
     #[getter]
@@ -637,8 +630,8 @@ impl TaskToken {
         let core = &self.inner.core;
         d.set_item("token_id", self.inner.id)?;
         d.set_item("state", core.state().as_str())?;
-        d.set_item("operation_type", self.inner.spec.operation_type.bind(py))?;
-        d.set_item("tags", self.inner.spec.tags_dict(py)?)?;
+        d.set_item("operation_type", self.inner.spec().operation_type.bind(py))?;
+        d.set_item("tags", self.inner.spec().tags_dict(py)?)?;
         d.set_item("created_at", self.created_at())?;
         d.set_item("admitted_at", self.admitted_at())?;
         d.set_item("started_at", self.started_at())?;
@@ -714,7 +707,7 @@ impl TaskToken {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let op = self.inner.spec.operation_type.bind(py).repr()?;
+        let op = self.inner.spec().operation_type.bind(py).repr()?;
         Ok(format!("<TaskToken id={} operation_type={} state={}>", self.inner.id, op, self.state()))
     }
 }
@@ -886,25 +879,4 @@ impl TokenAwait {
     fn token(&self, py: Python<'_>) -> Py<TaskToken> {
         self.token.clone_ref(py)
     }
-}
-
-/// Builds a tuple `(first, *rest)` (no intermediate vector).
-pub(crate) fn prepend<'py>(first: &Bound<'py, PyAny>, rest: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyTuple>> {
-    struct Prepend<'a, 'py> {
-        first: Option<Bound<'py, PyAny>>,
-        rest: pyo3::types::iter::BoundTupleIterator<'py>,
-        _marker: std::marker::PhantomData<&'a ()>,
-    }
-    impl<'py> Iterator for Prepend<'_, 'py> {
-        type Item = Bound<'py, PyAny>;
-        fn next(&mut self) -> Option<Self::Item> {
-            self.first.take().or_else(|| self.rest.next())
-        }
-        fn size_hint(&self) -> (usize, Option<usize>) {
-            let n = usize::from(self.first.is_some()) + self.rest.len();
-            (n, Some(n))
-        }
-    }
-    impl ExactSizeIterator for Prepend<'_, '_> {}
-    PyTuple::new(first.py(), Prepend { first: Some(first.clone()), rest: rest.iter(), _marker: std::marker::PhantomData })
 }
