@@ -106,7 +106,8 @@ pub(crate) struct Shared<J> {
     alive: Mutex<usize>,
     exited: Condvar,
     panics: AtomicU64,
-    submitted: AtomicU64,
+    /// Written by every submit: on a cache line of its own (workers read the fields around it).
+    submitted: crossbeam_utils::CachePadded<AtomicU64>,
     pinned: Vec<AtomicUsize>,
     /// Workers that have applied their core pinning (start waits for all).
     ready: AtomicUsize,
@@ -324,7 +325,7 @@ impl<J: Job> Pool<J> {
             alive: Mutex::new(config.workers),
             exited: Condvar::new(),
             panics: AtomicU64::new(0),
-            submitted: AtomicU64::new(0),
+            submitted: crossbeam_utils::CachePadded::new(AtomicU64::new(0)),
             pinned: (0..config.workers).map(|_| AtomicUsize::new(NOT_PINNED)).collect(),
             ready: AtomicUsize::new(0),
             prio: Mutex::new(BinaryHeap::new()),

@@ -72,6 +72,11 @@ impl PyJob {
         PyJob { token, armed: true }
     }
 
+    /// A job for a token made with its call in place (`TokenInner::new`).
+    pub(crate) fn holding_call(token: Arc<TokenInner>) -> Self {
+        PyJob { token, armed: true }
+    }
+
     /// Drops the call without resolving the token (the caller resolves it).
     pub(crate) fn forget_call(&mut self) {
         self.armed = false;

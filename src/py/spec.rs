@@ -191,7 +191,8 @@ impl OperationSpec {
             }
         };
         let inputs = input_tokens(&args, kwargs.as_ref());
-        let inner = TokenInner::new(id, binding, opts, placement);
+        let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) };
+        let inner = TokenInner::new(id, binding, opts, placement, Some(call));
         ledger.record_submitted();
         ledger.register(&inner);
         if let Some(t) = opts.timeout {
@@ -199,10 +200,7 @@ impl OperationSpec {
             inner.deadline_ns.store(now_ns() + after.as_nanos() as u64, Ordering::Relaxed);
             engine.schedule_deadline(&inner, after);
         }
-        let job = PyJob::new(
-            inner.clone(),
-            Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) },
-        );
+        let job = PyJob::holding_call(inner.clone());
         // Everything else first: the caller holds the GIL until it returns,
         // and a worker that finds the job before that waits for the GIL.
         let token = Py::new(py, TaskToken { inner })?;
@@ -424,7 +422,7 @@ impl OperationSpec {
         let binding = self.binding_for(&engine);
         binding.op.limit.force_acquire();
         engine.ledger.pending.force_acquire();
-        let inner = TokenInner::new(NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed), binding, &self.shared.defaults, Placement::default());
+        let inner = TokenInner::new(NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed), binding, &self.shared.defaults, Placement::default(), None);
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);
         inner.core.admit();

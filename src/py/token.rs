@@ -116,9 +116,10 @@ pub(crate) struct Placement {
 }
 
 impl TokenInner {
-    pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement) -> Arc<Self> {
+    /// A new token; `call` is what a worker will run (None for tokens a lane outside the pool drives).
+    pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement, call: Option<super::job::Call>) -> Arc<Self> {
         Arc::new_cyclic(|me| TokenInner {
-            call: crate::sync::Mutex::new(None),
+            call: crate::sync::Mutex::new(call),
             registry_slot: AtomicU64::new(u64::MAX),
             me: me.clone(),
             route: placement.route,
