@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 import time
 
 from _common import dump, machine, percentile, table, verdict
@@ -49,6 +50,29 @@ async def gather_us(make, n: int) -> float:
     return dt / n * 1e6
 
 
+_gate = threading.Event()
+
+
+@task_token_guard(operation_type="gated_noop")
+def gated(x: int) -> int:
+    _gate.wait(10)
+    return x
+
+
+async def late_completions(n: int) -> tuple[int, int]:
+    """Loop wakes and deliveries for ``n`` completions that all arrive from workers after
+    ``gather`` registered its callbacks (the tokens wait on a gate opened once it has)."""
+    _gate.clear()
+    tokens = [gated(i) for i in range(n)]
+    before = _tokengate.loop_stats()
+    fut = asyncio.gather(*tokens)
+    asyncio.get_running_loop().call_soon(_gate.set)
+    res = await fut
+    after = _tokengate.loop_stats()
+    assert res == list(range(n))
+    return after["wakes"] - before["wakes"], after["deliveries"] - before["deliveries"]
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     r: dict[str, float] = {}
@@ -72,6 +96,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                 wakes = after["wakes"] - before["wakes"]
                 deliveries = after["deliveries"] - before["deliveries"]
         r["tg_gather"] = best
+        r["gather_wakes_per_10k"] = wakes * 10_000 / args.gather
+        wakes, deliveries = await late_completions(args.gather)
         r["wakes_per_10k"] = wakes * 10_000 / args.gather
         r["deliveries_per_wake"] = deliveries / max(1, wakes)
     return r
@@ -93,11 +119,15 @@ def main() -> None:
          f"{to_thread_ratio:.1f}x", "<= 15 us, >= 4x", verdict(r["tg_await_p50"] <= 15 and to_thread_ratio >= 4)),
         (f"gather {args.gather} (us/token)", f"{r['tg_gather']:.2f}", f"{r['gather_to_thread']:.1f}", "",
          f"{gather_ratio:.1f}x", "<= 3 us, >= 20x", verdict(r["tg_gather"] <= 3 and gather_ratio >= 20)),
-        ("loop wakes per 10k completions", f"{r['wakes_per_10k']:.0f}", "", "", "", "<< 10000", verdict(r["wakes_per_10k"] < 1000)),
+        ("loop wakes per 10k late completions", f"{r['wakes_per_10k']:.0f}", "", "", "", "<< 10000", verdict(r["wakes_per_10k"] < 1000)),
     ]
     print(f"machine: {info}")
     print(table(rows, ("measure", "tokengate", "to_thread", "run_in_executor", "ratio vs to_thread", "goal", "")))
-    print(f"completions delivered per loop wake: {r['deliveries_per_wake']:.0f}")
+    print(
+        f"late completions (all arriving from workers after gather registered): {r['deliveries_per_wake']:.0f} "
+        f"delivered per loop wake; in the gather run above: {r['gather_wakes_per_10k']:.0f} wakes per 10k "
+        "(tokens that finished before gather registered are delivered without a cross-thread wake)"
+    )
     dump(args.json, {"machine": info, "results": r})
 
 

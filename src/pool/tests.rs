@@ -522,3 +522,24 @@ fn a_backlog_restores_the_full_pattern() {
     p.shutdown();
     p.join(None);
 }
+
+#[test]
+fn prio_queues_pop_by_key_then_submission_order() {
+    let mut q = PrioQueues::new();
+    // (priority, key, seq): keys as `submit_prioritized` makes them (aging 10, times 0..).
+    for (prio, key, seq) in [(1, 10, 0), (1, 9, 1), (5, 48, 2), (0, -3, 3), (5, 46, 4), (1, 5, 5), (0, -6, 6)] {
+        q.push(prio, PrioEntry { key, seq, job: seq });
+    }
+    assert_eq!(q.len(), 7);
+    assert_eq!(q.peek().map(|e| e.job), Some(2));
+    let order: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|e| e.job).collect();
+    assert_eq!(order, vec![2, 4, 0, 1, 5, 3, 6]);
+    assert_eq!(q.len(), 0);
+    assert!(q.levels.is_empty(), "empty levels are removed");
+    // Equal keys across levels: the older submission first.
+    q.push(2, PrioEntry { key: 7, seq: 11, job: 11 });
+    q.push(3, PrioEntry { key: 7, seq: 10, job: 10 });
+    assert_eq!(q.pop().map(|e| e.job), Some(10));
+    assert_eq!(q.pop().map(|e| e.job), Some(11));
+    assert!(q.pop().is_none());
+}
