@@ -6,6 +6,9 @@
 //! * [`token`]: the token state machine. No Python.
 //! * `py` (feature `python`): the PyO3 binding layer, the only code that
 //!   touches the interpreter.
+//!
+//! `unsafe` is denied crate-wide; `py/ffi.rs` alone allows it, for a few
+//! direct CPython C-API calls on the hot path, each with its `SAFETY:` proof.
 
 pub mod admission;
 pub mod error;

@@ -35,7 +35,7 @@ pub(crate) struct Call {
     pub(crate) args: Py<PyTuple>,
     pub(crate) kwargs: Option<Py<PyDict>>,
     /// The caller's `contextvars.Context` copy, run around the call.
-    pub(crate) context: Option<Py<PyAny>>,
+    pub(crate) context: super::ffi::CallContext,
 }
 
 impl Call {
@@ -44,7 +44,7 @@ impl Call {
             func: self.func.clone_ref(py),
             args: self.args.clone_ref(py),
             kwargs: self.kwargs.as_ref().map(|k| k.clone_ref(py)),
-            context: self.context.as_ref().map(|c| c.clone_ref(py)),
+            context: self.context.clone_ref(py),
         }
     }
 
@@ -52,10 +52,7 @@ impl Call {
         let func = self.func.bind(py);
         let args = self.args.bind(py);
         let kwargs = self.kwargs.as_ref().map(|k| k.bind(py));
-        match &self.context {
-            Some(ctx) => super::ffi::run_in_context(ctx.bind(py), func, args, kwargs).map(Bound::unbind),
-            None => func.call(args, kwargs).map(Bound::unbind),
-        }
+        self.context.run(func, args, kwargs).map(Bound::unbind)
     }
 }
 

@@ -180,7 +180,7 @@ impl OperationSpec {
                 return Err(e);
             }
         }
-        let context = super::ffi::copy_context(py)?;
+        let context = super::ffi::CallContext::capture(py)?;
         let id = NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed);
         let placement = match self.placement(py, engine, id, sticky_key) {
             Ok(p) => p,
@@ -191,7 +191,7 @@ impl OperationSpec {
             }
         };
         let inputs = input_tokens(&args, kwargs.as_ref());
-        let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context: Some(context.unbind()) };
+        let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context };
         let inner = TokenInner::new(id, binding, opts, placement, Some(call));
         ledger.record_submitted();
         ledger.register(&inner);
@@ -422,7 +422,8 @@ impl OperationSpec {
         let binding = self.binding_for(&engine);
         binding.op.limit.force_acquire();
         engine.ledger.pending.force_acquire();
-        let inner = TokenInner::new(NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed), binding, &self.shared.defaults, Placement::default(), None);
+        let inner =
+            TokenInner::new(NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed), binding, &self.shared.defaults, Placement::default(), None);
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);
         inner.core.admit();
