@@ -477,11 +477,14 @@ impl WorkerHooks<PyJob> for PyHooks<'_, '_> {
     }
 
     fn idle(&mut self, wait: &mut (dyn FnMut() + Send)) {
-        self.py.detach(|| {
+        let slot = self.py.detach(|| {
             // Tell a caller that just saw its token finish that the interpreter is free.
             IDLE_EPOCH.fetch_add(1, Ordering::Release);
             wait();
+            // At most one worker queues on the GIL at a time (see `attach.rs`).
+            super::attach::before_attach()
         });
+        super::attach::after_attach(slot);
     }
 }
 
@@ -558,6 +561,7 @@ impl Host<PyJob> for PyHost {
         let mut slot = Some(worker);
         let attached = Python::try_attach(|py| {
             if let Some(worker) = slot.take() {
+                super::attach::configure(py);
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 WORKER.with(|w| *w.borrow_mut() = Some((engine.clone(), worker.info())));
                 let mut hooks = PyHooks { py, host: self, engine };

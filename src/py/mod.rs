@@ -4,6 +4,7 @@
 //!   registry of active engines, stop and stats.
 //! * `spec`: `OperationSpec`, built once per decorated function; its
 //!   `submit` is the hot path of every decorated call.
+//! * `attach`: at most one pool worker at a time queues on the GIL.
 //! * `job`: what a worker does with one token (attach once, call, capture).
 //! * `token`: `TaskToken`, its outcome, listeners and the await iterator.
 //! * `asyncio`: per-loop completion queues (one loop wake per burst).
@@ -12,6 +13,7 @@
 //! * `ffi`: the only `unsafe` code (direct C-API calls for the context copy and run).
 
 mod asyncio;
+mod attach;
 mod deps;
 mod engine;
 mod exceptions;

@@ -1,0 +1,96 @@
+//! Re-attach gating: at most one pool worker at a time waits for the GIL.
+//!
+//! # Why
+//!
+//! Under the GIL one thread runs Python at a time. A pool worker that found
+//! work re-attaches (takes the GIL) before it runs it. When several workers
+//! find work at once (the chain of wake-ups a burst of submissions causes),
+//! they all queue on the GIL, and CPython then hands it round among them and
+//! the submitting thread, one switch interval each: more context switches,
+//! tokens bouncing between cores, no more parallelism. Measured on the
+//! bulk-submission benchmark: 1.47 us per token with 8 workers against 1.16
+//! with 1. One waiter is enough: whenever the GIL is free, someone takes it.
+//!
+//! # Protocol
+//!
+//! * `State::waiting` (under `SLOT`) says whether a worker holds the "next to
+//!   attach" slot. A worker that found work calls [`before_attach`] while
+//!   still detached: it takes the slot if it is free, else parks on `FREED`
+//!   until the slot is free or `POLITENESS` has passed; then it attaches
+//!   (with or without the slot: progress never depends on the slot).
+//! * Once attached, the worker calls [`after_attach`] with what
+//!   `before_attach` returned: a slot holder frees it and wakes one parked
+//!   worker.
+//! * Who may wait for whom: an attached thread never waits for the slot, and
+//!   the slot holder waits only for the GIL, so there is no cycle; the GIL
+//!   holder yields it within a switch interval once the slot holder asks.
+//! * A free-threaded interpreter has no GIL: the gate is off there
+//!   ([`configure`] reads `sys._is_gil_enabled()` when a worker starts).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use pyo3::prelude::*;
+
+/// How long a worker waits for the slot before it attaches anyway.
+const POLITENESS: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default)]
+struct State {
+    waiting: bool,
+    parked: usize,
+}
+
+static SLOT: Mutex<State> = Mutex::new(State { waiting: false, parked: 0 });
+static FREED: Condvar = Condvar::new();
+
+/// 0: not known yet, 1: gate on (GIL), 2: gate off (free-threaded).
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Reads whether the interpreter has a GIL (attached; once per process).
+pub(crate) fn configure(py: Python<'_>) {
+    if MODE.load(Ordering::Relaxed) != 0 {
+        return;
+    }
+    let gil = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("_is_gil_enabled"))
+        .and_then(|f| f.call0())
+        .and_then(|v| v.extract::<bool>())
+        .unwrap_or(true);
+    MODE.store(if gil { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Called detached, before a worker re-attaches to run work. Returns whether
+/// it took the slot (pass that to [`after_attach`]).
+pub(crate) fn before_attach() -> bool {
+    if MODE.load(Ordering::Relaxed) != 1 {
+        return false;
+    }
+    let mut state = SLOT.lock();
+    if !state.waiting {
+        state.waiting = true;
+        return true;
+    }
+    state.parked += 1;
+    let timed_out = FREED.wait_while_for(&mut state, |s| s.waiting, POLITENESS).timed_out();
+    state.parked -= 1;
+    if timed_out {
+        return false;
+    }
+    state.waiting = true;
+    true
+}
+
+/// Called once attached: frees the slot if this worker held it.
+pub(crate) fn after_attach(held: bool) {
+    if !held {
+        return;
+    }
+    let mut state = SLOT.lock();
+    state.waiting = false;
+    if state.parked > 0 {
+        FREED.notify_one();
+    }
+}
