@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Generic, TypeVar
 
+from . import _tokengate
 from ._tokengate import TaskToken
 
 __all__ = ["gather", "as_completed", "map_tokens", "DEFAULT_MAP_BUFFER"]
@@ -53,6 +54,10 @@ def gather(
     """
     toks = _check_tokens(tokens)
     deadline = _deadline(timeout)
+    # One blocking wait for all (woken once, by the last resolution), then
+    # results in order from done tokens; on a worker thread, or after a
+    # timeout, the loop below waits token by token.
+    _tokengate.wait_all(toks, timeout)
     results: list[Any] = []
     first_error: BaseException | None = None
     for t in toks:

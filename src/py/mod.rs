@@ -42,6 +42,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(job::set_fault_injection, m)?)?;
     m.add_function(wrap_pyfunction!(job::current_token, m)?)?;
     m.add_function(wrap_pyfunction!(asyncio::loop_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(wait::wait_all, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -45,6 +45,8 @@ pub(crate) enum Listener {
     Loop { queue: Arc<LoopQueue>, delivery: Delivery },
     /// A token that takes this one as an argument.
     Dependent(Arc<super::deps::DepWait>),
+    /// A `wait_all` counting its tokens down.
+    Latch(Arc<super::wait::Latch>),
 }
 
 /// The lock-protected part of a token.
@@ -344,6 +346,7 @@ impl TokenInner {
             Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
             Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
             Listener::Dependent(wait) => wait.input_done(py),
+            Listener::Latch(latch) => latch.count_down(),
         }
         Ok(())
     }
@@ -358,13 +361,23 @@ impl TokenInner {
         true
     }
 
+    /// Registers a `wait_all` latch; false if this token is already done.
+    pub(crate) fn add_latch(&self, latch: &Arc<super::wait::Latch>) -> bool {
+        let mut slot = self.core.lock();
+        if self.core.is_done() {
+            return false;
+        }
+        slot.listeners.push(Listener::Latch(latch.clone()));
+        true
+    }
+
     /// Takes out the listeners registered with `arg` (by identity).
     pub(crate) fn take_listeners_for(&self, arg: &Bound<'_, PyAny>) -> Vec<Listener> {
         let mut slot = self.core.lock();
         let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut slot.listeners).into_iter().partition(|l| match l {
             Listener::Thread { arg: a, .. } => a.as_ptr() == arg.as_ptr(),
             Listener::Loop { delivery, .. } => delivery.arg.as_ptr() == arg.as_ptr(),
-            Listener::Dependent(_) => false,
+            Listener::Dependent(_) | Listener::Latch(_) => false,
         });
         slot.listeners = rest;
         mine
@@ -378,7 +391,7 @@ impl TokenInner {
                 let f = match l {
                     Listener::Thread { func, .. } => func,
                     Listener::Loop { delivery, .. } => &delivery.func,
-                    Listener::Dependent(_) => return false,
+                    Listener::Dependent(_) | Listener::Latch(_) => return false,
                 };
                 f.bind(py).eq(func).unwrap_or(false)
             });
@@ -396,6 +409,7 @@ pub(crate) fn fire(py: Python<'_>, listeners: Vec<Listener>) {
             Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
             Listener::Loop { queue, delivery } => queue.push(py, delivery),
             Listener::Dependent(wait) => wait.input_done(py),
+            Listener::Latch(latch) => latch.count_down(),
         }
     }
 }
@@ -841,7 +855,7 @@ impl TokenAwait {
             match listener {
                 Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
                 Listener::Thread { func, arg } => call_thread_listener(py, &func, &arg),
-                Listener::Dependent(_) => {}
+                Listener::Dependent(_) | Listener::Latch(_) => {}
             }
         }
         true

@@ -43,3 +43,67 @@ where
         }
     }
 }
+
+/// A countdown over many tokens: `wait_all` blocks on it once, instead of
+/// waking (and re-taking the GIL) once per token. Starts at 1 for the
+/// registering thread, +1 per token it registers on; each token's
+/// resolution counts down (a `Listener::Latch`), and so does the registrar
+/// once it has registered on every token.
+#[derive(Debug)]
+pub(crate) struct Latch {
+    remaining: crate::sync::AtomicUsize,
+    done: crate::sync::Mutex<bool>,
+    cv: crate::sync::Condvar,
+}
+
+impl Latch {
+    fn new() -> Self {
+        Latch { remaining: crate::sync::AtomicUsize::new(1), done: crate::sync::Mutex::new(false), cv: crate::sync::Condvar::new() }
+    }
+
+    pub(crate) fn count_down(&self) {
+        if self.remaining.fetch_sub(1, crate::sync::Ordering::AcqRel) == 1 {
+            *self.done.lock() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Blocks up to `step`; true once every count is down.
+    fn wait(&self, step: Duration) -> bool {
+        let mut done = self.done.lock();
+        if !*done {
+            self.cv.wait_for(&mut done, step);
+        }
+        *done
+    }
+}
+
+/// Waits until every token in `tokens` is done: one blocking wait, woken once
+/// by the last resolution. True when all are done; false on timeout, or at
+/// once on a pool worker thread (there the caller waits token by token, so
+/// that waiting runs queued work and nested waits cannot deadlock).
+#[pyfunction]
+#[pyo3(signature = (tokens, timeout=None))]
+pub(crate) fn wait_all(py: Python<'_>, tokens: Vec<Bound<'_, super::token::TaskToken>>, timeout: Option<f64>) -> PyResult<bool> {
+    let timeout = timeout_arg(timeout)?;
+    if super::job::on_worker_thread() {
+        return Ok(false);
+    }
+    super::engine::check_not_forked()?;
+    let latch = std::sync::Arc::new(Latch::new());
+    for t in &tokens {
+        let inner = &t.get().inner;
+        if inner.core.is_done() {
+            continue;
+        }
+        // Counted before it is registered: a resolution right after the
+        // registration must not bring the count to zero early (the
+        // registrar's own 1 also keeps it above zero until the end).
+        latch.remaining.fetch_add(1, crate::sync::Ordering::AcqRel);
+        if !inner.add_latch(&latch) {
+            latch.remaining.fetch_sub(1, crate::sync::Ordering::AcqRel);
+        }
+    }
+    latch.count_down();
+    wait_detached(py, timeout, |step| latch.wait(step))
+}
