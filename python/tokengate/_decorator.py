@@ -159,10 +159,8 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
                 return submit_with(args, kwargs, sticky_key=sticky_key(anchor, policy, args, kwargs))  # type: ignore[no-any-return]
 
         else:
-            submit = spec.submit
-
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
-                return submit(args, kwargs)
+            # Calling it submits, with no Python frame in between (see GuardedFunction in src/py/spec.rs).
+            wrapper = _tokengate.GuardedFunction(spec)  # type: ignore[assignment]
 
         try:
             functools.update_wrapper(wrapper, fn)  # type: ignore[arg-type]
@@ -170,7 +168,8 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
         wrapper.operation_type = op  # type: ignore[attr-defined]
         wrapper.tags = spec.tags  # type: ignore[attr-defined]
-        wrapper.spec = spec  # type: ignore[attr-defined]
+        if not isinstance(wrapper, _tokengate.GuardedFunction):
+            wrapper.spec = spec  # type: ignore[attr-defined]
         wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
         wrapper.options = functools.partial(CallWith, spec.submit_with)  # type: ignore[attr-defined]
         wrapper.try_submit = CallWith(spec.submit_with, block=False)  # type: ignore[attr-defined]

@@ -116,6 +116,16 @@ class TokenAwait(Generic[_T_co]):
     _asyncio_future_blocking: bool
 
 @final
+@final
+class GuardedFunction(Generic[_T]):
+    """What ``@task_token_guard`` returns: calling it submits the call and returns its token."""
+
+    def __init__(self, spec: OperationSpec) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[_T]: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+    @property
+    def spec(self) -> OperationSpec: ...
+
 class OperationSpec:
     def __init__(
         self,

@@ -33,6 +33,7 @@ use pyo3::prelude::*;
 fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_class::<spec::OperationSpec>()?;
+    m.add_class::<spec::GuardedFunction>()?;
     m.add_class::<token::TaskToken>()?;
     m.add_class::<token::TokenAwait>()?;
     m.add_class::<asyncio::LoopDrain>()?;

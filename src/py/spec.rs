@@ -450,3 +450,63 @@ impl OperationSpec {
         self.shared.func.clone_ref(py)
     }
 }
+
+/// What `@task_token_guard` returns (for operations without a sticky anchor):
+/// calling it submits, with no Python frame in between. CPython hands its
+/// `tp_call` the argument tuple it built and no keyword dict when there are
+/// no keywords; a Python `def wrapper(*args, **kwargs)` adds a frame, an
+/// empty dict and a second call per token.
+///
+/// It carries an instance `__dict__`, so `functools.update_wrapper` gives it
+/// the function's name, qualified name, module, docs and `__wrapped__`
+/// (`inspect.signature` follows that); `__get__` binds it as a method, as
+/// a function would be; `__reduce__` pickles it by reference, as a function
+/// is pickled.
+#[pyclass(frozen, dict, weakref, name = "GuardedFunction", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct GuardedFunction {
+    spec: Py<OperationSpec>,
+}
+
+#[pymethods]
+impl GuardedFunction {
+    #[new]
+    fn new(spec: Py<OperationSpec>) -> Self {
+        GuardedFunction { spec }
+    }
+
+    #[pyo3(signature = (*args, **kwargs))]
+    fn __call__(&self, py: Python<'_>, args: Bound<'_, PyTuple>, kwargs: Option<Bound<'_, PyDict>>) -> PyResult<Py<TaskToken>> {
+        self.spec.get().submit(py, args, kwargs)
+    }
+
+    /// Binds like a function: looked up on an instance, it is a method.
+    fn __get__(slf: Bound<'_, Self>, instance: Option<Bound<'_, PyAny>>, _owner: Option<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        match instance {
+            Some(obj) if !obj.is_none() => {
+                let method_type = METHOD_TYPE.import(slf.py(), "types", "MethodType")?;
+                Ok(method_type.call1((slf, obj))?.unbind())
+            }
+            _ => Ok(slf.into_any().unbind()),
+        }
+    }
+
+    /// Pickled by reference (its module and qualified name), as functions are.
+    fn __reduce__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Ok(slf.getattr("__qualname__")?.unbind())
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let name = slf.getattr("__qualname__").and_then(|n| n.str().map(|s| s.to_string())).unwrap_or_else(|_| "?".into());
+        let op = slf.get().spec.get().shared.operation_type.bind(slf.py()).repr()?;
+        Ok(format!("<task_token_guard function {name} operation_type={op}>"))
+    }
+
+    /// The decoration-time record.
+    #[getter]
+    fn spec(&self, py: Python<'_>) -> Py<OperationSpec> {
+        self.spec.clone_ref(py)
+    }
+}
+
+static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
