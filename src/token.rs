@@ -99,22 +99,30 @@ impl TokenState {
     }
 }
 
+/// The process clock: the CPU's invariant time-stamp counter through
+/// `quanta` (about 11 ns a read here, against 28 ns for `Instant::now`; a
+/// token reads the clock three times), calibrated against the OS monotonic
+/// clock once (under a millisecond); quanta falls back to the OS clock
+/// where the TSC is not usable.
 struct Clock {
-    base: Instant,
+    source: quanta::Clock,
+    base: u64,
     base_unix: f64,
 }
 
 fn clock() -> &'static Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
-    CLOCK.get_or_init(|| Clock {
-        base: Instant::now(),
-        base_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+    CLOCK.get_or_init(|| {
+        let source = quanta::Clock::new();
+        let base = source.raw();
+        Clock { source, base, base_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()) }
     })
 }
 
 /// Monotonic nanoseconds since the process clock base, never 0.
 pub fn now_ns() -> u64 {
-    clock().base.elapsed().as_nanos() as u64 + 1
+    let c = clock();
+    c.source.delta_as_nanos(c.base, c.source.raw()) + 1
 }
 
 /// Converts a `now_ns` reading to seconds since the Unix epoch.
