@@ -64,7 +64,7 @@ impl DepWait {
         let wait =
             Arc::new(DepWait { remaining: AtomicUsize::new(inputs.len() + 1), job: Mutex::new(Some(job)), engine: Arc::downgrade(engine) });
         for input in inputs {
-            if !input.add_dependent(&wait) {
+            if !input.add_if_pending(super::token::Listener::Dependent(wait.clone())) {
                 wait.remaining.fetch_sub(1, Ordering::AcqRel);
             }
         }

@@ -351,23 +351,14 @@ impl TokenInner {
         Ok(())
     }
 
-    /// Registers a dependent token's wait; false if this token is already done.
-    pub(crate) fn add_dependent(&self, wait: &Arc<super::deps::DepWait>) -> bool {
+    /// Registers `listener` (a dependent token's wait, a `wait_all` latch)
+    /// unless the token is done already: then false, and nothing is kept.
+    pub(crate) fn add_if_pending(&self, listener: Listener) -> bool {
         let mut slot = self.core.lock();
         if self.core.is_done() {
             return false;
         }
-        slot.listeners.push(Listener::Dependent(wait.clone()));
-        true
-    }
-
-    /// Registers a `wait_all` latch; false if this token is already done.
-    pub(crate) fn add_latch(&self, latch: &Arc<super::wait::Latch>) -> bool {
-        let mut slot = self.core.lock();
-        if self.core.is_done() {
-            return false;
-        }
-        slot.listeners.push(Listener::Latch(latch.clone()));
+        slot.listeners.push(listener);
         true
     }
 

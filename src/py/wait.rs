@@ -100,7 +100,7 @@ pub(crate) fn wait_all(py: Python<'_>, tokens: Vec<Bound<'_, super::token::TaskT
         // registration must not bring the count to zero early (the
         // registrar's own 1 also keeps it above zero until the end).
         latch.remaining.fetch_add(1, crate::sync::Ordering::AcqRel);
-        if !inner.add_latch(&latch) {
+        if !inner.add_if_pending(super::token::Listener::Latch(latch.clone())) {
             latch.remaining.fetch_sub(1, crate::sync::Ordering::AcqRel);
         }
     }
