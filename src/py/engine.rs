@@ -324,7 +324,7 @@ impl EngineShared {
         let stats = self.pool.stats();
         let depth = stats.queued_global + stats.queued_local.iter().sum::<usize>() + stats.deferred;
         let active_workers = (current as usize * stats.core_units.len()).max(1);
-        let utilization = self.ledger.running.load(Ordering::Relaxed) as f64 / active_workers as f64;
+        let utilization = self.ledger.running() as f64 / active_workers as f64;
         let next = if p95 > 1.0 || depth > 2 * active_workers || utilization > 0.8 {
             max
         } else if utilization < 0.4 && depth == 0 {
@@ -598,7 +598,7 @@ impl Engine {
         let tokens = PyDict::new(py);
         tokens.set_item("submitted", lg.submitted.load(Ordering::Acquire))?;
         tokens.set_item("unresolved", lg.unresolved())?;
-        tokens.set_item("executing", lg.running.load(Ordering::Relaxed))?;
+        tokens.set_item("executing", lg.running())?;
         for state in TokenState::ALL.iter().filter(|s| s.is_terminal()) {
             tokens.set_item(state.as_str(), lg.resolved[*state as usize].load(Ordering::Acquire))?;
         }

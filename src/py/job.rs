@@ -298,7 +298,7 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
                     with_chain_units(&engine, &info, weight, units, || {
-                        run_call(py, &token.self_arc(), call, &info, &weak);
+                        run_call(py, token.self_arc(), call, &info, &weak);
                     });
                     HELP_DEPTH.with(|d| d.set(depth));
                 }
@@ -368,11 +368,11 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<Engi
         return;
     }; // run inline by a waiter, or cancelled
     drop(job);
-    run_call(py, &token, call, info, engine);
+    run_call(py, token, call, info, engine);
 }
 
 /// Runs a claimed call: start, invoke, record, retry or resolve.
-fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: &Weak<EngineShared>) {
+fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: &Weak<EngineShared>) {
     if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
         return; // cancelled, killed or timed out before it started: never run it
     }
@@ -384,15 +384,17 @@ fn run_call(py: Python<'_>, token: &Arc<TokenInner>, call: Call, info: &WorkerIn
     token.attempts.fetch_add(1, Ordering::Relaxed);
     token.ledger().running_delta(1);
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
-    let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token.clone())));
     let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
+    // The handle moves into CURRENT_TOKEN for the call and back out after it (no extra count).
+    let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token)));
     let result = catch_unwind(AssertUnwindSafe(|| {
         maybe_inject_fault();
         call.invoke(py)
     }));
     let t1 = now_ns();
     let elapsed = t1.saturating_sub(t0);
-    CURRENT_TOKEN.with(|c| *c.borrow_mut() = previous);
+    let token = CURRENT_TOKEN.with(|c| c.replace(previous)).expect("the running token is in CURRENT_TOKEN until the call returns");
+    let token = &token;
     token.ledger().running_delta(-1);
     let mut panicked = false;
     let (state, outcome) = match result {

@@ -207,7 +207,9 @@ pub(crate) struct Ledger {
     // `submitted` (submitting threads), `running` and `resolved` (workers),
     // `pending` (both), apart from the flags everyone reads.
     pub(crate) submitted: CachePadded<AtomicU64>,
-    pub(crate) running: CachePadded<AtomicU64>,
+    /// Bodies running now, counted per thread shard (a body starts and ends on
+    /// one thread, so each thread touches only its own line); read as the sum.
+    running: Vec<CachePadded<std::sync::atomic::AtomicI64>>,
     pub(crate) resolved: CachePadded<[AtomicU64; 9]>,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
     pub(crate) pending: CachePadded<Limit>,
@@ -234,7 +236,7 @@ impl Ledger {
     pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool) -> Self {
         Ledger {
             submitted: CachePadded::new(AtomicU64::new(0)),
-            running: CachePadded::new(AtomicU64::new(0)),
+            running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
             resolved: CachePadded::default(),
             pending: CachePadded::new(Limit::new(max_pending)),
             admission_paused: AtomicBool::new(false),
@@ -326,11 +328,12 @@ impl Ledger {
     }
 
     pub(crate) fn running_delta(&self, delta: i64) {
-        if delta >= 0 {
-            self.running.fetch_add(delta as u64, Ordering::Relaxed);
-        } else {
-            self.running.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
+        self.running[thread_shard()].fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bodies running now.
+    pub(crate) fn running(&self) -> u64 {
+        self.running.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<i64>().max(0) as u64
     }
 
     /// Books a resolution: counters, limits, registry, history.
