@@ -168,8 +168,7 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
         wrapper.operation_type = op  # type: ignore[attr-defined]
         wrapper.tags = spec.tags  # type: ignore[attr-defined]
-        if not isinstance(wrapper, _tokengate.GuardedFunction):
-            wrapper.spec = spec  # type: ignore[attr-defined]
+        wrapper.spec = spec  # type: ignore[attr-defined]
         wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
         wrapper.options = functools.partial(CallWith, spec.submit_with)  # type: ignore[attr-defined]
         wrapper.try_submit = CallWith(spec.submit_with, block=False)  # type: ignore[attr-defined]

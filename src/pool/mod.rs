@@ -182,13 +182,22 @@ impl<J> PrioQueues<J> {
         best.map(|(level, _)| level)
     }
 
+    #[cfg(test)]
     fn peek(&self) -> Option<&PrioEntry<J>> {
         self.best_level().and_then(|level| self.levels.get(&level)?.front())
     }
 
     fn pop(&mut self) -> Option<PrioEntry<J>> {
+        self.pop_if(|_| true)
+    }
+
+    /// Pops the job that runs first if `take(it)` agrees (one search for both).
+    fn pop_if(&mut self, take: impl FnOnce(&PrioEntry<J>) -> bool) -> Option<PrioEntry<J>> {
         let level = self.best_level()?;
         let queue = self.levels.get_mut(&level)?;
+        if !take(queue.front()?) {
+            return None;
+        }
         let entry = queue.pop_front();
         if queue.is_empty() {
             self.levels.remove(&level);
@@ -292,11 +301,7 @@ impl<J> Shared<J> {
         let fifo_key = -i128::from(self.fifo_head_ns.load(Ordering::Relaxed));
         let fifo_waiting = only_urgent && self.fifo_nonempty();
         let mut heap = self.prio.lock();
-        let top = heap.peek()?;
-        if fifo_waiting && top.key <= fifo_key {
-            return None;
-        }
-        let entry = heap.pop()?;
+        let entry = heap.pop_if(|top| !(fifo_waiting && top.key <= fifo_key))?;
         self.prio_len.store(heap.len(), Ordering::SeqCst);
         Some(entry.job)
     }

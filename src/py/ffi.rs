@@ -3,12 +3,10 @@
 //!
 //! * `copy_context`: `PyContext_CopyCurrent()` (what `contextvars.copy_context()`
 //!   calls), without a Python-level call.
-//! * `run_in_context`: `PyContext_Enter`/`PyContext_Exit` around a plain call
-//!   (what `Context.run` does), without building a bound method and a
-//!   prepended argument tuple.
-//!
 //! * `CallContext`: a queued call's context copy, untracked by the cyclic GC
-//!   while it waits (see its docs).
+//!   while it waits (see its docs); its `run` is `PyContext_Enter`/`Exit`
+//!   around a plain call (what `Context.run` does), without building a bound
+//!   method and a prepended argument tuple.
 //!
 //! The context functions are part of CPython's public C API since 3.7 and
 //! exported by every CPython build (shared or static, GIL or free-threaded),
@@ -20,10 +18,7 @@
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
-
-static CONTEXT_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 extern "C" {
     fn PyContext_CopyCurrent() -> *mut ffi::PyObject;
@@ -42,35 +37,6 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     // returns a new (owned) reference or NULL with an exception set, which is
     // what `from_owned_ptr_or_err` expects.
     unsafe { Bound::from_owned_ptr_or_err(py, PyContext_CopyCurrent()) }
-}
-
-/// `ctx.run(func, *args, **kwargs)`.
-pub(crate) fn run_in_context<'py>(
-    ctx: &Bound<'py, PyAny>,
-    func: &Bound<'py, PyAny>,
-    args: &Bound<'py, PyTuple>,
-    kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let py = ctx.py();
-    if !ctx.get_type().is(CONTEXT_TYPE.import(py, "contextvars", "Context")?) {
-        return Err(pyo3::exceptions::PyTypeError::new_err("a token's context must be a contextvars.Context"));
-    }
-    // SAFETY: we hold the interpreter and `ctx` is a live `contextvars.Context`
-    // (checked above: `PyContext_Enter` requires one). Enter returns -1 with an
-    // exception set if the context is entered already (as `Context.run` does).
-    if unsafe { PyContext_Enter(ctx.as_ptr()) } != 0 {
-        return Err(PyErr::fetch(py));
-    }
-    let out = func.call(args, kwargs);
-    // SAFETY: as above; `ctx` is the context this thread entered just now, and
-    // the call in between returned (any context it entered, it exited: a Python
-    // function cannot leave a context entered). Exit fails only if `ctx` is not
-    // the current context, reported as an error.
-    if unsafe { PyContext_Exit(ctx.as_ptr()) } != 0 {
-        let err = PyErr::fetch(py);
-        return Err(out.err().unwrap_or(err));
-    }
-    out
 }
 
 /// The caller's context copy a queued call carries, held untracked by the
@@ -126,10 +92,25 @@ impl CallContext {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        match &self.0 {
-            Some(ctx) => run_in_context(ctx.bind(func.py()), func, args, kwargs),
-            None => func.call(args, kwargs),
+        let py = func.py();
+        let ctx = self.0.as_ref().expect("a CallContext holds its context until it is dropped");
+        // SAFETY: attached (`py`); `ctx` is live and a `contextvars.Context`
+        // (made by `PyContext_CopyCurrent` in `capture`), which `PyContext_Enter`
+        // requires. Enter returns -1 with an exception set if the context is
+        // entered already (as `Context.run` does).
+        if unsafe { PyContext_Enter(ctx.as_ptr()) } != 0 {
+            return Err(PyErr::fetch(py));
         }
+        let out = func.call(args, kwargs);
+        // SAFETY: as above; `ctx` is the context this thread entered just now, and
+        // the call in between returned (any context it entered, it exited: a Python
+        // function cannot leave a context entered). Exit fails only if `ctx` is not
+        // the current context, reported as an error.
+        if unsafe { PyContext_Exit(ctx.as_ptr()) } != 0 {
+            let err = PyErr::fetch(py);
+            return Err(out.err().unwrap_or(err));
+        }
+        out
     }
 }
 
@@ -144,16 +125,9 @@ impl Drop for CallContext {
             park(ctx);
             return;
         }
-        // Attached: `try_attach` is a counter check and runs the closure.
-        let mut slot = Some(ctx);
-        let _ = Python::try_attach(|py| {
-            if let Some(ctx) = slot.take() {
-                release(py, ctx);
-            }
-        });
-        if let Some(ctx) = slot {
-            park(ctx);
-        }
+        // SAFETY: `PyGILState_Check` just said this thread is attached.
+        let py = unsafe { Python::assume_attached() };
+        release(py, ctx);
     }
 }
 

@@ -364,9 +364,10 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<Engi
         }
     }
     job.armed = false;
+    // No call left: a waiter ran it inline, or the token was cancelled.
     let Some(call) = token.call.lock().take() else {
         return;
-    }; // run inline by a waiter, or cancelled
+    };
     drop(job);
     run_call(py, token, call, info, engine);
 }

@@ -11,14 +11,16 @@
 //!   cache-hot): submit fills a free slot and the token remembers where;
 //!   resolution empties that slot (no hashing, no search). `kill_*` and
 //!   `stop` scan it.
-//! * `ops` (operation name -> `OpState`) is locked only on an operation's
-//!   first call per engine; each `OperationSpec` caches its `OpState`.
-//! * `recent` is sharded by resolving thread, so a worker's shard stays in its core's cache: each resolution
-//!   locks one shard; a shard keeps the newest `history_size` records and a
-//!   read merges the shards by finish time, so the newest `history_size`
-//!   overall are always there. No lock is shared by all tokens, and shards
-//!   sit on separate cache lines. A record names its operation by index
-//!   (`op_names`), so recording touches no shared reference count.
+//! * `ops` (operation name -> `OpState`, and the operations in order of first
+//!   use) is locked on an operation's first call per engine and by readers
+//!   of stats and history; each `OperationSpec` caches its binding.
+//! * `recent` is sharded by resolving thread, so a worker's shard stays in
+//!   its core's cache: each resolution locks one shard; a shard keeps the
+//!   newest `history_size` records and a read merges the shards by finish
+//!   time, so the newest `history_size` overall are always there. No lock is
+//!   shared by all tokens, and shards sit on separate cache lines. A record
+//!   names its operation by index (its position in `ops`), so recording
+//!   touches no shared reference count.
 //! * `parked` queues (global and per operation) hold jobs while admission or
 //!   their operation is paused. The paused flag is changed and read under
 //!   the same lock as the queue, so a job is never parked after a resume has
@@ -115,7 +117,7 @@ impl Health {
 #[derive(Debug)]
 pub(crate) struct OpState {
     pub(crate) name: Arc<str>,
-    /// Position in the ledger's `op_names` (history records name it by index).
+    /// Position in the ledger's `ops.by_index` (history records name it by index).
     index: u32,
     /// (Written by submitters and workers: on a cache line of its own, as is `health`.)
     pub(crate) limit: CachePadded<Limit>,
@@ -153,6 +155,14 @@ pub(crate) struct Record {
     pub(crate) worker_id: Option<u32>,
     pub(crate) core_id: Option<u32>,
     pub(crate) error: Option<String>,
+}
+
+/// The operations used on one engine, by name and in order of first use
+/// (`OpState::index`).
+#[derive(Debug, Default)]
+struct OpTable {
+    by_name: HashMap<Arc<str>, Arc<OpState>>,
+    by_index: Vec<Arc<OpState>>,
 }
 
 /// Weak handles of the tokens submitted from the threads of one shard.
@@ -224,9 +234,7 @@ pub(crate) struct Ledger {
     pub(crate) overrun_total_ns: AtomicU64,
     pub(crate) overrun_max_ns: AtomicU64,
     pub(crate) overruns: AtomicU64,
-    ops: Mutex<HashMap<Arc<str>, Arc<OpState>>>,
-    /// Operation names by `OpState::index`.
-    op_names: Mutex<Vec<Arc<str>>>,
+    ops: Mutex<OpTable>,
     registry: Vec<CachePadded<Mutex<RegistryShard>>>,
     recent: Vec<CachePadded<Mutex<VecDeque<Record>>>>,
     recent_cap: usize,
@@ -249,8 +257,7 @@ impl Ledger {
             overrun_total_ns: AtomicU64::new(0),
             overrun_max_ns: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
-            ops: Mutex::new(HashMap::new()),
-            op_names: Mutex::new(Vec::new()),
+            ops: Mutex::new(OpTable::default()),
             registry: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(RegistryShard::default()))).collect(),
             recent: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(VecDeque::new()))).collect(),
             recent_cap: history,
@@ -260,30 +267,28 @@ impl Ledger {
     /// The state of operation `name`, made on first use.
     pub(crate) fn op(&self, name: &str) -> Arc<OpState> {
         let mut ops = self.ops.lock();
-        if let Some(op) = ops.get(name) {
+        if let Some(op) = ops.by_name.get(name) {
             return op.clone();
         }
-        let mut names = self.op_names.lock();
-        let name: Arc<str> = name.into();
-        let op = Arc::new(OpState::new(name.clone(), names.len() as u32));
-        names.push(name);
-        ops.insert(op.name.clone(), op.clone());
+        let op = Arc::new(OpState::new(name.into(), ops.by_index.len() as u32));
+        ops.by_name.insert(op.name.clone(), op.clone());
+        ops.by_index.push(op.clone());
         op
     }
 
     /// The name of the operation with `index` (see `Record::op_index`).
     pub(crate) fn op_name(&self, index: u32) -> Arc<str> {
-        self.op_names.lock()[index as usize].clone()
+        self.ops.lock().by_index[index as usize].name.clone()
     }
 
     /// The operation `name` if it was ever used.
     pub(crate) fn find_op(&self, name: &str) -> Option<Arc<OpState>> {
-        self.ops.lock().get(name).cloned()
+        self.ops.lock().by_name.get(name).cloned()
     }
 
     /// Every operation used so far.
     pub(crate) fn ops(&self) -> Vec<Arc<OpState>> {
-        let mut v: Vec<_> = self.ops.lock().values().cloned().collect();
+        let mut v = self.ops.lock().by_index.clone();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }

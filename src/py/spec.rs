@@ -501,12 +501,6 @@ impl GuardedFunction {
         let op = slf.get().spec.get().shared.operation_type.bind(slf.py()).repr()?;
         Ok(format!("<task_token_guard function {name} operation_type={op}>"))
     }
-
-    /// The decoration-time record.
-    #[getter]
-    fn spec(&self, py: Python<'_>) -> Py<OperationSpec> {
-        self.spec.clone_ref(py)
-    }
 }
 
 static METHOD_TYPE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
