@@ -1220,12 +1220,7 @@ def _run_task(funcs: dict[int, Any], msg: bytes) -> bytes:
             )
         return _reply_error(seq, exc)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except Exception:
-                pass
+        _flush_std_streams()
     try:
         if type(value) in _PLAIN:
             return pickle.dumps(("result", seq, True, value, None), _PROTO)
@@ -1236,6 +1231,16 @@ def _run_task(funcs: dict[int, Any], msg: bytes) -> bytes:
             f"the result of {name} ({_type_name(value)}) cannot be pickled to leave the worker process: {exc}"
         )
         return _reply_error(seq, err)
+
+
+def _flush_std_streams() -> None:
+    """Flushes this process's stdout and stderr, ignoring streams that cannot be flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
 
 
 def _child_main(fd: int, ppid: int) -> None:
@@ -1262,11 +1267,6 @@ def _child_main(fd: int, ppid: int) -> None:
     except BaseException:  # pragma: no cover
         traceback.print_exc()
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
+    _flush_std_streams()
     os._exit(code)
 
