@@ -26,6 +26,7 @@ from tokengate import (
 )
 from tokengate._process import ProcessFunction, UnpicklableError
 
+import support
 from support import running_coordinator
 
 PROC = {"process_pool": True}
@@ -605,3 +606,126 @@ def test_interpreter_exit_runs_queued_process_tokens(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "last 3" in proc.stdout
+
+
+# -- sending ahead (process_prefetch) --------------------------------------------------------
+
+
+@task_token_guard(tags=PROC)
+def quick(x: int) -> int:
+    return x
+
+
+@pytest.fixture
+def ahead() -> Iterator[OperationsCoordinator]:
+    """One worker process that has measured short tokens, so it is sent several at once."""
+    with running_coordinator(max_workers=2, process_workers=1, process_prefetch=4) as c:
+        assert tokengate.gather([quick(i) for i in range(30)], timeout=30) == list(range(30))
+        yield c
+
+
+def _sent_ahead(coord: OperationsCoordinator, n: int) -> None:
+    """Waits until the worker process holds ``n`` tokens (one running, the rest queued there)."""
+    assert support.wait_until(lambda: coord.get_stats()["lanes"]["process"]["in_flight"] == n, 10), coord.get_stats()[
+        "lanes"
+    ]["process"]
+
+
+def _marker(tmp: Path) -> ProcessFunction:
+    @task_token_guard(tags=PROC)
+    def mark(path: str) -> str:
+        Path(path).write_text("ran")
+        return "ran"
+
+    return mark  # type: ignore[return-value]
+
+
+@task_token_guard(tags=PROC)
+def hold_then(path: str, s: float, code: int | None = None) -> int:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(s)
+    if code is not None:
+        os._exit(code)
+    return os.getpid()
+
+
+def test_prefetch_must_be_a_positive_int() -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="process_prefetch"):
+            OperationsCoordinator(process_prefetch=bad)
+    for wrong in (1.5, True, "4"):
+        with pytest.raises(TypeError, match="process_prefetch"):
+            OperationsCoordinator(process_prefetch=wrong)  # type: ignore[arg-type]
+
+
+def test_kill_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
+    mark = _marker(tmp_path)
+    a = hold_then(str(tmp_path / "a"), 0.8)
+    b = mark(str(tmp_path / "b"))
+    _sent_ahead(ahead, 2)
+    pid = _pid_from(tmp_path / "a")
+    # Sent to a process, it counts as running (ProcessPoolExecutor's call queue does the same):
+    assert b.running() and not b.cancel()
+    assert b.kill("not needed")
+    with pytest.raises(TaskKilledError, match="not needed"):
+        b.result(timeout=5)
+    assert a.result(timeout=30) == pid  # its neighbour ran on, in the same process
+    assert quick(1).result(timeout=30) == 1  # the process passed b by
+    assert not (tmp_path / "b").exists(), "a token killed while queued in a worker ran anyway"
+    stats = ahead.get_stats()["lanes"]["process"]
+    assert stats["replaced"] == 0 and stats["pids"] == [pid]
+
+
+def test_timeout_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
+    mark = _marker(tmp_path)
+    a = hold_then(str(tmp_path / "a"), 0.8)
+    b = mark.options(timeout=0.3)(str(tmp_path / "b"))
+    _sent_ahead(ahead, 2)
+    with pytest.raises(TaskTimeoutError):
+        b.result(timeout=5)
+    assert a.result(timeout=30) > 0
+    assert quick(2).result(timeout=30) == 2
+    assert not (tmp_path / "b").exists()
+    assert ahead.get_stats()["lanes"]["process"]["replaced"] == 0
+
+
+def test_kill_of_the_running_token_requeues_the_ones_behind_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
+    mark = _marker(tmp_path)
+    a = hold_then(str(tmp_path / "a"), 30)
+    b = mark(str(tmp_path / "b"))
+    _sent_ahead(ahead, 2)
+    pid = _pid_from(tmp_path / "a")
+    assert a.kill("stop it")
+    with pytest.raises(TaskKilledError):
+        a.result(timeout=10)
+    assert b.result(timeout=30) == "ran"  # started over in the new process, once
+    assert _wait_gone([pid]) == []
+    assert ahead.get_stats()["lanes"]["process"]["replaced"] == 1
+
+
+def test_crash_fails_only_the_running_token_not_the_ones_queued_behind(
+    ahead: OperationsCoordinator, tmp_path: Path
+) -> None:
+    mark = _marker(tmp_path)
+    a = hold_then(str(tmp_path / "a"), 0.3, 7)
+    b = mark(str(tmp_path / "b"))
+    c = quick(3)
+    _sent_ahead(ahead, 3)
+    with pytest.raises(WorkerCrashedError) as info:
+        a.result(timeout=30)
+    assert info.value.exitcode == 7
+    assert b.result(timeout=30) == "ran" and c.result(timeout=30) == 3
+    stats = ahead.get_stats()["lanes"]["process"]
+    assert stats["crashed"] == 1 and stats["completed"] >= 32
+
+
+def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_path: Path) -> None:
+    """Tokens of 2 ms or more are not sent ahead: priorities and cancel() reach every queued one."""
+    hold_then(str(tmp_path / "w"), 0.05).result(timeout=30)
+    a = hold_then(str(tmp_path / "a"), 0.5)
+    rest = [quick(i) for i in range(5)]
+    _pid_from(tmp_path / "a")
+    time.sleep(0.1)
+    assert lane1.get_stats()["lanes"]["process"]["in_flight"] == 1
+    assert all(t.cancel() for t in rest)
+    a.result(timeout=30)

@@ -101,15 +101,21 @@ def test_waves_tiny_and_goals() -> None:
         assert c.is_running  # a coordinator passed in is left running
     assert wv["sizes"] == [4, 8, 16, 32] and wv["total_tokens"] == 60 and wv["workers"] == 2
     for row in wv["waves"]:
-        for key in ("loop", *RUNNER_KEYS):
+        for key in ("loop", "process", *RUNNER_KEYS):
             assert _finite_positive(row[key]["tok_s"]) and row[key]["failures"] == 0
         assert row["tokengate"]["submit_s"] <= row["tokengate"]["e2e_s"]
-    assert _finite_positive(wv["ratios"]["tokengate_vs_loop"])
+    assert _finite_positive(wv["ratios"]["tokengate_vs_loop"]) and _finite_positive(wv["ratios"]["process_vs_loop"])
+    assert wv["process_workers"] >= 1
     goals = proof.evaluate_goals({"waves": wv})
-    assert [g["status"] for g in goals[:2]] != ["SKIP", "SKIP"]
-    assert all(g["status"] in ("PASS", "MISS", "SKIP") for g in goals)
-    assert [g["status"] for g in goals[2:]] == ["SKIP", "SKIP", "SKIP"]  # no bursts run
-    assert goals[1]["goal"] == 5.0
+    assert [g["name"] for g in goals[:4]] == [
+        "waves end to end vs plain loop",
+        "waves end to end vs the original",
+        "waves, process lane, vs plain loop",
+        "waves, process lane, vs the original",
+    ]
+    assert all(g["status"] in ("PASS", "MISS") for g in goals[:4])
+    assert [g["status"] for g in goals[4:]] == ["SKIP", "SKIP", "SKIP"]  # no bursts run
+    assert goals[1]["goal"] == 5.0 and goals[3]["goal"] == 5.0
 
 
 def test_run_proof_in_process_prints_report() -> None:
@@ -206,10 +212,10 @@ def test_quick_run_in_a_child_writes_the_json(tmp_path: Path) -> None:
         assert {"releases", "tasks", "elapsed_s", "ratio", "tasks_per_s"} <= set(data["window"][key])
     wv = data["waves"]
     assert wv["sizes"][0] == 4 and wv["sizes"][-1] == 8192
-    assert {"loop", "tokengate", "threadpool"} <= set(wv["totals"])
-    assert all(_finite_positive(wv["totals"][k]["tok_s"]) for k in ("loop", "tokengate", "threadpool"))
+    assert {"loop", "tokengate", "threadpool", "process"} <= set(wv["totals"])
+    assert all(_finite_positive(wv["totals"][k]["tok_s"]) for k in ("loop", "tokengate", "threadpool", "process"))
     names = [g["name"] for g in data["goals"]]
-    assert len(names) == 5
+    assert len(names) == 7
     for g in data["goals"]:
         assert g["status"] in ("PASS", "MISS")
         assert f"[{g['status']}] {g['name']}" in out

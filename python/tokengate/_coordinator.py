@@ -39,7 +39,10 @@ class OperationsCoordinator:
     logical cores this process may use gives the worker count; ``max_workers``
     sets it directly instead. Worker ``i`` is pinned to core ``i mod n``
     unless ``pin_workers=False``. ``process_workers`` (default: the logical
-    cores) sizes the process lane that runs ``process_pool: True`` tokens.
+    cores) sizes the process lane that runs ``process_pool: True`` tokens;
+    ``process_prefetch`` (default 16) is the most tokens it sends ahead to one
+    worker process (it sends about 2 ms of work; 1: one at a time; see
+    ``tokengate._process``).
 
     ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
     be started again. It is also a context manager (``with``) and an async
@@ -67,6 +70,7 @@ class OperationsCoordinator:
         io_idle_timeout: float = 5.0,
         convergence_interval: float = 5.0,
         process_workers: int | None = None,
+        process_prefetch: int = 16,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -114,6 +118,8 @@ class OperationsCoordinator:
         # -- W1-5 process lane: worker processes of process_pool tokens (default: logical cores),
         # started on the first such token, shut down by stop().
         self.process_workers = _positive_int("process_workers", process_workers, allow_none=True)
+        #: Tokens the lane sends ahead to one worker process (1: one at a time).
+        self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch)  # type: ignore[assignment]
         self._process_lane: Any = None
         # -- end W1-5
         self._engine: _tokengate.Engine | None = None

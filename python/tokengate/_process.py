@@ -18,9 +18,21 @@ Design
   retry back-offs and the worker processes. It waits on one selector over the
   workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
   submissions and deadlines all wake it at once.
-* **Per-process supervision.** Each worker runs exactly one token at a time,
-  so the lane always knows which token a process is running. That is what
-  makes the lane crash-safe and killable:
+* **Sending ahead.** A worker process runs its tokens one after another, in
+  the order they were sent. Tokens that take 2 ms or more go one at a time
+  (the round trip costs little next to them, and priorities and ``cancel()``
+  reach everything still queued in the lane). Shorter ones are sent ahead, in
+  batches, enough for about 2 ms of work and at most
+  ``OperationsCoordinator(process_prefetch=16)`` per process, from each
+  process's measured time per token: the process never waits for the
+  supervisor between tokens, and one message carries many. A token sent to a
+  process counts as running (ProcessPoolExecutor's call queue does the same):
+  ``cancel()`` no longer stops it, ``kill()`` and deadlines still do. Each
+  token's reply is sent the moment it ends; the supervisor handles every reply
+  that has arrived each time it wakes.
+* **Per-process supervision.** A shared word per process (:class:`_Board`)
+  says which token it runs now, so the lane always knows. That is what makes
+  the lane crash-safe and killable:
 
   - a worker that dies (``os._exit``, segfault, ``kill -9``) fails only the
     token it was running, with :class:`~tokengate.WorkerCrashedError` whose
@@ -29,7 +41,10 @@ Design
     fallback) and the process is replaced;
   - a running token that passes its deadline (``timeout`` tag or per-call) or
     is killed (``token.kill()``, ``kill_token``, ``kill_all_by_operation``)
-    has its process SIGKILLed, reaped and replaced: the work really stops.
+    has its process SIGKILLed, reaped and replaced: the work really stops;
+    one still queued in a process is skipped there and never runs;
+  - tokens queued in a process that died or was replaced go back to the
+    lane's queue (they never started) and run once elsewhere.
 
 * **Why not loky's reusable executor for running tokens.** loky's executor
   cannot stop one running call, and a worker that dies breaks the whole
@@ -78,22 +93,28 @@ Design
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import heapq
 import itertools
 import json
+import mmap
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
 import weakref
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -118,6 +139,43 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 _FKEYS = itertools.count(1)
 #: True inside a worker process of the lane.
 _IN_WORKER = False
+#: A worker's reply: the token's seq and what follows (a pickled value, or (exception, traceback)).
+_REPLY = struct.Struct("!qB")
+_READY, _OK, _ERROR, _SKIPPED = range(4)
+_LEN = struct.Struct("!i")
+#: The lane keeps about this much work (seconds) sent ahead to each worker process.
+_PREFETCH_WORK_S = 0.002
+_LEN64 = struct.Struct("!Q")
+
+
+def _frames(buf: bytearray) -> list[bytes]:
+    """Cuts the whole messages (multiprocessing's ``send_bytes`` framing) off the front of ``buf``."""
+    out = []
+    pos = 0
+    while len(buf) - pos >= 4:
+        (n,) = _LEN.unpack_from(buf, pos)
+        head = 4
+        if n == -1:
+            if len(buf) - pos < 12:
+                break
+            (n,) = _LEN64.unpack_from(buf, pos + 4)
+            head = 12
+        if len(buf) - pos - head < n:
+            break
+        out.append(bytes(buf[pos + head : pos + head + n]))
+        pos += head + n
+    del buf[:pos]
+    return out
+
+
+def _frame_need(buf: bytearray) -> int:
+    """Bytes still missing of the message begun in ``buf`` (0 when none is begun)."""
+    if len(buf) < 4:
+        return 0
+    (n,) = _LEN.unpack_from(buf, 0)
+    if n == -1:
+        n = _LEN64.unpack_from(buf, 4)[0] + 8 if len(buf) >= 12 else 8
+    return max(0, n + 4 - len(buf))
 
 
 class UnpicklableError(TokengateError, pickle.PicklingError, TypeError):
@@ -374,7 +432,9 @@ def lane_for(coordinator: Any) -> ProcessLane:
                 from ._coordinator import _logical_cores
 
                 workers = _logical_cores()
-            lane = ProcessLane(engine, workers, aging=coordinator.aging, coordinator=coordinator)
+            lane = ProcessLane(
+                engine, workers, aging=coordinator.aging, coordinator=coordinator, prefetch=coordinator.process_prefetch
+            )
             coordinator._process_lane = lane
     if not engine.running:
         # stop() began meanwhile and may have missed this lane: shut it down here.
@@ -412,21 +472,147 @@ class _Item:
         self.lock: threading.Lock | None = None
 
 
+class _Board:
+    """Memory the supervisor shares with one worker process, so that a kill is exact.
+
+    Word 0 holds ``seq + 1`` of the token the worker runs now (0: none); only
+    the worker writes it. Words 1..n hold ``seq + 1`` of tokens already sent to
+    the worker that must not start (0: free); only the supervisor writes them.
+    Both sides decide under a POSIX record lock on the shared file:
+
+    * the worker, before it starts a token: skip it if it is listed, else
+      publish it in word 0;
+    * the supervisor, to stop a token it sent: if word 0 names it, SIGKILL the
+      process *while holding the lock* (so the worker cannot move on to its
+      next token), else list it (so it never starts).
+
+    A token is therefore either running and killed with its process, or
+    skipped and never run; no other token is harmed. After a process died,
+    word 0 tells which token it was running.
+    """
+
+    __slots__ = ("fd", "n", "map")
+
+    def __init__(self, fd: int, n: int) -> None:
+        self.fd = fd
+        self.n = n
+        self.map = mmap.mmap(fd, 8 * (n + 1))
+
+    @classmethod
+    def create(cls, n: int) -> _Board:
+        try:
+            fd = os.memfd_create("tokengate-process-lane", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            with tempfile.TemporaryFile() as f:
+                fd = os.dup(f.fileno())
+        try:
+            os.ftruncate(fd, 8 * (n + 1))
+            return cls(fd, n)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _get(self, i: int) -> int:
+        return int(_WORD.unpack_from(self.map, 8 * i)[0])
+
+    def _set(self, i: int, value: int) -> None:
+        _WORD.pack_into(self.map, 8 * i, value)
+
+    def running(self) -> int | None:
+        """Seq of the token the worker was running (read after it died), or None."""
+        v = self._get(0)
+        return v - 1 if v else None
+
+    # worker side
+    def begin(self, seq: int) -> bool:
+        """Publishes ``seq`` as running, unless the supervisor listed it: then False."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            if any(self._get(i) == seq + 1 for i in range(1, self.n + 1)):
+                return False
+            self._set(0, seq + 1)
+            return True
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def end(self) -> None:
+        """The token finished and its reply was sent (a kill that reads the stale word
+        meanwhile only replaces an idle process)."""
+        self._set(0, 0)
+
+    # supervisor side
+    def stop(self, seq: int, kill: Any) -> bool:
+        """Stops token ``seq``: True if it was running (``kill()`` was called under
+        the lock), False if it is listed to be skipped."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            if self._get(0) == seq + 1:
+                kill()
+                return True
+            for i in range(1, self.n + 1):
+                if self._get(i) == 0:
+                    self._set(i, seq + 1)
+                    return False
+            kill()  # pragma: no cover - the lane never has more tokens out than words
+            return True
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def unlist(self, seq: int) -> None:
+        """Frees the word of a listed token (its reply arrived)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            for i in range(1, self.n + 1):
+                if self._get(i) == seq + 1:
+                    self._set(i, 0)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except (BufferError, ValueError):
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+_WORD = struct.Struct("q")
+
+
 class _Worker:
-    """One worker process and its socket."""
+    """One worker process: its socket, its board and the tokens sent to it, in order."""
 
-    __slots__ = ("slot", "proc", "conn", "pid", "pidfd", "ready", "item", "funcs", "spawned_at")
+    __slots__ = (
+        "slot", "proc", "conn", "pid", "pidfd", "board", "ready", "items", "skips", "funcs", "rbuf", "spawned_at",
+        "mark", "avg",
+    )
 
-    def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None) -> None:
+    def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None, board: _Board) -> None:
         self.slot = slot
         self.proc = proc
         self.conn = conn
         self.pid = proc.pid
         self.pidfd = pidfd
+        self.board = board
         self.ready = False
-        self.item: _Item | None = None
+        #: Tokens sent and not answered, in the order the worker runs them.
+        self.items: deque[_Item] = deque()
+        #: Seqs listed on the board to be skipped, until their reply arrives.
+        self.skips: set[int] = set()
         self.funcs: set[int] = set()
+        self.rbuf = bytearray()
         self.spawned_at = time.monotonic()
+        #: When the worker began its current token, as the supervisor sees it.
+        self.mark = 0.0
+        #: Moving average of a token's time in the worker (None: nothing measured yet).
+        self.avg: float | None = None
+
+    @property
+    def load(self) -> int:
+        return len(self.items) + len(self.skips)
 
 
 _BOOT = (
@@ -434,7 +620,7 @@ _BOOT = (
     "p=os.environ.pop('TOKENGATE_PROCESS_LANE_PATH',None)\n"
     "if p is not None: sys.path[:]=json.loads(p)\n"
     "from tokengate._process import _child_main\n"
-    "_child_main({fd},{ppid})\n"
+    "_child_main({fd},{ppid},{board},{slots})\n"
 )
 
 _LANES: weakref.WeakSet[ProcessLane] = weakref.WeakSet()
@@ -444,11 +630,16 @@ class ProcessLane:
     """The worker processes of one running coordinator and the supervisor thread that
     feeds them. Made by :func:`lane_for`; shut down by the coordinator's ``stop()``."""
 
-    def __init__(self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None) -> None:
+    def __init__(
+        self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None, prefetch: int = 4
+    ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
             raise ValueError(f"process_workers must be a positive int, got {workers!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch <= 0:
+            raise ValueError(f"process_prefetch must be a positive int, got {prefetch!r}")
         self.engine = engine
         self.size = workers
+        self.prefetch = prefetch
         self._aging = float(aging) if aging and aging > 0 else 0.5
         self._coordinator = weakref.ref(coordinator) if coordinator is not None else None
         self._lock = threading.Lock()
@@ -684,7 +875,9 @@ class ProcessLane:
                 workers=self.size,
                 alive=len(workers),
                 ready=sum(1 for w in workers if w.ready),
-                busy=sum(1 for w in workers if w.item is not None),
+                busy=sum(1 for w in workers if w.items),
+                in_flight=sum(len(w.items) for w in workers),
+                prefetch=self.prefetch,
                 queued=sum(1 for _, _, it in self._heap if not it.done and not it.token.done()),
                 waiting_inputs=len(self._waiting_inputs),
                 pids=[w.pid for w in workers],
@@ -717,8 +910,8 @@ class ProcessLane:
                 return
             for item in events:
                 w = item.worker
-                if w is not None and w.item is item:
-                    self._replace(w, "killed")
+                if w is not None:
+                    self._stop_item(w, item)
             if closing and cancel:
                 self._cancel_queued()
             self._fire_timers(now)
@@ -730,7 +923,7 @@ class ProcessLane:
                     return
                 if self._events or self._abort or (self._closing and self._cancel_pending and self._heap):
                     continue
-                idle = any(w is not None and w.ready and w.item is None for w in self._workers)
+                idle = any(self._room(w) for w in self._workers)
                 if self._heap and idle and not held:
                     continue  # submitted meanwhile
                 wait_s = 0.02 if held else 1.0
@@ -770,25 +963,38 @@ class ProcessLane:
     def _refresh_paused(self, now: float) -> None:
         """Reads the engine's pause flags (admission and per operation)."""
         try:
-            stats = self.engine.stats() if self.engine.running else None
+            paused, ops = self.engine.pause_state() if self.engine.running else (False, ())
         except Exception:
-            stats = None
-        if stats is None:
-            self._paused_cache = (now, False, frozenset())
-            return
-        ops = frozenset(op for op, d in stats.get("operations", {}).items() if d.get("paused"))
-        self._paused_cache = (now, bool(stats.get("admission", {}).get("paused")), ops)
+            paused, ops = False, ()
+        self._paused_cache = (now, paused, frozenset(ops))
+
+    def _room(self, w: _Worker | None) -> int:
+        """How many tokens to send ``w`` now. One at a time while its tokens take 2 ms
+        or more (or nothing is measured yet): then the round trip costs little and
+        priorities and ``cancel()`` act on everything queued. Shorter tokens are
+        sent ahead, enough for about 2 ms of work, at most ``prefetch``; a worker
+        is topped up once half of that is done (fewer, larger messages)."""
+        if w is None or not w.ready:
+            return 0
+        depth = 1 if w.avg is None else max(1, min(self.prefetch, 1 + int(_PREFETCH_WORK_S / max(w.avg, 1e-6))))
+        load = w.load
+        return depth - load if load <= depth // 2 else 0
 
     def _dispatch(self, now: float, closing: bool) -> bool:
-        """Sends queued tokens to idle workers. True when a pause holds some back."""
-        idle = [w for w in self._workers if w is not None and w.ready and w.item is None]
-        if not idle or not self._heap:
+        """Sends queued tokens to workers with room. True when a pause holds some back."""
+        workers = [w for w in self._workers if self._room(w)]
+        if not workers or not self._heap:
             return False
-        self._refresh_paused(now)  # engine.stats(): a few microseconds
+        room = [self._room(w) for w in workers]
+        self._refresh_paused(now)  # one call into the engine, under a microsecond
         _, paused, paused_ops = self._paused_cache
         held: list[tuple[float, int, _Item]] = []
+        batches: dict[int, list[_Item]] = {}
         try:
-            while idle:
+            while True:
+                k = max(range(len(workers)), key=room.__getitem__)  # the emptiest worker first
+                if not room[k]:
+                    break
                 with self._lock:
                     if not self._heap:
                         break
@@ -804,69 +1010,121 @@ class ProcessLane:
                     else:
                         held.append(entry)
                     continue
+                w = workers[k]
                 if not item.started:
-                    if not item.token._start(idle[-1].slot):
+                    if not item.token._start(w.slot):
                         item.done = True  # cancelled, killed or timed out before it started
                         continue
                     item.started = True
-                w = idle.pop()
-                self._send(w, item)
+                batches.setdefault(k, []).append(item)
+                room[k] -= 1
         finally:
             if held:
                 with self._lock:
                     for entry in held:
                         heapq.heappush(self._heap, entry)
+        for k, items in batches.items():
+            self._send(workers[k], items)
         return bool(held)
 
-    def _send(self, w: _Worker, item: _Item) -> None:
-        pf = item.pf
-        fpayload = None if pf._fkey in w.funcs else pf._payload
-        msg = pickle.dumps((item.seq, pf._fkey, fpayload, item.args), _PROTO)
-        w.item = item
-        item.worker = w
-        self._running[item.token.token_id] = item
+    def _send(self, w: _Worker, items: list[_Item]) -> None:
+        """One message with every token for ``w``; each counts as running from now on (as
+        in ProcessPoolExecutor's call queue: ``cancel()`` no longer stops it, ``kill()`` does)."""
+        batch = []
+        for item in items:
+            pf = item.pf
+            fpayload = None if pf._fkey in w.funcs else pf._payload
+            w.funcs.add(pf._fkey)
+            batch.append((item.seq, pf._fkey, fpayload, item.args))
+            w.items.append(item)
+            item.worker = w
+            self._running[item.token.token_id] = item
+        if w.load == len(items):  # it was idle: its first token begins now
+            w.mark = time.monotonic()
         try:
-            w.conn.send_bytes(msg)
+            w.conn.send_bytes(pickle.dumps(batch, _PROTO))
         except OSError:
             self._died(w)
             return
-        w.funcs.add(pf._fkey)
-        if item.token.done():  # killed while we were sending
-            self._replace(w, "killed")
+        for item in items:
+            if item.token.done() and item.worker is w:  # killed while we were sending
+                self._stop_item(w, item)
+
+    def _stop_item(self, w: _Worker, item: _Item) -> None:
+        """A token sent to ``w`` was killed or timed out: SIGKILL its process if it runs
+        now, else have the worker skip it (see :class:`_Board`)."""
+        if item not in w.items or self._workers[w.slot] is not w:
+            return
+        if w.board.stop(item.seq, w.proc.kill):
+            self._replace(w, killed=True)
+            return
+        w.items.remove(item)
+        w.skips.add(item.seq)
+        item.worker = None
+        self._running.pop(item.token.token_id, None)
 
     def _read(self, w: _Worker) -> None:
-        # One message per readiness event: the selector is level-triggered, so a
-        # second message still in the socket wakes the next select at once.
+        """Reads what the socket holds (one read) and handles every whole reply in it."""
         try:
-            data = w.conn.recv_bytes()
-        except (EOFError, OSError):
+            data = os.read(w.conn.fileno(), max(1 << 16, _frame_need(w.rbuf)))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
             self._died(w)
             return
-        self._handle(w, data)
+        w.rbuf += data
+        for frame in _frames(w.rbuf):
+            self._handle(w, frame)
+
+    def _drain(self, w: _Worker) -> None:
+        """After the process exited: handles the replies it sent before it died."""
+        fd = w.conn.fileno() if not w.conn.closed else -1
+        while fd >= 0:
+            try:
+                if not select.select([fd], [], [], 0)[0]:
+                    break
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                break
+            if not data:
+                break
+            w.rbuf += data
+        for frame in _frames(w.rbuf):
+            self._handle(w, frame)
 
     def _handle(self, w: _Worker, data: bytes) -> None:
-        try:
-            msg = pickle.loads(data)
-        except BaseException as exc:
-            item = w.item
-            if item is not None:
-                self._finish_item(w, item)
-                self._fail(item, UnpicklableError(f"{item.pf._op}: the worker's reply could not be unpickled: {exc!r}"))
-            return
-        if msg[0] == "ready":
+        seq, kind = _REPLY.unpack_from(data)
+        if kind == _READY:
             w.ready = True
             self._startup_failures = 0
             return
-        _, seq, ok, value, tb = msg
-        item = w.item
-        if item is None or item.seq != seq:
-            return  # a reply for a token that was killed meanwhile
+        if seq in w.skips:
+            w.skips.discard(seq)
+            w.board.unlist(seq)
+        item = next((it for it in w.items if it.seq == seq), None)
+        if item is None:
+            return  # a token that was killed meanwhile
         self._finish_item(w, item)
-        if ok:
+        now = time.monotonic()
+        took = now - w.mark
+        w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
+        w.mark = now
+        if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
+            self._requeue(item)
+            return
+        try:
+            payload = pickle.loads(memoryview(data)[_REPLY.size :])
+        except BaseException as exc:
+            self._fail(item, UnpicklableError(f"{item.pf._op}: the worker's reply could not be unpickled: {exc!r}"))
+            return
+        if kind == _OK:
             if not item.token.done():  # counted first: a waiter woken by the result sees it
                 self._count("completed")
-            item.token._set_result(value)
+            item.token._set_result(payload)
             return
+        value, tb = payload
         if tb:
             try:
                 value.__cause__ = _RemoteTraceback(tb)
@@ -883,9 +1141,23 @@ class ProcessLane:
         self._fail(item, value)
 
     def _finish_item(self, w: _Worker, item: _Item) -> None:
-        w.item = None
+        try:
+            w.items.remove(item)
+        except ValueError:
+            pass
         item.worker = None
         self._running.pop(item.token.token_id, None)
+
+    def _requeue(self, item: _Item) -> None:
+        """A token sent to a process that died before starting it goes back to the queue."""
+        item.worker = None
+        self._running.pop(item.token.token_id, None)
+        if item.done or item.token.done():
+            item.done = True
+            return
+        key = (time.monotonic() - self._t0) / self._aging - item.priority
+        with self._lock:
+            heapq.heappush(self._heap, (key, item.seq, item))
 
     def _fail(self, item: _Item, exc: BaseException, state: str = "failed") -> None:
         item.done = True
@@ -923,10 +1195,10 @@ class ProcessLane:
             )
             w = item.worker
             item.done = True
-            self._running.pop(item.token.token_id, None)
             self._count("timeouts")
-            if w is not None and w.item is item:
-                self._replace(w, "timeout")  # the process is gone before waiters wake
+            if w is not None:
+                self._stop_item(w, item)  # a running process is gone before waiters wake
+            self._running.pop(item.token.token_id, None)
             item.token._set_exception(exc, "timeout")
 
     # -- processes ----------------------------------------------------------------------
@@ -936,16 +1208,20 @@ class ProcessLane:
         fd = child_sock.fileno()
         env = dict(os.environ)
         env["TOKENGATE_PROCESS_LANE_PATH"] = json.dumps([p for p in sys.path if isinstance(p, str)])
+        board = None
         try:
+            board = _Board.create(self.prefetch)
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT.format(fd=fd, ppid=os.getpid())],
-                pass_fds=(fd,),
+                [sys.executable, "-c", _BOOT.format(fd=fd, ppid=os.getpid(), board=board.fd, slots=board.n)],
+                pass_fds=(fd, board.fd),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
         except OSError as exc:
             parent_sock.close()
+            if board is not None:
+                board.close()
             self._workers[slot] = None
             self._startup_failed(slot, f"the process lane could not start a worker process: {exc}", None)
             return
@@ -958,7 +1234,7 @@ class ProcessLane:
                 pidfd = os.pidfd_open(proc.pid)
             except OSError:
                 pidfd = None
-        w = _Worker(slot, proc, conn, pidfd)
+        w = _Worker(slot, proc, conn, pidfd, board)
         self._workers[slot] = w
         self._respawn_at[slot] = 0.0
         self._sel.register(conn.fileno(), selectors.EVENT_READ, ("conn", w))
@@ -983,6 +1259,7 @@ class ProcessLane:
             except OSError:
                 pass
             w.pidfd = None
+        w.board.close()
 
     def _reap(self, w: _Worker, grace: float) -> int:
         try:
@@ -994,18 +1271,34 @@ class ProcessLane:
                 pass
             return w.proc.wait()
 
-    def _replace(self, w: _Worker, why: str) -> None:
-        """SIGKILLs a worker whose token was killed or timed out and starts another."""
-        item = w.item
-        if item is not None:
-            self._finish_item(w, item)
-            item.done = True
-        try:
-            w.proc.kill()
-        except OSError:
-            pass
-        self._close(w)
+    def _salvage(self, w: _Worker) -> _Item | None:
+        """After ``w``'s process exited: handles the replies it sent, then puts the tokens
+        it never started back in the queue. Returns the one it was running (None if none)."""
+        self._drain(w)
+        running = w.board.running()
+        victim = None
+        for item in list(w.items):
+            if item.seq == running:
+                self._finish_item(w, item)
+                victim = item
+            else:
+                self._requeue(item)
+        w.items.clear()
+        return victim
+
+    def _replace(self, w: _Worker, killed: bool = False) -> None:
+        """SIGKILLs a worker whose running token was killed or timed out (``killed``: that
+        was done already) and starts another; tokens it had not started go back to the queue."""
+        if not killed:
+            try:
+                w.proc.kill()
+            except OSError:
+                pass
         self._reap(w, 5.0)
+        victim = self._salvage(w)
+        if victim is not None:
+            victim.done = True
+        self._close(w)
         self._count("replaced")
         self._workers[w.slot] = None
         if not self._abort:
@@ -1015,12 +1308,11 @@ class ProcessLane:
         """The worker's socket hit EOF or its pidfd fired: it exited."""
         if self._workers[w.slot] is not w:
             return
-        self._close(w)
         code = self._reap(w, 2.0)
+        item = self._salvage(w)
+        self._close(w)
         self._workers[w.slot] = None
-        item = w.item
-        if item is not None:
-            self._finish_item(w, item)
+        if item is not None and not item.token.done():
             why = f"signal {-code}" if code < 0 else f"exit code {code}"
             try:
                 if code < 0:
@@ -1101,7 +1393,7 @@ class ProcessLane:
         for w in workers:  # EOF: an idle worker exits at once
             self._close(w)
         for w in workers:
-            if w.item is not None:
+            if w.items:
                 try:
                     w.proc.kill()
                 except OSError:
@@ -1188,25 +1480,26 @@ def _reply_error(seq: int, exc: BaseException) -> bytes:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     tb = f'\n"""\n{tb}"""'
     exc.__traceback__ = None
+    head = _REPLY.pack(seq, _ERROR)
     try:
-        data = _dumps(("result", seq, False, exc, tb))
+        data = _dumps((exc, tb))
         pickle.loads(data)  # an exception that pickles but cannot be rebuilt
-        return data
+        return head + data
     except BaseException as err:
         stand_in = RemoteError(
             f"{_type_name(exc)}: {exc} (the exception could not be sent back from the worker process: {err!r})"
         )
-        return _dumps(("result", seq, False, stand_in, tb))
+        return head + _dumps((stand_in, tb))
 
 
-def _run_task(funcs: dict[int, Any], msg: bytes) -> bytes:
-    seq, fkey, fpayload, args_payload = pickle.loads(msg)
+def _run_task(funcs: dict[int, Any], payloads: dict[int, Any], seq: int, fkey: int, args_payload: bytes) -> bytes:
     try:
         fn = funcs.get(fkey)
         if fn is None:
-            if fpayload is None:
+            payload = payloads.get(fkey)
+            if payload is None:
                 raise RuntimeError("the worker process lost the function of this token")
-            fn = funcs[fkey] = _load_function(fpayload)
+            fn = funcs[fkey] = _load_function(payload)
         args, kwargs = pickle.loads(args_payload)
     except BaseException as exc:
         return _reply_error(seq, exc)
@@ -1223,8 +1516,8 @@ def _run_task(funcs: dict[int, Any], msg: bytes) -> bytes:
         _flush_std_streams()
     try:
         if type(value) in _PLAIN:
-            return pickle.dumps(("result", seq, True, value, None), _PROTO)
-        return _dumps(("result", seq, True, value, None))
+            return _REPLY.pack(seq, _OK) + pickle.dumps(value, _PROTO)
+        return _REPLY.pack(seq, _OK) + _dumps(value)
     except BaseException as exc:
         name = getattr(fn, "__qualname__", None) or repr(fn)
         err = UnpicklableError(
@@ -1243,25 +1536,40 @@ def _flush_std_streams() -> None:
             pass
 
 
-def _child_main(fd: int, ppid: int) -> None:
-    """Entry point of a worker process: run tokens sent over the socket until EOF."""
+def _child_main(fd: int, ppid: int, board_fd: int, slots: int) -> None:
+    """Entry point of a worker process: run the tokens sent over the socket, in order,
+    until EOF. Each message is a batch; each token gets its own reply as soon as it ends."""
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal(ppid)
     os.set_inheritable(fd, False)
+    os.set_inheritable(board_fd, False)
     conn = Connection(fd)
+    board = _Board(board_fd, slots)
     funcs: dict[int, Any] = {}
+    payloads: dict[int, Any] = {}
+    local: deque[tuple[int, int, Any, bytes]] = deque()
     code = 0
     try:
-        conn.send_bytes(pickle.dumps(("ready", os.getpid()), _PROTO))
+        conn.send_bytes(_REPLY.pack(-1, _READY) + pickle.dumps(os.getpid(), _PROTO))
         while True:
-            try:
-                msg = conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-            reply = _run_task(funcs, msg)
+            if not local:
+                try:
+                    msg = conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                for seq, fkey, fpayload, args_payload in pickle.loads(msg):
+                    if fpayload is not None and fkey not in funcs:
+                        payloads[fkey] = fpayload  # kept even if this token is skipped
+                    local.append((seq, fkey, fpayload, args_payload))
+            seq, fkey, _, args_payload = local.popleft()
+            if not board.begin(seq):
+                conn.send_bytes(_REPLY.pack(seq, _SKIPPED))
+                continue
+            reply = _run_task(funcs, payloads, seq, fkey, args_payload)
             conn.send_bytes(reply)
+            board.end()
     except (EOFError, OSError):
         pass
     except BaseException:  # pragma: no cover
@@ -1269,4 +1577,3 @@ def _child_main(fd: int, ppid: int) -> None:
         code = 1
     _flush_std_streams()
     os._exit(code)
-

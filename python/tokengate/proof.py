@@ -211,6 +211,11 @@ _DECORATED: dict[str, Callable[..., Any]] = {
 }
 
 WAVE_OPERATIONS: tuple[Callable[..., Any], ...] = (cpu_crunch, string_transform, data_sort, hash_chain)
+#: The same four on tokengate's process lane (``process_pool: True``): real parallelism for GIL-bound work.
+_PROCESS_WAVE_OPS: tuple[Callable[..., Any], ...] = tuple(
+    task_token_guard(operation_type=f"proof.process.{fn.__name__}", tags={"process_pool": True})(fn)
+    for fn in WAVE_OPERATIONS
+)
 WAVE_OPERATION_NOTES = {
     "cpu_crunch": "sum of primes below 60-84, pure Python: holds the GIL",
     "string_transform": "300 random letters, reverse/upper/replace: holds the GIL",
@@ -831,8 +836,8 @@ def _wave_loop(items: list[tuple[int, tuple[Any, ...]]]) -> dict[str, Any]:
     return {"e2e_s": e2e, "failures": 0}
 
 
-def _wave_tokengate(items: list[tuple[int, tuple[Any, ...]]]) -> dict[str, Any]:
-    ops = [_DECORATED[f.__name__] for f in WAVE_OPERATIONS]
+def _wave_tokengate(items: list[tuple[int, tuple[Any, ...]]], ops: Sequence[Callable[..., Any]] | None = None) -> dict[str, Any]:
+    ops = ops or [_DECORATED[f.__name__] for f in WAVE_OPERATIONS]
     t0 = time.perf_counter()
     tokens = [ops[k](*args) for k, args in items]
     t_sub = time.perf_counter()
@@ -878,31 +883,36 @@ def run_waves(
 ) -> dict[str, Any]:
     """Doubling waves (4, 8, ... up to ``max_tokens``) of the four operations, timed end to end.
 
-    For each wave the plain loop, tokengate and the thread pool run the same
-    tokens back to back (in rotating order). tokengate submits the whole wave
-    with the decorated functions, then waits for all of it (``tokengate.gather``).
+    For each wave the plain loop, tokengate (thread workers), tokengate's process
+    lane and the thread pool run the same tokens back to back (in rotating
+    order). tokengate submits the whole wave with the decorated functions, then
+    waits for all of it (``tokengate.gather``).
     """
     progress = progress or Progress(False)
     own = runners is None
     run = runners if runners is not None else _Runners(workers, tpe_workers)
     sizes = wave_sizes(max_tokens)
-    names = ["loop", "tokengate", "threadpool"]
+    names = ["loop", "tokengate", "threadpool", "process"]
     try:
         run.warm_tpe()
         warm_items = [wave_args(i) for i in range(warmup)]
         _wave_loop(warm_items)
         _wave_tokengate(warm_items)
+        _wave_tokengate(warm_items, _PROCESS_WAVE_OPS)  # starts the worker processes
         _wave_threadpool(warm_items, run.tpe)
         waves = []
         for w, n in enumerate(sizes):
             items = [wave_args(i) for i in range(n)]
             row: dict[str, Any] = {"wave": w + 1, "tokens": n}
-            for name in names[w % 3 :] + names[: w % 3]:
+            shift = w % len(names)
+            for name in names[shift:] + names[:shift]:
                 progress(f"waves: wave {w + 1}/{len(sizes)} ({n:,} tokens) {name}")
                 if name == "loop":
                     fig = _wave_loop(items)
                 elif name == "tokengate":
                     fig = _wave_tokengate(items)
+                elif name == "process":
+                    fig = _wave_tokengate(items, _PROCESS_WAVE_OPS)
                 else:
                     fig = _wave_threadpool(items, run.tpe)
                 fig["tok_s"] = n / fig["e2e_s"]
@@ -918,13 +928,17 @@ def run_waves(
                 "tok_s": total_tokens / e2e,
                 "failures": sum(row[name]["failures"] for row in waves),
             }
-        for name in ("tokengate", "threadpool"):
+        for name in ("tokengate", "threadpool", "process"):
             totals[name]["submit_s"] = math.fsum(row[name]["submit_s"] for row in waves)
         totals["tokengate"]["original_active_tok_s"] = total_tokens / math.fsum(
             row["tokengate"]["wait_s"] for row in waves
         )
         tg = totals["tokengate"]["tok_s"]
+        pl = totals["process"]["tok_s"]
         ratios = {
+            "process_vs_loop": pl / totals["loop"]["tok_s"],
+            "process_vs_original_high": pl / ORIGINAL_E2E_TOK_S[1],
+            "process_vs_original_low": pl / ORIGINAL_E2E_TOK_S[0],
             "tokengate_vs_loop": tg / totals["loop"]["tok_s"],
             "tokengate_vs_threadpool": tg / totals["threadpool"]["tok_s"],
             "tokengate_vs_original_low": tg / ORIGINAL_E2E_TOK_S[0],
@@ -937,6 +951,7 @@ def run_waves(
             "sizes": sizes,
             "total_tokens": total_tokens,
             "workers": run.coordinator.total_workers,
+            "process_workers": run.coordinator.get_stats().get("lanes", {}).get("process", {}).get("workers"),
             "threadpool_workers": run.tpe_workers,
             "operations": dict(WAVE_OPERATION_NOTES),
             "waves": waves,
@@ -1005,6 +1020,23 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 ),
             )
         )
+        if "process_vs_loop" in r:
+            detail = (
+                f"process lane ({waves.get('process_workers')} processes) {t['process']['tok_s']:,.0f} tok/s, "
+                f"loop {t['loop']['tok_s']:,.0f} tok/s"
+            )
+            goals.append(_goal("waves, process lane, vs plain loop", r["process_vs_loop"], ">=", 0.9, "x", detail))
+            goals.append(
+                _goal(
+                    "waves, process lane, vs the original",
+                    r["process_vs_original_high"],
+                    ">=",
+                    5.0,
+                    "x",
+                    f"{t['process']['tok_s']:,.0f} tok/s = {r['process_vs_original_high']:.1f}x the original's best, "
+                    f"{r['process_vs_original_low']:.1f}x its worst",
+                )
+            )
     else:
         goals.append(_goal("waves end to end vs plain loop", None, ">=", 0.9, "x", "waves not run"))
         goals.append(_goal("waves end to end vs the original", None, ">=", 5.0, "x", "waves not run"))
@@ -1177,7 +1209,7 @@ def _print_waves(wv: dict[str, Any], out: TextIO) -> None:
         "loop: the same calls in a for loop",
         file=out,
     )
-    head = f"  {'Wave':<5}{'Tokens':>8}{'loop tok/s':>12}{'tokengate':>12}{'ThreadPool':>12}{'tg/loop':>9}{'tg/TPE':>8}{'tg submit':>11}{'orig.active':>13}{'orig.overlap':>13}"
+    head = f"  {'Wave':<5}{'Tokens':>8}{'loop tok/s':>12}{'tokengate':>12}{'ThreadPool':>12}{'tg/loop':>9}{'tg/TPE':>8}{'tg submit':>11}{'orig.active':>13}{'orig.overlap':>13}{'proc.lane':>11}{'pl/loop':>9}"
     print(head, file=out)
     print("  " + "-" * (len(head) - 2), file=out)
     for row in wv["waves"]:
@@ -1186,7 +1218,8 @@ def _print_waves(wv: dict[str, Any], out: TextIO) -> None:
             f"  {row['wave']:<5}{row['tokens']:>8,}{row['loop']['tok_s']:>12,.0f}{tg['tok_s']:>12,.0f}"
             f"{row['threadpool']['tok_s']:>12,.0f}{tg['tok_s'] / row['loop']['tok_s']:>8.2f}x"
             f"{tg['tok_s'] / row['threadpool']['tok_s']:>7.2f}x{tg['submit_s'] * 1000:>9.1f}ms"
-            f"{tg['original_active_tok_s']:>13,.0f}{tg['original_overlap']:>12.2f}x",
+            f"{tg['original_active_tok_s']:>13,.0f}{tg['original_overlap']:>12.2f}x"
+            f"{row['process']['tok_s']:>11,.0f}{row['process']['tok_s'] / row['loop']['tok_s']:>8.2f}x",
             file=out,
         )
     t = wv["totals"]
@@ -1195,13 +1228,15 @@ def _print_waves(wv: dict[str, Any], out: TextIO) -> None:
     print(
         f"  {'TOTAL':<5}{wv['total_tokens']:>8,}{t['loop']['tok_s']:>12,.0f}{t['tokengate']['tok_s']:>12,.0f}"
         f"{t['threadpool']['tok_s']:>12,.0f}{r['tokengate_vs_loop']:>8.2f}x{r['tokengate_vs_threadpool']:>7.2f}x"
-        f"{t['tokengate']['submit_s'] * 1000:>9.1f}ms{t['tokengate']['original_active_tok_s']:>13,.0f}",
+        f"{t['tokengate']['submit_s'] * 1000:>9.1f}ms{t['tokengate']['original_active_tok_s']:>13,.0f}"
+        f"{'':>13}{t['process']['tok_s']:>11,.0f}{r['process_vs_loop']:>8.2f}x",
         file=out,
     )
     fails = {k: v["failures"] for k, v in t.items() if v["failures"]}
     print(
         f"  End to end: loop {t['loop']['e2e_s']:.3f} s, tokengate {t['tokengate']['e2e_s']:.3f} s, "
-        f"ThreadPoolExecutor {t['threadpool']['e2e_s']:.3f} s; failures: {fails or 'none'}",
+        f"ThreadPoolExecutor {t['threadpool']['e2e_s']:.3f} s, process lane {t['process']['e2e_s']:.3f} s; "
+        f"failures: {fails or 'none'}",
         file=out,
     )
     print(
@@ -1212,6 +1247,12 @@ def _print_waves(wv: dict[str, Any], out: TextIO) -> None:
     print(
         f"  tokengate here is {r['tokengate_vs_original_high']:.1f}x-{r['tokengate_vs_original_low']:.1f}x that, "
         f"{r['normalised_vs_original_high']:.1f}x its best once both are divided by their own machine's loop.",
+        file=out,
+    )
+    print(
+        f"  proc.lane: the same tokens tagged process_pool=True, run by {wv.get('process_workers')} worker processes "
+        f"(real parallelism for GIL-bound work): {r['process_vs_original_high']:.1f}x-{r['process_vs_original_low']:.1f}x "
+        "the original.",
         file=out,
     )
     print(
@@ -1423,8 +1464,10 @@ def write_plot(results: dict[str, Any], path: str) -> None:
         ("tokengate", "tokengate", "o-"),
         ("loop", "plain loop (one thread)", "s--"),
         ("threadpool", f"ThreadPoolExecutor({wv['threadpool_workers']})", "^:"),
+        ("process", f"tokengate process lane ({wv.get('process_workers')} processes)", "D-"),
     ):
-        ax.plot(xs, [row[name]["tok_s"] for row in wv["waves"]], style, label=label)
+        if all(name in row for row in wv["waves"]):
+            ax.plot(xs, [row[name]["tok_s"] for row in wv["waves"]], style, label=label)
     lo, hi = ORIGINAL_E2E_TOK_S
     ax.axhspan(lo, hi, color="grey", alpha=0.2, label=f"original end to end ({lo:,.0f}-{hi:,.0f})")
     ax.set_xscale("log", base=2)

@@ -714,6 +714,14 @@ impl Engine {
 
     // -- control plane ---------------------------------------------------------
 
+    /// `(admission paused, names of paused operations)`: what the process lane
+    /// reads before it sends tokens out (far cheaper than `stats()`).
+    fn pause_state(&self) -> (bool, Vec<String>) {
+        let lg = &self.shared.ledger;
+        let ops = lg.ops().iter().filter(|op| op.paused.load(Ordering::SeqCst)).map(|op| op.name.to_string()).collect();
+        (lg.admission_paused.load(Ordering::SeqCst), ops)
+    }
+
     /// No queued token starts (and new ones wait) until `resume_admission`.
     /// Returns how many unstarted tokens it holds back now.
     fn pause_admission(&self) -> usize {
