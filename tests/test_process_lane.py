@@ -720,7 +720,7 @@ def test_crash_fails_only_the_running_token_not_the_ones_queued_behind(
 
 
 def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_path: Path) -> None:
-    """Tokens of 2 ms or more are not sent ahead: priorities and cancel() reach every queued one."""
+    """Tokens of 10 ms or more are not sent ahead: priorities and cancel() reach every queued one."""
     hold_then(str(tmp_path / "w"), 0.05).result(timeout=30)
     a = hold_then(str(tmp_path / "a"), 0.5)
     rest = [quick(i) for i in range(5)]

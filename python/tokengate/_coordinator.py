@@ -19,6 +19,8 @@ from .exceptions import NotStartedError
 __all__ = ["OperationsCoordinator"]
 
 _live: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
+#: How many times a coordinator started (lets the process lane cache the newest running one).
+_starts = [0]
 
 
 def _positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
@@ -40,8 +42,8 @@ class OperationsCoordinator:
     sets it directly instead. Worker ``i`` is pinned to core ``i mod n``
     unless ``pin_workers=False``. ``process_workers`` (default: the logical
     cores) sizes the process lane that runs ``process_pool: True`` tokens;
-    ``process_prefetch`` (default 16) is the most tokens it sends ahead to one
-    worker process (it sends about 2 ms of work; 1: one at a time; see
+    ``process_prefetch`` (default 64) is the most tokens it sends ahead to one
+    worker process (it sends about 10 ms of work; 1: one at a time; see
     ``tokengate._process``).
 
     ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
@@ -70,7 +72,7 @@ class OperationsCoordinator:
         io_idle_timeout: float = 5.0,
         convergence_interval: float = 5.0,
         process_workers: int | None = None,
-        process_prefetch: int = 16,
+        process_prefetch: int = 64,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -165,6 +167,7 @@ class OperationsCoordinator:
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)
             _live.add(self)
+            _starts[0] += 1
             return self
 
     def stop(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:

@@ -19,11 +19,11 @@ Design
   workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
   submissions and deadlines all wake it at once.
 * **Sending ahead.** A worker process runs its tokens one after another, in
-  the order they were sent. Tokens that take 2 ms or more go one at a time
+  the order they were sent. Tokens that take 10 ms or more go one at a time
   (the round trip costs little next to them, and priorities and ``cancel()``
   reach everything still queued in the lane). Shorter ones are sent ahead, in
-  batches, enough for about 2 ms of work and at most
-  ``OperationsCoordinator(process_prefetch=16)`` per process, from each
+  batches, enough for about 10 ms of work and at most
+  ``OperationsCoordinator(process_prefetch=64)`` per process, from each
   process's measured time per token: the process never waits for the
   supervisor between tokens, and one message carries many. A token sent to a
   process counts as running (ProcessPoolExecutor's call queue does the same):
@@ -143,8 +143,10 @@ _IN_WORKER = False
 _REPLY = struct.Struct("!qB")
 _READY, _OK, _ERROR, _SKIPPED = range(4)
 _LEN = struct.Struct("!i")
-#: The lane keeps about this much work (seconds) sent ahead to each worker process.
-_PREFETCH_WORK_S = 0.002
+#: The lane keeps about this much work (seconds) sent ahead to each worker process: twice
+#: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
+#: that submits a burst does not leave its processes idle.
+_PREFETCH_WORK_S = 0.010
 _LEN64 = struct.Struct("!Q")
 
 
@@ -395,10 +397,23 @@ def process_wrapper(spec: Any, fn: Any) -> ProcessFunction:
 # -- finding the lane -----------------------------------------------------------------
 
 
-def _current_coordinator() -> Any:
-    """The newest running coordinator that takes decorated calls (highest pool id)."""
-    from ._coordinator import _live
+#: (coordinator starts seen, weak reference to the newest running coordinator, its engine)
+_newest: tuple[int, Any, Any] = (-1, None, None)
 
+
+def _current_coordinator() -> Any:
+    """The newest running coordinator that takes decorated calls (highest pool id).
+
+    Cached until another coordinator starts or the cached one stops."""
+    global _newest
+    from ._coordinator import _live, _starts  # noqa: PLC0415 - circular at import time; a dict lookup after
+
+    starts, ref, engine = _newest
+    if starts == _starts[0] and ref is not None:
+        c = ref()
+        if c is not None and c._engine is engine and engine.running:
+            return c
+    starts = _starts[0]
     best = None
     best_id = -1
     for c in list(_live):
@@ -407,6 +422,7 @@ def _current_coordinator() -> Any:
             pool_id = engine.pool_id
             if pool_id > best_id:
                 best, best_id = c, pool_id
+    _newest = (starts, None, None) if best is None else (starts, weakref.ref(best), best._engine)
     return best
 
 
@@ -969,10 +985,10 @@ class ProcessLane:
         self._paused_cache = (now, paused, frozenset(ops))
 
     def _room(self, w: _Worker | None) -> int:
-        """How many tokens to send ``w`` now. One at a time while its tokens take 2 ms
+        """How many tokens to send ``w`` now. One at a time while its tokens take 10 ms
         or more (or nothing is measured yet): then the round trip costs little and
         priorities and ``cancel()`` act on everything queued. Shorter tokens are
-        sent ahead, enough for about 2 ms of work, at most ``prefetch``; a worker
+        sent ahead, enough for about 10 ms of work, at most ``prefetch``; a worker
         is topped up once half of that is done (fewer, larger messages)."""
         if w is None or not w.ready:
             return 0
