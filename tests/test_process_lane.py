@@ -729,3 +729,17 @@ def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_pa
     assert lane1.get_stats()["lanes"]["process"]["in_flight"] == 1
     assert all(t.cancel() for t in rest)
     a.result(timeout=30)
+
+
+@task_token_guard(tags=PROC)
+def big_echo(data: bytes, n: int) -> list[bytes]:
+    return [data[::-1]] * n
+
+
+def test_large_arguments_and_results_cross_intact(ahead: OperationsCoordinator) -> None:
+    """Replies bigger than one socket read (and several per read) are reassembled in order."""
+    data = os.urandom(3 << 20)
+    tokens = [big_echo(data, 1), quick(5), big_echo(data[:1000], 2000), quick(6)]
+    out = tokengate.gather(tokens, timeout=60)
+    assert out[0] == [data[::-1]] and out[1] == 5 and out[3] == 6
+    assert out[2] == [data[:1000][::-1]] * 2000

@@ -492,9 +492,10 @@ class _Board:
     """Memory the supervisor shares with one worker process, so that a kill is exact.
 
     Word 0 holds ``seq + 1`` of the token the worker runs now (0: none); only
-    the worker writes it. Words 1..n hold ``seq + 1`` of tokens already sent to
-    the worker that must not start (0: free); only the supervisor writes them.
-    Both sides decide under a POSIX record lock on the shared file:
+    the worker writes it. Word 1 counts the listed tokens, words 2..n+1 hold
+    ``seq + 1`` of tokens already sent to the worker that must not start (0:
+    free); only the supervisor writes those. Both sides decide under a POSIX
+    record lock on the shared file:
 
     * the worker, before it starts a token: skip it if it is listed, else
       publish it in word 0;
@@ -507,12 +508,13 @@ class _Board:
     word 0 tells which token it was running.
     """
 
-    __slots__ = ("fd", "n", "map")
+    __slots__ = ("fd", "n", "map", "words")
 
     def __init__(self, fd: int, n: int) -> None:
         self.fd = fd
         self.n = n
-        self.map = mmap.mmap(fd, 8 * (n + 1))
+        self.map = mmap.mmap(fd, 8 * (n + 2))
+        self.words = memoryview(self.map).cast("q")
 
     @classmethod
     def create(cls, n: int) -> _Board:
@@ -522,31 +524,26 @@ class _Board:
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
         try:
-            os.ftruncate(fd, 8 * (n + 1))
+            os.ftruncate(fd, 8 * (n + 2))
             return cls(fd, n)
         except BaseException:
             os.close(fd)
             raise
 
-    def _get(self, i: int) -> int:
-        return int(_WORD.unpack_from(self.map, 8 * i)[0])
-
-    def _set(self, i: int, value: int) -> None:
-        _WORD.pack_into(self.map, 8 * i, value)
-
     def running(self) -> int | None:
         """Seq of the token the worker was running (read after it died), or None."""
-        v = self._get(0)
+        v = self.words[0]
         return v - 1 if v else None
 
     # worker side
     def begin(self, seq: int) -> bool:
         """Publishes ``seq`` as running, unless the supervisor listed it: then False."""
+        words = self.words
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            if any(self._get(i) == seq + 1 for i in range(1, self.n + 1)):
+            if words[1] and seq + 1 in words[2:].tolist():
                 return False
-            self._set(0, seq + 1)
+            words[0] = seq + 1
             return True
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
@@ -554,20 +551,22 @@ class _Board:
     def end(self) -> None:
         """The token finished and its reply was sent (a kill that reads the stale word
         meanwhile only replaces an idle process)."""
-        self._set(0, 0)
+        self.words[0] = 0
 
     # supervisor side
     def stop(self, seq: int, kill: Any) -> bool:
         """Stops token ``seq``: True if it was running (``kill()`` was called under
         the lock), False if it is listed to be skipped."""
+        words = self.words
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            if self._get(0) == seq + 1:
+            if words[0] == seq + 1:
                 kill()
                 return True
-            for i in range(1, self.n + 1):
-                if self._get(i) == 0:
-                    self._set(i, seq + 1)
+            for i in range(2, self.n + 2):
+                if words[i] == 0:
+                    words[i] = seq + 1
+                    words[1] += 1
                     return False
             kill()  # pragma: no cover - the lane never has more tokens out than words
             return True
@@ -576,16 +575,19 @@ class _Board:
 
     def unlist(self, seq: int) -> None:
         """Frees the word of a listed token (its reply arrived)."""
+        words = self.words
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            for i in range(1, self.n + 1):
-                if self._get(i) == seq + 1:
-                    self._set(i, 0)
+            for i in range(2, self.n + 2):
+                if words[i] == seq + 1:
+                    words[i] = 0
+                    words[1] -= 1
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         try:
+            self.words.release()
             self.map.close()
         except (BufferError, ValueError):
             pass
@@ -595,7 +597,6 @@ class _Board:
             pass
 
 
-_WORD = struct.Struct("q")
 
 
 class _Worker:

@@ -1461,7 +1461,7 @@ def write_plot(results: dict[str, Any], path: str) -> None:
     xs = [row["tokens"] for row in wv["waves"]]
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, label, style in (
-        ("tokengate", "tokengate", "o-"),
+        ("tokengate", "tokengate (thread workers)", "o-"),
         ("loop", "plain loop (one thread)", "s--"),
         ("threadpool", f"ThreadPoolExecutor({wv['threadpool_workers']})", "^:"),
         ("process", f"tokengate process lane ({wv.get('process_workers')} processes)", "D-"),
