@@ -181,6 +181,29 @@ pub(crate) fn current_engine() -> Result<Arc<EngineShared>, BindError> {
     })
 }
 
+/// Runs `f` with the engine a decorated call made on this thread submits to,
+/// borrowed from the thread's cache (no reference count taken per call). A
+/// call nested inside `f` on the same thread works too (it reads the cache,
+/// or looks the engine up when the cache is stale).
+pub(crate) fn with_current_engine<R>(f: impl FnOnce(&Arc<EngineShared>) -> R) -> Result<R, BindError> {
+    check_not_forked()?;
+    if EXITING.load(Ordering::Relaxed) {
+        return Err(BindError::InterpreterShutdown);
+    }
+    let generation = GENERATION.load(Ordering::Acquire);
+    CACHED.with(|cache| {
+        if let Ok(mut c) = cache.try_borrow_mut() {
+            if c.0 != generation {
+                *c = (generation, lookup());
+            }
+        }
+        match cache.try_borrow() {
+            Ok(c) if c.0 == generation => c.1.as_ref().map(f).ok_or(BindError::NotStarted),
+            _ => lookup().as_ref().map(f).ok_or(BindError::NotStarted),
+        }
+    })
+}
+
 fn activate(engine: &Arc<EngineShared>) {
     ACTIVE.lock().push(engine.clone());
     GENERATION.fetch_add(1, Ordering::AcqRel);
@@ -205,50 +228,53 @@ impl EngineShared {
     }
 
     /// Sends a job towards a worker (see "Dispatch" in the module docs).
-    pub(crate) fn dispatch(&self, py: Python<'_>, job: PyJob) -> Result<(), BindError> {
-        let token = job.token().clone();
-        if self.is_stopping() && (self.ledger.admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst)) {
+    pub(crate) fn dispatch(&self, py: Python<'_>, mut job: PyJob) -> Result<(), BindError> {
+        // The job's own handle on its token is borrowed throughout (no extra count).
+        let op_paused = |job: &PyJob| job.token().op().paused.load(Ordering::SeqCst);
+        if self.is_stopping() && (self.ledger.admission_paused.load(Ordering::SeqCst) || op_paused(&job)) {
             // A pause would hold it past the stop: refuse it instead.
-            let mut job = job;
             job.forget_call();
-            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            job.token().resolve(py, |_| true, TokenState::Cancelled, None);
             return Err(BindError::ShutDown);
         }
         if self.ledger.admission_paused.load(Ordering::Relaxed) {
             let mut parked = self.ledger.parked.lock();
             if self.ledger.admission_paused.load(Ordering::SeqCst) {
-                token.core.hold();
+                job.token().core.hold();
                 parked.push_back(job);
                 return Ok(());
             }
         }
-        if token.op().paused.load(Ordering::Relaxed) {
-            let mut parked = token.op().parked.lock();
-            if token.op().paused.load(Ordering::SeqCst) {
-                token.core.hold();
+        if job.token().op().paused.load(Ordering::Relaxed) {
+            let op = job.token().op().clone();
+            let mut parked = op.parked.lock();
+            if op.paused.load(Ordering::SeqCst) {
+                job.token().core.hold();
                 parked.push_back(job);
                 return Ok(());
             }
         }
+        let token = job.token();
         token.core.admit();
-        if let LaneKind::Io(tier) = token.lane {
+        let (lane, pinned, priority) = (token.lane, token.pinned, token.priority);
+        if let LaneKind::Io(tier) = lane {
             return match self.io.submit(tier, job) {
                 Ok(()) => Ok(()),
                 Err(mut job) => {
                     job.forget_call();
-                    token.resolve(py, |_| true, TokenState::Cancelled, None);
+                    job.token().resolve(py, |_| true, TokenState::Cancelled, None);
                     Err(BindError::ShutDown)
                 }
             };
         }
-        let submitted = match token.pinned {
+        let submitted = match pinned {
             Some(worker) => self.pool.submit_to(worker, job),
-            None if token.priority != 0 => self.pool.submit_prioritized(job, token.priority),
+            None if priority != 0 => self.pool.submit_prioritized(job, priority),
             None => self.pool.submit(job),
         };
         if let Err((err, mut job)) = submitted {
             job.forget_call();
-            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            job.token().resolve(py, |_| true, TokenState::Cancelled, None);
             return Err(err.into());
         }
         Ok(())

@@ -382,7 +382,8 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: &WorkerInf
             engine.domains.set_slot(seed, engine.pool.slot_of(info.index));
         }
     }
-    token.attempts.fetch_add(1, Ordering::Relaxed);
+    // Only the thread that started the token writes it (a retry starts it again later).
+    token.attempts.store(token.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     token.ledger().running_delta(1);
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
     let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
