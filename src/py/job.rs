@@ -59,36 +59,44 @@ impl Call {
 /// A queued token (its call is in the token).
 #[derive(Debug)]
 pub(crate) struct PyJob {
-    token: Arc<TokenInner>,
+    /// Always `Some` until `into_token` takes it.
+    token: Option<Arc<TokenInner>>,
+    /// Resolve the token as cancelled if the job is dropped with its call unrun.
     armed: bool,
 }
 
 impl PyJob {
     pub(crate) fn new(token: Arc<TokenInner>, call: Call) -> Self {
         *token.call.lock() = Some(call);
-        PyJob { token, armed: true }
+        PyJob { token: Some(token), armed: true }
     }
 
     /// A job for a token made with its call in place (`TokenInner::new`).
     pub(crate) fn holding_call(token: Arc<TokenInner>) -> Self {
-        PyJob { token, armed: true }
+        PyJob { token: Some(token), armed: true }
+    }
+
+    /// The token's handle, without resolving anything (the job is spent).
+    fn into_token(mut self) -> Arc<TokenInner> {
+        self.armed = false;
+        self.token.take().expect("a job holds its token until it is spent")
     }
 
     /// Drops the call without resolving the token (the caller resolves it).
     pub(crate) fn forget_call(&mut self) {
         self.armed = false;
-        drop(self.token.call.lock().take());
+        drop(self.token().call.lock().take());
     }
 
     /// The token this job runs.
     pub(crate) fn token(&self) -> &Arc<TokenInner> {
-        &self.token
+        self.token.as_ref().expect("a job holds its token until it is spent")
     }
 
     /// Replaces input tokens among the arguments with their values. On a
     /// failed input, returns it with the exception to use as the cause.
     pub(crate) fn substitute_inputs(&mut self, py: Python<'_>) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
-        let token = self.token.clone();
+        let token = self.token().clone();
         let mut guard = token.call.lock();
         let Some(call) = guard.as_mut() else {
             return Ok(());
@@ -111,13 +119,13 @@ impl PyJob {
                 let d = PyDict::new(py);
                 for (k, v) in kw.bind(py).iter() {
                     let v = value_of(v)?;
-                    d.set_item(k, v).map_err(|e| (self.token.clone(), e.into_value(py).into_any()))?;
+                    d.set_item(k, v).map_err(|e| (token.clone(), e.into_value(py).into_any()))?;
                 }
                 Some(d.unbind())
             }
             None => None,
         };
-        let tuple = PyTuple::new(py, args).map_err(|e| (self.token.clone(), e.into_value(py).into_any()))?;
+        let tuple = PyTuple::new(py, args).map_err(|e| (token.clone(), e.into_value(py).into_any()))?;
         call.args = tuple.unbind();
         call.kwargs = new_kwargs;
         Ok(())
@@ -126,11 +134,11 @@ impl PyJob {
 
 impl Job for PyJob {
     fn weight(&self) -> Weight {
-        self.token.spec().weight
+        self.token().spec().weight
     }
 
     fn submitted_ns(&self) -> Option<u64> {
-        self.token.core.time(crate::token::Stamp::Created)
+        self.token().core.time(crate::token::Stamp::Created)
     }
 
     /// A caller that submits and then waits (`f(x).result()`, `await f(x)`)
@@ -138,7 +146,7 @@ impl Job for PyJob {
     /// before that would block on the interpreter and need a thread wake-up
     /// (~10 us). Waiting up to `ATTACH_DELAY` for the wait to begin avoids it.
     fn before_idle_run(&self) {
-        self.token.core.spin_until_awaited(ATTACH_DELAY);
+        self.token().core.spin_until_awaited(ATTACH_DELAY);
     }
 }
 
@@ -147,8 +155,10 @@ const ATTACH_DELAY: std::time::Duration = std::time::Duration::from_micros(4);
 
 impl Drop for PyJob {
     fn drop(&mut self) {
-        if self.armed && self.token.call.lock().take().is_some() {
-            self.token.cancel_unrun();
+        if let Some(token) = &self.token {
+            if self.armed && token.call.lock().take().is_some() {
+                token.cancel_unrun();
+            }
         }
     }
 }
@@ -158,7 +168,7 @@ pub(crate) fn cancel_jobs(py: Python<'_>, jobs: Vec<PyJob>) -> usize {
     let mut n = 0;
     for mut job in jobs {
         job.forget_call();
-        if job.token.resolve(py, |_| true, TokenState::Cancelled, None) {
+        if job.token().resolve(py, |_| true, TokenState::Cancelled, None) {
             n += 1;
         }
     }
@@ -265,7 +275,7 @@ const MAX_HELP_DEPTH: u32 = 200;
 /// Waits for `token` on a worker thread, running queued jobs inline meanwhile
 /// (rayon's help-while-waiting), so a task that waits on tokens it submitted
 /// cannot deadlock even with one worker. True when done, false on timeout.
-pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Option<std::time::Duration>) -> PyResult<bool> {
+pub(crate) fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<std::time::Duration>) -> PyResult<bool> {
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
     let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
         return Ok(token.core.wait(timeout));
@@ -298,7 +308,7 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &TokenInner, timeout: Optio
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
                     with_chain_units(&engine, &info, weight, units, || {
-                        run_call(py, token.self_arc(), call, &info, &weak);
+                        run_call(py, token.clone(), call, &info, &weak);
                     });
                     HELP_DEPTH.with(|d| d.set(depth));
                 }
@@ -344,12 +354,15 @@ const STALL_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs one job on a worker (attached).
 fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<EngineShared>) {
-    let token = job.token.clone();
     // Admission or the operation was paused after this token was queued: park
     // it instead (or, once the engine is stopping, cancel it: a pause would
     // hold it past the stop).
-    let paused = token.ledger().admission_paused.load(Ordering::Relaxed) || token.op().paused.load(Ordering::Relaxed);
+    let paused = {
+        let token = job.token();
+        token.ledger().admission_paused.load(Ordering::Relaxed) || token.op().paused.load(Ordering::Relaxed)
+    };
     if paused {
+        let token = job.token().clone();
         if token.ledger().stopping.load(Ordering::SeqCst) {
             job.forget_call();
             token.resolve(py, |_| true, TokenState::Cancelled, None);
@@ -365,11 +378,11 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<Engi
     }
     job.armed = false;
     // No call left: a waiter ran it inline, or the token was cancelled.
-    let Some(call) = token.call.lock().take() else {
+    let Some(call) = job.token().call.lock().take() else {
         return;
     };
-    drop(job);
-    run_call(py, token, call, info, engine);
+    // The job's handle moves on to the run (no extra count).
+    run_call(py, job.into_token(), call, info, engine);
 }
 
 /// Runs a claimed call: start, invoke, record, retry or resolve.

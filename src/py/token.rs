@@ -94,8 +94,6 @@ pub(crate) struct TokenInner {
     pub(crate) registry_slot: AtomicU64,
     /// The call, until someone takes it to run it (see `job.rs`).
     pub(crate) call: crate::sync::Mutex<Option<super::job::Call>>,
-    /// A weak handle on itself (to hand out `Arc`s from `&self`).
-    me: std::sync::Weak<TokenInner>,
 }
 
 /// The lane a token runs on.
@@ -120,10 +118,9 @@ pub(crate) struct Placement {
 impl TokenInner {
     /// A new token; `call` is what a worker will run (None for tokens a lane outside the pool drives).
     pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement, call: Option<super::job::Call>) -> Arc<Self> {
-        Arc::new_cyclic(|me| TokenInner {
+        Arc::new(TokenInner {
             call: crate::sync::Mutex::new(call),
             registry_slot: AtomicU64::new(u64::MAX),
-            me: me.clone(),
             route: placement.route,
             pinned: placement.pinned,
             lane: placement.lane,
@@ -155,11 +152,6 @@ impl TokenInner {
     #[inline]
     pub(crate) fn op(&self) -> &Arc<OpState> {
         &self.bind.op
-    }
-
-    /// An `Arc` of this token.
-    pub(crate) fn self_arc(&self) -> Arc<TokenInner> {
-        self.me.upgrade().expect("a token is alive while it is borrowed")
     }
 
     /// Resolves the token once: moves to `to` if `allowed(current)`, stores
@@ -245,7 +237,7 @@ impl TokenInner {
     }
 
     /// Blocks (detached, Ctrl-C aware) until done; Err(TimeoutError) after `timeout`.
-    pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+    pub(crate) fn wait(self: &Arc<Self>, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         if self.core.is_done() {
             return Ok(());
         }
