@@ -649,6 +649,15 @@ def hold_then(path: str, s: float, code: int | None = None) -> int:
     return os.getpid()
 
 
+def _b_queued_behind_a(coord: OperationsCoordinator, tmp: Path, hold_s: float, b_timeout: float | None = None) -> tuple:
+    """Token ``a`` holds the one worker for ``hold_s``; ``b`` (writes ``tmp/b``) waits in that process."""
+    mark = _marker(tmp)
+    a = hold_then(str(tmp / "a"), hold_s)
+    b = (mark.options(timeout=b_timeout) if b_timeout else mark)(str(tmp / "b"))
+    _sent_ahead(coord, 2)
+    return a, b
+
+
 def test_prefetch_must_be_a_positive_int() -> None:
     for bad in (0, -1):
         with pytest.raises(ValueError, match="process_prefetch"):
@@ -659,10 +668,7 @@ def test_prefetch_must_be_a_positive_int() -> None:
 
 
 def test_kill_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
-    mark = _marker(tmp_path)
-    a = hold_then(str(tmp_path / "a"), 0.8)
-    b = mark(str(tmp_path / "b"))
-    _sent_ahead(ahead, 2)
+    a, b = _b_queued_behind_a(ahead, tmp_path, 0.8)
     pid = _pid_from(tmp_path / "a")
     # Sent to a process, it counts as running (ProcessPoolExecutor's call queue does the same):
     assert b.running() and not b.cancel()
@@ -677,10 +683,7 @@ def test_kill_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoordina
 
 
 def test_timeout_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
-    mark = _marker(tmp_path)
-    a = hold_then(str(tmp_path / "a"), 0.8)
-    b = mark.options(timeout=0.3)(str(tmp_path / "b"))
-    _sent_ahead(ahead, 2)
+    a, b = _b_queued_behind_a(ahead, tmp_path, 0.8, b_timeout=0.3)
     with pytest.raises(TaskTimeoutError):
         b.result(timeout=5)
     assert a.result(timeout=30) > 0
@@ -690,10 +693,7 @@ def test_timeout_of_a_token_queued_in_the_worker_skips_it(ahead: OperationsCoord
 
 
 def test_kill_of_the_running_token_requeues_the_ones_behind_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
-    mark = _marker(tmp_path)
-    a = hold_then(str(tmp_path / "a"), 30)
-    b = mark(str(tmp_path / "b"))
-    _sent_ahead(ahead, 2)
+    a, b = _b_queued_behind_a(ahead, tmp_path, 30)
     pid = _pid_from(tmp_path / "a")
     assert a.kill("stop it")
     with pytest.raises(TaskKilledError):
