@@ -743,3 +743,39 @@ def test_large_arguments_and_results_cross_intact(ahead: OperationsCoordinator) 
     out = tokengate.gather(tokens, timeout=60)
     assert out[0] == [data[::-1]] and out[1] == 5 and out[3] == 6
     assert out[2] == [data[:1000][::-1]] * 2000
+
+
+@task_token_guard(tags=PROC)
+def echo_bytes(data: bytes) -> bytes:
+    return data
+
+
+def test_full_sockets_both_ways_do_not_deadlock() -> None:
+    """Batches and replies bigger than the socket buffers: the supervisor never blocks on a
+    worker that is itself blocked sending replies (it keeps the rest in an outbox)."""
+    with running_coordinator(max_workers=2, process_workers=1) as c:
+        assert tokengate.gather([quick(i) for i in range(200)], timeout=30) == list(range(200))
+        data = os.urandom(10_000)
+        tokens = [echo_bytes(data) for _ in range(300)]
+        assert tokengate.gather(tokens, timeout=60) == [data] * 300
+        assert c.get_stats()["lanes"]["process"]["replaced"] == 0
+
+
+def test_a_crash_with_the_lane_sockets_above_fd_1024() -> None:
+    """select() cannot watch fds >= 1024; the lane must not depend on it."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"needs 1200 file descriptors, the limit is {soft}")
+    keep = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with OperationsCoordinator(max_workers=2, process_workers=1) as c:
+            assert quick(1).result(timeout=30) == 1
+            with pytest.raises(WorkerCrashedError):
+                hold_then(os.devnull, 0.05, 7).result(timeout=30)
+            assert quick(2).result(timeout=30) == 2
+            assert c.get_stats()["lanes"]["process"]["crashed"] == 1
+    finally:
+        for fd in keep:
+            os.close(fd)

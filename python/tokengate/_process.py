@@ -19,13 +19,16 @@ Design
   workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
   submissions and deadlines all wake it at once.
 * **Sending ahead.** A worker process runs its tokens one after another, in
-  the order they were sent. Tokens that take 10 ms or more go one at a time
-  (the round trip costs little next to them, and priorities and ``cancel()``
-  reach everything still queued in the lane). Shorter ones are sent ahead, in
-  batches, enough for about 10 ms of work and at most
-  ``OperationsCoordinator(process_prefetch=64)`` per process, from each
-  process's measured time per token: the process never waits for the
-  supervisor between tokens, and one message carries many. A token sent to a
+  the order they were sent. How many it holds follows its measured time per
+  token (a moving average): while that is 10 ms or more, one at a time (the
+  round trip costs little next to them, and priorities and ``cancel()`` reach
+  everything still queued in the lane); below, enough for about 10 ms of work
+  and at most ``OperationsCoordinator(process_prefetch=64)``, sent in batches,
+  so the process never waits for the supervisor between tokens and one
+  message carries many. (A long token among short ones can therefore be sent
+  ahead too, and hold the ones behind it.) The supervisor never blocks on a
+  worker's socket: what the socket does not take waits in the worker's outbox
+  until the selector says it can take more. A token sent to a
   process counts as running (ProcessPoolExecutor's call queue does the same):
   ``cancel()`` no longer stops it, ``kill()`` and deadlines still do. Each
   token's reply is sent the moment it ends; the supervisor handles every reply
@@ -43,8 +46,10 @@ Design
     is killed (``token.kill()``, ``kill_token``, ``kill_all_by_operation``)
     has its process SIGKILLed, reaped and replaced: the work really stops;
     one still queued in a process is skipped there and never runs;
-  - tokens queued in a process that died or was replaced go back to the
-    lane's queue (they never started) and run once elsewhere.
+  - tokens queued in a process that died or was replaced go back to their
+    place in the lane's queue (they never started) and run once elsewhere; a
+    token that was queued in three processes that died fails with
+    ``WorkerCrashedError`` (its own message may be what kills them).
 
 * **Why not loky's reusable executor for running tokens.** loky's executor
   cannot stop one running call, and a worker that dies breaks the whole
@@ -147,6 +152,8 @@ _LEN = struct.Struct("!i")
 #: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
 #: that submits a burst does not leave its processes idle.
 _PREFETCH_WORK_S = 0.010
+#: A token goes back to the queue at most this many times when processes die before starting it.
+_MAX_REQUEUES = 3
 _LEN64 = struct.Struct("!Q")
 
 
@@ -397,8 +404,8 @@ def process_wrapper(spec: Any, fn: Any) -> ProcessFunction:
 # -- finding the lane -----------------------------------------------------------------
 
 
-#: (coordinator starts seen, weak reference to the newest running coordinator, its engine)
-_newest: tuple[int, Any, Any] = (-1, None, None)
+#: (coordinator starts seen, weak reference to the newest running coordinator, its engine's pool id)
+_newest: tuple[int, Any, int] = (-1, None, -1)
 
 
 def _current_coordinator() -> Any:
@@ -408,10 +415,11 @@ def _current_coordinator() -> Any:
     global _newest
     from ._coordinator import _live, _starts  # noqa: PLC0415 - circular at import time; a dict lookup after
 
-    starts, ref, engine = _newest
+    starts, ref, pool_id = _newest
     if starts == _starts[0] and ref is not None:
         c = ref()
-        if c is not None and c._engine is engine and engine.running:
+        engine = c._engine if c is not None else None
+        if engine is not None and engine.pool_id == pool_id and engine.running and c.register_global:
             return c
     starts = _starts[0]
     best = None
@@ -422,7 +430,7 @@ def _current_coordinator() -> Any:
             pool_id = engine.pool_id
             if pool_id > best_id:
                 best, best_id = c, pool_id
-    _newest = (starts, None, None) if best is None else (starts, weakref.ref(best), best._engine)
+    _newest = (starts, None, -1) if best is None else (starts, weakref.ref(best), best_id)
     return best
 
 
@@ -467,7 +475,7 @@ class _Item:
 
     __slots__ = (
         "seq", "token", "pf", "args", "priority", "timeout", "deadline", "retries", "attempt",
-        "started", "done", "worker", "inputs", "remaining", "lock",
+        "started", "done", "worker", "inputs", "remaining", "lock", "key", "requeues",
     )
 
     def __init__(self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int) -> None:
@@ -486,6 +494,10 @@ class _Item:
         self.inputs: list[Any] | None = None
         self.remaining = 0
         self.lock: threading.Lock | None = None
+        #: Its place in the lane's queue (kept when it goes back after a process died).
+        self.key = 0.0
+        #: Times a process died with this token sent to it but not started.
+        self.requeues = 0
 
 
 class _Board:
@@ -603,8 +615,8 @@ class _Worker:
     """One worker process: its socket, its board and the tokens sent to it, in order."""
 
     __slots__ = (
-        "slot", "proc", "conn", "pid", "pidfd", "board", "ready", "items", "skips", "funcs", "rbuf", "spawned_at",
-        "mark", "avg",
+        "slot", "proc", "conn", "pid", "pidfd", "board", "ready", "items", "skips", "funcs", "rbuf", "outbox",
+        "spawned_at", "mark", "avg",
     )
 
     def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None, board: _Board) -> None:
@@ -621,6 +633,8 @@ class _Worker:
         self.skips: set[int] = set()
         self.funcs: set[int] = set()
         self.rbuf = bytearray()
+        #: Bytes the socket did not take yet (the supervisor never blocks on a worker).
+        self.outbox = bytearray()
         self.spawned_at = time.monotonic()
         #: When the worker began its current token, as the supervisor sees it.
         self.mark = 0.0
@@ -648,7 +662,7 @@ class ProcessLane:
     feeds them. Made by :func:`lane_for`; shut down by the coordinator's ``stop()``."""
 
     def __init__(
-        self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None, prefetch: int = 4
+        self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None, prefetch: int = 64
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
             raise ValueError(f"process_workers must be a positive int, got {workers!r}")
@@ -774,7 +788,7 @@ class ProcessLane:
         self._enqueue(item)
 
     def _enqueue(self, item: _Item) -> None:
-        key = (time.monotonic() - self._t0) / self._aging - item.priority
+        key = item.key = (time.monotonic() - self._t0) / self._aging - item.priority
         with self._lock:
             if self._exited:
                 item.done = True
@@ -952,7 +966,7 @@ class ProcessLane:
             ready = self._sel.select(wait_s)
             with self._lock:
                 self._sleeping = False
-            for key, _ in ready:
+            for key, mask in ready:
                 if key.data is None:
                     try:
                         while os.read(self._rfd, 4096):
@@ -964,7 +978,10 @@ class ProcessLane:
                 if self._workers[w.slot] is not w:
                     continue
                 if kind == "conn":
-                    self._read(w)
+                    if mask & selectors.EVENT_WRITE and not self._flush(w):
+                        continue
+                    if mask & selectors.EVENT_READ and self._workers[w.slot] is w:
+                        self._read(w)
                 else:  # pidfd: the process exited
                     self._died(w)
             if not ready:
@@ -1022,7 +1039,8 @@ class ProcessLane:
                     continue
                 if paused or item.pf._op in paused_ops:
                     if closing:  # stop() cancels tokens held by a pause
-                        item.token.cancel()
+                        if not item.token.cancel():  # sent once already: it counts as running
+                            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
                         item.done = True
                     else:
                         held.append(entry)
@@ -1058,10 +1076,10 @@ class ProcessLane:
             self._running[item.token.token_id] = item
         if w.load == len(items):  # it was idle: its first token begins now
             w.mark = time.monotonic()
-        try:
-            w.conn.send_bytes(pickle.dumps(batch, _PROTO))
-        except OSError:
-            self._died(w)
+        data = pickle.dumps(batch, _PROTO)
+        w.outbox += _LEN.pack(len(data)) if len(data) < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(len(data))
+        w.outbox += data
+        if not self._flush(w):
             return
         for item in items:
             if item.token.done() and item.worker is w:  # killed while we were sending
@@ -1080,10 +1098,32 @@ class ProcessLane:
         item.worker = None
         self._running.pop(item.token.token_id, None)
 
+    def _flush(self, w: _Worker) -> bool:
+        """Writes what the socket takes of ``w``'s outbox (never blocks: a worker busy with
+        a long token may leave its socket full); the selector reports when it can take more.
+        False when the worker is gone."""
+        fd = w.conn.fileno()
+        try:
+            while w.outbox:
+                n = os.write(fd, w.outbox[: 1 << 20])
+                del w.outbox[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._died(w)
+            return False
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.outbox else 0)
+        try:
+            if self._sel.get_key(fd).events != events:
+                self._sel.modify(fd, events, ("conn", w))
+        except (KeyError, ValueError):
+            pass
+        return True
+
     def _read(self, w: _Worker) -> None:
         """Reads what the socket holds (one read) and handles every whole reply in it."""
         try:
-            data = os.read(w.conn.fileno(), max(1 << 16, _frame_need(w.rbuf)))
+            data = os.read(w.conn.fileno(), min(max(1 << 16, _frame_need(w.rbuf)), 1 << 22))
         except BlockingIOError:
             return
         except OSError:
@@ -1096,14 +1136,13 @@ class ProcessLane:
             self._handle(w, frame)
 
     def _drain(self, w: _Worker) -> None:
-        """After the process exited: handles the replies it sent before it died."""
+        """Handles every reply already in ``w``'s socket, without waiting (the socket is
+        non-blocking; after the process exited this is what it sent before it died)."""
         fd = w.conn.fileno() if not w.conn.closed else -1
         while fd >= 0:
             try:
-                if not select.select([fd], [], [], 0)[0]:
-                    break
                 data = os.read(fd, 1 << 20)
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more now
                 break
             if not data:
                 break
@@ -1129,7 +1168,7 @@ class ProcessLane:
         w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
         w.mark = now
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
-            self._requeue(item)
+            self._requeue(item, w.pid)
             return
         try:
             payload = pickle.loads(memoryview(data)[_REPLY.size :])
@@ -1165,16 +1204,28 @@ class ProcessLane:
         item.worker = None
         self._running.pop(item.token.token_id, None)
 
-    def _requeue(self, item: _Item) -> None:
-        """A token sent to a process that died before starting it goes back to the queue."""
+    def _requeue(self, item: _Item, pid: int) -> None:
+        """A token sent to a process that died before starting it goes back to its place
+        in the queue; after the third such death it fails (a token whose message itself
+        kills the worker, say by exhausting its memory, must not loop for ever)."""
         item.worker = None
         self._running.pop(item.token.token_id, None)
         if item.done or item.token.done():
             item.done = True
             return
-        key = (time.monotonic() - self._t0) / self._aging - item.priority
+        item.requeues += 1
+        if item.requeues >= _MAX_REQUEUES:
+            self._count("crashed")
+            self._fail(
+                item,
+                WorkerCrashedError(
+                    f"token {item.token.token_id} ({item.pf._op}): {item.requeues} worker processes died with it "
+                    f"queued in them, before it started (the last: pid {pid})"
+                ),
+            )
+            return
         with self._lock:
-            heapq.heappush(self._heap, (key, item.seq, item))
+            heapq.heappush(self._heap, (item.key, item.seq, item))
 
     def _fail(self, item: _Item, exc: BaseException, state: str = "failed") -> None:
         item.done = True
@@ -1200,11 +1251,14 @@ class ProcessLane:
                 if item.token.done() or item.done:
                     item.done = True
                     continue
-                key = (now - self._t0) / self._aging - item.priority
+                key = item.key = (now - self._t0) / self._aging - item.priority
                 with self._lock:
                     heapq.heappush(self._heap, (key, item.seq, item))
                 continue
             # deadline
+            w = item.worker
+            if w is not None and self._workers[w.slot] is w:
+                self._drain(w)  # a reply that arrived in time wins
             if item.token.done():
                 continue
             exc = TaskTimeoutError(
@@ -1212,10 +1266,11 @@ class ProcessLane:
             )
             w = item.worker
             item.done = True
-            self._count("timeouts")
             if w is not None:
                 self._stop_item(w, item)  # a running process is gone before waiters wake
             self._running.pop(item.token.token_id, None)
+            if not item.token.done():
+                self._count("timeouts")
             item.token._set_exception(exc, "timeout")
 
     # -- processes ----------------------------------------------------------------------
@@ -1244,6 +1299,7 @@ class ProcessLane:
             return
         finally:
             child_sock.close()
+        parent_sock.setblocking(False)  # the supervisor never blocks on a worker (see _flush)
         conn = Connection(parent_sock.detach())
         pidfd = None
         if hasattr(os, "pidfd_open"):
@@ -1299,7 +1355,7 @@ class ProcessLane:
                 self._finish_item(w, item)
                 victim = item
             else:
-                self._requeue(item)
+                self._requeue(item, w.pid)
         w.items.clear()
         return victim
 
