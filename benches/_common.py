@@ -33,11 +33,6 @@ def latencies_us(fn: Callable[[], object], n: int, warmup: int = 200) -> list[fl
     return out
 
 
-def best_of(runs: int, fn: Callable[[], float]) -> float:
-    """The smallest of ``runs`` measurements (the least disturbed by other load)."""
-    return min(fn() for _ in range(runs))
-
-
 def cpu_busy_fraction(interval: float = 0.3) -> float:
     """Fraction of all CPUs busy during ``interval`` (from /proc/stat), to flag outside load."""
 

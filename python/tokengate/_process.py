@@ -690,7 +690,6 @@ class ProcessLane:
         self._cancel_pending = False
         self._abort = False
         self._exited = False
-        self._paused_cache: tuple[float, bool, frozenset[str]] = (0.0, False, frozenset())
         self._counts = {
             "submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timeouts": 0,
             "killed": 0, "retries": 0, "spawned": 0, "replaced": 0, "unpicklable": 0,
@@ -947,7 +946,7 @@ class ProcessLane:
                 self._cancel_queued()
             self._fire_timers(now)
             self._respawn(now)
-            held = self._dispatch(now, closing)
+            held = self._dispatch(closing)
             with self._lock:
                 if self._closing and self._idle_locked():
                     self._exited = True
@@ -994,13 +993,13 @@ class ProcessLane:
             return False
         return not any(kind == "retry" and not it.token.done() for _, _, kind, it in self._timers)
 
-    def _refresh_paused(self, now: float) -> None:
-        """Reads the engine's pause flags (admission and per operation)."""
+    def _pause_state(self) -> tuple[bool, frozenset[str]]:
+        """The engine's pause flags: (admission paused, paused operations)."""
         try:
             paused, ops = self.engine.pause_state() if self.engine.running else (False, ())
         except Exception:
             paused, ops = False, ()
-        self._paused_cache = (now, paused, frozenset(ops))
+        return paused, frozenset(ops)
 
     def _room(self, w: _Worker | None) -> int:
         """How many tokens to send ``w`` now. One at a time while its tokens take 10 ms
@@ -1014,14 +1013,13 @@ class ProcessLane:
         load = w.load
         return depth - load if load <= depth // 2 else 0
 
-    def _dispatch(self, now: float, closing: bool) -> bool:
+    def _dispatch(self, closing: bool) -> bool:
         """Sends queued tokens to workers with room. True when a pause holds some back."""
         workers = [w for w in self._workers if self._room(w)]
         if not workers or not self._heap:
             return False
         room = [self._room(w) for w in workers]
-        self._refresh_paused(now)  # one call into the engine, under a microsecond
-        _, paused, paused_ops = self._paused_cache
+        paused, paused_ops = self._pause_state()  # one call into the engine, under a microsecond
         held: list[tuple[float, int, _Item]] = []
         batches: dict[int, list[_Item]] = {}
         try:
@@ -1093,10 +1091,8 @@ class ProcessLane:
         if w.board.stop(item.seq, w.proc.kill):
             self._replace(w, killed=True)
             return
-        w.items.remove(item)
+        self._finish_item(w, item)
         w.skips.add(item.seq)
-        item.worker = None
-        self._running.pop(item.token.token_id, None)
 
     def _flush(self, w: _Worker) -> bool:
         """Writes what the socket takes of ``w``'s outbox (never blocks: a worker busy with

@@ -165,20 +165,10 @@ fn lookup() -> Option<Arc<EngineShared>> {
     ACTIVE.lock().last().cloned()
 }
 
-/// The engine a decorated call made on this thread submits to.
+/// The engine a decorated call made on this thread submits to (a counted
+/// handle; the hot path borrows it through `with_current_engine`).
 pub(crate) fn current_engine() -> Result<Arc<EngineShared>, BindError> {
-    check_not_forked()?;
-    if EXITING.load(Ordering::Relaxed) {
-        return Err(BindError::InterpreterShutdown);
-    }
-    let generation = GENERATION.load(Ordering::Acquire);
-    CACHED.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.0 != generation {
-            *cache = (generation, lookup());
-        }
-        cache.1.clone().ok_or(BindError::NotStarted)
-    })
+    with_current_engine(Arc::clone)
 }
 
 /// Runs `f` with the engine a decorated call made on this thread submits to,
