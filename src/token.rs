@@ -144,7 +144,7 @@ pub enum Stamp {
     Finished = 3,
 }
 
-const NO_WORKER: u32 = u32::MAX;
+pub(crate) const NO_WORKER: u32 = u32::MAX;
 
 /// Internal state value while a resolver fills the slot (see the protocol).
 const RESOLVING: u8 = u8::MAX;
@@ -327,10 +327,10 @@ impl<S> TokenCore<S> {
         self.awaited.load(Ordering::Acquire)
     }
 
-    /// Spins up to `limit` until someone waits for the token (or it is done).
+    /// Spins up to `limit` until someone waits for the token (or it started or is done).
     pub fn spin_until_awaited(&self, limit: Duration) {
         let start = Instant::now();
-        while !self.is_awaited() && !self.is_done() && start.elapsed() < limit {
+        while !self.is_awaited() && self.state().is_pending() && start.elapsed() < limit {
             std::hint::spin_loop();
         }
     }

@@ -67,7 +67,9 @@ def test_sync_call_blocks_while_full_then_proceeds(env: Env) -> None:
     ev = env.gate()
     held = [hold(ev), hold(ev)]
     th, out = blocked_call(env, lambda: noop("third"))
-    time.sleep(0.3)
+    # The helper thread may take a moment to start and reach admission.
+    assert wait_until(lambda: c.get_stats()["admission"]["blocked_callers"] == 1), c.get_stats()["admission"]
+    time.sleep(0.2)
     assert th.is_alive() and out == [], f"the third call was admitted past max_pending=2: {out}"
     adm = c.get_stats()["admission"]
     assert adm["blocked_callers"] == 1

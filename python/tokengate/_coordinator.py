@@ -46,6 +46,17 @@ class OperationsCoordinator:
     worker process (it sends about 10 ms of work; 1: one at a time; see
     ``tokengate._process``).
 
+    ``caller_runs`` (default True): a thread other than the main thread that
+    calls ``token.result()`` without a timeout on a token no worker has
+    started yet runs the token itself, as a worker would (it takes the
+    token's units on a core with room; the token's ``worker_id`` is None),
+    instead of sleeping until a worker has run it. That saves two thread
+    switches per token. Heavy, pinned and lead tokens and tokens with a
+    deadline always run on workers; ``kill()`` and ``stop()`` still resolve
+    such a token at once for every other waiter, but the caller running it
+    returns when the body does. ``caller_runs=False`` keeps every body on the
+    workers.
+
     ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
     be started again. It is also a context manager (``with``) and an async
     context manager (``async with``). Several coordinators may run at once:
@@ -73,6 +84,7 @@ class OperationsCoordinator:
         convergence_interval: float = 5.0,
         process_workers: int | None = None,
         process_prefetch: int = 64,
+        caller_runs: bool = True,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
@@ -117,6 +129,9 @@ class OperationsCoordinator:
             raise ValueError(f"convergence_interval must be a positive number of seconds, got {convergence_interval!r}")
         self.convergence_interval = float(convergence_interval)
         self.auto_block_dangerous = bool(auto_block_dangerous)
+        if not isinstance(caller_runs, bool):
+            raise TypeError(f"caller_runs must be a bool, not {type(caller_runs).__name__}")
+        self.caller_runs = caller_runs
         # -- W1-5 process lane: worker processes of process_pool tokens (default: logical cores),
         # started on the first such token, shut down by stop().
         self.process_workers = _positive_int("process_workers", process_workers, allow_none=True)
@@ -163,6 +178,7 @@ class OperationsCoordinator:
                 io_idle_timeout=self.io_idle_timeout,
                 convergence=self.enable_convergence,
                 convergence_interval=self.convergence_interval,
+                caller_runs=self.caller_runs,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)

@@ -23,6 +23,10 @@ class TaskToken(Generic[_T_co]):
         Re-raises the task's own exception object (traceback and cause kept).
         Raises ``concurrent.futures.TimeoutError`` after ``timeout`` seconds,
         ``concurrent.futures.CancelledError`` if cancelled, ``TaskKilledError`` if killed.
+
+        Without a timeout, on a thread other than the main thread, a token no
+        worker has started yet may run right here (``caller_runs`` of
+        :class:`OperationsCoordinator`).
         """
     def get(self, timeout: float | None = None) -> _T_co:
         """Same as :meth:`result` (the original Py-TokenGate name)."""
@@ -194,6 +198,7 @@ class Engine:
         io_idle_timeout: float = 5.0,
         convergence: bool = True,
         convergence_interval: float = 5.0,
+        caller_runs: bool = True,
     ) -> None: ...
     def stop(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool: ...
     def drain(self) -> int: ...

@@ -415,16 +415,24 @@ class _Releaser:
     """n persistent threads; each ``release`` has every thread submit one task at once and wait for it.
 
     The threads are started once (starting threads is not what is measured).
-    With ``settle`` they park on an Event first and are let go together after
-    ``settle`` seconds (the burst benchmark); with ``settle=None`` the start
-    barrier itself lets them go (the original's barrier, used by the window).
+    With ``settle`` they park, each on a lock of its own, and are let go
+    together after ``settle`` seconds (the burst benchmark: a plain lock wakes
+    a thread with the least code between its wake-up and its timestamp); with
+    ``settle=None`` the start barrier itself lets them go (the original's
+    barrier, used by the window). Each thread waits with a plain ``result()``,
+    as callers write it; a burst that has not finished after
+    ``_RESULT_TIMEOUT`` seconds raises.
     """
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._start = threading.Barrier(n + 1)
         self._end = threading.Barrier(n + 1)
-        self._job: tuple[Callable[[tuple[Any, ...]], Any], list[tuple[Any, ...]], threading.Event] | None = None
+        # Locked between bursts; release() unlocks each one, its thread's acquire locks it again.
+        self._gates = [threading.Lock() for _ in range(n)]
+        for gate in self._gates:
+            gate.acquire()
+        self._job: tuple[Callable[[tuple[Any, ...]], Any], list[tuple[Any, ...]], bool] | None = None
         self._records: list[tuple[float, float, BaseException | None] | None] = [None] * n
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"tokengate-proof-releaser-{i}", daemon=True)
@@ -434,6 +442,7 @@ class _Releaser:
             t.start()
 
     def _run(self, i: int) -> None:
+        gate = self._gates[i]
         while True:
             try:
                 self._start.wait()
@@ -442,12 +451,13 @@ class _Releaser:
             job = self._job
             if job is None:
                 return
-            submit, args_list, go = job
-            go.wait()
+            submit, args_list, gated = job
+            if gated:
+                gate.acquire()
             t0 = time.perf_counter()
             err: BaseException | None = None
             try:
-                submit(args_list[i]).result(timeout=_RESULT_TIMEOUT)
+                submit(args_list[i]).result()
             except BaseException as exc:  # noqa: BLE001 - reported by release()
                 err = exc
             self._records[i] = (t0, time.perf_counter(), err)
@@ -462,20 +472,21 @@ class _Releaser:
         """Returns ((submit_at, resolve_at) per task, seconds from the release to the last thread done)."""
         if len(args_list) != self.n:
             raise ValueError(f"releaser has {self.n} threads, got {len(args_list)} tasks")
-        go = threading.Event()
-        if settle is None:
-            go.set()
-        self._job = (submit, list(args_list), go)
+        self._job = (submit, list(args_list), settle is not None)
         self._records = [None] * self.n
         self._start.wait()
         if settle is not None:
             if settle > 0:
                 time.sleep(settle)
             t_release = time.perf_counter()
-            go.set()
+            for gate in self._gates:
+                gate.release()
         else:
             t_release = time.perf_counter()
-        self._end.wait()
+        try:
+            self._end.wait(timeout=_RESULT_TIMEOUT)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"a burst of {self.n} tasks did not finish within {_RESULT_TIMEOUT:.0f} s") from None
         harness_wall = time.perf_counter() - t_release
         out = []
         for rec in self._records:

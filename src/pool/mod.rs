@@ -84,6 +84,13 @@ pub trait Job: Send + 'static {
     /// submitting thread to release the interpreter, instead of blocking on
     /// it and paying a thread wake-up.
     fn before_idle_run(&self) {}
+
+    /// True when the job's work was already done elsewhere (the Python
+    /// binding: a caller ran the token itself). An idle worker that finds
+    /// such a job drops it and looks on, without leaving its idle state.
+    fn is_spent(&self) -> bool {
+        false
+    }
 }
 
 /// What the embedder runs on each worker thread.
@@ -126,6 +133,15 @@ pub(crate) struct Shared<J> {
     inboxes: Vec<Injector<J>>,
     heavy_peak: AtomicUsize,
     heavy_now: AtomicUsize,
+}
+
+/// Core units held by a job that runs outside the pool (`Pool::try_acquire_outside`).
+#[derive(Debug)]
+#[must_use = "give the units back with Pool::release_outside"]
+pub struct OutsideUnits {
+    slot: usize,
+    weight: Weight,
+    units: u32,
 }
 
 /// A job with a priority (see the module docs for the key).
@@ -621,6 +637,64 @@ impl<J: Job> Pool<J> {
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
         slot.release(units);
+    }
+
+    /// Core units for a job of `weight` that a thread outside the pool runs
+    /// (a caller that waits on a token no worker has started runs it
+    /// itself): the first core slot, not draining, where the units fit, as a
+    /// worker would take them. None while jobs wait deferred for room (they
+    /// go first), once shutdown has begun, or when no core has room.
+    pub fn try_acquire_outside(&self, weight: Weight) -> Option<OutsideUnits> {
+        if self.shared.terminate.load(Ordering::Relaxed) || self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let active = self.shared.active_per_core.load(Ordering::Relaxed);
+        for (slot_index, slot) in self.shared.cores.iter().enumerate() {
+            if slot.draining.load(Ordering::Acquire) {
+                continue;
+            }
+            let budget = slot.budget(active);
+            let units = weight.units(budget);
+            if slot.try_acquire(units, budget) {
+                let taken = OutsideUnits { slot: slot_index, weight, units };
+                self.heavy_count(&taken, true);
+                return Some(taken);
+            }
+        }
+        None
+    }
+
+    /// Gives back units `try_acquire_outside` took (also while their holder
+    /// blocks, see `retake_outside`), and wakes a worker if work waits (a
+    /// job may have found no room while the units were out).
+    pub fn release_outside(&self, taken: &OutsideUnits) {
+        self.heavy_count(taken, false);
+        self.shared.cores[taken.slot].release(taken.units);
+        if self.shared.deferred_len.load(Ordering::SeqCst) > 0 || self.shared.has_work() {
+            self.shared.notify_work();
+        }
+    }
+
+    /// Takes released units back, past the budget if need be (their holder
+    /// goes on running, as a pinned job does).
+    pub fn retake_outside(&self, taken: &OutsideUnits) {
+        self.shared.cores[taken.slot].force_acquire(taken.units);
+        self.heavy_count(taken, true);
+    }
+
+    fn heavy_count(&self, taken: &OutsideUnits, start: bool) {
+        if taken.weight != Weight::Heavy {
+            return;
+        }
+        let slot = &self.shared.cores[taken.slot];
+        if start {
+            slot.heavy_started();
+            let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
+            self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
+        } else {
+            slot.heavy_finished();
+            self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Removes every queued job (not yet started) and returns them.

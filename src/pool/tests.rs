@@ -543,3 +543,80 @@ fn prio_queues_pop_by_key_then_submission_order() {
     assert_eq!(q.pop().map(|e| e.job), Some(11));
     assert!(q.pop().is_none());
 }
+
+#[test]
+fn units_taken_outside_the_pool_count_against_the_core() {
+    // One core slot with 2 units: a light job taken outside leaves room for
+    // one more light unit, not for a medium job (2 units) until it is given back.
+    let mut config = PoolConfig::new(1);
+    config.pin_cores = false;
+    config.cores = 1;
+    config.units_per_core = 2;
+    let p: Pool<Weighted> = Pool::start(&config, Arc::new(WeightedHost)).unwrap();
+    let light = p.try_acquire_outside(Weight::Light).expect("an idle core has room");
+    assert!(p.try_acquire_outside(Weight::Heavy).is_none(), "a heavy job needs the core to itself");
+    let (tx, rx) = mpsc::channel();
+    p.submit(Weighted(Weight::Medium, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "a medium job ran past the core's units");
+    p.release_outside(&light);
+    rx.recv_timeout(Duration::from_secs(5)).expect("the medium job runs once the units are back");
+    // Taken back past the budget: the holder goes on running.
+    p.retake_outside(&light);
+    assert!(p.try_acquire_outside(Weight::Medium).is_none());
+    p.release_outside(&light);
+    let heavy = p.try_acquire_outside(Weight::Heavy).expect("the core is empty again");
+    assert_eq!((p.stats().core_heavy[0], p.stats().core_units[0]), (1, 2));
+    p.release_outside(&heavy);
+    assert_eq!((p.stats().core_heavy[0], p.stats().core_units[0]), (0, 0));
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
+
+/// A job whose work was done elsewhere (`is_spent`).
+struct Spent(Arc<StdAtomicUsize>);
+
+impl super::Job for Spent {
+    fn is_spent(&self) -> bool {
+        true
+    }
+}
+
+struct SpentHooks;
+
+impl WorkerHooks<Spent> for SpentHooks {
+    fn execute(&mut self, job: Spent, _worker: &WorkerInfo) {
+        job.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct SpentHost;
+
+impl Host<Spent> for SpentHost {
+    fn run_worker(&self, worker: WorkerLoop<Spent>) {
+        worker.run(&mut SpentHooks);
+    }
+}
+
+#[test]
+fn an_idle_worker_drops_spent_jobs_without_running_them() {
+    let mut config = PoolConfig::new(2);
+    config.pin_cores = false;
+    let p: Pool<Spent> = Pool::start(&config, Arc::new(SpentHost)).unwrap();
+    let runs = Arc::new(StdAtomicUsize::new(0));
+    for _ in 0..100 {
+        p.submit(Spent(runs.clone())).map_err(|(e, _)| e).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let queued = |p: &Pool<Spent>| {
+        let s = p.stats();
+        s.queued_global + s.queued_local.iter().sum::<usize>()
+    };
+    while queued(&p) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(queued(&p), 0, "the spent jobs were not taken off the queues");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "a spent job was run");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}

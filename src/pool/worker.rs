@@ -116,7 +116,9 @@ impl<J: Job> WorkerLoop<J> {
 
     /// Takes core units for `found` and runs it, or defers it when it does not fit.
     fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, found: Found<J>) {
-        let Found { job, weight, units } = found;
+        let Some(Found { job, weight, units }) = self.unless_spent(found) else {
+            return;
+        };
         let budget = self.budget();
         let units = match units {
             Some(u) => u,
@@ -149,6 +151,18 @@ impl<J: Job> WorkerLoop<J> {
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
         self.slot().release(units);
+    }
+
+    /// The job, unless its work was done elsewhere (`Job::is_spent`): then it
+    /// is dropped and the units it held go back.
+    fn unless_spent(&self, found: Found<J>) -> Option<Found<J>> {
+        if !found.job.is_spent() {
+            return Some(found);
+        }
+        if let Some(units) = found.units {
+            self.slot().release(units);
+        }
+        None
     }
 
     /// Parks a job whose units did not fit this core; a heavy one makes a core drain.
@@ -270,13 +284,16 @@ impl<J: Job> WorkerLoop<J> {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
             for round in 0..rounds {
                 if let Some(found) = self.find_work() {
+                    found.job.before_idle_run();
+                    let Some(found) = self.unless_spent(found) else {
+                        continue;
+                    };
                     if spinning {
                         sleep.end_spin();
                     }
                     if self.shared.has_work() {
                         self.shared.notify_work();
                     }
-                    found.job.before_idle_run();
                     return Some(found);
                 }
                 if self.shared.terminate.load(Ordering::SeqCst) && !self.shared.has_work_for(index) {

@@ -456,7 +456,8 @@ impl Engine {
     #[new]
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
                         max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
-                        storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0))]
+                        storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0,
+                        caller_runs=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -474,6 +475,7 @@ impl Engine {
         io_idle_timeout: f64,
         convergence: bool,
         convergence_interval: f64,
+        caller_runs: bool,
     ) -> PyResult<Self> {
         if !(convergence_interval.is_finite() && convergence_interval > 0.0) {
             return Err(BindError::Value("convergence_interval must be a positive number of seconds".into()).into());
@@ -537,7 +539,7 @@ impl Engine {
                 last_look_ns: AtomicU64::new(crate::token::now_ns()),
             },
             pool,
-            ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block)),
+            ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs)),
             stopping: AtomicBool::new(false),
             topology,
             workers_per_core,
@@ -568,7 +570,10 @@ impl Engine {
         if FORKED.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        if wait && crate::pool::current_worker().is_some_and(|(id, _)| id == self.shared.pool.id()) {
+        // A worker of this engine, or a caller running one of its tokens (`job::run_on_caller`).
+        let inside = crate::pool::current_worker().is_some_and(|(id, _)| id == self.shared.pool.id())
+            || super::job::running_token().is_some_and(|t| Arc::ptr_eq(t.ledger(), &self.shared.ledger));
+        if wait && inside {
             return Err(BindError::Runtime(
                 "cannot stop a coordinator with wait=True from inside one of its own tasks (it would wait for itself); \
                  use stop(wait=False)"

@@ -148,6 +148,12 @@ impl Job for PyJob {
     fn before_idle_run(&self) {
         self.token().core.spin_until_awaited(ATTACH_DELAY);
     }
+
+    /// A caller that waited on the token ran it (`run_on_caller`), or it was
+    /// cancelled: nothing left to run, no reason to take the interpreter.
+    fn is_spent(&self) -> bool {
+        self.token().call.lock().is_none()
+    }
 }
 
 /// How long an idle worker that found a job waits for its caller to start waiting.
@@ -308,7 +314,7 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: 
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
                     with_chain_units(&engine, &info, weight, units, || {
-                        run_call(py, token.clone(), call, &info, &weak);
+                        run_call(py, token.clone(), call, Some(&info), &weak);
                     });
                     HELP_DEPTH.with(|d| d.set(depth));
                 }
@@ -349,6 +355,118 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: 
     }
 }
 
+thread_local! {
+    /// Whether this thread is the interpreter's main thread (asked once per thread).
+    static ON_MAIN_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// The engine and core units of the token this thread (outside the pool) runs for its caller.
+    static OUTSIDE_UNITS: RefCell<Option<(Arc<EngineShared>, crate::pool::OutsideUnits)>> = const { RefCell::new(None) };
+}
+
+fn on_main_thread(py: Python<'_>) -> bool {
+    ON_MAIN_THREAD.with(|c| {
+        if let Some(v) = c.get() {
+            return v;
+        }
+        let v = (|| -> PyResult<bool> {
+            let threading = py.import("threading")?;
+            let main = threading.call_method0("main_thread")?.getattr("ident")?;
+            main.eq(threading.call_method0("get_ident")?)
+        })()
+        .unwrap_or(true);
+        c.set(Some(v));
+        v
+    })
+}
+
+/// Caller runs: a thread outside the pool that waits, without a timeout, on
+/// a token no worker has started runs the token itself, as a worker would,
+/// instead of waking a worker and sleeping until it is done (as .NET's
+/// `Task.Wait` inlines an unstarted task and `ForkJoinTask.join` runs it).
+/// That saves two thread switches per token (four interpreter hand-overs
+/// under the GIL). True when it ran the token here.
+///
+/// Only where nothing but the clock and the thread can tell the difference:
+/// * the coordinator allows it (`caller_runs`, default on), the token waits
+///   in the CPU pool's queues (`ADMITTED`), and neither admission nor its
+///   operation is paused nor the engine stopping;
+/// * the token is not pinned to a worker (sticky anchors, lead domains), not
+///   a lead, has no deadline (a deadline must be able to end the wait), and
+///   is not heavy (a heavy token has its core to itself);
+/// * the waiter is not the main thread (Ctrl-C is delivered there and
+///   belongs to the wait, not to the body) and not already running a token
+///   for its caller (one level);
+/// * a core has room for the token's units, which the caller holds while it
+///   runs the body (given back while the body blocks in a nested wait, see
+///   `LentUnits`), so the per-core limits hold as for workers.
+///
+/// Whoever takes the call first runs it (`Call` is taken under its lock); a
+/// worker that later pops the spent job drops it without taking the
+/// interpreter (`Job::is_spent`).
+pub(crate) fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
+    if token.core.state() != TokenState::Admitted
+        || token.lane != super::token::LaneKind::Cpu
+        || token.pinned.is_some()
+        || token.is_lead
+        || token.deadline_ns.load(Ordering::Relaxed) != 0
+    {
+        return false;
+    }
+    let weight = token.spec().weight;
+    let ledger = token.ledger();
+    if weight == Weight::Heavy
+        || !ledger.caller_runs.load(Ordering::Relaxed)
+        || ledger.admission_paused.load(Ordering::Relaxed)
+        || token.op().paused.load(Ordering::Relaxed)
+        || ledger.stopping.load(Ordering::Relaxed)
+    {
+        return false;
+    }
+    if OUTSIDE_UNITS.with(|u| u.borrow().is_some()) || on_main_thread(py) {
+        return false;
+    }
+    let Ok(Some(engine)) = super::engine::with_current_engine(|e| Arc::ptr_eq(&e.ledger, ledger).then(|| Arc::clone(e))) else {
+        return false;
+    };
+    let Some(units) = engine.pool.try_acquire_outside(weight) else {
+        return false;
+    };
+    let Some(call) = token.call.lock().take() else {
+        engine.pool.release_outside(&units);
+        return false;
+    };
+    let weak = Arc::downgrade(&engine);
+    OUTSIDE_UNITS.with(|u| *u.borrow_mut() = Some((engine, units)));
+    run_call(py, token.clone(), call, None, &weak);
+    if let Some((engine, units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) {
+        engine.pool.release_outside(&units);
+    }
+    true
+}
+
+/// While a body that a caller runs (`run_on_caller`) blocks in a nested
+/// wait, its core units go back to the pool: a blocked body uses no core,
+/// and holding them could leave no room for the workers that must run what
+/// it waits for. They are taken back when the wait ends.
+pub(crate) struct LentUnits(bool);
+
+impl LentUnits {
+    pub(crate) fn lend() -> LentUnits {
+        LentUnits(OUTSIDE_UNITS.with(|u| u.borrow().as_ref().map(|(engine, units)| engine.pool.release_outside(units)).is_some()))
+    }
+}
+
+impl Drop for LentUnits {
+    fn drop(&mut self) {
+        if self.0 {
+            OUTSIDE_UNITS.with(|u| {
+                if let Some((engine, units)) = u.borrow().as_ref() {
+                    engine.pool.retake_outside(units);
+                }
+            });
+        }
+    }
+}
+
 /// How long a waiting task respects core capacity before it runs the awaited token anyway.
 const STALL_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -382,16 +500,18 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<Engi
         return;
     };
     // The job's handle moves on to the run (no extra count).
-    run_call(py, job.into_token(), call, info, engine);
+    run_call(py, job.into_token(), call, Some(info), engine);
 }
 
-/// Runs a claimed call: start, invoke, record, retry or resolve.
-fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: &WorkerInfo, engine: &Weak<EngineShared>) {
-    if !token.core.start(info.index as u32, info.core.map(|c| c as u32)) {
+/// Runs a claimed call: start, invoke, record, retry or resolve. `info`
+/// is the worker running it, None for a caller outside the pool.
+fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&WorkerInfo>, engine: &Weak<EngineShared>) {
+    let (worker, core) = info.map_or((crate::token::NO_WORKER, None), |i| (i.index as u32, i.core.map(|c| c as u32)));
+    if !token.core.start(worker, core) {
         return; // cancelled, killed or timed out before it started: never run it
     }
     if token.is_lead {
-        if let (Some(seed), Some(engine)) = (token.route.seed(), engine.upgrade()) {
+        if let (Some(seed), Some(engine), Some(info)) = (token.route.seed(), engine.upgrade(), info) {
             engine.domains.set_slot(seed, engine.pool.slot_of(info.index));
         }
     }

@@ -228,6 +228,8 @@ pub(crate) struct Ledger {
     /// Set when the engine starts stopping: pauses no longer hold tokens (they are cancelled).
     pub(crate) stopping: AtomicBool,
     pub(crate) auto_block: AtomicBool,
+    /// A thread outside the pool that waits on a token nobody started may run it (`job::run_on_caller`).
+    pub(crate) caller_runs: AtomicBool,
     pub(crate) retries: AtomicU64,
     pub(crate) timeouts_queued: AtomicU64,
     pub(crate) timeouts_running: AtomicU64,
@@ -241,7 +243,7 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool) -> Self {
+    pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool, caller_runs: bool) -> Self {
         Ledger {
             submitted: CachePadded::new(AtomicU64::new(0)),
             running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
@@ -251,6 +253,7 @@ impl Ledger {
             parked: Mutex::new(VecDeque::new()),
             stopping: AtomicBool::new(false),
             auto_block: AtomicBool::new(auto_block),
+            caller_runs: AtomicBool::new(caller_runs),
             retries: AtomicU64::new(0),
             timeouts_queued: AtomicU64::new(0),
             timeouts_running: AtomicU64::new(0),

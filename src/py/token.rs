@@ -251,6 +251,11 @@ impl TokenInner {
             // that nested waits cannot exhaust the workers (help while waiting).
             return if super::job::help_until_done(py, self, timeout)? { Ok(()) } else { Err(BindError::WaitTimeout.into_pyerr(py)) };
         }
+        // Nobody started it and the caller waits for as long as it takes: it runs the token itself.
+        if timeout.is_none() && super::job::run_on_caller(py, self) && self.core.is_done() {
+            return Ok(());
+        }
+        let _lent = super::job::LentUnits::lend();
         let epoch = super::job::idle_epoch();
         let done = wait_detached(py, timeout, |step| {
             let done = self.core.wait(Some(step));

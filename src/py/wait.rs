@@ -105,5 +105,6 @@ pub(crate) fn wait_all(py: Python<'_>, tokens: Vec<Bound<'_, super::token::TaskT
         }
     }
     latch.count_down();
+    let _lent = super::job::LentUnits::lend();
     wait_detached(py, timeout, |step| latch.wait(step))
 }

@@ -1,0 +1,308 @@
+"""Caller runs: a thread outside the pool (not the main thread) that waits without a
+timeout on a token no worker has started runs the token itself, within the core
+limits, and only where nothing but the clock and the thread tell the difference.
+
+Most tests hold the only worker with a blocker first, so that the token is still
+queued when the caller waits (otherwise an idle worker may take it first).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tokengate import TaskKilledError, TaskToken, task_token_guard
+
+from support import Env, start_blocker, wait_until
+
+WAIT = 10.0
+
+
+@task_token_guard(operation_type="cr_block", tags={"weight": "light"})
+def block(ev: threading.Event, limit: float = 30.0) -> str:
+    ev.wait(limit)
+    return "released"
+
+
+@task_token_guard(operation_type="cr_where", tags={"weight": "light"})
+def where(x: Any = None) -> tuple[int, Any]:
+    return threading.get_ident(), x
+
+
+@task_token_guard(operation_type="cr_where_heavy", tags={"weight": "heavy"})
+def where_heavy() -> int:
+    return threading.get_ident()
+
+
+@task_token_guard(operation_type="cr_wait_on", tags={"weight": "light"})
+def wait_on(ev: threading.Event, limit: float = 30.0) -> int:
+    ev.wait(limit)
+    return threading.get_ident()
+
+
+@task_token_guard(operation_type="cr_medium", tags={"weight": "medium"})
+def medium_where() -> int:
+    return threading.get_ident()
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    with Env(max_workers=1) as e:
+        yield e
+
+
+def on_thread(env: Env, fn: Callable[[], Any]) -> tuple[int, list[Any]]:
+    """Runs ``fn`` on a new thread and waits for it; returns the thread's ident and
+    ``[value]`` or ``[exception]``."""
+    out: list[Any] = []
+    ident: list[int] = []
+
+    def run() -> None:
+        ident.append(threading.get_ident())
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out.append(exc)
+
+    th = env.thread(run)
+    th.join(WAIT)
+    assert not th.is_alive(), "the waiting thread never returned"
+    return ident[0], out
+
+
+def hold_only_worker(env: Env, **kw: Any) -> threading.Event:
+    env.coord(max_workers=1, **kw)
+    ev = env.gate()
+    start_blocker(block, ev)
+    return ev
+
+
+def test_a_waiting_thread_runs_a_queued_token_itself(env: Env) -> None:
+    hold_only_worker(env)
+    tokens: list[TaskToken[Any]] = []
+
+    def submit_and_wait() -> Any:
+        tokens.append(where("x"))
+        return tokens[0].result()
+
+    ident, out = on_thread(env, submit_and_wait)
+    assert out == [(ident, "x")], "the body did not run on the waiting thread"
+    tok = tokens[0]
+    assert tok.state == "completed" and tok.worker_id is None and tok.execution_time() is not None
+
+
+def test_every_token_runs_once_when_callers_and_workers_race() -> None:
+    lock = threading.Lock()
+    runs: dict[int, int] = {}
+
+    @task_token_guard(operation_type="cr_count", tags={"weight": "light"})
+    def count(i: int) -> int:
+        with lock:
+            runs[i] = runs.get(i, 0) + 1
+        return i * 2
+
+    per_thread, threads = 400, 4
+    inline = [0]
+    with Env(max_workers=2) as env:
+        env.coord()
+        errors: list[BaseException] = []
+
+        def caller(base: int) -> None:
+            try:
+                for i in range(base, base + per_thread):
+                    tok = count(i)
+                    assert tok.result() == i * 2
+                    if tok.worker_id is None:
+                        with lock:
+                            inline[0] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                errors.append(exc)
+
+        ths = [env.thread(lambda b=k * per_thread: caller(b)) for k in range(threads)]
+        for th in ths:
+            th.join(60)
+        assert not errors, errors[:3]
+    assert runs == {i: 1 for i in range(per_thread * threads)}
+    assert inline[0] > 0, "no caller ever ran its own token"
+
+
+def test_the_main_thread_never_runs_a_token(env: Env) -> None:
+    ev = hold_only_worker(env)
+    tok = where()
+    threading.Timer(0.3, ev.set).start()
+    ident, _ = tok.result(timeout=WAIT)
+    assert ident != threading.get_ident()
+    assert tok.worker_id == 0
+
+
+def test_a_wait_with_a_timeout_leaves_the_token_to_the_workers(env: Env) -> None:
+    ev = hold_only_worker(env)
+
+    def timed() -> Any:
+        tok = where()
+        try:
+            return tok.result(timeout=0.3)
+        finally:
+            assert tok.state == "admitted"
+
+    _, out = on_thread(env, timed)
+    assert isinstance(out[0], concurrent.futures.TimeoutError), out
+    ev.set()
+
+
+@pytest.mark.parametrize(
+    "submit",
+    [
+        pytest.param(lambda: where.options(timeout=30)(), id="deadline"),
+        pytest.param(lambda: where_heavy(), id="heavy"),
+    ],
+)
+def test_tokens_that_must_run_on_workers_do(env: Env, submit: Callable[[], TaskToken[Any]]) -> None:
+    ev = hold_only_worker(env)
+    tokens: list[TaskToken[Any]] = []
+
+    def wait() -> Any:
+        tokens.append(submit())
+        threading.Timer(0.3, ev.set).start()
+        return tokens[0].result()
+
+    ident, out = on_thread(env, wait)
+    assert tokens[0].worker_id == 0, "ran on the caller"
+    assert out[0] != ident and (not isinstance(out[0], tuple) or out[0][0] != ident), out
+
+
+def test_caller_runs_false_keeps_every_body_on_the_workers(env: Env) -> None:
+    ev = hold_only_worker(env, caller_runs=False)
+    tokens: list[TaskToken[Any]] = []
+
+    def wait() -> Any:
+        tokens.append(where())
+        threading.Timer(0.3, ev.set).start()
+        return tokens[0].result()
+
+    ident, out = on_thread(env, wait)
+    assert out[0][0] != ident and tokens[0].worker_id == 0
+
+
+def test_a_paused_operation_is_not_run_by_its_caller(env: Env) -> None:
+    c = env.coord(max_workers=1)
+    ev = env.gate()
+    start_blocker(block, ev)
+    c.pause_operation("cr_where")
+    tokens: list[TaskToken[Any]] = []
+    ident: list[int] = []
+
+    def wait() -> Any:
+        ident.append(threading.get_ident())
+        tokens.append(where())
+        return tokens[0].result()
+
+    th = env.thread(wait)
+    assert wait_until(lambda: bool(tokens))
+    time.sleep(0.3)
+    assert th.is_alive() and tokens[0].state == "waiting"
+    c.resume_operation("cr_where")
+    ev.set()
+    assert tokens[0].result(timeout=WAIT)[0] != ident[0]
+    th.join(WAIT)
+
+
+def test_the_core_limit_holds_for_callers() -> None:
+    # One core slot with one unit: the blocker holds it, so the caller may not run its token.
+    with Env(max_workers=1) as env:
+        ev = hold_only_worker(env, workers_per_core=1)
+        tokens: list[TaskToken[Any]] = []
+        th = env.thread(lambda: tokens.append(where()) or tokens[0].result())
+        assert wait_until(lambda: bool(tokens))
+        time.sleep(0.3)
+        assert tokens[0].state == "admitted", "the caller ran a token past the core's units"
+        ev.set()
+        assert tokens[0].result(timeout=WAIT)
+        th.join(WAIT)
+        assert tokens[0].worker_id == 0
+
+
+def test_a_caller_blocked_in_a_nested_wait_lends_its_units() -> None:
+    # Budget 2 on the only core: the blocker holds 1, the caller's token the other.
+    # The caller's body waits on a medium token (2 units, deadline: workers only),
+    # which fits only if the blocked caller gives its unit back.
+    with Env(max_workers=1) as env:
+        ev = hold_only_worker(env, workers_per_core=2)
+
+        @task_token_guard(operation_type="cr_outer", tags={"weight": "light"})
+        def outer() -> tuple[int, int]:
+            inner = medium_where.options(timeout=30)()
+            ev.set()
+            return threading.get_ident(), inner.result()
+
+        tokens: list[TaskToken[Any]] = []
+        ident, out = on_thread(env, lambda: tokens.append(outer()) or tokens[0].result())
+        assert tokens[0].worker_id is None, "the outer token was meant to run on its caller"
+        body_ident, inner_ident = out[0]
+        assert body_ident == ident and inner_ident != ident
+
+
+def test_kill_resolves_other_waiters_at_once_and_the_runner_after_the_body(env: Env) -> None:
+    hold_only_worker(env)
+    go = env.gate()
+    tokens: list[TaskToken[Any]] = []
+    out: list[Any] = []
+
+    def run() -> None:
+        tokens.append(wait_on(go))
+        try:
+            out.append(tokens[0].result())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out.append(exc)
+
+    th = env.thread(run)
+    assert wait_until(lambda: bool(tokens) and tokens[0].state == "executing")
+    assert tokens[0].worker_id is None
+    assert tokens[0].kill("test")
+    with pytest.raises(TaskKilledError):
+        tokens[0].result(timeout=1.0)
+    assert th.is_alive() and out == [], "the caller returned before the body it runs"
+    go.set()
+    th.join(WAIT)
+    assert isinstance(out[0], TaskKilledError), out
+    assert tokens[0].state == "killed"
+
+
+def test_stop_waits_for_a_token_a_caller_runs(env: Env) -> None:
+    c = env.coord(max_workers=1)
+    ev = env.gate()
+    start_blocker(block, ev)
+    go = env.gate()
+    tokens: list[TaskToken[Any]] = []
+    th = env.thread(lambda: tokens.append(wait_on(go)) or tokens[0].result())
+    assert wait_until(lambda: bool(tokens) and tokens[0].state == "executing")
+    ev.set()
+    threading.Timer(0.3, go.set).start()
+    t0 = time.monotonic()
+    assert c.stop(timeout=WAIT)
+    assert time.monotonic() - t0 >= 0.2, "stop() returned while a caller still ran a token"
+    assert tokens[0].state == "completed"
+    th.join(WAIT)
+
+
+def test_stop_with_wait_inside_a_token_a_caller_runs_raises(env: Env) -> None:
+    c = env.coord(max_workers=1)
+    ev = env.gate()
+    start_blocker(block, ev)
+
+    @task_token_guard(operation_type="cr_stopper", tags={"weight": "light"})
+    def stopper() -> str:
+        try:
+            c.stop()
+        except RuntimeError as exc:
+            return str(exc)
+        return "stopped"
+
+    _, out = on_thread(env, lambda: stopper().result())
+    assert "from inside one of its own tasks" in out[0], out
+    ev.set()
