@@ -1,6 +1,8 @@
 """[W1-1] Per-task overhead of a no-op decorated function against ThreadPoolExecutor, in one run.
 
 * round trip: serial ``f(x).result()`` latency (p50, p90), against ``tpe.submit(f, x).result()``;
+* the same from a thread other than the main thread, where a waiting caller runs a token no worker
+  has started itself (``caller_runs``), and with ``caller_runs=False``;
 * bulk: submit 100,000 calls, then wait for all, per task, against the same with ``tpe.submit``.
   The bulk runs alternate (ThreadPoolExecutor, tokengate, ThreadPoolExecutor, ...) so that both
   see the same phases of a shared machine; reported: the best run of each and the median of the
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import statistics
+import threading
 import time
+from collections.abc import Callable
 
 from _common import dump, latencies_us, machine, percentile, table, verdict
 
@@ -47,6 +51,15 @@ def bulk_tpe(ex: cf.ThreadPoolExecutor, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def on_thread(fn: Callable[[], list[float]]) -> list[float]:
+    """Runs ``fn`` on a new thread (not the main thread) and returns its result."""
+    out: list[list[float]] = []
+    th = threading.Thread(target=lambda: out.append(fn()))
+    th.start()
+    th.join()
+    return out[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="tasks in the bulk test")
@@ -64,6 +77,13 @@ def main() -> None:
         results["tpe_rt_p50"], results["tpe_rt_p90"] = percentile(lat, 50), percentile(lat, 90)
         lat = latencies_us(lambda: guarded(1).result(), args.rt)
         results["tg_rt_p50"], results["tg_rt_p90"] = percentile(lat, 50), percentile(lat, 90)
+        lat = on_thread(lambda: latencies_us(lambda: ex.submit(noop, 1).result(), args.rt))
+        results["tpe_thread_rt_p50"] = percentile(lat, 50)
+        lat = on_thread(lambda: latencies_us(lambda: guarded(1).result(), args.rt))
+        results["tg_thread_rt_p50"] = percentile(lat, 50)
+        with OperationsCoordinator(caller_runs=False):  # the newest coordinator takes the calls
+            lat = on_thread(lambda: latencies_us(lambda: guarded(1).result(), args.rt))
+        results["tg_thread_rt_p50_no_caller_runs"] = percentile(lat, 50)
         tpe_runs, tg_runs, tagged_runs = [], [], []
         for _ in range(args.runs):
             tpe_runs.append(bulk_tpe(ex, args.n))
@@ -79,6 +99,22 @@ def main() -> None:
     rows = [
         ("round trip p50 (us)", f"{results['tg_rt_p50']:.2f}", f"{results['tpe_rt_p50']:.2f}", f"{rt_ratio:.1f}x", ">= 4x", verdict(rt_ratio >= 4)),
         ("round trip p90 (us)", f"{results['tg_rt_p90']:.2f}", f"{results['tpe_rt_p90']:.2f}", f"{results['tpe_rt_p90'] / results['tg_rt_p90']:.1f}x", "", ""),
+        (
+            "round trip from a thread p50 (us)",
+            f"{results['tg_thread_rt_p50']:.2f}",
+            f"{results['tpe_thread_rt_p50']:.2f}",
+            f"{results['tpe_thread_rt_p50'] / results['tg_thread_rt_p50']:.1f}x",
+            "",
+            "",
+        ),
+        (
+            "  the same, caller_runs=False",
+            f"{results['tg_thread_rt_p50_no_caller_runs']:.2f}",
+            "",
+            f"{results['tpe_thread_rt_p50'] / results['tg_thread_rt_p50_no_caller_runs']:.1f}x",
+            "",
+            "",
+        ),
         (f"bulk {args.n} (us/task), best runs", f"{results['tg_bulk']:.2f}", f"{results['tpe_bulk']:.2f}", f"{bulk_ratio:.1f}x", ">= 15x", verdict(bulk_ratio >= 15)),
         ("bulk, median of paired runs", "", "", f"{pair_median:.1f}x", ">= 15x", verdict(pair_median >= 15)),
         ("bulk, tagged (us/task)", f"{results['tg_bulk_tagged']:.2f}", "", f"{tag_cost * 100:+.0f}% vs untagged", "<= +20%", verdict(tag_cost <= 0.20)),

@@ -109,6 +109,15 @@ def test_runs_in_another_process_local_and_module_functions(lane: OperationsCoor
     assert proc["workers"] == 2 and proc["completed"] >= 4 and proc["crashed"] == 0
 
 
+def test_a_waiting_thread_never_runs_a_process_token_itself(lane: OperationsCoordinator) -> None:
+    # Caller runs (tests/test_caller_runs.py) is for thread tokens only.
+    out: list[tuple[int, int]] = []
+    th = threading.Thread(target=lambda: out.append(module_level_square(3).result()))
+    th.start()
+    th.join(30)
+    assert out and out[0][1] == 9 and out[0][0] != os.getpid() and out[0][0] in lane._process_lane.pids
+
+
 def test_wrapper_attributes_and_arity(lane: OperationsCoordinator) -> None:
     def f(a: int, b: int) -> int:
         return a - b

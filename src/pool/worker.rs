@@ -116,9 +116,7 @@ impl<J: Job> WorkerLoop<J> {
 
     /// Takes core units for `found` and runs it, or defers it when it does not fit.
     fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, found: Found<J>) {
-        let Some(Found { job, weight, units }) = self.unless_spent(found) else {
-            return;
-        };
+        let Found { job, weight, units } = found;
         let budget = self.budget();
         let units = match units {
             Some(u) => u,
@@ -154,7 +152,9 @@ impl<J: Job> WorkerLoop<J> {
     }
 
     /// The job, unless its work was done elsewhere (`Job::is_spent`): then it
-    /// is dropped and the units it held go back.
+    /// is dropped and the units it held go back. Asked only by an idle worker,
+    /// where it saves leaving the idle state (a busy worker's hooks see the
+    /// job has nothing left to run as cheaply as this would).
     fn unless_spent(&self, found: Found<J>) -> Option<Found<J>> {
         if !found.job.is_spent() {
             return Some(found);
