@@ -8,7 +8,9 @@ queued when the caller waits (otherwise an idle worker may take it first).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tokengate import TaskKilledError, TaskToken, task_token_guard
+from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
 from support import Env, start_blocker, wait_until
 
@@ -306,3 +308,158 @@ def test_stop_with_wait_inside_a_token_a_caller_runs_raises(env: Env) -> None:
     _, out = on_thread(env, lambda: stopper().result())
     assert "from inside one of its own tasks" in out[0], out
     ev.set()
+
+
+@task_token_guard(operation_type="cr_flaky", tags={"weight": "light"})
+def flaky(log: list[tuple[float, str]], fail_first: int, on_first: Callable[[], None] | None = None) -> str:
+    log.append((time.monotonic(), threading.current_thread().name))
+    if len(log) == 1 and on_first is not None:
+        on_first()
+    if len(log) <= fail_first:
+        raise ValueError(f"attempt {len(log)} fails")
+    return "ok"
+
+
+@pytest.mark.parametrize("how", ["drain", "stop"])
+def test_drain_and_stop_leave_a_token_its_caller_runs(env: Env, how: str) -> None:
+    # The token's job is still queued after its caller took the call: cancelling what is
+    # queued must not cancel a token that runs.
+    c = env.coord(max_workers=1)
+    ev = env.gate()
+    start_blocker(block, ev)
+    go = env.gate()
+    tokens: list[TaskToken[Any]] = []
+    out: list[Any] = []
+    th = env.thread(lambda: tokens.append(wait_on(go)) or out.append(tokens[0].result()))
+    assert wait_until(lambda: bool(tokens) and tokens[0].state == "executing")
+    assert tokens[0].worker_id is None
+    if how == "drain":
+        assert c.drain_pool() == 0
+    else:
+        c.stop(wait=False, cancel_pending=True)
+    assert tokens[0].state == "executing"
+    go.set()
+    th.join(WAIT)
+    assert tokens[0].state == "completed" and out and isinstance(out[0], int)
+
+
+def test_a_retry_of_a_token_its_caller_ran_keeps_its_back_off(env: Env) -> None:
+    ev = hold_only_worker(env)
+    log: list[tuple[float, str]] = []
+    tokens: list[TaskToken[Any]] = []
+
+    def run() -> Any:
+        # The first attempt frees the worker, which then pops the first attempt's job.
+        tokens.append(flaky.options(retries=2)(log, 2, lambda: threading.Timer(0.01, ev.set).start()))
+        return tokens[0].result()
+
+    _, out = on_thread(env, run)
+    assert out == ["ok"] and tokens[0].attempts == 3
+    assert log[0][1] != log[1][1], "the first attempt was meant to run on its caller"
+    gaps = [b[0] - a[0] for a, b in zip(log, log[1:])]
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.08, f"a retry skipped its back-off (0.05 s, then 0.1 s): {gaps}"
+
+
+def test_a_retry_of_a_token_its_caller_ran_waits_for_its_paused_operation(env: Env) -> None:
+    c = env.coord(max_workers=1)
+    ev = env.gate()
+    start_blocker(block, ev)
+    log: list[tuple[float, str]] = []
+    tokens: list[TaskToken[Any]] = []
+
+    def first_attempt() -> None:
+        c.pause_operation("cr_flaky")
+        threading.Timer(0.01, ev.set).start()
+
+    th = env.thread(lambda: tokens.append(flaky.options(retries=1)(log, 1, first_attempt)) or tokens[0].result())
+    time.sleep(0.5)
+    assert len(log) == 1 and tokens[0].state == "waiting", f"the retry ran while its operation was paused: {log}"
+    c.resume_operation("cr_flaky")
+    assert tokens[0].result(timeout=WAIT) == "ok"
+    th.join(WAIT)
+
+
+def test_a_body_back_from_a_nested_wait_never_shares_a_heavy_tokens_core() -> None:
+    with Env(max_workers=2) as env:
+        c = env.coord(max_workers=2, workers_per_core=2, enable_convergence=False)
+        if len(c.get_stats()["pool"]["core_units"]) < 2:
+            pytest.skip("needs two cores")
+        seen: list[tuple[list[int], list[int]]] = []
+        heavy_gate = env.gate()
+
+        @task_token_guard(operation_type="cr_heavy_child", tags={"weight": "heavy"})
+        def heavy_child() -> str:
+            heavy_gate.wait(WAIT)
+            return "heavy"
+
+        @task_token_guard(operation_type="cr_light_parent", tags={"weight": "light"})
+        def parent() -> str:
+            child = heavy_child()
+            with pytest.raises(concurrent.futures.TimeoutError):
+                child.result(timeout=0.3)  # lends this body's unit; the heavy child may take any core
+            pool = c.get_stats()["pool"]
+            seen.append((pool["core_units"], pool["core_heavy"]))
+            heavy_gate.set()
+            return child.result()
+
+        tokens: list[TaskToken[Any]] = []
+        _, out = on_thread(env, lambda: tokens.append(parent()) or tokens[0].result())
+        assert out == ["heavy"] and tokens[0].worker_id is None
+        units, heavy = seen[0]
+        for used, h in zip(units, heavy):
+            assert not h or used <= 2, f"a body took units on a core a heavy token holds: {seen[0]}"
+
+
+def test_a_thread_running_an_event_loop_never_runs_a_token(env: Env) -> None:
+    hold_only_worker(env)
+    ev = env.gates[0]
+    out: list[Any] = []
+
+    @task_token_guard(operation_type="cr_asyncio_run", tags={"weight": "light"})
+    def uses_asyncio_run() -> int:
+        async def inner() -> int:
+            return 42
+
+        return asyncio.run(inner())
+
+    def loop_thread() -> None:
+        async def main() -> None:
+            tok = uses_asyncio_run()
+            threading.Timer(0.2, ev.set).start()
+            out.append(tok.result())  # a blocking wait inside a coroutine, on purpose
+            out.append(tok.worker_id)
+
+        asyncio.run(main())
+
+    th = env.thread(loop_thread)
+    th.join(WAIT)
+    assert out == [42, 0], out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_the_thread_that_forks_is_the_childs_main_thread() -> None:
+    # The main-thread answer is cached per thread: a fork must invalidate it.
+    result: list[int] = []
+
+    def in_thread() -> None:
+        with Env(max_workers=1) as env:
+            env.coord()
+            assert where().result()[0] == threading.get_ident()  # caches "not the main thread"
+        pid = os.fork()
+        if pid == 0:  # the child: this thread is its main thread now
+            code = 0
+            try:
+                c = OperationsCoordinator(max_workers=1).start()
+                ran_here = sum(where().result()[0] == threading.get_ident() for _ in range(20))
+                c.stop()
+                code = 10 if ran_here else 0
+            except BaseException:  # noqa: BLE001 - reported through the exit code
+                code = 20
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        result.append(os.waitstatus_to_exitcode(status))
+
+    th = threading.Thread(target=in_thread)
+    th.start()
+    th.join(60)
+    assert result == [0], "the child's main thread ran tokens itself (10) or failed (20)"

@@ -27,7 +27,7 @@ from tokengate import (
 from tokengate._process import ProcessFunction, UnpicklableError
 
 import support
-from support import running_coordinator
+from support import running_coordinator, wait_until
 
 PROC = {"process_pool": True}
 
@@ -95,7 +95,9 @@ def test_runs_in_another_process_local_and_module_functions(lane: OperationsCoor
     assert isinstance(local, ProcessFunction)
     pid, value = local(1, b=2).result(timeout=30)
     assert value == 13 and pid != os.getpid()
-    pid2, sq = module_level_square(7).result(timeout=30)
+    tok = module_level_square(7)
+    assert tok.lane == "process" and tok.get_status()["lane"] == "process"
+    pid2, sq = tok.result(timeout=30)
     assert sq == 49 and pid2 != os.getpid()
     assert pid in lane._process_lane.pids and pid2 in lane._process_lane.pids
     lam = task_token_guard(tags=PROC)(lambda x: x + 1)
@@ -296,11 +298,13 @@ def test_timeout_kills_the_process(lane: OperationsCoordinator, tmp_path: Path) 
     marker = tmp_path / "pid"
     t = sleep_long.options(timeout=0.5)(str(marker))
     pid = _pid_from(marker)
+    assert wait_until(lambda: lane.get_stats()["tokens"]["executing"] == 1), "a running process token is not counted"
     t0 = time.monotonic()
     with pytest.raises(TaskTimeoutError):
         t.result(timeout=30)
     assert time.monotonic() - t0 < 2.5
     assert t.state == "timeout"
+    assert lane.get_stats()["tokens"]["executing"] == 0
     assert _wait_gone([pid]) == []
     stats = lane.get_stats()["lanes"]["process"]
     assert stats["timeouts"] == 1 and stats["replaced"] >= 1

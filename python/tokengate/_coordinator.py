@@ -51,11 +51,12 @@ class OperationsCoordinator:
     started yet runs the token itself, as a worker would (it takes the
     token's units on a core with room; the token's ``worker_id`` is None),
     instead of sleeping until a worker has run it. That saves two thread
-    switches per token. Heavy, pinned and lead tokens and tokens with a
-    deadline always run on workers; ``kill()`` and ``stop()`` still resolve
-    such a token at once for every other waiter, but the caller running it
-    returns when the body does. ``caller_runs=False`` keeps every body on the
-    workers.
+    switches per token. Heavy, pinned and lead tokens, tokens with a
+    deadline and threads running an asyncio loop always leave the body to
+    the workers. ``kill()`` resolves such a token at once for every
+    other waiter, but the caller running it returns when the body does;
+    ``stop()`` waits for it as for any running body. See the README's
+    "Caller runs". ``caller_runs=False`` keeps every body on the workers.
 
     ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
     be started again. It is also a context manager (``with``) and an async

@@ -269,6 +269,20 @@ impl<J> Shared<J> {
         used < budget
     }
 
+    /// Every draining core takes shared work again.
+    pub(crate) fn stop_draining(&self) {
+        let mut stopped = false;
+        for core in &self.cores {
+            if core.draining.swap(false, Ordering::AcqRel) {
+                self.draining.fetch_sub(1, Ordering::AcqRel);
+                stopped = true;
+            }
+        }
+        if stopped && self.has_work() {
+            self.notify_work();
+        }
+    }
+
     /// Wakes one parked worker that can take shared work, if none is searching.
     pub(crate) fn notify_work(&self) {
         self.sleep.notify_work(|i| self.can_take_shared(i));
@@ -648,6 +662,11 @@ impl<J: Job> Pool<J> {
         if self.shared.terminate.load(Ordering::Relaxed) || self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
             return None;
         }
+        self.acquire_on_any_core(weight)
+    }
+
+    /// The units of `weight` on the first core slot, not draining, where they fit.
+    fn acquire_on_any_core(&self, weight: Weight) -> Option<OutsideUnits> {
         let active = self.shared.active_per_core.load(Ordering::Relaxed);
         for (slot_index, slot) in self.shared.cores.iter().enumerate() {
             if slot.draining.load(Ordering::Acquire) {
@@ -675,9 +694,30 @@ impl<J: Job> Pool<J> {
         }
     }
 
-    /// Takes released units back, past the budget if need be (their holder
-    /// goes on running, as a pinned job does).
-    pub fn retake_outside(&self, taken: &OutsideUnits) {
+    /// Takes units given back with `release_outside` again: on any core
+    /// slot where they fit now (deferred jobs do not go first: their holder
+    /// was running before them), else past the budget on a core where no
+    /// heavy job runs (as a pinned job would), so that a heavy job keeps its
+    /// core to itself. False when every core runs a heavy job.
+    pub fn try_retake_outside(&self, taken: &mut OutsideUnits) -> bool {
+        if let Some(units) = self.acquire_on_any_core(taken.weight) {
+            *taken = units;
+            return true;
+        }
+        let free_of_heavy = self.shared.cores.iter().position(|c| c.heavy_running() == 0 && !c.draining.load(Ordering::Acquire));
+        match free_of_heavy {
+            Some(slot) => {
+                taken.slot = slot;
+                self.force_retake_outside(taken);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes released units back on their core past the budget (their
+    /// holder must go on; `try_retake_outside` found no room for too long).
+    pub fn force_retake_outside(&self, taken: &OutsideUnits) {
         self.shared.cores[taken.slot].force_acquire(taken.units);
         self.heavy_count(taken, true);
     }

@@ -565,12 +565,17 @@ fn units_taken_outside_the_pool_count_against_the_core() {
     while p.stats().core_units[0] != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    // Taken back past the budget: the holder goes on running.
-    p.retake_outside(&light);
+    // Taken back where they fit, or past the budget when forced.
+    let mut light = light;
+    assert!(p.try_retake_outside(&mut light));
     assert!(p.try_acquire_outside(Weight::Medium).is_none());
     p.release_outside(&light);
     let heavy = p.try_acquire_outside(Weight::Heavy).expect("the core is empty again");
     assert_eq!((p.stats().core_heavy[0], p.stats().core_units[0]), (1, 2));
+    assert!(!p.try_retake_outside(&mut light), "no room beside a heavy job");
+    p.force_retake_outside(&light);
+    assert_eq!(p.stats().core_units[0], 3);
+    p.release_outside(&light);
     p.release_outside(&heavy);
     assert_eq!((p.stats().core_heavy[0], p.stats().core_units[0]), (0, 0));
     p.shutdown();
@@ -622,6 +627,86 @@ fn an_idle_worker_drops_spent_jobs_without_running_them() {
     }
     assert_eq!(queued(&p), 0, "the spent jobs were not taken off the queues");
     assert_eq!(runs.load(Ordering::SeqCst), 0, "a spent job was run");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
+
+#[test]
+fn a_core_stops_draining_once_no_heavy_job_waits() {
+    // Two cores of two units, two workers each. Each core holds a light job
+    // (pinned to workers 0 and 1); an idle worker defers a heavy job and one
+    // core drains for it. The other core's light job ends first and that
+    // core takes the heavy job: the draining core must take light work again
+    // (it used to stay draining until some heavy job ran on it).
+    let mut config = PoolConfig::new(4);
+    config.pin_cores = false;
+    config.cores = 2;
+    config.units_per_core = 2;
+    let p: Pool<Weighted> = Pool::start(&config, Arc::new(WeightedHost)).unwrap();
+    let (started_tx, started_rx) = mpsc::channel::<usize>();
+    let gates: Vec<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>> =
+        (0..3).map(|_| Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()))).collect();
+    let wait_gate = |g: &Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>| {
+        let (m, cv) = &**g;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+    };
+    let open_gate = |g: &Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>| {
+        *g.0.lock().unwrap() = true;
+        g.1.notify_all();
+    };
+    for (worker, g) in gates[..2].iter().enumerate() {
+        let (tx, gate) = (started_tx.clone(), g.clone());
+        let wait = wait_gate;
+        p.submit_to(
+            worker,
+            Weighted(
+                Weight::Light,
+                Box::new(move |w| {
+                    tx.send(w.index).unwrap();
+                    wait(&gate);
+                }),
+            ),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    for _ in 0..2 {
+        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+    let slots = [p.slot_of(0), p.slot_of(1)];
+    assert_ne!(slots[0], slots[1], "each core holds one light job");
+    let (heavy_tx, heavy_rx) = mpsc::channel::<usize>();
+    let heavy_gate = gates[2].clone();
+    p.submit(Weighted(
+        Weight::Heavy,
+        Box::new(move |w| {
+            heavy_tx.send(w.index).unwrap();
+            wait_gate(&heavy_gate);
+        }),
+    ))
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.stats().draining == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(p.stats().draining, 1, "the deferred heavy job makes one core drain");
+    let draining_slot = (0..2).find(|&s| p.shared.cores[s].draining.load(Ordering::Acquire)).unwrap();
+    // End the light job of the core that is not draining: it takes the heavy job.
+    let other = slots.iter().position(|&s| s != draining_slot).unwrap();
+    open_gate(&gates[other]);
+    let heavy_worker = heavy_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_ne!(p.slot_of(heavy_worker), draining_slot);
+    // End the draining core's light job; a new light job must run there while the heavy one runs.
+    open_gate(&gates[1 - other]);
+    let (light_tx, light_rx) = mpsc::channel::<()>();
+    p.submit(Weighted(Weight::Light, Box::new(move |_| light_tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
+    light_rx.recv_timeout(Duration::from_secs(5)).expect("the core that drained for the heavy job took light work again");
+    assert_eq!(p.stats().draining, 0);
+    open_gate(&gates[2]);
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }

@@ -202,6 +202,13 @@ impl<J: Job> WorkerLoop<J> {
         }
         let (job, _) = deferred.remove(pos)?;
         self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
+        let last_heavy = weight == Weight::Heavy && !deferred.iter().any(|(_, w)| *w == Weight::Heavy);
+        drop(deferred);
+        if last_heavy {
+            // No heavy job waits any more: cores drained for one (it may run
+            // on another core, or turn out spent) go back to shared work.
+            self.shared.stop_draining();
+        }
         Some(Found { job, weight, units: Some(units) })
     }
 

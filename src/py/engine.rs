@@ -619,7 +619,8 @@ impl Engine {
         let tokens = PyDict::new(py);
         tokens.set_item("submitted", lg.submitted.load(Ordering::Acquire))?;
         tokens.set_item("unresolved", lg.unresolved())?;
-        tokens.set_item("executing", lg.running())?;
+        let in_processes = lg.process_running.load(Ordering::Relaxed).max(0) as u64;
+        tokens.set_item("executing", lg.running() + in_processes)?;
         for state in TokenState::ALL.iter().filter(|s| s.is_terminal()) {
             tokens.set_item(state.as_str(), lg.resolved[*state as usize].load(Ordering::Acquire))?;
         }
@@ -973,6 +974,7 @@ impl Drop for Engine {
 /// Called in the child after `os.fork()`.
 #[pyfunction]
 pub(crate) fn after_fork_in_child() {
+    super::job::forked();
     if LIVE_ENGINES.load(Ordering::SeqCst) > 0 {
         FORKED.store(true, Ordering::SeqCst);
     }

@@ -56,24 +56,59 @@ impl Call {
     }
 }
 
+/// Where a token keeps its call until someone takes it to run it.
+#[derive(Debug, Default)]
+pub(crate) struct CallSlot {
+    pub(crate) call: Option<Call>,
+    /// Which job owns the call: bumped each time a retry puts the call back,
+    /// so that a job of an earlier attempt still queued (its call was taken
+    /// by a waiter that ran the token itself) never takes a later attempt's.
+    attempt: u32,
+}
+
+impl CallSlot {
+    pub(crate) fn new(call: Option<Call>) -> Self {
+        CallSlot { call, attempt: 0 }
+    }
+}
+
 /// A queued token (its call is in the token).
 #[derive(Debug)]
 pub(crate) struct PyJob {
     /// Always `Some` until `into_token` takes it.
     token: Option<Arc<TokenInner>>,
+    /// The attempt whose call this job may take (see `CallSlot`).
+    attempt: u32,
     /// Resolve the token as cancelled if the job is dropped with its call unrun.
     armed: bool,
 }
 
 impl PyJob {
+    /// A job for another attempt of `token`, with the call it runs.
     pub(crate) fn new(token: Arc<TokenInner>, call: Call) -> Self {
-        *token.call.lock() = Some(call);
-        PyJob { token: Some(token), armed: true }
+        let attempt = {
+            let mut slot = token.call.lock();
+            slot.attempt = slot.attempt.wrapping_add(1);
+            slot.call = Some(call);
+            slot.attempt
+        };
+        PyJob { token: Some(token), attempt, armed: true }
     }
 
     /// A job for a token made with its call in place (`TokenInner::new`).
     pub(crate) fn holding_call(token: Arc<TokenInner>) -> Self {
-        PyJob { token: Some(token), armed: true }
+        let attempt = token.call.lock().attempt;
+        PyJob { token: Some(token), attempt, armed: true }
+    }
+
+    /// Takes the call, if it is still there and belongs to this job's attempt.
+    fn take_call(&self) -> Option<Call> {
+        let mut slot = self.token().call.lock();
+        if slot.attempt == self.attempt {
+            slot.call.take()
+        } else {
+            None
+        }
     }
 
     /// The token's handle, without resolving anything (the job is spent).
@@ -83,9 +118,10 @@ impl PyJob {
     }
 
     /// Drops the call without resolving the token (the caller resolves it).
-    pub(crate) fn forget_call(&mut self) {
+    /// True when the call was there (nobody else took it to run it).
+    pub(crate) fn forget_call(&mut self) -> bool {
         self.armed = false;
-        drop(self.token().call.lock().take());
+        self.take_call().is_some()
     }
 
     /// The token this job runs.
@@ -98,7 +134,7 @@ impl PyJob {
     pub(crate) fn substitute_inputs(&mut self, py: Python<'_>) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
         let token = self.token().clone();
         let mut guard = token.call.lock();
-        let Some(call) = guard.as_mut() else {
+        let Some(call) = guard.call.as_mut() else {
             return Ok(());
         };
         let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {
@@ -149,10 +185,13 @@ impl Job for PyJob {
         self.token().core.spin_until_awaited(ATTACH_DELAY);
     }
 
-    /// A caller that waited on the token ran it (`run_on_caller`), or it was
-    /// cancelled: nothing left to run, no reason to take the interpreter.
+    /// A waiter took the call and runs (or ran) the token itself
+    /// (`run_on_caller`, `help_until_done`), or this job belongs to an
+    /// earlier attempt: nothing left for it to run, no reason to take the
+    /// interpreter.
     fn is_spent(&self) -> bool {
-        self.token().call.lock().is_none()
+        let slot = self.token().call.lock();
+        slot.attempt != self.attempt || slot.call.is_none()
     }
 }
 
@@ -161,20 +200,20 @@ const ATTACH_DELAY: std::time::Duration = std::time::Duration::from_micros(4);
 
 impl Drop for PyJob {
     fn drop(&mut self) {
-        if let Some(token) = &self.token {
-            if self.armed && token.call.lock().take().is_some() {
+        if self.armed && self.token.is_some() && self.take_call().is_some() {
+            if let Some(token) = &self.token {
                 token.cancel_unrun();
             }
         }
     }
 }
 
-/// Resolves dropped jobs as cancelled (they are dropped by `Drop`).
+/// Resolves drained jobs as cancelled. A job whose call a waiter already
+/// took (that waiter runs the token) is only dropped.
 pub(crate) fn cancel_jobs(py: Python<'_>, jobs: Vec<PyJob>) -> usize {
     let mut n = 0;
     for mut job in jobs {
-        job.forget_call();
-        if job.token().resolve(py, |_| true, TokenState::Cancelled, None) {
+        if job.forget_call() && job.token().resolve(py, |_| true, TokenState::Cancelled, None) {
             n += 1;
         }
     }
@@ -309,7 +348,7 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: 
         let units = if runnable_here { inline_units(&engine, &info, token.spec().weight, stalled) } else { None };
         if let Some(units) = units {
             let weight = token.spec().weight;
-            let claimed = token.call.lock().take();
+            let claimed = token.call.lock().call.take();
             match claimed {
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
@@ -355,17 +394,29 @@ pub(crate) fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: 
     }
 }
 
+/// Counts forks: the thread that forks is the child's main thread.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// Called in a child process made by `fork()` (see `engine::after_fork_in_child`).
+pub(crate) fn forked() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
 thread_local! {
-    /// Whether this thread is the interpreter's main thread (asked once per thread).
-    static ON_MAIN_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Whether this thread is the interpreter's main thread, asked once per
+    /// thread and process (the fork count it was asked at).
+    static ON_MAIN_THREAD: std::cell::Cell<Option<(u64, bool)>> = const { std::cell::Cell::new(None) };
     /// The engine and core units of the token this thread (outside the pool) runs for its caller.
     static OUTSIDE_UNITS: RefCell<Option<(Arc<EngineShared>, crate::pool::OutsideUnits)>> = const { RefCell::new(None) };
 }
 
 fn on_main_thread(py: Python<'_>) -> bool {
+    let forks = FORKS.load(Ordering::Relaxed);
     ON_MAIN_THREAD.with(|c| {
-        if let Some(v) = c.get() {
-            return v;
+        if let Some((at, v)) = c.get() {
+            if at == forks {
+                return v;
+            }
         }
         let v = (|| -> PyResult<bool> {
             let threading = py.import("threading")?;
@@ -373,7 +424,7 @@ fn on_main_thread(py: Python<'_>) -> bool {
             main.eq(threading.call_method0("get_ident")?)
         })()
         .unwrap_or(true);
-        c.set(Some(v));
+        c.set(Some((forks, v)));
         v
     })
 }
@@ -393,8 +444,9 @@ fn on_main_thread(py: Python<'_>) -> bool {
 ///   a lead, has no deadline (a deadline must be able to end the wait), and
 ///   is not heavy (a heavy token has its core to itself);
 /// * the waiter is not the main thread (Ctrl-C is delivered there and
-///   belongs to the wait, not to the body) and not already running a token
-///   for its caller (one level);
+///   belongs to the wait, not to the body), runs no asyncio event loop (the
+///   body would see it) and is not already running a token for its caller
+///   (one level);
 /// * a core has room for the token's units, which the caller holds while it
 ///   runs the body (given back while the body blocks in a nested wait, see
 ///   `LentUnits`), so the per-core limits hold as for workers.
@@ -421,7 +473,7 @@ pub(crate) fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
     {
         return false;
     }
-    if OUTSIDE_UNITS.with(|u| u.borrow().is_some()) || on_main_thread(py) {
+    if OUTSIDE_UNITS.with(|u| u.borrow().is_some()) || on_main_thread(py) || has_running_loop(py) {
         return false;
     }
     let Ok(Some(engine)) = super::engine::with_current_engine(|e| Arc::ptr_eq(&e.ledger, ledger).then(|| Arc::clone(e))) else {
@@ -430,23 +482,44 @@ pub(crate) fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
     let Some(units) = engine.pool.try_acquire_outside(weight) else {
         return false;
     };
-    let Some(call) = token.call.lock().take() else {
+    let Some(call) = token.call.lock().call.take() else {
         engine.pool.release_outside(&units);
         return false;
     };
     let weak = Arc::downgrade(&engine);
     OUTSIDE_UNITS.with(|u| *u.borrow_mut() = Some((engine, units)));
+    let _give_back = OutsideRun;
     run_call(py, token.clone(), call, None, &weak);
-    if let Some((engine, units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) {
-        engine.pool.release_outside(&units);
-    }
     true
+}
+
+/// Gives the units of a caller's run back when it ends, however it ends.
+struct OutsideRun;
+
+impl Drop for OutsideRun {
+    fn drop(&mut self) {
+        if let Some((engine, units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) {
+            engine.pool.release_outside(&units);
+        }
+    }
+}
+
+static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// True when an asyncio event loop runs on this thread (a body run here
+/// would see it, and `asyncio.run()` in the body would fail).
+fn has_running_loop(py: Python<'_>) -> bool {
+    GET_RUNNING_LOOP.import(py, "asyncio", "_get_running_loop").and_then(|f| f.call0()).map_or(true, |running| !running.is_none())
 }
 
 /// While a body that a caller runs (`run_on_caller`) blocks in a nested
 /// wait, its core units go back to the pool: a blocked body uses no core,
 /// and holding them could leave no room for the workers that must run what
-/// it waits for. They are taken back when the wait ends.
+/// it waits for. When the wait ends the body takes units again on a core
+/// with room, else on one where no heavy token runs (`try_retake_outside`);
+/// when every core runs a heavy token (one may have taken the body's core
+/// meanwhile) it waits, detached, up to `STALL_LIMIT`, then goes on beside
+/// one rather than risk never going on (that heavy token may wait on it).
 pub(crate) struct LentUnits(bool);
 
 impl LentUnits {
@@ -457,13 +530,29 @@ impl LentUnits {
 
 impl Drop for LentUnits {
     fn drop(&mut self) {
-        if self.0 {
-            OUTSIDE_UNITS.with(|u| {
-                if let Some((engine, units)) = u.borrow().as_ref() {
-                    engine.pool.retake_outside(units);
-                }
+        if !self.0 {
+            return;
+        }
+        let Some((engine, mut units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) else {
+            return;
+        };
+        if !engine.pool.try_retake_outside(&mut units) {
+            let pool = &engine.pool;
+            let units = &mut units;
+            Python::attach(|py| {
+                py.detach(|| {
+                    let deadline = std::time::Instant::now() + STALL_LIMIT;
+                    while !pool.try_retake_outside(units) {
+                        if std::time::Instant::now() >= deadline {
+                            pool.force_retake_outside(units);
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                });
             });
         }
+        OUTSIDE_UNITS.with(|u| *u.borrow_mut() = Some((engine, units)));
     }
 }
 
@@ -482,21 +571,23 @@ fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<Engi
     if paused {
         let token = job.token().clone();
         if token.ledger().stopping.load(Ordering::SeqCst) {
-            job.forget_call();
-            token.resolve(py, |_| true, TokenState::Cancelled, None);
+            if job.forget_call() {
+                token.resolve(py, |_| true, TokenState::Cancelled, None);
+            }
             return;
         }
         let queue = if token.ledger().admission_paused.load(Ordering::Relaxed) { &token.ledger().parked } else { &token.op().parked };
         let mut parked = queue.lock();
         let still = token.ledger().admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst);
-        if still && token.core.hold() {
+        if still && !job.is_spent() && token.core.hold() {
             parked.push_back(job);
             return;
         }
     }
     job.armed = false;
-    // No call left: a waiter ran it inline, or the token was cancelled.
-    let Some(call) = job.token().call.lock().take() else {
+    // No call for this job: a waiter runs the token itself, or this job is
+    // of an earlier attempt (see `CallSlot`).
+    let Some(call) = job.take_call() else {
         return;
     };
     // The job's handle moves on to the run (no extra count).

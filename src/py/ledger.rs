@@ -220,6 +220,8 @@ pub(crate) struct Ledger {
     /// Bodies running now, counted per thread shard (a body starts and ends on
     /// one thread, so each thread touches only its own line); read as the sum.
     running: Vec<CachePadded<std::sync::atomic::AtomicI64>>,
+    /// Process-lane tokens running in a worker process (started by the lane, ended by their resolution).
+    pub(crate) process_running: std::sync::atomic::AtomicI64,
     pub(crate) resolved: CachePadded<[AtomicU64; 9]>,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
     pub(crate) pending: CachePadded<Limit>,
@@ -247,6 +249,7 @@ impl Ledger {
         Ledger {
             submitted: CachePadded::new(AtomicU64::new(0)),
             running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
+            process_running: std::sync::atomic::AtomicI64::new(0),
             resolved: CachePadded::default(),
             pending: CachePadded::new(Limit::new(max_pending)),
             admission_paused: AtomicBool::new(false),
@@ -339,7 +342,7 @@ impl Ledger {
         self.running[thread_shard()].fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Bodies running now.
+    /// Bodies running now on this process's threads (workers, the I/O lane, callers).
     pub(crate) fn running(&self) -> u64 {
         self.running.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<i64>().max(0) as u64
     }

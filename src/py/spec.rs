@@ -433,9 +433,9 @@ impl OperationSpec {
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
-    /// A token of this operation that no worker runs: a lane outside the
-    /// pool (process lane, I/O lane) drives it with `_start`, `_set_result`
-    /// and `_set_exception`. It counts on `engine` (default: the running one).
+    /// A token of this operation that no worker runs: the process lane
+    /// drives it with `_start`, `_set_result` and `_set_exception` (its
+    /// `lane` reads "process"). It counts on `engine` (default: the running one).
     #[pyo3(signature = (engine=None))]
     fn external_token(&self, py: Python<'_>, engine: Option<Bound<'_, Engine>>) -> PyResult<Py<TaskToken>> {
         let engine = match engine {
@@ -445,7 +445,8 @@ impl OperationSpec {
         let binding = self.binding_for(&engine);
         binding.op.limit.force_acquire();
         engine.ledger.pending.force_acquire();
-        let inner = TokenInner::new(next_token_id(), binding, &self.shared.defaults, Placement::default(), None);
+        let placement = Placement { lane: LaneKind::Process, ..Placement::default() };
+        let inner = TokenInner::new(next_token_id(), binding, &self.shared.defaults, placement, None);
         engine.ledger.record_submitted();
         engine.ledger.register(&inner);
         inner.core.admit();

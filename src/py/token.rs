@@ -93,7 +93,7 @@ pub(crate) struct TokenInner {
     /// Where the ledger's registry holds it: shard << 32 | slot (MAX: not registered).
     pub(crate) registry_slot: AtomicU64,
     /// The call, until someone takes it to run it (see `job.rs`).
-    pub(crate) call: crate::sync::Mutex<Option<super::job::Call>>,
+    pub(crate) call: crate::sync::Mutex<super::job::CallSlot>,
 }
 
 /// The lane a token runs on.
@@ -104,6 +104,8 @@ pub(crate) enum LaneKind {
     Cpu,
     /// The elastic I/O lane, in one storage tier.
     Io(usize),
+    /// Worker processes (`process_pool` tokens, driven by `tokengate._process`).
+    Process,
 }
 
 /// Routing decided at call time.
@@ -119,7 +121,7 @@ impl TokenInner {
     /// A new token; `call` is what a worker will run (None for tokens a lane outside the pool drives).
     pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement, call: Option<super::job::Call>) -> Arc<Self> {
         Arc::new(TokenInner {
-            call: crate::sync::Mutex::new(call),
+            call: crate::sync::Mutex::new(super::job::CallSlot::new(call)),
             registry_slot: AtomicU64::new(u64::MAX),
             route: placement.route,
             pinned: placement.pinned,
@@ -204,6 +206,10 @@ impl TokenInner {
     ) -> Option<Vec<Listener>> {
         // The books are kept before the terminal state is published.
         let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
+            // The state it leaves is still visible here (see `TokenCore::resolve_at`).
+            if self.lane == LaneKind::Process && self.core.state() == TokenState::Executing {
+                self.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
+            }
             slot.outcome = outcome;
             self.ledger().record_resolved(self, to, error);
             std::mem::take(&mut slot.listeners)
@@ -516,12 +522,14 @@ impl TaskToken {
         self.inner.is_lead
     }
 
-    /// "cpu" (the work-stealing pool) or "io" (the elastic I/O lane).
+    /// "cpu" (the work-stealing pool), "io" (the elastic I/O lane) or
+    /// "process" (the process lane).
     #[getter]
     fn lane(&self) -> &'static str {
         match self.inner.lane {
             LaneKind::Cpu => "cpu",
             LaneKind::Io(_) => "io",
+            LaneKind::Process => "process",
         }
     }
 
@@ -658,7 +666,11 @@ impl TaskToken {
     /// it was cancelled or killed first (then it must not run).
     #[pyo3(signature = (worker_id=None))]
     fn _start(&self, worker_id: Option<u32>) -> bool {
-        self.inner.core.start(worker_id.unwrap_or(u32::MAX - 1), None)
+        let started = self.inner.core.start(worker_id.unwrap_or(u32::MAX - 1), None);
+        if started && self.inner.lane == LaneKind::Process {
+            self.inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
+        }
+        started
     }
 
     /// Lane API: resolves the token with a value. False if it was already resolved.
