@@ -158,14 +158,15 @@ def test_a_wait_with_a_timeout_leaves_the_token_to_the_workers(env: Env) -> None
 
 
 @pytest.mark.parametrize(
-    "submit",
+    ("coord", "submit"),
     [
-        pytest.param(lambda: where.options(timeout=30)(), id="deadline"),
-        pytest.param(lambda: where_heavy(), id="heavy"),
+        pytest.param({}, lambda: where.options(timeout=30)(), id="deadline"),
+        pytest.param({}, lambda: where_heavy(), id="heavy"),
+        pytest.param({"caller_runs": False}, lambda: where(), id="caller_runs=False"),
     ],
 )
-def test_tokens_that_must_run_on_workers_do(env: Env, submit: Callable[[], TaskToken[Any]]) -> None:
-    ev = hold_only_worker(env)
+def test_bodies_that_must_run_on_workers_do(env: Env, coord: dict[str, Any], submit: Callable[[], TaskToken[Any]]) -> None:
+    ev = hold_only_worker(env, **coord)
     tokens: list[TaskToken[Any]] = []
 
     def wait() -> Any:
@@ -176,19 +177,6 @@ def test_tokens_that_must_run_on_workers_do(env: Env, submit: Callable[[], TaskT
     ident, out = on_thread(env, wait)
     assert tokens[0].worker_id == 0, "ran on the caller"
     assert out[0] != ident and (not isinstance(out[0], tuple) or out[0][0] != ident), out
-
-
-def test_caller_runs_false_keeps_every_body_on_the_workers(env: Env) -> None:
-    ev = hold_only_worker(env, caller_runs=False)
-    tokens: list[TaskToken[Any]] = []
-
-    def wait() -> Any:
-        tokens.append(where())
-        threading.Timer(0.3, ev.set).start()
-        return tokens[0].result()
-
-    ident, out = on_thread(env, wait)
-    assert out[0][0] != ident and tokens[0].worker_id == 0
 
 
 def test_a_paused_operation_is_not_run_by_its_caller(env: Env) -> None:

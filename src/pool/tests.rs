@@ -331,9 +331,15 @@ impl Host<Weighted> for WeightedHost {
 }
 
 fn weighted_pool(workers: usize, cores: usize) -> Pool<Weighted> {
+    weighted_pool_of(workers, cores, PoolConfig::new(workers).units_per_core)
+}
+
+/// `workers` unpinned workers over `cores` core slots of `units` units each.
+fn weighted_pool_of(workers: usize, cores: usize, units: u32) -> Pool<Weighted> {
     let mut config = PoolConfig::new(workers);
     config.pin_cores = false;
     config.cores = cores;
+    config.units_per_core = units;
     Pool::start(&config, Arc::new(WeightedHost)).unwrap()
 }
 
@@ -548,11 +554,7 @@ fn prio_queues_pop_by_key_then_submission_order() {
 fn units_taken_outside_the_pool_count_against_the_core() {
     // One core slot with 2 units: a light job taken outside leaves room for
     // one more light unit, not for a medium job (2 units) until it is given back.
-    let mut config = PoolConfig::new(1);
-    config.pin_cores = false;
-    config.cores = 1;
-    config.units_per_core = 2;
-    let p: Pool<Weighted> = Pool::start(&config, Arc::new(WeightedHost)).unwrap();
+    let p = weighted_pool_of(1, 1, 2);
     let light = p.try_acquire_outside(Weight::Light).expect("an idle core has room");
     assert!(p.try_acquire_outside(Weight::Heavy).is_none(), "a heavy job needs the core to itself");
     let (tx, rx) = mpsc::channel();
@@ -638,11 +640,7 @@ fn a_core_stops_draining_once_no_heavy_job_waits() {
     // core drains for it. The other core's light job ends first and that
     // core takes the heavy job: the draining core must take light work again
     // (it used to stay draining until some heavy job ran on it).
-    let mut config = PoolConfig::new(4);
-    config.pin_cores = false;
-    config.cores = 2;
-    config.units_per_core = 2;
-    let p: Pool<Weighted> = Pool::start(&config, Arc::new(WeightedHost)).unwrap();
+    let p = weighted_pool_of(4, 2, 2);
     let (started_tx, started_rx) = mpsc::channel::<usize>();
     let gates: Vec<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>> =
         (0..3).map(|_| Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()))).collect();
