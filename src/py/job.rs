@@ -4,13 +4,18 @@
 //! (`PyHost::run_worker`), so running a task costs no thread-state setup;
 //! it detaches only inside `WorkerHooks::idle`, while it spins or sleeps.
 //!
-//! The call (function, arguments, context) lives in the token; a queued job
-//! points at the token. Whoever takes the call first runs it: a worker that
-//! pops the job, or a task that waits on the token and runs it inline (help
-//! while waiting: the awaited token itself first, depth-first like a plain
-//! recursive call). If a job is dropped while the call is still there (the
-//! pool was drained or dropped), its token resolves as cancelled: no token is
-//! ever left pending.
+//! The call (function, arguments, context) lives in the token (`CallSlot`,
+//! under its lock); a queued job points at the token. Whoever takes the call
+//! first runs it: a worker that pops the job, a task that waits on the token
+//! and runs it inline (help while waiting: the awaited token itself first,
+//! depth-first like a plain recursive call), or a thread outside the pool
+//! that waits on it (`run_on_caller`). A job whose call was taken stays in
+//! its queue until a worker pops it and drops it ("spent"). A retry puts the
+//! call back under a new attempt number with a new job; a job takes only
+//! its own attempt's call, so a spent job of an earlier attempt never runs a
+//! later one. If a job is dropped while its call is still there (the pool
+//! was drained or dropped), its token resolves as cancelled: no token is
+//! ever left pending; a drained spent job is only dropped (its token runs).
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -95,10 +100,10 @@ impl PyJob {
         PyJob { token: Some(token), attempt, armed: true }
     }
 
-    /// A job for a token made with its call in place (`TokenInner::new`).
+    /// A job for a token made with its call in place (`TokenInner::new`:
+    /// the first attempt, 0).
     pub(crate) fn holding_call(token: Arc<TokenInner>) -> Self {
-        let attempt = token.call.lock().attempt;
-        PyJob { token: Some(token), attempt, armed: true }
+        PyJob { token: Some(token), attempt: 0, armed: true }
     }
 
     /// Takes the call, if it is still there and belongs to this job's attempt.
@@ -436,7 +441,8 @@ fn on_main_thread(py: Python<'_>) -> bool {
 /// That saves two thread switches per token (four interpreter hand-overs
 /// under the GIL). True when it ran the token here.
 ///
-/// Only where nothing but the clock and the thread can tell the difference:
+/// Only where the body cannot tell (what does differ, the thread above all,
+/// is listed in the README's "Caller runs"):
 /// * the coordinator allows it (`caller_runs`, default on), the token waits
 ///   in the CPU pool's queues (`ADMITTED`), and neither admission nor its
 ///   operation is paused nor the engine stopping;
