@@ -18,9 +18,8 @@
 //!   loaded core that is not draining starts **draining** (at most half of
 //!   the cores at once): its workers start no new light or medium job, so its
 //!   `used` falls to 0 and one of them takes the heavy job, which clears the
-//!   flag. Light and medium jobs keep flowing on the other cores. Once no
-//!   heavy job is deferred any more (one left the deferred queue for another
-//!   core, or turned out spent), every draining core stops draining.
+//!   flag (as does a deferred heavy job it finds already run by a waiter).
+//!   Light and medium jobs keep flowing on the other cores.
 //! * Jobs pinned to a worker (its inbox: sticky anchors, lead domains) must
 //!   run there; they take their units even past the budget.
 

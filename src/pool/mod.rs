@@ -269,16 +269,23 @@ impl<J> Shared<J> {
         used < budget
     }
 
-    /// Every draining core takes shared work again.
-    pub(crate) fn stop_draining(&self) {
-        let mut stopped = false;
+    /// Every draining core takes shared work again, unless a heavy job is
+    /// still deferred (a rare path: a deferred heavy job a waiter ran).
+    pub(crate) fn stop_draining_unless_heavy_deferred(&self) {
+        if self.draining.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let deferred = self.deferred.lock();
+        if deferred.iter().any(|(_, w)| *w == Weight::Heavy) {
+            return;
+        }
         for core in &self.cores {
             if core.draining.swap(false, Ordering::AcqRel) {
                 self.draining.fetch_sub(1, Ordering::AcqRel);
-                stopped = true;
             }
         }
-        if stopped && self.has_work() {
+        drop(deferred);
+        if self.has_work() {
             self.notify_work();
         }
     }

@@ -633,56 +633,56 @@ fn an_idle_worker_drops_spent_jobs_without_running_them() {
     assert!(p.join(Some(Duration::from_secs(5))));
 }
 
+/// A job with a weight that a test can mark as run elsewhere (`is_spent`).
+struct Markable(Weight, Arc<std::sync::atomic::AtomicBool>, Box<dyn FnOnce(&WorkerInfo) + Send>);
+
+impl super::Job for Markable {
+    fn weight(&self) -> Weight {
+        self.0
+    }
+
+    fn is_spent(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+}
+
+struct MarkableHooks;
+
+impl WorkerHooks<Markable> for MarkableHooks {
+    fn execute(&mut self, job: Markable, worker: &WorkerInfo) {
+        (job.2)(worker);
+    }
+}
+
+struct MarkableHost;
+
+impl Host<Markable> for MarkableHost {
+    fn run_worker(&self, worker: WorkerLoop<Markable>) {
+        worker.run(&mut MarkableHooks);
+    }
+}
+
 #[test]
-fn a_core_stops_draining_once_no_heavy_job_waits() {
-    // Two cores of two units, two workers each. Each core holds a light job
-    // (pinned to workers 0 and 1); an idle worker defers a heavy job and one
-    // core drains for it. The other core's light job ends first and that
-    // core takes the heavy job: the draining core must take light work again
-    // (it used to stay draining until some heavy job ran on it).
-    let p = weighted_pool_of(4, 2, 2);
-    let (started_tx, started_rx) = mpsc::channel::<usize>();
-    let gates: Vec<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>> =
-        (0..3).map(|_| Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()))).collect();
-    let wait_gate = |g: &Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>| {
-        let (m, cv) = &**g;
-        let mut open = m.lock().unwrap();
-        while !*open {
-            open = cv.wait(open).unwrap();
-        }
-    };
-    let open_gate = |g: &Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>| {
-        *g.0.lock().unwrap() = true;
-        g.1.notify_all();
-    };
-    for (worker, g) in gates[..2].iter().enumerate() {
-        let (tx, gate) = (started_tx.clone(), g.clone());
-        let wait = wait_gate;
-        p.submit_to(
-            worker,
-            Weighted(
-                Weight::Light,
-                Box::new(move |w| {
-                    tx.send(w.index).unwrap();
-                    wait(&gate);
-                }),
-            ),
-        )
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
-    for _ in 0..2 {
-        started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    }
-    let slots = [p.slot_of(0), p.slot_of(1)];
-    assert_ne!(slots[0], slots[1], "each core holds one light job");
-    let (heavy_tx, heavy_rx) = mpsc::channel::<usize>();
-    let heavy_gate = gates[2].clone();
-    p.submit(Weighted(
+fn a_spent_heavy_job_ends_the_draining_of_its_core() {
+    // One core of two units. A unit held outside the pool leaves no room for
+    // a heavy job: it is deferred and the core drains. A waiter runs the
+    // heavy job (it is marked spent); once the unit is back, an idle worker
+    // drops the spent job, and the core must take light work again (it used
+    // to drain for good: only a heavy job that started ended the draining).
+    let mut config = PoolConfig::new(2);
+    config.pin_cores = false;
+    config.cores = 1;
+    config.units_per_core = 2;
+    let p: Pool<Markable> = Pool::start(&config, Arc::new(MarkableHost)).unwrap();
+    let held = p.try_acquire_outside(Weight::Light).unwrap();
+    let spent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ran = Arc::new(StdAtomicUsize::new(0));
+    let r = ran.clone();
+    p.submit(Markable(
         Weight::Heavy,
-        Box::new(move |w| {
-            heavy_tx.send(w.index).unwrap();
-            wait_gate(&heavy_gate);
+        spent.clone(),
+        Box::new(move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
         }),
     ))
     .map_err(|(e, _)| e)
@@ -691,20 +691,19 @@ fn a_core_stops_draining_once_no_heavy_job_waits() {
     while p.stats().draining == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(p.stats().draining, 1, "the deferred heavy job makes one core drain");
-    let draining_slot = (0..2).find(|&s| p.shared.cores[s].draining.load(Ordering::Acquire)).unwrap();
-    // End the light job of the core that is not draining: it takes the heavy job.
-    let other = slots.iter().position(|&s| s != draining_slot).unwrap();
-    open_gate(&gates[other]);
-    let heavy_worker = heavy_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_ne!(p.slot_of(heavy_worker), draining_slot);
-    // End the draining core's light job; a new light job must run there while the heavy one runs.
-    open_gate(&gates[1 - other]);
-    let (light_tx, light_rx) = mpsc::channel::<()>();
-    p.submit(Weighted(Weight::Light, Box::new(move |_| light_tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
-    light_rx.recv_timeout(Duration::from_secs(5)).expect("the core that drained for the heavy job took light work again");
+    assert_eq!((p.stats().draining, p.stats().deferred), (1, 1), "the heavy job waits deferred, its core drains");
+    spent.store(true, Ordering::SeqCst);
+    p.release_outside(&held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.stats().deferred > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "a spent job ran");
+    let (tx, rx) = mpsc::channel::<()>();
+    let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    p.submit(Markable(Weight::Light, never, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).expect("the core went on draining for a heavy job a waiter ran");
     assert_eq!(p.stats().draining, 0);
-    open_gate(&gates[2]);
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }

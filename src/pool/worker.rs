@@ -116,6 +116,15 @@ impl<J: Job> WorkerLoop<J> {
 
     /// Takes core units for `found` and runs it, or defers it when it does not fit.
     fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, found: Found<J>) {
+        // A heavy job a waiter already ran must not hold its core (nor keep cores draining).
+        let found = if found.weight == Weight::Heavy {
+            match self.unless_spent(found) {
+                Some(found) => found,
+                None => return,
+            }
+        } else {
+            found
+        };
         let Found { job, weight, units } = found;
         let budget = self.budget();
         let units = match units {
@@ -134,9 +143,7 @@ impl<J: Job> WorkerLoop<J> {
             self.slot().heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-            if self.slot().draining.swap(false, Ordering::AcqRel) {
-                self.shared.draining.fetch_sub(1, Ordering::AcqRel);
-            }
+            self.stop_draining_here();
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
@@ -152,17 +159,32 @@ impl<J: Job> WorkerLoop<J> {
     }
 
     /// The job, unless its work was done elsewhere (`Job::is_spent`): then it
-    /// is dropped and the units it held go back. Asked only by an idle worker,
-    /// where it saves leaving the idle state (a busy worker's hooks see the
-    /// job has nothing left to run as cheaply as this would).
+    /// is dropped and the units it held go back. Asked by an idle worker,
+    /// where it saves leaving the idle state, and for heavy jobs (a busy
+    /// worker's hooks see that a light or medium job has nothing left to run
+    /// as cheaply as this would).
     fn unless_spent(&self, found: Found<J>) -> Option<Found<J>> {
         if !found.job.is_spent() {
             return Some(found);
         }
         if let Some(units) = found.units {
             self.slot().release(units);
+            // A deferred heavy job ends its core's draining when it starts;
+            // one a waiter already ran ends the draining here (of every
+            // core, unless another heavy job waits), or a core would go on
+            // draining for it.
+            if found.weight == Weight::Heavy {
+                self.stop_draining_here();
+                self.shared.stop_draining_unless_heavy_deferred();
+            }
         }
         None
+    }
+
+    fn stop_draining_here(&self) {
+        if self.slot().draining.swap(false, Ordering::AcqRel) {
+            self.shared.draining.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Parks a job whose units did not fit this core; a heavy one makes a core drain.
@@ -202,13 +224,6 @@ impl<J: Job> WorkerLoop<J> {
         }
         let (job, _) = deferred.remove(pos)?;
         self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
-        let last_heavy = weight == Weight::Heavy && !deferred.iter().any(|(_, w)| *w == Weight::Heavy);
-        drop(deferred);
-        if last_heavy {
-            // No heavy job waits any more: cores drained for one (it may run
-            // on another core, or turn out spent) go back to shared work.
-            self.shared.stop_draining();
-        }
         Some(Found { job, weight, units: Some(units) })
     }
 
@@ -291,17 +306,22 @@ impl<J: Job> WorkerLoop<J> {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
             for round in 0..rounds {
                 if let Some(found) = self.find_work() {
-                    found.job.before_idle_run();
                     let Some(found) = self.unless_spent(found) else {
                         continue;
                     };
                     if spinning {
                         sleep.end_spin();
+                        spinning = false;
                     }
                     if self.shared.has_work() {
                         self.shared.notify_work();
                     }
-                    return Some(found);
+                    found.job.before_idle_run();
+                    // The wait above gives a caller time to take the job itself.
+                    match self.unless_spent(found) {
+                        Some(found) => return Some(found),
+                        None => break,
+                    }
                 }
                 if self.shared.terminate.load(Ordering::SeqCst) && !self.shared.has_work_for(index) {
                     if spinning {
