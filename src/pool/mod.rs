@@ -86,8 +86,9 @@ pub trait Job: Send + 'static {
     fn before_idle_run(&self) {}
 
     /// True when the job's work was already done elsewhere (the Python
-    /// binding: a caller ran the token itself). An idle worker that finds
-    /// such a job drops it and looks on, without leaving its idle state.
+    /// binding: a waiter ran the token itself). An idle worker that finds
+    /// such a job drops it and looks on, without leaving its idle state; a
+    /// busy one drops a heavy one before it takes the core for it.
     fn is_spent(&self) -> bool {
         false
     }
@@ -691,7 +692,7 @@ impl<J: Job> Pool<J> {
     }
 
     /// Gives back units `try_acquire_outside` took (also while their holder
-    /// blocks, see `retake_outside`), and wakes a worker if work waits (a
+    /// blocks, see `try_retake_outside`), and wakes a worker if work waits (a
     /// job may have found no room while the units were out).
     pub fn release_outside(&self, taken: &OutsideUnits) {
         self.heavy_count(taken, false);
