@@ -270,6 +270,13 @@ impl<J> Shared<J> {
         used < budget
     }
 
+    /// `core` stops draining (if it was).
+    pub(crate) fn end_draining(&self, core: &CoreSlot) {
+        if core.draining.swap(false, Ordering::AcqRel) {
+            self.draining.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Every draining core takes shared work again, unless a heavy job is
     /// still deferred (a rare path: a deferred heavy job a waiter ran).
     pub(crate) fn stop_draining_unless_heavy_deferred(&self) {
@@ -281,9 +288,7 @@ impl<J> Shared<J> {
             return;
         }
         for core in &self.cores {
-            if core.draining.swap(false, Ordering::AcqRel) {
-                self.draining.fetch_sub(1, Ordering::AcqRel);
-            }
+            self.end_draining(core);
         }
         drop(deferred);
         if self.has_work() {

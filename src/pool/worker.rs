@@ -143,7 +143,7 @@ impl<J: Job> WorkerLoop<J> {
             self.slot().heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-            self.stop_draining_here();
+            self.shared.end_draining(self.slot());
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
@@ -174,17 +174,11 @@ impl<J: Job> WorkerLoop<J> {
             // core, unless another heavy job waits), or a core would go on
             // draining for it.
             if found.weight == Weight::Heavy {
-                self.stop_draining_here();
+                self.shared.end_draining(self.slot());
                 self.shared.stop_draining_unless_heavy_deferred();
             }
         }
         None
-    }
-
-    fn stop_draining_here(&self) {
-        if self.slot().draining.swap(false, Ordering::AcqRel) {
-            self.shared.draining.fetch_sub(1, Ordering::AcqRel);
-        }
     }
 
     /// Parks a job whose units did not fit this core; a heavy one makes a core drain.

@@ -205,10 +205,9 @@ const ATTACH_DELAY: std::time::Duration = std::time::Duration::from_micros(4);
 
 impl Drop for PyJob {
     fn drop(&mut self) {
+        // `into_token` took the handle: the run owns the token now.
         if self.armed && self.token.is_some() && self.take_call().is_some() {
-            if let Some(token) = &self.token {
-                token.cancel_unrun();
-            }
+            self.token().cancel_unrun();
         }
     }
 }
