@@ -12,6 +12,9 @@
 //!   missed) and waits on the condvar until it succeeds or times out.
 //! * The limit may change at any time (`set_limit`); waiters are woken to
 //!   re-check.
+//! * `waiters` counts callers inside one `acquire`; a caller that waits in
+//!   short steps (to poll for signals between them) holds a `Blocked` guard
+//!   for its whole wait, so `waiting()` does not drop to 0 between steps.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +26,7 @@ pub struct Limit {
     limit: AtomicUsize,
     in_use: AtomicUsize,
     waiters: AtomicUsize,
+    blocked: AtomicUsize,
     lock: Mutex<()>,
     cv: Condvar,
     rejected: AtomicUsize,
@@ -59,9 +63,17 @@ impl Limit {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// Callers currently blocked in `acquire`.
+    /// Callers currently blocked: in `acquire`, or between the steps of a
+    /// wait they hold a `Blocked` guard for.
     pub fn waiting(&self) -> usize {
-        self.waiters.load(Ordering::Relaxed)
+        self.waiters.load(Ordering::Relaxed).max(self.blocked.load(Ordering::Relaxed))
+    }
+
+    /// Counts the caller as blocked until the guard is dropped (a wait made
+    /// of several `acquire` steps).
+    pub fn block(&self) -> Blocked<'_> {
+        self.blocked.fetch_add(1, Ordering::Relaxed);
+        Blocked(self)
     }
 
     /// Times an acquire gave up (full, or timed out).
@@ -153,6 +165,16 @@ impl Limit {
     }
 }
 
+/// A caller blocked on a `Limit` for as long as it lives (`Limit::block`).
+#[derive(Debug)]
+pub struct Blocked<'a>(&'a Limit);
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        self.0.blocked.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -165,6 +187,17 @@ mod tests {
             assert!(l.try_acquire());
         }
         assert_eq!(l.in_use(), 1000);
+    }
+
+    #[test]
+    fn a_caller_waiting_in_steps_stays_counted_between_them() {
+        let l = Limit::new(1);
+        assert!(l.try_acquire());
+        let blocked = l.block();
+        assert!(!l.acquire(Some(Duration::from_millis(5))));
+        assert_eq!(l.waiting(), 1, "counted between two acquire steps");
+        drop(blocked);
+        assert_eq!(l.waiting(), 0);
     }
 
     #[test]

@@ -117,6 +117,7 @@ fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what:
         Admit::Block(timeout) => timeout,
     };
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let _blocked = limit.block();
     loop {
         let step = deadline.map_or(SIGNAL_POLL, |d| d.saturating_duration_since(std::time::Instant::now()).min(SIGNAL_POLL));
         let got = py.detach(|| limit.acquire(Some(step)));
