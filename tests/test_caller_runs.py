@@ -374,6 +374,10 @@ def test_a_body_back_from_a_nested_wait_never_shares_a_heavy_tokens_core() -> No
             pytest.skip("needs two cores")
         seen: list[tuple[list[int], list[int]]] = []
         heavy_gate = env.gate()
+        # Both workers are held until the parent runs, so the parent can only run on its caller.
+        release_workers = env.gate()
+        for _ in range(2):
+            start_blocker(block, release_workers)
 
         @task_token_guard(operation_type="cr_heavy_child", tags={"weight": "heavy"})
         def heavy_child() -> str:
@@ -382,6 +386,7 @@ def test_a_body_back_from_a_nested_wait_never_shares_a_heavy_tokens_core() -> No
 
         @task_token_guard(operation_type="cr_light_parent", tags={"weight": "light"})
         def parent() -> str:
+            release_workers.set()
             child = heavy_child()
             with pytest.raises(concurrent.futures.TimeoutError):
                 child.result(timeout=0.3)  # lends this body's unit; the heavy child may take any core
