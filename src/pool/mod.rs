@@ -278,7 +278,8 @@ impl<J> Shared<J> {
     }
 
     /// Every draining core takes shared work again, unless a heavy job is
-    /// still deferred (a rare path: a deferred heavy job a waiter ran).
+    /// still deferred (called when a heavy job starts or turns out spent: a
+    /// core drains for a heavy job that waits, not for one that found room).
     pub(crate) fn stop_draining_unless_heavy_deferred(&self) {
         if self.draining.load(Ordering::Acquire) == 0 {
             return;

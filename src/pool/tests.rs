@@ -707,3 +707,72 @@ fn a_spent_heavy_job_ends_the_draining_of_its_core() {
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
+
+#[test]
+fn a_heavy_job_that_starts_on_another_core_ends_the_draining() {
+    // Two cores of two units, two workers each, all four running a light job
+    // held at a gate. A heavy job then waits deferred and the core of the
+    // first worker that looks for work drains for it. The other core
+    // empties first and runs the heavy job: the drained core must take
+    // light work again (it used to stay draining until a heavy job started
+    // on it, leaving it idle while light work queued).
+    let p = weighted_pool_of(4, 2, 2);
+    let (started_tx, started) = mpsc::channel::<(usize, usize)>();
+    let mut gates = Vec::new();
+    for i in 0..4 {
+        let (gate_tx, gate) = mpsc::channel::<()>();
+        gates.push(gate_tx);
+        let started_tx = started_tx.clone();
+        p.submit(Weighted(
+            Weight::Light,
+            Box::new(move |w| {
+                started_tx.send((i, w.index % 2)).unwrap();
+                gate.recv().unwrap();
+            }),
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let mut core_of = [0usize; 4];
+    for _ in 0..4 {
+        let (i, core) = started.recv_timeout(Duration::from_secs(5)).expect("four light jobs start");
+        core_of[i] = core;
+    }
+    let (heavy_tx, heavy_started) = mpsc::channel::<usize>();
+    let (heavy_gate_tx, heavy_gate) = mpsc::channel::<()>();
+    p.submit(Weighted(
+        Weight::Heavy,
+        Box::new(move |w| {
+            heavy_tx.send(w.index % 2).unwrap();
+            heavy_gate.recv().unwrap();
+        }),
+    ))
+    .map_err(|(e, _)| e)
+    .unwrap();
+    // Free one unit: that worker pops the heavy job, which does not fit and waits deferred.
+    let first = 0;
+    gates[first].send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (p.stats().draining, p.stats().deferred) != (1, 1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!((p.stats().draining, p.stats().deferred), (1, 1), "the heavy job waits deferred, a core drains");
+    let drained = p.shared.cores.iter().position(|c| c.draining.load(Ordering::Acquire)).unwrap();
+    // Empty the other core: the heavy job runs there.
+    for i in (0..4).filter(|&i| i != first && core_of[i] != drained) {
+        gates[i].send(()).unwrap();
+    }
+    let heavy_core = heavy_started.recv_timeout(Duration::from_secs(5)).expect("the heavy job starts");
+    assert_ne!(heavy_core, drained, "the heavy job ran on the core that emptied first");
+    for i in (0..4).filter(|&i| i != first && core_of[i] == drained) {
+        gates[i].send(()).unwrap();
+    }
+    // The heavy job holds its core: light work can only run on the other one.
+    let (tx, rx) = mpsc::channel::<()>();
+    p.submit(Weighted(Weight::Light, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
+    rx.recv_timeout(Duration::from_secs(5)).expect("the drained core went on draining after the heavy job started elsewhere");
+    assert_eq!(p.stats().draining, 0);
+    heavy_gate_tx.send(()).unwrap();
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}

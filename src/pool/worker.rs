@@ -143,7 +143,10 @@ impl<J: Job> WorkerLoop<J> {
             self.slot().heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
+            // Its core drained for it, or another core did and it found room
+            // here first: that core drains on only for another deferred heavy job.
             self.shared.end_draining(self.slot());
+            self.shared.stop_draining_unless_heavy_deferred();
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
