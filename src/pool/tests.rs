@@ -776,3 +776,21 @@ fn a_heavy_job_that_starts_on_another_core_ends_the_draining() {
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
+
+#[test]
+fn units_given_back_by_a_caller_wake_a_worker_for_work_queued_while_the_core_was_full() {
+    // One core slot of one unit, held outside the pool: a light job finds no
+    // worker with room (none is woken for it) and waits queued; giving the
+    // unit back must wake one.
+    let p = weighted_pool_of(2, 1, 1);
+    let held = p.try_acquire_outside(Weight::Light).expect("an idle core has room");
+    let wakes = p.stats().wakes;
+    let (tx, rx) = mpsc::channel();
+    p.submit(Weighted(Weight::Light, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "a job ran past the core's one unit");
+    assert_eq!(p.stats().wakes, wakes, "no sleeper could take the job: none was woken");
+    p.release_outside(&held);
+    rx.recv_timeout(Duration::from_secs(5)).expect("the queued job runs once the unit is back");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
