@@ -19,6 +19,9 @@
 //!   the cores at once): its workers start no new light or medium job, so its
 //!   `used` falls to 0 and one of them takes the heavy job, which clears the
 //!   flag (as does a deferred heavy job it finds already run by a waiter).
+//!   A heavy job that starts anywhere else first (another core emptied
+//!   sooner) clears every core's flag unless another heavy job is still
+//!   deferred: a core drains for a heavy job that waits, never for good.
 //!   Light and medium jobs keep flowing on the other cores.
 //! * Jobs pinned to a worker (its inbox: sticky anchors, lead domains) must
 //!   run there; they take their units even past the budget.
