@@ -334,3 +334,30 @@ def test_start_stop_cycles_leave_no_threads_or_fds() -> None:
     assert threads <= threads0, (threads, threads0)
     assert fd_count() <= fds0, (fd_count(), fds0)
     assert _tokengate.active_engine_count() == 0
+
+
+# -- the adaptive pattern ------------------------------------------------------------------------
+
+
+def test_the_adaptive_pattern_stops_looking_when_off_and_looks_again_when_on() -> None:
+    with OperationsCoordinator(max_workers=2, convergence_interval=0.02) as c:
+        engine = c._engine
+        assert engine is not None
+
+        def looks() -> int:
+            return int(c.get_stats()["convergence"]["looks"])
+
+        assert wait_until(lambda: looks() >= 3, limit=WAIT), "the pattern never looked"
+        engine.set_convergence(False)
+        time.sleep(0.1)  # the look already scheduled ends the chain
+        stopped = looks()
+        time.sleep(0.15)
+        assert looks() == stopped, "the pattern went on looking while off"
+        engine.set_convergence(True)
+        assert wait_until(lambda: looks() >= stopped + 3, limit=WAIT), "turned on again, the pattern never looked again"
+        engine.set_convergence(True)  # on twice: still one chain of looks
+        time.sleep(0.2)
+        before = looks()
+        time.sleep(0.2)
+        # One chain: about 10 looks in 0.2 s (fewer on a slow machine), never twice as many.
+        assert looks() - before <= 15, f"{looks() - before} looks in 0.2 s at a 0.02 s interval: two chains"

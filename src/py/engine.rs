@@ -91,6 +91,10 @@ pub(crate) struct Convergence {
     decisions: AtomicU64,
     last: Mutex<Option<(f64, usize, f64, u32)>>,
     last_look_ns: AtomicU64,
+    /// Looks taken so far.
+    looks: AtomicU64,
+    /// Whether a `Converge` item is pending (one chain of looks at a time).
+    armed: AtomicBool,
 }
 
 /// A running engine, shared by its `Engine` object, the registry and the workers.
@@ -306,9 +310,10 @@ impl EngineShared {
                     }
                 }
                 TimerItem::Converge => {
+                    self.convergence.armed.store(false, Ordering::SeqCst);
                     if !self.is_stopping() && self.convergence.enabled.load(Ordering::Relaxed) {
                         self.converge();
-                        let _ = self.timer.schedule(Instant::now() + self.convergence.interval, TimerItem::Converge);
+                        self.arm_convergence();
                     }
                 }
                 TimerItem::Retry(mut job) => {
@@ -322,8 +327,22 @@ impl EngineShared {
         }
     }
 
+    /// Schedules the adaptive pattern's next look, unless one is pending or
+    /// the engine stops. (Turning the pattern off ends the chain at its next
+    /// look; turning it on again starts a new one.)
+    fn arm_convergence(&self) {
+        let conv = &self.convergence;
+        if self.is_stopping() || conv.armed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.timer.schedule(Instant::now() + conv.interval, TimerItem::Converge).is_err() {
+            conv.armed.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// One decision of the adaptive pattern (see `Convergence`).
     fn converge(&self) {
+        self.convergence.looks.fetch_add(1, Ordering::Relaxed);
         let conv = &self.convergence;
         let max = u32::try_from(self.workers_per_core).unwrap_or(u32::MAX).max(1);
         let floor = max.saturating_sub(2).max(1);
@@ -537,6 +556,8 @@ impl Engine {
                 decisions: AtomicU64::new(0),
                 last: Mutex::new(None),
                 last_look_ns: AtomicU64::new(crate::token::now_ns()),
+                looks: AtomicU64::new(0),
+                armed: AtomicBool::new(false),
             },
             pool,
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs)),
@@ -558,7 +579,7 @@ impl Engine {
             activate(&shared);
         }
         if convergence {
-            let _ = shared.timer.schedule(Instant::now() + shared.convergence.interval, TimerItem::Converge);
+            shared.arm_convergence();
         }
         super::log::info(py, "pool", || format!("engine {} started with {workers} workers", shared.pool.id()));
         Ok(Engine { shared })
@@ -691,6 +712,7 @@ impl Engine {
         conv.set_item("interval_s", sh.convergence.interval.as_secs_f64())?;
         conv.set_item("pattern", sh.pool.active_per_core().min(sh.workers_per_core as u32))?;
         conv.set_item("decisions", sh.convergence.decisions.load(Ordering::Relaxed))?;
+        conv.set_item("looks", sh.convergence.looks.load(Ordering::Relaxed))?;
         if let Some((p95, depth, util, decision)) = *sh.convergence.last.lock() {
             let last = PyDict::new(py);
             last.set_item("queue_wait_p95_s", p95)?;
@@ -901,7 +923,9 @@ impl Engine {
     /// Turns the adaptive pattern on or off (off restores every worker).
     fn set_convergence(&self, enabled: bool) {
         self.shared.convergence.enabled.store(enabled, Ordering::SeqCst);
-        if !enabled {
+        if enabled {
+            self.shared.arm_convergence();
+        } else {
             self.shared.pool.set_active_per_core(u32::MAX);
         }
     }
