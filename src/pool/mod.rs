@@ -271,16 +271,18 @@ impl<J> Shared<J> {
     }
 
     /// `core` stops draining (if it was).
-    pub(crate) fn end_draining(&self, core: &CoreSlot) {
+    fn end_draining(&self, core: &CoreSlot) {
         if core.draining.swap(false, Ordering::AcqRel) {
             self.draining.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    /// Every draining core takes shared work again, unless a heavy job is
-    /// still deferred (called when a heavy job starts or turns out spent: a
-    /// core drains for a heavy job that waits, not for one that found room).
-    pub(crate) fn stop_draining_unless_heavy_deferred(&self) {
+    /// A heavy job started on `core` or turned out spent there: `core`
+    /// stops draining, and so does every other core unless a heavy job is
+    /// still deferred (a core drains for a heavy job that waits, not for one
+    /// that found room, whichever core it found it on).
+    pub(crate) fn heavy_job_settled(&self, core: &CoreSlot) {
+        self.end_draining(core);
         if self.draining.load(Ordering::Acquire) == 0 {
             return;
         }

@@ -143,10 +143,8 @@ impl<J: Job> WorkerLoop<J> {
             self.slot().heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-            // Its core drained for it, or another core did and it found room
-            // here first: that core drains on only for another deferred heavy job.
-            self.shared.end_draining(self.slot());
-            self.shared.stop_draining_unless_heavy_deferred();
+            // Its core drained for it, or another core did and it found room here first.
+            self.shared.heavy_job_settled(self.slot());
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
@@ -172,13 +170,10 @@ impl<J: Job> WorkerLoop<J> {
         }
         if let Some(units) = found.units {
             self.slot().release(units);
-            // A deferred heavy job ends its core's draining when it starts;
-            // one a waiter already ran ends the draining here (of every
-            // core, unless another heavy job waits), or a core would go on
-            // draining for it.
+            // A deferred heavy job ends the draining when it starts; one a
+            // waiter already ran ends it here, or a core would go on draining for it.
             if found.weight == Weight::Heavy {
-                self.shared.end_draining(self.slot());
-                self.shared.stop_draining_unless_heavy_deferred();
+                self.shared.heavy_job_settled(self.slot());
             }
         }
         None

@@ -342,8 +342,8 @@ impl EngineShared {
 
     /// One decision of the adaptive pattern (see `Convergence`).
     fn converge(&self) {
-        self.convergence.looks.fetch_add(1, Ordering::Relaxed);
         let conv = &self.convergence;
+        conv.looks.fetch_add(1, Ordering::Relaxed);
         let max = u32::try_from(self.workers_per_core).unwrap_or(u32::MAX).max(1);
         let floor = max.saturating_sub(2).max(1);
         let current = self.pool.active_per_core().min(max);
