@@ -8,18 +8,30 @@ type Job = Box<dyn FnOnce(&WorkerInfo) + Send>;
 
 impl super::Job for Job {}
 
+/// A test job that is a closure, with or without a weight or a spent flag.
+trait Closure {
+    fn run(self, worker: &WorkerInfo);
+}
+
+impl Closure for Job {
+    fn run(self, worker: &WorkerInfo) {
+        self(worker);
+    }
+}
+
+/// Runs every test job type: its closure, on the worker.
 struct ClosureHost;
 
 struct Hooks;
 
-impl WorkerHooks<Job> for Hooks {
-    fn execute(&mut self, job: Job, worker: &WorkerInfo) {
-        job(worker);
+impl<J: super::Job + Closure> WorkerHooks<J> for Hooks {
+    fn execute(&mut self, job: J, worker: &WorkerInfo) {
+        job.run(worker);
     }
 }
 
-impl Host<Job> for ClosureHost {
-    fn run_worker(&self, worker: WorkerLoop<Job>) {
+impl<J: super::Job + Closure> Host<J> for ClosureHost {
+    fn run_worker(&self, worker: WorkerLoop<J>) {
         worker.run(&mut Hooks);
     }
 }
@@ -314,19 +326,9 @@ impl super::Job for Weighted {
     }
 }
 
-struct WeightedHooks;
-
-impl WorkerHooks<Weighted> for WeightedHooks {
-    fn execute(&mut self, job: Weighted, worker: &WorkerInfo) {
-        (job.1)(worker);
-    }
-}
-
-struct WeightedHost;
-
-impl Host<Weighted> for WeightedHost {
-    fn run_worker(&self, worker: WorkerLoop<Weighted>) {
-        worker.run(&mut WeightedHooks);
+impl Closure for Weighted {
+    fn run(self, worker: &WorkerInfo) {
+        (self.1)(worker);
     }
 }
 
@@ -340,7 +342,7 @@ fn weighted_pool_of(workers: usize, cores: usize, units: u32) -> Pool<Weighted> 
     config.pin_cores = false;
     config.cores = cores;
     config.units_per_core = units;
-    Pool::start(&config, Arc::new(WeightedHost)).unwrap()
+    Pool::start(&config, Arc::new(ClosureHost)).unwrap()
 }
 
 #[test]
@@ -584,55 +586,6 @@ fn units_taken_outside_the_pool_count_against_the_core() {
     assert!(p.join(Some(Duration::from_secs(5))));
 }
 
-/// A job whose work was done elsewhere (`is_spent`).
-struct Spent(Arc<StdAtomicUsize>);
-
-impl super::Job for Spent {
-    fn is_spent(&self) -> bool {
-        true
-    }
-}
-
-struct SpentHooks;
-
-impl WorkerHooks<Spent> for SpentHooks {
-    fn execute(&mut self, job: Spent, _worker: &WorkerInfo) {
-        job.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-struct SpentHost;
-
-impl Host<Spent> for SpentHost {
-    fn run_worker(&self, worker: WorkerLoop<Spent>) {
-        worker.run(&mut SpentHooks);
-    }
-}
-
-#[test]
-fn an_idle_worker_drops_spent_jobs_without_running_them() {
-    let mut config = PoolConfig::new(2);
-    config.pin_cores = false;
-    let p: Pool<Spent> = Pool::start(&config, Arc::new(SpentHost)).unwrap();
-    let runs = Arc::new(StdAtomicUsize::new(0));
-    for _ in 0..100 {
-        p.submit(Spent(runs.clone())).map_err(|(e, _)| e).unwrap();
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let queued = |p: &Pool<Spent>| {
-        let s = p.stats();
-        s.queued_global + s.queued_local.iter().sum::<usize>()
-    };
-    while queued(&p) > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(queued(&p), 0, "the spent jobs were not taken off the queues");
-    assert_eq!(runs.load(Ordering::SeqCst), 0, "a spent job was run");
-    p.shutdown();
-    assert!(p.join(Some(Duration::from_secs(5))));
-}
-
 /// A job with a weight that a test can mark as run elsewhere (`is_spent`).
 struct Markable(Weight, Arc<std::sync::atomic::AtomicBool>, Box<dyn FnOnce(&WorkerInfo) + Send>);
 
@@ -646,20 +599,43 @@ impl super::Job for Markable {
     }
 }
 
-struct MarkableHooks;
-
-impl WorkerHooks<Markable> for MarkableHooks {
-    fn execute(&mut self, job: Markable, worker: &WorkerInfo) {
-        (job.2)(worker);
+impl Closure for Markable {
+    fn run(self, worker: &WorkerInfo) {
+        (self.2)(worker);
     }
 }
 
-struct MarkableHost;
-
-impl Host<Markable> for MarkableHost {
-    fn run_worker(&self, worker: WorkerLoop<Markable>) {
-        worker.run(&mut MarkableHooks);
+#[test]
+fn an_idle_worker_drops_spent_jobs_without_running_them() {
+    let mut config = PoolConfig::new(2);
+    config.pin_cores = false;
+    let p: Pool<Markable> = Pool::start(&config, Arc::new(ClosureHost)).unwrap();
+    let runs = Arc::new(StdAtomicUsize::new(0));
+    let spent = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    for _ in 0..100 {
+        let runs = runs.clone();
+        let job = Markable(
+            Weight::Light,
+            spent.clone(),
+            Box::new(move |_| {
+                runs.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        p.submit(job).map_err(|(e, _)| e).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
     }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let queued = |p: &Pool<Markable>| {
+        let s = p.stats();
+        s.queued_global + s.queued_local.iter().sum::<usize>()
+    };
+    while queued(&p) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(queued(&p), 0, "the spent jobs were not taken off the queues");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "a spent job was run");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
 }
 
 #[test]
@@ -673,7 +649,7 @@ fn a_spent_heavy_job_ends_the_draining_of_its_core() {
     config.pin_cores = false;
     config.cores = 1;
     config.units_per_core = 2;
-    let p: Pool<Markable> = Pool::start(&config, Arc::new(MarkableHost)).unwrap();
+    let p: Pool<Markable> = Pool::start(&config, Arc::new(ClosureHost)).unwrap();
     let held = p.try_acquire_outside(Weight::Light).unwrap();
     let spent = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ran = Arc::new(StdAtomicUsize::new(0));
