@@ -446,6 +446,44 @@ def test_start_stop_churn_long() -> None:
     _churn(10_000)
 
 
+# -- dropped without stop() (row 17) -------------------------------------------------------------
+
+
+@task_token_guard(operation_type="rel_gated", tags={"weight": "light"})
+def gated(gate: threading.Event, x: int) -> int:
+    assert gate.wait(WAIT)
+    return x + 1
+
+
+@task_token_guard(operation_type="rel_always_fails", tags={"weight": "light"})
+def always_fails() -> None:
+    raise ValueError("fails every attempt")
+
+
+def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thread() -> None:
+    # Misuse row 17: a started coordinator garbage-collected without stop(). Its workers finish
+    # what was queued, a token between its retries resolves cancelled, and every thread of
+    # the engine exits, although this thread's engine cache still holds the engine (it did
+    # keep the timer thread alive, and its periodic looks, until this thread submitted again).
+    base = os_thread_count()
+    for cycle in range(5):
+        gate = threading.Event()
+        c = OperationsCoordinator(max_workers=2).start()
+        retry = always_fails.options(retries=100)()  # retried after 0.05 s, 0.1 s, ... (up to 30 s)
+        assert wait_until(lambda: retry.attempts >= 2, WAIT), retry.state
+        toks = [gated(gate, i) for i in range(40)]  # 2 run and wait for the gate, 38 queue
+        del c
+        gc.collect()
+        assert _tokengate.active_engine_count() == 0, "the coordinator's engine outlived it"
+        gate.set()
+        assert [t.result(timeout=WAIT) for t in toks] == [i + 1 for i in range(40)], cycle
+        assert wait_until(retry.done, WAIT), (cycle, retry.state)
+        assert retry.state == "cancelled", (cycle, retry.state)
+        del toks, retry
+        n = wait_for_threads(base, 2.0)
+        assert n <= base, f"cycle {cycle}: {n} OS threads 2 s after the coordinator was dropped, {base} before"
+
+
 # -- huge arguments (row 14) --------------------------------------------------------------------
 
 

@@ -103,6 +103,9 @@ pub(crate) struct EngineShared {
     pub(crate) pool: Pool<PyJob>,
     pub(crate) ledger: Arc<Ledger>,
     stopping: AtomicBool,
+    /// Set once nothing is left to stop or join (`release_threads` ran, or
+    /// `stop` joined every thread).
+    released: AtomicBool,
     topology: Topology,
     workers_per_core: usize,
     timer: Timer<TimerItem>,
@@ -130,14 +133,31 @@ enum Unjoined {
     Lane(crate::lane::LaneJoiner),
 }
 
-impl Drop for EngineShared {
-    fn drop(&mut self) {
+impl EngineShared {
+    /// Tells every thread of the engine to exit (workers and the I/O lane
+    /// finish what is queued first; the timer drops what it holds, so a
+    /// retry waiting in it resolves cancelled) and leaves their handles in
+    /// `UNJOINED` for the join at interpreter exit. Runs once, from whichever
+    /// comes first: the `Engine` dropped without `stop()`, or the last handle
+    /// dropped. (A thread's engine cache can hold a handle long after the
+    /// `Engine` is gone: until that thread next submits, or exits. The
+    /// threads must not wait for that.)
+    fn release_threads(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.pool.shutdown();
         self.io.shutdown();
-        let _ = self.timer.shutdown(Duration::ZERO);
+        drop(self.timer.shutdown(Duration::ZERO));
         let mut unjoined = UNJOINED.lock();
         unjoined.extend(self.pool.take_handles().into_iter().map(Unjoined::Worker));
         unjoined.push(Unjoined::Lane(self.io.joiner()));
+    }
+}
+
+impl Drop for EngineShared {
+    fn drop(&mut self) {
+        self.release_threads();
     }
 }
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -206,6 +226,13 @@ fn activate(engine: &Arc<EngineShared>) {
 fn deactivate(engine: &EngineShared) {
     ACTIVE.lock().retain(|e| !std::ptr::eq(Arc::as_ptr(e), engine));
     GENERATION.fetch_add(1, Ordering::AcqRel);
+    // This thread's cache lets go of the engine now (another thread's, when
+    // it next submits or exits). Generation 0 is never current.
+    let _ = CACHED.try_with(|cache| {
+        if let Ok(mut c) = cache.try_borrow_mut() {
+            *c = (0, None);
+        }
+    });
 }
 
 /// A running pool of workers. Made by `OperationsCoordinator.start()`.
@@ -438,6 +465,10 @@ impl EngineShared {
         };
         let timer = &self.timer;
         let leftovers = py.detach(|| timer.shutdown(Duration::from_secs(2)));
+        if joined {
+            // Every thread has exited and been joined: nothing for `release_threads` to hand on.
+            self.released.store(true, Ordering::SeqCst);
+        }
         for item in leftovers {
             if let TimerItem::Retry(job) = item {
                 cancel_jobs(py, vec![job]);
@@ -562,6 +593,7 @@ impl Engine {
             pool,
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs)),
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             topology,
             workers_per_core,
             timer,
@@ -991,7 +1023,7 @@ impl Drop for Engine {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
             LIVE_ENGINES.fetch_sub(1, Ordering::SeqCst);
         }
-        self.shared.pool.shutdown();
+        self.shared.release_threads();
     }
 }
 
