@@ -99,6 +99,122 @@ def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> Non
     assert "Fatal Python error" not in proc.stderr, describe(proc)
 
 
+FORK_UNDER_LOAD_SCRIPT = """
+import os, sys, threading, time, multiprocessing
+from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
+
+@task_token_guard(tags={"weight": "light"})
+def work(x):
+    time.sleep(0.0005)
+    return x + 1
+
+c = OperationsCoordinator(max_workers=4).start()
+stop = threading.Event()
+done = [0]
+
+def submitter():
+    # keeps the workers, the queues and their locks busy while the main thread forks
+    while not stop.is_set():
+        toks = [work(i) for i in range(20)]
+        assert [t.result(timeout=10) for t in toks] == [i + 1 for i in range(20)]
+        done[0] += 1
+
+threads = [threading.Thread(target=submitter) for _ in range(3)]
+for t in threads:
+    t.start()
+
+def in_child():
+    # Waiting on a token made before the fork (it may be pending in the parent's queues) and
+    # a new call fail fast with ForkedProcessError; stop() does nothing (a `with` block or
+    # an exit hook in the child must not fail).
+    t0 = time.monotonic()
+    outcomes = []
+    for what, act in (
+        ("wait", lambda: pending.result(timeout=5)),
+        ("call", lambda: work(1)),
+        ("stop", lambda: c.stop()),
+    ):
+        try:
+            act()
+            outcomes.append(f"{what}:ok")
+        except ForkedProcessError:
+            outcomes.append(f"{what}:forked")
+        except BaseException as e:
+            outcomes.append(f"{what}:{type(e).__name__}")
+    return outcomes, time.monotonic() - t0
+
+def good(outcomes, elapsed):
+    return outcomes[1:] == ["call:forked", "stop:ok"] and outcomes[0] in ("wait:ok", "wait:forked") and elapsed < 1.0
+
+def mp_child(q):
+    q.put(in_child())
+
+bad = []
+for n in range(20):
+    pending = work(-1)
+    if n % 5 == 4:
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.SimpleQueue()
+        p = ctx.Process(target=mp_child, args=(q,))
+        p.start()
+        p.join(15)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            bad.append(f"fork {n}: multiprocessing child hung")
+            continue
+        outcomes, elapsed = q.get()
+        code = p.exitcode
+    else:
+        pid = os.fork()
+        if pid == 0:
+            outcomes, elapsed = in_child()
+            if not good(outcomes, elapsed):
+                os.write(1, f"CHILD {n}: {outcomes} in {elapsed:.3f}s\\n".encode())
+            # normal interpreter exit: the exit hooks must not hang in the child
+            sys.exit(0 if good(outcomes, elapsed) else 7)
+        deadline = time.monotonic() + 15
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                status = None
+                break
+            time.sleep(0.005)
+        if status is None:
+            bad.append(f"fork {n}: child hung")
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        outcomes, elapsed = ["wait:ok", "call:forked", "stop:ok"], 0.0  # the child checked them
+    if code != 0 or not good(outcomes, elapsed):
+        bad.append(f"fork {n}: exit code {code}, {outcomes}, {elapsed:.3f}s")
+    assert pending.result(timeout=10) == 0
+
+stop.set()
+for t in threads:
+    t.join(10)
+assert done[0] > 0
+assert work(5).result(timeout=10) == 6  # the parent's pool is unaffected
+c.stop()
+print("BAD:", bad, flush=True)
+print(f"PARENT: {done[0]} rounds of 20 tokens while forking", flush=True)
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_fork_under_load_child_never_hangs(tmp_path: Path) -> None:
+    # Misuse row 15 with the pool busy: three threads submit and wait while the main thread
+    # forks 20 times (4 of them through multiprocessing's fork context), so locks of the
+    # pool, the registry and the allocator may be held at the fork.
+    proc = run_script(FORK_UNDER_LOAD_SCRIPT, tmp_path, timeout=240)
+    assert proc.returncode == 0, describe(proc)
+    assert "BAD: []" in proc.stdout, describe(proc)
+    assert "Fatal Python error" not in proc.stderr, describe(proc)
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 

@@ -392,6 +392,8 @@ pub struct PoolStats {
 pub struct Pool<J: Job> {
     shared: Arc<Shared<J>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    /// The process that started the workers (see `Drop`).
+    pid: u32,
 }
 
 /// Core slots for `workers` workers on `cores` cores (worker `i` -> slot `i % n`), `units` each.
@@ -440,7 +442,7 @@ impl<J: Job> Pool<J> {
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
         let n_slots = shared.cores.len();
-        let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())) };
+        let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())), pid: std::process::id() };
         for (index, local) in locals.into_iter().enumerate() {
             let shared = shared.clone();
             let host = host.clone();
@@ -853,6 +855,12 @@ impl<J: Job> Pool<J> {
 
 impl<J: Job> Drop for Pool<J> {
     fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A process forked from the one that started the pool: the workers
+            // exist only there, and one may have held a lock of the pool at
+            // the fork. There is nobody to tell, and telling could block.
+            return;
+        }
         // Threads hold their own `Arc<Shared>`; telling them to stop is enough.
         self.shutdown();
     }

@@ -37,7 +37,8 @@
 //! `after_fork_in_child` (registered with `os.register_at_fork`) marks the
 //! process as forked when engines were running: every later use raises
 //! `ForkedProcessError` before touching a lock that another parent thread
-//! may have held at the fork. `begin_interpreter_shutdown` (registered with
+//! may have held at the fork. An engine dropped in the child (at its exit,
+//! say) is leaked untouched, for the same reason (`in_forked_child`). `begin_interpreter_shutdown` (registered with
 //! `threading._register_atexit`, so it runs before threads are joined)
 //! refuses new work and stops every engine, running what was queued.
 
@@ -106,6 +107,8 @@ pub(crate) struct EngineShared {
     /// Set once nothing is left to stop or join (`release_threads` ran, or
     /// `stop` joined every thread).
     released: AtomicBool,
+    /// The process that started the engine (see `in_forked_child`).
+    pid: u32,
     topology: Topology,
     workers_per_core: usize,
     timer: Timer<TimerItem>,
@@ -143,7 +146,7 @@ impl EngineShared {
     /// `Engine` is gone: until that thread next submits, or exits. The
     /// threads must not wait for that.)
     fn release_threads(&self) {
-        if self.released.swap(true, Ordering::SeqCst) {
+        if self.in_forked_child() || self.released.swap(true, Ordering::SeqCst) {
             return;
         }
         self.pool.shutdown();
@@ -152,6 +155,16 @@ impl EngineShared {
         let mut unjoined = UNJOINED.lock();
         unjoined.extend(self.pool.take_handles().into_iter().map(Unjoined::Worker));
         unjoined.push(Unjoined::Lane(self.io.joiner()));
+    }
+}
+
+impl EngineShared {
+    /// True in a process forked after this engine started: its threads
+    /// exist only in the parent, and any lock of the engine (or of the
+    /// registry, or parking_lot's own table) may have been held by one of
+    /// them at the fork, so the child must touch none.
+    fn in_forked_child(&self) -> bool {
+        std::process::id() != self.pid
     }
 }
 
@@ -594,6 +607,7 @@ impl Engine {
             ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs)),
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            pid: std::process::id(),
             topology,
             workers_per_core,
             timer,
@@ -1016,6 +1030,12 @@ fn records_list<'py>(py: Python<'py>, ledger: &Ledger, records: Vec<Record>) -> 
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if self.shared.in_forked_child() {
+            // Touch nothing (see `in_forked_child`), and never drop the
+            // engine here: its queues and timer hold jobs whose drop locks.
+            std::mem::forget(Arc::clone(&self.shared));
+            return;
+        }
         // Dropped without stop(): leave the registry and let the workers
         // finish what is queued and exit. (Joining here could deadlock: the
         // dropping thread holds the interpreter.)
