@@ -270,6 +270,99 @@ def test_unpicklable_result_fails_only_that_token(lane: OperationsCoordinator) -
     assert lane.get_stats()["lanes"]["process"]["crashed"] == 0
 
 
+# CPython's ExecutorDeadlockTest cases (Lib/test/test_concurrent_futures/test_deadlock.py),
+# rewritten for the process lane: pickling breaks, or a process dies, at each step of a
+# token's trip. Each fails (or crashes) that token within 30 s and the lane goes on.
+
+
+class _FailsToPickle:
+    """Raises while it is pickled (in whichever process pickles it)."""
+
+    def __reduce__(self) -> tuple:
+        raise RuntimeError("boom while pickling")
+
+
+def _raise_on_load() -> None:
+    raise RuntimeError("boom while unpickling")
+
+
+class _FailsToUnpickle:
+    """Pickles fine; raises while it is unpickled (in the other process)."""
+
+    def __reduce__(self) -> tuple:
+        return (_raise_on_load, ())
+
+
+class _ExitsOnUnpickle:
+    """Pickles fine; the process that unpickles it exits at once (the worker, for an argument)."""
+
+    def __reduce__(self) -> tuple:
+        return (os._exit, (7,))
+
+
+class _ExitsOnPickle:
+    """The process that pickles it exits at once (the worker, for a result)."""
+
+    def __reduce__(self) -> tuple:
+        os._exit(8)
+
+
+@task_token_guard(tags=PROC)
+def _take_arg(x: object) -> str:
+    return type(x).__name__
+
+
+@task_token_guard(tags=PROC)
+def _give_back(kind: str) -> object:
+    return {"fails_to_pickle": _FailsToPickle, "fails_to_unpickle": _FailsToUnpickle, "exits": _ExitsOnPickle}[kind]()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "argument fails to pickle",
+        "argument fails to unpickle in the worker",
+        "worker exits while unpickling an argument",
+        "result fails to pickle in the worker",
+        "result fails to unpickle in the caller",
+        "worker exits while pickling a result",
+    ],
+)
+def test_a_pickling_break_at_each_step_fails_only_that_token(lane: OperationsCoordinator, case: str) -> None:
+    t0 = time.monotonic()
+    if case == "argument fails to pickle":
+        tok, want, match = _take_arg(_FailsToPickle()), UnpicklableError, "boom while pickling"
+    elif case == "argument fails to unpickle in the worker":
+        tok, want, match = _take_arg(_FailsToUnpickle()), RuntimeError, "boom while unpickling"
+    elif case == "worker exits while unpickling an argument":
+        tok, want, match = _take_arg(_ExitsOnUnpickle()), WorkerCrashedError, "7"
+    elif case == "result fails to pickle in the worker":
+        tok, want, match = _give_back("fails_to_pickle"), UnpicklableError, "boom while pickling"
+    elif case == "result fails to unpickle in the caller":
+        tok, want, match = _give_back("fails_to_unpickle"), UnpicklableError, "boom while unpickling"
+    else:
+        tok, want, match = _give_back("exits"), WorkerCrashedError, "8"
+    with pytest.raises(want, match=match):
+        tok.result(timeout=30)
+    assert time.monotonic() - t0 < 30
+    assert tok.state == "failed"
+    # the lane goes on: both processes (one replaced after a crash) take new tokens
+    assert tokengate.gather([_take_arg(i) for i in range(6)], timeout=30) == ["int"] * 6
+    stats = lane.get_stats()["lanes"]["process"]
+    assert stats["alive"] == 2
+    assert stats["crashed"] == (1 if want is WorkerCrashedError else 0)
+
+
+def test_a_worker_killed_from_outside_while_idle_is_replaced(lane: OperationsCoordinator) -> None:
+    pid = module_level_square(2).result(timeout=30)[0]
+    assert pid in _children()
+    os.kill(pid, signal.SIGKILL)
+    assert not _wait_gone([pid], 10.0)
+    # no token was running in it: nothing fails, and the lane gets back to two processes
+    assert tokengate.gather([_take_arg(i) for i in range(8)], timeout=30) == ["int"] * 8
+    assert wait_until(lambda: lane.get_stats()["lanes"]["process"]["alive"] == 2, 30)
+
+
 # -- stopping a running token -------------------------------------------------------------
 
 
