@@ -436,8 +436,9 @@ def test_the_thread_that_forks_is_the_childs_main_thread() -> None:
 
     def in_thread() -> None:
         with Env(max_workers=1) as env:
-            env.coord()
+            ev = hold_only_worker(env)  # or, free-threaded, the worker may start it first
             assert where().result()[0] == threading.get_ident()  # caches "not the main thread"
+            ev.set()
         pid = os.fork()
         if pid == 0:  # the child: this thread is its main thread now
             code = 0

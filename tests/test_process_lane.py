@@ -449,6 +449,27 @@ def test_kill_terminates_the_process(lane: OperationsCoordinator, tmp_path: Path
     assert module_level_square(3).result(timeout=30)[1] == 9
 
 
+def test_asyncio_cancel_of_a_running_token_stops_the_process(lane: OperationsCoordinator, tmp_path: Path) -> None:
+    # A timeout around asyncio.gather cancels the running token itself (asyncio's contract on
+    # the loop's thread): the gather ends at once and, as for kill, the process is stopped.
+    sleep_long = _sleeper(tmp_path)
+    marker = tmp_path / "pid"
+
+    async def main() -> float:
+        t = sleep_long(str(marker))
+        await asyncio.get_running_loop().run_in_executor(None, _pid_from, marker)
+        assert t.running()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(t), 0.2)
+        assert t.state == "cancelled"
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 2.0
+    assert _wait_gone([_pid_from(marker)], 10.0) == []
+    assert module_level_square(3).result(timeout=30)[1] == 9
+
+
 def test_cancel_before_start_never_runs(lane1: OperationsCoordinator, tmp_path: Path) -> None:
     @task_token_guard(tags=PROC)
     def hold(s: float) -> None:

@@ -219,35 +219,50 @@ def test_fork_under_load_child_never_hangs(tmp_path: Path) -> None:
 
 
 SIGINT_SCRIPT = """
-import sys, time
+import asyncio, sys, time
+import tokengate
 from tokengate import OperationsCoordinator, task_token_guard
+
+WAIT = sys.argv[1]
 
 @task_token_guard
 def sleepy(s):
     time.sleep(s)
     return s
 
+async def waits(toks):
+    if WAIT == "await":
+        return await toks[0]
+    return await asyncio.gather(*toks)
+
 try:
     with OperationsCoordinator(max_workers=2):
-        tok = sleepy(5.0)
+        toks = [sleepy(5.0), sleepy(4.5)]
         print("READY", flush=True)
         try:
-            tok.result()
+            if WAIT == "result":
+                toks[0].result()
+            else:
+                # asyncio.run turns SIGINT into cancelling the main task, then re-raises it
+                asyncio.run(waits(toks))
             print("NOT INTERRUPTED", flush=True)
         except KeyboardInterrupt:
             print(f"CAUGHT {time.monotonic():.6f}", flush=True)
             raise
 except KeyboardInterrupt:
-    print("EXITING", flush=True)
+    # nothing is left unresolved: the with block's stop() waited for both running tokens, or a
+    # cancelled asyncio.gather cancelled them (asyncio's contract; their bodies ran on)
+    print("EXITING", [t.state for t in toks], flush=True)
     sys.exit(0)
 """
 
 
-def test_ctrl_c_interrupts_result_wait(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", ["result", "await", "gather"])
+def test_ctrl_c_interrupts_a_wait(tmp_path: Path, wait: str) -> None:
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SIGINT_SCRIPT)],
+        [sys.executable, "-c", textwrap.dedent(SIGINT_SCRIPT), wait],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -274,7 +289,8 @@ def test_ctrl_c_interrupts_result_wait(tmp_path: Path) -> None:
     latency = float(caught_lines[0].split()[1]) - sent
     print(f"SIGINT -> KeyboardInterrupt latency: {latency * 1000:.1f} ms; SIGINT -> exit: {exited - sent:.2f} s")
     assert latency < 0.5, f"KeyboardInterrupt took {latency:.3f}s to reach the waiter\n{report}"
-    assert "EXITING" in out, report
+    states = "'cancelled', 'cancelled'" if wait == "gather" else "'completed', 'completed'"
+    assert f"EXITING [{states}]" in out, report
     assert proc.returncode == 0, report
     # exit is bounded by the running 5 s task (started ~1 s before SIGINT) plus a wide margin
     assert exited - sent < 10.0, report

@@ -36,7 +36,11 @@ class TaskToken(Generic[_T_co]):
     def cancelled(self) -> bool: ...
     def cancel(self, msg: object | None = None) -> bool:
         """Cancels a token that has not started (it will never run): True.
-        A running token is not interrupted: its ``cancel_requested`` flag is set and False returned."""
+        A running token is not interrupted: its ``cancel_requested`` flag is set and False returned
+        (concurrent.futures' contract). On a thread running an event loop the token is an asyncio
+        future and keeps asyncio's contract: a running token is cancelled too (True); its body runs
+        on with the flag set and its result is dropped. That is what lets ``asyncio.wait_for`` and
+        a cancelled ``asyncio.gather`` over tokens end at once."""
     def kill(self, reason: str = "admin_override") -> bool:
         """Resolves the token at once with ``TaskKilledError(reason)``; a running body finishes on its own."""
     def is_killed(self) -> bool: ...

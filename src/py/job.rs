@@ -509,12 +509,11 @@ impl Drop for OutsideRun {
     }
 }
 
-static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-
 /// True when an asyncio event loop runs on this thread (a body run here
-/// would see it, and `asyncio.run()` in the body would fail).
+/// would see it, and `asyncio.run()` in the body would fail), or when that
+/// cannot be told.
 fn has_running_loop(py: Python<'_>) -> bool {
-    GET_RUNNING_LOOP.import(py, "asyncio", "_get_running_loop").and_then(|f| f.call0()).map_or(true, |running| !running.is_none())
+    super::asyncio::running_loop(py).map_or(true, |running| running.is_some())
 }
 
 /// While a body that a caller runs (`run_on_caller`) blocks in a nested

@@ -321,6 +321,17 @@ impl TokenInner {
         }
     }
 
+    /// asyncio's `cancel()` of a running token (asyncio.wait_for, gather
+    /// and friends hold the token itself as their future, and wait for a
+    /// cancelled future to be done): resolves it as cancelled now. The body
+    /// runs on with its cancel flag set, and its outcome is dropped, as
+    /// after `kill`. (Awaiting the token directly goes through
+    /// `TokenAwait`, whose cancel ends only that await.)
+    pub(crate) fn cancel_running(&self, py: Python<'_>) -> bool {
+        self.core.request_cancel();
+        self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, None)
+    }
+
     /// Registers `func(arg)` to run once the token resolves; runs it now
     /// (or schedules it on the running loop) if it already has.
     pub(crate) fn add_listener(
@@ -482,11 +493,17 @@ impl TaskToken {
         self.inner.core.state() == TokenState::Cancelled
     }
 
-    /// Cancels the token if it has not started. `msg` is accepted for asyncio compatibility.
+    /// Cancels the token if it has not started. On a thread running an
+    /// event loop the token is an asyncio future, and asyncio's contract
+    /// holds: a running token is cancelled too (see `cancel_running`).
+    /// `msg` is accepted for asyncio compatibility.
     #[pyo3(signature = (msg=None))]
     fn cancel(&self, py: Python<'_>, msg: Option<Py<PyAny>>) -> bool {
         let _ = msg;
-        self.inner.cancel(py)
+        if self.inner.cancel(py) {
+            return true;
+        }
+        self.inner.core.state() == TokenState::Executing && matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py)
     }
 
     /// Kills the token: its waiters get `TaskKilledError(reason)` at once.
