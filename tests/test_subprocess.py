@@ -37,7 +37,25 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 # -- fork -----------------------------------------------------------------------------------------
 
 
-FORK_SCRIPT = """
+#: Prepended to the fork scripts: waits for a forked child, with a deadline.
+WAIT_CHILD = """
+import os, time
+
+def wait_child(pid, limit):
+    # the child's exit code, or None when it was still there after `limit` seconds (then killed)
+    deadline = time.monotonic() + limit
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.005)
+"""
+
+FORK_SCRIPT = WAIT_CHILD + """
 import os, sys, time
 from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
 
@@ -71,18 +89,10 @@ if pid == 0:
     # leave through normal interpreter shutdown (the exit hooks must not hang in the child)
     sys.exit(0)
 
-deadline = time.monotonic() + 20
-while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        break
-    if time.monotonic() > deadline:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        print("PARENT: child hung", flush=True)
-        sys.exit(5)
-    time.sleep(0.01)
-code = os.waitstatus_to_exitcode(status)
+code = wait_child(pid, 20)
+if code is None:
+    print("PARENT: child hung", flush=True)
+    sys.exit(5)
 print(f"PARENT: child exit code {code}", flush=True)
 # the parent's pool is unaffected
 assert square(5).result(timeout=10) == 25
@@ -99,7 +109,7 @@ def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> Non
     assert "Fatal Python error" not in proc.stderr, describe(proc)
 
 
-FORK_UNDER_LOAD_SCRIPT = """
+FORK_UNDER_LOAD_SCRIPT = WAIT_CHILD + """
 import os, sys, threading, time, multiprocessing
 from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
 
@@ -173,21 +183,10 @@ for n in range(20):
                 os.write(1, f"CHILD {n}: {outcomes} in {elapsed:.3f}s\\n".encode())
             # normal interpreter exit: the exit hooks must not hang in the child
             sys.exit(0 if good(outcomes, elapsed) else 7)
-        deadline = time.monotonic() + 15
-        while True:
-            got, status = os.waitpid(pid, os.WNOHANG)
-            if got:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                status = None
-                break
-            time.sleep(0.005)
-        if status is None:
+        code = wait_child(pid, 15)
+        if code is None:
             bad.append(f"fork {n}: child hung")
             continue
-        code = os.waitstatus_to_exitcode(status)
         outcomes, elapsed = ["wait:ok", "call:forked", "stop:ok"], 0.0  # the child checked them
     if code != 0 or not good(outcomes, elapsed):
         bad.append(f"fork {n}: exit code {code}, {outcomes}, {elapsed:.3f}s")
