@@ -38,9 +38,10 @@
 //! process as forked when engines were running: every later use raises
 //! `ForkedProcessError` before touching a lock that another parent thread
 //! may have held at the fork. An engine dropped in the child (at its exit,
-//! say) is leaked untouched, for the same reason (`in_forked_child`). `begin_interpreter_shutdown` (registered with
-//! `threading._register_atexit`, so it runs before threads are joined)
-//! refuses new work and stops every engine, running what was queued.
+//! say) is leaked untouched, for the same reason (`in_forked_child`).
+//! `begin_interpreter_shutdown` (registered with `threading._register_atexit`,
+//! so it runs before threads are joined) refuses new work and stops every
+//! engine, running what was queued.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -156,9 +157,7 @@ impl EngineShared {
         unjoined.extend(self.pool.take_handles().into_iter().map(Unjoined::Worker));
         unjoined.push(Unjoined::Lane(self.io.joiner()));
     }
-}
 
-impl EngineShared {
     /// True in a process forked after this engine started: its threads
     /// exist only in the parent, and any lock of the engine (or of the
     /// registry, or parking_lot's own table) may have been held by one of
