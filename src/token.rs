@@ -322,6 +322,12 @@ impl<S> TokenCore<S> {
         self.slot.lock()
     }
 
+    /// The slot if it is free now (a process forked while another thread
+    /// held it would otherwise wait for ever).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, S>> {
+        self.slot.try_lock()
+    }
+
     /// True once someone began to wait for the token.
     pub fn is_awaited(&self) -> bool {
         self.awaited.load(Ordering::Acquire)

@@ -217,8 +217,9 @@ def test_cancel_versus_complete_10k_rounds() -> None:
                 f"round {i}: resolved {thread_calls[tok.token_id]} times (thread), {loop_calls[tok.token_id]} (loop)",
             )
         if tok.cancelled():
-            # Only asyncio cancels a running token (on 3.11, wait_for cancels the token itself at its
-            # timeout): then the body ran once and its outcome was dropped. Else it never ran.
+            # Only asyncio cancels a running token (wait_for cancels the token itself at its timeout
+            # on 3.11, and on 3.12+ when the timeout is 0): then the body ran once and its outcome
+            # was dropped. Else it never ran.
             if ledger[i] and not (modes[i] == "wait_for_token" and tok.cancel_requested and ledger[i] == 1):
                 bad("cancelled token ran", f"round {i} ({modes[i]}): cancelled token ran {ledger[i]} times")
         elif ledger[i] != 1:
@@ -402,7 +403,7 @@ def test_cancelled_await_of_running_token_returns_promptly(
 def test_wait_for_on_the_token_itself(one_worker: OperationsCoordinator, gate: threading.Event) -> None:
     """``asyncio.wait_for(token, t)`` on a running token raises ``TimeoutError`` at the timeout on
     every version, and sets the body's cancel flag. From Python 3.12, ``wait_for`` awaits through
-    ``asyncio.timeout``: only that await ends, and the token completes. On 3.11 it cancels the
+    ``asyncio.timeout`` (for a timeout above 0): only that await ends, and the token completes. On 3.11 it cancels the
     token itself (its future) and waits for it to be done: on a thread running an event loop a
     token keeps asyncio's contract and is cancelled even while its body runs (before, 3.11's
     ``wait_for`` waited for the body and returned its result, with no timeout at all)."""

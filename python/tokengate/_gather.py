@@ -123,6 +123,14 @@ def as_completed(tokens: Iterable[TaskToken[T]], timeout: float | None = None) -
     return _AsCompleted(tokens, timeout)
 
 
+def _cancel_unstarted(window: Iterable[TaskToken[Any]]) -> None:
+    """Cancels the window's tokens that have not started (a map left early). Running ones run
+    on: on an event loop's thread ``cancel()`` would cancel them too (asyncio's contract)."""
+    for t in window:
+        if not t.running():
+            t.cancel()
+
+
 class MapResults(Generic[T]):
     """Lazy, bounded, ordered results of ``fn.map(iterable)``.
 
@@ -154,8 +162,7 @@ class MapResults(Generic[T]):
             while window:
                 yield window.popleft().result()
         finally:
-            for t in window:
-                t.cancel()
+            _cancel_unstarted(window)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._aiter()
@@ -171,8 +178,7 @@ class MapResults(Generic[T]):
             while window:
                 yield await window.popleft()
         finally:
-            for t in window:
-                t.cancel()
+            _cancel_unstarted(window)
 
     async def _collect(self) -> list[T]:
         return [r async for r in self._aiter()]

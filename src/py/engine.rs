@@ -1042,6 +1042,8 @@ impl Drop for Engine {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
             LIVE_ENGINES.fetch_sub(1, Ordering::SeqCst);
         }
+        // A paused operation (or admission) holds its jobs: nobody will resume them now.
+        let _ = Python::try_attach(|py| self.shared.cancel_parked(py, None));
         self.shared.release_threads();
     }
 }

@@ -644,8 +644,9 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
             (TokenState::Failed, Outcome::Error(exceptions::panic_value(py, &msg)))
         }
     };
-    // An attempt that outlived its deadline (or was killed) is not a success.
-    let succeeded = state == TokenState::Completed && token.core.state() == TokenState::Executing;
+    // An attempt that outlived its deadline (or was killed) is not a success;
+    // one whose token asyncio cancelled meanwhile counts as it ended.
+    let succeeded = state == TokenState::Completed && !matches!(token.core.state(), TokenState::Timeout | TokenState::Killed);
     token.op().health.record(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {

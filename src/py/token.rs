@@ -234,7 +234,12 @@ impl TokenInner {
         if state == TokenState::Cancelled {
             return Err(if asyncio { exceptions::asyncio_cancelled(py) } else { BindError::Cancelled.into_pyerr(py) });
         }
-        let slot = self.core.lock();
+        let slot = if super::engine::check_not_forked().is_ok() {
+            self.core.lock()
+        } else {
+            // Forked: a parent thread may have held the slot at the fork (resolving this token).
+            self.core.try_lock().ok_or(BindError::Forked)?
+        };
         match &slot.outcome {
             Some(Outcome::Value(v)) => Ok(v.clone_ref(py)),
             Some(Outcome::Error(e)) => Err(PyErr::from_value(e.bind(py).clone())),
@@ -503,7 +508,12 @@ impl TaskToken {
         if self.inner.cancel(py) {
             return true;
         }
-        self.inner.core.state() == TokenState::Executing && matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py)
+        match self.inner.core.state() {
+            TokenState::Executing => matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py),
+            // A failed attempt went back to the queue for a retry meanwhile.
+            s if s.is_pending() => self.inner.cancel(py),
+            _ => false,
+        }
     }
 
     /// Kills the token: its waiters get `TaskKilledError(reason)` at once.
