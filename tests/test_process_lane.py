@@ -11,8 +11,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ import tokengate
 from tokengate import (
     OperationsCoordinator,
     TaskKilledError,
+    TaskToken,
     TaskTimeoutError,
     WorkerCrashedError,
     task_token_guard,
@@ -317,42 +319,34 @@ def _give_back(kind: str) -> object:
     return {"fails_to_pickle": _FailsToPickle, "fails_to_unpickle": _FailsToUnpickle, "exits": _ExitsOnPickle}[kind]()
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "argument fails to pickle",
-        "argument fails to unpickle in the worker",
-        "worker exits while unpickling an argument",
-        "result fails to pickle in the worker",
-        "result fails to unpickle in the caller",
-        "worker exits while pickling a result",
-    ],
-)
+#: case -> (submits the token, the exception it fails with, its message or the worker's exit code)
+_PICKLING_BREAKS: dict[str, tuple[Callable[[], TaskToken[Any]], type[BaseException], str | int]] = {
+    "argument fails to pickle": (lambda: _take_arg(_FailsToPickle()), UnpicklableError, "boom while pickling"),
+    "argument fails to unpickle in the worker": (lambda: _take_arg(_FailsToUnpickle()), RuntimeError, "boom while unpickling"),
+    "worker exits while unpickling an argument": (lambda: _take_arg(_ExitsOnUnpickle()), WorkerCrashedError, 7),
+    "result fails to pickle in the worker": (lambda: _give_back("fails_to_pickle"), UnpicklableError, "boom while pickling"),
+    "result fails to unpickle in the caller": (lambda: _give_back("fails_to_unpickle"), UnpicklableError, "boom while unpickling"),
+    "worker exits while pickling a result": (lambda: _give_back("exits"), WorkerCrashedError, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(_PICKLING_BREAKS))
 def test_a_pickling_break_at_each_step_fails_only_that_token(lane: OperationsCoordinator, case: str) -> None:
+    submit, want, expected = _PICKLING_BREAKS[case]
+    crashes = want is WorkerCrashedError
     t0 = time.monotonic()
-    if case == "argument fails to pickle":
-        tok, want, match = _take_arg(_FailsToPickle()), UnpicklableError, "boom while pickling"
-    elif case == "argument fails to unpickle in the worker":
-        tok, want, match = _take_arg(_FailsToUnpickle()), RuntimeError, "boom while unpickling"
-    elif case == "worker exits while unpickling an argument":
-        tok, want, match = _take_arg(_ExitsOnUnpickle()), WorkerCrashedError, "7"
-    elif case == "result fails to pickle in the worker":
-        tok, want, match = _give_back("fails_to_pickle"), UnpicklableError, "boom while pickling"
-    elif case == "result fails to unpickle in the caller":
-        tok, want, match = _give_back("fails_to_unpickle"), UnpicklableError, "boom while unpickling"
-    else:
-        tok, want, match = _give_back("exits"), WorkerCrashedError, "8"
-    with pytest.raises(want, match=None if want is WorkerCrashedError else match) as info:
+    tok = submit()
+    with pytest.raises(want, match=None if crashes else str(expected)) as info:
         tok.result(timeout=30)
-    if want is WorkerCrashedError:
-        assert info.value.exitcode == int(match)
+    if crashes:
+        assert info.value.exitcode == expected  # type: ignore[attr-defined]
     assert time.monotonic() - t0 < 30
     assert tok.state == "failed"
     # the lane goes on: both processes (one replaced after a crash) take new tokens
     assert tokengate.gather([_take_arg(i) for i in range(6)], timeout=30) == ["int"] * 6
     stats = lane.get_stats()["lanes"]["process"]
     assert stats["alive"] == 2
-    assert stats["crashed"] == (1 if want is WorkerCrashedError else 0)
+    assert stats["crashed"] == (1 if crashes else 0)
 
 
 def test_a_worker_killed_from_outside_while_idle_is_replaced(lane: OperationsCoordinator) -> None:

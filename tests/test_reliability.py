@@ -463,9 +463,9 @@ def always_fails() -> None:
 def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thread() -> None:
     # Misuse row 17: a started coordinator garbage-collected without stop(). Its workers finish
     # what was queued, a token between its retries resolves, one held by a paused operation
-    # resolves cancelled, and every thread of
-    # the engine exits, although this thread's engine cache still holds the engine (it did
-    # keep the timer thread alive, and its periodic looks, until this thread submitted again).
+    # resolves cancelled, and every thread of the engine exits, although this thread's engine
+    # cache may still hold the engine (it did keep the timer thread alive, and its periodic
+    # looks, until this thread submitted again).
     base = os_thread_count()
     for cycle in range(5):
         gate = threading.Event()
