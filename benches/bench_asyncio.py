@@ -1,11 +1,11 @@
-"""[W1-2] asyncio: awaiting and gathering tokens against asyncio.to_thread and run_in_executor, in one run.
+"""asyncio: awaiting and gathering tokens against asyncio.to_thread and run_in_executor, in one run.
 
 * serial ``await f(x)`` latency p50, against ``await asyncio.to_thread(f, x)`` and
   ``await loop.run_in_executor(None, f, x)``;
 * ``await asyncio.gather(*(f(i) for i in range(10_000)))``, per token, against gather of to_thread;
 * event-loop wake-ups (``call_soon_threadsafe``) per 10,000 completions.
 
-Goals (issue W1-2): await p50 <= 15 us and >= 4x faster than to_thread; gather <= 3 us per token and
+Goals: await p50 <= 15 us and >= 4x faster than to_thread; gather <= 3 us per token and
 >= 20x faster than gather(to_thread); far fewer than 10,000 wakes per 10,000 completions.
 
 Run: ``python benches/bench_asyncio.py [--json out.json]``

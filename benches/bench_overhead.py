@@ -1,4 +1,4 @@
-"""[W1-1] Per-task overhead of a no-op decorated function against ThreadPoolExecutor, in one run.
+"""Per-task overhead of a no-op decorated function against ThreadPoolExecutor, in one run.
 
 * round trip: serial ``f(x).result()`` latency (p50, p90), against ``tpe.submit(f, x).result()``;
 * the same from a thread other than the main thread, where a waiting caller runs a token no worker
@@ -8,7 +8,7 @@
   see the same phases of a shared machine; reported: the best run of each and the median of the
   per-pair ratios.
 
-Goals (issue W1-1): round trip p50 at least 4x faster than ThreadPoolExecutor's, bulk at least 15x.
+Goals: round trip p50 at least 4x faster than ThreadPoolExecutor's, bulk at least 15x.
 
 Run: ``python benches/bench_overhead.py [--n 100000] [--json out.json]``
 """

@@ -1,4 +1,4 @@
-"""The process lane (W1-5) against running in one process and against ProcessPoolExecutor.
+"""The process lane against running in one process and against ProcessPoolExecutor.
 
     python benches/bench_process.py [--work-ms 50] [--rounds 11] [--round-trips 300] [--burst 2000] [--json out.json]
 

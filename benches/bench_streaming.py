@@ -1,4 +1,4 @@
-"""[W1-4] Streaming N no-op tokens through a bounded coordinator keeps RSS flat.
+"""Streaming N no-op tokens through a bounded coordinator keeps RSS flat.
 
 Two modes, each in a fresh child process (so that ``ru_maxrss``, a lifetime
 peak, belongs to one mode only):
@@ -13,7 +13,7 @@ and warm-up, both as ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and as the hi
 ``VmRSS`` of ``/proc/self/status`` sampled every 100,000 tokens, the final VmRSS
 growth, and the throughput.
 
-Goal (issue W1-4): peak RSS growth < 64 MB for N = 10,000,000.
+Goal: peak RSS growth < 64 MB for N = 10,000,000.
 
 Run: ``python benches/bench_streaming.py [--n 10000000] [--max-pending 10000] [--buffer 1024] [--json out.json]``
 """

@@ -1,4 +1,4 @@
-"""[W1-3] What scheduling tags cost: the W1-1 bulk no-op benchmark (submit N calls,
+"""What scheduling tags cost: the bulk no-op benchmark of bench_overhead.py (submit N calls,
 then wait for all) for an untagged function and for one function per tag, in one run.
 
 Variants: untagged (its weight is then the name heuristic's: ``medium``); ``weight: light``; ``priority: 1``; ``timeout: 60``;

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +31,30 @@ def wait_until(pred: Callable[[], Any], limit: float = 10.0, interval: float = 0
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+# -- child interpreters ----------------------------------------------------------------------
+
+CHILD_TIMEOUT = 30  # per child interpreter: generous, the machine is small and shared
+
+
+def run_script(script: str, cwd: Path | str, timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Runs ``script`` (dedented) in a child interpreter; raises ``subprocess.TimeoutExpired`` if it hangs."""
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def describe(proc: subprocess.CompletedProcess[str]) -> str:
+    """A child's exit code and output, for assertion messages."""
+    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
 
 
 # -- process counters -------------------------------------------------------------------------
@@ -61,6 +89,27 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while /proc/<pid> exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids() -> set[int]:
+    """Direct child processes of this process, from /proc (every thread's children)."""
+    out: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return {p for p in out if pid_alive(p)}
 
 
 # -- coordinators and blocked workers -----------------------------------------------------------

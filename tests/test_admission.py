@@ -1,4 +1,4 @@
-"""W1-4 bounded admission: max_pending (global) and operation_limits (per operation).
+"""Bounded admission: max_pending (global) and operation_limits (per operation).
 
 At capacity a plain call blocks (``admission_timeout`` bounds the wait, then
 ``AdmissionRejectedError``), ``try_submit`` / ``options(block=False)`` return

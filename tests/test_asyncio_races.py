@@ -1,4 +1,4 @@
-"""asyncio races (issue W1-2): cancel versus complete, cancelling awaiting tasks,
+"""asyncio races: cancel versus complete, cancelling awaiting tasks,
 contextvars (misuse row 19), async as_completed timeouts and fn.map from coroutines."""
 
 from __future__ import annotations

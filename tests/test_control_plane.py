@@ -1,4 +1,4 @@
-"""W1-4 control plane: pause/resume admission and operations, drain, kill, and stop.
+"""Control plane: pause/resume admission and operations, drain, kill, and stop.
 
 Each control returns a count; killed tokens resolve with TaskKilledError,
 drained ones are cancelled, and nothing is ever left unresolved.

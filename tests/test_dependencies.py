@@ -1,4 +1,4 @@
-"""[W1-3] Tokens as arguments.
+"""Tokens as arguments.
 
 Passing a TaskToken (top-level positional or keyword argument) to a decorated
 function makes a dependency: the new token waits (state ``waiting``, holding no

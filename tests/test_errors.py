@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +57,35 @@ def raise_value(i: int) -> None:
 
 def _frame_names(exc: BaseException) -> list[str]:
     return [fs.name for fs in traceback.extract_tb(exc.__traceback__)]
+
+
+# -- the hierarchy ---------------------------------------------------------------------------
+
+
+def _error_classes() -> set[type[BaseException]]:
+    import tokengate._process  # noqa: F401 - the process lane defines errors of its own
+    import tokengate.executor  # noqa: F401
+
+    found: set[type[BaseException]] = set()
+    todo: list[type[BaseException]] = [TokengateError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("tokengate.") and not sub.__name__.startswith("_") and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
+
+
+def test_every_error_class_is_exported_and_in_the_readme() -> None:
+    import tokengate
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    classes = _error_classes()
+    assert {"RemoteError", "UnpicklableError", "WorkerCrashedError"} <= {c.__name__ for c in classes}
+    for cls in classes:
+        assert getattr(tokengate, cls.__name__, None) is cls, f"tokengate.{cls.__name__} is not exported"
+        assert cls.__name__ in tokengate.__all__, f"{cls.__name__} is missing from tokengate.__all__"
+        assert f"`{cls.__name__}`" in readme, f"README.md does not list {cls.__name__}"
 
 
 # -- the task's own exception ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""[W1-3] The ``storage_speed`` tag: an elastic I/O lane with per-tier concurrency.
+"""The ``storage_speed`` tag: an elastic I/O lane with per-tier concurrency.
 
 SLOW 10, MODERATE 25, FAST 50, INSANE 70 tokens at once per tier (configurable);
 threads are spawned on demand and retire after ``io_idle_timeout``; a token

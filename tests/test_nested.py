@@ -1,4 +1,4 @@
-"""[W1-3] Nested submit and wait.
+"""Nested submit and wait.
 
 A task that waits on a token (``result()``) runs queued jobs inline meanwhile
 (help while waiting), so recursive fan-out finishes even with ``max_workers=1``.

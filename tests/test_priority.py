@@ -1,4 +1,4 @@
-"""W1-4 priorities: higher first, FIFO within a priority, aging so that nothing starves.
+"""Priorities: higher first, FIFO within a priority, aging so that nothing starves.
 
 Every ordering test uses one worker held by a task blocked on an Event while
 the tokens are queued, so the queue order is all that decides the run order.

@@ -1,4 +1,4 @@
-"""The process lane (W1-5): ``process_pool: True`` tokens run in worker processes."""
+"""The process lane: ``process_pool: True`` tokens run in worker processes."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tokengate import (
 from tokengate._process import ProcessFunction, UnpicklableError
 
 import support
-from support import running_coordinator, wait_until
+from support import child_pids, pid_alive, running_coordinator, wait_until
 
 PROC = {"process_pool": True}
 
@@ -40,33 +40,12 @@ def module_level_square(x: int) -> tuple[int, int]:
     return os.getpid(), x * x
 
 
-def _alive(pid: int) -> bool:
-    """True while /proc/<pid> exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _children() -> set[int]:
-    """Direct child processes of this process, from /proc (every thread's children)."""
-    out: set[int] = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                out.update(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return {p for p in out if _alive(p)}
-
-
 def _wait_gone(pids: list[int], limit: float = 5.0) -> list[int]:
     deadline = time.monotonic() + limit
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if pid_alive(p)]
     while left and time.monotonic() < deadline:
         time.sleep(0.02)
-        left = [p for p in left if _alive(p)]
+        left = [p for p in left if pid_alive(p)]
     return left
 
 
@@ -351,7 +330,7 @@ def test_a_pickling_break_at_each_step_fails_only_that_token(lane: OperationsCoo
 
 def test_a_worker_killed_from_outside_while_idle_is_replaced(lane: OperationsCoordinator) -> None:
     pid = module_level_square(2).result(timeout=30)[0]
-    assert pid in _children()
+    assert pid in child_pids()
     os.kill(pid, signal.SIGKILL)
     assert not _wait_gone([pid], 10.0)
     # no token was running in it: nothing fails, and the lane gets back to two processes
@@ -649,14 +628,14 @@ def test_storage_speed_with_process_pool_stays_on_threads() -> None:
 
 
 def test_stop_leaves_no_processes(tmp_path: Path) -> None:
-    before = _children()
+    before = child_pids()
     c = OperationsCoordinator(max_workers=2, process_workers=2).start()
     seen = {module_level_square(i).result(timeout=30)[0] for i in range(6)}
     pids = set(c._process_lane.pids) | seen
-    assert pids and all(_alive(p) for p in c._process_lane.pids)
+    assert pids and all(pid_alive(p) for p in c._process_lane.pids)
     assert c.stop()
     assert _wait_gone(sorted(pids), 1.0) == []
-    assert _children() - before == set()
+    assert child_pids() - before == set()
     assert c.get_stats()["active"] is False
 
     # Stopping with a token still running: after the timeout its process is killed.
@@ -673,7 +652,7 @@ def test_stop_leaves_no_processes(tmp_path: Path) -> None:
     with pytest.raises(TaskKilledError):
         t.result()
     assert _wait_gone([pid, *lane_pids], 1.0) == []
-    assert _children() - before == set()
+    assert child_pids() - before == set()
     with pytest.raises(tokengate.NotStartedError):
         module_level_square(1)
 

@@ -1,4 +1,4 @@
-"""W1-4 property tests (hypothesis): under random workloads
+"""Property tests (hypothesis): under random workloads
 
 * the per-operation and global limits are never exceeded (counted inside the
   task bodies under a lock, and by the producer over its own unresolved tokens);

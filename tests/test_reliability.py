@@ -455,13 +455,20 @@ def gated(gate: threading.Event, x: int) -> int:
     return x + 1
 
 
-@task_token_guard(operation_type="rel_always_fails", tags={"weight": "light"})
-def always_fails() -> None:
+@task_token_guard(operation_type="rel_always_fails_retried", tags={"weight": "light", "retries": 100})
+def always_fails_retried() -> None:
     raise ValueError("fails every attempt")
 
 
+def _submit_to(c: OperationsCoordinator, fn: Any, *args: Any) -> Any:
+    """A token of decorated ``fn`` on ``c`` (which takes no decorated calls itself)."""
+    return fn.spec.submit_call(fn.__wrapped__, args, None, c._engine)
+
+
 def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thread() -> None:
-    # Misuse row 17: a started coordinator garbage-collected without stop(). Its workers finish
+    # Misuse row 17: a started coordinator garbage-collected without stop(). One that takes
+    # decorated calls is a service that runs until stop() (see test_coordinator.py); this is
+    # one that does not (register_global=False, as an Executor's is). Its workers finish
     # what was queued, a token between its retries resolves, one held by a paused operation
     # resolves cancelled, and every thread of the engine exits, although this thread's engine
     # cache may still hold the engine (it did keep the timer thread alive, and its periodic
@@ -469,12 +476,12 @@ def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thre
     base = os_thread_count()
     for cycle in range(5):
         gate = threading.Event()
-        c = OperationsCoordinator(max_workers=2).start()
-        retry = always_fails.options(retries=100)()  # retried after 0.05 s, 0.1 s, ... (up to 30 s)
+        c = OperationsCoordinator(max_workers=2, register_global=False).start()
+        retry = _submit_to(c, always_fails_retried)  # retried after 0.05 s, 0.1 s, ... (up to 30 s)
         assert wait_until(lambda: retry.attempts >= 2, WAIT), retry.state
-        toks = [gated(gate, i) for i in range(40)]  # 2 run and wait for the gate, 38 queue
+        toks = [_submit_to(c, gated, gate, i) for i in range(40)]  # 2 run and wait for the gate, 38 queue
         c.pause_operation("rel_square")
-        held = square(3)  # held by the pause: nobody will resume it
+        held = _submit_to(c, square, 3)  # held by the pause: nobody will resume it
         del c
         gc.collect()
         assert _tokengate.active_engine_count() == 0, "the coordinator's engine outlived it"

@@ -1,4 +1,4 @@
-"""W1-4 retries (``retries`` / ``allow_retries`` tags, per-call ``options(retries=...)``,
+"""Retries (``retries`` / ``allow_retries`` tags, per-call ``options(retries=...)``,
 back-off 0.05 s doubling) and per-operation health (the original's Guard House),
 including ``auto_block_dangerous``."""
 

@@ -1,4 +1,4 @@
-"""[W1-3] Routing keys: ``hash_policy`` (how arguments take part in a sticky key),
+"""Routing keys: ``hash_policy`` (how arguments take part in a sticky key),
 ``make_hashable`` and ``digest_policy`` (the length of a lead's seed).
 """
 

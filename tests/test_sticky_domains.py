@@ -1,4 +1,4 @@
-"""[W1-3] Sticky anchors and lead domains.
+"""Sticky anchors and lead domains.
 
 * ``sticky_anchor``: tokens sharing a routing key run on the same worker while
   any of them is in flight; the registry (``sticky_snapshot()``) is empty once

@@ -11,27 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support import CHILD_TIMEOUT as TIMEOUT, describe, run_script
 
 pytestmark = pytest.mark.subprocess
-
-TIMEOUT = 30  # per child interpreter: generous, the machine is small and shared
-
-
-def run_script(script: str, cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("PYTHONWARNINGS", None)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def describe(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
 
 
 # -- fork -----------------------------------------------------------------------------------------

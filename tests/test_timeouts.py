@@ -1,4 +1,4 @@
-"""W1-4 timeouts: the ``timeout`` tag and per-call ``options(timeout=...)``.
+"""Timeouts: the ``timeout`` tag and per-call ``options(timeout=...)``.
 
 A queued token past its deadline never runs and ends 'timeout'. For a running
 token the waiters get TaskTimeoutError at the deadline, the state becomes

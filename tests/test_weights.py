@@ -1,4 +1,4 @@
-"""[W1-3] The ``weight`` tag as per-core capacity.
+"""The ``weight`` tag as per-core capacity.
 
 Each core slot has ``workers_per_core`` units (4): light = 1 unit, medium = 2,
 heavy = the whole core. So a heavy token has its core to itself and never more

@@ -17,6 +17,7 @@ from . import _tokengate
 from ._coordinator import OperationsCoordinator
 from ._decorator import task_token_guard
 from ._gather import as_completed, gather
+from ._process import RemoteError, UnpicklableError
 from .executor import Executor
 from ._routing import make_hashable
 from ._tags import DigestPolicy, HashPolicy
@@ -62,6 +63,7 @@ __all__ = [
     "NotStartedError",
     "OperationBlockedError",
     "OperationsCoordinator",
+    "RemoteError",
     "ShutdownError",
     "TOKEN_STATES",
     "TaskCancelledError",
@@ -71,6 +73,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskToken",
     "TokengateError",
+    "UnpicklableError",
     "WorkerCrashedError",
     "__version__",
     "as_completed",

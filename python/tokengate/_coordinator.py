@@ -13,23 +13,33 @@ from types import TracebackType
 from typing import Any
 
 from . import _tokengate
-from ._tags import STORAGE_TIERS
+from ._tags import STORAGE_TIERS, check_seconds
 from .exceptions import NotStartedError
 
 __all__ = ["OperationsCoordinator"]
 
 _live: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
+#: Started coordinators that take decorated calls: a running service is held
+#: here until stop() (or interpreter exit), whether or not the caller kept it.
+_services: set[OperationsCoordinator] = set()
 #: How many times a coordinator started (lets the process lane cache the newest running one).
 _starts = [0]
 
 
-def _positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
+#: The most worker threads one pool may have.
+MAX_WORKERS: int = _tokengate.MAX_WORKERS
+#: Counts and sizes are 64-bit.
+_MAX_COUNT = 2**63 - 1
+
+
+def _positive_int(name: str, value: object, *, allow_none: bool = False, maximum: int = _MAX_COUNT) -> int | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be greater than 0, got {value}")
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be an int{none}, not {type(value).__name__}")
+    if not 0 < value <= maximum:
+        raise ValueError(f"{name} must be from 1 to {maximum}, got {value}")
     return value
 
 
@@ -44,7 +54,14 @@ class OperationsCoordinator:
     cores) sizes the process lane that runs ``process_pool: True`` tokens;
     ``process_prefetch`` (default 64) is the most tokens it sends ahead to one
     worker process (it sends about 10 ms of work; 1: one at a time; see
-    ``tokengate._process``).
+    ``tokengate._process``). ``process_max_tasks_per_child`` (an int >= 1, or
+    None: the default, never) retires a worker process once it has run that
+    many tokens, as ProcessPoolExecutor's ``max_tasks_per_child`` does (it is
+    never sent more than it has left); ``process_max_rss`` (bytes > 0, or None:
+    the default, no ceiling) retires one whose resident set is above it when a
+    token ends (that token still succeeds). A retiring process finishes what it
+    was sent, then exits; a fresh one takes its slot, and no token fails
+    because of it (``get_stats()['lanes']['process']['recycled']`` counts them).
 
     ``caller_runs`` (default True): a thread other than the main thread that
     calls ``token.result()`` without a timeout on a token no worker has
@@ -58,8 +75,11 @@ class OperationsCoordinator:
     ``stop()`` waits for it as for any running body. See the README's
     "Caller runs". ``caller_runs=False`` keeps every body on the workers.
 
-    ``start()`` and ``stop()`` are idempotent and a stopped coordinator can
-    be started again. It is also a context manager (``with``) and an async
+    A started coordinator is a service: it runs until ``stop()`` or
+    interpreter exit, whether or not the caller keeps a reference to it
+    (one made with ``register_global=False``, as an ``Executor``'s is, stops
+    when it is garbage-collected). ``start()`` and ``stop()`` are idempotent
+    and a stopped coordinator can be started again. It is also a context manager (``with``) and an async
     context manager (``async with``). Several coordinators may run at once:
     decorated calls go to the most recently started one (calls made inside
     a task stay on the task's coordinator).
@@ -85,10 +105,17 @@ class OperationsCoordinator:
         convergence_interval: float = 5.0,
         process_workers: int | None = None,
         process_prefetch: int = 64,
+        process_max_tasks_per_child: int | None = None,
+        process_max_rss: int | None = None,
         caller_runs: bool = True,
     ) -> None:
-        self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core)  # type: ignore[assignment]
-        self.max_workers = _positive_int("max_workers", max_workers, allow_none=True)
+        self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)  # type: ignore[assignment]
+        self.max_workers = _positive_int("max_workers", max_workers, allow_none=True, maximum=MAX_WORKERS)
+        if max_workers is None and self.total_workers > MAX_WORKERS:
+            raise ValueError(
+                f"workers_per_core={workers_per_core} gives {self.total_workers} workers on {_logical_cores()} cores, "
+                f"more than {MAX_WORKERS}; pass max_workers instead"
+            )
         if not isinstance(pin_workers, bool):
             raise TypeError(f"pin_workers must be a bool, not {type(pin_workers).__name__}")
         if not isinstance(thread_name_prefix, str) or not thread_name_prefix:
@@ -106,12 +133,10 @@ class OperationsCoordinator:
             if not isinstance(op, str):
                 raise TypeError(f"operation_limits keys must be operation names (str), not {op!r}")
             self.operation_limits[op] = _positive_int(f"operation_limits[{op!r}]", limit)  # type: ignore[assignment]
-        if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 0:
-            raise ValueError(f"history_size must be a non-negative int, got {history_size!r}")
+        if not isinstance(history_size, int) or isinstance(history_size, bool) or not 0 <= history_size <= _MAX_COUNT:
+            raise ValueError(f"history_size must be an int from 0 to {_MAX_COUNT}, got {history_size!r}")
         self.history_size = history_size
-        if not isinstance(aging, (int, float)) or isinstance(aging, bool) or not aging > 0:
-            raise ValueError(f"aging must be a positive number of seconds, got {aging!r}")
-        self.aging = float(aging)
+        self.aging = check_seconds("aging", aging)
         self.enable_convergence = bool(enable_convergence)
         #: False: decorated calls never go to this coordinator (an Executor's private one).
         self.register_global = bool(register_global)
@@ -123,23 +148,25 @@ class OperationsCoordinator:
             if key not in STORAGE_TIERS:
                 raise ValueError(f"unknown storage tier {tier!r}; valid tiers: {', '.join(STORAGE_TIERS)}")
             self.storage_limits[key] = _positive_int(f"storage_limits[{tier!r}]", limit)  # type: ignore[assignment]
-        if not isinstance(io_idle_timeout, (int, float)) or isinstance(io_idle_timeout, bool) or not io_idle_timeout > 0:
-            raise ValueError(f"io_idle_timeout must be a positive number of seconds, got {io_idle_timeout!r}")
-        self.io_idle_timeout = float(io_idle_timeout)
-        if not isinstance(convergence_interval, (int, float)) or isinstance(convergence_interval, bool) or not convergence_interval > 0:
-            raise ValueError(f"convergence_interval must be a positive number of seconds, got {convergence_interval!r}")
-        self.convergence_interval = float(convergence_interval)
+        self.io_idle_timeout = check_seconds("io_idle_timeout", io_idle_timeout)
+        self.convergence_interval = check_seconds("convergence_interval", convergence_interval)
         self.auto_block_dangerous = bool(auto_block_dangerous)
         if not isinstance(caller_runs, bool):
             raise TypeError(f"caller_runs must be a bool, not {type(caller_runs).__name__}")
         self.caller_runs = caller_runs
-        # -- W1-5 process lane: worker processes of process_pool tokens (default: logical cores),
+        # -- process lane: worker processes of process_pool tokens (default: logical cores),
         # started on the first such token, shut down by stop().
         self.process_workers = _positive_int("process_workers", process_workers, allow_none=True)
         #: Tokens the lane sends ahead to one worker process (1: one at a time).
         self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch)  # type: ignore[assignment]
+        #: Tokens after which a worker process is replaced (None: never).
+        self.process_max_tasks_per_child = _positive_int(
+            "process_max_tasks_per_child", process_max_tasks_per_child, allow_none=True
+        )
+        #: RSS (bytes) above which a worker process is replaced after a token (None: no ceiling).
+        self.process_max_rss = _positive_int("process_max_rss", process_max_rss, allow_none=True)
         self._process_lane: Any = None
-        # -- end W1-5
+        # -- end of the process lane
         self._engine: _tokengate.Engine | None = None
         self._last_engine: _tokengate.Engine | None = None
         self._lock = threading.RLock()
@@ -184,6 +211,8 @@ class OperationsCoordinator:
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)
             _live.add(self)
+            if self.register_global:
+                _services.add(self)
             _starts[0] += 1
             return self
 
@@ -194,21 +223,25 @@ class OperationsCoordinator:
         threads have exited. ``cancel_pending``: cancel tokens that have not
         started instead of running them. ``timeout``: stop waiting after this
         many seconds (tokens still queued are then cancelled; a running task
-        cannot be interrupted and finishes on its own).
+        cannot be interrupted and finishes on its own). With ``cancel_pending``,
+        and once ``timeout`` has passed, running tokens are asked to stop: their
+        ``cancel_requested`` flag is set, which a body can check
+        (``tokengate.current_token().cancel_requested``).
 
         Returns True when every worker thread exited.
         """
         with self._lock:
+            _services.discard(self)
             engine = self._engine
             if engine is None:
                 return True
             joined = engine.stop(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
-            # -- W1-5: shut the process lane down (no worker process outlives stop()).
+            # -- shut the process lane down (no worker process outlives stop()).
             lane, self._process_lane = self._process_lane, None
             if lane is not None:
                 lane_done = lane.shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
                 joined = joined and (lane_done or not wait)
-            # -- end W1-5
+            # -- end of the process lane
             self._last_engine = engine  # history stays readable after stop
             if joined or not wait:
                 self._engine = None
@@ -270,7 +303,11 @@ class OperationsCoordinator:
     def kill_token(self, token_id: int, reason: str = "admin_override") -> int:
         """Kills one token (its waiters get ``TaskKilledError(reason)``). Returns 1, or 0 if it
         was already resolved or unknown."""
-        return self._running_engine().kill_token(int(token_id), str(reason))
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise TypeError(f"token_id must be an int (a token's .id), not {type(token_id).__name__}")
+        if not 0 <= token_id < 2**64:
+            return 0  # no token has such an id
+        return self._running_engine().kill_token(token_id, str(reason))
 
     def kill_all_by_operation(self, operation_type: str | None, reason: str = "admin_override") -> int:
         """Kills every unresolved token of ``operation_type`` (of every operation with None).
@@ -322,10 +359,14 @@ class OperationsCoordinator:
 
     def get_recent_executions(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` execution records (newest first) from a ring of ``history_size``."""
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, got {limit}")
         engine = self._engine or self._last_engine
         if engine is None:
             return []
-        return engine.recent_executions(limit)
+        return engine.recent_executions(min(limit, 2**32))
 
     def dump_execution_history(self, filepath: str | os.PathLike[str] | None = None) -> str:
         """Writes the kept execution records to a JSON file
@@ -357,7 +398,7 @@ class OperationsCoordinator:
                     "timeouts": {}, "operations": {}}
         stats: dict[str, Any] = engine.stats()
         stats["active"] = True
-        lane = self._process_lane  # W1-5
+        lane = self._process_lane
         if lane is not None and lane.engine is engine:
             stats.setdefault("lanes", {})["process"] = lane.stats()
         return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 from collections.abc import Callable, Iterable, Mapping
 import sys
@@ -17,7 +18,7 @@ else:  # pragma: no cover
 
 from . import _tokengate
 from ._routing import sticky_key
-from ._tags import validate_tags, weight_of
+from ._tags import MAX_SECONDS, check_priority, check_retries, check_seconds, validate_tags, weight_of
 from ._tokengate import TaskToken
 
 __all__ = ["task_token_guard"]
@@ -114,11 +115,15 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
     """
     if callable(operation_type) and tags is None:
         return task_token_guard()(operation_type)
-    if operation_type is not None and (not isinstance(operation_type, str) or not operation_type):
+    if operation_type is not None and (not isinstance(operation_type, str) or not operation_type.strip()):
         raise TypeError(f"operation_type must be a non-empty string or None, not {operation_type!r}")
     validated = validate_tags(tags)
 
     def decorate(fn: Callable[P, R]) -> Callable[P, TaskToken[R]]:
+        # Above @staticmethod or @classmethod: guard the function and wrap the guard
+        # again, so that it binds as the descriptor would (no instance, or the class).
+        if isinstance(fn, (staticmethod, classmethod)):
+            return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
         _check_function(fn)
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         op = operation_type or name
@@ -174,7 +179,7 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.try_submit = CallWith(spec.submit_with, block=False)  # type: ignore[attr-defined]
         wrapper.submit_async = CallWith(spec.submit_with).submit_async  # type: ignore[attr-defined]
         if validated.get("process_pool") and not validated.get("storage_speed"):
-            # W1-5: the process lane (python/tokengate/_process.py) runs these tokens.
+            # The process lane (python/tokengate/_process.py) runs these tokens.
             from ._process import process_wrapper
 
             return process_wrapper(spec, fn)  # type: ignore[return-value]
@@ -206,14 +211,29 @@ class CallWith:
         block: bool = True,
         admission_timeout: float | None = None,
     ) -> None:
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if timeout is not None and (
-            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if priority is not None:
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise TypeError(f"option 'priority' must be an int, not {type(priority).__name__}")
+            check_priority("option 'priority'", priority)
+        if retries is not None:
+            check_retries("option 'retries'", retries)
+        if timeout is not None:
+            timeout = check_seconds("option 'timeout'", timeout)
+        if not isinstance(block, bool):
+            raise TypeError(f"option 'block' must be a bool, not {type(block).__name__}")
+        if admission_timeout is not None:
+            if (
+                not isinstance(admission_timeout, (int, float))
+                or isinstance(admission_timeout, bool)
+                or math.isnan(admission_timeout)
+                or admission_timeout < 0
+            ):
+                raise ValueError(
+                    f"option 'admission_timeout': invalid value {admission_timeout!r}; expected a non-negative "
+                    "number of seconds (0: do not wait; None: wait as long as it takes)"
+                )
+            if admission_timeout > MAX_SECONDS:
+                admission_timeout = None  # longer than any wait can be: no bound
         self._submit = submit
         self._kw = {
             "priority": priority,
@@ -251,8 +271,8 @@ class CallWith:
             delay = min(delay * 2, 0.005)
 
 
-def _map(fn: Callable[..., TaskToken[Any]], iterable: Iterable[Any], *, buffer: int | None = None) -> Any:
+def _map(fn: Callable[..., TaskToken[Any]], *iterables: Iterable[Any], buffer: int | None = None) -> Any:
     from ._gather import map_tokens
 
-    return map_tokens(fn, iterable, buffer=buffer)
+    return map_tokens(fn, *iterables, buffer=buffer)
 

@@ -187,10 +187,19 @@ class MapResults(Generic[T]):
         return self._collect().__await__()
 
 
-def map_tokens(fn: Callable[[Any], TaskToken[T]], iterable: Iterable[Any], *, buffer: int | None = None) -> MapResults[T]:
-    """``fn.map(iterable, buffer=...)``: see :class:`MapResults`."""
+def map_tokens(fn: Callable[..., TaskToken[T]], *iterables: Iterable[Any], buffer: int | None = None) -> MapResults[T]:
+    """``fn.map(iterable, ..., buffer=...)``: see :class:`MapResults`. With several
+    iterables, ``fn`` takes one item of each, and the shortest ends the map (as ``map`` does)."""
     if buffer is None:
         buffer = DEFAULT_MAP_BUFFER
     if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer <= 0:
         raise ValueError(f"buffer must be a positive int, got {buffer!r}")
-    return MapResults(fn, iterable, buffer)
+    if not iterables:
+        raise TypeError("map() needs at least one iterable")
+    if len(iterables) == 1:
+        return MapResults(fn, iterables[0], buffer)
+
+    def call(args: tuple[Any, ...]) -> TaskToken[T]:
+        return fn(*args)
+
+    return MapResults(call, zip(*iterables), buffer)

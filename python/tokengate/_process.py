@@ -1,4 +1,4 @@
-"""The process lane (W1-5): tokens of ``process_pool: True`` operations run in worker processes.
+"""The process lane: tokens of ``process_pool: True`` operations run in worker processes.
 
 A decorated function tagged ``process_pool: True`` (and no ``storage_speed``)
 is a :class:`ProcessFunction`. Calling it returns an ordinary
@@ -51,6 +51,47 @@ Design
     token that was queued in three processes that died fails with
     ``WorkerCrashedError`` (its own message may be what kills them).
 
+* **Recycling** (as ProcessPoolExecutor's ``max_tasks_per_child``).
+  ``OperationsCoordinator(process_max_tasks_per_child=N)`` retires a worker
+  process once it has run N tokens; ``process_max_rss=BYTES`` retires one
+  whose resident set is above BYTES when a token ends (that token still
+  succeeds). Both default to None: a process serves until ``stop()``. A
+  fresh process takes the retired one's slot; recycling never fails, loses
+  or repeats a token:
+
+  - a process is never sent more tokens than it has left: sending ahead
+    stops at its budget (each token sent uses one unit; one listed on its
+    board to be skipped gives its unit back, it never runs there);
+  - a *retiring* process (budget used up, or RSS above the ceiling) is sent
+    nothing more and runs what it holds. Once every token sent to it has
+    answered (nothing in flight, nothing to skip, nothing in its outbox),
+    the supervisor closes its socket and starts the replacement in the same
+    step: the worker, idle in ``recv``, reads EOF and exits with status 0. It
+    is reaped when its pidfd fires (without pidfds, polled on every
+    supervisor wake-up), and SIGKILLed if it has not exited 5 s later. Its
+    exit is never taken for a crash: its socket and pidfd left the
+    selector's worker keys when it retired;
+  - RSS is measured by the worker itself, only when ``process_max_rss`` is
+    set: after each token, before its reply, it reads
+    ``/proc/self/statm`` (one ``pread`` on an fd kept open, under a
+    microsecond; the peak ``ru_maxrss`` where there is no ``/proc``) into the
+    RSS word of its board (:class:`_Board`), and the supervisor compares that
+    word with the ceiling as it handles the reply. In the worker because the
+    value is exact for "after this token ended" and costs the one supervisor
+    thread nothing: read from the parent, ``/proc/<pid>/statm`` would be a
+    syscall per reply on the supervisor, taken while the worker may already
+    run the next token sent ahead. The current RSS matters, not the peak: a
+    token that frees what it allocated does not retire its process;
+  - a retiring process that crashes, or whose running token is killed or
+    times out, is replaced like any other (it counts as ``crashed`` or
+    ``replaced``, not ``recycled``). While ``stop()`` runs, a retiring
+    process is retired only if tokens are still queued for the lane;
+    otherwise it is closed with the others (no fresh process is started
+    only to be stopped).
+
+  ``get_stats()['lanes']['process']['recycled']`` counts retired processes
+  (``recycled_rss``: those retired for their RSS).
+
 * **Why not loky's reusable executor for running tokens.** loky's executor
   cannot stop one running call, and a worker that dies breaks the whole
   executor (every pending future fails with ``TerminatedWorkerError``, not
@@ -85,7 +126,8 @@ Design
   token at a time. Ctrl-C (SIGINT) is ignored in workers: the parent stops
   them. On Linux a worker also dies with its parent (``PR_SET_PDEATHSIG``).
 * **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
-  cancels them), then closes every worker and reaps it; when ``timeout``
+  cancels them), then closes every worker and reaps it, with the retired
+  processes that are still exiting (SIGKILLed after 2 s); when ``timeout``
   passes first, running process tokens end killed
   (``TaskKilledError('process_lane_stopped')``) and their processes are
   SIGKILLed. Interpreter exit does the same after the engines stopped.
@@ -155,6 +197,8 @@ _PREFETCH_WORK_S = 0.010
 #: A token goes back to the queue at most this many times when processes die before starting it.
 _MAX_REQUEUES = 3
 _LEN64 = struct.Struct("!Q")
+#: A retired worker process that has not exited this long after its socket closed is SIGKILLed.
+_RETIRE_GRACE_S = 5.0
 
 
 def _frames(buf: bytearray) -> list[bytes]:
@@ -457,7 +501,13 @@ def lane_for(coordinator: Any) -> ProcessLane:
 
                 workers = _logical_cores()
             lane = ProcessLane(
-                engine, workers, aging=coordinator.aging, coordinator=coordinator, prefetch=coordinator.process_prefetch
+                engine,
+                workers,
+                aging=coordinator.aging,
+                coordinator=coordinator,
+                prefetch=coordinator.process_prefetch,
+                max_tasks_per_child=coordinator.process_max_tasks_per_child,
+                max_rss=coordinator.process_max_rss,
             )
             coordinator._process_lane = lane
     if not engine.running:
@@ -506,7 +556,11 @@ class _Board:
     Word 0 holds ``seq + 1`` of the token the worker runs now (0: none); only
     the worker writes it. Word 1 counts the listed tokens, words 2..n+1 hold
     ``seq + 1`` of tokens already sent to the worker that must not start (0:
-    free); only the supervisor writes those. Both sides decide under a POSIX
+    free); only the supervisor writes those. Word n+2 holds the worker's
+    resident set size in bytes, written by the worker after each token and
+    before its reply (only with ``process_max_rss``; 0: not measured), read by
+    the supervisor as it handles the reply (no lock: one aligned word, and the
+    reply orders the write before the read). Both sides decide under a POSIX
     record lock on the shared file:
 
     * the worker, before it starts a token: skip it if it is listed, else
@@ -525,7 +579,7 @@ class _Board:
     def __init__(self, fd: int, n: int) -> None:
         self.fd = fd
         self.n = n
-        self.map = mmap.mmap(fd, 8 * (n + 2))
+        self.map = mmap.mmap(fd, 8 * (n + 3))
         self.words = memoryview(self.map).cast("q")
 
     @classmethod
@@ -536,7 +590,7 @@ class _Board:
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
         try:
-            os.ftruncate(fd, 8 * (n + 2))
+            os.ftruncate(fd, 8 * (n + 3))
             return cls(fd, n)
         except BaseException:
             os.close(fd)
@@ -547,13 +601,17 @@ class _Board:
         v = self.words[0]
         return v - 1 if v else None
 
+    def rss(self) -> int:
+        """The worker's resident set size (bytes) after its latest token (0: not measured)."""
+        return int(self.words[self.n + 2])
+
     # worker side
     def begin(self, seq: int) -> bool:
         """Publishes ``seq`` as running, unless the supervisor listed it: then False."""
         words = self.words
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            if words[1] and seq + 1 in words[2:].tolist():
+            if words[1] and seq + 1 in words[2 : self.n + 2].tolist():
                 return False
             words[0] = seq + 1
             return True
@@ -564,6 +622,11 @@ class _Board:
         """The token finished and its reply was sent (a kill that reads the stale word
         meanwhile only replaces an idle process)."""
         self.words[0] = 0
+
+    def set_rss(self, value: int) -> None:
+        """Publishes the worker's resident set size (bytes), before the reply of the token
+        that just ended."""
+        self.words[self.n + 2] = value
 
     # supervisor side
     def stop(self, seq: int, kill: Any) -> bool:
@@ -598,6 +661,10 @@ class _Board:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        """Unmaps and closes the board (idempotent: a retired worker's board is closed
+        when it retires, never twice, so its fd number is never closed after reuse)."""
+        if self.fd < 0:
+            return
         try:
             self.words.release()
             self.map.close()
@@ -607,6 +674,7 @@ class _Board:
             os.close(self.fd)
         except OSError:
             pass
+        self.fd = -1
 
 
 
@@ -616,7 +684,7 @@ class _Worker:
 
     __slots__ = (
         "slot", "proc", "conn", "pid", "pidfd", "board", "ready", "items", "skips", "funcs", "rbuf", "outbox",
-        "spawned_at", "mark", "avg",
+        "spawned_at", "mark", "avg", "left", "over_rss", "retired_at",
     )
 
     def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None, board: _Board) -> None:
@@ -640,6 +708,12 @@ class _Worker:
         self.mark = 0.0
         #: Moving average of a token's time in the worker (None: nothing measured yet).
         self.avg: float | None = None
+        #: Tokens it may still be sent before it retires (None: no ``process_max_tasks_per_child``).
+        self.left: int | None = None
+        #: Its RSS was above ``process_max_rss`` after a token: it retires.
+        self.over_rss = False
+        #: When it retired (its socket closed), while it is reaped.
+        self.retired_at = 0.0
 
     @property
     def load(self) -> int:
@@ -651,7 +725,7 @@ _BOOT = (
     "p=os.environ.pop('TOKENGATE_PROCESS_LANE_PATH',None)\n"
     "if p is not None: sys.path[:]=json.loads(p)\n"
     "from tokengate._process import _child_main\n"
-    "_child_main({fd},{ppid},{board},{slots})\n"
+    "_child_main({fd},{ppid},{board},{slots},{rss})\n"
 )
 
 _LANES: weakref.WeakSet[ProcessLane] = weakref.WeakSet()
@@ -662,15 +736,30 @@ class ProcessLane:
     feeds them. Made by :func:`lane_for`; shut down by the coordinator's ``stop()``."""
 
     def __init__(
-        self, engine: Any, workers: int, *, aging: float = 0.5, coordinator: Any = None, prefetch: int = 64
+        self,
+        engine: Any,
+        workers: int,
+        *,
+        aging: float = 0.5,
+        coordinator: Any = None,
+        prefetch: int = 64,
+        max_tasks_per_child: int | None = None,
+        max_rss: int | None = None,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
             raise ValueError(f"process_workers must be a positive int, got {workers!r}")
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch <= 0:
             raise ValueError(f"process_prefetch must be a positive int, got {prefetch!r}")
+        for name, value in (("process_max_tasks_per_child", max_tasks_per_child), ("process_max_rss", max_rss)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.engine = engine
         self.size = workers
         self.prefetch = prefetch
+        #: A worker process retires after this many tokens (None: never).
+        self.max_tasks_per_child = max_tasks_per_child
+        #: A worker process retires when its RSS (bytes) is above this after a token (None: never).
+        self.max_rss = max_rss
         self._aging = float(aging) if aging and aging > 0 else 0.5
         self._coordinator = weakref.ref(coordinator) if coordinator is not None else None
         self._lock = threading.Lock()
@@ -684,6 +773,10 @@ class ProcessLane:
         self._running: dict[int, _Item] = {}
         self._workers: list[_Worker | None] = [None] * workers
         self._respawn_at: list[float] = [0.0] * workers
+        #: Workers that retire once every token sent to them has answered.
+        self._retiring: set[_Worker] = set()
+        #: Retired workers (socket closed) not reaped yet.
+        self._retired: list[_Worker] = []
         self._startup_failures = 0
         self._sleeping = False
         self._closing = False
@@ -693,6 +786,7 @@ class ProcessLane:
         self._counts = {
             "submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timeouts": 0,
             "killed": 0, "retries": 0, "spawned": 0, "replaced": 0, "unpicklable": 0,
+            "recycled": 0, "recycled_rss": 0,
         }
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -908,6 +1002,8 @@ class ProcessLane:
                 busy=sum(1 for w in workers if w.items),
                 in_flight=sum(len(w.items) for w in workers),
                 prefetch=self.prefetch,
+                max_tasks_per_child=self.max_tasks_per_child,
+                max_rss=self.max_rss,
                 queued=sum(1 for _, _, it in self._heap if not it.done and not it.token.done()),
                 waiting_inputs=len(self._waiting_inputs),
                 pids=[w.pid for w in workers],
@@ -945,6 +1041,10 @@ class ProcessLane:
             if closing and cancel:
                 self._cancel_queued()
             self._fire_timers(now)
+            if self._retiring:
+                self._retire_idle(closing)
+            if self._retired:
+                self._reap_retired(now)
             self._respawn(now)
             held = self._dispatch(closing)
             with self._lock:
@@ -974,6 +1074,9 @@ class ProcessLane:
                         pass
                     continue
                 kind, w = key.data
+                if kind == "retired":  # a retired process exited
+                    self._reaped(w)
+                    continue
                 if self._workers[w.slot] is not w:
                     continue
                 if kind == "conn":
@@ -1006,12 +1109,15 @@ class ProcessLane:
         or more (or nothing is measured yet): then the round trip costs little and
         priorities and ``cancel()`` act on everything queued. Shorter tokens are
         sent ahead, enough for about 10 ms of work, at most ``prefetch``; a worker
-        is topped up once half of that is done (fewer, larger messages)."""
-        if w is None or not w.ready:
+        is topped up once half of that is done (fewer, larger messages). Never more
+        than the tokens it has left before it retires; nothing to a retiring one."""
+        if w is None or not w.ready or w.over_rss:
             return 0
         depth = 1 if w.avg is None else max(1, min(self.prefetch, 1 + int(_PREFETCH_WORK_S / max(w.avg, 1e-6))))
         load = w.load
-        return depth - load if load <= depth // 2 else 0
+        room = depth - load if load <= depth // 2 else 0
+        left = w.left
+        return room if left is None or room <= left else left
 
     def _dispatch(self, closing: bool) -> bool:
         """Sends queued tokens to workers with room. True when a pause holds some back."""
@@ -1074,6 +1180,10 @@ class ProcessLane:
             self._running[item.token.token_id] = item
         if w.load == len(items):  # it was idle: its first token begins now
             w.mark = time.monotonic()
+        if w.left is not None:
+            w.left -= len(items)  # _room never gives more than it has left
+            if w.left <= 0:
+                self._retiring.add(w)
         data = pickle.dumps(batch, _PROTO)
         w.outbox += _LEN.pack(len(data)) if len(data) < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(len(data))
         w.outbox += data
@@ -1093,6 +1203,8 @@ class ProcessLane:
             return
         self._finish_item(w, item)
         w.skips.add(item.seq)
+        if w.left is not None:
+            w.left += 1  # it never runs there: its unit of the budget comes back
 
     def _flush(self, w: _Worker) -> bool:
         """Writes what the socket takes of ``w``'s outbox (never blocks: a worker busy with
@@ -1155,6 +1267,9 @@ class ProcessLane:
         if seq in w.skips:
             w.skips.discard(seq)
             w.board.unlist(seq)
+        elif self.max_rss is not None and not w.over_rss and w.board.rss() > self.max_rss:
+            w.over_rss = True  # a token ended with the process above the ceiling: it retires
+            self._retiring.add(w)
         item = next((it for it in w.items if it.seq == seq), None)
         if item is None:
             return  # a token that was killed meanwhile
@@ -1280,7 +1395,13 @@ class ProcessLane:
         try:
             board = _Board.create(self.prefetch)
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT.format(fd=fd, ppid=os.getpid(), board=board.fd, slots=board.n)],
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOT.format(
+                        fd=fd, ppid=os.getpid(), board=board.fd, slots=board.n, rss=int(self.max_rss is not None)
+                    ),
+                ],
                 pass_fds=(fd, board.fd),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -1304,6 +1425,7 @@ class ProcessLane:
             except OSError:
                 pidfd = None
         w = _Worker(slot, proc, conn, pidfd, board)
+        w.left = self.max_tasks_per_child
         self._workers[slot] = w
         self._respawn_at[slot] = 0.0
         self._sel.register(conn.fileno(), selectors.EVENT_READ, ("conn", w))
@@ -1311,23 +1433,92 @@ class ProcessLane:
             self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", w))
         self._count("spawned")
 
-    def _close(self, w: _Worker) -> None:
-        for fd in (w.conn.fileno() if not w.conn.closed else None, w.pidfd):
-            if fd is not None:
+    def _retire_idle(self, closing: bool) -> None:
+        """Retires every retiring worker that has nothing in flight (see Recycling)."""
+        for w in list(self._retiring):
+            if self._workers[w.slot] is not w:  # it died or was replaced meanwhile
+                self._retiring.discard(w)
+            elif not (w.over_rss or (w.left is not None and w.left <= 0)):
+                self._retiring.discard(w)  # a skipped token gave budget back
+            elif w.load or w.outbox:
+                continue  # it still runs what it was sent
+            elif closing and not self._heap:
+                continue  # stop() closes it with the others: no fresh process just to stop it
+            else:
+                self._retire(w)
+
+    def _retire(self, w: _Worker) -> None:
+        """Closes an idle worker's socket (it reads EOF and exits) and starts a fresh one in
+        its slot. The old process is reaped when its pidfd fires (see :meth:`_reaped`)."""
+        self._retiring.discard(w)
+        self._workers[w.slot] = None
+        self._close_conn(w)
+        w.board.close()
+        w.retired_at = time.monotonic()
+        if w.pidfd is not None:
+            try:
+                self._sel.modify(w.pidfd, selectors.EVENT_READ, ("retired", w))
+            except (KeyError, ValueError):
+                pass
+        self._retired.append(w)
+        if not self._abort:
+            self._spawn(w.slot)
+        with self._lock:  # counted last: whoever sees the count sees the fresh process too
+            self._counts["recycled"] += 1
+            self._counts["recycled_rss"] += w.over_rss
+
+    def _reaped(self, w: _Worker) -> None:
+        """A retired process exited (its pidfd fired): reap it and close its pidfd."""
+        if w.proc.poll() is None:
+            return  # pragma: no cover - a pidfd fires only on exit
+        self._close_pidfd(w)
+        try:
+            self._retired.remove(w)
+        except ValueError:
+            pass
+
+    def _reap_retired(self, now: float) -> None:
+        """Reaps retired processes that exited (without pidfds this is how they are seen);
+        SIGKILLs one still there ``_RETIRE_GRACE_S`` after its socket closed."""
+        for w in list(self._retired):
+            if w.proc.poll() is not None:
+                self._reaped(w)
+            elif now - w.retired_at > _RETIRE_GRACE_S:
                 try:
-                    self._sel.unregister(fd)
-                except (KeyError, ValueError):
+                    w.proc.kill()
+                except OSError:
                     pass
+
+    def _close_conn(self, w: _Worker) -> None:
+        """Unregisters and closes the worker's socket (if still open)."""
+        if w.conn.closed:
+            return
+        try:
+            self._sel.unregister(w.conn.fileno())
+        except (KeyError, ValueError):
+            pass
         try:
             w.conn.close()
         except OSError:
             pass
-        if w.pidfd is not None:
-            try:
-                os.close(w.pidfd)
-            except OSError:
-                pass
-            w.pidfd = None
+
+    def _close_pidfd(self, w: _Worker) -> None:
+        """Unregisters and closes the worker's pidfd (if it has one)."""
+        if w.pidfd is None:
+            return
+        try:
+            self._sel.unregister(w.pidfd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.close(w.pidfd)
+        except OSError:
+            pass
+        w.pidfd = None
+
+    def _close(self, w: _Worker) -> None:
+        self._close_conn(w)
+        self._close_pidfd(w)
         w.board.close()
 
     def _reap(self, w: _Worker, grace: float) -> int:
@@ -1459,6 +1650,8 @@ class ProcessLane:
             item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
         self._running.clear()
         workers = [w for w in self._workers if w is not None]
+        retired, self._retired = self._retired, []
+        self._retiring.clear()
         for w in workers:  # EOF: an idle worker exits at once
             self._close(w)
         for w in workers:
@@ -1468,8 +1661,10 @@ class ProcessLane:
                 except OSError:
                     pass
         deadline = time.monotonic() + 2.0
-        for w in workers:
+        for w in workers + retired:  # retired ones read EOF already and are exiting
             self._reap(w, max(0.0, deadline - time.monotonic()))
+        for w in retired:
+            self._close(w)
         self._workers = [None] * self.size
         try:
             self._sel.close()
@@ -1605,9 +1800,32 @@ def _flush_std_streams() -> None:
             pass
 
 
-def _child_main(fd: int, ppid: int, board_fd: int, slots: int) -> None:
+def _rss_reader() -> Any:
+    """A function returning this process's resident set size in bytes: one ``pread`` of
+    ``/proc/self/statm`` on an fd kept open (under a microsecond); where there is no
+    ``/proc``, the peak (``ru_maxrss``)."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def current() -> int:
+            return int(os.pread(fd, 256, 0).split()[1]) * page
+
+        current()
+        return current
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int = 0) -> None:
     """Entry point of a worker process: run the tokens sent over the socket, in order,
-    until EOF. Each message is a batch; each token gets its own reply as soon as it ends."""
+    until EOF. Each message is a batch; each token gets its own reply as soon as it ends.
+    ``measure_rss``: publish the RSS on the board after each token (``process_max_rss``).
+    EOF is also how a retired worker is told to exit (the lane sends it nothing more
+    and closes its socket only once every token it was sent has answered)."""
     global _IN_WORKER
     _IN_WORKER = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1619,6 +1837,7 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int) -> None:
     funcs: dict[int, Any] = {}
     payloads: dict[int, Any] = {}
     local: deque[tuple[int, int, Any, bytes]] = deque()
+    rss = _rss_reader() if measure_rss else None
     code = 0
     try:
         conn.send_bytes(_REPLY.pack(-1, _READY) + pickle.dumps(os.getpid(), _PROTO))
@@ -1637,6 +1856,11 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int) -> None:
                 conn.send_bytes(_REPLY.pack(seq, _SKIPPED))
                 continue
             reply = _run_task(funcs, payloads, seq, fkey, args_payload)
+            if rss is not None:
+                try:
+                    board.set_rss(rss())
+                except Exception:  # a token closed the fd, say: never lose the reply for it
+                    pass
             conn.send_bytes(reply)
             board.end()
     except (EOFError, OSError):

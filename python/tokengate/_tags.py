@@ -14,7 +14,27 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HashPolicy", "DigestPolicy", "validate_tags", "weight_of", "KNOWN_TAGS", "STORAGE_TIERS"]
+from . import _tokengate
+
+__all__ = [
+    "HashPolicy",
+    "DigestPolicy",
+    "validate_tags",
+    "weight_of",
+    "check_seconds",
+    "check_priority",
+    "check_retries",
+    "KNOWN_TAGS",
+    "STORAGE_TIERS",
+    "MAX_SECONDS",
+    "MAX_RETRIES",
+]
+
+#: The longest duration any timeout, tag or option may give (``threading.TIMEOUT_MAX``, about 292 years).
+MAX_SECONDS: float = _tokengate.MAX_SECONDS
+#: Priorities are 64-bit signed integers.
+PRIORITY_RANGE = (-(2**63), 2**63 - 1)
+MAX_RETRIES = 100
 
 
 class HashPolicy(str, enum.Enum):
@@ -76,6 +96,35 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_seconds(what: str, value: object) -> float:
+    """A positive, finite number of seconds up to :data:`MAX_SECONDS`, as a float.
+    ``what`` names the setting in the error (``"tag 'timeout'"``, ``"aging"``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and value > MAX_SECONDS:
+            seconds = math.inf  # too big for a float, and out of range anyway
+        else:
+            seconds = float(value)
+        if math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS:
+            return seconds
+    raise ValueError(f"{what}: invalid value {value!r}; expected a positive, finite number of seconds up to {MAX_SECONDS:.0f}")
+
+
+def check_priority(what: str, value: object) -> int:
+    """An int in the 64-bit signed range (higher runs first)."""
+    if _is_int(value) and PRIORITY_RANGE[0] <= value <= PRIORITY_RANGE[1]:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise ValueError(
+        f"{what}: invalid value {value!r}; expected an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]} (higher runs first)"
+    )
+
+
+def check_retries(what: str, value: object) -> int:
+    """An int from 0 to :data:`MAX_RETRIES`."""
+    if _is_int(value) and 0 <= value <= MAX_RETRIES:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    raise ValueError(f"{what}: invalid value {value!r}; expected an integer from 0 to {MAX_RETRIES}")
+
+
 def _check(key: str, value: object) -> object:
     if key == "weight":
         if isinstance(value, str) and value.lower() in WEIGHTS:
@@ -112,17 +161,11 @@ def _check(key: str, value: object) -> object:
             return value.lower() == "true"
         raise _bad_value(key, value, "True or False")
     if key == "retries":
-        if _is_int(value) and 0 <= value <= 100:  # type: ignore[operator]
-            return value
-        raise _bad_value(key, value, "an integer from 0 to 100")
+        return check_retries(f"tag {key!r}", value)
     if key == "priority":
-        if _is_int(value):
-            return value
-        raise _bad_value(key, value, "an integer (higher runs first)")
+        return check_priority(f"tag {key!r}", value)
     if key == "timeout":
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return float(value)
-        raise _bad_value(key, value, "a positive, finite number of seconds")
+        return check_seconds(f"tag {key!r}", value)
     raise AssertionError(key)  # pragma: no cover
 
 

@@ -7,6 +7,9 @@ use crate::error::Error;
 /// from `ulimit -s` on Linux.
 pub const MIN_STACK_SIZE: usize = 8 << 20;
 
+/// The most worker threads one pool may have.
+pub const MAX_WORKERS: usize = 4096;
+
 /// How a [`crate::pool::Pool`] is built. Validate with [`PoolConfig::validate`].
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -52,8 +55,8 @@ impl PoolConfig {
         if self.workers == 0 {
             return Err(Error::InvalidConfig("workers must be greater than 0".into()));
         }
-        if self.workers > 4096 {
-            return Err(Error::InvalidConfig(format!("workers must be at most 4096, got {}", self.workers)));
+        if self.workers > MAX_WORKERS {
+            return Err(Error::InvalidConfig(format!("workers must be at most {MAX_WORKERS}, got {}", self.workers)));
         }
         if self.aging.is_zero() {
             return Err(Error::InvalidConfig("aging must be greater than 0".into()));

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
 pub use capacity::Weight;
-pub use config::{PoolConfig, MIN_STACK_SIZE};
+pub use config::{PoolConfig, MAX_WORKERS, MIN_STACK_SIZE};
 pub use topology::Topology;
 pub use worker::{current_worker, held_units, WorkerHooks, WorkerInfo, WorkerLoop};
 

@@ -16,6 +16,12 @@
 //! cancellation themselves, so a delivery for a task that was cancelled in
 //! the meantime is harmless.
 //!
+//! A delivery that raises `SystemExit` or `KeyboardInterrupt` ends the
+//! drain with that exception, as asyncio's own callbacks do (it stops the
+//! loop); the rest of the batch goes back to the front of the queue and a
+//! drain is scheduled for it. Other exceptions go to the loop's exception
+//! handler and the drain goes on.
+//!
 //! A closed loop is never called: `schedule` checks `is_closed()` first and
 //! treats the `RuntimeError` of a loop closing in between the same way; in
 //! both cases the pending deliveries are dropped.
@@ -110,6 +116,24 @@ impl LoopQueue {
         was_empty
     }
 
+    /// Puts undelivered `rest` back ahead of what was queued since, and
+    /// schedules a drain if none is due (on the loop thread).
+    fn requeue_front(self: &Arc<Self>, py: Python<'_>, rest: Vec<Delivery>) {
+        if rest.is_empty() {
+            return;
+        }
+        let was_empty = {
+            let mut pending = self.pending.lock();
+            let was_empty = pending.is_empty();
+            let newer = std::mem::replace(&mut *pending, rest);
+            pending.extend(newer);
+            was_empty
+        };
+        if was_empty {
+            self.schedule(py, false);
+        }
+    }
+
     fn schedule(self: &Arc<Self>, py: Python<'_>, threadsafe: bool) {
         let event_loop = self.event_loop.bind(py);
         let closed = event_loop.call_method0("is_closed").and_then(|c| c.is_truthy()).unwrap_or(true);
@@ -140,13 +164,14 @@ pub(crate) struct LoopDrain {
 
 #[pymethods]
 impl LoopDrain {
-    fn __call__(&self, py: Python<'_>) {
+    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
         let Some(queue) = self.queue.upgrade() else {
-            return;
+            return Ok(());
         };
         let batch = std::mem::take(&mut *queue.pending.lock());
         LOOP_DELIVERIES.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for d in batch {
+        let mut batch = batch.into_iter();
+        while let Some(d) = batch.next() {
             let func = d.func.bind(py);
             let result = match &d.context {
                 Some(ctx) => {
@@ -155,10 +180,25 @@ impl LoopDrain {
                 None => func.call1((d.arg.bind(py),)),
             };
             if let Err(err) = result {
+                if stops_the_loop(py, &err) {
+                    // As asyncio's own handles do: SystemExit and
+                    // KeyboardInterrupt leave the loop. What this batch has
+                    // not delivered yet goes back to the front of the queue,
+                    // for the loop's next round (asyncio.run's cleanup runs one).
+                    queue.requeue_front(py, batch.collect());
+                    return Err(err);
+                }
                 report(py, &queue, func, err);
             }
         }
+        Ok(())
     }
+}
+
+/// `SystemExit` and `KeyboardInterrupt` propagate out of asyncio callbacks
+/// (asyncio's `Handle._run` re-raises them); everything else is reported.
+fn stops_the_loop(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<pyo3::exceptions::PySystemExit>(py) || err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
 }
 
 /// What asyncio's `Handle._run` does with a failing callback.

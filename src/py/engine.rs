@@ -57,7 +57,7 @@ use super::ledger::{Ledger, OpState, Record};
 use super::routing::{DomainTable, StickyTable};
 use super::token::LaneKind;
 use super::token::TokenInner;
-use super::wait::{timeout_arg, wait_detached};
+use super::wait::{seconds_arg, timeout_arg, wait_detached};
 use crate::lane::Lane;
 use crate::pool::{Pool, PoolConfig, Topology};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
@@ -329,7 +329,9 @@ impl EngineShared {
 
     /// Arms the deadline of `token` (its `deadline_ns` is set).
     pub(crate) fn schedule_deadline(&self, token: &Arc<TokenInner>, after: Duration) {
-        let _ = self.timer.schedule(Instant::now() + after, TimerItem::Deadline(Arc::downgrade(token)));
+        if let Some(at) = Instant::now().checked_add(after) {
+            let _ = self.timer.schedule(at, TimerItem::Deadline(Arc::downgrade(token)));
+        }
     }
 
     /// Queues another attempt of a failed token after `after`.
@@ -419,6 +421,13 @@ impl EngineShared {
         self.ledger.live_tokens(None).iter().filter(|t| t.cancel_pending(py)).count()
     }
 
+    /// Sets the cooperative cancel flag of every running token (its body sees
+    /// `current_token().cancel_requested`); returns how many.
+    fn request_cancel_running(&self) -> usize {
+        let running = self.ledger.live_tokens(None).into_iter().filter(|t| t.core.state() == TokenState::Executing);
+        running.map(|t| t.core.request_cancel()).count()
+    }
+
     /// Cancels every job held by a pause; returns how many.
     fn cancel_parked(&self, py: Python<'_>, op: Option<&OpState>) -> usize {
         let mut jobs: Vec<PyJob> = Vec::new();
@@ -449,10 +458,11 @@ impl EngineShared {
             cancel_jobs(py, self.pool.drain());
             cancel_jobs(py, self.io.drain());
             self.cancel_unstarted(py);
+            self.request_cancel_running();
         }
         if wait {
             let ledger = &self.ledger;
-            wait_detached(py, remaining(), |step| {
+            let settled = wait_detached(py, remaining(), |step| {
                 let until = Instant::now() + step;
                 loop {
                     if ledger.unresolved() == 0 {
@@ -464,6 +474,10 @@ impl EngineShared {
                     std::thread::sleep(Duration::from_micros(500));
                 }
             })?;
+            if !settled {
+                // The timeout passed: bodies still running are asked to stop.
+                self.request_cancel_running();
+            }
         }
         self.pool.shutdown();
         self.io.shutdown();
@@ -539,9 +553,10 @@ impl Engine {
         convergence_interval: f64,
         caller_runs: bool,
     ) -> PyResult<Self> {
-        if !(convergence_interval.is_finite() && convergence_interval > 0.0) {
-            return Err(BindError::Value("convergence_interval must be a positive number of seconds".into()).into());
-        }
+        // Every duration is checked before anything starts.
+        let aging = seconds_arg("aging", aging)?;
+        let io_idle_timeout = seconds_arg("io_idle_timeout", io_idle_timeout)?;
+        let convergence_interval = seconds_arg("convergence_interval", convergence_interval)?;
         let limits = storage_limits.unwrap_or_else(|| vec![10, 25, 50, 70]);
         if limits.len() != STORAGE_TIERS.len() || limits.contains(&0) {
             return Err(BindError::Value(format!(
@@ -549,21 +564,15 @@ impl Engine {
             ))
             .into());
         }
-        if !(io_idle_timeout.is_finite() && io_idle_timeout > 0.0) {
-            return Err(BindError::Value("io_idle_timeout must be a positive number of seconds".into()).into());
-        }
         check_not_forked()?;
         if EXITING.load(Ordering::Relaxed) {
             return Err(BindError::InterpreterShutdown.into());
-        }
-        if !(aging.is_finite() && aging > 0.0) {
-            return Err(BindError::Value(format!("aging must be a positive number of seconds, got {aging}")).into());
         }
         let mut config = PoolConfig::new(workers);
         config.pin_cores = pin_cores;
         config.stack_size = stack_size;
         config.thread_name = thread_name.to_owned();
-        config.aging = Duration::from_secs_f64(aging);
+        config.aging = aging;
         let topology = Topology::detect();
         config.cores = topology.logical_cores.min(workers).max(1);
         config.units_per_core = u32::try_from(workers_per_core).unwrap_or(u32::MAX).max(1);
@@ -580,14 +589,7 @@ impl Engine {
             let _ = unhandled;
         });
         let io_host = Arc::new(IoHost::default());
-        let io = Lane::new(
-            format!("{thread_name}-io"),
-            &limits,
-            limits.iter().sum(),
-            Duration::from_secs_f64(io_idle_timeout),
-            stack_size,
-            io_host.clone(),
-        );
+        let io = Lane::new(format!("{thread_name}-io"), &limits, limits.iter().sum(), io_idle_timeout, stack_size, io_host.clone());
         let workers_total = pool.workers();
         let shared = Arc::new(EngineShared {
             sticky: Arc::new(StickyTable::new(workers_total)),
@@ -595,7 +597,7 @@ impl Engine {
             io,
             convergence: Convergence {
                 enabled: AtomicBool::new(convergence),
-                interval: Duration::from_secs_f64(convergence_interval),
+                interval: convergence_interval,
                 decisions: AtomicU64::new(0),
                 last: Mutex::new(None),
                 last_look_ns: AtomicU64::new(crate::token::now_ns()),

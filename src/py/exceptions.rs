@@ -163,3 +163,37 @@ pub(crate) fn dependency_failed(py: Python<'_>, input: &super::token::TokenInner
 pub(crate) fn asyncio_cancelled(py: Python<'_>) -> PyErr {
     instance(py, "asyncio", "CancelledError", ())
 }
+
+/// `asyncio.CancelledError(msg)`: the message of `cancel(msg)` travels with
+/// the error, as with an asyncio future (anyio tells its cancel scopes apart by it).
+pub(crate) fn asyncio_cancelled_with(py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> PyErr {
+    match msg {
+        Some(m) => instance(py, "asyncio", "CancelledError", (m,)),
+        None => asyncio_cancelled(py),
+    }
+}
+
+/// What `await` raises for a body's `StopIteration`: a `RuntimeError` caused
+/// by it, as PEP 479 does for generators and `asyncio.Future.set_exception`
+/// does (a `StopIteration` would end the awaiting coroutine's `send` as a
+/// plain return of None). Other errors pass through.
+pub(crate) fn for_await(py: Python<'_>, err: PyErr) -> PyErr {
+    if !err.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) {
+        return err;
+    }
+    let wrapped = PyRuntimeError::new_err("StopIteration interacts badly with generators and cannot be raised into a Future");
+    let cause = err.into_value(py);
+    let value = wrapped.value(py);
+    let _ = value.setattr("__cause__", &cause);
+    let _ = value.setattr("__context__", &cause);
+    wrapped
+}
+
+/// The message of a caught Rust panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}

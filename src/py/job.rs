@@ -30,7 +30,7 @@ use super::engine::EngineShared;
 use super::exceptions;
 use super::token::{Outcome, TaskToken, TokenInner};
 use crate::pool::{Host, Job, Weight, WorkerHooks, WorkerInfo, WorkerLoop};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::token::{now_ns, TokenState};
 
 /// The function call a token stands for.
@@ -249,17 +249,39 @@ pub(crate) fn current_token(py: Python<'_>) -> PyResult<Option<Py<TaskToken>>> {
 
 static FAULT_EVERY: AtomicU64 = AtomicU64::new(0);
 static FAULT_COUNT: AtomicU64 = AtomicU64::new(0);
+static FAULT_IN_SUBMIT: AtomicBool = AtomicBool::new(false);
 
-/// Test hook: make tokengate's own code panic in every `every`-th task (0: never).
-#[pyfunction]
-pub(crate) fn set_fault_injection(every: u64) {
-    FAULT_EVERY.store(every, Ordering::Relaxed);
-    FAULT_COUNT.store(0, Ordering::Relaxed);
+/// Where an injected fault strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FaultSite {
+    /// On the worker, just before the body runs.
+    Task,
+    /// In the submit path, once the token is registered and before it is queued.
+    Submit,
 }
 
-fn maybe_inject_fault() {
+/// Test hook: make tokengate's own code panic in every `every`-th task (0:
+/// never), on the worker (`site="task"`) or in the submit path (`site="submit"`).
+#[pyfunction]
+#[pyo3(signature = (every, site="task"))]
+pub(crate) fn set_fault_injection(every: u64, site: &str) -> PyResult<()> {
+    let in_submit = match site {
+        "task" => false,
+        "submit" => true,
+        other => return Err(super::exceptions::BindError::Value(format!("site must be 'task' or 'submit', not {other:?}")).into()),
+    };
+    FAULT_IN_SUBMIT.store(in_submit, Ordering::Relaxed);
+    FAULT_EVERY.store(every, Ordering::Relaxed);
+    FAULT_COUNT.store(0, Ordering::Relaxed);
+    Ok(())
+}
+
+pub(crate) fn maybe_inject_fault(site: FaultSite) {
     let every = FAULT_EVERY.load(Ordering::Relaxed);
-    if every > 0 && (FAULT_COUNT.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
+    if every > 0
+        && FAULT_IN_SUBMIT.load(Ordering::Relaxed) == (site == FaultSite::Submit)
+        && (FAULT_COUNT.fetch_add(1, Ordering::Relaxed) + 1) % every == 0
+    {
         panic!("injected fault (tokengate._tokengate.set_fault_injection)");
     }
 }
@@ -617,10 +639,16 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
     // The handle moves into CURRENT_TOKEN for the call and back out after it (no extra count).
     let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token)));
+    let forks = FORKS.load(Ordering::Relaxed);
     let result = catch_unwind(AssertUnwindSafe(|| {
-        maybe_inject_fault();
+        maybe_inject_fault(FaultSite::Task);
         call.invoke(py)
     }));
+    if info.is_some() && FORKS.load(Ordering::Relaxed) != forks {
+        // The body forked and this is the child, on its only thread: a pool
+        // worker with no pool behind it. It ends here instead of waiting for work.
+        end_forked_child(py, &result);
+    }
     let t1 = now_ns();
     let elapsed = t1.saturating_sub(t0);
     let token = CURRENT_TOKEN.with(|c| c.replace(previous)).expect("the running token is in CURRENT_TOKEN until the call returns");
@@ -636,11 +664,7 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
         Ok(Err(err)) => (TokenState::Failed, Outcome::Error(err.into_value(py).into_any())),
         Err(payload) => {
             panicked = true;
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
+            let msg = exceptions::panic_message(payload.as_ref());
             (TokenState::Failed, Outcome::Error(exceptions::panic_value(py, &msg)))
         }
     };
@@ -663,6 +687,44 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     }
     // A token killed or timed out while running is already resolved: its result is dropped.
     token.resolve_at(py, |s| s == TokenState::Executing, state, Some(outcome), Some(t1));
+}
+
+/// Ends a child process that a task's body forked on a pool worker, once the
+/// body returns in it, as `multiprocessing` ends its fork children: the
+/// standard streams are flushed, then `os._exit(code)` (no atexit handlers
+/// run). The code is 0 when the body returned, that of `sys.exit(code)`
+/// (None: 0; an int; anything else is printed and gives 1), or 1 after
+/// printing the traceback of any other exception.
+fn end_forked_child(py: Python<'_>, result: &std::thread::Result<PyResult<Py<PyAny>>>) -> ! {
+    let code = match result {
+        Ok(Ok(_)) => 0,
+        Ok(Err(err)) if err.is_instance_of::<pyo3::exceptions::PySystemExit>(py) => {
+            let code = err.value(py).getattr("code").ok();
+            match code {
+                None => 1,
+                Some(c) if c.is_none() => 0,
+                Some(c) => c.extract::<i32>().unwrap_or_else(|_| {
+                    if let Ok(text) = c.str() {
+                        let _ = py.import("sys").and_then(|sys| sys.getattr("stderr")?.call_method1("write", (format!("{text}\n"),)));
+                    }
+                    1
+                }),
+            }
+        }
+        Ok(Err(err)) => {
+            err.clone_ref(py).print(py);
+            1
+        }
+        Err(_) => 1,
+    };
+    let _ = py.run(
+        c"import sys\nfor s in (sys.stdout, sys.stderr):\n    try:\n        s.flush()\n    except Exception:\n        pass\n",
+        None,
+        None,
+    );
+    let _ = py.import("os").and_then(|os| os.getattr("_exit")?.call1((code,)));
+    // os._exit does not return; if it could not be called, leave the hard way.
+    std::process::abort()
 }
 
 /// Schedules another attempt after a back-off. False when no retry is left

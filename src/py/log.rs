@@ -3,6 +3,10 @@
 //! `tokengate.token`). Silent by default (no handler is installed); only
 //! rare events are logged, never one line per token on the hot path, and a
 //! message is formatted only when its logger is enabled.
+//!
+//! One exception: an error raised by a done-callback goes, as the standard
+//! library's futures report it, to the `concurrent.futures` logger, which
+//! prints it to stderr when logging is not configured.
 
 use pyo3::prelude::*;
 
@@ -36,4 +40,20 @@ pub(crate) fn info(py: Python<'_>, channel: &str, message: impl FnOnce() -> Stri
 /// Logs at WARNING on `tokengate.<channel>`.
 pub(crate) fn warning(py: Python<'_>, channel: &str, message: impl FnOnce() -> String) {
     log(py, channel, WARNING, message);
+}
+
+/// Logs an exception raised by a done-callback of `future` (a token), on the
+/// `concurrent.futures` logger, with its traceback: what
+/// `concurrent.futures.Future` does.
+pub(crate) fn callback_error(py: Python<'_>, future: &Bound<'_, PyAny>, err: PyErr) {
+    let logged = (|| -> PyResult<()> {
+        let logger = py.import("logging")?.call_method1("getLogger", ("concurrent.futures",))?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("exc_info", err.into_value(py))?;
+        logger.call_method("error", ("exception calling callback for %r", future), Some(&kwargs))?;
+        Ok(())
+    })();
+    if let Err(e) = logged {
+        e.write_unraisable(py, None);
+    }
 }

@@ -45,5 +45,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(asyncio::loop_stats, m)?)?;
     m.add_function(wrap_pyfunction!(wait::wait_all, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_SECONDS", wait::MAX_SECONDS)?;
+    m.add("MAX_WORKERS", crate::pool::MAX_WORKERS)?;
     Ok(())
 }

@@ -16,11 +16,11 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use super::deps::{input_tokens, DepWait};
 use super::engine::{current_engine, with_current_engine, Engine, EngineShared, STORAGE_TIERS};
 use super::exceptions::BindError;
-use super::job::{Call, PyJob};
+use super::job::{Call, FaultSite, PyJob};
 use super::ledger::{Ledger, OpState};
 use super::routing::Route;
 use super::token::{CallOptions, LaneKind, Placement, TaskToken, TokenInner};
-use super::wait::timeout_arg;
+use super::wait::{seconds_arg, timeout_arg};
 use crate::admission::Limit;
 use crate::pool::Weight;
 use crate::sync::{AtomicU64, Mutex, Ordering};
@@ -146,6 +146,55 @@ fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what:
 
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
+/// Runs `submit` (the submit path of a call of operation `op`); a panic in
+/// it becomes a `RuntimeError` that names it, instead of pyo3's
+/// `PanicException` (a `BaseException` that `except Exception` misses).
+fn catching_panics<T>(op: &str, submit: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(submit)).unwrap_or_else(|panic| {
+        let what = super::exceptions::panic_message(panic.as_ref());
+        Err(BindError::Runtime(format!("internal error while submitting a call of {op:?} (please report it): {what}")).into())
+    })
+}
+
+/// What a call in the submit path holds before its job takes it over:
+/// first its two admission slots, then its token. Dropped armed (an error
+/// return or a panic in between), it gives the slots back, or resolves the
+/// token as cancelled, which gives them back through the ledger.
+struct Taken<'a> {
+    held: Held<'a>,
+    armed: bool,
+}
+
+enum Held<'a> {
+    Slots(&'a OpState, &'a Ledger),
+    Token(Arc<TokenInner>),
+}
+
+impl<'a> Taken<'a> {
+    fn new(held: Held<'a>) -> Self {
+        Taken { held, armed: true }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        match &self.held {
+            Held::Slots(op, ledger) => {
+                op.limit.release();
+                ledger.pending.release();
+            }
+            Held::Token(token) => token.cancel_unrun(),
+        }
+    }
+}
+
 /// The decoration-time record of a `@task_token_guard` function.
 #[pyclass(frozen, name = "OperationSpec", module = "tokengate._tokengate")]
 #[derive(Debug)]
@@ -168,6 +217,8 @@ impl OperationSpec {
         b
     }
 
+    /// Queues a token. Callers run it inside `catching_panics`: what the
+    /// call has taken is given back on every early exit (see `Taken`).
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
@@ -204,30 +255,33 @@ impl OperationSpec {
                 return Err(e);
             }
         }
+        // From here on an early return or a panic gives both slots back.
+        let slots = Taken::new(Held::Slots(op, ledger));
         let context = super::ffi::CallContext::capture(py)?;
         let id = next_token_id();
-        let placement = match self.placement(py, engine, id, sticky_key) {
-            Ok(p) => p,
-            Err(e) => {
-                op.limit.release();
-                ledger.pending.release();
-                return Err(e);
-            }
-        };
+        let placement = self.placement(py, engine, id, sticky_key)?;
         let inputs = input_tokens(&args, kwargs.as_ref());
         let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context };
+        // The token takes the slots over (and `binding`, which `slots` borrows).
+        slots.disarm();
         let inner = TokenInner::new(id, binding, opts, placement, Some(call));
+        let taken = Taken::new(Held::Token(inner.clone()));
         ledger.record_submitted();
         ledger.register(&inner);
+        super::job::maybe_inject_fault(FaultSite::Submit);
         if let Some(t) = opts.timeout {
-            let after = Duration::from_secs_f64(t);
-            inner.deadline_ns.store(now_ns() + after.as_nanos() as u64, Ordering::Relaxed);
+            // Checked when the spec or the options were made.
+            let after = Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX);
+            let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+            inner.deadline_ns.store(now_ns().saturating_add(after_ns), Ordering::Relaxed);
             engine.schedule_deadline(&inner, after);
         }
         let job = PyJob::holding_call(inner.clone());
         // Everything else first: the caller holds the GIL until it returns,
         // and a worker that finds the job before that waits for the GIL.
         let token = Py::new(py, TaskToken { inner })?;
+        // The job owns the token now (resolving it gives the slots back).
+        taken.disarm();
         if inputs.is_empty() {
             engine.dispatch(py, job)?;
         } else {
@@ -285,9 +339,7 @@ impl OperationSpec {
             opts.priority = p;
         }
         if let Some(t) = timeout {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(BindError::Value(format!("timeout must be a positive, finite number of seconds, got {t}")).into());
-            }
+            seconds_arg("timeout", t)?;
             opts.timeout = Some(t);
         }
         if let Some(r) = retries {
@@ -344,8 +396,8 @@ impl OperationSpec {
             "heavy" => Weight::Heavy,
             other => return Err(BindError::Value(format!("weight must be 'light', 'medium' or 'heavy', not {other:?}")).into()),
         };
-        if timeout.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-            return Err(BindError::Value("timeout must be a positive, finite number of seconds".into()).into());
+        if let Some(t) = timeout {
+            seconds_arg("timeout", t)?;
         }
         if !(retry_backoff.is_finite() && retry_backoff >= 0.0) {
             return Err(BindError::Value("retry_backoff must be a non-negative number of seconds".into()).into());
@@ -377,7 +429,9 @@ impl OperationSpec {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let token = with_current_engine(|engine| {
-            self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)
+            catching_panics(&self.shared.op_name, || {
+                self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)
+            })
         })??;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
@@ -410,7 +464,9 @@ impl OperationSpec {
             (false, false) => Admit::Try,
         };
         let engine = current_engine()?;
-        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
+        catching_panics(&self.shared.op_name, || {
+            self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
+        })
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
@@ -429,8 +485,10 @@ impl OperationSpec {
             Some(e) => e.get().shared_for_submit()?,
             None => current_engine()?,
         };
-        let token =
-            self.enqueue(py, &engine, func, args, kwargs.filter(|k| !k.is_empty()), &self.shared.defaults, Admit::Block(None), None)?;
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        let token = catching_panics(&self.shared.op_name, || {
+            self.enqueue(py, &engine, func, args, kwargs, &self.shared.defaults, Admit::Block(None), None)
+        })?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 

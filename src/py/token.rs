@@ -24,7 +24,7 @@ use super::ledger::{Ledger, OpState};
 use super::routing::Route;
 use super::spec::{Binding, SpecShared};
 use super::wait::{timeout_arg, wait_detached};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
 use crate::token::{now_ns, ns_to_unix, Stamp, TokenCore, TokenState};
 
 /// What a finished body produced.
@@ -229,10 +229,15 @@ impl TokenInner {
     }
 
     /// The outcome as a Python return value or exception. The token must be done.
+    ///
+    /// `asyncio`: for an awaiting coroutine or an asyncio callback. A
+    /// cancelled token then raises `asyncio.CancelledError` (with the message
+    /// of `cancel(msg)`), and a body's `StopIteration` arrives as a
+    /// `RuntimeError` (see `exceptions::for_await`).
     pub(crate) fn outcome(&self, py: Python<'_>, asyncio: bool) -> PyResult<Py<PyAny>> {
         let state = self.core.state();
-        if state == TokenState::Cancelled {
-            return Err(if asyncio { exceptions::asyncio_cancelled(py) } else { BindError::Cancelled.into_pyerr(py) });
+        if state == TokenState::Cancelled && !asyncio {
+            return Err(BindError::Cancelled.into_pyerr(py));
         }
         let slot = if super::engine::check_not_forked().is_ok() {
             self.core.lock()
@@ -240,10 +245,14 @@ impl TokenInner {
             // Forked: a parent thread may have held the slot at the fork (resolving this token).
             self.core.try_lock().ok_or(BindError::Forked)?
         };
-        match &slot.outcome {
-            Some(Outcome::Value(v)) => Ok(v.clone_ref(py)),
-            Some(Outcome::Error(e)) => Err(PyErr::from_value(e.bind(py).clone())),
-            None => Err(BindError::Runtime(format!("token in state {} has no outcome", state.as_str())).into_pyerr(py)),
+        match (&slot.outcome, state) {
+            // A cancel with a message keeps its asyncio.CancelledError(msg) as the outcome.
+            (Some(Outcome::Error(e)), TokenState::Cancelled) => Err(PyErr::from_value(e.bind(py).clone())),
+            (_, TokenState::Cancelled) => Err(exceptions::asyncio_cancelled(py)),
+            (Some(Outcome::Value(v)), _) => Ok(v.clone_ref(py)),
+            (Some(Outcome::Error(e)), _) if asyncio => Err(exceptions::for_await(py, PyErr::from_value(e.bind(py).clone()))),
+            (Some(Outcome::Error(e)), _) => Err(PyErr::from_value(e.bind(py).clone())),
+            (None, _) => Err(BindError::Runtime(format!("token in state {} has no outcome", state.as_str())).into_pyerr(py)),
         }
     }
 
@@ -312,8 +321,10 @@ impl TokenInner {
 
     /// `cancel()`: cancels a token that has not started. A running token
     /// cannot be cancelled; its cooperative cancel flag is set instead.
-    pub(crate) fn cancel(&self, py: Python<'_>) -> bool {
-        if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, None) {
+    ///
+    /// `msg` (asyncio's `cancel(msg)`) is kept for asyncio callers: see `outcome`.
+    pub(crate) fn cancel(&self, py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> bool {
+        if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, cancel_note(py, msg)) {
             return true;
         }
         match self.core.state() {
@@ -332,9 +343,9 @@ impl TokenInner {
     /// runs on with its cancel flag set, and its outcome is dropped, as
     /// after `kill`. (Awaiting the token directly goes through
     /// `TokenAwait`, whose cancel ends only that await.)
-    pub(crate) fn cancel_running(&self, py: Python<'_>) -> bool {
+    pub(crate) fn cancel_running(&self, py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> bool {
         self.core.request_cancel();
-        self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, None)
+        self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, cancel_note(py, msg))
     }
 
     /// Registers `func(arg)` to run once the token resolves; runs it now
@@ -426,20 +437,7 @@ pub(crate) fn fire(py: Python<'_>, listeners: Vec<Listener>) {
 
 fn call_thread_listener(py: Python<'_>, func: &Py<PyAny>, arg: &Py<PyAny>) {
     if let Err(err) = func.call1(py, (arg.clone_ref(py),)) {
-        log_exception(py, "exception calling callback for token", err);
-    }
-}
-
-/// Logs `err` on the `tokengate.token` logger (as concurrent.futures does for callbacks).
-pub(crate) fn log_exception(py: Python<'_>, message: &str, err: PyErr) {
-    let logged = py.import("logging").and_then(|logging| {
-        let logger = logging.call_method1("getLogger", ("tokengate.token",))?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("exc_info", err.into_value(py))?;
-        logger.call_method("error", (message,), Some(&kwargs))
-    });
-    if let Err(e) = logged {
-        e.write_unraisable(py, None);
+        super::log::callback_error(py, arg.bind(py), err);
     }
 }
 
@@ -460,6 +458,17 @@ fn span(from: Option<u64>, to: Option<u64>) -> Option<f64> {
     Some(to.saturating_sub(from) as f64 / 1e9)
 }
 
+/// The outcome a cancel leaves: `asyncio.CancelledError(msg)` when asyncio
+/// gave a message, else none.
+fn cancel_note(py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> Option<Outcome> {
+    msg.map(|m| Outcome::Error(exceptions::asyncio_cancelled_with(py, Some(m)).into_value(py).into_any()))
+}
+
+/// `exc.args[0]`, if any.
+fn first_arg(py: Python<'_>, exc: &Py<PyAny>) -> Option<Py<PyAny>> {
+    exc.bind(py).getattr("args").ok()?.get_item(0).ok().map(Bound::unbind)
+}
+
 #[pymethods]
 impl TaskToken {
     /// Waits for the result (re-raising the task's exception).
@@ -477,9 +486,19 @@ impl TaskToken {
 
     /// Waits, then returns the task's exception (None if it succeeded).
     #[pyo3(signature = (timeout=None))]
+    ///
+    /// On a thread that runs an event loop (where `asyncio.gather` calls it
+    /// from its callback), a body's `StopIteration` is given as the
+    /// `RuntimeError` that `await` raises (see `exceptions::for_await`).
     fn exception(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
         self.inner.wait(py, timeout)?;
-        match self.inner.outcome(py, false) {
+        let outcome = self.inner.outcome(py, false);
+        let on_loop = || matches!(aio::running_loop(py), Ok(Some(_)));
+        let outcome = match outcome {
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) && on_loop() => Err(exceptions::for_await(py, e)),
+            other => other,
+        };
+        match outcome {
             Ok(_) => Ok(None),
             Err(e) if self.inner.core.state() == TokenState::Cancelled => Err(e),
             Err(e) => Ok(Some(e.into_value(py).into_any())),
@@ -503,15 +522,15 @@ impl TaskToken {
     /// holds: a running token is cancelled too (see `cancel_running`).
     /// `msg` is accepted for asyncio compatibility.
     #[pyo3(signature = (msg=None))]
-    fn cancel(&self, py: Python<'_>, msg: Option<Py<PyAny>>) -> bool {
-        let _ = msg;
-        if self.inner.cancel(py) {
+    fn cancel(&self, py: Python<'_>, msg: Option<Bound<'_, PyAny>>) -> bool {
+        let msg = msg.as_ref().filter(|m| !m.is_none());
+        if self.inner.cancel(py, msg) {
             return true;
         }
         match self.inner.core.state() {
-            TokenState::Executing => matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py),
+            TokenState::Executing => matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py, msg),
             // A failed attempt went back to the queue for a retry meanwhile.
-            s if s.is_pending() => self.inner.cancel(py),
+            s if s.is_pending() => self.inner.cancel(py, msg),
             _ => false,
         }
     }
@@ -726,15 +745,22 @@ impl TaskToken {
         aio::get_running_loop(py)
     }
 
-    /// asyncio's hook for the error of a cancelled future (used by `gather`).
+    /// asyncio's hook for the error of a cancelled future (used by `gather`):
+    /// `asyncio.CancelledError`, with the message of `cancel(msg)` if any.
     fn _make_cancelled_error(&self, py: Python<'_>) -> Py<PyAny> {
-        exceptions::asyncio_cancelled(py).into_value(py).into_any()
+        match self.inner.outcome(py, true) {
+            Err(e) if self.inner.core.state() == TokenState::Cancelled => e.into_value(py).into_any(),
+            _ => exceptions::asyncio_cancelled(py).into_value(py).into_any(),
+        }
     }
 
-    /// asyncio reads this on cancelled futures (no message is kept).
+    /// The message of `cancel(msg)` (asyncio reads it on cancelled futures).
     #[getter]
-    fn _cancel_message(&self) -> Option<String> {
-        None
+    fn _cancel_message(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        if self.inner.core.state() != TokenState::Cancelled {
+            return None;
+        }
+        first_arg(py, &self._make_cancelled_error(py))
     }
 
     /// Marks tokens as asyncio-compatible futures (`asyncio.isfuture`), so
@@ -745,7 +771,12 @@ impl TaskToken {
     }
 
     fn __await__(slf: &Bound<'_, Self>) -> TokenAwait {
-        TokenAwait { token: slf.clone().unbind(), blocking: AtomicBool::new(false), cancelled: AtomicBool::new(false) }
+        TokenAwait {
+            token: slf.clone().unbind(),
+            blocking: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            message: Mutex::new(None),
+        }
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -769,13 +800,21 @@ pub(crate) struct TokenAwait {
     /// The awaiting task was cancelled: this await ends with `CancelledError`
     /// even if the token itself runs on (its cancel flag is set).
     cancelled: AtomicBool,
+    /// The message of that cancel (`task.cancel(msg)`), for its `CancelledError`.
+    message: Mutex<Option<Py<PyAny>>>,
 }
 
 impl TokenAwait {
+    /// `asyncio.CancelledError`, with the message of the cancel that ended this await.
+    fn cancelled_error(&self, py: Python<'_>) -> PyErr {
+        let message = self.message.lock().as_ref().map(|m| m.clone_ref(py));
+        exceptions::asyncio_cancelled_with(py, message.as_ref().map(|m| m.bind(py)))
+    }
+
     fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         if slf.get().cancelled.load(Ordering::Acquire) {
-            return Err(exceptions::asyncio_cancelled(py));
+            return Err(slf.get().cancelled_error(py));
         }
         let inner = &slf.get().token.get().inner;
         // A short task is often done within microseconds: wait that long
@@ -842,12 +881,12 @@ impl TokenAwait {
     }
 
     fn _make_cancelled_error(&self, py: Python<'_>) -> Py<PyAny> {
-        exceptions::asyncio_cancelled(py).into_value(py).into_any()
+        self.cancelled_error(py).into_value(py).into_any()
     }
 
     #[getter]
-    fn _cancel_message(&self) -> Option<String> {
-        None
+    fn _cancel_message(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.message.lock().as_ref().map(|m| m.clone_ref(py))
     }
 
     #[pyo3(signature = (func, *, context=None))]
@@ -865,19 +904,20 @@ impl TokenAwait {
     /// either way this await ends now with `CancelledError` (the task's
     /// wake-up is delivered at once, not when the token finishes).
     #[pyo3(signature = (msg=None))]
-    fn cancel(slf: &Bound<'_, Self>, msg: Option<Py<PyAny>>) -> bool {
-        let _ = msg;
+    fn cancel(slf: &Bound<'_, Self>, msg: Option<Bound<'_, PyAny>>) -> bool {
         let py = slf.py();
         let me = slf.get();
         let inner = &me.token.get().inner;
         if inner.core.is_done() || me.cancelled.load(Ordering::Acquire) {
             return false;
         }
-        inner.cancel(py);
+        let msg = msg.filter(|m| !m.is_none());
+        *me.message.lock() = msg.as_ref().map(|m| m.clone().unbind());
+        inner.cancel(py, msg.as_ref());
+        me.cancelled.store(true, Ordering::Release);
         if inner.core.state() == TokenState::Cancelled {
             return true; // resolving the token delivered the wake-up already
         }
-        me.cancelled.store(true, Ordering::Release);
         for listener in inner.take_listeners_for(slf.as_any()) {
             match listener {
                 Listener::Loop { queue, delivery } => queue.push_local(py, delivery),
@@ -898,7 +938,7 @@ impl TokenAwait {
 
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         if self.cancelled.load(Ordering::Acquire) {
-            return Err(exceptions::asyncio_cancelled(py));
+            return Err(self.cancelled_error(py));
         }
         let inner = &self.token.get().inner;
         if !inner.core.is_done() {
