@@ -25,7 +25,7 @@ def _no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
         # Stop them so that one leak does not cascade into every later test.
         from tokengate._coordinator import _live
 
-        for c in list(_live):
+        for c in list(_live.values()):
             c.stop(cancel_pending=True, timeout=5)
     assert leaked_engines == 0, f"{request.node.name} left {leaked_engines} coordinator(s) running"
     n = wait_for_threads(baseline)

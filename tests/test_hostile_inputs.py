@@ -450,3 +450,75 @@ def test_an_exception_in_a_done_callback_is_reported_by_default(tmp_path: Path) 
     assert "exception calling callback for" in proc.stderr, report
     assert "RuntimeError: callback exploded" in proc.stderr, report
 
+
+
+class Bare:
+    @task_token_guard
+    @staticmethod
+    def static(x: int) -> int:
+        return -x
+
+    @task_token_guard
+    @classmethod
+    def klass(cls, x: int) -> str:
+        return f"{cls.__name__}:{x}"
+
+
+def test_bare_guard_over_staticmethod_and_classmethod(coordinator: OperationsCoordinator) -> None:
+    assert Bare().static(2).result(timeout=WAIT) == -2
+    assert Bare.klass(3).result(timeout=WAIT) == "Bare:3"
+
+
+def test_cancel_with_a_message_keeps_no_frame_alive(coordinator: OperationsCoordinator) -> None:
+    # The message is kept, not a raised CancelledError: one that was raised through the
+    # awaiting frame would keep that frame (and everything it holds) alive from the token.
+    import weakref
+
+    class Marker:
+        pass
+
+    refs: list[weakref.ref[Marker]] = []
+    kept: list[Any] = []
+
+    async def main() -> None:
+        marker = Marker()
+        refs.append(weakref.ref(marker))
+        t = sleepy(0.3)
+        kept.append(t)
+        t.cancel("bye")
+        with pytest.raises(asyncio.CancelledError) as info:
+            await t
+        assert info.value.args == ("bye",)
+        assert t._cancel_message == "bye"
+
+    asyncio.run(main())
+    gc.collect()
+    assert refs[0]() is None, "a frame of the awaiting coroutine is still alive"
+    assert kept[0].cancelled()
+
+
+class Unhashable(OperationsCoordinator):
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_an_unhashable_coordinator_subclass_starts_and_stops() -> None:
+    c = Unhashable(max_workers=1).start()
+    assert ident(5).result(timeout=WAIT) == 5
+    assert c.stop(timeout=WAIT)
+    assert _tokengate.active_engine_count() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"process_workers": 10**12}, "process_workers"), ({"process_prefetch": 2**62}, "process_prefetch"), ({"stack_size": 2**62}, "stack_size")],
+)
+def test_sizes_out_of_range_are_refused_at_construction(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        OperationsCoordinator(**kwargs)
+
+
+def test_a_huge_integer_admission_timeout_means_no_bound(coordinator: OperationsCoordinator) -> None:
+    assert ident.options(admission_timeout=10**400)(6).result(timeout=WAIT) == 6

@@ -4,7 +4,9 @@ Each core slot has ``workers_per_core`` units (4): light = 1 unit, medium = 2,
 heavy = the whole core. So a heavy token has its core to itself and never more
 heavy tokens run at once than there are cores; medium tokens share a core two
 ways. Concurrency is measured with a lock-protected counter inside bodies that
-sleep briefly (sleeping releases the GIL, so the bodies really overlap).
+sleep briefly (sleeping releases the GIL, so the bodies really overlap). A sleeping
+body stands in for one that uses its core, so these coordinators keep units bound to
+running tokens (``blocking_aware=False``); test_blocking.py tests what blocking changes.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def test_heavy_tokens_never_exceed_the_cores(op: str, tags: dict | None) -> None
         return i
 
     n = ncores()
-    with OperationsCoordinator() as coord:  # workers_per_core=4: 4 workers per core
+    with OperationsCoordinator(blocking_aware=False) as coord:  # workers_per_core=4: 4 workers per core
         assert coord.total_workers > n
         tokens = [body(i) for i in range(6 * n)]
         assert [t.result(timeout=WAIT) for t in tokens] == list(range(6 * n))
@@ -130,7 +132,7 @@ def test_light_tokens_do_share_a_core() -> None:
         return i
 
     n = ncores()
-    with OperationsCoordinator() as coord:
+    with OperationsCoordinator(blocking_aware=False) as coord:
         tokens = [body(i) for i in range(4 * coord.total_workers)]
         for t in tokens:
             t.result(timeout=WAIT)
@@ -172,7 +174,7 @@ def test_a_heavy_token_has_its_core_to_itself() -> None:
         leave(core, "light")
         return i
 
-    with OperationsCoordinator():
+    with OperationsCoordinator(blocking_aware=False):
         tokens = []
         for i in range(60):
             tokens.append(light(i))
@@ -197,7 +199,7 @@ def test_mixed_burst_starves_neither_kind() -> None:
         time.sleep(0.005)
         return i
 
-    with OperationsCoordinator():
+    with OperationsCoordinator(blocking_aware=False):
         lights = [light(i) for i in range(150)]
         heavies = [heavy(i) for i in range(6)]
         lights += [light(i) for i in range(150, 600)]
@@ -227,7 +229,7 @@ def test_core_id_is_the_core_the_worker_is_pinned_to(weight: str) -> None:
         time.sleep(0.002)
         return t.core_id, t.worker_id, os.sched_getaffinity(0)
 
-    with OperationsCoordinator() as coord:
+    with OperationsCoordinator(blocking_aware=False) as coord:
         pinned = coord.get_stats()["topology"]["pinned_cores"]
         tokens = [where(i) for i in range(40)]
         results = [t.result(timeout=WAIT) for t in tokens]
@@ -267,7 +269,7 @@ def test_weights_on_one_core_with_four_workers(weight: str, bound: int) -> None:
         return i
 
     with one_core() as core:
-        coord = OperationsCoordinator(max_workers=4, workers_per_core=4).start()
+        coord = OperationsCoordinator(max_workers=4, workers_per_core=4, blocking_aware=False).start()
     try:
         assert coord.get_stats()["topology"]["pinned_cores"] == [core] * 4
         tokens = [body(i) for i in range(12)]
@@ -288,7 +290,7 @@ def test_light_tokens_use_all_four_units_of_one_core() -> None:
         return i
 
     with one_core():
-        coord = OperationsCoordinator(max_workers=4, workers_per_core=4).start()
+        coord = OperationsCoordinator(max_workers=4, workers_per_core=4, blocking_aware=False).start()
     try:
         tokens = [body(i) for i in range(16)]
         for t in tokens:
@@ -308,7 +310,7 @@ def test_medium_tokens_share_each_core_two_ways() -> None:
         return i
 
     n = ncores()
-    with OperationsCoordinator(workers_per_core=4) as coord:
+    with OperationsCoordinator(workers_per_core=4, blocking_aware=False) as coord:
         assert coord.total_workers == 4 * n
         tokens = [body(i) for i in range(8 * n)]
         for t in tokens:
@@ -338,7 +340,7 @@ def test_heavy_limit_holds_when_waiting_tasks_run_heavy_children_inline() -> Non
         return t.result(timeout=WAIT)
 
     n = ncores()
-    with OperationsCoordinator():
+    with OperationsCoordinator(blocking_aware=False):
         tokens = [parent(i) for i in range(16)]
         assert [t.result(timeout=WAIT) for t in tokens] == list(range(16))
     assert tr.peak <= n, f"{tr.peak} heavy tokens ran at once on {n} cores (per core: {dict(tr.peak_by_key)})"

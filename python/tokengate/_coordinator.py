@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 import weakref
@@ -18,16 +19,19 @@ from .exceptions import NotStartedError
 
 __all__ = ["OperationsCoordinator"]
 
-_live: weakref.WeakSet[OperationsCoordinator] = weakref.WeakSet()
-#: Started coordinators that take decorated calls: a running service is held
-#: here until stop() (or interpreter exit), whether or not the caller kept it.
-_services: set[OperationsCoordinator] = set()
+#: Every started coordinator, by id() (a subclass may define __eq__ and so be unhashable).
+_live: weakref.WeakValueDictionary[int, OperationsCoordinator] = weakref.WeakValueDictionary()
+#: Started coordinators that take decorated calls, by id(): a running service is
+#: held here until stop() (or interpreter exit), whether or not the caller kept it.
+_services: dict[int, OperationsCoordinator] = {}
 #: How many times a coordinator started (lets the process lane cache the newest running one).
 _starts = [0]
 
 
 #: The most worker threads one pool may have.
 MAX_WORKERS: int = _tokengate.MAX_WORKERS
+#: The most tokens the process lane sends ahead to one worker process.
+MAX_PREFETCH = 4096
 #: Counts and sizes are 64-bit.
 _MAX_COUNT = 2**63 - 1
 
@@ -75,6 +79,15 @@ class OperationsCoordinator:
     ``stop()`` waits for it as for any running body. See the README's
     "Caller runs". ``caller_runs=False`` keeps every body on the workers.
 
+    ``blocking_aware`` (default True; Linux): core units bound the tokens
+    that use a CPU, not those that wait. A running token that blocks (a
+    lock, a queue, a barrier, a socket, a sleep; not a wait for the GIL)
+    lends its units while it waits, so another worker starts queued work,
+    and takes them back, even past the core's budget, when it runs again.
+    So ``max_workers=N`` runs up to N blocking tokens at once, as
+    ``ThreadPoolExecutor(N)`` does, and never more. ``blocking_aware=False``
+    keeps units bound to running tokens whatever they do.
+
     A started coordinator is a service: it runs until ``stop()`` or
     interpreter exit, whether or not the caller keeps a reference to it
     (one made with ``register_global=False``, as an ``Executor``'s is, stops
@@ -108,6 +121,7 @@ class OperationsCoordinator:
         process_max_tasks_per_child: int | None = None,
         process_max_rss: int | None = None,
         caller_runs: bool = True,
+        blocking_aware: bool = True,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True, maximum=MAX_WORKERS)
@@ -121,7 +135,7 @@ class OperationsCoordinator:
         if not isinstance(thread_name_prefix, str) or not thread_name_prefix:
             raise TypeError("thread_name_prefix must be a non-empty string")
         if stack_size is not None:
-            _positive_int("stack_size", stack_size)
+            _positive_int("stack_size", stack_size, maximum=1 << 30)
         self.pin_workers = pin_workers
         self.thread_name_prefix = thread_name_prefix
         self.stack_size = stack_size
@@ -154,11 +168,14 @@ class OperationsCoordinator:
         if not isinstance(caller_runs, bool):
             raise TypeError(f"caller_runs must be a bool, not {type(caller_runs).__name__}")
         self.caller_runs = caller_runs
+        if not isinstance(blocking_aware, bool):
+            raise TypeError(f"blocking_aware must be a bool, not {type(blocking_aware).__name__}")
+        self.blocking_aware = blocking_aware
         # -- process lane: worker processes of process_pool tokens (default: logical cores),
         # started on the first such token, shut down by stop().
-        self.process_workers = _positive_int("process_workers", process_workers, allow_none=True)
+        self.process_workers = _positive_int("process_workers", process_workers, allow_none=True, maximum=MAX_WORKERS)
         #: Tokens the lane sends ahead to one worker process (1: one at a time).
-        self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch)  # type: ignore[assignment]
+        self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch, maximum=MAX_PREFETCH)  # type: ignore[assignment]
         #: Tokens after which a worker process is replaced (None: never).
         self.process_max_tasks_per_child = _positive_int(
             "process_max_tasks_per_child", process_max_tasks_per_child, allow_none=True
@@ -207,12 +224,14 @@ class OperationsCoordinator:
                 convergence=self.enable_convergence,
                 convergence_interval=self.convergence_interval,
                 caller_runs=self.caller_runs,
+                blocking_monitor=self.blocking_aware and (_GIL_WINDOW is not None or not _gil_enabled()),
+                gil_window=_GIL_WINDOW,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)
-            _live.add(self)
+            _live[id(self)] = self
             if self.register_global:
-                _services.add(self)
+                _services[id(self)] = self
             _starts[0] += 1
             return self
 
@@ -231,7 +250,7 @@ class OperationsCoordinator:
         Returns True when every worker thread exited.
         """
         with self._lock:
-            _services.discard(self)
+            _services.pop(id(self), None)
             engine = self._engine
             if engine is None:
                 return True
@@ -409,12 +428,37 @@ class OperationsCoordinator:
 
 
 def _op_name(operation_type: object) -> str:
-    if isinstance(operation_type, str) and operation_type:
+    if isinstance(operation_type, str) and operation_type.strip():
         return operation_type
     name = getattr(operation_type, "operation_type", None)  # a decorated function
     if isinstance(name, str):
         return name
     raise TypeError(f"expected an operation name (str) or a decorated function, not {operation_type!r}")
+
+
+def _gil_enabled() -> bool:
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return True if is_enabled is None else bool(is_enabled())
+
+
+def _gil_window() -> tuple[int, int] | None:
+    """Addresses of the interpreter's runtime state (``_PyRuntime``), where the GIL's
+    futexes live: a worker waiting on one waits for the GIL, not blocked (see
+    ``src/pool/blocking.rs``). None without a GIL, or when the symbol cannot be found
+    (then the blocking monitor stays off on a GIL build)."""
+    if not _gil_enabled():
+        return None
+    try:
+        import ctypes
+
+        base = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, "_PyRuntime"))
+    except (ImportError, ValueError, AttributeError, OSError):  # pragma: no cover - not CPython on Linux
+        return None
+    # The runtime state is 0.17 MB (3.11) to 0.45 MB (3.12); the GIL's words lie in it.
+    return base, base + (512 << 10)
+
+
+_GIL_WINDOW = _gil_window()
 
 
 def _logical_cores() -> int:

@@ -113,7 +113,7 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
     ``tags`` is a mapping of scheduling tags, validated now (unknown keys and bad values
     raise ``ValueError``) and copied (later changes to the caller's dict change nothing).
     """
-    if callable(operation_type) and tags is None:
+    if (callable(operation_type) or isinstance(operation_type, (staticmethod, classmethod))) and tags is None:
         return task_token_guard()(operation_type)
     if operation_type is not None and (not isinstance(operation_type, str) or not operation_type.strip()):
         raise TypeError(f"operation_type must be a non-empty string or None, not {operation_type!r}")
@@ -225,7 +225,7 @@ class CallWith:
             if (
                 not isinstance(admission_timeout, (int, float))
                 or isinstance(admission_timeout, bool)
-                or math.isnan(admission_timeout)
+                or (isinstance(admission_timeout, float) and math.isnan(admission_timeout))
                 or admission_timeout < 0
             ):
                 raise ValueError(

@@ -468,7 +468,7 @@ def _current_coordinator() -> Any:
     starts = _starts[0]
     best = None
     best_id = -1
-    for c in list(_live):
+    for c in list(_live.values()):
         engine = c._engine
         if engine is not None and c.register_global and engine.running:
             pool_id = engine.pool_id

@@ -48,8 +48,12 @@ raise it.
 
 Shutdown
 --------
-``shutdown(wait=True)`` runs every queued call (unless ``cancel_futures``)
-and joins the private workers. ``shutdown(wait=False)`` returns at once; the
+``shutdown(wait=True)`` runs every queued call and joins the private workers.
+``cancel_futures=True`` cancels what ThreadPoolExecutor's cancels: each of
+its ``max_workers`` threads takes the oldest queued call as soon as it is
+free, so the oldest ``max_workers - running`` calls that have not started
+still run, and the newer ones are cancelled (a call made just before the
+shutdown runs on an idle executor). ``shutdown(wait=False)`` returns at once; the
 queued calls still run and the private workers exit after the last one.
 Garbage-collecting an executor without ``shutdown`` does the same as
 ``shutdown(wait=False)``. At interpreter exit, queued calls still run (the
@@ -82,7 +86,7 @@ from typing import Any, TypeVar
 
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
-from .exceptions import ForkedProcessError, ShutdownError
+from .exceptions import ShutdownError
 
 __all__ = ["BrokenThreadPool", "Executor"]
 
@@ -199,7 +203,7 @@ class _Future(_cf.Future):  # type: ignore[type-arg]
         if core is not None:
             self._core = None
             pending = core.pending
-            pending.discard(self)
+            pending.pop(self, None)
             if core.stop_requested and not pending:
                 core.deferred_stop()
 
@@ -304,8 +308,10 @@ class _Core:
         owned: bool,
         initializer: Callable[..., object] | None,
         initargs: tuple[Any, ...],
+        max_workers: int,
     ) -> None:
         self.coordinator = coordinator
+        self.max_workers = max_workers
         self.owned = owned
         # The private engine, kept to join its workers even after a deferred stop.
         self.engine: Any = coordinator._engine if owned else None
@@ -313,7 +319,8 @@ class _Core:
         self.initargs = initargs
         self.local = threading.local()
         self.lock = threading.Lock()
-        self.pending: set[_Future] = set()
+        #: Unresolved futures in submission order (a dict used as an ordered set).
+        self.pending: dict[_Future, None] = {}
         self.shutdown = False
         self.broken: str | bool = False
         self.stop_requested = False  # stop the private engine once nothing is pending
@@ -338,7 +345,7 @@ class _Core:
         f = _Future()
         f._core = self
         pending = self.pending
-        pending.add(f)
+        pending[f] = None
         try:
             if self.initializer is None:
                 token = _submit_call(_run_plain, (f, fn, args, kwargs), None, engine)
@@ -346,11 +353,11 @@ class _Core:
                 token = _submit_call(_run_initialized, (self, f, fn, args, kwargs), None, engine)
         except ShutdownError as exc:
             # Exactly what concurrent.futures raises (the engine stopped, or the interpreter is exiting).
-            pending.discard(f)
+            pending.pop(f, None)
             f._core = None
             raise RuntimeError(str(exc)) from None
         except BaseException:
-            pending.discard(f)
+            pending.pop(f, None)
             f._core = None
             raise
         f._token = token
@@ -380,12 +387,20 @@ class _Core:
                 return True
         return False
 
-    def cancel_pending(self) -> None:
-        if self.owned and self.engine is not None:
-            # Cancels every queued token at once; their callbacks cancel the futures.
-            with contextlib.suppress(ForkedProcessError):
-                self.engine.drain()
-        for f in list(self.pending):
+    def cancel_unclaimed(self) -> None:
+        """``shutdown(cancel_futures=True)``: cancels the calls that no worker could have
+        taken. As in ThreadPoolExecutor, whose ``max_workers`` threads each take the oldest
+        queued call as soon as they are free: the oldest ``max_workers - running`` calls
+        that have not started run; the newer ones are cancelled."""
+        with self.lock:
+            order = list(self.pending)
+        free = self.max_workers - sum(1 for f in order if f.running())
+        for f in order:
+            if f.done() or f.running():
+                continue
+            if free > 0:
+                free -= 1
+                continue
             f.cancel()
 
     def request_stop(self) -> None:
@@ -412,12 +427,12 @@ class _Core:
         if engine is not None:
             _stop_without_join(engine)
 
-    def stop_and_join(self, cancel: bool) -> None:
-        """shutdown(wait=True) of the private coordinator: run (or cancel) what is
-        queued, then join the workers."""
+    def stop_and_join(self) -> None:
+        """shutdown(wait=True) of the private coordinator: run what is queued (what
+        ``cancel_futures`` cancelled is already resolved), then join the workers."""
         engine = self.engine
         if engine is not None:
-            engine.stop(wait=True, cancel_pending=cancel)
+            engine.stop(wait=True)
         with self.lock:
             self.stopped = True
         self.coordinator.stop(wait=True)
@@ -510,7 +525,7 @@ class Executor(ThreadPoolExecutor):
         self._initializer = initializer
         self._initargs = initargs
         self._coordinator = coordinator
-        self._core = _Core(coordinator, owned, initializer, initargs)
+        self._core = _Core(coordinator, owned, initializer, initargs, self._max_workers)
         self._finalizer = weakref.finalize(self, _finalize, self._core)
         self._finalizer.atexit = False
 
@@ -587,16 +602,17 @@ class Executor(ThreadPoolExecutor):
         return result_iterator()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stops accepting work. ``cancel_futures``: cancel calls that have not started.
+        """Stops accepting work. ``cancel_futures``: cancel the calls no worker could
+        have taken yet (see the module docs: as ThreadPoolExecutor).
         ``wait``: return once every call finished (and the private workers exited)."""
         core = self._core
         with core.lock:
             core.shutdown = True
         if cancel_futures:
-            core.cancel_pending()
+            core.cancel_unclaimed()
         if wait and not core.in_own_call():
             if core.owned:
-                core.stop_and_join(cancel_futures)
+                core.stop_and_join()
             else:
                 core.wait_own()
             self._finalizer.detach()

@@ -25,6 +25,9 @@
 //!   Light and medium jobs keep flowing on the other cores.
 //! * Jobs pinned to a worker (its inbox: sticky anchors, lead domains) must
 //!   run there; they take their units even past the budget.
+//! * A running job that blocks (off CPU, not waiting for the GIL) gives its
+//!   units back while it is blocked and takes them again, past the budget if
+//!   need be, when it runs again: see `blocking.rs`.
 
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
 
@@ -67,11 +70,19 @@ pub(crate) struct CoreSlot {
     units: u32,
     pub(crate) draining: AtomicBool,
     heavy_running: AtomicU32,
+    /// Jobs of this core that are blocked, their units lent (`blocking.rs`).
+    lent: AtomicU32,
 }
 
 impl CoreSlot {
     pub(crate) fn new(units: u32) -> Self {
-        CoreSlot { used: AtomicU32::new(0), units, draining: AtomicBool::new(false), heavy_running: AtomicU32::new(0) }
+        CoreSlot {
+            used: AtomicU32::new(0),
+            units,
+            draining: AtomicBool::new(false),
+            heavy_running: AtomicU32::new(0),
+            lent: AtomicU32::new(0),
+        }
     }
 
     /// Units this slot offers when `active` workers per core are active.
@@ -108,6 +119,20 @@ impl CoreSlot {
 
     pub(crate) fn release(&self, units: u32) {
         self.used.fetch_sub(units, Ordering::AcqRel);
+    }
+
+    pub(crate) fn lent(&self) -> u32 {
+        self.lent.load(Ordering::Acquire)
+    }
+
+    /// A job of this core is blocked: its units are lent (given back by the lender).
+    pub(crate) fn lend(&self) {
+        self.lent.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A lent job ran again (took its units back) or ended.
+    pub(crate) fn end_loan(&self) {
+        self.lent.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Becomes the core's only heavy job if none runs (inline runs).

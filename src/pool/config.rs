@@ -32,6 +32,11 @@ pub struct PoolConfig {
     /// Capacity units of each core (`workers_per_core`): light tokens take 1,
     /// medium 2, heavy all of them.
     pub units_per_core: u32,
+    /// Start the monitor that lends the units of blocked jobs (Linux; see `blocking.rs`).
+    pub blocking_monitor: bool,
+    /// Addresses `[lo, hi)` of the interpreter's runtime state: a futex wait
+    /// there is a wait for the GIL (busy, not blocked). None: no GIL.
+    pub gil_window: Option<(usize, usize)>,
 }
 
 impl PoolConfig {
@@ -47,6 +52,8 @@ impl PoolConfig {
             aging: std::time::Duration::from_millis(500),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             units_per_core: 4,
+            blocking_monitor: true,
+            gil_window: None,
         }
     }
 

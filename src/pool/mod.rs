@@ -44,6 +44,7 @@
 //!    stay in the queues; `drain()` hands them back so the embedder can
 //!    resolve them. Dropping the pool drops them.
 
+mod blocking;
 mod capacity;
 mod config;
 mod sleep;
@@ -62,6 +63,7 @@ pub use worker::{current_worker, held_units, WorkerHooks, WorkerInfo, WorkerLoop
 
 use crate::error::Error;
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use blocking::{Run, RunSlot};
 use capacity::CoreSlot;
 use sleep::Sleep;
 
@@ -134,6 +136,13 @@ pub(crate) struct Shared<J> {
     inboxes: Vec<Injector<J>>,
     heavy_peak: AtomicUsize,
     heavy_now: AtomicUsize,
+    /// What each worker runs now (see `blocking.rs`).
+    runs: Vec<RunSlot>,
+    /// Runs whose units were lent so far (blocked jobs).
+    lends: AtomicU64,
+    /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
+    monitor_parked: AtomicBool,
+    monitor_thread: Mutex<Option<std::thread::Thread>>,
 }
 
 /// Core units held by a job that runs outside the pool (`Pool::try_acquire_outside`).
@@ -235,9 +244,54 @@ impl<J> Shared<J> {
         worker % self.cores.len()
     }
 
-    /// True when worker `index` is inside the active pattern.
+    /// True when worker `index` is inside the active pattern. Every worker
+    /// of a core whose job is blocked (its units lent) makes room in the
+    /// pattern for one more of that core.
     fn is_active(&self, index: usize) -> bool {
-        (index / self.cores.len()) < self.active_per_core.load(Ordering::Relaxed) as usize
+        let lent = self.cores[self.slot_of(index)].lent();
+        (index / self.cores.len()) < (self.active_per_core.load(Ordering::Relaxed).saturating_add(lent)) as usize
+    }
+
+    /// The job of worker `index` is blocked (run `seen`, still `RUNNING`):
+    /// its units go back to its core, and a worker is woken for queued work.
+    /// False when the run ended or changed meanwhile.
+    pub(crate) fn lend(&self, index: usize, seen: Run) -> bool {
+        if !self.runs[index].try_lend(seen) {
+            return false;
+        }
+        let slot = &self.cores[self.slot_of(index)];
+        slot.lend();
+        if seen.heavy {
+            slot.heavy_finished();
+            self.heavy_now.fetch_sub(1, Ordering::AcqRel);
+        }
+        slot.release(seen.units);
+        self.lends.fetch_add(1, Ordering::Relaxed);
+        self.notify_work();
+        true
+    }
+
+    /// The lent job of worker `index` (run `seen`) runs again: it takes its
+    /// units back, past the budget if need be (nothing is pre-empted; the
+    /// core starts nothing new until it has room). False when the run ended.
+    pub(crate) fn retake(&self, index: usize, seen: Run) -> bool {
+        let slot = &self.cores[self.slot_of(index)];
+        slot.force_acquire(seen.units);
+        if seen.heavy {
+            slot.heavy_started();
+            self.heavy_now.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.runs[index].try_retake(seen) {
+            slot.end_loan();
+            return true;
+        }
+        // The run ended while lent: the worker settled the loan, nothing is owed.
+        if seen.heavy {
+            slot.heavy_finished();
+            self.heavy_now.fetch_sub(1, Ordering::AcqRel);
+        }
+        slot.release(seen.units);
+        false
     }
 
     /// With a reduced adaptive pattern, a backlog (queued plus deferred jobs
@@ -296,6 +350,15 @@ impl<J> Shared<J> {
         drop(deferred);
         if self.has_work() {
             self.notify_work();
+        }
+    }
+
+    /// Wakes the blocking monitor if it parked.
+    fn wake_monitor(&self) {
+        if self.monitor_parked.load(Ordering::SeqCst) {
+            if let Some(t) = self.monitor_thread.lock().as_ref() {
+                t.unpark();
+            }
         }
     }
 
@@ -386,6 +449,10 @@ pub struct PoolStats {
     pub inbox: Vec<usize>,
     /// Most heavy jobs running at once so far.
     pub heavy_peak: usize,
+    /// Jobs blocked now, with their units lent (see `blocking.rs`).
+    pub lent: usize,
+    /// Times a blocked job's units were lent so far.
+    pub lends: u64,
 }
 
 /// A running pool of worker threads executing jobs of type `J`.
@@ -438,6 +505,10 @@ impl<J: Job> Pool<J> {
             inboxes: (0..config.workers).map(|_| Injector::new()).collect(),
             heavy_peak: AtomicUsize::new(0),
             heavy_now: AtomicUsize::new(0),
+            runs: (0..config.workers).map(|_| RunSlot::new()).collect(),
+            lends: AtomicU64::new(0),
+            monitor_parked: AtomicBool::new(false),
+            monitor_thread: Mutex::new(None),
             config,
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
@@ -453,6 +524,7 @@ impl<J: Job> Pool<J> {
                 .spawn(move || {
                     let pinned = core.filter(|&id| core_affinity::set_for_current(core_affinity::CoreId { id }));
                     shared.pinned[index].store(pinned.unwrap_or(NOT_PINNED), Ordering::Release);
+                    shared.runs[index].tid.store(blocking::current_tid(), Ordering::Release);
                     shared.ready.fetch_add(1, Ordering::AcqRel);
                     let info = WorkerInfo { index, core: pinned, pool_id: shared.id };
                     let exit_guard = ExitGuard(&shared);
@@ -475,6 +547,15 @@ impl<J: Job> Pool<J> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while pool.shared.ready.load(Ordering::Acquire) < pool.shared.config.workers && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(100));
+        }
+        #[cfg(all(target_os = "linux", not(loom)))]
+        if pool.shared.config.blocking_monitor {
+            // After the workers are ready: it reads their thread ids. Without
+            // it the pool still works, with units bound to running jobs. It
+            // exits after the last worker; `join` joins it with them.
+            if let Ok(handle) = blocking::start_monitor(pool.shared.clone()) {
+                pool.handles.lock().push(handle);
+            }
         }
         Ok(pool)
     }
@@ -796,6 +877,7 @@ impl<J: Job> Pool<J> {
     pub fn shutdown(&self) {
         self.shared.terminate.store(true, Ordering::SeqCst);
         self.shared.sleep.wake_all();
+        self.shared.wake_monitor();
     }
 
     /// Waits for every worker to exit (up to `timeout`) and joins them.
@@ -849,6 +931,8 @@ impl<J: Job> Pool<J> {
             deferred: self.shared.deferred_len.load(Ordering::Relaxed),
             inbox: self.shared.inboxes.iter().map(Injector::len).collect(),
             heavy_peak: self.shared.heavy_peak.load(Ordering::Relaxed),
+            lent: self.shared.cores.iter().map(|c| c.lent() as usize).sum(),
+            lends: self.shared.lends.load(Ordering::Relaxed),
         }
     }
 }

@@ -148,10 +148,18 @@ impl<J: Job> WorkerLoop<J> {
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
+        let run = &self.shared.runs[info.index];
+        run.begin(units, heavy);
+        self.shared.wake_monitor();
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
             self.shared.panics.fetch_add(1, Ordering::Relaxed);
         }
         HELD.with(|h| h.set(0));
+        if !run.end() {
+            // The job blocked and its units were lent: the lender gave them back already.
+            self.slot().end_loan();
+            return;
+        }
         if heavy {
             self.slot().heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);

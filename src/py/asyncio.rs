@@ -185,7 +185,10 @@ impl LoopDrain {
                     // KeyboardInterrupt leave the loop. What this batch has
                     // not delivered yet goes back to the front of the queue,
                     // for the loop's next round (asyncio.run's cleanup runs one).
-                    queue.requeue_front(py, batch.collect());
+                    let rest: Vec<Delivery> = batch.collect();
+                    // Counted again when the next drain delivers them.
+                    LOOP_DELIVERIES.fetch_sub(rest.len() as u64, Ordering::Relaxed);
+                    queue.requeue_front(py, rest);
                     return Err(err);
                 }
                 report(py, &queue, func, err);

@@ -533,7 +533,7 @@ impl Engine {
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
                         max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
                         storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0,
-                        caller_runs=true))]
+                        caller_runs=true, blocking_monitor=true, gil_window=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -552,6 +552,8 @@ impl Engine {
         convergence: bool,
         convergence_interval: f64,
         caller_runs: bool,
+        blocking_monitor: bool,
+        gil_window: Option<(usize, usize)>,
     ) -> PyResult<Self> {
         // Every duration is checked before anything starts.
         let aging = seconds_arg("aging", aging)?;
@@ -576,6 +578,8 @@ impl Engine {
         let topology = Topology::detect();
         config.cores = topology.logical_cores.min(workers).max(1);
         config.units_per_core = u32::try_from(workers_per_core).unwrap_or(u32::MAX).max(1);
+        config.blocking_monitor = blocking_monitor;
+        config.gil_window = gil_window;
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
         let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
@@ -709,6 +713,8 @@ impl Engine {
         pool.set_item("core_units", p.core_units)?;
         pool.set_item("core_heavy", p.core_heavy)?;
         pool.set_item("heavy_peak", p.heavy_peak)?;
+        pool.set_item("blocked", p.lent)?;
+        pool.set_item("lends", p.lends)?;
         pool.set_item("draining_cores", p.draining)?;
         pool.set_item("deferred", p.deferred)?;
         pool.set_item("inbox", p.inbox)?;

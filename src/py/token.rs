@@ -239,20 +239,25 @@ impl TokenInner {
         if state == TokenState::Cancelled && !asyncio {
             return Err(BindError::Cancelled.into_pyerr(py));
         }
-        let slot = if super::engine::check_not_forked().is_ok() {
-            self.core.lock()
-        } else {
-            // Forked: a parent thread may have held the slot at the fork (resolving this token).
-            self.core.try_lock().ok_or(BindError::Forked)?
-        };
+        let slot = self.read_slot()?;
         match (&slot.outcome, state) {
-            // A cancel with a message keeps its asyncio.CancelledError(msg) as the outcome.
-            (Some(Outcome::Error(e)), TokenState::Cancelled) => Err(PyErr::from_value(e.bind(py).clone())),
+            // A cancel with a message keeps the message as the value (see `cancel_note`).
+            (Some(Outcome::Value(msg)), TokenState::Cancelled) => Err(exceptions::asyncio_cancelled_with(py, Some(msg.bind(py)))),
             (_, TokenState::Cancelled) => Err(exceptions::asyncio_cancelled(py)),
             (Some(Outcome::Value(v)), _) => Ok(v.clone_ref(py)),
             (Some(Outcome::Error(e)), _) if asyncio => Err(exceptions::for_await(py, PyErr::from_value(e.bind(py).clone()))),
             (Some(Outcome::Error(e)), _) => Err(PyErr::from_value(e.bind(py).clone())),
             (None, _) => Err(BindError::Runtime(format!("token in state {} has no outcome", state.as_str())).into_pyerr(py)),
+        }
+    }
+
+    /// The slot, to read the outcome of a resolved token.
+    fn read_slot(&self) -> Result<crate::sync::MutexGuard<'_, Slot>, BindError> {
+        if super::engine::check_not_forked().is_ok() {
+            Ok(self.core.lock())
+        } else {
+            // Forked: a parent thread may have held the slot at the fork (resolving this token).
+            self.core.try_lock().ok_or(BindError::Forked)
         }
     }
 
@@ -324,7 +329,7 @@ impl TokenInner {
     ///
     /// `msg` (asyncio's `cancel(msg)`) is kept for asyncio callers: see `outcome`.
     pub(crate) fn cancel(&self, py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> bool {
-        if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, cancel_note(py, msg)) {
+        if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, cancel_note(msg)) {
             return true;
         }
         match self.core.state() {
@@ -345,7 +350,7 @@ impl TokenInner {
     /// `TokenAwait`, whose cancel ends only that await.)
     pub(crate) fn cancel_running(&self, py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> bool {
         self.core.request_cancel();
-        self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, cancel_note(py, msg))
+        self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, cancel_note(msg))
     }
 
     /// Registers `func(arg)` to run once the token resolves; runs it now
@@ -458,15 +463,13 @@ fn span(from: Option<u64>, to: Option<u64>) -> Option<f64> {
     Some(to.saturating_sub(from) as f64 / 1e9)
 }
 
-/// The outcome a cancel leaves: `asyncio.CancelledError(msg)` when asyncio
-/// gave a message, else none.
-fn cancel_note(py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> Option<Outcome> {
-    msg.map(|m| Outcome::Error(exceptions::asyncio_cancelled_with(py, Some(m)).into_value(py).into_any()))
-}
-
-/// `exc.args[0]`, if any.
-fn first_arg(py: Python<'_>, exc: &Py<PyAny>) -> Option<Py<PyAny>> {
-    exc.bind(py).getattr("args").ok()?.get_item(0).ok().map(Bound::unbind)
+/// The outcome a cancel leaves: the message asyncio gave (`cancel(msg)`),
+/// kept as the value of the cancelled token; each raise builds a fresh
+/// `CancelledError(msg)` from it (see `outcome`), as `asyncio.Future` does: a
+/// stored exception would carry the traceback of every frame it was raised
+/// through, and those frames the token.
+fn cancel_note(msg: Option<&Bound<'_, PyAny>>) -> Option<Outcome> {
+    msg.map(|m| Outcome::Value(m.clone().unbind()))
 }
 
 #[pymethods]
@@ -746,12 +749,9 @@ impl TaskToken {
     }
 
     /// asyncio's hook for the error of a cancelled future (used by `gather`):
-    /// `asyncio.CancelledError`, with the message of `cancel(msg)` if any.
+    /// a new `asyncio.CancelledError`, with the message of `cancel(msg)` if any.
     fn _make_cancelled_error(&self, py: Python<'_>) -> Py<PyAny> {
-        match self.inner.outcome(py, true) {
-            Err(e) if self.inner.core.state() == TokenState::Cancelled => e.into_value(py).into_any(),
-            _ => exceptions::asyncio_cancelled(py).into_value(py).into_any(),
-        }
+        exceptions::asyncio_cancelled_with(py, self._cancel_message(py).as_ref().map(|m| m.bind(py))).into_value(py).into_any()
     }
 
     /// The message of `cancel(msg)` (asyncio reads it on cancelled futures).
@@ -760,7 +760,11 @@ impl TaskToken {
         if self.inner.core.state() != TokenState::Cancelled {
             return None;
         }
-        first_arg(py, &self._make_cancelled_error(py))
+        let slot = self.inner.read_slot().ok()?;
+        match &slot.outcome {
+            Some(Outcome::Value(msg)) => Some(msg.clone_ref(py)),
+            _ => None,
+        }
     }
 
     /// Marks tokens as asyncio-compatible futures (`asyncio.isfuture`), so

@@ -1,0 +1,377 @@
+//! Blocking-aware capacity: a running job that blocks gives its core units
+//! back, and takes them again when it runs once more.
+//!
+//! Core units (`capacity.rs`) bound how many jobs *run* on a core, which is
+//! right for work that needs the CPU (under the GIL more runnable threads only
+//! rotate the interpreter) and wrong for work that sleeps in the kernel: a
+//! job waiting on a barrier, a queue, a lock, a socket or `time.sleep` holds
+//! units another job could use, and jobs that wait for each other deadlock.
+//! So a monitor thread watches the workers that run a job, and lends the
+//! units of one that is blocked to the pool: another worker then takes
+//! queued work. Nothing is pre-empted: a blocked job that becomes runnable
+//! takes its units again at once, even past the core's budget (a debt: the
+//! core starts nothing new until it is paid back).
+//!
+//! # Telling blocked from busy
+//!
+//! Each tick (1 ms while any worker runs a job; the monitor parks when none
+//! does), for every worker whose job was already running two ticks before
+//! (short jobs cost no read at all), the monitor reads `/proc/self/task/<tid>/schedstat` (CPU time so far). A
+//! job that used more than `BUSY_NS` of CPU since its previous reading is
+//! busy. Otherwise it reads `/proc/self/task/<tid>/syscall`: `running` is
+//! busy too, and so is a `futex` wait on an address inside the interpreter's
+//! runtime state (`PoolConfig::gil_window`): that is a thread waiting for
+//! the GIL, which is waiting for the CPU, not blocking. Anything else (a
+//! `futex` on a lock, queue, event or barrier in the heap, `nanosleep`,
+//! `select`, `recv`, `wait4`, ...) is blocked: the job's units are lent. A
+//! lent job is looked at every `LENT_EVERY` ticks: one that used more than
+//! `BUSY_NS` of CPU since it was last looked at takes its units back. A tick
+//! makes at most `READS_PER_TICK` reads, and the files of the first
+//! `OPEN_WATCHES` workers stay open (opened when the monitor starts, so the
+//! process's file count does not change while it runs).
+//!
+//! # Protocol: the run word
+//!
+//! Each worker has one `RunSlot`, whose word packs the run number (bumped at
+//! every job), the state (`IDLE`, `RUNNING`, `LENT`), the units the job holds
+//! and whether it is heavy.
+//!
+//! * The worker stores a `RUNNING` word once it has taken the job's units
+//!   (`begin`), and swaps in `IDLE` when the job returns (`end`). It gives
+//!   the units back itself only if the word it swapped out was `RUNNING`.
+//! * The monitor moves `RUNNING` to `LENT` (CAS on the same run) and only
+//!   then gives the units back (`Shared::lend`); it moves `LENT` back to
+//!   `RUNNING` (CAS on the same run) only after it took the units again
+//!   (`Shared::retake`), and gives them back if the CAS fails (the run ended).
+//! * So for every run, whoever moves the word out of `RUNNING` gives the
+//!   units back, exactly once.
+//!
+//! Only the worker writes `IDLE` and `RUNNING` words of a new run; only the
+//! monitor writes `LENT` words and the `RUNNING` word that ends a loan.
+//!
+//! # Shutdown
+//!
+//! The monitor holds the pool's `Shared` and exits when the pool terminates
+//! and every worker has exited (it checks at each tick and when woken).
+
+use crate::sync::{AtomicU64, Ordering};
+
+pub(crate) const IDLE: u64 = 0;
+pub(crate) const RUNNING: u64 = 1;
+pub(crate) const LENT: u64 = 2;
+
+/// A job that used more CPU than this since the previous tick is busy.
+#[cfg(all(target_os = "linux", not(loom)))]
+const BUSY_NS: u64 = 50_000;
+/// How often the monitor looks while any worker runs a job.
+#[cfg(all(target_os = "linux", not(loom)))]
+const TICK: std::time::Duration = std::time::Duration::from_millis(1);
+/// Ticks with no running job before the monitor parks.
+#[cfg(all(target_os = "linux", not(loom)))]
+const IDLE_TICKS: u32 = 20;
+/// A lent job is looked at every this many ticks (a blocked job rarely wakes).
+#[cfg(all(target_os = "linux", not(loom)))]
+const LENT_EVERY: usize = 8;
+/// At most this many `/proc` reads per tick (round robin over the workers).
+#[cfg(all(target_os = "linux", not(loom)))]
+const READS_PER_TICK: usize = 64;
+/// The `/proc` files of this many workers stay open (two each); the files of
+/// workers beyond are opened for each read.
+#[cfg(all(target_os = "linux", not(loom)))]
+const OPEN_WATCHES: usize = 64;
+
+/// The run word of a job: (run, state, units, heavy), packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub(crate) run: u32,
+    pub(crate) state: u64,
+    pub(crate) units: u32,
+    pub(crate) heavy: bool,
+}
+
+impl Run {
+    fn pack(self) -> u64 {
+        u64::from(self.run) | (self.state << 32) | (u64::from(self.heavy) << 34) | (u64::from(self.units) << 35)
+    }
+
+    fn unpack(word: u64) -> Run {
+        Run { run: word as u32, state: (word >> 32) & 3, units: (word >> 35) as u32, heavy: (word >> 34) & 1 == 1 }
+    }
+
+    fn with_state(self, state: u64) -> Run {
+        Run { state, ..self }
+    }
+}
+
+/// What one worker runs now (see the protocol).
+#[derive(Debug)]
+pub(crate) struct RunSlot {
+    word: crossbeam_utils::CachePadded<AtomicU64>,
+    /// The worker thread's kernel id (0 until it started).
+    pub(crate) tid: AtomicU64,
+}
+
+impl RunSlot {
+    pub(crate) fn new() -> Self {
+        RunSlot { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0) }
+    }
+
+    pub(crate) fn load(&self) -> Run {
+        Run::unpack(self.word.load(Ordering::SeqCst))
+    }
+
+    /// The worker starts a job holding `units` (SeqCst: see `Monitor::park`).
+    pub(crate) fn begin(&self, units: u32, heavy: bool) {
+        let run = Run::unpack(self.word.load(Ordering::Relaxed)).run.wrapping_add(1);
+        self.word.store(Run { run, state: RUNNING, units, heavy }.pack(), Ordering::SeqCst);
+    }
+
+    /// The worker's job returned. True when the worker still holds the units
+    /// (the run was not lent): then it gives them back itself.
+    pub(crate) fn end(&self) -> bool {
+        let cur = Run::unpack(self.word.load(Ordering::Relaxed));
+        let was = Run::unpack(self.word.swap(cur.with_state(IDLE).pack(), Ordering::AcqRel));
+        was.state == RUNNING
+    }
+
+    /// `RUNNING` -> `LENT` for run `seen`; true when this caller now owes the units back to the core.
+    pub(crate) fn try_lend(&self, seen: Run) -> bool {
+        seen.state == RUNNING
+            && self.word.compare_exchange(seen.pack(), seen.with_state(LENT).pack(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// `LENT` -> `RUNNING` for run `seen` (the caller took the units again first).
+    pub(crate) fn try_retake(&self, seen: Run) -> bool {
+        seen.state == LENT
+            && self.word.compare_exchange(seen.pack(), seen.with_state(RUNNING).pack(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// The calling thread's kernel thread id, from `/proc/thread-self` (0 when unknown).
+pub(crate) fn current_tid() -> u64 {
+    #[cfg(all(target_os = "linux", not(loom)))]
+    {
+        if let Ok(link) = std::fs::read_link("/proc/thread-self") {
+            if let Some(tid) = link.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()) {
+                return tid;
+            }
+        }
+    }
+    0
+}
+
+#[cfg(all(target_os = "linux", not(loom)))]
+pub(crate) use monitor::start_monitor;
+
+#[cfg(all(target_os = "linux", not(loom)))]
+mod monitor {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use super::{Run, BUSY_NS, IDLE_TICKS, LENT, LENT_EVERY, OPEN_WATCHES, READS_PER_TICK, RUNNING, TICK};
+    use crate::pool::{Job, Shared};
+    use crate::sync::{Arc, Ordering};
+
+    #[cfg(target_arch = "x86_64")]
+    const SYS_FUTEX: u64 = 202;
+    #[cfg(target_arch = "aarch64")]
+    const SYS_FUTEX: u64 = 98;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const SYS_FUTEX: u64 = u64::MAX;
+
+    /// What the kernel says a thread does.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Kernel {
+        /// On a CPU, or runnable.
+        Running,
+        /// Waiting for the GIL: waiting for the CPU, not blocked.
+        GilWait,
+        /// In any other wait.
+        Blocked,
+    }
+
+    /// The monitor's view of one worker.
+    #[derive(Default)]
+    struct Watch {
+        tid: u64,
+        /// Kept open for the first `OPEN_WATCHES` workers.
+        schedstat: Option<File>,
+        syscall: Option<File>,
+        /// The run seen at the previous look, and its CPU time then (if read).
+        seen: Option<(Run, Option<u64>)>,
+    }
+
+    /// Reads `/proc/self/task/<tid>/<name>` into `buf`, through `kept` if open.
+    fn read_proc(kept: Option<&File>, tid: u64, name: &str, buf: &mut [u8]) -> Option<usize> {
+        match kept {
+            Some(f) => f.read_at(buf, 0).ok(),
+            None => File::open(format!("/proc/self/task/{tid}/{name}")).ok()?.read_at(buf, 0).ok(),
+        }
+    }
+
+    impl Watch {
+        fn keep_open(&mut self, tid: u64) {
+            self.tid = tid;
+            self.schedstat = File::open(format!("/proc/self/task/{tid}/schedstat")).ok();
+            self.syscall = File::open(format!("/proc/self/task/{tid}/syscall")).ok();
+        }
+
+        /// Nanoseconds the thread has spent on a CPU.
+        fn cpu_ns(&self) -> Option<u64> {
+            let mut buf = [0u8; 96];
+            let n = read_proc(self.schedstat.as_ref(), self.tid, "schedstat", &mut buf)?;
+            std::str::from_utf8(&buf[..n]).ok()?.split_whitespace().next()?.parse().ok()
+        }
+
+        fn kernel(&self, gil: Option<(usize, usize)>) -> Option<Kernel> {
+            let mut buf = [0u8; 256];
+            let n = read_proc(self.syscall.as_ref(), self.tid, "syscall", &mut buf)?;
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let mut fields = text.split_whitespace();
+            let nr = fields.next()?;
+            if nr == "running" {
+                return Some(Kernel::Running);
+            }
+            let nr: u64 = nr.parse().ok()?;
+            if nr == SYS_FUTEX {
+                let addr = fields.next().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())?;
+                if gil.is_some_and(|(lo, hi)| (lo as u64..hi as u64).contains(&addr)) {
+                    return Some(Kernel::GilWait);
+                }
+            }
+            Some(Kernel::Blocked)
+        }
+    }
+
+    /// Starts the monitor thread of a pool (named `{prefix}-monitor`).
+    pub(crate) fn start_monitor<J: Job>(shared: Arc<Shared<J>>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let name = format!("{}-monitor", shared.config.thread_name);
+        std::thread::Builder::new().name(name).stack_size(256 << 10).spawn(move || run(&shared))
+    }
+
+    fn run<J: Job>(shared: &Shared<J>) {
+        let n = shared.runs.len();
+        let mut watches: Vec<Watch> = (0..n).map(|_| Watch::default()).collect();
+        for (index, watch) in watches.iter_mut().enumerate() {
+            let tid = shared.runs[index].tid.load(Ordering::Acquire);
+            if index < OPEN_WATCHES {
+                watch.keep_open(tid);
+            } else {
+                watch.tid = tid;
+            }
+        }
+        let gil = shared.config.gil_window;
+        let mut idle_ticks = 0;
+        let mut tick: usize = 0;
+        loop {
+            if shared.terminate.load(Ordering::SeqCst) && *shared.alive.lock() == 0 {
+                return;
+            }
+            tick = tick.wrapping_add(1);
+            let mut any = false;
+            let mut reads = 0;
+            // Round robin: each tick starts one worker further on.
+            for k in 0..n {
+                let index = (tick + k) % n;
+                let watch = &mut watches[index];
+                let now = shared.runs[index].load();
+                if now.state != RUNNING && now.state != LENT {
+                    watch.seen = None;
+                    continue;
+                }
+                any = true;
+                let same = watch.seen.is_some_and(|(r, _)| r.run == now.run);
+                if !same {
+                    // A new run: decide nothing before it has lasted a tick.
+                    watch.seen = Some((now, None));
+                    continue;
+                }
+                if reads >= READS_PER_TICK || (now.state == LENT && (tick + index) % LENT_EVERY != 0) {
+                    continue;
+                }
+                reads += 1;
+                let cpu = watch.cpu_ns();
+                let before = watch.seen.and_then(|(_, c)| c);
+                watch.seen = Some((now, cpu));
+                let (Some(cpu), Some(before)) = (cpu, before) else {
+                    continue; // the first reading of this run is its baseline
+                };
+                let busy = cpu.saturating_sub(before) > BUSY_NS;
+                if now.state == LENT {
+                    if busy {
+                        shared.retake(index, now);
+                    }
+                    continue;
+                }
+                if busy {
+                    continue;
+                }
+                reads += 1;
+                if watch.kernel(gil) == Some(Kernel::Blocked) {
+                    shared.lend(index, now);
+                }
+            }
+            if any {
+                idle_ticks = 0;
+            } else {
+                idle_ticks += 1;
+                if idle_ticks >= IDLE_TICKS {
+                    park(shared);
+                    idle_ticks = 0;
+                    continue;
+                }
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Parks until a worker begins a job (or the pool terminates). The flag
+    /// is stored before the run words are read, and a worker stores its run
+    /// word before it reads the flag (both SeqCst): one of them sees the other.
+    fn park<J: Job>(shared: &Shared<J>) {
+        *shared.monitor_thread.lock() = Some(std::thread::current());
+        shared.monitor_parked.store(true, Ordering::SeqCst);
+        let running = shared.runs.iter().any(|r| r.load().state == RUNNING);
+        if !running && !shared.terminate.load(Ordering::SeqCst) {
+            // A bounded park: a lost wake-up costs at most this delay.
+            std::thread::park_timeout(std::time::Duration::from_millis(200));
+        }
+        shared.monitor_parked.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_word_round_trips() {
+        let r = Run { run: u32::MAX, state: LENT, units: 4096, heavy: true };
+        assert_eq!(Run::unpack(r.pack()), r);
+        let r = Run { run: 7, state: RUNNING, units: 1, heavy: false };
+        assert_eq!(Run::unpack(r.pack()), r);
+    }
+
+    #[test]
+    fn units_go_back_exactly_once() {
+        let slot = RunSlot::new();
+        slot.begin(2, false);
+        let seen = slot.load();
+        // lent first: the worker's end must not give them back again
+        assert!(slot.try_lend(seen));
+        assert!(!slot.try_lend(seen));
+        assert!(!slot.end());
+        // a retake that races the end of the run fails
+        assert!(!slot.try_retake(seen));
+        // not lent: the worker gives them back
+        slot.begin(2, false);
+        assert_eq!(slot.load().run, seen.run + 1);
+        assert!(slot.end());
+        // lent, retaken, then the worker gives them back
+        slot.begin(1, false);
+        let seen = slot.load();
+        assert!(slot.try_lend(seen));
+        assert!(slot.try_retake(slot.load()));
+        assert!(slot.end());
+    }
+}

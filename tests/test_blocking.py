@@ -1,0 +1,161 @@
+"""Blocking-aware capacity: a running token that blocks (a barrier, a lock, a queue, a sleep)
+gives its core units back, so ``max_workers=N`` runs N blocking tokens at once, as
+``ThreadPoolExecutor(N)`` does; CPU-bound tokens keep their units (see src/pool/blocking.rs)."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from support import running_coordinator, wait_until
+
+import tokengate
+from tokengate import Executor, OperationsCoordinator, task_token_guard
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the blocking monitor reads /proc")
+
+WAIT = 30.0
+
+
+class Peak:
+    """Counts how many calls are inside ``with peak:`` at once, and the most so far."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def meet(barrier: threading.Barrier, peak: Peak, i: int) -> int:
+    with peak:
+        barrier.wait()
+    return i
+
+
+@pytest.mark.parametrize("n", [8, 64, 256])
+def test_executor_runs_max_workers_blocking_tasks_at_once(n: int) -> None:
+    barrier = threading.Barrier(n, timeout=WAIT)
+    peak = Peak()
+    with Executor(max_workers=n) as ex:
+        assert list(ex.map(meet, [barrier] * n, [peak] * n, range(n))) == list(range(n))
+        # and never more than n: a second round of 2n tasks meets in two groups
+        barrier = threading.Barrier(n, timeout=WAIT)
+        peak2 = Peak()
+        assert sorted(ex.map(meet, [barrier] * (2 * n), [peak2] * (2 * n), range(2 * n))) == list(range(2 * n))
+    assert peak.most == n
+    assert peak2.most == n, f"{peak2.most} tasks ran at once on max_workers={n}"
+
+
+_TAGS: dict[str, dict[str, Any] | None] = {"untagged": None, "light": {"weight": "light"}, "medium": {"weight": "medium"}}
+
+
+@pytest.mark.parametrize("n", [8, 20])
+@pytest.mark.parametrize("kind", list(_TAGS))
+def test_coordinator_runs_max_workers_blocking_tokens_at_once(n: int, kind: str) -> None:
+    fn = task_token_guard(operation_type=f"blocking_meet_{kind}", tags=_TAGS[kind])(meet)
+    barrier = threading.Barrier(n, timeout=WAIT)
+    peak = Peak()
+    with running_coordinator(max_workers=n) as c:
+        tokens = [fn(barrier, peak, i) for i in range(2 * n)]
+        assert [t.result(timeout=WAIT) for t in tokens] == list(range(2 * n))
+        assert peak.most == n, f"{peak.most} of max_workers={n} {kind} tokens ran at once"
+        pool = c.get_stats()["pool"]
+        assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 0, WAIT)
+        assert c.get_stats()["pool"]["core_units"] == [0] * len(pool["core_units"])
+
+
+@task_token_guard(operation_type="blocking_spin", tags={"weight": "light"})
+def spin(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def test_cpu_bound_tokens_keep_their_units() -> None:
+    # Threads waiting for the GIL are waiting for the CPU, not blocked: their units are not lent
+    # (if they were, every CPU token would be lent and more would run than the cores allow).
+    with running_coordinator(max_workers=8) as c:
+        tokens = [spin(300_000) for _ in range(60)]
+        assert tokengate.gather(tokens, timeout=WAIT)
+        assert c.get_stats()["pool"]["lends"] <= 5, c.get_stats()["pool"]
+
+
+@task_token_guard(operation_type="blocking_producer", tags={"weight": "medium"})
+def produce(q: queue.Queue[int], n: int) -> int:
+    for i in range(n):
+        q.put(i)
+    return n
+
+
+@task_token_guard(operation_type="blocking_consumer", tags={"weight": "medium"})
+def consume(q: queue.Queue[int], n: int) -> int:
+    return sum(q.get(timeout=WAIT) for _ in range(n))
+
+
+def test_consumers_submitted_before_their_producer_do_not_deadlock() -> None:
+    # Every worker's units go to consumers blocked on an empty queue; the producer queued behind
+    # them runs once their units are lent.
+    with running_coordinator(max_workers=6, workers_per_core=2):
+        q: queue.Queue[int] = queue.Queue()
+        consumers = [consume(q, 10) for _ in range(5)]
+        producer = produce(q, 50)
+        assert producer.result(timeout=WAIT) == 50
+        assert sum(t.result(timeout=WAIT) for t in consumers) == sum(range(50))
+
+
+@task_token_guard(operation_type="blocking_heavy_wait", tags={"weight": "heavy"})
+def heavy_wait(event: threading.Event) -> str:
+    assert event.wait(WAIT)
+    return "heavy"
+
+
+@task_token_guard(operation_type="blocking_light_mark", tags={"weight": "light"})
+def light_mark(x: int) -> int:
+    return x
+
+
+def test_a_blocked_heavy_token_lends_its_core_and_the_books_balance() -> None:
+    with running_coordinator(max_workers=4, workers_per_core=2, pin_workers=False) as c:
+        event = threading.Event()
+        heavies = [heavy_wait(event) for _ in range(len(c.get_stats()["pool"]["core_units"]))]
+        # with every core held by a blocked heavy token, light tokens still run
+        assert [light_mark(i).result(timeout=WAIT) for i in range(20)] == list(range(20))
+        assert c.get_stats()["pool"]["blocked"] >= 1
+        event.set()
+        assert [h.result(timeout=WAIT) for h in heavies] == ["heavy"] * len(heavies)
+        assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 0, WAIT)
+        pool = c.get_stats()["pool"]
+        assert pool["core_units"] == [0] * len(pool["core_units"]), pool
+        assert pool["core_heavy"] == [0] * len(pool["core_heavy"]), pool
+
+
+@task_token_guard(operation_type="blocking_mixed", tags={"weight": "light"})
+def sleep_then_spin(seconds: float, n: int) -> int:
+    time.sleep(seconds)
+    return spin.__wrapped__(n)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_lend_and_retake_cycles_leave_no_units_held() -> None:
+    # Tokens that block, run, block: every loan is settled once, whoever ends it.
+    with running_coordinator(max_workers=8) as c:
+        tokens = [sleep_then_spin(0.003 * (i % 4), 20_000 * (i % 3)) for i in range(400)]
+        assert tokengate.gather(tokens, timeout=WAIT)
+        assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 0, WAIT)
+        pool = c.get_stats()["pool"]
+        assert pool["core_units"] == [0] * len(pool["core_units"]), pool
+        assert pool["lends"] > 0
+
