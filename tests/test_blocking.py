@@ -159,3 +159,44 @@ def test_lend_and_retake_cycles_leave_no_units_held() -> None:
         assert pool["core_units"] == [0] * len(pool["core_units"]), pool
         assert pool["lends"] > 0
 
+
+
+@task_token_guard(operation_type="blocking_nap")
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_blocking_tokens_are_not_capped_by_cpu_units_on_the_default_coordinator() -> None:
+    # Untagged (medium) sleeps: 4 at a time by units on 2 cores; spare threads take the rest
+    # while they are blocked. ThreadPoolExecutor() takes about 1.7 s for the same 200 sleeps.
+    with running_coordinator() as c:
+        t0 = time.perf_counter()
+        assert tokengate.gather([nap(0.05) for _ in range(200)], timeout=WAIT) == [0.05] * 200
+        elapsed = time.perf_counter() - t0
+        pool = c.get_stats()["pool"]
+        assert elapsed < 0.9, f"200 x sleep(0.05) took {elapsed:.2f}s ({pool})"
+        assert pool["spares_peak"] > 0
+        assert pool["spares_peak"] <= c.blocking_threads
+
+
+def test_spares_stay_within_blocking_threads_and_retire_when_idle() -> None:
+    with running_coordinator(blocking_threads=4) as c:
+        workers = c.get_stats()["pool"]["workers"]
+        barrier = threading.Barrier(workers + 4, timeout=WAIT)
+        peak = Peak()
+        fn = task_token_guard(operation_type="blocking_meet_spares", tags={"weight": "light"})(meet)
+        tokens = [fn(barrier, peak, i) for i in range(workers + 4)]
+        assert [t.result(timeout=WAIT) for t in tokens] == list(range(workers + 4))
+        assert peak.most == workers + 4
+        pool = c.get_stats()["pool"]
+        assert pool["spares_peak"] == 4, pool
+        # an idle spare retires after 5 s
+        assert wait_until(lambda: c.get_stats()["pool"]["spares"] == 0, 15), c.get_stats()["pool"]
+
+
+def test_no_spare_threads_with_max_workers_or_without_blocking_awareness() -> None:
+    for kw in ({"max_workers": 4}, {"blocking_aware": False}):
+        with running_coordinator(**kw) as c:
+            tokengate.gather([nap(0.01) for _ in range(40)], timeout=WAIT)
+            assert c.get_stats()["pool"]["spares_peak"] == 0, kw

@@ -85,8 +85,11 @@ class OperationsCoordinator:
     lends its units while it waits, so another worker starts queued work,
     and takes them back, even past the core's budget, when it runs again.
     So ``max_workers=N`` runs up to N blocking tokens at once, as
-    ``ThreadPoolExecutor(N)`` does, and never more. ``blocking_aware=False``
-    keeps units bound to running tokens whatever they do.
+    ``ThreadPoolExecutor(N)`` does, and never more. Without ``max_workers``,
+    spare threads start while tokens are blocked and work is queued, up to
+    ``blocking_threads`` (default 256) beyond the workers, and retire after
+    5 s without work. ``blocking_aware=False`` keeps units bound to running
+    tokens whatever they do (and starts no spare thread).
 
     A started coordinator is a service: it runs until ``stop()`` or
     interpreter exit, whether or not the caller keeps a reference to it
@@ -122,6 +125,7 @@ class OperationsCoordinator:
         process_max_rss: int | None = None,
         caller_runs: bool = True,
         blocking_aware: bool = True,
+        blocking_threads: int = 256,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)  # type: ignore[assignment]
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True, maximum=MAX_WORKERS)
@@ -171,6 +175,9 @@ class OperationsCoordinator:
         if not isinstance(blocking_aware, bool):
             raise TypeError(f"blocking_aware must be a bool, not {type(blocking_aware).__name__}")
         self.blocking_aware = blocking_aware
+        if not isinstance(blocking_threads, int) or isinstance(blocking_threads, bool) or not 0 <= blocking_threads <= MAX_WORKERS:
+            raise ValueError(f"blocking_threads must be an int from 0 to {MAX_WORKERS}, got {blocking_threads!r}")
+        self.blocking_threads = blocking_threads
         # -- process lane: worker processes of process_pool tokens (default: logical cores),
         # started on the first such token, shut down by stop().
         self.process_workers = _positive_int("process_workers", process_workers, allow_none=True, maximum=MAX_WORKERS)
@@ -226,6 +233,8 @@ class OperationsCoordinator:
                 caller_runs=self.caller_runs,
                 blocking_monitor=self.blocking_aware and (_GIL_WINDOW is not None or not _gil_enabled()),
                 gil_window=_GIL_WINDOW,
+                # With max_workers, the workers are all the threads there are (as in ThreadPoolExecutor).
+                spare_threads=0 if self.max_workers is not None else self.blocking_threads,
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)

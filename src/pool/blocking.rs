@@ -249,10 +249,10 @@ mod monitor {
         std::thread::Builder::new().name(name).stack_size(256 << 10).spawn(move || run(&shared))
     }
 
-    fn run<J: Job>(shared: &Shared<J>) {
+    fn run<J: Job>(shared: &Arc<Shared<J>>) {
         let n = shared.runs.len();
         let mut watches: Vec<Watch> = (0..n).map(|_| Watch::default()).collect();
-        for (index, watch) in watches.iter_mut().enumerate() {
+        for (index, watch) in watches.iter_mut().enumerate().take(shared.config.workers) {
             let tid = shared.runs[index].tid.load(Ordering::Acquire);
             if index < OPEN_WATCHES {
                 watch.keep_open(tid);
@@ -278,6 +278,10 @@ mod monitor {
                 if now.state != RUNNING && now.state != LENT {
                     watch.seen = None;
                     continue;
+                }
+                if index >= OPEN_WATCHES.min(shared.config.workers) {
+                    // A spare's index changes hands: read its current thread's files.
+                    watch.tid = shared.runs[index].tid.load(Ordering::Acquire);
                 }
                 any = true;
                 let same = watch.seen.is_some_and(|(r, _)| r.run == now.run);
@@ -308,7 +312,7 @@ mod monitor {
                 }
                 reads += 1;
                 if watch.kernel(gil) == Some(Kernel::Blocked) {
-                    shared.lend(index, now);
+                    Shared::lend(shared, index, now);
                 }
             }
             if any {

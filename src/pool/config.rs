@@ -32,11 +32,17 @@ pub struct PoolConfig {
     /// Capacity units of each core (`workers_per_core`): light tokens take 1,
     /// medium 2, heavy all of them.
     pub units_per_core: u32,
-    /// Start the monitor that lends the units of blocked jobs (Linux; see `blocking.rs`).
+    /// Start the monitor that lends the units of blocked jobs (Linux; see
+    /// `blocking.rs`). Off by default: then units bound running jobs, whatever they do.
     pub blocking_monitor: bool,
     /// Addresses `[lo, hi)` of the interpreter's runtime state: a futex wait
     /// there is a wait for the GIL (busy, not blocked). None: no GIL.
     pub gil_window: Option<(usize, usize)>,
+    /// Extra threads the pool may start while jobs are blocked (spare
+    /// workers; they retire after `spare_idle` without work). 0: none.
+    pub spare_threads: usize,
+    /// How long an idle spare worker waits for work before it exits.
+    pub spare_idle: std::time::Duration,
 }
 
 impl PoolConfig {
@@ -52,8 +58,10 @@ impl PoolConfig {
             aging: std::time::Duration::from_millis(500),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             units_per_core: 4,
-            blocking_monitor: true,
+            blocking_monitor: false,
             gil_window: None,
+            spare_threads: 0,
+            spare_idle: std::time::Duration::from_secs(5),
         }
     }
 
@@ -64,6 +72,9 @@ impl PoolConfig {
         }
         if self.workers > MAX_WORKERS {
             return Err(Error::InvalidConfig(format!("workers must be at most {MAX_WORKERS}, got {}", self.workers)));
+        }
+        if self.spare_threads > MAX_WORKERS {
+            return Err(Error::InvalidConfig(format!("spare_threads must be at most {MAX_WORKERS}, got {}", self.spare_threads)));
         }
         if self.aging.is_zero() {
             return Err(Error::InvalidConfig("aging must be greater than 0".into()));

@@ -143,6 +143,13 @@ pub(crate) struct Shared<J> {
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
     monitor_parked: AtomicBool,
     monitor_thread: Mutex<Option<std::thread::Thread>>,
+    /// Runs a spare worker's loop (the embedder's `Host::run_worker`; see `spawn_spare`).
+    run_spare: Box<dyn Fn(WorkerLoop<J>) + Send + Sync>,
+    /// Indices `workers..workers + spare_threads` free for a spare worker.
+    spare_free: Mutex<Vec<usize>>,
+    spares_peak: AtomicUsize,
+    /// Join handles of spare workers (finished ones are dropped as new ones start).
+    spare_handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Core units held by a job that runs outside the pool (`Pool::try_acquire_outside`).
@@ -235,7 +242,7 @@ impl<J> PrioQueues<J> {
     }
 }
 
-impl<J> Shared<J> {
+impl<J: Job> Shared<J> {
     fn has_work(&self) -> bool {
         self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
@@ -255,20 +262,79 @@ impl<J> Shared<J> {
     /// The job of worker `index` is blocked (run `seen`, still `RUNNING`):
     /// its units go back to its core, and a worker is woken for queued work.
     /// False when the run ended or changed meanwhile.
-    pub(crate) fn lend(&self, index: usize, seen: Run) -> bool {
-        if !self.runs[index].try_lend(seen) {
+    pub(crate) fn lend(shared: &Arc<Self>, index: usize, seen: Run) -> bool {
+        if !shared.runs[index].try_lend(seen) {
             return false;
         }
-        let slot = &self.cores[self.slot_of(index)];
+        let slot = &shared.cores[shared.slot_of(index)];
         slot.lend();
         if seen.heavy {
             slot.heavy_finished();
-            self.heavy_now.fetch_sub(1, Ordering::AcqRel);
+            shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
         slot.release(seen.units);
-        self.lends.fetch_add(1, Ordering::Relaxed);
-        self.notify_work();
+        shared.lends.fetch_add(1, Ordering::Relaxed);
+        shared.notify_work();
+        Self::ensure_taker(shared);
         true
+    }
+
+    /// Work is queued and no worker is searching for it (none was woken: all
+    /// are running, blocked, or cannot take it): start a spare worker, if the
+    /// pool may. Called by the monitor after a lend.
+    fn ensure_taker(shared: &Arc<Self>) {
+        if shared.config.spare_threads == 0 || shared.terminate.load(Ordering::SeqCst) {
+            return;
+        }
+        let queued = shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0;
+        if !queued || shared.sleep.counts().0 > 0 {
+            return;
+        }
+        Self::spawn_spare(shared);
+    }
+
+    /// Starts a spare worker on a free index (none free: false). It has no
+    /// deque (it takes one job at a time, so a spare that blocks holds no
+    /// batch), no inbox and no pinning, and exits after `spare_idle` without work.
+    fn spawn_spare(this: &Arc<Self>) -> bool {
+        let Some(index) = this.spare_free.lock().pop() else {
+            return false;
+        };
+        *this.alive.lock() += 1;
+        this.spares_peak.fetch_max(this.spares(), Ordering::Relaxed);
+        let shared = this.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{index}", this.config.thread_name))
+            .stack_size(this.config.stack_size)
+            .spawn(move || {
+                shared.runs[index].tid.store(blocking::current_tid(), Ordering::Release);
+                let info = WorkerInfo { index, core: None, pool_id: shared.id };
+                let exit_guard = ExitGuard(&shared);
+                let spare_guard = SpareGuard(&shared, index);
+                (shared.run_spare)(WorkerLoop { info, local: None, shared: shared.clone() });
+                drop(spare_guard);
+                drop(exit_guard);
+            });
+        match spawned {
+            Ok(handle) => {
+                let mut handles = this.spare_handles.lock();
+                handles.retain(|h| !h.is_finished());
+                handles.push(handle);
+                true
+            }
+            Err(_) => {
+                this.spare_free.lock().push(index);
+                let mut alive = this.alive.lock();
+                *alive -= 1;
+                this.exited.notify_all();
+                false
+            }
+        }
+    }
+
+    /// Spare workers running now.
+    fn spares(&self) -> usize {
+        self.config.spare_threads - self.spare_free.lock().len()
     }
 
     /// The lent job of worker `index` (run `seen`) runs again: it takes its
@@ -369,7 +435,7 @@ impl<J> Shared<J> {
 
     /// Work that worker `index` could take now (used before it parks).
     fn has_work_for(&self, index: usize) -> bool {
-        if !self.inboxes[index].is_empty() {
+        if self.inboxes.get(index).is_some_and(|inbox| !inbox.is_empty()) {
             return true;
         }
         if !self.is_active(index) {
@@ -453,6 +519,10 @@ pub struct PoolStats {
     pub lent: usize,
     /// Times a blocked job's units were lent so far.
     pub lends: u64,
+    /// Spare workers running now (started while jobs were blocked).
+    pub spares: usize,
+    /// Most spare workers at once so far.
+    pub spares_peak: usize,
 }
 
 /// A running pool of worker threads executing jobs of type `J`.
@@ -481,12 +551,13 @@ impl<J: Job> Pool<J> {
     /// Starts `config.workers` threads, each running `host.run_worker`.
     pub fn start<H: Host<J>>(config: &PoolConfig, host: Arc<H>) -> Result<Pool<J>, Error> {
         let config = config.validate()?;
+        let threads = config.workers + config.spare_threads;
         let locals: Vec<Worker<J>> = (0..config.workers).map(|_| Worker::new_fifo()).collect();
         let shared = Arc::new(Shared {
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             injector: Injector::new(),
             stealers: locals.iter().map(Worker::stealer).collect(),
-            sleep: Sleep::new(config.workers, config.max_spinners),
+            sleep: Sleep::new(threads, config.max_spinners),
             terminate: AtomicBool::new(false),
             alive: Mutex::new(config.workers),
             exited: Condvar::new(),
@@ -505,10 +576,17 @@ impl<J: Job> Pool<J> {
             inboxes: (0..config.workers).map(|_| Injector::new()).collect(),
             heavy_peak: AtomicUsize::new(0),
             heavy_now: AtomicUsize::new(0),
-            runs: (0..config.workers).map(|_| RunSlot::new()).collect(),
+            runs: (0..threads).map(|_| RunSlot::new()).collect(),
             lends: AtomicU64::new(0),
             monitor_parked: AtomicBool::new(false),
             monitor_thread: Mutex::new(None),
+            run_spare: {
+                let host = host.clone();
+                Box::new(move |worker| host.run_worker(worker))
+            },
+            spare_free: Mutex::new((config.workers..threads).rev().collect()),
+            spares_peak: AtomicUsize::new(0),
+            spare_handles: Mutex::new(Vec::new()),
             config,
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
@@ -528,7 +606,7 @@ impl<J: Job> Pool<J> {
                     shared.ready.fetch_add(1, Ordering::AcqRel);
                     let info = WorkerInfo { index, core: pinned, pool_id: shared.id };
                     let exit_guard = ExitGuard(&shared);
-                    host.run_worker(WorkerLoop { info, local, shared: shared.clone() });
+                    host.run_worker(WorkerLoop { info, local: Some(local), shared: shared.clone() });
                     drop(exit_guard);
                 });
             match spawned {
@@ -679,9 +757,9 @@ impl<J: Job> Pool<J> {
     /// Takes one queued job (priority heap, injector, any worker's deque),
     /// for a thread that runs it itself (a worker helping while it waits).
     pub fn try_take(&self) -> Option<J> {
-        if let Some((_, index)) = current_worker().filter(|(id, _)| *id == self.shared.id) {
+        if let Some(inbox) = current_worker().filter(|(id, _)| *id == self.shared.id).and_then(|(_, i)| self.shared.inboxes.get(i)) {
             loop {
-                match self.shared.inboxes[index].steal() {
+                match inbox.steal() {
                     Steal::Success(job) => return Some(job),
                     Steal::Empty => break,
                     Steal::Retry => {}
@@ -898,7 +976,8 @@ impl<J: Job> Pool<J> {
             }
         }
         let current = std::thread::current().id();
-        for handle in self.handles.lock().drain(..) {
+        let spares: Vec<JoinHandle<()>> = std::mem::take(&mut *self.shared.spare_handles.lock());
+        for handle in self.handles.lock().drain(..).chain(spares) {
             if handle.thread().id() != current {
                 let _ = handle.join();
             }
@@ -909,7 +988,9 @@ impl<J: Job> Pool<J> {
     /// Hands over the worker threads' join handles (for a caller that will
     /// join them later, e.g. at interpreter exit).
     pub fn take_handles(&self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut *self.handles.lock())
+        let mut handles = std::mem::take(&mut *self.handles.lock());
+        handles.append(&mut self.shared.spare_handles.lock());
+        handles
     }
 
     /// Counters for monitoring.
@@ -933,6 +1014,8 @@ impl<J: Job> Pool<J> {
             heavy_peak: self.shared.heavy_peak.load(Ordering::Relaxed),
             lent: self.shared.cores.iter().map(|c| c.lent() as usize).sum(),
             lends: self.shared.lends.load(Ordering::Relaxed),
+            spares: self.shared.spares(),
+            spares_peak: self.shared.spares_peak.load(Ordering::Relaxed),
         }
     }
 }
@@ -962,6 +1045,16 @@ impl<J> StealFrom<'_, J> {
             StealFrom::Stealer(s) => s.steal(),
             StealFrom::Injector(i) => i.steal(),
         }
+    }
+}
+
+/// Gives a spare worker's index back when its thread ends (even by a panic).
+struct SpareGuard<'a, J>(&'a Shared<J>, usize);
+
+impl<J> Drop for SpareGuard<'_, J> {
+    fn drop(&mut self) {
+        self.0.runs[self.1].tid.store(0, Ordering::Release);
+        self.0.spare_free.lock().push(self.1);
     }
 }
 

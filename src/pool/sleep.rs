@@ -38,6 +38,14 @@
 //!
 //! Shutdown: `wake_all` pops every sleeper, as `wake_one` does, after the
 //! terminate flag is set; a worker checks the flag before it parks.
+//!
+//! A timed sleep (`sleep_until`, spare workers that retire when idle): when
+//! the deadline passes, the worker takes the `idle` lock; if it is still
+//! listed it takes itself off (counted as nothing) and times out; if not, a
+//! waker already took it off and counted it as a spinner, so it waits for
+//! that waker's signal and wakes as any woken worker does.
+
+use std::time::Instant;
 
 use crate::sync::{fence, AtomicU64, Condvar, Mutex, Ordering};
 
@@ -50,6 +58,17 @@ fn spinners(counts: u64) -> u64 {
 
 fn sleepers(counts: u64) -> u64 {
     counts >> 32
+}
+
+/// How a sleep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woke {
+    /// A waker woke it: it is counted as a spinner.
+    Signalled,
+    /// It found work before it parked: counted as nothing.
+    WorkFound,
+    /// Its deadline passed: counted as nothing.
+    TimedOut,
 }
 
 #[derive(Debug, Default)]
@@ -180,6 +199,17 @@ impl Sleep {
     /// Returns true when a waker woke it (it is now counted as a spinner),
     /// false when it found work before parking (it is counted as nothing).
     pub(crate) fn sleep(&self, index: usize, was_spinning: bool, work_available: impl Fn() -> bool) -> bool {
+        self.sleep_until(index, was_spinning, work_available, None) == Woke::Signalled
+    }
+
+    /// `sleep`, up to `deadline` (see the protocol).
+    pub(crate) fn sleep_until(
+        &self,
+        index: usize,
+        was_spinning: bool,
+        work_available: impl Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> Woke {
         let slot = &self.slots[index];
         *slot.notified.lock() = false;
         {
@@ -191,19 +221,44 @@ impl Sleep {
         fence(Ordering::SeqCst);
         if work_available() {
             let mut idle = self.idle.lock();
-            if let Some(pos) = idle.iter().position(|&i| i == index) {
-                idle.swap_remove(pos);
-                self.counts.fetch_sub(SLEEPER, Ordering::SeqCst);
-                return false;
+            if self.unlist(&mut idle, index) {
+                return Woke::WorkFound;
             }
             // A waker already took us off the list and made us a spinner;
             // fall through to consume its signal.
         }
         let mut notified = slot.notified.lock();
         while !*notified {
-            slot.cv.wait(&mut notified);
+            match deadline {
+                None => slot.cv.wait(&mut notified),
+                Some(d) => {
+                    if slot.cv.wait_until(&mut notified, d).timed_out() && !*notified {
+                        drop(notified);
+                        if self.unlist(&mut self.idle.lock(), index) {
+                            return Woke::TimedOut;
+                        }
+                        // Taken off by a waker: its signal is on the way.
+                        notified = slot.notified.lock();
+                        while !*notified {
+                            slot.cv.wait(&mut notified);
+                        }
+                    }
+                }
+            }
         }
-        true
+        Woke::Signalled
+    }
+
+    /// Takes `index` off the sleepers' list if it is still there (counted as nothing then).
+    fn unlist(&self, idle: &mut Vec<usize>, index: usize) -> bool {
+        match idle.iter().position(|&i| i == index) {
+            Some(pos) => {
+                idle.swap_remove(pos);
+                self.counts.fetch_sub(SLEEPER, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Number of signals sent to sleeping workers so far.

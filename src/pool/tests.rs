@@ -770,3 +770,84 @@ fn units_given_back_by_a_caller_wake_a_worker_for_work_queued_while_the_core_was
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
+
+/// One core with one unit, and the blocking monitor: a job blocked in the
+/// kernel lends its unit, so a job queued behind it runs (without the
+/// monitor the first job would wait for the second for ever).
+#[cfg(target_os = "linux")]
+fn blocking_pool(workers: usize, spares: usize) -> Pool<Job> {
+    let mut config = PoolConfig::new(workers);
+    config.pin_cores = false;
+    config.cores = 1;
+    config.units_per_core = 1;
+    config.blocking_monitor = true;
+    config.spare_threads = spares;
+    config.spare_idle = Duration::from_millis(200);
+    Pool::start(&config, Arc::new(ClosureHost)).unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_blocked_job_lends_its_unit_and_takes_it_back() {
+    let p = blocking_pool(2, 0);
+    let (to_first, first_waits) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<&'static str>();
+    let tx = done_tx.clone();
+    p.submit(Box::new(move |_| {
+        first_waits.recv_timeout(Duration::from_secs(20)).unwrap();
+        tx.send("first").unwrap();
+    }))
+    .map_err(|(e, _)| e)
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    p.submit(Box::new(move |_| {
+        done_tx.send("second").unwrap();
+        to_first.send(()).unwrap();
+    }))
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let got: Vec<_> = (0..2).map(|_| done_rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
+    assert_eq!(got, ["second", "first"]);
+    // the first job's worker settles its loan just after the job returns
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (p.stats().lent, p.stats().core_units.clone()) != (0, vec![0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = p.stats();
+    assert!(stats.lends >= 1, "{stats:?}");
+    assert_eq!(stats.core_units, [0], "every unit went back: {stats:?}");
+    assert_eq!(stats.lent, 0);
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn spare_workers_start_for_blocked_jobs_and_retire() {
+    // One worker, three spares: four jobs that wait for each other all run.
+    let p = blocking_pool(1, 3);
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..4 {
+        let (barrier, tx) = (barrier.clone(), tx.clone());
+        p.submit(Box::new(move |_| {
+            barrier.wait();
+            tx.send(()).unwrap();
+        }))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    for _ in 0..4 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert_eq!(p.stats().spares_peak, 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.stats().spares > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.stats().spares, 0, "idle spares retire");
+    assert_eq!(p.stats().core_units, [0]);
+    assert_eq!(p.stats().lent, 0);
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}

@@ -13,6 +13,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crossbeam_deque::{Steal, Worker};
 
 use super::capacity::{CoreSlot, Weight};
+use super::sleep::Woke;
 use super::{Job, Shared};
 use crate::sync::Ordering;
 
@@ -58,7 +59,9 @@ pub trait WorkerHooks<J> {
 /// The loop of one worker thread, handed to `Host::run_worker`.
 pub struct WorkerLoop<J> {
     pub(super) info: WorkerInfo,
-    pub(super) local: Worker<J>,
+    /// The worker's own deque; None for a spare worker (it takes one job at a
+    /// time, so that a spare whose job blocks holds no batch of queued jobs).
+    pub(super) local: Option<Worker<J>>,
     pub(super) shared: crate::sync::Arc<Shared<J>>,
 }
 
@@ -237,8 +240,8 @@ impl<J: Job> WorkerLoop<J> {
     /// rest of the heap. A draining core or an inactive worker takes only
     /// its inbox (and, draining, a deferred heavy job).
     fn find_work(&mut self) -> Option<Found<J>> {
-        loop {
-            match self.shared.inboxes[self.info.index].steal() {
+        while let Some(inbox) = self.shared.inboxes.get(self.info.index) {
+            match inbox.steal() {
                 Steal::Success(job) => {
                     let weight = job.weight();
                     let units = weight.units(self.budget());
@@ -261,12 +264,16 @@ impl<J: Job> WorkerLoop<J> {
         if let Some(job) = self.shared.take_prio(true) {
             return Some(Self::fresh(job));
         }
-        if let Some(job) = self.local.pop() {
+        if let Some(job) = self.local.as_ref().and_then(Worker::pop) {
             self.shared.note_fifo_pop(&job);
             return Some(Self::fresh(job));
         }
         loop {
-            match self.shared.injector.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
+            let stolen = match &self.local {
+                Some(local) => self.shared.injector.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
+                None => self.shared.injector.steal(),
+            };
+            match stolen {
                 Steal::Success(job) => {
                     self.shared.note_fifo_pop(&job);
                     return Some(Self::fresh(job));
@@ -276,12 +283,18 @@ impl<J: Job> WorkerLoop<J> {
             }
         }
         let n = self.shared.stealers.len();
+        // A spare (index past the stealers) looks at every worker's deque.
+        let first = if self.local.is_some() { 1 } else { 0 };
         let mut retry = true;
         while retry {
             retry = false;
-            for k in 1..n {
+            for k in first..n {
                 let victim = &self.shared.stealers[(self.info.index + k) % n];
-                match victim.steal_batch_with_limit_and_pop(&self.local, STEAL_BATCH) {
+                let stolen = match &self.local {
+                    Some(local) => victim.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
+                    None => victim.steal(),
+                };
+                match stolen {
                     Steal::Success(job) => {
                         self.shared.note_fifo_pop(&job);
                         return Some(Self::fresh(job));
@@ -340,7 +353,18 @@ impl<J: Job> WorkerLoop<J> {
                     shared.notify_work();
                 }
             }
-            spinning = sleep.sleep(index, spinning, || shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst));
+            let work_or_end = || shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst);
+            if self.local.is_some() {
+                spinning = sleep.sleep(index, spinning, work_or_end);
+                continue;
+            }
+            // A spare retires after `spare_idle` without work.
+            let deadline = std::time::Instant::now() + shared.config.spare_idle;
+            match sleep.sleep_until(index, spinning, work_or_end, Some(deadline)) {
+                Woke::Signalled => spinning = true,
+                Woke::WorkFound => spinning = false,
+                Woke::TimedOut => return None,
+            }
         }
     }
 }

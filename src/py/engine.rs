@@ -533,7 +533,7 @@ impl Engine {
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
                         max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
                         storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0,
-                        caller_runs=true, blocking_monitor=true, gil_window=None))]
+                        caller_runs=true, blocking_monitor=true, gil_window=None, spare_threads=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -554,6 +554,7 @@ impl Engine {
         caller_runs: bool,
         blocking_monitor: bool,
         gil_window: Option<(usize, usize)>,
+        spare_threads: usize,
     ) -> PyResult<Self> {
         // Every duration is checked before anything starts.
         let aging = seconds_arg("aging", aging)?;
@@ -580,6 +581,7 @@ impl Engine {
         config.units_per_core = u32::try_from(workers_per_core).unwrap_or(u32::MAX).max(1);
         config.blocking_monitor = blocking_monitor;
         config.gil_window = gil_window;
+        config.spare_threads = spare_threads;
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
         let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
@@ -715,6 +717,8 @@ impl Engine {
         pool.set_item("heavy_peak", p.heavy_peak)?;
         pool.set_item("blocked", p.lent)?;
         pool.set_item("lends", p.lends)?;
+        pool.set_item("spares", p.spares)?;
+        pool.set_item("spares_peak", p.spares_peak)?;
         pool.set_item("draining_cores", p.draining)?;
         pool.set_item("deferred", p.deferred)?;
         pool.set_item("inbox", p.inbox)?;
