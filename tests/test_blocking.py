@@ -4,6 +4,7 @@ gives its core units back, so ``max_workers=N`` runs N blocking tokens at once, 
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -200,3 +201,68 @@ def test_no_spare_threads_with_max_workers_or_without_blocking_awareness() -> No
         with running_coordinator(**kw) as c:
             tokengate.gather([nap(0.01) for _ in range(40)], timeout=WAIT)
             assert c.get_stats()["pool"]["spares_peak"] == 0, kw
+
+
+def _spin_for(seconds: float) -> None:
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+@task_token_guard(operation_type="blocking_heavy_phases", tags={"weight": "heavy"})
+def heavy_sleep_then_spin(tracker: dict[str, Any]) -> None:
+    time.sleep(0.02)  # blocked: its units are lent meanwhile
+    me = tokengate.current_token()
+    assert me is not None
+    core = me.core_id
+    with tracker["lock"]:
+        tracker["now"][core] = tracker["now"].get(core, 0) + 1
+        tracker["peak"][core] = max(tracker["peak"].get(core, 0), tracker["now"][core])
+    _spin_for(0.03)
+    with tracker["lock"]:
+        tracker["now"][core] -= 1
+
+
+def test_a_heavy_token_keeps_its_core_to_itself_after_a_loan() -> None:
+    # A heavy token lent while it sleeps still counts as its core's heavy token: no other heavy
+    # token starts there meanwhile, so their CPU phases never overlap on one core.
+    tracker: dict[str, Any] = {"lock": threading.Lock(), "now": {}, "peak": {}}
+    with running_coordinator() as c:
+        tokens = [heavy_sleep_then_spin(tracker) for _ in range(16)]
+        assert tokengate.gather(tokens, timeout=WAIT)
+        assert max(tracker["peak"].values()) == 1, tracker["peak"]
+        assert c.get_stats()["pool"]["heavy_peak"] <= len(c.get_stats()["pool"]["core_units"])
+
+
+@task_token_guard(operation_type="blocking_strand_sleep", tags={"weight": "light"})
+def strand_sleep() -> str:
+    time.sleep(0.3)
+    return "slept"
+
+
+@task_token_guard(operation_type="blocking_strand_spin", tags={"weight": "light"})
+def strand_spin() -> str:
+    _spin_for(0.5)
+    return "spun"
+
+
+def test_queued_work_runs_when_a_loan_ends_under_a_reduced_pattern() -> None:
+    # One core, one active worker: a loan lets the second worker run a token; when the loan ends
+    # that worker is outside the pattern again, and must hand queued work to one that can take it.
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        c = OperationsCoordinator(max_workers=2, enable_convergence=False).start()
+    finally:
+        os.sched_setaffinity(0, before)
+    try:
+        c._engine.set_pattern(1)
+        slept = strand_sleep()
+        time.sleep(0.03)
+        spun = strand_spin()
+        time.sleep(0.12)
+        last = light_mark(3)
+        assert (slept.result(timeout=WAIT), spun.result(timeout=WAIT)) == ("slept", "spun")
+        assert last.result(timeout=5) == 3, c.get_stats()["pool"]
+    finally:
+        c.stop(timeout=WAIT)

@@ -14,9 +14,10 @@
 //!
 //! # Telling blocked from busy
 //!
-//! Each tick (1 ms while any worker runs a job; the monitor parks when none
-//! does), for every worker whose job was already running two ticks before
-//! (short jobs cost no read at all), the monitor reads `/proc/self/task/<tid>/schedstat` (CPU time so far). A
+//! Each tick (1 ms while anything changes, up to `MAX_TICK` while only busy
+//! or long-blocked jobs run; the monitor parks when no job runs), for every
+//! worker whose job was already running two ticks before (short jobs cost no
+//! read at all), the monitor reads `/proc/self/task/<tid>/schedstat` (CPU time so far). A
 //! job that used more than `BUSY_NS` of CPU since its previous reading is
 //! busy. Otherwise it reads `/proc/self/task/<tid>/syscall`: `running` is
 //! busy too, and so is a `futex` wait on an address inside the interpreter's
@@ -25,10 +26,11 @@
 //! `futex` on a lock, queue, event or barrier in the heap, `nanosleep`,
 //! `select`, `recv`, `wait4`, ...) is blocked: the job's units are lent. A
 //! lent job is looked at every `LENT_EVERY` ticks: one that used more than
-//! `BUSY_NS` of CPU since it was last looked at takes its units back. A tick
-//! makes at most `READS_PER_TICK` reads, and the files of the first
-//! `OPEN_WATCHES` workers stay open (opened when the monitor starts, so the
-//! process's file count does not change while it runs).
+//! `BUSY_NS` of CPU since it was last looked at takes its units back; one
+//! found waiting for the GIL is looked at again after `GIL_RECHECK` ticks. A
+//! tick makes at most `READS_PER_TICK` reads (round robin), and the files of
+//! the first `OPEN_WATCHES` workers stay open (opened when the monitor
+//! starts, so the process's file count does not change while it runs).
 //!
 //! # Protocol: the run word
 //!
@@ -44,7 +46,15 @@
 //!   `RUNNING` (CAS on the same run) only after it took the units again
 //!   (`Shared::retake`), and gives them back if the CAS fails (the run ended).
 //! * So for every run, whoever moves the word out of `RUNNING` gives the
-//!   units back, exactly once.
+//!   units back, exactly once. The lender counts the loan on the core
+//!   (`CoreSlot::lend`) before its CAS (and uncounts it if the CAS fails);
+//!   whoever ends the loan (a retake, or the worker's `end`) uncounts it.
+//! * Only units are lent. A heavy job stays its core's heavy job while lent
+//!   (`heavy_running`, kept by the worker from start to end), so no other
+//!   heavy job starts on that core: once it runs again it has the core's CPU
+//!   to itself, after the light and medium jobs that started meanwhile end.
+//! * A worker whose job ends outside the active pattern (a loan had let it
+//!   in) wakes a worker for queued work, since it takes none itself.
 //!
 //! Only the worker writes `IDLE` and `RUNNING` words of a new run; only the
 //! monitor writes `LENT` words and the `RUNNING` word that ends a loan.
@@ -69,16 +79,25 @@ const TICK: std::time::Duration = std::time::Duration::from_millis(1);
 /// Ticks with no running job before the monitor parks.
 #[cfg(all(target_os = "linux", not(loom)))]
 const IDLE_TICKS: u32 = 20;
+/// The longest tick, once nothing changes (only busy or long-blocked jobs).
+#[cfg(all(target_os = "linux", not(loom)))]
+const MAX_TICK: std::time::Duration = std::time::Duration::from_millis(8);
 /// A lent job is looked at every this many ticks (a blocked job rarely wakes).
 #[cfg(all(target_os = "linux", not(loom)))]
 const LENT_EVERY: usize = 8;
+/// A job found waiting for the GIL is looked at again after this many ticks.
+#[cfg(all(target_os = "linux", not(loom)))]
+const GIL_RECHECK: usize = 4;
 /// At most this many `/proc` reads per tick (round robin over the workers).
 #[cfg(all(target_os = "linux", not(loom)))]
-const READS_PER_TICK: usize = 64;
+const READS_PER_TICK: usize = 32;
 /// The `/proc` files of this many workers stay open (two each); the files of
 /// workers beyond are opened for each read.
 #[cfg(all(target_os = "linux", not(loom)))]
-const OPEN_WATCHES: usize = 64;
+const OPEN_WATCHES: usize = 8;
+/// A parked monitor looks anyway after this long (a safety net: the wake-up is not lost).
+#[cfg(all(target_os = "linux", not(loom)))]
+const PARK_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The run word of a job: (run, state, units, heavy), packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +187,9 @@ mod monitor {
     use std::fs::File;
     use std::os::unix::fs::FileExt;
 
-    use super::{Run, BUSY_NS, IDLE_TICKS, LENT, LENT_EVERY, OPEN_WATCHES, READS_PER_TICK, RUNNING, TICK};
+    use super::{
+        Run, BUSY_NS, GIL_RECHECK, IDLE_TICKS, LENT, LENT_EVERY, MAX_TICK, OPEN_WATCHES, PARK_LIMIT, READS_PER_TICK, RUNNING, TICK,
+    };
     use crate::pool::{Job, Shared};
     use crate::sync::{Arc, Ordering};
 
@@ -199,6 +220,8 @@ mod monitor {
         syscall: Option<File>,
         /// The run seen at the previous look, and its CPU time then (if read).
         seen: Option<(Run, Option<u64>)>,
+        /// Found waiting for the GIL: not looked at again before this tick.
+        gil_until: usize,
     }
 
     /// Reads `/proc/self/task/<tid>/<name>` into `buf`, through `kept` if open.
@@ -243,15 +266,11 @@ mod monitor {
         }
     }
 
-    /// Starts the monitor thread of a pool (named `{prefix}-monitor`).
+    /// Starts the monitor thread of a pool (named `{prefix}-monitor`), once
+    /// the workers have started. The files it keeps open are opened here,
+    /// before it returns: the pool's file count is the same from its start.
     pub(crate) fn start_monitor<J: Job>(shared: Arc<Shared<J>>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let name = format!("{}-monitor", shared.config.thread_name);
-        std::thread::Builder::new().name(name).stack_size(256 << 10).spawn(move || run(&shared))
-    }
-
-    fn run<J: Job>(shared: &Arc<Shared<J>>) {
-        let n = shared.runs.len();
-        let mut watches: Vec<Watch> = (0..n).map(|_| Watch::default()).collect();
+        let mut watches: Vec<Watch> = (0..shared.runs.len()).map(|_| Watch::default()).collect();
         for (index, watch) in watches.iter_mut().enumerate().take(shared.config.workers) {
             let tid = shared.runs[index].tid.load(Ordering::Acquire);
             if index < OPEN_WATCHES {
@@ -260,37 +279,59 @@ mod monitor {
                 watch.tid = tid;
             }
         }
+        let name = format!("{}-monitor", shared.config.thread_name);
+        std::thread::Builder::new().name(name).stack_size(256 << 10).spawn(move || run(&shared, watches))
+    }
+
+    fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
+        let n = shared.runs.len();
+        let kept = OPEN_WATCHES.min(shared.config.workers);
         let gil = shared.config.gil_window;
         let mut idle_ticks = 0;
         let mut tick: usize = 0;
+        let mut cursor = 0;
+        let mut interval = TICK;
         loop {
             if shared.terminate.load(Ordering::SeqCst) && *shared.alive.lock() == 0 {
                 return;
             }
             tick = tick.wrapping_add(1);
             let mut any = false;
+            // Something to follow closely: a run to read a baseline of, a loan made or ended.
+            let mut eventful = false;
             let mut reads = 0;
-            // Round robin: each tick starts one worker further on.
+            let mut resume_at = None;
             for k in 0..n {
-                let index = (tick + k) % n;
+                let index = (cursor + k) % n;
                 let watch = &mut watches[index];
                 let now = shared.runs[index].load();
                 if now.state != RUNNING && now.state != LENT {
                     watch.seen = None;
                     continue;
                 }
-                if index >= OPEN_WATCHES.min(shared.config.workers) {
-                    // A spare's index changes hands: read its current thread's files.
+                if index >= kept {
+                    // Files opened per read; a spare's index changes threads.
                     watch.tid = shared.runs[index].tid.load(Ordering::Acquire);
                 }
                 any = true;
-                let same = watch.seen.is_some_and(|(r, _)| r.run == now.run);
-                if !same {
-                    // A new run: decide nothing before it has lasted a tick.
-                    watch.seen = Some((now, None));
+                if watch.tid == 0 {
                     continue;
                 }
-                if reads >= READS_PER_TICK || (now.state == LENT && (tick + index) % LENT_EVERY != 0) {
+                if watch.seen.is_none_or(|(r, _)| r.run != now.run) {
+                    // A new run: decide nothing before it has lasted a tick.
+                    watch.seen = Some((now, None));
+                    watch.gil_until = 0;
+                    continue;
+                }
+                let due = match now.state {
+                    LENT => (tick + index) % LENT_EVERY == 0,
+                    _ => watch.gil_until <= tick,
+                };
+                if !due {
+                    continue;
+                }
+                if reads >= READS_PER_TICK {
+                    resume_at.get_or_insert(index);
                     continue;
                 }
                 reads += 1;
@@ -298,12 +339,13 @@ mod monitor {
                 let before = watch.seen.and_then(|(_, c)| c);
                 watch.seen = Some((now, cpu));
                 let (Some(cpu), Some(before)) = (cpu, before) else {
-                    continue; // the first reading of this run is its baseline
+                    eventful = true; // the first reading of this run is its baseline
+                    continue;
                 };
                 let busy = cpu.saturating_sub(before) > BUSY_NS;
                 if now.state == LENT {
-                    if busy {
-                        shared.retake(index, now);
+                    if busy && shared.retake(index, now) {
+                        eventful = true;
                     }
                     continue;
                 }
@@ -311,21 +353,30 @@ mod monitor {
                     continue;
                 }
                 reads += 1;
-                if watch.kernel(gil) == Some(Kernel::Blocked) {
-                    Shared::lend(shared, index, now);
+                match watch.kernel(gil) {
+                    Some(Kernel::Blocked) if Shared::lend(shared, index, now) => eventful = true,
+                    // Waiting for the GIL stays so for a while: look again in a few ticks.
+                    Some(Kernel::GilWait) => watch.gil_until = tick + GIL_RECHECK,
+                    _ => {}
                 }
             }
+            // Round robin: the next tick starts where the reads ran out.
+            cursor = resume_at.unwrap_or((cursor + 1) % n.max(1));
             if any {
                 idle_ticks = 0;
             } else {
                 idle_ticks += 1;
                 if idle_ticks >= IDLE_TICKS {
                     park(shared);
-                    idle_ticks = 0;
+                    // Woken with nothing running (a timed-out park): park again soon.
+                    idle_ticks = IDLE_TICKS - 1;
+                    interval = TICK;
                     continue;
                 }
             }
-            std::thread::sleep(TICK);
+            // A steady state (only busy or long-blocked jobs) is looked at less often.
+            interval = if eventful { TICK } else { (interval * 2).min(MAX_TICK) };
+            std::thread::sleep(interval);
         }
     }
 
@@ -338,7 +389,7 @@ mod monitor {
         let running = shared.runs.iter().any(|r| r.load().state == RUNNING);
         if !running && !shared.terminate.load(Ordering::SeqCst) {
             // A bounded park: a lost wake-up costs at most this delay.
-            std::thread::park_timeout(std::time::Duration::from_millis(200));
+            std::thread::park_timeout(PARK_LIMIT);
         }
         shared.monitor_parked.store(false, Ordering::SeqCst);
     }

@@ -73,6 +73,9 @@ impl PoolConfig {
         if self.workers > MAX_WORKERS {
             return Err(Error::InvalidConfig(format!("workers must be at most {MAX_WORKERS}, got {}", self.workers)));
         }
+        if self.units_per_core == 0 || self.units_per_core as usize > MAX_WORKERS {
+            return Err(Error::InvalidConfig(format!("units_per_core must be from 1 to {MAX_WORKERS}, got {}", self.units_per_core)));
+        }
         if self.spare_threads > MAX_WORKERS {
             return Err(Error::InvalidConfig(format!("spare_threads must be at most {MAX_WORKERS}, got {}", self.spare_threads)));
         }

@@ -71,3 +71,51 @@ fn a_job_pinned_to_a_worker_wakes_that_worker() {
         target.join().unwrap();
     });
 }
+
+/// The run word (`blocking.rs`): a worker ends its run while the monitor
+/// lends its units and then takes them back. Whatever the interleaving,
+/// the units go back to the core exactly once and no loan stays counted.
+#[test]
+fn a_loan_racing_the_end_of_a_run_settles_exactly_once() {
+    use super::blocking::{RunSlot, RUNNING};
+    use super::capacity::CoreSlot;
+    loom::model(|| {
+        let core = Arc::new(CoreSlot::new(2));
+        let run = Arc::new(RunSlot::new());
+        // the worker took 2 units and began its run
+        assert!(core.try_acquire(2, 2));
+        run.begin(2, false);
+        let monitor = {
+            let (core, run) = (core.clone(), run.clone());
+            loom::thread::spawn(move || {
+                // Shared::lend, then Shared::retake, on the run seen
+                let seen = run.load();
+                if seen.state != RUNNING {
+                    return; // the run ended first: the monitor leaves it
+                }
+                core.lend();
+                if !run.try_lend(seen) {
+                    core.end_loan();
+                    return;
+                }
+                core.release(seen.units);
+                let lent = run.load();
+                core.force_acquire(lent.units);
+                if run.try_retake(lent) {
+                    core.end_loan();
+                } else {
+                    core.release(lent.units);
+                }
+            })
+        };
+        // the worker's end of the run (worker.rs: execute)
+        if run.end() {
+            core.release(2);
+        } else {
+            core.end_loan();
+        }
+        monitor.join().unwrap();
+        assert_eq!(core.used(), 0, "units held after the run ended");
+        assert_eq!(core.lent(), 0, "a loan still counted");
+    });
+}

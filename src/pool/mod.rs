@@ -262,15 +262,18 @@ impl<J: Job> Shared<J> {
     /// The job of worker `index` is blocked (run `seen`, still `RUNNING`):
     /// its units go back to its core, and a worker is woken for queued work.
     /// False when the run ended or changed meanwhile.
+    ///
+    /// Only units are lent: a heavy job stays counted as its core's heavy job
+    /// (`heavy_running`), so no other heavy job starts there meanwhile, and a
+    /// heavy job keeps its core's CPU to itself once it runs again.
     pub(crate) fn lend(shared: &Arc<Self>, index: usize, seen: Run) -> bool {
-        if !shared.runs[index].try_lend(seen) {
-            return false;
-        }
         let slot = &shared.cores[shared.slot_of(index)];
+        // Counted before the word moves: a worker ending the run at once
+        // settles the loan (`end_loan`) and must not find the count at 0.
         slot.lend();
-        if seen.heavy {
-            slot.heavy_finished();
-            shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
+        if !shared.runs[index].try_lend(seen) {
+            slot.end_loan();
+            return false;
         }
         slot.release(seen.units);
         shared.lends.fetch_add(1, Ordering::Relaxed);
@@ -343,20 +346,16 @@ impl<J: Job> Shared<J> {
     pub(crate) fn retake(&self, index: usize, seen: Run) -> bool {
         let slot = &self.cores[self.slot_of(index)];
         slot.force_acquire(seen.units);
-        if seen.heavy {
-            slot.heavy_started();
-            self.heavy_now.fetch_add(1, Ordering::AcqRel);
-        }
         if self.runs[index].try_retake(seen) {
             slot.end_loan();
             return true;
         }
-        // The run ended while lent: the worker settled the loan, nothing is owed.
-        if seen.heavy {
-            slot.heavy_finished();
-            self.heavy_now.fetch_sub(1, Ordering::AcqRel);
-        }
+        // The run ended while lent: the worker settled the loan, nothing is
+        // owed. Meanwhile the core looked full: wake a worker for queued work.
         slot.release(seen.units);
+        if self.has_work() {
+            self.notify_work();
+        }
         false
     }
 

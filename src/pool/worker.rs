@@ -134,7 +134,8 @@ impl<J: Job> WorkerLoop<J> {
             Some(u) => u,
             None => {
                 let u = weight.units(budget);
-                if !self.slot().try_acquire(u, budget) {
+                // A heavy job lent while blocked still counts as its core's heavy job.
+                if (weight == Weight::Heavy && self.slot().heavy_running() > 0) || !self.slot().try_acquire(u, budget) {
                     self.defer(job, weight);
                     return;
                 }
@@ -158,16 +159,22 @@ impl<J: Job> WorkerLoop<J> {
             self.shared.panics.fetch_add(1, Ordering::Relaxed);
         }
         HELD.with(|h| h.set(0));
-        if !run.end() {
-            // The job blocked and its units were lent: the lender gave them back already.
-            self.slot().end_loan();
-            return;
-        }
+        let held = run.end();
         if heavy {
             self.slot().heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
-        self.slot().release(units);
+        if held {
+            self.slot().release(units);
+        } else {
+            // The job blocked and its units were lent: the lender gave them back already.
+            self.slot().end_loan();
+        }
+        if !self.shared.is_active(self.info.index) && self.shared.has_work() {
+            // A worker that a loan made active, now outside the pattern: it
+            // takes no shared work, so a worker that can must look.
+            self.shared.notify_work();
+        }
     }
 
     /// The job, unless its work was done elsewhere (`Job::is_spent`): then it
@@ -198,7 +205,13 @@ impl<J: Job> WorkerLoop<J> {
             self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
             let cores = self.shared.cores.len();
             if weight == Weight::Heavy && self.shared.draining.load(Ordering::Acquire) < cores.div_ceil(2) {
-                let target = self.shared.cores.iter().filter(|c| !c.draining.load(Ordering::Acquire)).min_by_key(|c| c.used());
+                // Not a core whose heavy job is blocked: it could not take this one.
+                let target = self
+                    .shared
+                    .cores
+                    .iter()
+                    .filter(|c| !c.draining.load(Ordering::Acquire) && c.heavy_running() == 0)
+                    .min_by_key(|c| c.used());
                 if let Some(core) = target {
                     if !core.draining.swap(true, Ordering::AcqRel) {
                         self.shared.draining.fetch_add(1, Ordering::AcqRel);
@@ -219,7 +232,10 @@ impl<J: Job> WorkerLoop<J> {
         let budget = self.budget();
         let draining = slot.draining.load(Ordering::Acquire);
         let mut deferred = self.shared.deferred.lock();
-        let pos = deferred.iter().position(|(_, w)| (!draining || *w == Weight::Heavy) && slot.used() + w.units(budget) <= budget)?;
+        let heavy_here = slot.heavy_running() > 0;
+        let fits =
+            |w: Weight| (!draining || w == Weight::Heavy) && !(w == Weight::Heavy && heavy_here) && slot.used() + w.units(budget) <= budget;
+        let pos = deferred.iter().position(|(_, w)| fits(*w))?;
         let weight = deferred[pos].1;
         let units = weight.units(budget);
         if !slot.try_acquire(units, budget) {
