@@ -146,6 +146,9 @@ pub enum Stamp {
 
 pub(crate) const NO_WORKER: u32 = u32::MAX;
 
+/// How long `TokenCore::wait` spins before it parks.
+const WAIT_SPIN: Duration = Duration::from_micros(20);
+
 /// Internal state value while a resolver fills the slot (see the protocol).
 const RESOLVING: u8 = u8::MAX;
 
@@ -350,14 +353,11 @@ impl<S> TokenCore<S> {
             if start.elapsed() >= limit {
                 return false;
             }
-            if round < 6 {
-                for _ in 0..(1u32 << round) {
-                    std::hint::spin_loop();
-                }
-                round += 1;
-            } else {
-                std::thread::yield_now();
+            // No yield (see `wait`).
+            for _ in 0..(1u32 << round.min(6)) {
+                std::hint::spin_loop();
             }
+            round += 1;
         }
         true
     }
@@ -369,16 +369,18 @@ impl<S> TokenCore<S> {
             return true;
         }
         self.awaited.store(true, Ordering::Release);
-        for round in 0..40u32 {
-            if round < 8 {
-                for _ in 0..(1u32 << round) {
-                    std::hint::spin_loop();
-                }
-            } else {
-                std::thread::yield_now();
+        // A short spin (wall time, no yield: a yield can hand the core to a
+        // CPU-bound neighbour for its whole slice), then park.
+        let start = Instant::now();
+        for round in 0..u32::MAX {
+            for _ in 0..(1u32 << round.min(7)) {
+                std::hint::spin_loop();
             }
             if self.is_done() {
                 return true;
+            }
+            if round >= 7 && start.elapsed() >= WAIT_SPIN {
+                break;
             }
         }
         let deadline = timeout.map(|t| Instant::now() + t);

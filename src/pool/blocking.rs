@@ -15,7 +15,9 @@
 //! # Telling blocked from busy
 //!
 //! Each tick (1 ms while anything changes, up to `MAX_TICK` while only busy
-//! or long-blocked jobs run; the monitor parks when no job runs), for every
+//! or long-blocked jobs run, `IDLE_POLL` while no job runs; the monitor
+//! parks once none has run for `DEEP_IDLE`, and the next job to begin wakes
+//! it), for every
 //! worker whose job was already running two ticks before (short jobs cost no
 //! read at all), the monitor reads `/proc/self/task/<tid>/schedstat` (CPU time so far). A
 //! job that used more than `BUSY_NS` of CPU since its previous reading is
@@ -76,12 +78,15 @@ const BUSY_NS: u64 = 50_000;
 /// How often the monitor looks while any worker runs a job.
 #[cfg(all(target_os = "linux", not(loom)))]
 const TICK: std::time::Duration = std::time::Duration::from_millis(1);
-/// Ticks with no running job before the monitor parks.
+/// While no job runs, the monitor looks this often...
 #[cfg(all(target_os = "linux", not(loom)))]
-const IDLE_TICKS: u32 = 20;
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+/// ...and parks once none has run for this long (a job that begins then wakes it).
+#[cfg(all(target_os = "linux", not(loom)))]
+const DEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest tick, once nothing changes (only busy or long-blocked jobs).
 #[cfg(all(target_os = "linux", not(loom)))]
-const MAX_TICK: std::time::Duration = std::time::Duration::from_millis(8);
+const MAX_TICK: std::time::Duration = std::time::Duration::from_millis(16);
 /// A lent job is looked at every this many ticks (a blocked job rarely wakes).
 #[cfg(all(target_os = "linux", not(loom)))]
 const LENT_EVERY: usize = 8;
@@ -188,7 +193,8 @@ mod monitor {
     use std::os::unix::fs::FileExt;
 
     use super::{
-        Run, BUSY_NS, GIL_RECHECK, IDLE_TICKS, LENT, LENT_EVERY, MAX_TICK, OPEN_WATCHES, PARK_LIMIT, READS_PER_TICK, RUNNING, TICK,
+        Run, BUSY_NS, DEEP_IDLE, GIL_RECHECK, IDLE_POLL, LENT, LENT_EVERY, MAX_TICK, OPEN_WATCHES, PARK_LIMIT, READS_PER_TICK, RUNNING,
+        TICK,
     };
     use crate::pool::{Job, Shared};
     use crate::sync::{Arc, Ordering};
@@ -287,7 +293,7 @@ mod monitor {
         let n = shared.runs.len();
         let kept = OPEN_WATCHES.min(shared.config.workers);
         let gil = shared.config.gil_window;
-        let mut idle_ticks = 0;
+        let mut idle_since: Option<std::time::Instant> = None;
         let mut tick: usize = 0;
         let mut cursor = 0;
         let mut interval = TICK;
@@ -297,7 +303,7 @@ mod monitor {
             }
             tick = tick.wrapping_add(1);
             let mut any = false;
-            // Something to follow closely: a run to read a baseline of, a loan made or ended.
+            // Something to follow closely: a loan made or ended.
             let mut eventful = false;
             let mut reads = 0;
             let mut resume_at = None;
@@ -339,8 +345,7 @@ mod monitor {
                 let before = watch.seen.and_then(|(_, c)| c);
                 watch.seen = Some((now, cpu));
                 let (Some(cpu), Some(before)) = (cpu, before) else {
-                    eventful = true; // the first reading of this run is its baseline
-                    continue;
+                    continue; // the first reading of this run is its baseline
                 };
                 let busy = cpu.saturating_sub(before) > BUSY_NS;
                 if now.state == LENT {
@@ -363,16 +368,22 @@ mod monitor {
             // Round robin: the next tick starts where the reads ran out.
             cursor = resume_at.unwrap_or((cursor + 1) % n.max(1));
             if any {
-                idle_ticks = 0;
+                if idle_since.take().is_some() {
+                    eventful = true; // work again after an idle spell: look closely
+                }
             } else {
-                idle_ticks += 1;
-                if idle_ticks >= IDLE_TICKS {
+                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= DEEP_IDLE {
                     park(shared);
-                    // Woken with nothing running (a timed-out park): park again soon.
-                    idle_ticks = IDLE_TICKS - 1;
+                    // Woken with nothing running (a timed-out park): park again at once.
+                    idle_since = Some(std::time::Instant::now() - DEEP_IDLE);
                     interval = TICK;
                     continue;
                 }
+                // Idle for a short while: look every IDLE_POLL (a burst of short jobs
+                // then never has to wake the monitor from the hot path).
+                std::thread::sleep(IDLE_POLL);
+                continue;
             }
             // A steady state (only busy or long-blocked jobs) is looked at less often.
             interval = if eventful { TICK } else { (interval * 2).min(MAX_TICK) };

@@ -992,6 +992,20 @@ impl<J: Job> Pool<J> {
         handles
     }
 
+    /// Lends the units of the job worker `index` runs now (called on that
+    /// worker, before a body known to block; a body run nested inside the
+    /// job lends the job's units): as the monitor's lend, and the monitor
+    /// takes them back if the job computes. False when nothing was lent.
+    pub fn lend_current(&self, index: usize) -> bool {
+        let seen = self.shared.runs[index].load();
+        seen.state == blocking::RUNNING && Shared::lend(&self.shared, index, seen)
+    }
+
+    /// True while the job worker `index` runs has its units lent.
+    pub fn is_lent(&self, index: usize) -> bool {
+        self.shared.runs[index].load().state == blocking::LENT
+    }
+
     /// Counters for monitoring.
     pub fn stats(&self) -> PoolStats {
         let (spinning, sleeping) = self.shared.sleep.counts();

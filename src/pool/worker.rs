@@ -333,6 +333,7 @@ impl<J: Job> WorkerLoop<J> {
         let mut spinning = shared.can_take_shared(index) && sleep.try_begin_spin();
         loop {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
+            let spin_start = std::time::Instant::now();
             for round in 0..rounds {
                 if let Some(found) = self.find_work() {
                     let Some(found) = self.unless_spent(found) else {
@@ -359,6 +360,13 @@ impl<J: Job> WorkerLoop<J> {
                     return None;
                 }
                 backoff(round);
+                // A spinner silences the submitters' wake-ups, so it spins only while it
+                // really runs: never past SPIN_LIMIT of wall time (on a busy machine a
+                // thread that lost its CPU comes back much later), and without yielding
+                // (a yield hands the core to a CPU-bound neighbour for its whole slice).
+                if round >= 6 && spin_start.elapsed() >= SPIN_LIMIT {
+                    break;
+                }
             }
             if spinning {
                 // Hand the search over before parking: a submitter may have
@@ -385,13 +393,12 @@ impl<J: Job> WorkerLoop<J> {
     }
 }
 
-/// Exponential spin for the first rounds, then yield the CPU.
+/// The longest an idle worker spins (wall time) before it parks.
+const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Exponential spin for the first rounds, then a steady one (no yield: see `wait_for_work`).
 fn backoff(round: u32) {
-    if round < 6 {
-        for _ in 0..(1u32 << round) {
-            std::hint::spin_loop();
-        }
-    } else {
-        std::thread::yield_now();
+    for _ in 0..(1u32 << round.min(6)) {
+        std::hint::spin_loop();
     }
 }

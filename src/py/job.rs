@@ -638,6 +638,16 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
     let t0 = token.core.time(crate::token::Stamp::Started).unwrap_or_else(now_ns);
     // The handle moves into CURRENT_TOKEN for the call and back out after it (no extra count).
+    // A pool worker running a token of an operation whose runs block lends
+    // the token's units before the body (see `BlockingHistory`).
+    let pool_of = |i: &WorkerInfo| engine.upgrade().filter(|e| e.pool.id() == i.pool_id);
+    if token.op().blocking.starts_lent() && token.spec().weight != Weight::Heavy {
+        if let Some(i) = info {
+            if let Some(e) = pool_of(i) {
+                e.pool.lend_current(i.index);
+            }
+        }
+    }
     let previous = CURRENT_TOKEN.with(|c| c.replace(Some(token)));
     let forks = FORKS.load(Ordering::Relaxed);
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -654,6 +664,13 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     let token = CURRENT_TOKEN.with(|c| c.replace(previous)).expect("the running token is in CURRENT_TOKEN until the call returns");
     let token = &token;
     token.ledger().running_delta(-1);
+    if elapsed > super::ledger::BlockingHistory::LONG_RUN_NS {
+        if let Some(i) = info {
+            if let Some(e) = pool_of(i) {
+                token.op().blocking.record(e.pool.is_lent(i.index));
+            }
+        }
+    }
     let mut panicked = false;
     let (state, outcome) = match result {
         Ok(Ok(value)) => match coroutine_error(py, value.bind(py)) {

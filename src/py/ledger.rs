@@ -34,7 +34,7 @@ use crossbeam_utils::CachePadded;
 use super::job::PyJob;
 use super::token::TokenInner;
 use crate::admission::Limit;
-use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
 use crate::token::{now_ns, TokenState};
 
 const SHARDS: usize = 32;
@@ -125,6 +125,37 @@ pub(crate) struct OpState {
     pub(crate) parked: Mutex<VecDeque<PyJob>>,
     pub(crate) health: CachePadded<Health>,
     pub(crate) blocked: AtomicBool,
+    /// How often this operation's long runs were blocked (`job.rs`, `BlockingHistory`).
+    pub(crate) blocking: BlockingHistory,
+}
+
+/// Whether an operation's runs usually block: a score from 0 to `MAX`, up by
+/// `UP` for each run of over `LONG_RUN_NS` that ended blocked (its units lent),
+/// down by `DOWN` for each that ended using the CPU. At `THRESHOLD` or more,
+/// its runs start with their units lent (see `blocking.rs` in the pool): a
+/// blocking operation then never holds a core's units while it waits, and
+/// the monitor takes them back for a run that turns out to compute.
+#[derive(Debug, Default)]
+pub(crate) struct BlockingHistory(AtomicU32);
+
+impl BlockingHistory {
+    const MAX: u32 = 16;
+    const UP: u32 = 2;
+    const DOWN: u32 = 8;
+    const THRESHOLD: u32 = 8;
+    /// Runs shorter than this say nothing (the monitor cannot have looked at them).
+    pub(crate) const LONG_RUN_NS: u64 = 3_000_000;
+
+    pub(crate) fn starts_lent(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= Self::THRESHOLD
+    }
+
+    /// A run of over `LONG_RUN_NS` ended, blocked (lent) or not.
+    pub(crate) fn record(&self, blocked: bool) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(if blocked { (v + Self::UP).min(Self::MAX) } else { v.saturating_sub(Self::DOWN) })
+        });
+    }
 }
 
 impl OpState {
@@ -137,6 +168,7 @@ impl OpState {
             parked: Mutex::new(VecDeque::new()),
             health: CachePadded::default(),
             blocked: AtomicBool::new(false),
+            blocking: BlockingHistory::default(),
         }
     }
 }
