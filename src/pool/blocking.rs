@@ -37,8 +37,7 @@
 //! # Protocol: the run word
 //!
 //! Each worker has one `RunSlot`, whose word packs the run number (bumped at
-//! every job), the state (`IDLE`, `RUNNING`, `LENT`), the units the job holds
-//! and whether it is heavy.
+//! every job), the state (`IDLE`, `RUNNING`, `LENT`) and the units the job holds.
 //!
 //! * The worker stores a `RUNNING` word once it has taken the job's units
 //!   (`begin`), and swaps in `IDLE` when the job returns (`end`). It gives
@@ -104,22 +103,21 @@ const OPEN_WATCHES: usize = 8;
 #[cfg(all(target_os = "linux", not(loom)))]
 const PARK_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The run word of a job: (run, state, units, heavy), packed.
+/// The run word of a job: (run, state, units), packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
     pub(crate) run: u32,
     pub(crate) state: u64,
     pub(crate) units: u32,
-    pub(crate) heavy: bool,
 }
 
 impl Run {
     fn pack(self) -> u64 {
-        u64::from(self.run) | (self.state << 32) | (u64::from(self.heavy) << 34) | (u64::from(self.units) << 35)
+        u64::from(self.run) | (self.state << 32) | (u64::from(self.units) << 34)
     }
 
     fn unpack(word: u64) -> Run {
-        Run { run: word as u32, state: (word >> 32) & 3, units: (word >> 35) as u32, heavy: (word >> 34) & 1 == 1 }
+        Run { run: word as u32, state: (word >> 32) & 3, units: (word >> 34) as u32 }
     }
 
     fn with_state(self, state: u64) -> Run {
@@ -144,10 +142,10 @@ impl RunSlot {
         Run::unpack(self.word.load(Ordering::SeqCst))
     }
 
-    /// The worker starts a job holding `units` (SeqCst: see `Monitor::park`).
-    pub(crate) fn begin(&self, units: u32, heavy: bool) {
+    /// The worker starts a job holding `units` (SeqCst: see `monitor::park`).
+    pub(crate) fn begin(&self, units: u32) {
         let run = Run::unpack(self.word.load(Ordering::Relaxed)).run.wrapping_add(1);
-        self.word.store(Run { run, state: RUNNING, units, heavy }.pack(), Ordering::SeqCst);
+        self.word.store(Run { run, state: RUNNING, units }.pack(), Ordering::SeqCst);
     }
 
     /// The worker's job returned. True when the worker still holds the units
@@ -412,16 +410,16 @@ mod tests {
 
     #[test]
     fn the_word_round_trips() {
-        let r = Run { run: u32::MAX, state: LENT, units: 4096, heavy: true };
+        let r = Run { run: u32::MAX, state: LENT, units: 4096 };
         assert_eq!(Run::unpack(r.pack()), r);
-        let r = Run { run: 7, state: RUNNING, units: 1, heavy: false };
+        let r = Run { run: 7, state: RUNNING, units: 1 };
         assert_eq!(Run::unpack(r.pack()), r);
     }
 
     #[test]
     fn units_go_back_exactly_once() {
         let slot = RunSlot::new();
-        slot.begin(2, false);
+        slot.begin(2);
         let seen = slot.load();
         // lent first: the worker's end must not give them back again
         assert!(slot.try_lend(seen));
@@ -430,11 +428,11 @@ mod tests {
         // a retake that races the end of the run fails
         assert!(!slot.try_retake(seen));
         // not lent: the worker gives them back
-        slot.begin(2, false);
+        slot.begin(2);
         assert_eq!(slot.load().run, seen.run + 1);
         assert!(slot.end());
         // lent, retaken, then the worker gives them back
-        slot.begin(1, false);
+        slot.begin(1);
         let seen = slot.load();
         assert!(slot.try_lend(seen));
         assert!(slot.try_retake(slot.load()));

@@ -84,7 +84,7 @@ fn a_loan_racing_the_end_of_a_run_settles_exactly_once() {
         let run = Arc::new(RunSlot::new());
         // the worker took 2 units and began its run
         assert!(core.try_acquire(2, 2));
-        run.begin(2, false);
+        run.begin(2);
         let monitor = {
             let (core, run) = (core.clone(), run.clone());
             loom::thread::spawn(move || {

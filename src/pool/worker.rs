@@ -153,7 +153,7 @@ impl<J: Job> WorkerLoop<J> {
         let info = self.info;
         HELD.with(|h| h.set(units));
         let run = &self.shared.runs[info.index];
-        run.begin(units, heavy);
+        run.begin(units);
         self.shared.wake_monitor();
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
             self.shared.panics.fetch_add(1, Ordering::Relaxed);

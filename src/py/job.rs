@@ -664,7 +664,7 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     let token = CURRENT_TOKEN.with(|c| c.replace(previous)).expect("the running token is in CURRENT_TOKEN until the call returns");
     let token = &token;
     token.ledger().running_delta(-1);
-    if elapsed > super::ledger::BlockingHistory::LONG_RUN_NS {
+    if token.op().blocking.is_long(elapsed) {
         if let Some(i) = info {
             if let Some(e) = pool_of(i) {
                 token.op().blocking.record(e.pool.is_lent(i.index));

@@ -144,7 +144,12 @@ impl BlockingHistory {
     const DOWN: u32 = 8;
     const THRESHOLD: u32 = 8;
     /// Runs shorter than this say nothing (the monitor cannot have looked at them).
-    pub(crate) const LONG_RUN_NS: u64 = 3_000_000;
+    const LONG_RUN_NS: u64 = 3_000_000;
+
+    /// Whether a run of `elapsed_ns` is long enough to say anything.
+    pub(crate) fn is_long(&self, elapsed_ns: u64) -> bool {
+        elapsed_ns > Self::LONG_RUN_NS
+    }
 
     pub(crate) fn starts_lent(&self) -> bool {
         self.0.load(Ordering::Relaxed) >= Self::THRESHOLD

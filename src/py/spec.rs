@@ -217,8 +217,8 @@ impl OperationSpec {
         b
     }
 
-    /// Queues a token. Callers run it inside `catching_panics`: what the
-    /// call has taken is given back on every early exit (see `Taken`).
+    /// Queues a token. What the call has taken is given back on every early
+    /// exit (see `Taken`), and a panic raises a `RuntimeError` (`catching_panics`).
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
@@ -231,63 +231,65 @@ impl OperationSpec {
         how: Admit,
         sticky_key: Option<String>,
     ) -> PyResult<Option<Py<TaskToken>>> {
-        let binding = self.binding_for(engine);
-        let op = &binding.op;
-        let ledger = &engine.ledger;
-        if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.health.is_dangerous() {
-            op.blocked.store(true, Ordering::SeqCst);
-            super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
-        }
-        if op.blocked.load(Ordering::Relaxed) {
-            return Err(BindError::Blocked(op.name.to_string()).into());
-        }
-        if !admit(py, engine, &op.limit, how, || format!("operation {:?}", op.name))? {
-            return Ok(None);
-        }
-        match admit(py, engine, &ledger.pending, how, || "the coordinator (max_pending)".to_owned()) {
-            Ok(true) => {}
-            Ok(false) => {
-                op.limit.release();
+        catching_panics(&self.shared.op_name, || {
+            let binding = self.binding_for(engine);
+            let op = &binding.op;
+            let ledger = &engine.ledger;
+            if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.health.is_dangerous() {
+                op.blocked.store(true, Ordering::SeqCst);
+                super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
+            }
+            if op.blocked.load(Ordering::Relaxed) {
+                return Err(BindError::Blocked(op.name.to_string()).into());
+            }
+            if !admit(py, engine, &op.limit, how, || format!("operation {:?}", op.name))? {
                 return Ok(None);
             }
-            Err(e) => {
-                op.limit.release();
-                return Err(e);
+            match admit(py, engine, &ledger.pending, how, || "the coordinator (max_pending)".to_owned()) {
+                Ok(true) => {}
+                Ok(false) => {
+                    op.limit.release();
+                    return Ok(None);
+                }
+                Err(e) => {
+                    op.limit.release();
+                    return Err(e);
+                }
             }
-        }
-        // From here on an early return or a panic gives both slots back.
-        let slots = Taken::new(Held::Slots(op, ledger));
-        let context = super::ffi::CallContext::capture(py)?;
-        let id = next_token_id();
-        let placement = self.placement(py, engine, id, sticky_key)?;
-        let inputs = input_tokens(&args, kwargs.as_ref());
-        let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context };
-        // The token takes the slots over (and `binding`, which `slots` borrows).
-        slots.disarm();
-        let inner = TokenInner::new(id, binding, opts, placement, Some(call));
-        let taken = Taken::new(Held::Token(inner.clone()));
-        ledger.record_submitted();
-        ledger.register(&inner);
-        super::job::maybe_inject_fault(FaultSite::Submit);
-        if let Some(t) = opts.timeout {
-            // Checked when the spec or the options were made.
-            let after = Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX);
-            let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
-            inner.deadline_ns.store(now_ns().saturating_add(after_ns), Ordering::Relaxed);
-            engine.schedule_deadline(&inner, after);
-        }
-        let job = PyJob::holding_call(inner.clone());
-        // Everything else first: the caller holds the GIL until it returns,
-        // and a worker that finds the job before that waits for the GIL.
-        let token = Py::new(py, TaskToken { inner })?;
-        // The job owns the token now (resolving it gives the slots back).
-        taken.disarm();
-        if inputs.is_empty() {
-            engine.dispatch(py, job)?;
-        } else {
-            DepWait::start(py, job, &inputs, engine);
-        }
-        Ok(Some(token))
+            // From here on an early return or a panic gives both slots back.
+            let slots = Taken::new(Held::Slots(op, ledger));
+            let context = super::ffi::CallContext::capture(py)?;
+            let id = next_token_id();
+            let placement = self.placement(py, engine, id, sticky_key)?;
+            let inputs = input_tokens(&args, kwargs.as_ref());
+            let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context };
+            // The token takes the slots over (and `binding`, which `slots` borrows).
+            slots.disarm();
+            let inner = TokenInner::new(id, binding, opts, placement, Some(call));
+            let taken = Taken::new(Held::Token(inner.clone()));
+            ledger.record_submitted();
+            ledger.register(&inner);
+            super::job::maybe_inject_fault(FaultSite::Submit);
+            if let Some(t) = opts.timeout {
+                // Checked when the spec or the options were made.
+                let after = Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX);
+                let after_ns = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+                inner.deadline_ns.store(now_ns().saturating_add(after_ns), Ordering::Relaxed);
+                engine.schedule_deadline(&inner, after);
+            }
+            let job = PyJob::holding_call(inner.clone());
+            // Everything else first: the caller holds the GIL until it returns,
+            // and a worker that finds the job before that waits for the GIL.
+            let token = Py::new(py, TaskToken { inner })?;
+            // The job owns the token now (resolving it gives the slots back).
+            taken.disarm();
+            if inputs.is_empty() {
+                engine.dispatch(py, job)?;
+            } else {
+                DepWait::start(py, job, &inputs, engine);
+            }
+            Ok(Some(token))
+        })
     }
 
     /// Lane, pin and domain of a new token (see `routing.rs`).
@@ -429,9 +431,7 @@ impl OperationSpec {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let token = with_current_engine(|engine| {
-            catching_panics(&self.shared.op_name, || {
-                self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)
-            })
+            self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)
         })??;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
@@ -464,9 +464,7 @@ impl OperationSpec {
             (false, false) => Admit::Try,
         };
         let engine = current_engine()?;
-        catching_panics(&self.shared.op_name, || {
-            self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
-        })
+        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
@@ -486,9 +484,7 @@ impl OperationSpec {
             None => current_engine()?,
         };
         let kwargs = kwargs.filter(|k| !k.is_empty());
-        let token = catching_panics(&self.shared.op_name, || {
-            self.enqueue(py, &engine, func, args, kwargs, &self.shared.defaults, Admit::Block(None), None)
-        })?;
+        let token = self.enqueue(py, &engine, func, args, kwargs, &self.shared.defaults, Admit::Block(None), None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 
