@@ -115,11 +115,33 @@ def main() -> None:
     to_thread_ratio = r["to_thread_p50"] / r["tg_await_p50"]
     gather_ratio = r["gather_to_thread"] / r["tg_gather"]
     rows = [
-        ("await p50 (us)", f"{r['tg_await_p50']:.2f}", f"{r['to_thread_p50']:.1f}", f"{r['run_in_executor_p50']:.1f}",
-         f"{to_thread_ratio:.1f}x", "<= 15 us, >= 4x", verdict(r["tg_await_p50"] <= 15 and to_thread_ratio >= 4)),
-        (f"gather {args.gather} (us/token)", f"{r['tg_gather']:.2f}", f"{r['gather_to_thread']:.1f}", "",
-         f"{gather_ratio:.1f}x", "<= 3 us, >= 20x", verdict(r["tg_gather"] <= 3 and gather_ratio >= 20)),
-        ("loop wakes per 10k late completions", f"{r['wakes_per_10k']:.0f}", "", "", "", "<< 10000", verdict(r["wakes_per_10k"] < 1000)),
+        (
+            "await p50 (us)",
+            f"{r['tg_await_p50']:.2f}",
+            f"{r['to_thread_p50']:.1f}",
+            f"{r['run_in_executor_p50']:.1f}",
+            f"{to_thread_ratio:.1f}x",
+            "<= 15 us, >= 4x",
+            verdict(r["tg_await_p50"] <= 15 and to_thread_ratio >= 4),
+        ),
+        (
+            f"gather {args.gather} (us/token)",
+            f"{r['tg_gather']:.2f}",
+            f"{r['gather_to_thread']:.1f}",
+            "",
+            f"{gather_ratio:.1f}x",
+            "<= 3 us, >= 20x",
+            verdict(r["tg_gather"] <= 3 and gather_ratio >= 20),
+        ),
+        (
+            "loop wakes per 10k late completions",
+            f"{r['wakes_per_10k']:.0f}",
+            "",
+            "",
+            "",
+            "<< 10000",
+            verdict(r["wakes_per_10k"] < 1000),
+        ),
     ]
     print(f"machine: {info}")
     print(table(rows, ("measure", "tokengate", "to_thread", "run_in_executor", "ratio vs to_thread", "goal", "")))

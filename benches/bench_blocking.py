@@ -123,13 +123,27 @@ def main() -> None:
         keep("mixed_tokengate", mixed_tokengate(work))
     better_tpe = min(best["mixed_tpe8"], best["mixed_tpe64"])
     rows = [
-        ("200 x sleep(0.05), s", f"{best['sleeps_tokengate']:.3f}", f"{best['sleeps_tpe']:.3f} (ThreadPoolExecutor())",
-         f"{best['sleeps_tpe'] / best['sleeps_tokengate']:.1f}x", verdict(best["sleeps_tokengate"] <= 0.3)),
-        ("CPU tokens beside sleeps, /s", f"{best['cpu_beside_sleeps']:.0f}", f"{best['cpu_loop']:.0f} (plain loop)",
-         f"{best['cpu_beside_sleeps'] / best['cpu_loop']:.2f}x", verdict(best["cpu_beside_sleeps"] >= 0.85 * best["cpu_loop"])),
-        ("mixed 1k sleeps + 10k CPU, s", f"{best['mixed_tokengate']:.3f}",
-         f"{best['mixed_tpe8']:.3f} (TPE 8) / {best['mixed_tpe64']:.3f} (TPE 64)",
-         f"{best['mixed_tokengate'] / better_tpe:.2f} of the better", verdict(best["mixed_tokengate"] <= 1.2 * better_tpe)),
+        (
+            "200 x sleep(0.05), s",
+            f"{best['sleeps_tokengate']:.3f}",
+            f"{best['sleeps_tpe']:.3f} (ThreadPoolExecutor())",
+            f"{best['sleeps_tpe'] / best['sleeps_tokengate']:.1f}x",
+            verdict(best["sleeps_tokengate"] <= 0.3),
+        ),
+        (
+            "CPU tokens beside sleeps, /s",
+            f"{best['cpu_beside_sleeps']:.0f}",
+            f"{best['cpu_loop']:.0f} (plain loop)",
+            f"{best['cpu_beside_sleeps'] / best['cpu_loop']:.2f}x",
+            verdict(best["cpu_beside_sleeps"] >= 0.85 * best["cpu_loop"]),
+        ),
+        (
+            "mixed 1k sleeps + 10k CPU, s",
+            f"{best['mixed_tokengate']:.3f}",
+            f"{best['mixed_tpe8']:.3f} (TPE 8) / {best['mixed_tpe64']:.3f} (TPE 64)",
+            f"{best['mixed_tokengate'] / better_tpe:.2f} of the better",
+            verdict(best["mixed_tokengate"] <= 1.2 * better_tpe),
+        ),
     ]
     print(f"machine: {info}")
     print(table(rows, ("workload", "tokengate", "baseline", "ratio", "goal")))

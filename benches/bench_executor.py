@@ -81,7 +81,7 @@ def bulk(submit: Callable[[], Any], wait_all: Callable[[list[Any]], Any], n: int
 
 
 def wait_futures(fs: list[futures.Future[Any]]) -> None:
-    done, not_done = futures.wait(fs)
+    _done, not_done = futures.wait(fs)
     assert not not_done
 
 
@@ -156,7 +156,9 @@ def main() -> None:
         f"bulk: {args.bulk} no-op calls x {args.repeat} (median)"
     )
     print()
-    header = f"{'contender':<20} {'rt p50 µs':>10} {'rt p90 µs':>10} {'bulk submit µs/task':>20} {'bulk total µs/task':>19}"
+    header = (
+        f"{'contender':<20} {'rt p50 µs':>10} {'rt p90 µs':>10} {'bulk submit µs/task':>20} {'bulk total µs/task':>19}"
+    )
     print(header)
     print("-" * len(header))
     for name, _ in CONTENDERS:

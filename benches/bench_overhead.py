@@ -89,7 +89,11 @@ def main() -> None:
             tpe_runs.append(bulk_tpe(ex, args.n))
             tg_runs.append(bulk_tokengate(guarded, args.n))
             tagged_runs.append(bulk_tokengate(tagged, args.n))
-        results["tpe_bulk"], results["tg_bulk"], results["tg_bulk_tagged"] = min(tpe_runs), min(tg_runs), min(tagged_runs)
+        results["tpe_bulk"], results["tg_bulk"], results["tg_bulk_tagged"] = (
+            min(tpe_runs),
+            min(tg_runs),
+            min(tagged_runs),
+        )
         results["bulk_pair_ratios"] = [a / b for a, b in zip(tpe_runs, tg_runs)]  # type: ignore[assignment]
 
     rt_ratio = results["tpe_rt_p50"] / results["tg_rt_p50"]
@@ -97,8 +101,22 @@ def main() -> None:
     pair_median = statistics.median(results["bulk_pair_ratios"])  # type: ignore[arg-type]
     tag_cost = results["tg_bulk_tagged"] / results["tg_bulk"] - 1
     rows = [
-        ("round trip p50 (us)", f"{results['tg_rt_p50']:.2f}", f"{results['tpe_rt_p50']:.2f}", f"{rt_ratio:.1f}x", ">= 4x", verdict(rt_ratio >= 4)),
-        ("round trip p90 (us)", f"{results['tg_rt_p90']:.2f}", f"{results['tpe_rt_p90']:.2f}", f"{results['tpe_rt_p90'] / results['tg_rt_p90']:.1f}x", "", ""),
+        (
+            "round trip p50 (us)",
+            f"{results['tg_rt_p50']:.2f}",
+            f"{results['tpe_rt_p50']:.2f}",
+            f"{rt_ratio:.1f}x",
+            ">= 4x",
+            verdict(rt_ratio >= 4),
+        ),
+        (
+            "round trip p90 (us)",
+            f"{results['tg_rt_p90']:.2f}",
+            f"{results['tpe_rt_p90']:.2f}",
+            f"{results['tpe_rt_p90'] / results['tg_rt_p90']:.1f}x",
+            "",
+            "",
+        ),
         (
             "round trip from a thread p50 (us)",
             f"{results['tg_thread_rt_p50']:.2f}",
@@ -115,14 +133,40 @@ def main() -> None:
             "",
             "",
         ),
-        (f"bulk {args.n} (us/task), best runs", f"{results['tg_bulk']:.2f}", f"{results['tpe_bulk']:.2f}", f"{bulk_ratio:.1f}x", ">= 15x", verdict(bulk_ratio >= 15)),
+        (
+            f"bulk {args.n} (us/task), best runs",
+            f"{results['tg_bulk']:.2f}",
+            f"{results['tpe_bulk']:.2f}",
+            f"{bulk_ratio:.1f}x",
+            ">= 15x",
+            verdict(bulk_ratio >= 15),
+        ),
         ("bulk, median of paired runs", "", "", f"{pair_median:.1f}x", ">= 15x", verdict(pair_median >= 15)),
-        ("bulk, tagged (us/task)", f"{results['tg_bulk_tagged']:.2f}", "", f"{tag_cost * 100:+.0f}% vs untagged", "<= +20%", verdict(tag_cost <= 0.20)),
+        (
+            "bulk, tagged (us/task)",
+            f"{results['tg_bulk_tagged']:.2f}",
+            "",
+            f"{tag_cost * 100:+.0f}% vs untagged",
+            "<= +20%",
+            verdict(tag_cost <= 0.20),
+        ),
     ]
     print(f"machine: {info}")
     print(f"tokengate: {workers} workers; ThreadPoolExecutor: 8 workers; {args.runs} alternating bulk runs each")
     print(table(rows, ("measure", "tokengate", "ThreadPoolExecutor", "ratio", "goal", "")))
-    dump(args.json, {"machine": info, "results": results, "ratios": {"round_trip": rt_ratio, "bulk": bulk_ratio, "bulk_pair_median": pair_median, "tag_cost": tag_cost}})
+    dump(
+        args.json,
+        {
+            "machine": info,
+            "results": results,
+            "ratios": {
+                "round_trip": rt_ratio,
+                "bulk": bulk_ratio,
+                "bulk_pair_median": pair_median,
+                "tag_cost": tag_cost,
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import cpu_busy_fraction, dump, machine, percentile, table, verdict  # noqa: E402
+from _common import cpu_busy_fraction, dump, machine, percentile, table, verdict
 
-import tokengate  # noqa: E402
-from tokengate import OperationsCoordinator, task_token_guard  # noqa: E402
+import tokengate
+from tokengate import OperationsCoordinator, task_token_guard
 
 
 def spin(n: int) -> int:
@@ -146,33 +146,66 @@ def main() -> None:
     serial_ms, lane_ms, ppe_ms = med(serial_s) * 1e3, med(lane_s) * 1e3, med(ppe_s) * 1e3
     rows = [
         ("2 x CPU task, serial in this process", f"{serial_ms:.1f} ms", "1.00x", ""),
-        ("2 x CPU task, process lane", f"{lane_ms:.1f} ms",
-         f"{med(lane_speed):.2f}x (best {max(lane_speed):.2f}x)", verdict(med(lane_speed) >= 1.8) + " goal >= 1.8"),
-        ("2 x CPU task, ProcessPoolExecutor", f"{ppe_ms:.1f} ms",
-         f"{med(ppe_speed):.2f}x (best {max(ppe_speed):.2f}x)", "reference"),
-        ("no-op round trip p50, lane", f"{percentile(lane_rt, 50):.0f} us",
-         f"{percentile(lane_rt, 50) / percentile(ppe_rt, 50):.2f}x PPE", ""),
+        (
+            "2 x CPU task, process lane",
+            f"{lane_ms:.1f} ms",
+            f"{med(lane_speed):.2f}x (best {max(lane_speed):.2f}x)",
+            verdict(med(lane_speed) >= 1.8) + " goal >= 1.8",
+        ),
+        (
+            "2 x CPU task, ProcessPoolExecutor",
+            f"{ppe_ms:.1f} ms",
+            f"{med(ppe_speed):.2f}x (best {max(ppe_speed):.2f}x)",
+            "reference",
+        ),
+        (
+            "no-op round trip p50, lane",
+            f"{percentile(lane_rt, 50):.0f} us",
+            f"{percentile(lane_rt, 50) / percentile(ppe_rt, 50):.2f}x PPE",
+            "",
+        ),
         ("no-op round trip p50, ProcessPoolExecutor", f"{percentile(ppe_rt, 50):.0f} us", "1.00x", ""),
-        ("no-op round trip mean, lane", f"{med([statistics.fmean(lane_rt)]):.0f} us",
-         f"{statistics.fmean(lane_rt) / statistics.fmean(ppe_rt):.2f}x PPE", ""),
+        (
+            "no-op round trip mean, lane",
+            f"{med([statistics.fmean(lane_rt)]):.0f} us",
+            f"{statistics.fmean(lane_rt) / statistics.fmean(ppe_rt):.2f}x PPE",
+            "",
+        ),
         ("no-op round trip mean, ProcessPoolExecutor", f"{statistics.fmean(ppe_rt):.0f} us", "1.00x", ""),
-        (f"no-op burst of {args.burst}, lane, per token", f"{med(lane_b):.0f} us",
-         f"{med(lane_b) / med(ppe_b):.2f}x PPE", ""),
+        (
+            f"no-op burst of {args.burst}, lane, per token",
+            f"{med(lane_b):.0f} us",
+            f"{med(lane_b) / med(ppe_b):.2f}x PPE",
+            "",
+        ),
         (f"no-op burst of {args.burst}, ProcessPoolExecutor, per token", f"{med(ppe_b):.0f} us", "1.00x", ""),
     ]
     print(f"machine: {info}")
-    print(f"work: spin({n}) ~ {serial_ms / 2:.1f} ms per task; {args.workers} worker processes; "
-          f"{args.rounds} rounds (median shown)\n")
+    print(
+        f"work: spin({n}) ~ {serial_ms / 2:.1f} ms per task; {args.workers} worker processes; "
+        f"{args.rounds} rounds (median shown)\n"
+    )
     print(table(rows, ("measure", "time", "ratio", "note")))
     print("\nper-round speedup, lane:", " ".join(f"{x:.2f}" for x in lane_speed))
     print("per-round speedup, PPE: ", " ".join(f"{x:.2f}" for x in ppe_speed))
     print(f"CPU busy after the run: {cpu_busy_fraction():.2f} (outside load makes rounds slow)")
-    dump(args.json, {
-        "machine": info, "n": n, "serial_s": serial_s, "lane_s": lane_s, "ppe_s": ppe_s,
-        "lane_speedup": lane_speed, "ppe_speedup": ppe_speed,
-        "lane_round_trip_us": lane_rt, "ppe_round_trip_us": ppe_rt,
-        "lane_burst_us": lane_b, "ppe_burst_us": ppe_b, "lane_stats": lane_stats,
-    })
+    dump(
+        args.json,
+        {
+            "machine": info,
+            "n": n,
+            "serial_s": serial_s,
+            "lane_s": lane_s,
+            "ppe_s": ppe_s,
+            "lane_speedup": lane_speed,
+            "ppe_speedup": ppe_speed,
+            "lane_round_trip_us": lane_rt,
+            "ppe_round_trip_us": ppe_rt,
+            "lane_burst_us": lane_b,
+            "ppe_burst_us": ppe_b,
+            "lane_stats": lane_stats,
+        },
+    )
 
 
 if __name__ == "__main__":

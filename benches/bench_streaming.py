@@ -75,9 +75,7 @@ def child(mode: str, n: int, max_pending: int, buffer: int) -> dict[str, Any]:
                 i = stop
                 peak_vm = max(peak_vm, vmrss_mb())
         else:
-            k = 0
-            for _ in noop.map(range(n), buffer=buffer):
-                k += 1
+            for k, _ in enumerate(noop.map(range(n), buffer=buffer), 1):
                 if k % SAMPLE_EVERY == 0:
                     peak_vm = max(peak_vm, vmrss_mb())
         submit_s = time.perf_counter() - t0
@@ -105,8 +103,18 @@ def child(mode: str, n: int, max_pending: int, buffer: int) -> dict[str, Any]:
 
 
 def run_child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", mode, "--n", str(args.n),
-           "--max-pending", str(args.max_pending), "--buffer", str(args.buffer)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--n",
+        str(args.n),
+        "--max-pending",
+        str(args.max_pending),
+        "--buffer",
+        str(args.buffer),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} child failed ({proc.returncode}):\n{proc.stderr}")
@@ -136,21 +144,41 @@ def main() -> None:
     for r in results:
         peak = max(r["maxrss_growth_mb"], r["vmrss_peak_growth_mb"])
         r["goal_ok"] = peak < GOAL_MB
-        label = (f"submit loop (max_pending={r['max_pending'] or 'unbounded'})") if r["mode"] == "submit" else f"fn.map(buffer={r['buffer']})"
-        rows.append((
-            label,
-            f"{r['n']:,}",
-            f"{r['maxrss_growth_mb']:.1f}",
-            f"{r['vmrss_peak_growth_mb']:.1f}",
-            f"{r['vmrss_final_growth_mb']:.1f}",
-            f"{r['tokens_per_s']:,.0f}",
-            f"{r['s_per_million']:.2f}",
-            f"{r['peak_pending']:,}",
-            verdict(r["goal_ok"]),
-        ))
+        label = (
+            (f"submit loop (max_pending={r['max_pending'] or 'unbounded'})")
+            if r["mode"] == "submit"
+            else f"fn.map(buffer={r['buffer']})"
+        )
+        rows.append(
+            (
+                label,
+                f"{r['n']:,}",
+                f"{r['maxrss_growth_mb']:.1f}",
+                f"{r['vmrss_peak_growth_mb']:.1f}",
+                f"{r['vmrss_final_growth_mb']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['s_per_million']:.2f}",
+                f"{r['peak_pending']:,}",
+                verdict(r["goal_ok"]),
+            )
+        )
     print(f"python {info['python']}, {info['cpus']} CPUs, machine busy before: {info['busy_before']:.0%}")
-    print(table(rows, ("mode", "tokens", "ru_maxrss +MB", "VmRSS peak +MB", "VmRSS end +MB",
-                       "tokens/s", "s per 1M", "peak pending", f"< {GOAL_MB:.0f} MB")))
+    print(
+        table(
+            rows,
+            (
+                "mode",
+                "tokens",
+                "ru_maxrss +MB",
+                "VmRSS peak +MB",
+                "VmRSS end +MB",
+                "tokens/s",
+                "s per 1M",
+                "peak pending",
+                f"< {GOAL_MB:.0f} MB",
+            ),
+        )
+    )
     dump(args.json, {"machine": info, "goal_mb": GOAL_MB, "results": results})
 
 

@@ -1,7 +1,8 @@
 """What scheduling tags cost: the bulk no-op benchmark of bench_overhead.py (submit N calls,
 then wait for all) for an untagged function and for one function per tag, in one run.
 
-Variants: untagged (its weight is then the name heuristic's: ``medium``); ``weight: light``; ``priority: 1``; ``timeout: 60``;
+Variants: untagged (its weight is then the name heuristic's: ``medium``); ``weight: light``;
+``priority: 1``; ``timeout: 60``;
 ``sticky_anchor`` with ``hash_policy: NONE`` (every call pinned to one worker);
 ``storage_speed: FAST`` (the elastic I/O lane, 50 at once).
 
@@ -91,8 +92,10 @@ def main() -> None:
     print(f"machine: {info}")
     print(f"tokengate: {workers} workers; bulk of {args.n} no-op tasks; best of {args.runs} interleaved rounds")
     print(table(rows, ("variant", "us/task", "range", "vs untagged", "goal", "")))
-    print(f"io lane: {stats['lanes']['io']['threads_started']} threads started (FAST limit 50, no retirement); "
-          f"FAST peak {stats['lanes']['io']['tiers']['FAST']['peak']}")
+    print(
+        f"io lane: {stats['lanes']['io']['threads_started']} threads started (FAST limit 50, no retirement); "
+        f"FAST peak {stats['lanes']['io']['tiers']['FAST']['peak']}"
+    )
     dump(
         args.json,
         {

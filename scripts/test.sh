@@ -1,40 +1,155 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: builds the extension into a
-# virtualenv (.venv, made if missing), then runs
-#   1. cargo tests of the engine (no Python involved),
-#   2. pytest on CPython 3.11 (the default interpreter),
-#   3. the abi3 wheel's import and smoke tests on pyenv's 3.12 and 3.13 when present,
-#   4. the free-threaded leg (3.13t) when TOKENGATE_FT=1 or its cached build exists.
-# Extra arguments go to pytest.
+# The whole test suite, from a fresh clone. `.ci/run` calls exactly this script.
+#
+# Stages, in order; each prints its counts and its duration, and a table of all of them ends the run:
+#   wheel     the release artefacts (scripts/build-wheels.sh): an abi3 manylinux2014 wheel and an
+#             sdist, both through `twine check`
+#   gates     cargo fmt, clippy (-D warnings, with and without the python feature), ruff (lint and
+#             format), mypy --strict, stubtest against the built wheel (scripts/gates.sh)
+#   cargo     the engine's own tests (no interpreter), then the loom models
+#   install   the wheel into fresh venvs of 3.9 to 3.13 with no Rust toolchain on PATH, and
+#             its smoke tests there (scripts/test-wheel-install.sh)
+#   sdist     the sdist builds a wheel that imports
+#   pytest    the full suite (all but the slow tests) on 3.12 (the primary leg), 3.11 and 3.13,
+#             each against the installed wheel
+#   slow      the slow tests (soak, storms, churn) on 3.12
+#   3.13t     the full suite on free-threaded 3.13t, built from Debian's source package into
+#             ~/.cache/tokengate when missing (about 6 minutes; scripts/build-free-threaded.sh)
+#
+# TOKENGATE_STAGES (space-separated stage names) runs a subset; extra arguments go to every pytest run.
+# A missing interpreter fails the run: CI must not pass by testing less than it says.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-VENV="${TOKENGATE_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+ROOT="$PWD"
+LOGS="target/ci-logs"
+DIST="target/dist"
+mkdir -p "$LOGS"
+STAGES="${TOKENGATE_STAGES:-wheel gates cargo install sdist pytest-3.12 pytest-3.11 pytest-3.13 slow 3.13t}"
+SUMMARY=()
+T_START=$SECONDS
+
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# python_of 3.12 -> the newest pyenv CPython 3.12.x (GIL build), or fails.
+python_of() {
+  local root
+  root="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
+  local py
+  py=$(ls -d "$root"/versions/"$1".*/bin/python"$1" 2>/dev/null | grep -v 't/bin' | sort -V | tail -1 || true)
+  if [ -z "$py" ]; then
+    echo "CPython $1 is not installed under $root (pyenv install $1)" >&2
+    return 1
+  fi
+  echo "$py"
+}
+
+# counts LOG -> the last pytest or cargo summary line of a stage's log.
+counts() {
+  grep -E "^(=+ )?[0-9]+ (passed|failed)|^test result:|[0-9]+ passed|passed, " "$1" | tail -1 | sed -E 's/^=+ //; s/ =+$//' || true
+}
+
+# stage NAME COMMAND...: runs COMMAND with its output shown and kept in target/ci-logs/NAME.log.
+stage() {
+  local name=$1
+  shift
+  echo
+  echo "== $name"
+  local t0=$SECONDS status
+  # A subshell with -e of its own: a failing command inside a stage's function stops the stage
+  # (-e is off in any command that is part of an || list, functions included).
+  set +e
+  (set -e; "$@") 2>&1 | tee "$LOGS/$name.log"
+  status=${PIPESTATUS[0]}
+  set -e
+  local dt=$((SECONDS - t0)) line
+  line="$(printf '%-12s %4ds  %s' "$name" "$dt" "$(counts "$LOGS/$name.log")")"
+  if [ "$status" -ne 0 ]; then
+    line="$line  FAILED (exit $status)"
+  fi
+  SUMMARY+=("$line")
+  echo "-- $line"
+  if [ "$status" -ne 0 ]; then
+    finish 1
+  fi
+}
+
+finish() {
+  echo
+  echo "== summary (seconds per stage; the whole run $((SECONDS - T_START)) s)"
+  printf '   %s\n' "${SUMMARY[@]}"
+  if [ "$1" -ne 0 ]; then
+    echo "== FAILED"
+    exit "$1"
+  fi
+  echo "== all tests passed"
+  exit 0
+}
+
+# venv_for 3.12: target/venv-3.12 with the wheel (not editable), the test extra and the lint tools.
+venv_for() {
+  local v=$1 env="target/venv-$1"
+  if [ ! -x "$env/bin/python" ]; then
+    "$(python_of "$v")" -m venv "$env"
+  fi
+  "$env/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$env/bin/python" -m pip install -q $("$env/bin/python" scripts/extras.py test) $("$env/bin/python" scripts/extras.py --group lint)
+  "$env/bin/python" -m pip install -q --force-reinstall --no-deps "$WHEEL"
+  "$env/bin/python" -m pip install -q "$WHEEL"
+}
+
+run_pytest() {
+  local env="target/venv-$1"
+  venv_for "$1"
+  shift
+  # From the repository root; the package comes from the installed wheel, not from python/.
+  "$env/bin/python" -c 'import sys, tokengate; print("   tokengate from", tokengate.__file__, "on", sys.version.split()[0])'
+  # The soak test runs 60 s here (20 s when pytest is run by hand).
+  TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
+}
+
+# The build tools: maturin (the build backend), ziglang and twine (the release group), on 3.12.
+TOOLS="target/venv-tools"
+setup_tools() {
+  if [ ! -x "$TOOLS/bin/python" ]; then
+    "$(python_of 3.12)" -m venv "$TOOLS"
+  fi
+  "$TOOLS/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$TOOLS/bin/python" -m pip install -q "maturin>=1.9.4,<2" $("$TOOLS/bin/python" scripts/extras.py --group release)
+}
+
+if wants wheel; then
+  stage tools setup_tools
+  stage wheel env PATH="$ROOT/$TOOLS/bin:$PATH" scripts/build-wheels.sh "$DIST"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-# The test extra of pyproject.toml, plus the build backend.
-"$VENV/bin/python" -m pip install -q "maturin>=1.9.4,<2" $("$VENV/bin/python" scripts/extras.py test)
-VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release -q
-
-echo "== cargo test (engine, no Python)"
-cargo test --no-default-features -q 2>&1 | grep -E "^test result|FAILED|panicked" || true
-cargo test --no-default-features -q >/dev/null 2>&1
-
-echo "== loom models of the sleep/wake and shutdown handshakes"
-scripts/loom.sh 2>&1 | grep -E "^test result|FAILED|panicked" || true
-scripts/loom.sh >/dev/null 2>&1
-
-echo "== pytest ($("$VENV/bin/python" -V))"
-# The soak test runs 60 s in CI (20 s when pytest is run by hand).
-TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" "$VENV/bin/python" -m pytest -q "$@"
-
-echo "== abi3 wheel on other interpreters"
-scripts/test-other-pythons.sh
-
-if [ "${TOKENGATE_FT:-0}" = "1" ] || [ -x "${TOKENGATE_CACHE:-$HOME/.cache/tokengate}/py313t/bin/python3.13t" ]; then
-  echo "== free-threaded 3.13t"
-  scripts/test-free-threaded.sh
+WHEEL=$(ls "$DIST"/tokengate-*-cp39-abi3-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$WHEEL" ]; then
+  echo "no wheel in $DIST: run the wheel stage" >&2
+  exit 1
 fi
-echo "== all tests passed"
+
+if wants gates; then
+  stage gates-setup venv_for 3.12
+  stage gates scripts/gates.sh "target/venv-3.12/bin/python"
+fi
+if wants cargo; then
+  stage cargo cargo test --no-default-features -q
+  stage loom scripts/loom.sh
+fi
+if wants install; then
+  stage install scripts/test-wheel-install.sh "$WHEEL" 3.9 3.10 3.11 3.12 3.13
+fi
+if wants sdist; then
+  stage sdist scripts/test-sdist.sh "$(ls "$DIST"/tokengate-*.tar.gz)" "$(python_of 3.12)"
+fi
+for v in 3.12 3.11 3.13; do
+  if wants "pytest-$v"; then
+    stage "pytest-$v" run_pytest "$v" -m "not slow" "$@"
+  fi
+done
+if wants slow; then
+  stage slow run_pytest 3.12 -m slow "$@"
+fi
+if wants 3.13t; then
+  stage 3.13t scripts/test-free-threaded.sh "$@"
+fi
+finish 0

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tokengate import OperationsCoordinator, _tokengate
-
 from support import os_thread_count, running_coordinator, wait_for_threads
+from tokengate import OperationsCoordinator, _tokengate
 
 IS_FREE_THREADED = bool(getattr(sys, "_is_gil_enabled", lambda: True)() is False)
 

@@ -14,12 +14,17 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tokengate import OperationsCoordinator, TaskToken
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
 
 
 def wait_until(pred: Callable[[], Any], limit: float = 10.0, interval: float = 0.005) -> bool:
@@ -189,7 +194,7 @@ class Env:
         for c in self.coords:
             c.stop(cancel_pending=True, timeout=10)
 
-    def __enter__(self) -> Env:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

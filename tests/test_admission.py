@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from tokengate import AdmissionRejectedError, OperationsCoordinator, TaskToken, task_token_guard
-
 from support import Env, rss_mb, wait_until
+from tokengate import AdmissionRejectedError, OperationsCoordinator, TaskToken, task_token_guard
 
 WAIT = 10.0
 
@@ -53,7 +52,7 @@ def blocked_call(env: Env, call: Callable[[], Any]) -> tuple[threading.Thread, l
     def run() -> None:
         try:
             out.append(call())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             out.append(exc)
 
     return env.thread(run), out

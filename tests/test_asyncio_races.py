@@ -3,13 +3,12 @@ contextvars (misuse row 19), async as_completed timeouts and fn.map from corouti
 
 from __future__ import annotations
 
-import sys
-
 import asyncio
 import contextvars
 import gc
 import logging
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -18,11 +17,15 @@ from typing import Any
 
 import pytest
 
+import support
 import tokengate
+from support import os_thread_count, running_coordinator, wait_for_threads
 from tokengate import OperationsCoordinator, TaskToken, task_token_guard
 
-import support
-from support import os_thread_count, running_coordinator, wait_for_threads
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
 
 WAIT = 30.0  # generous: 2 shared cores
 
@@ -58,7 +61,7 @@ class Noise:
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.set_exception_handler(lambda _loop, ctx: self.handler_calls.append(ctx))
 
-    def __enter__(self) -> Noise:
+    def __enter__(self) -> Self:
         self._old_level = self._logger.level
         self._logger.addHandler(self._handler)
         self._logger.setLevel(logging.DEBUG)
@@ -175,7 +178,7 @@ def test_cancel_versus_complete_10k_rounds() -> None:
                 modes.append(mode)
                 if rng.random() < 0.3:
                     await asyncio.sleep(0)
-            done, pending = await asyncio.wait([t for _, _, t in tasks] + helpers, timeout=WAIT)
+            _done, pending = await asyncio.wait([t for _, _, t in tasks] + helpers, timeout=WAIT)
             assert not pending, f"{len(pending)} awaiting tasks hung in batch {b // batch}"
             for i, mode, t in tasks:
                 tok = toks[i]
@@ -193,7 +196,10 @@ def test_cancel_versus_complete_10k_rounds() -> None:
                         kind = "task error"
                     else:
                         kind = "other"
-                        bad(f"{mode}: unexpected {type(exc).__module__}.{type(exc).__qualname__}", f"round {i} ({mode}): unexpected {exc!r}")
+                        bad(
+                            f"{mode}: unexpected {type(exc).__module__}.{type(exc).__qualname__}",
+                            f"round {i} ({mode}): unexpected {exc!r}",
+                        )
                 outcomes[f"{mode}:{kind}"] += 1
                 if kind in ("result", "task error") and tok.cancelled():
                     bad("outcome from a cancelled token", f"round {i} ({mode}): got an outcome from a cancelled token")
@@ -233,7 +239,7 @@ def test_cancel_versus_complete_10k_rounds() -> None:
     assert not noise.summary(), noise.summary()[:10]
     # the race is real: both sides won sometimes
     assert states["cancelled"] > 0 and states["completed"] > 0, states
-    assert sum(v for k, v in outcomes.items() if k.endswith(":cancelled") or k.endswith(":timeout")) > 0
+    assert sum(v for k, v in outcomes.items() if k.endswith((":cancelled", ":timeout"))) > 0
 
 
 def test_wait_for_token_timeout_raises_timeout_error(one_worker: OperationsCoordinator, gate: threading.Event) -> None:
@@ -246,7 +252,7 @@ def test_wait_for_token_timeout_raises_timeout_error(one_worker: OperationsCoord
         queued = record(ran, 1)
         try:
             await asyncio.wait_for(queued, 0.05)
-        except BaseException as exc:  # noqa: BLE001 - the type is the point
+        except BaseException as exc:
             caught: BaseException = exc
         else:
             raise AssertionError("wait_for returned")

@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 import pytest
-from support import running_coordinator, wait_until
 
 import tokengate
+from support import running_coordinator, wait_until
 from tokengate import Executor, OperationsCoordinator, task_token_guard
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the blocking monitor reads /proc")
@@ -76,7 +76,11 @@ def test_executor_runs_max_workers_blocking_tasks_at_once(n: int) -> None:
     assert peak2.most == n, f"{peak2.most} tasks ran at once on max_workers={n}"
 
 
-_TAGS: dict[str, dict[str, Any] | None] = {"untagged": None, "light": {"weight": "light"}, "medium": {"weight": "medium"}}
+_TAGS: dict[str, dict[str, Any] | None] = {
+    "untagged": None,
+    "light": {"weight": "light"},
+    "medium": {"weight": "medium"},
+}
 
 
 @pytest.mark.parametrize("n", [8, 20])
@@ -175,7 +179,6 @@ def test_lend_and_retake_cycles_leave_no_units_held() -> None:
         assert pool["blocked"] == 0
         assert pool["core_units"] == [0] * len(pool["core_units"]), pool
         assert pool["lends"] > 0
-
 
 
 @task_token_guard(operation_type="blocking_nap")

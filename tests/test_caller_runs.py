@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
-
 from support import Env, start_blocker, wait_until
+from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
 WAIT = 10.0
 
@@ -68,7 +67,7 @@ def on_thread(env: Env, fn: Callable[[], Any]) -> tuple[int, list[Any]]:
         ident.append(threading.get_ident())
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             out.append(exc)
 
     th = env.thread(run)
@@ -122,14 +121,14 @@ def test_every_token_runs_once_when_callers_and_workers_race() -> None:
                     if tok.worker_id is None:
                         with lock:
                             inline[0] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported to the test
+            except BaseException as exc:
                 errors.append(exc)
 
         ths = [env.thread(lambda b=k * per_thread: caller(b)) for k in range(threads)]
         for th in ths:
             th.join(60)
         assert not errors, errors[:3]
-    assert runs == {i: 1 for i in range(per_thread * threads)}
+    assert runs == dict.fromkeys(range(per_thread * threads), 1)
     assert inline[0] > 0, "no caller ever ran its own token"
 
 
@@ -165,7 +164,9 @@ def test_a_wait_with_a_timeout_leaves_the_token_to_the_workers(env: Env) -> None
         pytest.param({"caller_runs": False}, lambda: where(), id="caller_runs=False"),
     ],
 )
-def test_bodies_that_must_run_on_workers_do(env: Env, coord: dict[str, Any], submit: Callable[[], TaskToken[Any]]) -> None:
+def test_bodies_that_must_run_on_workers_do(
+    env: Env, coord: dict[str, Any], submit: Callable[[], TaskToken[Any]]
+) -> None:
     ev = hold_only_worker(env, **coord)
     tokens: list[TaskToken[Any]] = []
 
@@ -248,7 +249,7 @@ def test_kill_resolves_other_waiters_at_once_and_the_runner_after_the_body(env: 
         tokens.append(wait_on(go))
         try:
             out.append(tokens[0].result())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             out.append(exc)
 
     th = env.thread(run)
@@ -448,7 +449,7 @@ def test_the_thread_that_forks_is_the_childs_main_thread() -> None:
                 ran_here = sum(where().result()[0] == threading.get_ident() for _ in range(20))
                 c.stop()
                 code = 10 if ran_here else 0
-            except BaseException:  # noqa: BLE001 - reported through the exit code
+            except BaseException:
                 code = 20
             os._exit(code)
         _, status = os.waitpid(pid, 0)

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-import tokengate
-from tokengate import NotStartedError, OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
-
 import support
+import tokengate
 from support import Env
+from tokengate import NotStartedError, OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
 WAIT = 10.0
 
@@ -174,7 +173,10 @@ def test_drain_pool_cancels_everything_waiting(env: Env) -> None:
     c = env.coord()
     ev, blocker = env.hold_worker()
     log: list[Any] = []
-    queued = [op_a(log, i) for i in range(3)] + [op_b.options(priority=3)(log, "p"), op_b.options(priority=-3)(log, "n")]
+    queued = [op_a(log, i) for i in range(3)] + [
+        op_b.options(priority=3)(log, "p"),
+        op_b.options(priority=-3)(log, "n"),
+    ]
     c.pause_operation("cp_b")
     parked = [op_b(log, "parked1"), op_b(log, "parked2")]
     assert c.drain_pool() == 7
@@ -370,7 +372,7 @@ def _stop_with_blocked_callers(producers: int) -> list[str]:
     def producer() -> None:
         try:
             out.append(op_a([], "late"))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             out.append(exc)
 
     threads = [threading.Thread(target=producer, daemon=True) for _ in range(producers)]

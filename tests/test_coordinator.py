@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from tokengate import NotStartedError, OperationsCoordinator, TaskToken, _tokengate, task_token_guard
-
 from support import fd_count, os_thread_count, start_blocker, wait_for_threads, wait_until
+from tokengate import NotStartedError, OperationsCoordinator, TaskToken, _tokengate, task_token_guard
 
 WAIT = 10.0
 
@@ -232,7 +231,13 @@ def test_get_stats_counts_by_state(gate: threading.Event) -> None:
 def test_get_stats_schema(coordinator: OperationsCoordinator) -> None:
     stats = coordinator.get_stats()
     assert stats["active"] is True
-    assert set(stats["topology"]) >= {"physical_cores", "logical_cores", "workers_per_core", "total_workers", "pinned_cores"}
+    assert set(stats["topology"]) >= {
+        "physical_cores",
+        "logical_cores",
+        "workers_per_core",
+        "total_workers",
+        "pinned_cores",
+    }
     assert set(stats["tokens"]) >= {
         "submitted",
         "unresolved",

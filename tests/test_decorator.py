@@ -61,9 +61,9 @@ def test_async_callables_rejected_at_decoration(target: Any) -> None:
     [pytest.param(_gen_fn, id="generator"), pytest.param(_agen_fn, id="async-generator")],
 )
 def test_generators_rejected_at_decoration(target: Any) -> None:
-    with pytest.raises(TypeError, match="generator|async"):
+    with pytest.raises(TypeError, match=r"generator|async"):
         task_token_guard(target)
-    with pytest.raises(TypeError, match="generator|async"):
+    with pytest.raises(TypeError, match=r"generator|async"):
         task_token_guard(tags={"weight": "light"})(target)
 
 
@@ -138,7 +138,9 @@ def test_numeric_tags_reject_negative(key: str, value: Any) -> None:
         task_token_guard(tags={key: value})
 
 
-@pytest.mark.parametrize("key, value", [("timeout", 2), ("timeout", 0.5), ("priority", 7), ("retries", 0), ("retries", 3)])
+@pytest.mark.parametrize(
+    "key, value", [("timeout", 2), ("timeout", 0.5), ("priority", 7), ("retries", 0), ("retries", 3)]
+)
 def test_numeric_tags_accept_valid(key: str, value: Any) -> None:
     @task_token_guard(tags={key: value})
     def g() -> None:
@@ -303,7 +305,7 @@ def test_operation_type_defaults_to_qualname(coordinator: OperationsCoordinator)
 
     wrapped = task_token_guard(local_fn)
     assert wrapped.operation_type == local_fn.__qualname__  # type: ignore[attr-defined]
-    assert "test_operation_type_defaults_to_qualname.<locals>.local_fn" == wrapped.operation_type  # type: ignore[attr-defined]
+    assert wrapped.operation_type == "test_operation_type_defaults_to_qualname.<locals>.local_fn"  # type: ignore[attr-defined]
     tok = wrapped()
     assert tok.operation_type == local_fn.__qualname__
     tok.result(timeout=WAIT)

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from support import wait_until
 from tokengate import (
     DependencyFailedError,
     OperationsCoordinator,
@@ -23,8 +24,6 @@ from tokengate import (
     TaskToken,
     task_token_guard,
 )
-
-from support import wait_until
 
 WAIT = 30.0
 

@@ -40,9 +40,9 @@ def raise_obj(exc: BaseException) -> None:
 @task_token_guard
 def raise_implicit_context() -> None:
     try:
-        1 / 0
+        1 / 0  # noqa: B018 - raises ZeroDivisionError on purpose
     except ZeroDivisionError:
-        raise LookupError("during handling")
+        raise LookupError("during handling")  # noqa: B904 - the implicit __context__ is what is tested
 
 
 @task_token_guard
@@ -63,7 +63,7 @@ def _frame_names(exc: BaseException) -> list[str]:
 
 
 def _error_classes() -> set[type[BaseException]]:
-    import tokengate._process  # noqa: F401 - the process lane defines errors of its own
+    import tokengate._process
     import tokengate.executor  # noqa: F401
 
     found: set[type[BaseException]] = set()

@@ -115,7 +115,7 @@ def test_map_timeout(executor: Executor) -> None:
     try:
         with pytest.raises(futures.TimeoutError):
             for r in executor.map(work, [False, False, True], timeout=0.3):
-                results.append(r)
+                results.append(r)  # noqa: PERF402 - keeps the results that came before the TimeoutError
     finally:
         release.set()
     assert results == ["ok", "ok"]
@@ -162,9 +162,9 @@ def test_map_current_future_cancel() -> None:
     with Executor(max_workers=1) as pool:
         fut = pool.submit(log_n_wait, ident="first")
         try:
-            with contextlib.closing(pool.map(log_n_wait, ["second", "third"], timeout=0)) as gen:
-                with pytest.raises(futures.TimeoutError):
-                    next(gen)
+            gen_cm = contextlib.closing(pool.map(log_n_wait, ["second", "third"], timeout=0))
+            with gen_cm as gen, pytest.raises(futures.TimeoutError):
+                next(gen)
         finally:
             stop_event.set()
         fut.result(TIMEOUT)
@@ -312,7 +312,7 @@ def test_initializer_failure_fails_every_pending_call(caplog: pytest.LogCaptureF
     try:
         with caplog.at_level(logging.CRITICAL, logger="tokengate.executor"):
             fs = [ex.submit(ran.append, i) for i in range(20)]
-            done, not_done = futures.wait(fs, timeout=TIMEOUT)
+            _done, not_done = futures.wait(fs, timeout=TIMEOUT)
         assert not not_done
         for f in fs:
             assert isinstance(f.exception(), BrokenThreadPool)
@@ -363,7 +363,7 @@ def test_cancel_futures() -> None:
         assert f.exception() is None
     assert others
     # cancelled futures are notified: futures.wait and as_completed return them
-    done, not_done = futures.wait(fs, timeout=TIMEOUT)
+    _done, not_done = futures.wait(fs, timeout=TIMEOUT)
     assert not not_done
     assert len(list(futures.as_completed(fs, timeout=TIMEOUT))) == 50
     assert all(f._token.state == "cancelled" for f in cancelled)
@@ -398,7 +398,7 @@ def test_cancel_futures_wait_false() -> None:
     fs = [ex.submit(release.wait, TIMEOUT) for _ in range(20)]
     ex.shutdown(wait=False, cancel_futures=True)
     release.set()
-    done, not_done = futures.wait(fs, timeout=TIMEOUT)
+    _done, not_done = futures.wait(fs, timeout=TIMEOUT)
     assert not not_done
     assert sum(f.cancelled() for f in fs) >= 18
 
@@ -570,7 +570,7 @@ def test_control_plane_drain_and_kill_settle_the_futures(one_worker: OperationsC
         _wait_running(blocker)
         queued = [ex.submit(int) for _ in range(5)]
         assert one_worker.drain_pool() == 5
-        done, not_done = futures.wait(queued, timeout=TIMEOUT)
+        _done, not_done = futures.wait(queued, timeout=TIMEOUT)
         assert not not_done and all(f.cancelled() for f in queued)
         more = [ex.submit(int) for _ in range(3)]
         assert one_worker.kill_all_by_operation("executor", "maintenance") == 4

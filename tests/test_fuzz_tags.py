@@ -31,18 +31,17 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (the free-threaded leg has no wheel for it)")
 
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from tokengate import (  # noqa: E402
+from support import wait_until
+from tokengate import (
     DigestPolicy,
     HashPolicy,
     OperationsCoordinator,
     TaskTimeoutError,
     task_token_guard,
 )
-
-from support import wait_until  # noqa: E402
 
 #: Seconds a token may take to resolve, and the books to come clean, before the input is a failure.
 WAIT = 5.0
@@ -53,12 +52,64 @@ NAN, INF = math.nan, math.inf
 
 #: Values of every type and at every edge, drawn for any tag or option.
 EDGE_VALUES: list[Any] = [
-    0, 1, -1, 2, 100, 101, 2**31, -(2**31), 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64, 10**30, -(10**30),
-    True, False, None,
-    NAN, INF, -INF, 1e300, -1e300, 1e20, 1e10, 1e5, 0.5, 0.01, 1e-300, 5e-324, 0.0, -0.0, -0.5,
-    "", " ", "light", "HEAVY", "medium", "heavyy", "fast", "SLOW", "insane", "none", "Full", "short",
-    "true", "False", "yes", "x", "\x00",
-    [], ["op"], [1], ("a", "b"), {}, b"light", HashPolicy.FULL, DigestPolicy.FAST,
+    0,
+    1,
+    -1,
+    2,
+    100,
+    101,
+    2**31,
+    -(2**31),
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    -(2**63) - 1,
+    2**64,
+    10**30,
+    -(10**30),
+    True,
+    False,
+    None,
+    NAN,
+    INF,
+    -INF,
+    1e300,
+    -1e300,
+    1e20,
+    1e10,
+    1e5,
+    0.5,
+    0.01,
+    1e-300,
+    5e-324,
+    0.0,
+    -0.0,
+    -0.5,
+    "",
+    " ",
+    "light",
+    "HEAVY",
+    "medium",
+    "heavyy",
+    "fast",
+    "SLOW",
+    "insane",
+    "none",
+    "Full",
+    "short",
+    "true",
+    "False",
+    "yes",
+    "x",
+    "\x00",
+    [],
+    ["op"],
+    [1],
+    ("a", "b"),
+    {},
+    b"light",
+    HashPolicy.FULL,
+    DigestPolicy.FAST,
 ]
 
 ANY_VALUE = st.one_of(
@@ -184,7 +235,15 @@ def option_verdict(key: str, v: object) -> str:
     raise AssertionError(key)
 
 
-COORDINATOR_ARGS = ("aging", "io_idle_timeout", "convergence_interval", "max_workers", "workers_per_core", "max_pending", "history_size")
+COORDINATOR_ARGS = (
+    "aging",
+    "io_idle_timeout",
+    "convergence_interval",
+    "max_workers",
+    "workers_per_core",
+    "max_pending",
+    "history_size",
+)
 
 
 def coordinator_verdict(key: str, v: object) -> str:
@@ -242,7 +301,7 @@ def attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
         return fn(), None
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - a PanicException is the point
+    except BaseException as exc:
         return None, exc
 
 
@@ -275,7 +334,10 @@ def books_clean(c: OperationsCoordinator) -> bool:
 
 def books(c: OperationsCoordinator) -> str:
     stats = c.get_stats()
-    return f"tokens={stats['tokens']} admission={stats['admission']} sticky={c.sticky_snapshot()} domains={c.domain_snapshot()}"
+    return (
+        f"tokens={stats['tokens']} admission={stats['admission']} "
+        f"sticky={c.sticky_snapshot()} domains={c.domain_snapshot()}"
+    )
 
 
 def call_and_resolve(
@@ -288,15 +350,21 @@ def call_and_resolve(
     if exc is not None:
         raise AssertionError(f"accepted {inputs!r}, but the call raised {describe(exc)}; {books(c)}")
     if token is None:
-        raise AssertionError(f"accepted {inputs!r} (block={block!r}), but the call returned None on a coordinator with room")
+        raise AssertionError(
+            f"accepted {inputs!r} (block={block!r}), but the call returned None on a coordinator with room"
+        )
     value, exc = attempt(lambda: token.result(timeout=WAIT))
     if not token.done():
-        raise AssertionError(f"accepted {inputs!r}, but the token is unresolved after {WAIT}s (state {token.state}); {books(c)}")
+        raise AssertionError(
+            f"accepted {inputs!r}, but the token is unresolved after {WAIT}s (state {token.state}); {books(c)}"
+        )
     if exc is None:
         if fail or value != 7:
             raise AssertionError(f"accepted {inputs!r}: the token returned {value!r} (fail={fail})")
     elif not ((fail and isinstance(exc, Boom)) or (timed and isinstance(exc, TaskTimeoutError))):
-        raise AssertionError(f"accepted {inputs!r}: the token resolved with {describe(exc)} (fail={fail}, timeout given={timed})")
+        raise AssertionError(
+            f"accepted {inputs!r}: the token resolved with {describe(exc)} (fail={fail}, timeout given={timed})"
+        )
     if not wait_until(lambda: books_clean(c), WAIT):
         raise AssertionError(f"accepted {inputs!r}: after the token resolved the books are not clean: {books(c)}")
 
@@ -342,7 +410,9 @@ def check_tags(c: OperationsCoordinator, tags: object, sleep: float, fail: bool)
         if exc is None:
             raise AssertionError(f"tags={tags!r} accepted with the key(s) {bad_keys!r}")
         # The error names the first offence it met: an unknown key or a bad value.
-        return check_refusal("tags=", exc, [repr(k) for k in bad_keys] + [k for k, v in verdicts.items() if v != VALID], tags)
+        return check_refusal(
+            "tags=", exc, [repr(k) for k in bad_keys] + [k for k, v in verdicts.items() if v != VALID], tags
+        )
     verdict = overall(verdicts)
     if exc is not None:
         if verdict == VALID:
@@ -359,7 +429,9 @@ def check_tags(c: OperationsCoordinator, tags: object, sleep: float, fail: bool)
     call_and_resolve(c, lambda: fn(7, sleep, fail), fail=fail, timed=timed, block=True, inputs=tags)
 
 
-def check_options(c: OperationsCoordinator, tags: dict[str, Any], options: dict[str, Any], sleep: float, fail: bool) -> None:
+def check_options(
+    c: OperationsCoordinator, tags: dict[str, Any], options: dict[str, Any], sleep: float, fail: bool
+) -> None:
     """One ``fn.options(**options)`` input (on a function with valid ``tags``) against the contract."""
     fn, exc = decorate(tags)
     assert exc is None, f"valid tags {tags!r} refused: {describe(exc)}"
@@ -379,7 +451,9 @@ def check_options(c: OperationsCoordinator, tags: dict[str, Any], options: dict[
     if verdict == INVALID:
         bad = {k: options[k] for k, v in verdicts.items() if v == INVALID}
         accepted_invalid(lambda: bound(7, sleep, fail), f"options() accepted invalid {bad!r} ({inputs!r})")
-    call_and_resolve(c, lambda: bound(7, sleep, fail), fail=fail, timed=timed, block=options.get("block", True), inputs=inputs)
+    call_and_resolve(
+        c, lambda: bound(7, sleep, fail), fail=fail, timed=timed, block=options.get("block", True), inputs=inputs
+    )
 
 
 @task_token_guard(operation_type="fuzz_coordinator_probe", tags={"priority": 1})
@@ -397,10 +471,12 @@ def check_coordinator(kwargs: dict[str, Any]) -> None:
             raise AssertionError(f"OperationsCoordinator({kwargs!r}) (all documented values) refused: {describe(exc)}")
         check_refusal("OperationsCoordinator", exc, [k for k, v in verdicts.items() if v != VALID], kwargs)
         return
-    started, exc = attempt(c.start)
+    _started, exc = attempt(c.start)
     try:
         if exc is not None and not isinstance(exc, Exception):
-            raise AssertionError(f"OperationsCoordinator({kwargs!r}) constructed, but start() raised a BaseException: {describe(exc)}")
+            raise AssertionError(
+                f"OperationsCoordinator({kwargs!r}) constructed, but start() raised a BaseException: {describe(exc)}"
+            )
         if exc is not None:
             raise AssertionError(f"OperationsCoordinator({kwargs!r}) constructed, but start() raised {describe(exc)}")
         if verdict == INVALID:
@@ -411,13 +487,17 @@ def check_coordinator(kwargs: dict[str, Any]) -> None:
             raise AssertionError(f"OperationsCoordinator({kwargs!r}) started, but a call raised {describe(exc)}")
         value, exc = attempt(lambda: token.result(timeout=WAIT))
         if exc is not None or value != 7:
-            raise AssertionError(f"OperationsCoordinator({kwargs!r}) started, but a token gave {value!r} / {describe(exc)}")
+            raise AssertionError(
+                f"OperationsCoordinator({kwargs!r}) started, but a token gave {value!r} / {describe(exc)}"
+            )
     finally:
         began = time.monotonic()
         joined, stop_exc = attempt(lambda: c.stop(timeout=WAIT))
         took = time.monotonic() - began
     if stop_exc is not None or not joined or took > WAIT:
-        raise AssertionError(f"OperationsCoordinator({kwargs!r}): stop() gave {joined!r} / {describe(stop_exc)} after {took:.1f}s")
+        raise AssertionError(
+            f"OperationsCoordinator({kwargs!r}): stop() gave {joined!r} / {describe(stop_exc)} after {took:.1f}s"
+        )
 
 
 # -- strategies -------------------------------------------------------------------------------------
@@ -468,8 +548,31 @@ GOOD_COORDINATOR_VALUES: dict[str, list[Any]] = {
 #: Numbers drawn for every argument: none of them starts more than a handful of threads, and the
 #: huge ones exceed any thread count a machine can start (the engine refuses over 4096 workers).
 COORDINATOR_EDGES: list[Any] = [
-    0, -1, 2**32, 2**63 - 1, 2**63, 2**64, 10**30, -(10**30), 5000,
-    True, False, None, NAN, INF, -INF, 1e300, 1e20, 1e10, 1e-300, 5e-324, 0.0, -0.5, 2.5, "1", [1],
+    0,
+    -1,
+    2**32,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**30,
+    -(10**30),
+    5000,
+    True,
+    False,
+    None,
+    NAN,
+    INF,
+    -INF,
+    1e300,
+    1e20,
+    1e10,
+    1e-300,
+    5e-324,
+    0.0,
+    -0.5,
+    2.5,
+    "1",
+    [1],
 ]
 
 
@@ -481,6 +584,7 @@ def coordinator_inputs(draw: st.DrawFn) -> dict[str, Any]:
     for key in draw(st.lists(st.sampled_from(COORDINATOR_ARGS), max_size=2, unique=True)):
         kwargs[key] = draw(st.sampled_from(COORDINATOR_EDGES))
     return kwargs
+
 
 _sleeps = st.sampled_from([0.0, 0.0, 0.02])
 

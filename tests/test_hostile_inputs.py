@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import describe, run_script, running_coordinator, wait_until
 
+from support import describe, run_script, running_coordinator
 from tokengate import OperationsCoordinator, _tokengate, current_token, task_token_guard
 
 WAIT = 10.0
@@ -128,7 +128,11 @@ with OperationsCoordinator():
 @pytest.mark.parametrize("kind, code", [("exit", 2), ("interrupt", 130)])
 def test_system_exit_and_keyboard_interrupt_from_a_body_stop_the_loop(tmp_path: Path, kind: str, code: int) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(LOOP_STOP_SCRIPT), kind], cwd=tmp_path, capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", textwrap.dedent(LOOP_STOP_SCRIPT), kind],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     report = describe(proc)
     # the old drain reported the exception to the loop's handler and the loop ran on for ever
@@ -170,7 +174,11 @@ with OperationsCoordinator():
 @pytest.mark.subprocess
 def test_ctrl_c_in_a_coroutine_resumed_by_a_token_reaches_run_until_complete(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CTRL_C_SCRIPT)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", textwrap.dedent(CTRL_C_SCRIPT)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -285,9 +293,8 @@ def test_anyio_cancel_scopes_around_await_token(coordinator: OperationsCoordinat
         with anyio.move_on_after(0.1) as scope:
             await sleepy(0.5)
         seen.append(f"moved on: {scope.cancelled_caught}")
-        with pytest.raises(TimeoutError):
-            with anyio.fail_after(0.1):
-                await sleepy(0.5)
+        with pytest.raises(TimeoutError), anyio.fail_after(0.1):
+            await sleepy(0.5)
         seen.append("failed after")
         return seen
 
@@ -369,7 +376,11 @@ with OperationsCoordinator(max_workers=2):
 @pytest.mark.parametrize("how, code", [("return", 0), ("exit", 7), ("raise", 1)])
 def test_a_child_forked_inside_a_task_ends_when_the_body_returns(tmp_path: Path, how: str, code: int) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORK_IN_TASK_SCRIPT), how], cwd=tmp_path, capture_output=True, text=True, timeout=40
+        [sys.executable, "-c", textwrap.dedent(FORK_IN_TASK_SCRIPT), how],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=40,
     )
     report = describe(proc)
     assert f"PARENT GOT {code}" in proc.stdout, report
@@ -451,7 +462,6 @@ def test_an_exception_in_a_done_callback_is_reported_by_default(tmp_path: Path) 
     assert "RuntimeError: callback exploded" in proc.stderr, report
 
 
-
 class Bare:
     @task_token_guard
     @staticmethod
@@ -513,7 +523,11 @@ def test_an_unhashable_coordinator_subclass_starts_and_stops() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"process_workers": 10**12}, "process_workers"), ({"process_prefetch": 2**62}, "process_prefetch"), ({"stack_size": 2**62}, "stack_size")],
+    [
+        ({"process_workers": 10**12}, "process_workers"),
+        ({"process_prefetch": 2**62}, "process_prefetch"),
+        ({"stack_size": 2**62}, "stack_size"),
+    ],
 )
 def test_sizes_out_of_range_are_refused_at_construction(kwargs: dict[str, int], name: str) -> None:
     with pytest.raises(ValueError, match=name):

@@ -19,10 +19,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tokengate import OperationsCoordinator, current_token, task_token_guard
-
 import support
 from support import os_thread_count as os_threads
+from tokengate import OperationsCoordinator, current_token, task_token_guard
 
 WAIT = 30.0
 
@@ -61,7 +60,9 @@ def test_unknown_tier_is_rejected_at_decoration(tier: object) -> None:
         task_token_guard(operation_type="io_bad", tags={"storage_speed": tier})
 
 
-@pytest.mark.parametrize(("given", "tier"), [("slow", "SLOW"), ("Moderate", "MODERATE"), ("FAST", "FAST"), ("insane", "INSANE")])
+@pytest.mark.parametrize(
+    ("given", "tier"), [("slow", "SLOW"), ("Moderate", "MODERATE"), ("FAST", "FAST"), ("insane", "INSANE")]
+)
 def test_tier_names_are_case_insensitive(given: str, tier: str) -> None:
     fn = task_token_guard(operation_type="io_case", tags={"storage_speed": given})(lambda: None)
     assert fn.tags["storage_speed"] == tier
@@ -295,7 +296,9 @@ def test_storage_speed_with_process_pool_warns_and_stays_on_threads() -> None:
 def test_process_pool_alone_does_not_warn() -> None:
     # filterwarnings=error turns any warning into a failure here.
     task_token_guard(operation_type="io_proc_only", tags={"process_pool": True})(lambda: None)
-    task_token_guard(operation_type="io_speed_only", tags={"storage_speed": "FAST", "process_pool": False})(lambda: None)
+    task_token_guard(operation_type="io_speed_only", tags={"storage_speed": "FAST", "process_pool": False})(
+        lambda: None
+    )
 
 
 EXIT_SCRIPT = """

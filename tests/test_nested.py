@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 import tokengate
-from tokengate import OperationsCoordinator, current_token, task_token_guard
-
 from support import running_coordinator
+from tokengate import OperationsCoordinator, current_token, task_token_guard
 
 LIMIT = 10.0  # the bound for the recursive workloads
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from tokengate import TaskToken, task_token_guard
-
 import support
 from support import Env
+from tokengate import TaskToken, task_token_guard
 
 WAIT = 10.0
 NO_AGING = 1000.0  # seconds per priority level: aging cannot matter within a test
@@ -158,7 +157,13 @@ def run_stream(
     """A low-priority token queued first, then a stream of high-priority tokens for up to ``duration`` s."""
     env.coord(aging=aging)
     ev, _ = env.hold_worker()
-    state: dict[str, Any] = {"log": [], "stop": threading.Event(), "toks": [], "until": time.monotonic() + duration, "high": high_priority}
+    state: dict[str, Any] = {
+        "log": [],
+        "stop": threading.Event(),
+        "toks": [],
+        "until": time.monotonic() + duration,
+        "high": high_priority,
+    }
     low = stream_low.options(priority=low_priority)(state)
     time.sleep(0.01)
     state["toks"].extend(stream_high.options(priority=high_priority)(state) for _ in range(depth))
@@ -187,7 +192,9 @@ def test_plain_call_runs_during_a_stream_of_priority_one_calls(env: Env) -> None
     log, low = run_stream(env, aging=0.05, duration=2.0, low_priority=0, high_priority=1)
     assert low.result(timeout=0) == "low"
     pos = log.index("low")
-    assert pos < len(log) - 1, f"the plain call starved: it ran only after the 2 s stream ended ({pos} high tokens first)"
+    assert pos < len(log) - 1, (
+        f"the plain call starved: it ran only after the 2 s stream ended ({pos} high tokens first)"
+    )
 
 
 def test_without_aging_low_priority_waits_for_the_whole_stream(env: Env) -> None:

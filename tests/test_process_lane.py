@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -17,19 +17,18 @@ from typing import Any
 
 import pytest
 
+import support
 import tokengate
+from support import child_pids, pid_alive, running_coordinator, wait_until
 from tokengate import (
     OperationsCoordinator,
     TaskKilledError,
-    TaskToken,
     TaskTimeoutError,
+    TaskToken,
     WorkerCrashedError,
     task_token_guard,
 )
 from tokengate._process import ProcessFunction, UnpicklableError
-
-import support
-from support import child_pids, pid_alive, running_coordinator, wait_until
 
 PROC = {"process_pool": True}
 
@@ -301,10 +300,22 @@ def _give_back(kind: str) -> object:
 #: case -> (submits the token, the exception it fails with, its message or the worker's exit code)
 _PICKLING_BREAKS: dict[str, tuple[Callable[[], TaskToken[Any]], type[BaseException], str | int]] = {
     "argument fails to pickle": (lambda: _take_arg(_FailsToPickle()), UnpicklableError, "boom while pickling"),
-    "argument fails to unpickle in the worker": (lambda: _take_arg(_FailsToUnpickle()), RuntimeError, "boom while unpickling"),
+    "argument fails to unpickle in the worker": (
+        lambda: _take_arg(_FailsToUnpickle()),
+        RuntimeError,
+        "boom while unpickling",
+    ),
     "worker exits while unpickling an argument": (lambda: _take_arg(_ExitsOnUnpickle()), WorkerCrashedError, 7),
-    "result fails to pickle in the worker": (lambda: _give_back("fails_to_pickle"), UnpicklableError, "boom while pickling"),
-    "result fails to unpickle in the caller": (lambda: _give_back("fails_to_unpickle"), UnpicklableError, "boom while unpickling"),
+    "result fails to pickle in the worker": (
+        lambda: _give_back("fails_to_pickle"),
+        UnpicklableError,
+        "boom while pickling",
+    ),
+    "result fails to unpickle in the caller": (
+        lambda: _give_back("fails_to_unpickle"),
+        UnpicklableError,
+        "boom while unpickling",
+    ),
     "worker exits while pickling a result": (lambda: _give_back("exits"), WorkerCrashedError, 8),
 }
 

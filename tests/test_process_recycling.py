@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import tokengate
-from tokengate import OperationsCoordinator, TaskKilledError, task_token_guard
-
 from support import child_pids, running_coordinator, wait_until
+from tokengate import OperationsCoordinator, TaskKilledError, task_token_guard
 
 PROC = {"process_pool": True}
 MiB = 1 << 20
@@ -91,7 +90,9 @@ def test_sending_ahead_stops_at_the_tokens_a_worker_has_left() -> None:
     # Short tokens are sent up to 16 at a time once a worker measured them (its first token,
     # which imports this module, keeps it at one at a time for about 14 tokens); a worker with
     # fewer tokens left than that gets only what it has left.
-    with running_coordinator(max_workers=2, process_workers=1, process_prefetch=16, process_max_tasks_per_child=25) as c:
+    with running_coordinator(
+        max_workers=2, process_workers=1, process_prefetch=16, process_max_tasks_per_child=25
+    ) as c:
         out = tokengate.gather([square(i) for i in range(75)], timeout=30)
         assert [v for _, v in out] == [i * i for i in range(75)]
         per_pid = collections.Counter(pid for pid, _ in out)

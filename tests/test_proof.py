@@ -120,9 +120,7 @@ def test_waves_tiny_and_goals() -> None:
 
 def test_run_proof_in_process_prints_report() -> None:
     buf = io.StringIO()
-    cfg = proof.ProofConfig(
-        quick=True, sections=("waves",), max_wave=16, workers=2, tpe_workers=2, progress=False
-    )
+    cfg = proof.ProofConfig(quick=True, sections=("waves",), max_wave=16, workers=2, tpe_workers=2, progress=False)
     results = proof.run_proof(cfg, out=buf)
     text = buf.getvalue()
     assert "WAVES" in text and "GOALS" in text and "a MISS is a MISS" in text
@@ -206,8 +204,18 @@ def test_quick_run_in_a_child_writes_the_json(tmp_path: Path) -> None:
         assert isinstance(b["releases_gil"], bool)
         for key in BURST_KEYS:
             rep = b[key]["representative"]
-            assert {"submit_spread_ms", "wall_s", "min_s", "max_s", "mean_s", "stdev_s", "serial_estimate_s",
-                    "ratio", "real_speedup", "durations_s"} <= set(rep)
+            assert {
+                "submit_spread_ms",
+                "wall_s",
+                "min_s",
+                "max_s",
+                "mean_s",
+                "stdev_s",
+                "serial_estimate_s",
+                "ratio",
+                "real_speedup",
+                "durations_s",
+            } <= set(rep)
     for key in ("serial", *RUNNER_KEYS):
         assert {"releases", "tasks", "elapsed_s", "ratio", "tasks_per_s"} <= set(data["window"][key])
     wv = data["waves"]

@@ -20,17 +20,16 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (the free-threaded leg has no wheel for it)")
 
-from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
+import support
 from tokengate import (
     AdmissionRejectedError,
     OperationsCoordinator,
     TaskToken,
     task_token_guard,
 )
-
-import support
 
 WAIT = 10.0
 OPS = ("pp_a", "pp_b", "pp_c")
@@ -150,9 +149,13 @@ def test_limits_are_never_exceeded(w: dict[str, Any]) -> None:
     producers=st.integers(2, 4),
     per_producer=st.integers(1, 12),
 )
-def test_limits_hold_with_concurrent_blocking_producers(max_pending: int, limit: int, producers: int, per_producer: int) -> None:
+def test_limits_hold_with_concurrent_blocking_producers(
+    max_pending: int, limit: int, producers: int, per_producer: int
+) -> None:
     meter = Meter()
-    c = OperationsCoordinator(max_workers=4, pin_workers=False, max_pending=max_pending, operation_limits={"pp_a": limit})
+    c = OperationsCoordinator(
+        max_workers=4, pin_workers=False, max_pending=max_pending, operation_limits={"pp_a": limit}
+    )
     c.start()
     errors: list[BaseException] = []
     toks: list[TaskToken[str]] = []
@@ -165,7 +168,7 @@ def test_limits_hold_with_concurrent_blocking_producers(max_pending: int, limit:
                 tok = FUNCS[op](meter, 0.001)
                 with lock:
                     toks.append(tok)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     try:
@@ -301,7 +304,10 @@ submit_action = st.tuples(
 )
 control_action = st.one_of(
     st.tuples(st.sampled_from(["pause_admission", "resume_admission", "drain_pool", "sleep"])),
-    st.tuples(st.sampled_from(["pause_operation", "resume_operation", "drain_operation", "kill_all"]), st.sampled_from(("pp_a", "pp_b", None))),
+    st.tuples(
+        st.sampled_from(["pause_operation", "resume_operation", "drain_operation", "kill_all"]),
+        st.sampled_from(("pp_a", "pp_b", None)),
+    ),
     st.tuples(st.sampled_from(["kill_token", "cancel", "kill"]), st.integers(0, 1000)),
 )
 scenarios = st.fixed_dictionaries(
@@ -324,7 +330,14 @@ PLAIN = {"priority": 0, "timeout": None, "retries": 0, "seconds": 0.0, "fail": F
     phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: a stuck stop() costs 3 s per try
 )
 # Found by this test: a token queued just before pause_admission(), then stop().
-@example(sc={"workers": 1, "max_pending": None, "actions": [("submit", "pp_a", PLAIN), ("pause_admission",)], "cancel_pending": False})
+@example(
+    sc={
+        "workers": 1,
+        "max_pending": None,
+        "actions": [("submit", "pp_a", PLAIN), ("pause_admission",)],
+        "cancel_pending": False,
+    }
+)
 @example(
     sc={
         "workers": 2,

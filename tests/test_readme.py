@@ -52,7 +52,9 @@ def python_blocks(text: str) -> list[Block]:
         fence, info, start = m["fence"], m["info"].lower(), i
         body: list[str] = []
         i += 1
-        while i < len(lines) and not (lines[i].strip().startswith(fence) and not lines[i].strip()[len(fence):].strip()):
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence) and not lines[i].strip()[len(fence) :].strip()
+        ):
             body.append(lines[i][len(m["indent"]) :] if lines[i].startswith(m["indent"]) else lines[i])
             i += 1
         i += 1  # the closing fence
@@ -118,7 +120,9 @@ def test_the_readme_has_python_examples() -> None:
 
 def test_every_skipped_block_says_why() -> None:
     unexplained = [b.line for b in python_blocks(_TEXT) if b.marker == "skip" and not b.reason]
-    assert not unexplained, f"README.md lines {unexplained}: a skipped block needs a reason: <!-- readme-test: skip (why) -->"
+    assert not unexplained, (
+        f"README.md lines {unexplained}: a skipped block needs a reason: <!-- readme-test: skip (why) -->"
+    )
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -176,8 +180,8 @@ def test_the_harness_finds_blocks_markers_and_unrun_mains() -> None:
 
 
 def test_the_harness_fails_a_block_that_raises(tmp_path: Path) -> None:
-    (name, source), = programs("```python\nfrom tokengate import gather\ntokengate.as_completed\n```\n")
+    ((_name, source),) = programs("```python\nfrom tokengate import gather\ntokengate.as_completed\n```\n")
     proc = run_program(source, tmp_path)
     assert proc.returncode != 0 and "NameError" in proc.stderr
-    (name, source), = programs("```python\nasync def main():\n    raise SystemExit(3)\n```\n")
+    ((_name, source),) = programs("```python\nasync def main():\n    raise SystemExit(3)\n```\n")
     assert run_program(source, tmp_path).returncode == 3  # the appended asyncio.run(main()) ran it

@@ -19,12 +19,11 @@ Misuse rows of ../shared/reference/reliability-requirements.md section 4 and whe
 
 from __future__ import annotations
 
-import sys
-
 import asyncio
 import gc
 import logging
 import random
+import sys
 import threading
 import time
 import weakref
@@ -34,7 +33,9 @@ from typing import Any
 
 import pytest
 
+import support
 import tokengate
+from support import fd_count, os_thread_count, rss_mb, wait_for_threads
 from tokengate import (
     NotStartedError,
     OperationsCoordinator,
@@ -44,9 +45,6 @@ from tokengate import (
     _tokengate,
     task_token_guard,
 )
-
-import support
-from support import fd_count, os_thread_count, rss_mb, wait_for_threads
 
 WAIT = 30.0  # generous: 2 shared cores
 
@@ -171,7 +169,9 @@ def _run_storm(rounds: int, n: int) -> None:
         )
         # the cancellers must really race the workers: some cancelled, some not
         assert 0 < fig["cancelled"] < fig["n"], fig
-        assert fig["violations"] == 0, f"{fig['violations']} violations in round {r + 1}: {fig['by_kind']} {fig['examples']}"
+        assert fig["violations"] == 0, (
+            f"{fig['violations']} violations in round {r + 1}: {fig['by_kind']} {fig['examples']}"
+        )
         total_violations += fig["violations"]
     assert total_violations == 0
 
@@ -247,11 +247,13 @@ def test_no_lost_results(stop_mode: str, faults: bool) -> None:
                 if my_refusals >= refusals_to_quit:
                     return
                 continue
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
                 return
             if after_stop or my_refusals:
-                late_accepts.append(f"thread {k} task {i}: accepted after {'stop() returned' if after_stop else 'a refusal'}")
+                late_accepts.append(
+                    f"thread {k} task {i}: accepted after {'stop() returned' if after_stop else 'a refusal'}"
+                )
             tok.add_done_callback(on_done)
             said = tok.cancel() if r.random() < 0.10 else False
             got[k].append((i, tok, fail, said))
@@ -371,8 +373,7 @@ def test_stop_wait_false_still_runs_queued_tokens(gate: threading.Event) -> None
         for t in queued:
             assert wait_until(t.done, WAIT)
         assert [t.state for t in queued] == ["completed"] * 5, (
-            f"queued tokens after stop(wait=False): {[t.state for t in queued]} "
-            f"(right after stop: {states_after_stop})"
+            f"queued tokens after stop(wait=False): {[t.state for t in queued]} (right after stop: {states_after_stop})"
         )
         assert ran == list(range(5))
     finally:
@@ -429,7 +430,10 @@ def _churn(cycles: int) -> None:
     elapsed = time.perf_counter() - t0
     threads = wait_for_threads(threads0, 5.0)
     fds = fd_count()
-    print(f"\n[churn] {cycles} cycles x 100 tasks in {elapsed:.1f} s; threads {threads0}->{threads} (max {max_threads}); fds {fds0}->{fds}")
+    print(
+        f"\n[churn] {cycles} cycles x 100 tasks in {elapsed:.1f} s; "
+        f"threads {threads0}->{threads} (max {max_threads}); fds {fds0}->{fds}"
+    )
     assert threads <= threads0, (threads, threads0)
     assert fds <= fds0, (fds, fds0)
     assert _tokengate.active_engine_count() == 0
@@ -478,7 +482,7 @@ def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thre
         gate = threading.Event()
         c = OperationsCoordinator(max_workers=2, register_global=False).start()
         retry = _submit_to(c, always_fails_retried)  # retried after 0.05 s, 0.1 s, ... (up to 30 s)
-        assert wait_until(lambda: retry.attempts >= 2, WAIT), retry.state
+        assert wait_until(lambda retry=retry: retry.attempts >= 2, WAIT), retry.state
         toks = [_submit_to(c, gated, gate, i) for i in range(40)]  # 2 run and wait for the gate, 38 queue
         c.pause_operation("rel_square")
         held = _submit_to(c, square, 3)  # held by the pause: nobody will resume it
@@ -607,7 +611,7 @@ def test_await_from_two_loops_same_result(coordinator: OperationsCoordinator, ga
 
         try:
             results[k] = asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - checked below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run_loop, args=(k,)) for k in range(2)]
@@ -657,7 +661,7 @@ def wait_on_self(method: str) -> tuple[str, float]:
     t0 = time.monotonic()
     try:
         getattr(me, method)(timeout=5.0)
-    except BaseException as exc:  # noqa: BLE001 - the outcome is the point
+    except BaseException as exc:
         return type(exc).__name__ + ": " + str(exc), time.monotonic() - t0
     return "no error", time.monotonic() - t0
 

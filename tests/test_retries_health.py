@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+import support
+from support import Env
 from tokengate import (
     OperationBlockedError,
     OperationsCoordinator,
@@ -19,9 +21,6 @@ from tokengate import (
     TaskTimeoutError,
     task_token_guard,
 )
-
-import support
-from support import Env
 
 WAIT = 10.0
 
@@ -304,7 +303,7 @@ def test_timed_out_attempts_are_not_counted_as_successes(env: Env) -> None:
     for i in range(5):  # one at a time, so every call starts before its deadline
         tok = sleepy.options(timeout=0.05)(0.15)
         assert isinstance(tok.exception(timeout=WAIT), TaskTimeoutError)
-        assert wait_until(lambda: health(c, "rh_sleepy")["attempts"] == i + 1)
+        assert wait_until(lambda i=i: health(c, "rh_sleepy")["attempts"] == i + 1)
     h = health(c, "rh_sleepy")
     assert h["timeouts"] == 5
     assert h["successes"] == 0, f"timed-out attempts counted as successes: {h}"

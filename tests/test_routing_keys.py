@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
+import support
 import tokengate
 from tokengate import DigestPolicy, HashPolicy, OperationsCoordinator, current_token, make_hashable, task_token_guard
 from tokengate._routing import sticky_key
-
-import support
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -150,7 +149,11 @@ def test_hash_policy_standard_routes_by_the_arguments() -> None:
                 # equal values in distinct objects share a key
                 "list": [op([1, {"a": 2}]) for _ in range(3)],
                 # dict order does not matter
-                "dict": [op({"a": 1, "b": 2}), op({"b": 2, "a": 1}), op(dict([("b", 2), ("a", 1)]))],
+                "dict": [
+                    op({"a": 1, "b": 2}),
+                    op({"b": 2, "a": 1}),
+                    op(dict([("b", 2), ("a", 1)])),  # noqa: C406 - a third way to build the dict, on purpose
+                ],
                 "kw": [op(1, flag=[1, 2]), op(1, flag=[1, 2])],
             }
             snap = coord.sticky_snapshot()
@@ -246,7 +249,7 @@ class IntHashRaises(int):
     ids=["str-subclass-unhashable", "int-subclass-hash-raises", "in-list", "in-tuple"],
 )
 def test_make_hashable_result_is_hashable_for_scalar_subclasses(obj: Any) -> None:
-    """"A hashable stand-in for any object": also for subclasses of builtin scalars
+    """ "A hashable stand-in for any object": also for subclasses of builtin scalars
     whose hash is disabled or raises."""
     a = make_hashable(obj)
     hash(a)  # must not raise
@@ -301,7 +304,7 @@ if HAVE_HYPOTHESIS:
             x.append(x)
             x.append([x, {"back": x}])
         else:
-            x = {i: v for i, v in enumerate(inner)}
+            x = dict(enumerate(inner))
             x["self"] = x
             x["list"] = [x]
         return x

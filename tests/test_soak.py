@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, TaskToken, task_token_guard
-
 from support import rss_mb
+from tokengate import OperationsCoordinator, TaskToken, task_token_guard
 
 SOAK_SECONDS = float(os.environ.get("TOKENGATE_SOAK_SECONDS", "20"))
 SAMPLE_EVERY = 2.0

@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 
-import tokengate
-from tokengate import OperationsCoordinator, TaskTimeoutError, task_token_guard
-
 import support
+import tokengate
 from support import Env
+from tokengate import OperationsCoordinator, TaskTimeoutError, task_token_guard
 
 WAIT = 10.0
 PKG = pathlib.Path(tokengate.__file__).resolve().parent
@@ -58,11 +57,31 @@ def env() -> Iterator[Env]:
 
 # -- get_stats ----------------------------------------------------------------------------------
 
-TOKEN_KEYS = {"submitted", "unresolved", "executing", "completed", "failed", "killed", "timeout", "cancelled", "retries"}
+TOKEN_KEYS = {
+    "submitted",
+    "unresolved",
+    "executing",
+    "completed",
+    "failed",
+    "killed",
+    "timeout",
+    "cancelled",
+    "retries",
+}
 ADMISSION_KEYS = {"paused", "max_pending", "pending", "peak_pending", "blocked_callers", "rejected", "parked"}
 TIMEOUT_KEYS = {"armed", "expired_queued", "expired_running", "overruns", "overrun_total_s", "overrun_max_s"}
 OP_KEYS = {"pending", "max_pending", "peak_pending", "rejected", "paused", "parked", "blocked", "health"}
-HEALTH_KEYS = {"attempts", "successes", "failures", "timeouts", "min_time", "max_time", "mean_time", "success_rate", "health"}
+HEALTH_KEYS = {
+    "attempts",
+    "successes",
+    "failures",
+    "timeouts",
+    "min_time",
+    "max_time",
+    "mean_time",
+    "success_rate",
+    "health",
+}
 
 
 def test_get_stats_schema(env: Env) -> None:
@@ -72,7 +91,7 @@ def test_get_stats_schema(env: Env) -> None:
     s = c.get_stats()
     assert s["active"] is True
     assert {"active", "topology", "tokens", "pool", "admission", "timeouts", "operations"} <= set(s)
-    assert TOKEN_KEYS <= set(s["tokens"])
+    assert set(s["tokens"]) >= TOKEN_KEYS
     assert set(s["admission"]) >= ADMISSION_KEYS
     assert set(s["timeouts"]) >= TIMEOUT_KEYS
     assert {"sl_ok", "sl_fail"} <= set(s["operations"])
@@ -125,8 +144,17 @@ def test_token_counters_add_up(env: Env) -> None:
 # -- execution history ----------------------------------------------------------------------------
 
 RECORD_KEYS = {
-    "token_id", "operation_type", "state", "created_at", "started_at", "finished_at",
-    "wait_time", "execution_time", "worker_id", "core_id", "error",
+    "token_id",
+    "operation_type",
+    "state",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "wait_time",
+    "execution_time",
+    "worker_id",
+    "core_id",
+    "error",
 }
 
 
@@ -247,10 +275,22 @@ def test_events_are_logged_per_channel(env: Env, caplog: pytest.LogCaptureFixtur
     by_channel: dict[str, list[logging.LogRecord]] = {}
     for r in caplog.records:
         by_channel.setdefault(r.name, []).append(r)
-    assert set(by_channel) <= {"tokengate.gate", "tokengate.pool", "tokengate.worker", "tokengate.token", "tokengate.executor"}, set(by_channel)
-    assert any("started" in r.getMessage() for r in by_channel.get("tokengate.pool", [])), "no start message on tokengate.pool"
-    assert any("stopping" in r.getMessage() for r in by_channel.get("tokengate.pool", [])), "no stop message on tokengate.pool"
-    assert any("retry" in r.getMessage() for r in by_channel.get("tokengate.worker", [])), "no retry message on tokengate.worker"
+    assert set(by_channel) <= {
+        "tokengate.gate",
+        "tokengate.pool",
+        "tokengate.worker",
+        "tokengate.token",
+        "tokengate.executor",
+    }, set(by_channel)
+    assert any("started" in r.getMessage() for r in by_channel.get("tokengate.pool", [])), (
+        "no start message on tokengate.pool"
+    )
+    assert any("stopping" in r.getMessage() for r in by_channel.get("tokengate.pool", [])), (
+        "no stop message on tokengate.pool"
+    )
+    assert any("retry" in r.getMessage() for r in by_channel.get("tokengate.worker", [])), (
+        "no retry message on tokengate.worker"
+    )
     gate = [r for r in by_channel.get("tokengate.gate", []) if "sl_fail" in r.getMessage()]
     assert gate and gate[0].levelno == logging.WARNING, "no auto-block warning on tokengate.gate"
 

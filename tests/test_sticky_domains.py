@@ -17,9 +17,8 @@ import time
 
 import pytest
 
-from tokengate import OperationsCoordinator, current_token, task_token_guard
-
 import support
+from tokengate import OperationsCoordinator, current_token, task_token_guard
 
 WAIT = 30.0
 

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from support import CHILD_TIMEOUT as TIMEOUT, describe, run_script
+
+from support import CHILD_TIMEOUT as TIMEOUT
+from support import describe, run_script
 
 pytestmark = pytest.mark.subprocess
 
@@ -37,7 +39,9 @@ def wait_child(pid, limit):
         time.sleep(0.005)
 """
 
-FORK_SCRIPT = WAIT_CHILD + """
+FORK_SCRIPT = (
+    WAIT_CHILD
+    + """
 import os, sys, time
 from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
 
@@ -81,6 +85,7 @@ assert square(5).result(timeout=10) == 25
 c.stop()
 sys.exit(0 if code == 0 else 6)
 """
+)
 
 
 def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> None:
@@ -91,7 +96,9 @@ def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> Non
     assert "Fatal Python error" not in proc.stderr, describe(proc)
 
 
-FORK_UNDER_LOAD_SCRIPT = WAIT_CHILD + """
+FORK_UNDER_LOAD_SCRIPT = (
+    WAIT_CHILD
+    + """
 import os, sys, threading, time, multiprocessing
 from tokengate import ForkedProcessError, OperationsCoordinator, task_token_guard
 
@@ -184,6 +191,7 @@ print("BAD:", bad, flush=True)
 print(f"PARENT: {done[0]} rounds of 20 tokens while forking", flush=True)
 sys.exit(1 if bad else 0)
 """
+)
 
 
 def test_fork_under_load_child_never_hangs(tmp_path: Path) -> None:

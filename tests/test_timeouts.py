@@ -18,11 +18,10 @@ from typing import Any
 
 import pytest
 
-import tokengate
-from tokengate import TaskKilledError, TaskTimeoutError, task_token_guard
-
 import support
+import tokengate
 from support import Env
+from tokengate import TaskKilledError, TaskTimeoutError, task_token_guard
 
 WAIT = 10.0
 
@@ -64,7 +63,7 @@ def coop(state: dict[str, Any]) -> str:
     try:
         tok.check_cancelled()
         state["check_at_start"] = "ok"
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         state["check_at_start"] = exc
     end = time.monotonic() + 10.0
     while not tok.cancel_requested and time.monotonic() < end:
@@ -74,7 +73,7 @@ def coop(state: dict[str, Any]) -> str:
     try:
         tok.check_cancelled()
         state["check"] = "no error"
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         state["check"] = exc
     time.sleep(state.get("linger", 0.0))
     state["body_done"] = True

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 import tokengate
-from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
-
 from support import start_blocker, wait_until
+from tokengate import OperationsCoordinator, TaskKilledError, TaskToken, task_token_guard
 
 WAIT = 10.0  # generous: the machine is small and shared
 
@@ -392,7 +391,7 @@ def test_identity_equality_and_hashing(coordinator: OperationsCoordinator) -> No
     a, b = ident(1), ident(1)
     assert a.result(timeout=WAIT) == b.result(timeout=WAIT)
     assert a != b
-    assert not (a == b)
+    assert not (a == b)  # noqa: SIM201 - exercises __eq__ itself, not __ne__
     assert a == a
     s = {a, b, a}
     assert len(s) == 2
@@ -404,9 +403,7 @@ def test_identity_equality_and_hashing(coordinator: OperationsCoordinator) -> No
 # -- done callbacks -------------------------------------------------------------------
 
 
-def test_done_callback_registered_before_completion(
-    coordinator: OperationsCoordinator, gate: threading.Event
-) -> None:
+def test_done_callback_registered_before_completion(coordinator: OperationsCoordinator, gate: threading.Event) -> None:
     calls: list[TaskToken[Any]] = []
     called = threading.Event()
 
@@ -465,9 +462,9 @@ def test_done_callback_exception_is_logged(
     recs = [r for r in caplog.records if r.name == "concurrent.futures"]
     assert recs, caplog.records
     text = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in recs)
-    assert "callback exploded" in text or any(
-        r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in recs
-    ), text
+    assert "callback exploded" in text or any(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in recs), (
+        text
+    )
     # nothing broke: the token is completed and the pool still works
     assert tok.state == "completed"
     assert ident(10).result(timeout=WAIT) == 10

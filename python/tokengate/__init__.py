@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import logging as _logging
+from typing import Any
 
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
-from ._decorator import task_token_guard
-from ._gather import as_completed, gather
+from ._decorator import TokenCall, TokenFunction, TryTokenCall, task_token_guard
+from ._gather import MapResults, as_completed, gather
 from ._process import RemoteError, UnpicklableError
-from .executor import Executor
 from ._routing import make_hashable
 from ._tags import DigestPolicy, HashPolicy
 from ._tokengate import TaskToken
@@ -37,6 +37,7 @@ from .exceptions import (
     TokengateError,
     WorkerCrashedError,
 )
+from .executor import Executor
 
 __version__: str = _tokengate.__version__
 
@@ -48,37 +49,41 @@ _logging.getLogger("tokengate").addHandler(_logging.NullHandler())
 TOKEN_STATES = ("created", "waiting", "admitted", "executing", "completed", "failed", "killed", "timeout", "cancelled")
 
 
-def current_token() -> TaskToken | None:
+def current_token() -> TaskToken[Any] | None:
     """The token whose task runs on this thread (None outside a task)."""
     return _tokengate.current_token()
 
 
 __all__ = [
+    "TOKEN_STATES",
     "AdmissionRejectedError",
     "DependencyFailedError",
     "DigestPolicy",
     "Executor",
     "ForkedProcessError",
     "HashPolicy",
+    "MapResults",
     "NotStartedError",
     "OperationBlockedError",
     "OperationsCoordinator",
     "RemoteError",
     "ShutdownError",
-    "TOKEN_STATES",
     "TaskCancelledError",
     "TaskKilledError",
     "TaskKilledException",
     "TaskPanicError",
     "TaskTimeoutError",
     "TaskToken",
+    "TokenCall",
+    "TokenFunction",
     "TokengateError",
+    "TryTokenCall",
     "UnpicklableError",
     "WorkerCrashedError",
     "__version__",
     "as_completed",
     "current_token",
-    "make_hashable",
     "gather",
+    "make_hashable",
     "task_token_guard",
 ]

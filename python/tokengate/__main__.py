@@ -52,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     proof.add_argument(
         "--window-seconds", type=_positive_float, help="seconds of window per runner (default 2 quick, 20 full)"
     )
-    proof.add_argument(
-        "--max-wave", type=_positive_int, help="largest wave in tokens (default 8192 quick, 65536 full)"
-    )
+    proof.add_argument("--max-wave", type=_positive_int, help="largest wave in tokens (default 8192 quick, 65536 full)")
     proof.add_argument("--workers", type=_positive_int, help="tokengate workers (default: 4 per core)")
     proof.add_argument("--tpe-workers", type=_positive_int, default=8, help="ThreadPoolExecutor threads (default 8)")
     proof.add_argument("--seed", type=int, default=1954, help="seed of the window's release sequence")

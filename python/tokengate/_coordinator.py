@@ -17,6 +17,11 @@ from . import _tokengate
 from ._tags import STORAGE_TIERS, check_seconds
 from .exceptions import NotStartedError
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
+
 __all__ = ["OperationsCoordinator"]
 
 #: Every started coordinator, by id() (a subclass may define __eq__ and so be unhashable).
@@ -145,7 +150,9 @@ class OperationsCoordinator:
         self.stack_size = stack_size
         self.max_pending = _positive_int("max_pending", max_pending, allow_none=True)
         if operation_limits is not None and not isinstance(operation_limits, Mapping):
-            raise TypeError(f"operation_limits must be a mapping of operation name to limit, not {type(operation_limits).__name__}")
+            raise TypeError(
+                f"operation_limits must be a mapping of operation name to limit, not {type(operation_limits).__name__}"
+            )
         self.operation_limits: dict[str, int] = {}
         for op, limit in (operation_limits or {}).items():
             if not isinstance(op, str):
@@ -175,7 +182,11 @@ class OperationsCoordinator:
         if not isinstance(blocking_aware, bool):
             raise TypeError(f"blocking_aware must be a bool, not {type(blocking_aware).__name__}")
         self.blocking_aware = blocking_aware
-        if not isinstance(blocking_threads, int) or isinstance(blocking_threads, bool) or not 0 <= blocking_threads <= MAX_WORKERS:
+        if (
+            not isinstance(blocking_threads, int)
+            or isinstance(blocking_threads, bool)
+            or not 0 <= blocking_threads <= MAX_WORKERS
+        ):
             raise ValueError(f"blocking_threads must be an int from 0 to {MAX_WORKERS}, got {blocking_threads!r}")
         self.blocking_threads = blocking_threads
         # -- process lane: worker processes of process_pool tokens (default: logical cores),
@@ -209,7 +220,7 @@ class OperationsCoordinator:
         engine = self._engine
         return engine is not None and engine.running
 
-    def start(self) -> OperationsCoordinator:
+    def start(self) -> Self:
         """Starts the workers (no-op when running). Returns ``self``."""
         with self._lock:
             if self.is_running:
@@ -275,7 +286,7 @@ class OperationsCoordinator:
                 self._engine = None
             return joined
 
-    def __enter__(self) -> OperationsCoordinator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -284,7 +295,7 @@ class OperationsCoordinator:
         # Ctrl-C: do not run what is still queued.
         self.stop(cancel_pending=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
-    async def __aenter__(self) -> OperationsCoordinator:
+    async def __aenter__(self) -> Self:
         return self.start()
 
     async def __aexit__(
@@ -422,8 +433,15 @@ class OperationsCoordinator:
                 "total_workers": self.total_workers,
                 "pinned_cores": [],
             }
-            return {"active": False, "topology": topology, "tokens": {}, "pool": {}, "admission": {},
-                    "timeouts": {}, "operations": {}}
+            return {
+                "active": False,
+                "topology": topology,
+                "tokens": {},
+                "pool": {},
+                "admission": {},
+                "timeouts": {},
+                "operations": {},
+            }
         stats: dict[str, Any] = engine.stats()
         stats["active"] = True
         lane = self._process_lane

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import types
-from collections.abc import Callable, Iterable, Mapping
 import sys
+import types
 import warnings
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
@@ -17,14 +17,78 @@ else:  # pragma: no cover
     from typing_extensions import ParamSpec
 
 from . import _tokengate
+from ._gather import MapResults
 from ._routing import sticky_key
 from ._tags import MAX_SECONDS, check_priority, check_retries, check_seconds, validate_tags, weight_of
 from ._tokengate import TaskToken
 
-__all__ = ["task_token_guard"]
+__all__ = ["TokenCall", "TokenFunction", "TryTokenCall", "task_token_guard"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class TokenCall(Protocol[P, R_co]):
+    """``fn.options(...)``: the decorated function with per-call options (see :class:`CallWith`)."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R_co]: ...
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R_co]: ...
+
+
+class TryTokenCall(Protocol[P, R_co]):
+    """``fn.options(block=False, ...)`` and ``fn.try_submit``: a call on a full bounded
+    coordinator returns ``None`` instead of waiting for admission."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R_co] | None: ...
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R_co]: ...
+
+
+class TokenFunction(Protocol[P, R]):
+    """What ``@task_token_guard`` makes of a function ``Callable[P, R]``: calling it submits the
+    call and returns a ``TaskToken[R]`` at once; ``await fn(x)`` gives an ``R``."""
+
+    @property
+    def operation_type(self) -> str: ...
+    @property
+    def tags(self) -> Mapping[str, Any]: ...
+    @property
+    def __wrapped__(self) -> Callable[P, R]: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R]: ...
+    # Read through an instance (a decorated method), the call binds the instance first:
+    # its parameters are no longer P, and typing cannot drop the first one from P.
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> TokenFunction[P, R]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> TokenFunction[..., R]: ...
+    def map(self, *iterables: Iterable[Any], buffer: int | None = None) -> MapResults[R]:
+        """``fn.map(xs)``: lazy, bounded, ordered results (iterate, ``async for``, or ``await``)."""
+
+    @overload
+    def options(
+        self,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: Literal[True] = True,
+        admission_timeout: float | None = None,
+    ) -> TokenCall[P, R]: ...
+    @overload
+    def options(
+        self,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: bool,
+        admission_timeout: float | None = None,
+    ) -> TryTokenCall[P, R]: ...
+    def try_submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R] | None:
+        """Submits unless the bounded coordinator is full, in which case it returns ``None``."""
+
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
+        """Waits for admission without blocking the event loop, then returns the token."""
 
 
 def _is_async_callable(fn: object) -> bool:
@@ -33,7 +97,7 @@ def _is_async_callable(fn: object) -> bool:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
     if not inspect.isfunction(fn) and not inspect.ismethod(fn):
-        call = getattr(type(fn), "__call__", None)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 - the type's __call__ itself, to inspect it
         if call is not None and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)):
             return True
     return False
@@ -45,13 +109,13 @@ def _is_generator_callable(fn: object) -> bool:
     if inspect.isgeneratorfunction(fn):
         return True
     if not inspect.isfunction(fn) and not inspect.ismethod(fn):
-        call = getattr(type(fn), "__call__", None)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 - the type's __call__ itself, to inspect it
         if call is not None and inspect.isgeneratorfunction(call):
             return True
     return False
 
 
-def _check_function(fn: object) -> None:
+def _check_function(fn: Any) -> None:
     if not callable(fn):
         raise TypeError(f"@task_token_guard needs a callable, not {type(fn).__name__}")
     if _is_async_callable(fn):
@@ -96,13 +160,13 @@ def _arity(fn: Callable[..., Any], name: str) -> tuple[int, int | None, bool, Ca
 
 
 @overload
-def task_token_guard(operation_type: Callable[P, R]) -> Callable[P, TaskToken[R]]: ...
+def task_token_guard(operation_type: Callable[P, R]) -> TokenFunction[P, R]: ...
 
 
 @overload
 def task_token_guard(
     operation_type: str | None = None, tags: Mapping[str, Any] | None = None
-) -> Callable[[Callable[P, R]], Callable[P, TaskToken[R]]]: ...
+) -> Callable[[Callable[P, R]], TokenFunction[P, R]]: ...
 
 
 def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None = None) -> Any:
@@ -119,11 +183,11 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         raise TypeError(f"operation_type must be a non-empty string or None, not {operation_type!r}")
     validated = validate_tags(tags)
 
-    def decorate(fn: Callable[P, R]) -> Callable[P, TaskToken[R]]:
+    def decorate(fn: Callable[P, R]) -> TokenFunction[P, R]:
         # Above @staticmethod or @classmethod: guard the function and wrap the guard
         # again, so that it binds as the descriptor would (no instance, or the class).
         if isinstance(fn, (staticmethod, classmethod)):
-            return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
+            return cast("TokenFunction[P, R]", type(fn)(decorate(fn.__func__)))
         _check_function(fn)
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         op = operation_type or name
@@ -156,34 +220,35 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
                 stacklevel=2,
             )
         anchor = validated.get("sticky_anchor")
+        wrapper: Any
         if isinstance(anchor, str):
             policy = str(validated.get("hash_policy", "standard"))
             submit_with = spec.submit_with
 
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> TaskToken[R]:
-                return submit_with(args, kwargs, sticky_key=sticky_key(anchor, policy, args, kwargs))  # type: ignore[no-any-return]
+            def wrapper(*args: Any, **kwargs: Any) -> TaskToken[Any] | None:
+                return submit_with(args, kwargs, sticky_key=sticky_key(anchor, policy, args, kwargs))
 
         else:
             # Calling it submits, with no Python frame in between (see GuardedFunction in src/py/spec.rs).
-            wrapper = _tokengate.GuardedFunction(spec)  # type: ignore[assignment]
+            wrapper = _tokengate.GuardedFunction(spec)
 
         try:
-            functools.update_wrapper(wrapper, fn)  # type: ignore[arg-type]
+            functools.update_wrapper(wrapper, fn)
         except AttributeError:  # pragma: no cover - callables without __name__
-            wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
-        wrapper.operation_type = op  # type: ignore[attr-defined]
-        wrapper.tags = spec.tags  # type: ignore[attr-defined]
-        wrapper.spec = spec  # type: ignore[attr-defined]
-        wrapper.map = functools.partial(_map, wrapper)  # type: ignore[attr-defined]
-        wrapper.options = functools.partial(CallWith, spec.submit_with)  # type: ignore[attr-defined]
-        wrapper.try_submit = CallWith(spec.submit_with, block=False)  # type: ignore[attr-defined]
-        wrapper.submit_async = CallWith(spec.submit_with).submit_async  # type: ignore[attr-defined]
+            wrapper.__wrapped__ = fn
+        wrapper.operation_type = op
+        wrapper.tags = spec.tags
+        wrapper.spec = spec
+        wrapper.map = functools.partial(_map, wrapper)
+        wrapper.options = functools.partial(CallWith, spec.submit_with)
+        wrapper.try_submit = CallWith(spec.submit_with, block=False)
+        wrapper.submit_async = CallWith(spec.submit_with).submit_async
         if validated.get("process_pool") and not validated.get("storage_speed"):
             # The process lane (python/tokengate/_process.py) runs these tokens.
             from ._process import process_wrapper
 
-            return process_wrapper(spec, fn)  # type: ignore[return-value]
-        return wrapper
+            wrapper = process_wrapper(spec, fn)
+        return cast("TokenFunction[P, R]", wrapper)
 
     return decorate
 
@@ -199,7 +264,7 @@ class CallWith:
     lane's ``submit(args, kwargs, **options)`` (thread or process lane).
     """
 
-    __slots__ = ("_submit", "_kw")
+    __slots__ = ("_kw", "_submit")
 
     def __init__(
         self,
@@ -275,4 +340,3 @@ def _map(fn: Callable[..., TaskToken[Any]], *iterables: Iterable[Any], buffer: i
     from ._gather import map_tokens
 
     return map_tokens(fn, *iterables, buffer=buffer)
-

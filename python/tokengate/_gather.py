@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from . import _tokengate
 from ._tokengate import TaskToken
 
-__all__ = ["gather", "as_completed", "map_tokens", "DEFAULT_MAP_BUFFER"]
+__all__ = ["DEFAULT_MAP_BUFFER", "as_completed", "gather", "map_tokens"]
 
 T = TypeVar("T")
 
@@ -43,9 +43,7 @@ def _check_tokens(tokens: Iterable[Any]) -> list[TaskToken[Any]]:
     return out
 
 
-def gather(
-    tokens: Iterable[TaskToken[T]], *, timeout: float | None = None, return_exceptions: bool = False
-) -> list[T]:
+def gather(tokens: Iterable[TaskToken[T]], *, timeout: float | None = None, return_exceptions: bool = False) -> list[T]:
     """Waits for every token and returns their results in order.
 
     The first failure is raised (after all tokens were waited for, unless the
@@ -65,7 +63,7 @@ def gather(
             results.append(t.result(timeout=_remaining(deadline)))
         except FuturesTimeoutError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - the task's own exception
+        except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not t.done():
                 raise
             if first_error is None:

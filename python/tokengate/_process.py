@@ -148,7 +148,6 @@ import json
 import mmap
 import os
 import pickle
-import select
 import selectors
 import signal
 import socket
@@ -165,9 +164,8 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import _tokengate
 from ._decorator import CallWith, _map
-from ._tokengate import TaskToken
+from ._tokengate import OperationSpec, TaskToken
 from .exceptions import (
     AdmissionRejectedError,
     DependencyFailedError,
@@ -225,9 +223,9 @@ def _frame_need(buf: bytearray) -> int:
     """Bytes still missing of the message begun in ``buf`` (0 when none is begun)."""
     if len(buf) < 4:
         return 0
-    (n,) = _LEN.unpack_from(buf, 0)
+    n: int = _LEN.unpack_from(buf, 0)[0]
     if n == -1:
-        n = _LEN64.unpack_from(buf, 4)[0] + 8 if len(buf) >= 12 else 8
+        n = int(_LEN64.unpack_from(buf, 4)[0]) + 8 if len(buf) >= 12 else 8
     return max(0, n + 4 - len(buf))
 
 
@@ -281,7 +279,9 @@ def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         return _cloud_dumps((args, kwargs))
     except Exception as exc:
         first: BaseException = exc
-    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+        (f"keyword argument {k!r}", v) for k, v in kwargs.items()
+    ]
     for what, value in named:
         try:
             _cloud_dumps(value)
@@ -353,7 +353,7 @@ class ProcessFunction:
         self._payload: tuple[str, Any, Any] | None = None
         self.operation_type = spec.operation_type
         self.tags = spec.tags
-        self.spec = spec
+        self.spec: OperationSpec = spec
         self.map = functools.partial(_map, self)
         self.options = functools.partial(CallWith, self._submit)
         self.try_submit = CallWith(self._submit, block=False)
@@ -457,7 +457,7 @@ def _current_coordinator() -> Any:
 
     Cached until another coordinator starts or the cached one stops."""
     global _newest
-    from ._coordinator import _live, _starts  # noqa: PLC0415 - circular at import time; a dict lookup after
+    from ._coordinator import _live, _starts
 
     starts, ref, pool_id = _newest
     if starts == _starts[0] and ref is not None:
@@ -524,11 +524,28 @@ class _Item:
     """One process token in the lane."""
 
     __slots__ = (
-        "seq", "token", "pf", "args", "priority", "timeout", "deadline", "retries", "attempt",
-        "started", "done", "worker", "inputs", "remaining", "lock", "key", "requeues",
+        "args",
+        "attempt",
+        "deadline",
+        "done",
+        "inputs",
+        "key",
+        "lock",
+        "pf",
+        "priority",
+        "remaining",
+        "requeues",
+        "retries",
+        "seq",
+        "started",
+        "timeout",
+        "token",
+        "worker",
     )
 
-    def __init__(self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int) -> None:
+    def __init__(
+        self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int
+    ) -> None:
         self.seq = seq
         self.token = token
         self.pf = pf
@@ -574,7 +591,7 @@ class _Board:
     word 0 tells which token it was running.
     """
 
-    __slots__ = ("fd", "n", "map", "words")
+    __slots__ = ("fd", "map", "n", "words")
 
     def __init__(self, fd: int, n: int) -> None:
         self.fd = fd
@@ -677,17 +694,33 @@ class _Board:
         self.fd = -1
 
 
-
-
 class _Worker:
     """One worker process: its socket, its board and the tokens sent to it, in order."""
 
     __slots__ = (
-        "slot", "proc", "conn", "pid", "pidfd", "board", "ready", "items", "skips", "funcs", "rbuf", "outbox",
-        "spawned_at", "mark", "avg", "left", "over_rss", "retired_at",
+        "avg",
+        "board",
+        "conn",
+        "funcs",
+        "items",
+        "left",
+        "mark",
+        "outbox",
+        "over_rss",
+        "pid",
+        "pidfd",
+        "proc",
+        "rbuf",
+        "ready",
+        "retired_at",
+        "skips",
+        "slot",
+        "spawned_at",
     )
 
-    def __init__(self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None, board: _Board) -> None:
+    def __init__(
+        self, slot: int, proc: subprocess.Popen[bytes], conn: Connection, pidfd: int | None, board: _Board
+    ) -> None:
         self.slot = slot
         self.proc = proc
         self.conn = conn
@@ -784,9 +817,18 @@ class ProcessLane:
         self._abort = False
         self._exited = False
         self._counts = {
-            "submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timeouts": 0,
-            "killed": 0, "retries": 0, "spawned": 0, "replaced": 0, "unpicklable": 0,
-            "recycled": 0, "recycled_rss": 0,
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "crashed": 0,
+            "timeouts": 0,
+            "killed": 0,
+            "retries": 0,
+            "spawned": 0,
+            "replaced": 0,
+            "unpicklable": 0,
+            "recycled": 0,
+            "recycled_rss": 0,
         }
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -1121,7 +1163,7 @@ class ProcessLane:
 
     def _dispatch(self, closing: bool) -> bool:
         """Sends queued tokens to workers with room. True when a pause holds some back."""
-        workers = [w for w in self._workers if self._room(w)]
+        workers = [w for w in self._workers if w is not None and self._room(w)]
         if not workers or not self._heap:
             return False
         room = [self._room(w) for w in workers]
@@ -1372,9 +1414,7 @@ class ProcessLane:
                 self._drain(w)  # a reply that arrived in time wins
             if item.token.done():
                 continue
-            exc = TaskTimeoutError(
-                f"token {item.token.token_id} ({item.pf._op}) passed its deadline ({item.timeout}s)"
-            )
+            exc = TaskTimeoutError(f"token {item.token.token_id} ({item.pf._op}) passed its deadline ({item.timeout}s)")
             w = item.worker
             item.done = True
             if w is not None:
@@ -1590,7 +1630,9 @@ class ProcessLane:
         if self._abort:
             return
         if not w.ready:
-            self._startup_failed(w.slot, f"a worker process of the process lane died while starting: exit code {code}", code)
+            self._startup_failed(
+                w.slot, f"a worker process of the process lane died while starting: exit code {code}", code
+            )
         else:
             self._spawn(w.slot)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ._tags import DigestPolicy, HashPolicy
 
-__all__ = ["make_hashable", "sticky_key", "digest", "HashPolicy", "DigestPolicy"]
+__all__ = ["DigestPolicy", "HashPolicy", "digest", "make_hashable", "sticky_key"]
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
@@ -36,7 +36,7 @@ def make_hashable(obj: Any) -> Any:
     """A hashable, deterministic stand-in for ``obj`` (never raises)."""
     try:
         return _mh(obj, set())
-    except Exception:  # noqa: BLE001 - the contract is "never raises"
+    except Exception:
         return ("<unhashable>", type(obj).__qualname__, id(obj))
 
 
@@ -62,7 +62,7 @@ def _mh(obj: Any, active: set[int]) -> Any:
     try:
         hash(obj)
         return (type(obj).__qualname__, obj)
-    except Exception:  # noqa: BLE001 - unhashable, or a __hash__ that raises
+    except Exception:
         return ("<object>", type(obj).__qualname__, id(obj))
 
 
@@ -104,7 +104,7 @@ def sticky_key(anchor: str, policy: str, args: tuple[Any, ...], kwargs: Mapping[
             text = _canonical(list(args)) + _canonical(dict(kwargs))
             return f"{anchor}|{hashlib.sha256(text.encode('utf-8', 'backslashreplace')).hexdigest()}"
         return f"{anchor}|{hash(make_hashable((args, dict(kwargs)))):x}"
-    except Exception:  # noqa: BLE001 - routing never fails a call
+    except Exception:
         return f"{anchor}|<unroutable>"
 
 

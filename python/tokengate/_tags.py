@@ -11,23 +11,29 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
+
+if sys.version_info >= (3, 10):
+    from typing import TypeGuard
+else:  # pragma: no cover
+    from typing_extensions import TypeGuard
 
 from . import _tokengate
 
 __all__ = [
-    "HashPolicy",
+    "KNOWN_TAGS",
+    "MAX_RETRIES",
+    "MAX_SECONDS",
+    "STORAGE_TIERS",
     "DigestPolicy",
-    "validate_tags",
-    "weight_of",
-    "check_seconds",
+    "HashPolicy",
     "check_priority",
     "check_retries",
-    "KNOWN_TAGS",
-    "STORAGE_TIERS",
-    "MAX_SECONDS",
-    "MAX_RETRIES",
+    "check_seconds",
+    "validate_tags",
+    "weight_of",
 ]
 
 #: The longest duration any timeout, tag or option may give (``threading.TIMEOUT_MAX``, about 292 years).
@@ -85,14 +91,14 @@ def _bad_value(key: str, value: object, expected: str) -> ValueError:
 def _enum_value(key: str, value: object, enum_cls: type[enum.Enum]) -> str:
     if isinstance(value, enum_cls):
         return str(value.value)
-    valid = [m.value for m in enum_cls]  # type: ignore[var-annotated]
+    valid = [m.value for m in enum_cls]
     if isinstance(value, str) and value.lower() in valid:
         return value.lower()
-    names = [m.name for m in enum_cls]  # type: ignore[var-annotated]
+    names = [m.name for m in enum_cls]
     raise _bad_value(key, value, f"one of {_choices(names)} (a {enum_cls.__name__} or its name)")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -106,13 +112,15 @@ def check_seconds(what: str, value: object) -> float:
             seconds = float(value)
         if math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS:
             return seconds
-    raise ValueError(f"{what}: invalid value {value!r}; expected a positive, finite number of seconds up to {MAX_SECONDS:.0f}")
+    raise ValueError(
+        f"{what}: invalid value {value!r}; expected a positive, finite number of seconds up to {MAX_SECONDS:.0f}"
+    )
 
 
 def check_priority(what: str, value: object) -> int:
     """An int in the 64-bit signed range (higher runs first)."""
-    if _is_int(value) and PRIORITY_RANGE[0] <= value <= PRIORITY_RANGE[1]:  # type: ignore[operator]
-        return value  # type: ignore[return-value]
+    if _is_int(value) and PRIORITY_RANGE[0] <= value <= PRIORITY_RANGE[1]:
+        return value
     raise ValueError(
         f"{what}: invalid value {value!r}; expected an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]} (higher runs first)"
     )
@@ -120,8 +128,8 @@ def check_priority(what: str, value: object) -> int:
 
 def check_retries(what: str, value: object) -> int:
     """An int from 0 to :data:`MAX_RETRIES`."""
-    if _is_int(value) and 0 <= value <= MAX_RETRIES:  # type: ignore[operator]
-        return value  # type: ignore[return-value]
+    if _is_int(value) and 0 <= value <= MAX_RETRIES:
+        return value
     raise ValueError(f"{what}: invalid value {value!r}; expected an integer from 0 to {MAX_RETRIES}")
 
 
@@ -169,13 +177,14 @@ def _check(key: str, value: object) -> object:
     raise AssertionError(key)  # pragma: no cover
 
 
-def validate_tags(tags: object) -> dict[str, object]:
-    """Checks ``tags`` and returns a normalised copy (``None`` gives ``{}``)."""
+def validate_tags(tags: object) -> dict[str, Any]:
+    """Checks ``tags`` and returns a normalised copy (``None`` gives ``{}``): each value has
+    its tag's type (``priority`` an int, ``timeout`` a float, ``weight`` a str, ...)."""
     if tags is None:
         return {}
     if not isinstance(tags, Mapping):
         raise TypeError(f"tags must be a mapping (such as a dict), not {type(tags).__name__}")
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     for key, value in tags.items():
         if not isinstance(key, str):
             raise TypeError(f"tag keys must be strings, not {type(key).__name__} ({key!r})")

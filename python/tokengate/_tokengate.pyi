@@ -1,17 +1,40 @@
-"""Stubs of the native module (hand-written; checked by tests/test_typing.py)."""
+"""Stubs of the native module, hand-written. ``stubtest`` checks them against the built
+extension in CI (scripts/gates.sh), and tests/test_stubs.py checks that every name is stubbed."""
 
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextvars import Context
+from types import GenericAlias
 from typing import Any, Generic, Literal, TypeVar, final
+
+from typing_extensions import TypeAlias
 
 _T = TypeVar("_T")
 _T_co = TypeVar("_T_co", covariant=True)
+
+__all__ = [
+    "MAX_SECONDS",
+    "MAX_WORKERS",
+    "Engine",
+    "GuardedFunction",
+    "LoopDrain",
+    "OperationSpec",
+    "TaskToken",
+    "TokenAwait",
+    "__version__",
+    "active_engine_count",
+    "after_fork_in_child",
+    "begin_interpreter_shutdown",
+    "current_token",
+    "loop_stats",
+    "set_fault_injection",
+    "wait_all",
+]
 
 __version__: str
 MAX_SECONDS: float
 MAX_WORKERS: int
 
-TokenStateName = Literal[
+_TokenStateName: TypeAlias = Literal[
     "created", "waiting", "admitted", "executing", "completed", "failed", "killed", "timeout", "cancelled"
 ]
 
@@ -52,7 +75,7 @@ class TaskToken(Generic[_T_co]):
     def _add_thread_callback(self, func: Callable[[TaskToken[_T_co]], object]) -> None: ...
     def remove_done_callback(self, func: Callable[..., object]) -> int: ...
     @property
-    def state(self) -> TokenStateName: ...
+    def state(self) -> _TokenStateName: ...
     @property
     def token_id(self) -> int: ...
     @property
@@ -100,6 +123,8 @@ class TaskToken(Generic[_T_co]):
     def _set_result(self, value: object) -> bool: ...
     def _set_exception(self, exc: BaseException, state: Literal["failed", "timeout", "killed"] = "failed") -> bool: ...
     def __await__(self) -> Generator[Any, None, _T_co]: ...
+    @classmethod
+    def __class_getitem__(cls, item: Any) -> GenericAlias: ...
 
 @final
 class TokenAwait(Generic[_T_co]):
@@ -126,17 +151,17 @@ class TokenAwait(Generic[_T_co]):
     _asyncio_future_blocking: bool
 
 @final
-@final
 class GuardedFunction(Generic[_T]):
     """What ``@task_token_guard`` returns: calling it submits the call and returns its token."""
 
-    def __init__(self, spec: OperationSpec) -> None: ...
+    def __new__(cls, spec: OperationSpec) -> GuardedFunction[_T]: ...
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[_T]: ...
-    def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+    def __get__(self, instance: object, owner: type | None = None, /) -> Any: ...
 
+@final
 class OperationSpec:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         func: Callable[..., Any],
         operation_type: str,
         tags: Mapping[str, Any],
@@ -153,7 +178,7 @@ class OperationSpec:
         storage_speed: str | None = None,
         external_calls: list[str] | None = None,
         digest_policy: str = "full",
-    ) -> None: ...
+    ) -> OperationSpec: ...
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> TaskToken[Any]: ...
     def submit_with(
         self,
@@ -187,8 +212,8 @@ class OperationSpec:
 
 @final
 class Engine:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         workers: int,
         *,
         workers_per_core: int,
@@ -208,7 +233,7 @@ class Engine:
         blocking_monitor: bool = True,
         gil_window: tuple[int, int] | None = None,
         spare_threads: int = 0,
-    ) -> None: ...
+    ) -> Engine: ...
     def stop(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool: ...
     def drain(self) -> int: ...
     def recent_executions(self, limit: int = 50) -> list[dict[str, Any]]: ...
@@ -240,7 +265,7 @@ class Engine:
 
 @final
 class LoopDrain:
-    def __call__(self) -> None: ...
+    def __call__(self, *args: object, **kwargs: object) -> None: ...
 
 def after_fork_in_child() -> None: ...
 def begin_interpreter_shutdown() -> None: ...
@@ -251,4 +276,3 @@ def loop_stats() -> dict[str, int]: ...
 def wait_all(tokens: Sequence[TaskToken[Any]], timeout: float | None = None) -> bool:
     """Blocks until every token is done (True), the timeout passes (False) or, on a pool
     worker thread, returns False at once (wait token by token there)."""
-    ...

@@ -16,19 +16,19 @@ import asyncio
 import concurrent.futures
 
 __all__ = [
-    "TaskCancelledError",
-    "TokengateError",
-    "NotStartedError",
-    "ShutdownError",
+    "AdmissionRejectedError",
+    "DependencyFailedError",
     "ForkedProcessError",
+    "NotStartedError",
+    "OperationBlockedError",
+    "ShutdownError",
+    "TaskCancelledError",
     "TaskKilledError",
     "TaskKilledException",
-    "TaskTimeoutError",
     "TaskPanicError",
-    "OperationBlockedError",
-    "AdmissionRejectedError",
+    "TaskTimeoutError",
+    "TokengateError",
     "WorkerCrashedError",
-    "DependencyFailedError",
 ]
 
 

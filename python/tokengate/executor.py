@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures as _cf
 from concurrent.futures import _base
 from concurrent.futures.thread import BrokenThreadPool, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
@@ -136,9 +136,8 @@ def _join_unjoined(timeout: float | None) -> None:
         engines = list(_unjoined)
     for engine in engines:
         if engine.stop(wait=True, timeout=timeout):
-            with _unjoined_lock:
-                with contextlib.suppress(ValueError):
-                    _unjoined.remove(engine)
+            with _unjoined_lock, contextlib.suppress(ValueError):
+                _unjoined.remove(engine)
 
 
 def _python_exit() -> None:
@@ -190,7 +189,7 @@ class _Future(_cf.Future):  # type: ignore[type-arg]
         have been failed already (broken executor, killed token)."""
         with self._condition:
             state = self._state
-            if state == _PENDING or state == _CANCELLED:
+            if state in (_PENDING, _CANCELLED):
                 return self.set_running_or_notify_cancel()
             return False
 
@@ -221,7 +220,7 @@ class _Future(_cf.Future):  # type: ignore[type-arg]
         # failed (inside tokengate), killed or timed out
         try:
             token.result(0)
-        except BaseException as exc:  # noqa: BLE001 - the token's outcome, handed on
+        except BaseException as exc:
             error: BaseException | None = exc
         else:  # pragma: no cover - a failed token always has an exception
             error = RuntimeError(f"token resolved as {state} without an exception")
@@ -284,7 +283,7 @@ def _run_initialized(
     local = core.local
     if not getattr(local, "initialized", False):
         if core.broken:
-            future._fail_broken(core.broken)
+            future._fail_broken(str(core.broken))
             return
         try:
             core.initializer(*core.initargs)  # type: ignore[misc]
@@ -511,7 +510,7 @@ class Executor(ThreadPoolExecutor):
             if max_workers is None:
                 max_workers = _default_max_workers()
             _join_unjoined(0)  # forget engines of earlier executors whose workers exited
-            self._thread_name_prefix = thread_name_prefix or ("tgexec-%d" % self._counter())
+            self._thread_name_prefix = thread_name_prefix or f"tgexec-{self._counter()}"
             coordinator = OperationsCoordinator(
                 max_workers=max_workers,
                 pin_workers=pin_workers,
@@ -522,7 +521,8 @@ class Executor(ThreadPoolExecutor):
             coordinator.start()
             owned = True
             self._max_workers = max_workers
-        self._initializer = initializer
+        # ThreadPoolExecutor's attribute, typed there as returning None (the call's value is ignored).
+        self._initializer = cast("Callable[..., None] | None", initializer)
         self._initargs = initargs
         self._coordinator = coordinator
         self._core = _Core(coordinator, owned, initializer, initargs, self._max_workers)
@@ -642,4 +642,3 @@ def _result_or_cancel(fut: _cf.Future[_T], timeout: float | None = None) -> _T:
     finally:
         # Break a reference cycle with the exception in fut._exception.
         del fut
-

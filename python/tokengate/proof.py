@@ -51,17 +51,17 @@ from tokengate.testing import serial_run
 
 __all__ = [
     "ORIGINAL_E2E_TOK_S",
-    "ProofConfig",
     "BurstWorkload",
+    "ProofConfig",
     "burst_workloads",
+    "evaluate_goals",
+    "main",
     "reference_workloads",
     "run_bursts",
-    "run_window",
-    "run_waves",
     "run_proof",
-    "evaluate_goals",
+    "run_waves",
+    "run_window",
     "write_plot",
-    "main",
 ]
 
 #: The original's end-to-end rate on the 65,536-token waves run, on a 2-core
@@ -458,7 +458,7 @@ class _Releaser:
             err: BaseException | None = None
             try:
                 submit(args_list[i]).result()
-            except BaseException as exc:  # noqa: BLE001 - reported by release()
+            except BaseException as exc:
                 err = exc
             self._records[i] = (t0, time.perf_counter(), err)
             try:
@@ -545,7 +545,7 @@ class _Runners:
         if self._own:
             self.coordinator.stop(cancel_pending=True, timeout=30)
 
-    def __enter__(self) -> _Runners:
+    def __enter__(self) -> _Runners:  # noqa: PYI034 - a private, final helper
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -847,7 +847,9 @@ def _wave_loop(items: list[tuple[int, tuple[Any, ...]]]) -> dict[str, Any]:
     return {"e2e_s": e2e, "failures": 0}
 
 
-def _wave_tokengate(items: list[tuple[int, tuple[Any, ...]]], ops: Sequence[Callable[..., Any]] | None = None) -> dict[str, Any]:
+def _wave_tokengate(
+    items: list[tuple[int, tuple[Any, ...]]], ops: Sequence[Callable[..., Any]] | None = None
+) -> dict[str, Any]:
     ops = ops or [_DECORATED[f.__name__] for f in WAVE_OPERATIONS]
     t0 = time.perf_counter()
     tokens = [ops[k](*args) for k, args in items]
@@ -1142,7 +1144,10 @@ def _print_burst(b: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     for k, f in zip(BURST_RUNNERS, reps):
-        print(f"  Per-task durations, {k + ' (ms):':<17}" + " ".join(f"{d * 1000:.2f}" for d in f["durations_s"]), file=out)
+        print(
+            f"  Per-task durations, {k + ' (ms):':<17}" + " ".join(f"{d * 1000:.2f}" for d in f["durations_s"]),
+            file=out,
+        )
     if len(b["repeats"]) > 1:
         for k in BURST_RUNNERS:
             s = b[k]
@@ -1175,14 +1180,17 @@ def _print_burst(b: dict[str, Any], out: TextIO) -> None:
 
 
 def _print_window(w: dict[str, Any], out: TextIO) -> None:
-    print(f"\nCONCURRENCY WINDOW: sustained mixed releases ({w['seconds']:g} s per runner, same release sequence)", file=out)
+    print(
+        f"\nCONCURRENCY WINDOW: sustained mixed releases ({w['seconds']:g} s per runner, same release sequence)",
+        file=out,
+    )
     print("  Release options, 8 tasks each, drawn at random:", file=out)
     for o in w["options"]:
-        gil = "releases the GIL " + o["note"][o["note"].find("only"):] if o["releases_gil"] else "holds the GIL"
+        gil = "releases the GIL " + o["note"][o["note"].find("only") :] if o["releases_gil"] else "holds the GIL"
         print(f"    {o['label']:<44} {gil}", file=out)
     cols = (("serial", "plain loop"), ("tokengate", "tokengate"), ("threadpool", "ThreadPool"))
     print(f"  {'':<34}" + "".join(f"{t:>16}" for _, t in cols), file=out)
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("Releases", lambda d: f"{d['releases']}"),
         ("Total tasks", lambda d: f"{d['tasks']}"),
         ("Overall wall-clock", lambda d: f"{d['elapsed_s']:.3f} s"),
@@ -1371,9 +1379,10 @@ def run_proof(config: ProofConfig, out: TextIO | None = None) -> dict[str, Any]:
             print(f"\n  (other processes used {load[key]:.2f} of {cpus} CPUs on average during this section)", file=out)
 
     gc.collect()
-    with tempfile.TemporaryDirectory(prefix="tokengate-proof-") as base_dir, _Runners(
-        cfg.workers, cfg.tpe_workers
-    ) as runners:
+    with (
+        tempfile.TemporaryDirectory(prefix="tokengate-proof-") as base_dir,
+        _Runners(cfg.workers, cfg.tpe_workers) as runners,
+    ):
         results["workers"] = runners.coordinator.total_workers
         results["threadpool_workers"] = cfg.tpe_workers
         print(
@@ -1485,8 +1494,10 @@ def write_plot(results: dict[str, Any], path: str) -> None:
     ax.set_xlabel("tokens in the wave")
     ax.set_ylabel("tokens/s, end to end (submit + wait)")
     m = results.get("machine", {})
-    ax.set_title(f"tokengate waves: Python {m.get('python', '?')}, {m.get('cpus', '?')} CPUs, GIL "
-                 f"{'on' if m.get('gil_enabled', True) else 'off'}")
+    ax.set_title(
+        f"tokengate waves: Python {m.get('python', '?')}, {m.get('cpus', '?')} CPUs, GIL "
+        f"{'on' if m.get('gil_enabled', True) else 'off'}"
+    )
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

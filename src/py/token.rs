@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyType};
 
 use super::asyncio::{self as aio, Delivery, LoopQueue};
 use super::exceptions::{self, BindError};
@@ -781,6 +781,14 @@ impl TaskToken {
             cancelled: AtomicBool::new(false),
             message: Mutex::new(None),
         }
+    }
+
+    /// `TaskToken[int]`: a `types.GenericAlias`, as for the standard library's generic classes,
+    /// so that annotations evaluated at runtime match the stubs.
+    #[classmethod]
+    fn __class_getitem__<'py>(cls: &Bound<'py, PyType>, item: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = cls.py();
+        py.import(pyo3::intern!(py, "types"))?.getattr(pyo3::intern!(py, "GenericAlias"))?.call1((cls, item))
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

@@ -119,18 +119,20 @@ class ConcurrencyReport:
             f"  {self.tasks} tasks on {self.workers} workers; {med}; {gil}",
             f"  one after another (serial):     {self.serial_s * 1000:10.3f} ms",
             f"  all at once (parallel wall):    {self.wall_s * 1000:10.3f} ms   first submit -> last result",
-            f"  real speedup = serial / wall:   {self.real_speedup:10.2f}x     1.0x = no gain; at most "
-            f"{self.max_speedup}x here (min of tasks and workers)",
-            f"  in-flight ratio:                {self.in_flight:10.2f}x     sum of task durations / wall: tasks "
-            "running at once on average (GIL waits count as running)",
+            (
+                f"  real speedup = serial / wall:   {self.real_speedup:10.2f}x     1.0x = no gain; at most "
+                f"{self.max_speedup}x here (min of tasks and workers)"
+            ),
+            (
+                f"  in-flight ratio:                {self.in_flight:10.2f}x     sum of task durations / wall: tasks "
+                "running at once on average (GIL waits count as running)"
+            ),
             f"  start jitter (stdev):           {self.jitter_s * 1000:10.3f} ms   spread of the tasks' start times",
             "  per-task durations (ms):        " + " ".join(f"{d * 1000:.2f}" for d in self.durations_s),
             "  serial durations (ms):          " + " ".join(f"{d * 1000:.2f}" for d in self.serial_durations_s),
         ]
         if self.repeat > 1:
-            lines.append(
-                "  real speedup per repeat:        " + " ".join(f"{r.real_speedup:.2f}x" for r in self.runs)
-            )
+            lines.append("  real speedup per repeat:        " + " ".join(f"{r.real_speedup:.2f}x" for r in self.runs))
         return "\n".join(lines)
 
     def _hint(self) -> str:
@@ -176,9 +178,7 @@ class ConcurrencyReport:
         """Fails unless the tasks' start times have a standard deviation of at most ``at_most`` seconds."""
         __tracebackhide__ = True
         if not self.jitter_s <= at_most:
-            raise self._fail(
-                f"start jitter {self.jitter_s * 1000:.3f} ms is above the allowed {at_most * 1000:.3f} ms"
-            )
+            raise self._fail(f"start jitter {self.jitter_s * 1000:.3f} ms is above the allowed {at_most * 1000:.3f} ms")
         return self
 
 
@@ -306,6 +306,6 @@ def prove_concurrency(
         serial_durations_s=mid.serial_durations_s,
         runs=tuple(runs),
     )
-    for hook in list(_report_hooks):
+    for hook in _report_hooks:
         hook(report)
     return report
