@@ -43,9 +43,14 @@ python_of() {
   echo "$py"
 }
 
-# counts LOG -> the last pytest or cargo summary line of a stage's log.
+# counts LOG -> what a stage's log says it ran: cargo's "test result" lines added up, else the
+# last summary line (pytest's "N passed ...", or a script's own "NAME: ..." line).
 counts() {
-  grep -E "^(=+ )?[0-9]+ (passed|failed)|^test result:|[0-9]+ passed|passed, " "$1" | tail -1 | sed -E 's/^=+ //; s/ =+$//' || true
+  if grep -q "^test result:" "$1"; then
+    grep "^test result:" "$1" | awk '{p += $4; f += $6} END {printf "%d passed, %d failed (cargo)", p, f}'
+  else
+    grep -E "[0-9]+ (passed|failed)|^[a-z0-9.]+: " "$1" | tail -1 | sed -E 's/^=+ //; s/ =+$//' || true
+  fi
 }
 
 # stage NAME COMMAND...: runs COMMAND with its output shown and kept in target/ci-logs/NAME.log.

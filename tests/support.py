@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,10 @@ class Env:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: a shell that runs the suite
+    in the background (``cmd &``) ignores SIGINT, its children inherit that, and CPython then
+    installs no KeyboardInterrupt handler. The default disposition gives the child its own."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

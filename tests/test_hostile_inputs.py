@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from support import describe, run_script, running_coordinator
+from support import default_sigint, describe, run_script, running_coordinator
 from tokengate import OperationsCoordinator, _tokengate, current_token, task_token_guard
 
 WAIT = 10.0
@@ -179,6 +179,7 @@ def test_ctrl_c_in_a_coroutine_resumed_by_a_token_reaches_run_until_complete(tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         assert proc.stdout is not None

@@ -27,7 +27,7 @@ from tokengate import OperationsCoordinator, TaskTimeoutError, task_token_guard
 
 WAIT = 10.0
 PKG = pathlib.Path(tokengate.__file__).resolve().parent
-REPO = PKG.parent.parent
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 wait_until = functools.partial(support.wait_until, interval=0.002)

@@ -11,7 +11,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 from . import _tokengate
 from ._tags import STORAGE_TIERS, check_seconds
@@ -41,6 +41,10 @@ MAX_PREFETCH = 4096
 _MAX_COUNT = 2**63 - 1
 
 
+@overload
+def _positive_int(name: str, value: object, *, allow_none: Literal[False] = False, maximum: int = ...) -> int: ...
+@overload
+def _positive_int(name: str, value: object, *, allow_none: bool, maximum: int = ...) -> int | None: ...
 def _positive_int(name: str, value: object, *, allow_none: bool = False, maximum: int = _MAX_COUNT) -> int | None:
     if value is None and allow_none:
         return None
@@ -132,7 +136,7 @@ class OperationsCoordinator:
         blocking_aware: bool = True,
         blocking_threads: int = 256,
     ) -> None:
-        self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)  # type: ignore[assignment]
+        self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True, maximum=MAX_WORKERS)
         if max_workers is None and self.total_workers > MAX_WORKERS:
             raise ValueError(
@@ -157,7 +161,7 @@ class OperationsCoordinator:
         for op, limit in (operation_limits or {}).items():
             if not isinstance(op, str):
                 raise TypeError(f"operation_limits keys must be operation names (str), not {op!r}")
-            self.operation_limits[op] = _positive_int(f"operation_limits[{op!r}]", limit)  # type: ignore[assignment]
+            self.operation_limits[op] = _positive_int(f"operation_limits[{op!r}]", limit)
         if not isinstance(history_size, int) or isinstance(history_size, bool) or not 0 <= history_size <= _MAX_COUNT:
             raise ValueError(f"history_size must be an int from 0 to {_MAX_COUNT}, got {history_size!r}")
         self.history_size = history_size
@@ -172,7 +176,7 @@ class OperationsCoordinator:
             key = tier.upper() if isinstance(tier, str) else tier
             if key not in STORAGE_TIERS:
                 raise ValueError(f"unknown storage tier {tier!r}; valid tiers: {', '.join(STORAGE_TIERS)}")
-            self.storage_limits[key] = _positive_int(f"storage_limits[{tier!r}]", limit)  # type: ignore[assignment]
+            self.storage_limits[key] = _positive_int(f"storage_limits[{tier!r}]", limit)
         self.io_idle_timeout = check_seconds("io_idle_timeout", io_idle_timeout)
         self.convergence_interval = check_seconds("convergence_interval", convergence_interval)
         self.auto_block_dangerous = bool(auto_block_dangerous)
@@ -193,7 +197,7 @@ class OperationsCoordinator:
         # started on the first such token, shut down by stop().
         self.process_workers = _positive_int("process_workers", process_workers, allow_none=True, maximum=MAX_WORKERS)
         #: Tokens the lane sends ahead to one worker process (1: one at a time).
-        self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch, maximum=MAX_PREFETCH)  # type: ignore[assignment]
+        self.process_prefetch: int = _positive_int("process_prefetch", process_prefetch, maximum=MAX_PREFETCH)
         #: Tokens after which a worker process is replaced (None: never).
         self.process_max_tasks_per_child = _positive_int(
             "process_max_tasks_per_child", process_max_tasks_per_child, allow_none=True
@@ -376,7 +380,7 @@ class OperationsCoordinator:
         key = tier.upper() if isinstance(tier, str) else tier
         if key not in STORAGE_TIERS:
             raise ValueError(f"unknown storage tier {tier!r}; valid tiers: {', '.join(STORAGE_TIERS)}")
-        self.storage_limits[key] = _positive_int("limit", limit)  # type: ignore[assignment]
+        self.storage_limits[key] = _positive_int("limit", limit)
         if self._engine is not None:
             self._engine.set_storage_limit(key, limit)
 

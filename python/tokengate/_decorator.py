@@ -323,14 +323,14 @@ class CallWith:
         kw = dict(self._kw, block=False, probe=True)
         delay = 0.0002
         while True:
-            token = self._submit(args, kwargs, **kw)
+            token: TaskToken[Any] | None = self._submit(args, kwargs, **kw)
             if token is not None:
-                return token  # type: ignore[no-any-return]
+                return token
             if deadline is not None and time.monotonic() >= deadline:
                 # One counted attempt, so the rejection shows in the stats.
                 token = self._submit(args, kwargs, **dict(kw, probe=False))
                 if token is not None:
-                    return token  # type: ignore[no-any-return]
+                    return token
                 raise AdmissionRejectedError(f"no admission slot freed within {limit}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.005)

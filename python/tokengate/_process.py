@@ -162,7 +162,7 @@ import types
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from ._decorator import CallWith, _map
 from ._tokengate import OperationSpec, TaskToken
@@ -360,7 +360,7 @@ class ProcessFunction:
         self.submit_async = CallWith(self._submit).submit_async
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
-        return self._submit(args, kwargs)  # type: ignore[return-value]
+        return cast("TaskToken[Any]", self._submit(args, kwargs))  # block=True: a token, or it raises
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else types.MethodType(self, obj)
@@ -486,7 +486,7 @@ def lane_for(coordinator: Any) -> ProcessLane:
     lane = coordinator._process_lane
     engine = coordinator._engine
     if lane is not None and lane.engine is engine:
-        return lane  # type: ignore[no-any-return]
+        return cast(ProcessLane, lane)
     # Not coordinator._lock: stop() holds it while it waits for running tasks,
     # and a task may be the one making the first process call.
     with _lane_lock:
@@ -514,7 +514,7 @@ def lane_for(coordinator: Any) -> ProcessLane:
         # stop() began meanwhile and may have missed this lane: shut it down here.
         lane.shutdown(wait=True, timeout=5.0)
         raise ShutdownError("cannot schedule new futures after shutdown")
-    return lane  # type: ignore[no-any-return]
+    return cast(ProcessLane, lane)
 
 
 # -- the lane ---------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _default_max_workers() -> int:
     return min(32, (count() or 1) + 4)
 
 
-class _Future(_cf.Future):  # type: ignore[type-arg]
+class _Future(_cf.Future[Any]):
     """A :class:`concurrent.futures.Future` tied to a token: ``cancel()`` also cancels the token."""
 
     #: The executor state while the token is unresolved (None after).
@@ -286,7 +286,8 @@ def _run_initialized(
             future._fail_broken(str(core.broken))
             return
         try:
-            core.initializer(*core.initargs)  # type: ignore[misc]
+            assert core.initializer is not None  # this runner is used only with an initializer
+            core.initializer(*core.initargs)
         except BaseException:
             LOGGER.critical("Exception in initializer:", exc_info=True)
             core.initializer_failed()

@@ -234,11 +234,11 @@ def prove_concurrency(
         raise ValueError(f"repeat must be a positive int, got {repeat!r}")
     spec = getattr(fn, "spec", None)
     if isinstance(spec, _tokengate.OperationSpec):
-        body = fn.__wrapped__  # type: ignore[attr-defined]
+        body = getattr(fn, "__wrapped__")  # noqa: B009 - fn is typed as a plain callable
     else:
         body = fn
         label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-        spec = task_token_guard(operation_type=f"prove_concurrency.{label}")(fn).spec  # type: ignore[attr-defined]
+        spec = getattr(task_token_guard(operation_type=f"prove_concurrency.{label}")(fn), "spec")  # noqa: B009
     label = name or getattr(body, "__qualname__", None) or getattr(body, "__name__", None) or repr(body)
 
     own = coordinator is None
