@@ -109,7 +109,9 @@ run_pytest() {
   # From the repository root; the package comes from the installed wheel, not from python/.
   "$env/bin/python" -c 'import sys, tokengate; print("   tokengate from", tokengate.__file__, "on", sys.version.split()[0])'
   # The soak test runs 60 s here (20 s when pytest is run by hand).
-  TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  # promtool (scripts/fetch-promtool.sh) checks the metrics' text.
+  PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
+    "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 
 # The build tools: maturin (the build backend), ziglang and twine (the release group), on 3.12.
@@ -120,6 +122,7 @@ setup_tools() {
   fi
   "$TOOLS/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$TOOLS/bin/python" -m pip install -q "maturin>=1.9.4,<2" $("$TOOLS/bin/python" scripts/extras.py --group release)
+  scripts/fetch-promtool.sh target/tools
 }
 
 if wants wheel; then

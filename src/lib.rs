@@ -4,6 +4,7 @@
 //! * [`pool`]: the engine (crossbeam-deque work stealing, parking_lot
 //!   sleep/wake, core pinning). No Python.
 //! * [`token`]: the token state machine. No Python.
+//! * [`metrics`]: per-operation counters and histograms, and their Prometheus text. No Python.
 //! * `py` (feature `python`): the PyO3 binding layer, the only code that
 //!   touches the interpreter.
 //!
@@ -13,6 +14,7 @@
 pub mod admission;
 pub mod error;
 pub mod lane;
+pub mod metrics;
 pub mod pool;
 mod sync;
 pub mod timer;

@@ -212,3 +212,91 @@ def test_marker(tokengate_coordinator):
     result.stdout.fnmatch_lines(["*tokengate concurrency reports*", "no prove_concurrency() reports in this run"])
     help_result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "--help", timeout=120)
     help_result.stdout.fnmatch_lines(["*--tokengate-report*"])
+
+
+# -- ceilings, peaks and repeats ---------------------------------------------------------
+
+
+def test_peak_overlap_counts_the_most_intervals_at_one_moment() -> None:
+    from tokengate.testing import peak_overlap
+
+    assert peak_overlap([]) == 0
+    assert peak_overlap([(0, 1), (1, 2), (2, 3)]) == 1  # back to back: never two at once
+    assert peak_overlap([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
+
+
+def test_undecorated_sleep_reaches_the_task_count_and_the_report_says_why_a_cap_exists() -> None:
+    # time.sleep, undecorated, runs as an untagged (medium) operation: while it computes, 2 per
+    # core; a sleep lends its core's share, so 8 sleeps on 8 workers all run at once.
+    report = prove_concurrency(time.sleep, [0.05] * 8, workers=8)
+    assert report.weight == "medium"
+    assert report.weight_cap >= 2 and report.weight_cap % 2 == 0  # 2 per core slot
+    assert report.peak_in_flight >= 6, report.summary()
+    report.assert_speedup(at_least=4)
+    if report.weight_cap < 8:
+        assert "lend their share" in report.summary()
+
+
+def test_assert_max_in_flight_holds_under_an_operation_limit_and_fails_without_it() -> None:
+    limited = task_token_guard(operation_type="tests.limited_nap", tags={"weight": "light"})(nap)
+    with OperationsCoordinator(max_workers=9, operation_limits={"tests.limited_nap": 3}) as c:
+        report = prove_concurrency(limited, [0.02] * 9, coordinator=c).assert_max_in_flight(3)
+    assert report.peak_in_flight == 3
+    with pytest.raises(AssertionError, match="ran at the same moment, more than the allowed 3"):
+        prove_concurrency(nap, [0.05] * 9, workers=9).assert_max_in_flight(3)
+
+
+def test_a_function_holding_a_lock_fails_assert_speedup() -> None:
+    import threading
+
+    lock = threading.Lock()
+
+    def serialised(s: float) -> None:
+        with lock:
+            time.sleep(s)
+
+    with pytest.raises(AssertionError, match=r"real speedup .* is below the required 2\.00x"):
+        prove_concurrency(serialised, [0.02] * 4, workers=4).assert_speedup(at_least=2)
+
+
+def test_short_runs_repeat_by_default_and_report_their_spread() -> None:
+    report = prove_concurrency(nap, [0.005] * 4, workers=4)
+    assert report.repeat == 5 and len(report.runs) == 5
+    low, high = report.speedup_spread
+    assert low <= report.real_speedup <= high
+    assert "spread" in report.summary()
+    long = prove_concurrency(nap, [0.25] * 2, workers=2)
+    assert long.repeat == 1
+    assert prove_concurrency(nap, [0.005] * 2, workers=2, repeat=2).repeat == 2
+
+
+@pytest.mark.subprocess
+def test_fixture_fails_a_test_that_leaves_tokens_unfinished(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_leftover="""
+import threading, pytest
+from tokengate import task_token_guard
+
+@task_token_guard(operation_type="left_behind", tags={"weight": "light"})
+def linger():
+    threading.Event().wait(0.5)
+
+def test_leaves_tokens(tokengate_coordinator):
+    [linger() for _ in range(3)]  # still running when the test returns
+
+@pytest.mark.tokengate(allow_unfinished=True)
+def test_may_leave_tokens(tokengate_coordinator):
+    [linger() for _ in range(3)]
+
+def test_waits(tokengate_coordinator):
+    assert linger().result(timeout=5) is None
+"""
+    )
+    result = pytester.runpytest_subprocess(*PLUGIN_ARGS, "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaves_tokens*",
+            "*3 token(s) were unfinished when the test ended and were cancelled: left_behind (3)*",
+        ]
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging as _logging
 from typing import Any
 
-from . import _tokengate
+from . import _tokengate, metrics
 from ._coordinator import OperationsCoordinator
 from ._decorator import TokenCall, TokenFunction, TryTokenCall, task_token_guard
 from ._gather import MapResults, as_completed, gather
@@ -85,5 +85,6 @@ __all__ = [
     "current_token",
     "gather",
     "make_hashable",
+    "metrics",
     "task_token_guard",
 ]

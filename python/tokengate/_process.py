@@ -1426,6 +1426,11 @@ class ProcessLane:
 
     # -- processes ----------------------------------------------------------------------
 
+    def _set_worker(self, slot: int, w: _Worker | None) -> None:
+        """Fills or empties a slot; the engine's books count the live workers (``tokengate_workers``)."""
+        self._workers[slot] = w
+        self.engine._note_process_workers(sum(x is not None for x in self._workers))
+
     def _spawn(self, slot: int) -> None:
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
@@ -1451,7 +1456,7 @@ class ProcessLane:
             parent_sock.close()
             if board is not None:
                 board.close()
-            self._workers[slot] = None
+            self._set_worker(slot, None)
             self._startup_failed(slot, f"the process lane could not start a worker process: {exc}", None)
             return
         finally:
@@ -1466,7 +1471,7 @@ class ProcessLane:
                 pidfd = None
         w = _Worker(slot, proc, conn, pidfd, board)
         w.left = self.max_tasks_per_child
-        self._workers[slot] = w
+        self._set_worker(slot, w)
         self._respawn_at[slot] = 0.0
         self._sel.register(conn.fileno(), selectors.EVENT_READ, ("conn", w))
         if pidfd is not None:
@@ -1491,7 +1496,7 @@ class ProcessLane:
         """Closes an idle worker's socket (it reads EOF and exits) and starts a fresh one in
         its slot. The old process is reaped when its pidfd fires (see :meth:`_reaped`)."""
         self._retiring.discard(w)
-        self._workers[w.slot] = None
+        self._set_worker(w.slot, None)
         self._close_conn(w)
         w.board.close()
         w.retired_at = time.monotonic()
@@ -1600,7 +1605,7 @@ class ProcessLane:
             victim.done = True
         self._close(w)
         self._count("replaced")
-        self._workers[w.slot] = None
+        self._set_worker(w.slot, None)
         if not self._abort:
             self._spawn(w.slot)
 
@@ -1611,7 +1616,7 @@ class ProcessLane:
         code = self._reap(w, 2.0)
         item = self._salvage(w)
         self._close(w)
-        self._workers[w.slot] = None
+        self._set_worker(w.slot, None)
         if item is not None and not item.token.done():
             why = f"signal {-code}" if code < 0 else f"exit code {code}"
             try:

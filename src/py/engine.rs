@@ -59,6 +59,7 @@ use super::token::LaneKind;
 use super::token::TokenInner;
 use super::wait::{seconds_arg, timeout_arg, wait_detached};
 use crate::lane::Lane;
+use crate::metrics::Outcome;
 use crate::pool::{Pool, PoolConfig, Topology};
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timer::Timer;
@@ -135,6 +136,12 @@ static UNJOINED: Mutex<Vec<Unjoined>> = Mutex::new(Vec::new());
 enum Unjoined {
     Worker(std::thread::JoinHandle<()>),
     Lane(crate::lane::LaneJoiner),
+}
+
+impl Engine {
+    pub(crate) fn shared(&self) -> &Arc<EngineShared> {
+        &self.shared
+    }
 }
 
 impl EngineShared {
@@ -691,12 +698,13 @@ impl Engine {
         out.set_item("topology", topo)?;
 
         let tokens = PyDict::new(py);
-        tokens.set_item("submitted", lg.submitted.load(Ordering::Acquire))?;
-        tokens.set_item("unresolved", lg.unresolved())?;
+        let (submitted, outcomes) = lg.totals();
+        tokens.set_item("submitted", submitted)?;
+        tokens.set_item("unresolved", submitted.saturating_sub(outcomes.iter().sum()))?;
         let in_processes = lg.process_running.load(Ordering::Relaxed).max(0) as u64;
         tokens.set_item("executing", lg.running() + in_processes)?;
         for state in TokenState::ALL.iter().filter(|s| s.is_terminal()) {
-            tokens.set_item(state.as_str(), lg.resolved[*state as usize].load(Ordering::Acquire))?;
+            tokens.set_item(state.as_str(), outcomes[Outcome::of(*state) as usize])?;
         }
         tokens.set_item("retries", lg.retries.load(Ordering::Relaxed))?;
         out.set_item("tokens", tokens)?;
@@ -814,6 +822,11 @@ impl Engine {
     }
 
     // -- control plane ---------------------------------------------------------
+
+    /// The process lane's count of live worker processes (for the metrics).
+    fn _note_process_workers(&self, n: u64) {
+        self.shared.ledger.process_workers.store(n, Ordering::Relaxed);
+    }
 
     /// `(admission paused, names of paused operations)`: what the process lane
     /// reads before it sends tokens out (far cheaper than `stats()`).
@@ -1098,6 +1111,14 @@ pub(crate) fn begin_interpreter_shutdown(py: Python<'_>) -> PyResult<()> {
         }
     });
     Ok(())
+}
+
+/// Every engine of this process that has started and not begun to stop.
+pub(crate) fn live_engines() -> Vec<Arc<EngineShared>> {
+    if FORKED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    ALL.lock().iter().filter_map(Weak::upgrade).filter(|e| !e.is_stopping()).collect()
 }
 
 /// How many engines are running.

@@ -34,8 +34,9 @@ use crossbeam_utils::CachePadded;
 use super::job::PyJob;
 use super::token::TokenInner;
 use crate::admission::Limit;
+use crate::metrics::{OpMetrics, Outcome};
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
-use crate::token::{now_ns, TokenState};
+use crate::token::{now_ns, Stamp, TokenState};
 
 const SHARDS: usize = 32;
 
@@ -127,6 +128,8 @@ pub(crate) struct OpState {
     pub(crate) blocked: AtomicBool,
     /// How often this operation's long runs were blocked (`job.rs`, `BlockingHistory`).
     pub(crate) blocking: BlockingHistory,
+    /// Counters and histograms for `/metrics` (sharded by thread: see `crate::metrics`).
+    pub(crate) metrics: OpMetrics,
 }
 
 /// Whether an operation's runs usually block: a score from 0 to `MAX`, up by
@@ -174,6 +177,7 @@ impl OpState {
             health: CachePadded::default(),
             blocked: AtomicBool::new(false),
             blocking: BlockingHistory::default(),
+            metrics: OpMetrics::default(),
         }
     }
 }
@@ -239,7 +243,7 @@ impl RegistryShard {
 
 /// This thread's shard of the registry and the history (threads take
 /// shards round-robin, so one thread always uses the same, cache-hot shard).
-fn thread_shard() -> usize {
+pub(crate) fn thread_shard() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
         static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
@@ -251,15 +255,16 @@ fn thread_shard() -> usize {
 #[derive(Debug)]
 pub(crate) struct Ledger {
     // The counters the hot paths write sit on cache lines of their own:
-    // `submitted` (submitting threads), `running` and `resolved` (workers),
-    // `pending` (both), apart from the flags everyone reads.
-    pub(crate) submitted: CachePadded<AtomicU64>,
+    // `running` (workers), `pending` (submitters and workers), apart from the
+    // flags everyone reads. Tokens made and resolved are counted per
+    // operation (`OpState::metrics`, sharded by thread) and added up here.
     /// Bodies running now, counted per thread shard (a body starts and ends on
     /// one thread, so each thread touches only its own line); read as the sum.
     running: Vec<CachePadded<std::sync::atomic::AtomicI64>>,
     /// Process-lane tokens running in a worker process (started by the lane, ended by their resolution).
     pub(crate) process_running: std::sync::atomic::AtomicI64,
-    pub(crate) resolved: CachePadded<[AtomicU64; 9]>,
+    /// Worker processes of the process lane alive now (the lane reports each change).
+    pub(crate) process_workers: AtomicU64,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
     pub(crate) pending: CachePadded<Limit>,
     pub(crate) admission_paused: AtomicBool,
@@ -284,10 +289,9 @@ pub(crate) struct Ledger {
 impl Ledger {
     pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool, caller_runs: bool) -> Self {
         Ledger {
-            submitted: CachePadded::new(AtomicU64::new(0)),
             running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
             process_running: std::sync::atomic::AtomicI64::new(0),
-            resolved: CachePadded::default(),
+            process_workers: AtomicU64::new(0),
             pending: CachePadded::new(Limit::new(max_pending)),
             admission_paused: AtomicBool::new(false),
             parked: Mutex::new(VecDeque::new()),
@@ -371,8 +375,9 @@ impl Ledger {
         out
     }
 
-    pub(crate) fn record_submitted(&self) {
-        self.submitted.fetch_add(1, Ordering::Relaxed);
+    /// Books a new token of `op`.
+    pub(crate) fn record_submitted(&self, op: &OpState) {
+        op.metrics.submitted(thread_shard());
     }
 
     pub(crate) fn running_delta(&self, delta: i64) {
@@ -386,7 +391,6 @@ impl Ledger {
 
     /// Books a resolution: counters, limits, registry, history.
     pub(crate) fn record_resolved(&self, token: &TokenInner, state: TokenState, error: Option<String>) {
-        self.resolved[state as usize].fetch_add(1, Ordering::Release);
         token.op().limit.release();
         self.pending.release();
         self.unregister(token);
@@ -394,16 +398,23 @@ impl Ledger {
         if state == TokenState::Timeout {
             token.op().health.timeouts.fetch_add(1, Ordering::Relaxed);
         }
+        let outcome = Outcome::of(state);
+        let created = token.core.time(Stamp::Created);
+        let started = token.core.time(Stamp::Started);
+        let finished = token.core.time(Stamp::Finished);
+        let queue_wait = started.zip(created).map(|(s, c)| s.saturating_sub(c));
+        let execution = finished.zip(started).map(|(f, s)| f.saturating_sub(s));
+        token.op().metrics.resolved(thread_shard(), outcome, queue_wait, execution);
         if self.recent_cap > 0 {
             let (worker_id, core_id) = token.core.placement();
             let record = Record {
                 token_id: token.id,
                 op_index: token.op().index,
-                seq: token.core.time(crate::token::Stamp::Finished).unwrap_or(0),
+                seq: finished.unwrap_or(0),
                 state,
-                created_ns: token.core.time(crate::token::Stamp::Created).unwrap_or(0),
-                started_ns: token.core.time(crate::token::Stamp::Started),
-                finished_ns: token.core.time(crate::token::Stamp::Finished).unwrap_or_else(now_ns),
+                created_ns: created.unwrap_or(0),
+                started_ns: started,
+                finished_ns: finished.unwrap_or_else(now_ns),
                 worker_id,
                 core_id,
                 error,
@@ -433,13 +444,25 @@ impl Ledger {
         all
     }
 
-    pub(crate) fn total_resolved(&self) -> u64 {
-        self.resolved.iter().map(|c| c.load(Ordering::Acquire)).sum()
+    /// Tokens made, and tokens resolved by outcome, over every operation.
+    pub(crate) fn totals(&self) -> (u64, [u64; 5]) {
+        let ops = self.ops.lock().by_index.clone();
+        let mut submitted = 0;
+        let mut outcomes = [0u64; 5];
+        for op in ops {
+            let (s, o) = op.metrics.counts();
+            submitted += s;
+            for (t, n) in outcomes.iter_mut().zip(o) {
+                *t += n;
+            }
+        }
+        (submitted, outcomes)
     }
 
     /// Submitted tokens not yet resolved.
     pub(crate) fn unresolved(&self) -> u64 {
-        self.submitted.load(Ordering::Acquire).saturating_sub(self.total_resolved())
+        let (submitted, outcomes) = self.totals();
+        submitted.saturating_sub(outcomes.iter().sum())
     }
 
     pub(crate) fn note_overrun(&self, ns: u64) {

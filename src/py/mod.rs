@@ -21,6 +21,7 @@ mod ffi;
 mod job;
 mod ledger;
 mod log;
+mod metrics;
 mod routing;
 mod spec;
 mod token;
@@ -44,6 +45,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(job::current_token, m)?)?;
     m.add_function(wrap_pyfunction!(asyncio::loop_stats, m)?)?;
     m.add_function(wrap_pyfunction!(wait::wait_all, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::render_metrics, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_SECONDS", wait::MAX_SECONDS)?;
     m.add("MAX_WORKERS", crate::pool::MAX_WORKERS)?;

@@ -17,11 +17,12 @@ use super::deps::{input_tokens, DepWait};
 use super::engine::{current_engine, with_current_engine, Engine, EngineShared, STORAGE_TIERS};
 use super::exceptions::BindError;
 use super::job::{Call, FaultSite, PyJob};
-use super::ledger::{Ledger, OpState};
+use super::ledger::{thread_shard, Ledger, OpState};
 use super::routing::Route;
 use super::token::{CallOptions, LaneKind, Placement, TaskToken, TokenInner};
 use super::wait::{seconds_arg, timeout_arg};
 use crate::admission::Limit;
+use crate::metrics::Rejection;
 use crate::pool::Weight;
 use crate::sync::{AtomicU64, Mutex, Ordering};
 use crate::token::now_ns;
@@ -104,13 +105,26 @@ enum Admit {
     Probe,
 }
 
-fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what: impl Fn() -> String) -> PyResult<bool> {
+/// Takes a slot of `limit`, waiting as `how` says. A refusal (not a probe's)
+/// is counted on the limit and in the operation's metrics as `why`.
+fn admit(
+    py: Python<'_>,
+    engine: &EngineShared,
+    limit: &Limit,
+    how: Admit,
+    (op, why): (&OpState, Rejection),
+    what: impl Fn() -> String,
+) -> PyResult<bool> {
     if limit.try_acquire() {
         return Ok(true);
     }
+    let rejected = || {
+        limit.note_rejected();
+        op.metrics.rejected(thread_shard(), why);
+    };
     let timeout = match how {
         Admit::Try => {
-            limit.note_rejected();
+            rejected();
             return Ok(false);
         }
         Admit::Probe => return Ok(false),
@@ -132,7 +146,7 @@ fn admit(py: Python<'_>, engine: &EngineShared, limit: &Limit, how: Admit, what:
         }
         py.check_signals()?;
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            limit.note_rejected();
+            rejected();
             return Err(BindError::Rejected(format!(
                 "{} is full ({} pending) and no slot freed within {:.3}s",
                 what(),
@@ -240,12 +254,13 @@ impl OperationSpec {
                 super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
             }
             if op.blocked.load(Ordering::Relaxed) {
+                op.metrics.rejected(thread_shard(), Rejection::Blocked);
                 return Err(BindError::Blocked(op.name.to_string()).into());
             }
-            if !admit(py, engine, &op.limit, how, || format!("operation {:?}", op.name))? {
+            if !admit(py, engine, &op.limit, how, (op, Rejection::OperationLimit), || format!("operation {:?}", op.name))? {
                 return Ok(None);
             }
-            match admit(py, engine, &ledger.pending, how, || "the coordinator (max_pending)".to_owned()) {
+            match admit(py, engine, &ledger.pending, how, (op, Rejection::MaxPending), || "the coordinator (max_pending)".to_owned()) {
                 Ok(true) => {}
                 Ok(false) => {
                     op.limit.release();
@@ -267,7 +282,7 @@ impl OperationSpec {
             slots.disarm();
             let inner = TokenInner::new(id, binding, opts, placement, Some(call));
             let taken = Taken::new(Held::Token(inner.clone()));
-            ledger.record_submitted();
+            ledger.record_submitted(inner.op());
             ledger.register(&inner);
             super::job::maybe_inject_fault(FaultSite::Submit);
             if let Some(t) = opts.timeout {
@@ -502,7 +517,7 @@ impl OperationSpec {
         engine.ledger.pending.force_acquire();
         let placement = Placement { lane: LaneKind::Process, ..Placement::default() };
         let inner = TokenInner::new(next_token_id(), binding, &self.shared.defaults, placement, None);
-        engine.ledger.record_submitted();
+        engine.ledger.record_submitted(inner.op());
         engine.ledger.register(&inner);
         inner.core.admit();
         Py::new(py, TaskToken { inner })

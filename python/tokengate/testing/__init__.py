@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokengate import OperationsCoordinator
 
-__all__ = ["ConcurrencyReport", "RunFigures", "prove_concurrency"]
+__all__ = ["ConcurrencyReport", "RunFigures", "peak_overlap", "prove_concurrency"]
 
 #: Callables given every report ``prove_concurrency`` makes (the pytest plugin adds one).
 _report_hooks: list[Callable[[ConcurrencyReport], None]] = []
@@ -54,6 +54,8 @@ class RunFigures:
     durations_s: tuple[float, ...]
     start_offsets_s: tuple[float, ...]
     submit_s: float
+    #: The most tasks that ran at the same moment (from their start and finish times).
+    peak_in_flight: int = 0
 
     @property
     def real_speedup(self) -> float:
@@ -97,16 +99,42 @@ class ConcurrencyReport:
     start_offsets_s: tuple[float, ...]
     serial_durations_s: tuple[float, ...]
     runs: tuple[RunFigures, ...] = field(repr=False)
+    #: The operation's weight (``light``, ``medium``, ``heavy``) as the coordinator ran it.
+    weight: str = "medium"
+    #: How many tokens of that weight may compute at once: cores x tokens per core.
+    weight_cap: int = 0
+    #: The most tasks that ran at the same moment, over every repeat.
+    peak_in_flight: int = 0
 
     @property
     def max_speedup(self) -> int:
-        """The most the real speedup can be: min(tasks, workers)."""
+        """The most the real speedup can be: min(tasks, workers). A function that computes
+        (holds its core) is further capped at ``weight_cap``; one that blocks (sleeps, waits
+        for I/O) lends its core's units while it waits, and is not."""
         return max(1, min(self.tasks, self.workers))
+
+    @property
+    def speedup_spread(self) -> tuple[float, float]:
+        """The lowest and highest real speedup over the repeats."""
+        values = [r.real_speedup for r in self.runs] or [self.real_speedup]
+        return min(values), max(values)
+
+    def ceiling(self) -> str:
+        """Why the real speedup can be no more than it is here, in words."""
+        why = [f"at most {self.max_speedup}x here: min({self.tasks} tasks, {self.workers} workers)"]
+        if 0 < self.weight_cap < self.max_speedup:
+            why.append(
+                f"while they compute, {self.weight} tokens run at most {self.weight_cap} at once "
+                f"(the weight's share of each core); tokens that block (sleep, I/O, locks) lend their share "
+                f"and can reach {self.max_speedup}"
+            )
+        return "; ".join(why)
 
     def one_line(self) -> str:
         return (
             f"{self.name}: {self.tasks} tasks on {self.workers} workers, real speedup {self.real_speedup:.2f}x "
-            f"(of at most {self.max_speedup}x), in flight {self.in_flight:.2f}x, serial {self.serial_s * 1000:.2f} ms, "
+            f"(of at most {self.max_speedup}x), in flight {self.in_flight:.2f}x (peak {self.peak_in_flight}), "
+            f"serial {self.serial_s * 1000:.2f} ms, "
             f"parallel wall {self.wall_s * 1000:.2f} ms, start jitter {self.jitter_s * 1000:.3f} ms"
             + (f" (median of {self.repeat})" if self.repeat > 1 else "")
         )
@@ -119,20 +147,22 @@ class ConcurrencyReport:
             f"  {self.tasks} tasks on {self.workers} workers; {med}; {gil}",
             f"  one after another (serial):     {self.serial_s * 1000:10.3f} ms",
             f"  all at once (parallel wall):    {self.wall_s * 1000:10.3f} ms   first submit -> last result",
-            (
-                f"  real speedup = serial / wall:   {self.real_speedup:10.2f}x     1.0x = no gain; at most "
-                f"{self.max_speedup}x here (min of tasks and workers)"
-            ),
+            f"  real speedup = serial / wall:   {self.real_speedup:10.2f}x     1.0x = no gain; {self.ceiling()}",
             (
                 f"  in-flight ratio:                {self.in_flight:10.2f}x     sum of task durations / wall: tasks "
                 "running at once on average (GIL waits count as running)"
             ),
+            f"  peak in flight:                 {self.peak_in_flight:10d}      most tasks running at the same moment",
             f"  start jitter (stdev):           {self.jitter_s * 1000:10.3f} ms   spread of the tasks' start times",
             "  per-task durations (ms):        " + " ".join(f"{d * 1000:.2f}" for d in self.durations_s),
             "  serial durations (ms):          " + " ".join(f"{d * 1000:.2f}" for d in self.serial_durations_s),
         ]
         if self.repeat > 1:
-            lines.append("  real speedup per repeat:        " + " ".join(f"{r.real_speedup:.2f}x" for r in self.runs))
+            low, high = self.speedup_spread
+            lines.append(
+                f"  real speedup per repeat:        {' '.join(f'{r.real_speedup:.2f}x' for r in self.runs)}"
+                f"   (spread {low:.2f}x-{high:.2f}x)"
+            )
         return "\n".join(lines)
 
     def _hint(self) -> str:
@@ -174,12 +204,41 @@ class ConcurrencyReport:
             raise self._fail(f"in-flight ratio {self.in_flight:.2f}x is below the required {at_least:.2f}x")
         return self
 
+    def assert_max_in_flight(self, n: int) -> ConcurrencyReport:
+        """Fails if more than ``n`` tasks ever ran at the same moment (in any repeat): the check
+        a rate-limited client or a bounded resource needs."""
+        __tracebackhide__ = True
+        if self.peak_in_flight > n:
+            raise self._fail(f"{self.peak_in_flight} tasks ran at the same moment, more than the allowed {n}")
+        return self
+
     def assert_jitter(self, at_most: float) -> ConcurrencyReport:
         """Fails unless the tasks' start times have a standard deviation of at most ``at_most`` seconds."""
         __tracebackhide__ = True
         if not self.jitter_s <= at_most:
             raise self._fail(f"start jitter {self.jitter_s * 1000:.3f} ms is above the allowed {at_most * 1000:.3f} ms")
         return self
+
+
+def peak_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """The most intervals (start, finish) that contain one moment; one that finishes as another
+    starts does not overlap it."""
+    events = []
+    for start, finish in intervals:
+        events.append((start, 1))
+        events.append((finish, -1))
+    events.sort()  # at equal times, finishes (-1) come before starts
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+#: Below this parallel wall time a proof repeats by default (short runs are noisy).
+SHORT_RUN_S = 0.2
+#: Repeats of a short proof when ``repeat`` is not given.
+SHORT_RUN_REPEATS = 5
 
 
 def _median_run(runs: list[RunFigures]) -> RunFigures:
@@ -202,7 +261,7 @@ def prove_concurrency(
     fn: Callable[..., Any],
     inputs: Iterable[Any],
     *,
-    repeat: int = 1,
+    repeat: int | None = None,
     coordinator: OperationsCoordinator | None = None,
     workers: int | None = None,
     unpack: bool = False,
@@ -215,7 +274,9 @@ def prove_concurrency(
     ``fn``: a synchronous function, plain or decorated with ``@task_token_guard``
     (the serial runs call the undecorated body). ``inputs``: one positional
     argument per call, or with ``unpack=True`` a tuple of arguments per call.
-    ``repeat``: repeats of (serial, parallel); the report holds the medians.
+    ``repeat``: repeats of (serial, parallel); the report holds the medians and the spread.
+    By default one, or :data:`SHORT_RUN_REPEATS` when the first parallel run took under
+    :data:`SHORT_RUN_S` seconds.
     ``coordinator``: a running ``OperationsCoordinator`` to run the tasks on
     (the ``tokengate_coordinator`` fixture, say); by default a temporary one
     with ``workers`` workers (default: one per input) is started and stopped.
@@ -230,8 +291,8 @@ def prove_concurrency(
     items = [tuple(x) if unpack else (x,) for x in inputs]
     if not items:
         raise ValueError("prove_concurrency() needs at least one input")
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
-        raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    if repeat is not None and (not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1):
+        raise ValueError(f"repeat must be a positive int or None, got {repeat!r}")
     spec = getattr(fn, "spec", None)
     if isinstance(spec, _tokengate.OperationSpec):
         body = getattr(fn, "__wrapped__")  # noqa: B009 - fn is typed as a plain callable
@@ -264,8 +325,9 @@ def prove_concurrency(
         if warmup:
             body(*items[0])
             submit(body, items[0], None, engine).result(timeout=timeout)
-        runs = []
-        for r in range(repeat):
+        runs: list[RunFigures] = []
+        r = 0
+        while r < (repeat or 1) or (repeat is None and len(runs) < SHORT_RUN_REPEATS and runs[0].wall_s < SHORT_RUN_S):
             if r % 2 == 0:
                 serial_s, serial_durs = serial()
                 wall, submit_s, tokens = parallel()
@@ -282,9 +344,20 @@ def prove_concurrency(
                     durations_s=tuple(t.execution_time() or 0.0 for t in tokens),
                     start_offsets_s=tuple((s - first) if s is not None else 0.0 for s in starts),
                     submit_s=submit_s,
+                    peak_in_flight=peak_overlap(
+                        (t.started_at, t.finished_at)
+                        for t in tokens
+                        if t.started_at is not None and t.finished_at is not None
+                    ),
                 )
             )
+            r += 1
         total_workers = coordinator.total_workers
+        stats = coordinator.get_stats()
+        cores = len(stats["pool"]["core_units"])
+        budget = max(1, min(int(stats["pool"]["active_per_core"]), int(stats["topology"]["workers_per_core"])))
+        weight = str(spec.weight)
+        per_core = {"light": budget, "medium": max(1, budget // min(2, budget)), "heavy": 1}[weight]
     finally:
         if own:
             coordinator.stop(cancel_pending=True, timeout=timeout)
@@ -294,7 +367,7 @@ def prove_concurrency(
         name=label,
         tasks=len(items),
         workers=total_workers,
-        repeat=repeat,
+        repeat=len(runs),
         gil_enabled=_gil_enabled(),
         serial_s=statistics.median(r.serial_s for r in runs),
         wall_s=statistics.median(r.wall_s for r in runs),
@@ -305,6 +378,9 @@ def prove_concurrency(
         start_offsets_s=mid.start_offsets_s,
         serial_durations_s=mid.serial_durations_s,
         runs=tuple(runs),
+        weight=weight,
+        weight_cap=cores * per_core,
+        peak_in_flight=max(r.peak_in_flight for r in runs),
     )
     for hook in _report_hooks:
         hook(report)

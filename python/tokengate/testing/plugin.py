@@ -3,7 +3,9 @@
 * ``tokengate_coordinator`` fixture: a running ``OperationsCoordinator``,
   stopped after the test. Its arguments come from ``--tokengate-workers`` and
   from a ``@pytest.mark.tokengate(**kwargs)`` marker on the test
-  (``max_workers=4``, ``pin_workers=False``, ...).
+  (``max_workers=4``, ``pin_workers=False``, ...). Tokens still unfinished
+  when the test ends are cancelled, and the test fails naming their
+  operations, unless the marker says ``allow_unfinished=True``.
 * ``--tokengate-report``: prints every ``prove_concurrency`` report made
   during the run in the terminal summary.
 
@@ -93,17 +95,34 @@ def tokengate_coordinator(request: pytest.FixtureRequest) -> Iterator[Operations
         if marker.args:
             raise pytest.UsageError("@pytest.mark.tokengate takes keyword arguments only (OperationsCoordinator's)")
         kwargs.update(marker.kwargs)
+    allow_unfinished = bool(kwargs.pop("allow_unfinished", False))
     coordinator = OperationsCoordinator(**kwargs)
     coordinator.start()
     try:
         yield coordinator
     finally:
+        unfinished = _unfinished(coordinator)
         if not coordinator.stop(cancel_pending=True, timeout=_STOP_TIMEOUT):
             pytest.fail(
                 f"tokengate_coordinator: worker threads still running {_STOP_TIMEOUT:g} s after stop(); "
                 "a task of this test did not return",
                 pytrace=False,
             )
+        if unfinished and not allow_unfinished:
+            total = sum(unfinished.values())
+            ops = ", ".join(f"{op} ({n})" for op, n in sorted(unfinished.items()))
+            pytest.fail(
+                f"tokengate_coordinator: {total} token(s) were unfinished when the test ended and were cancelled: "
+                f"{ops}. Wait for them in the test (token.result(), tokengate.gather), or mark the test "
+                "@pytest.mark.tokengate(allow_unfinished=True).",
+                pytrace=False,
+            )
+
+
+def _unfinished(coordinator: OperationsCoordinator) -> dict[str, int]:
+    """Unresolved tokens per operation."""
+    ops = coordinator.get_stats().get("operations", {})
+    return {op: int(d["pending"]) for op, d in ops.items() if d.get("pending")}
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -1,0 +1,460 @@
+//! Per-operation metrics: counters and fixed-bucket histograms, written on
+//! the token paths with relaxed atomic adds, added up only when read, and
+//! rendered in the Prometheus text format (version 0.0.4).
+//!
+//! # Who touches what
+//!
+//! * An operation's metrics are split into [`SHARDS`] shards, each on cache
+//!   lines of its own. A writer passes its thread's shard index, so threads
+//!   that submit or resolve tokens of one operation at once write different
+//!   lines (no line is shared by every worker, as one counter would be).
+//! * Writers never read; readers ([`OpMetrics::snapshot`]) add the shards up
+//!   and take no lock. A snapshot taken while tokens resolve is exact for
+//!   each counter, but a histogram's count and its sum may disagree by the
+//!   observations in flight, as Prometheus clients allow.
+//! * The engine's own totals (tokens made, resolved by state) are these
+//!   counters added up over the operations: the token paths write one
+//!   sharded counter, not a sharded one and a global one besides.
+//! * Counters only grow: nothing resets them (an operation's health resets
+//!   after an unblock; its metrics do not, as Prometheus counters must not).
+
+use std::fmt::Write as _;
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::{AtomicU64, Ordering};
+use crate::token::TokenState;
+
+/// Shards per operation (a thread's index is taken modulo this).
+pub const SHARDS: usize = 16;
+
+/// Upper bounds of the queue-wait buckets, in seconds as rendered (`le`), up to 30 minutes.
+pub const QUEUE_WAIT_BOUNDS: [&str; 17] =
+    ["0.0001", "0.0005", "0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "120", "300", "900", "1800"];
+/// Upper bounds of the execution-time buckets, in seconds as rendered (`le`).
+pub const EXECUTION_BOUNDS: [&str; 17] =
+    ["0.0001", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "60", "300"];
+const BUCKETS: usize = 17;
+
+/// How a token ended, as counted (`outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Outcome {
+    Ok = 0,
+    Error = 1,
+    Cancelled = 2,
+    Killed = 3,
+    Timeout = 4,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [Outcome::Ok, Outcome::Error, Outcome::Cancelled, Outcome::Killed, Outcome::Timeout];
+
+    pub fn label(self) -> &'static str {
+        ["ok", "error", "cancelled", "killed", "timeout"][self as usize]
+    }
+
+    /// The outcome of a token that reached the terminal state `state`.
+    pub fn of(state: TokenState) -> Outcome {
+        match state {
+            TokenState::Completed => Outcome::Ok,
+            TokenState::Failed => Outcome::Error,
+            TokenState::Killed => Outcome::Killed,
+            TokenState::Timeout => Outcome::Timeout,
+            _ => Outcome::Cancelled,
+        }
+    }
+}
+
+/// Why a call was refused a token (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Rejection {
+    /// The operation's own limit was full.
+    OperationLimit = 0,
+    /// The coordinator's `max_pending` was full.
+    MaxPending = 1,
+    /// The operation is blocked (auto-blocked, or blocked by an admin).
+    Blocked = 2,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 3] = [Rejection::OperationLimit, Rejection::MaxPending, Rejection::Blocked];
+
+    pub fn label(self) -> &'static str {
+        ["operation_limit", "max_pending", "blocked"][self as usize]
+    }
+}
+
+/// The bounds in nanoseconds, in the order of their rendered form (a test checks that they agree).
+const QUEUE_WAIT_NS: [u64; BUCKETS] = [
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+    120_000_000_000,
+    300_000_000_000,
+    900_000_000_000,
+    1_800_000_000_000,
+];
+const EXECUTION_NS: [u64; BUCKETS] = [
+    100_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    60_000_000_000,
+    300_000_000_000,
+];
+
+/// One shard of a histogram: a count per bucket (not cumulative; the last is `+Inf`) and the sum.
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    #[inline]
+    fn observe(&self, bounds: &[u64; BUCKETS], ns: u64) {
+        // The bucket is the number of bounds below `ns`: a count without branches.
+        let i = bounds.iter().map(|&b| usize::from(b < ns)).sum::<usize>();
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// A histogram added up over the shards.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Per bucket, not cumulative; the last is `+Inf`.
+    pub counts: [u64; BUCKETS + 1],
+    pub sum_ns: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    fn add(&mut self, h: &Histogram) {
+        for (c, a) in self.counts.iter_mut().zip(&h.counts) {
+            *c += a.load(Ordering::Relaxed);
+        }
+        self.sum_ns += h.sum_ns.load(Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    submitted: AtomicU64,
+    outcomes: [AtomicU64; 5],
+    rejected: [AtomicU64; 3],
+    queue_wait: Histogram,
+    execution: Histogram,
+}
+
+/// The metrics of one operation on one engine.
+#[derive(Debug)]
+pub struct OpMetrics {
+    shards: Box<[CachePadded<Shard>]>,
+}
+
+impl Default for OpMetrics {
+    fn default() -> Self {
+        OpMetrics { shards: (0..SHARDS).map(|_| CachePadded::new(Shard::default())).collect() }
+    }
+}
+
+impl OpMetrics {
+    fn shard(&self, thread: usize) -> &Shard {
+        &self.shards[thread % SHARDS]
+    }
+
+    /// A token of this operation was made (on the submitting thread's shard).
+    pub fn submitted(&self, thread: usize) {
+        self.shard(thread).submitted.fetch_add(1, Ordering::Release);
+    }
+
+    /// A call was refused a token.
+    pub fn rejected(&self, thread: usize, why: Rejection) {
+        self.shard(thread).rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A token resolved: its outcome, and for a token that started, its wait
+    /// in the queue (creation to start) and its run (start to finish).
+    pub fn resolved(&self, thread: usize, outcome: Outcome, queue_wait_ns: Option<u64>, execution_ns: Option<u64>) {
+        let s = self.shard(thread);
+        s.outcomes[outcome as usize].fetch_add(1, Ordering::Release);
+        if let Some(ns) = queue_wait_ns {
+            s.queue_wait.observe(&QUEUE_WAIT_NS, ns);
+        }
+        if let Some(ns) = execution_ns {
+            s.execution.observe(&EXECUTION_NS, ns);
+        }
+    }
+
+    /// Tokens made and tokens resolved (by [`Outcome`]), added up: the counters alone.
+    /// Resolutions are read first, so a token counted resolved is counted made.
+    pub fn counts(&self) -> (u64, [u64; 5]) {
+        let mut outcomes = [0u64; 5];
+        for s in self.shards.iter() {
+            for (o, a) in outcomes.iter_mut().zip(&s.outcomes) {
+                *o += a.load(Ordering::Acquire);
+            }
+        }
+        let submitted = self.shards.iter().map(|s| s.submitted.load(Ordering::Acquire)).sum();
+        (submitted, outcomes)
+    }
+
+    /// Every shard added up.
+    pub fn snapshot(&self) -> OpSnapshot {
+        let mut out = OpSnapshot::default();
+        for s in self.shards.iter() {
+            out.submitted += s.submitted.load(Ordering::Relaxed);
+            for (o, a) in out.outcomes.iter_mut().zip(&s.outcomes) {
+                *o += a.load(Ordering::Relaxed);
+            }
+            for (o, a) in out.rejected.iter_mut().zip(&s.rejected) {
+                *o += a.load(Ordering::Relaxed);
+            }
+            out.queue_wait.add(&s.queue_wait);
+            out.execution.add(&s.execution);
+        }
+        out
+    }
+}
+
+/// [`OpMetrics`] added up at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpSnapshot {
+    pub submitted: u64,
+    /// By [`Outcome`].
+    pub outcomes: [u64; 5],
+    /// By [`Rejection`].
+    pub rejected: [u64; 3],
+    pub queue_wait: HistogramSnapshot,
+    pub execution: HistogramSnapshot,
+}
+
+/// One operation as rendered: its labels' values, its counters, its state.
+#[derive(Debug, Clone)]
+pub struct OpView {
+    pub pool: String,
+    pub operation: String,
+    pub metrics: OpSnapshot,
+    pub paused: bool,
+    pub blocked: bool,
+    /// The health class (`unknown`, `excellent`, `healthy`, `at_risk`, `problematic`).
+    pub health: &'static str,
+}
+
+/// One engine's gauges, as rendered.
+#[derive(Debug, Clone, Default)]
+pub struct PoolView {
+    pub pool: String,
+    /// Tokens made and not yet started.
+    pub queued: u64,
+    pub running: u64,
+    /// Running tokens blocked in the kernel (their core units lent).
+    pub blocked: u64,
+    /// (lane, threads): `cpu` workers, `io` threads, `process` workers.
+    pub workers: Vec<(&'static str, u64)>,
+    pub admission_paused: bool,
+}
+
+/// A per-engine gauge: its name, its help, and how to read it from a [`PoolView`].
+type PoolGauge = (&'static str, &'static str, fn(&PoolView) -> u64);
+
+/// The health classes, in the order they are rendered.
+pub const HEALTH_CLASSES: [&str; 5] = ["unknown", "excellent", "healthy", "at_risk", "problematic"];
+
+/// Escapes a label value (backslash, double quote, newline), as the text format asks.
+fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, bounds: &[&str; BUCKETS], h: &HistogramSnapshot) {
+    let mut cumulative = 0u64;
+    for (le, n) in bounds.iter().zip(&h.counts) {
+        cumulative += n;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    cumulative += h.counts[BUCKETS];
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", seconds(h.sum_ns));
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+}
+
+/// Renders engines and their operations in the Prometheus text format: each
+/// family once, with its HELP and TYPE, and a sample per engine (`pool`
+/// label) and operation (`operation` label).
+pub fn render(pools: &[PoolView], ops: &[OpView]) -> String {
+    let mut out = String::with_capacity(1024 + ops.len() * 6 * 1024);
+    let op_labels: Vec<String> =
+        ops.iter().map(|o| format!("pool=\"{}\",operation=\"{}\"", escape(&o.pool), escape(&o.operation))).collect();
+
+    family(&mut out, "tokengate_tokens_submitted_total", "counter", "Tokens made, per operation.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        let _ = writeln!(out, "tokengate_tokens_submitted_total{{{l}}} {}", o.metrics.submitted);
+    }
+    family(&mut out, "tokengate_tokens_completed_total", "counter", "Tokens resolved, per operation and outcome.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        for outcome in Outcome::ALL {
+            let n = o.metrics.outcomes[outcome as usize];
+            let _ = writeln!(out, "tokengate_tokens_completed_total{{{l},outcome=\"{}\"}} {n}", outcome.label());
+        }
+    }
+    family(&mut out, "tokengate_tokens_rejected_total", "counter", "Calls refused a token, per operation and reason.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        for why in Rejection::ALL {
+            let n = o.metrics.rejected[why as usize];
+            let _ = writeln!(out, "tokengate_tokens_rejected_total{{{l},reason=\"{}\"}} {n}", why.label());
+        }
+    }
+    family(&mut out, "tokengate_queue_wait_seconds", "histogram", "Time from a token's creation to the start of its run.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        histogram(&mut out, "tokengate_queue_wait_seconds", l, &QUEUE_WAIT_BOUNDS, &o.metrics.queue_wait);
+    }
+    family(&mut out, "tokengate_execution_seconds", "histogram", "Time from the start of a token's run to its resolution.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        histogram(&mut out, "tokengate_execution_seconds", l, &EXECUTION_BOUNDS, &o.metrics.execution);
+    }
+    family(&mut out, "tokengate_operation_paused", "gauge", "1 while the operation is paused.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        let _ = writeln!(out, "tokengate_operation_paused{{{l}}} {}", u8::from(o.paused));
+    }
+    family(&mut out, "tokengate_operation_blocked", "gauge", "1 while the operation is blocked.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        let _ = writeln!(out, "tokengate_operation_blocked{{{l}}} {}", u8::from(o.blocked));
+    }
+    family(&mut out, "tokengate_operation_health", "gauge", "1 for the operation's health class, 0 for the others.");
+    for (o, l) in ops.iter().zip(&op_labels) {
+        for class in HEALTH_CLASSES {
+            let _ = writeln!(out, "tokengate_operation_health{{{l},class=\"{class}\"}} {}", u8::from(o.health == class));
+        }
+    }
+    let pool_labels: Vec<String> = pools.iter().map(|p| format!("pool=\"{}\"", escape(&p.pool))).collect();
+    let gauges: [PoolGauge; 4] = [
+        ("tokengate_tokens_queued", "Tokens made and not yet started.", |p| p.queued),
+        ("tokengate_tokens_running", "Tokens running now.", |p| p.running),
+        ("tokengate_tokens_blocked", "Running tokens blocked in the kernel (their core units lent).", |p| p.blocked),
+        ("tokengate_admission_paused", "1 while admission of new tokens is paused.", |p| u64::from(p.admission_paused)),
+    ];
+    for (name, help, value) in gauges {
+        family(&mut out, name, "gauge", help);
+        for (p, l) in pools.iter().zip(&pool_labels) {
+            let _ = writeln!(out, "{name}{{{l}}} {}", value(p));
+        }
+    }
+    family(&mut out, "tokengate_workers", "gauge", "Threads or processes that run tokens, per lane.");
+    for (p, l) in pools.iter().zip(&pool_labels) {
+        for (lane, n) in &p.workers {
+            let _ = writeln!(out, "tokengate_workers{{{l},lane=\"{lane}\"}} {n}");
+        }
+    }
+    out
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_their_buckets_and_add_up_across_shards() {
+        let m = OpMetrics::default();
+        m.submitted(0);
+        m.submitted(17);
+        m.resolved(0, Outcome::Ok, Some(50_000), Some(2_000_000)); // 50 us wait, 2 ms run
+        m.resolved(5, Outcome::Error, Some(100_000), Some(100_000)); // on a bound: counted in it
+        m.resolved(9, Outcome::Cancelled, None, None);
+        m.resolved(3, Outcome::Ok, Some(4_000_000_000_000), Some(1_000_000_000_000)); // past the last bounds
+        m.rejected(2, Rejection::MaxPending);
+        let s = m.snapshot();
+        assert_eq!(s.submitted, 2);
+        assert_eq!(s.outcomes, [2, 1, 1, 0, 0]);
+        assert_eq!(s.rejected, [0, 1, 0]);
+        assert_eq!(s.queue_wait.count(), 3);
+        assert_eq!(s.queue_wait.counts[0], 2, "50 us and 100 us are in the 0.0001 s bucket");
+        assert_eq!(s.queue_wait.counts[BUCKETS], 1, "an hour is past 30 minutes: +Inf only");
+        assert_eq!(s.execution.counts[0], 1);
+        assert_eq!(s.execution.counts[3], 1, "2 ms is in the 0.0025 s bucket");
+        assert_eq!(s.queue_wait.sum_ns, 4_000_000_150_000);
+    }
+
+    #[test]
+    fn bounds_in_nanoseconds_match_their_rendered_form() {
+        for (ns, text) in [(&QUEUE_WAIT_NS, &QUEUE_WAIT_BOUNDS), (&EXECUTION_NS, &EXECUTION_BOUNDS)] {
+            assert!(ns.windows(2).all(|w| w[0] < w[1]));
+            for (n, t) in ns.iter().zip(text.iter()) {
+                let seconds: f64 = t.parse().unwrap();
+                assert_eq!(*n, (seconds * 1e9).round() as u64, "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn render_gives_each_family_once_with_cumulative_buckets() {
+        let m = OpMetrics::default();
+        m.submitted(0);
+        m.resolved(0, Outcome::Ok, Some(1_000), Some(3_000_000));
+        let op = |name: &str| OpView {
+            pool: "1".into(),
+            operation: name.into(),
+            metrics: m.snapshot(),
+            paused: false,
+            blocked: true,
+            health: "unknown",
+        };
+        let pools = [PoolView { pool: "1".into(), queued: 3, workers: vec![("cpu", 8), ("io", 0)], ..PoolView::default() }];
+        let text = render(&pools, &[op("a"), op("say \"hi\"\\\n")]);
+        for fam in ["tokengate_tokens_submitted_total", "tokengate_execution_seconds", "tokengate_workers"] {
+            assert_eq!(text.matches(&format!("# TYPE {fam} ")).count(), 1, "{fam}");
+        }
+        assert!(text.contains("tokengate_execution_seconds_bucket{pool=\"1\",operation=\"a\",le=\"0.0025\"} 0\n"));
+        assert!(text.contains("tokengate_execution_seconds_bucket{pool=\"1\",operation=\"a\",le=\"0.005\"} 1\n"));
+        assert!(text.contains("tokengate_execution_seconds_bucket{pool=\"1\",operation=\"a\",le=\"+Inf\"} 1\n"));
+        assert!(text.contains("tokengate_execution_seconds_sum{pool=\"1\",operation=\"a\"} 0.003\n"));
+        assert!(text.contains("operation=\"say \\\"hi\\\"\\\\\\n\""), "label values are escaped");
+        assert!(text.contains("tokengate_operation_blocked{pool=\"1\",operation=\"a\"} 1\n"));
+        assert!(text.contains("tokengate_tokens_queued{pool=\"1\"} 3\n"));
+        assert!(text.contains("tokengate_workers{pool=\"1\",lane=\"cpu\"} 8\n"));
+    }
+}

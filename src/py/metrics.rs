@@ -1,0 +1,65 @@
+//! Prometheus text for the binding: reads engines' books into the views of
+//! `crate::metrics` and renders them, off the GIL. Nothing here runs on the
+//! token paths (those write `OpState::metrics`; see `ledger.rs`).
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use super::engine::{live_engines, Engine, EngineShared};
+use crate::metrics::{render, OpView, PoolView};
+use crate::sync::Ordering;
+
+/// One engine's gauges and its operations' metrics, read now.
+fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
+    let lg = &sh.ledger;
+    let pool = sh.pool.id().to_string();
+    let stats = sh.pool.stats();
+    let running = lg.running() + lg.process_running.load(Ordering::Relaxed).max(0) as u64;
+    let view = PoolView {
+        pool: pool.clone(),
+        queued: lg.unresolved().saturating_sub(running),
+        running,
+        blocked: stats.lent as u64,
+        workers: vec![
+            ("cpu", stats.alive as u64), // spares included
+            ("io", sh.io.stats().threads as u64),
+            ("process", lg.process_workers.load(Ordering::Relaxed)),
+        ],
+        admission_paused: lg.admission_paused.load(Ordering::Relaxed),
+    };
+    let ops = lg
+        .ops()
+        .iter()
+        .map(|op| OpView {
+            pool: pool.clone(),
+            operation: op.name.to_string(),
+            metrics: op.metrics.snapshot(),
+            paused: op.paused.load(Ordering::Relaxed),
+            blocked: op.blocked.load(Ordering::Relaxed),
+            health: op.health.class(),
+        })
+        .collect();
+    (view, ops)
+}
+
+/// The Prometheus text (format 0.0.4) of the given engines, or of every
+/// running engine of this process (`pool` label: the engine's id).
+#[pyfunction]
+#[pyo3(signature = (engines=None))]
+pub(crate) fn render_metrics(py: Python<'_>, engines: Option<Vec<PyRef<'_, Engine>>>) -> String {
+    let engines: Vec<Arc<EngineShared>> = match engines {
+        Some(list) => list.iter().map(|e| e.shared().clone()).collect(),
+        None => live_engines(),
+    };
+    py.detach(|| {
+        let mut pools = Vec::with_capacity(engines.len());
+        let mut ops = Vec::new();
+        for sh in &engines {
+            let (p, o) = views(sh);
+            pools.push(p);
+            ops.extend(o);
+        }
+        render(&pools, &ops)
+    })
+}
