@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs, in a fresh interpreter, without an error.
+"""Every ```python block of README.md and docs/testing.md runs, in a fresh interpreter, without an error.
 
 Each block runs on its own in a child interpreter (with warnings as errors and a
 timeout). A block that builds on the one before it says so with the comment
@@ -25,6 +25,7 @@ import pytest
 pytestmark = pytest.mark.subprocess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = [README, README.parent / "docs" / "testing.md"]
 TIMEOUT = 120
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^\s`]*)")
@@ -83,7 +84,7 @@ def with_main_run(code: str) -> str:
     return code
 
 
-def programs(text: str) -> list[tuple[str, str]]:
+def programs(text: str, name: str = "README.md") -> list[tuple[str, str]]:
     """(id, source) of each program to run: a block, with the blocks marked ``continued`` after it."""
     out: list[tuple[str, list[Block]]] = []
     for block in python_blocks(text):
@@ -91,12 +92,12 @@ def programs(text: str) -> list[tuple[str, str]]:
             continue
         if block.marker == "continued":
             if not out:
-                raise ValueError(f"README.md:{block.line}: 'continued' on the first python block")
+                raise ValueError(f"{name}:{block.line}: 'continued' on the first python block")
             out[-1][1].append(block)
         elif block.marker is None:
-            out.append((f"README.md:{block.line}", [block]))
+            out.append((f"{name}:{block.line}", [block]))
         else:
-            raise ValueError(f"README.md:{block.line}: unknown readme-test marker {block.marker!r}")
+            raise ValueError(f"{name}:{block.line}: unknown readme-test marker {block.marker!r}")
     return [(name, "".join(with_main_run(b.code) for b in blocks)) for name, blocks in out]
 
 
@@ -111,7 +112,8 @@ def run_program(source: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 _TEXT = README.read_text(encoding="utf-8")
-_PROGRAMS = programs(_TEXT)
+_TEXTS = {doc.relative_to(README.parent).as_posix(): doc.read_text(encoding="utf-8") for doc in DOCS}
+_PROGRAMS = [p for name, text in _TEXTS.items() for p in programs(text, name)]
 
 
 def test_the_readme_has_python_examples() -> None:
@@ -119,10 +121,13 @@ def test_the_readme_has_python_examples() -> None:
 
 
 def test_every_skipped_block_says_why() -> None:
-    unexplained = [b.line for b in python_blocks(_TEXT) if b.marker == "skip" and not b.reason]
-    assert not unexplained, (
-        f"README.md lines {unexplained}: a skipped block needs a reason: <!-- readme-test: skip (why) -->"
-    )
+    unexplained = [
+        f"{name}:{b.line}"
+        for name, text in _TEXTS.items()
+        for b in python_blocks(text)
+        if b.marker == "skip" and not b.reason
+    ]
+    assert not unexplained, f"{unexplained}: a skipped block needs a reason: <!-- readme-test: skip (why) -->"
 
 
 @pytest.mark.timeout(TIMEOUT + 30)

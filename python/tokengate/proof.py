@@ -47,7 +47,7 @@ from typing import Any, TextIO
 
 import tokengate
 from tokengate import OperationsCoordinator, task_token_guard
-from tokengate.testing import serial_run
+from tokengate.testing import CpuMeter, serial_run
 
 __all__ = [
     "ORIGINAL_E2E_TOK_S",
@@ -550,39 +550,6 @@ class _Runners:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _CpuMeter:
-    """CPU time other processes used (in CPUs, on average) between two snapshots; Linux only."""
-
-    def __init__(self) -> None:
-        try:
-            self._tick = os.sysconf("SC_CLK_TCK")
-            self.snapshot()
-            self.ok = True
-        except (OSError, ValueError, AttributeError, IndexError):
-            self.ok = False
-
-    def snapshot(self) -> tuple[float, float, float]:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
-        idle = fields[3] + fields[4]
-        t = os.times()
-        return total, idle, (t.user + t.system) * self._tick
-
-    def start(self) -> tuple[float, float, float] | None:
-        return self.snapshot() if self.ok else None
-
-    def other_cpus(self, since: tuple[float, float, float] | None, cpus: int) -> float | None:
-        if since is None:
-            return None
-        total, idle, own = self.snapshot()
-        d_total = total - since[0]
-        if d_total <= 0:
-            return None
-        busy = d_total - (idle - since[1]) - (own - since[2])
-        return max(0.0, busy / (d_total / cpus))
 
 
 def _machine() -> dict[str, Any]:
@@ -1358,7 +1325,7 @@ def run_proof(config: ProofConfig, out: TextIO | None = None) -> dict[str, Any]:
             "see the pure-Python loop set's real speedup.",
             file=out,
         )
-    meter = _CpuMeter()
+    meter = CpuMeter()
     cpus = machine["cpus"]
     load: dict[str, float | None] = {}
     results["other_load_cpus"] = load

@@ -22,21 +22,78 @@ This module does not import tokengate's native extension until it is used.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokengate import OperationsCoordinator
 
-__all__ = ["ConcurrencyReport", "RunFigures", "peak_overlap", "prove_concurrency"]
+__all__ = [
+    "ConcurrencyReport",
+    "CpuMeter",
+    "PriorityReport",
+    "RunFigures",
+    "assert_no_leaks",
+    "peak_overlap",
+    "prove_concurrency",
+    "prove_priority_order",
+]
 
 #: Callables given every report ``prove_concurrency`` makes (the pytest plugin adds one).
 _report_hooks: list[Callable[[ConcurrencyReport], None]] = []
+
+
+class CpuMeter:
+    """CPU time that other processes used (in CPUs, on average) between two snapshots; Linux only
+    (elsewhere ``ok`` is False and readings are None)."""
+
+    def __init__(self) -> None:
+        try:
+            self._tick = os.sysconf("SC_CLK_TCK")
+            self.snapshot()
+            self.ok = True
+        except (OSError, ValueError, AttributeError, IndexError):
+            self.ok = False
+
+    def snapshot(self) -> tuple[float, float, float]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+        idle = fields[3] + fields[4]
+        t = os.times()
+        return total, idle, (t.user + t.system) * self._tick
+
+    def start(self) -> tuple[float, float, float] | None:
+        return self.snapshot() if self.ok else None
+
+    def other_cpus(self, since: tuple[float, float, float] | None, cpus: int) -> float | None:
+        if since is None:
+            return None
+        total, idle, own = self.snapshot()
+        d_total = total - since[0]
+        if d_total <= 0:
+            return None
+        busy = d_total - (idle - since[1]) - (own - since[2])
+        return max(0.0, busy / (d_total / cpus))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+#: Other processes using more CPUs than this during a proof get the report flagged.
+BUSY_MACHINE_CPUS = 0.25
 
 
 def _gil_enabled() -> bool:
@@ -105,6 +162,10 @@ class ConcurrencyReport:
     weight_cap: int = 0
     #: The most tasks that ran at the same moment, over every repeat.
     peak_in_flight: int = 0
+    #: CPUs that other processes kept busy during the proof, on average (None where unknown).
+    other_cpus: float | None = None
+    #: CPUs this process may use.
+    cpus: int = 1
 
     @property
     def max_speedup(self) -> int:
@@ -118,6 +179,34 @@ class ConcurrencyReport:
         """The lowest and highest real speedup over the repeats."""
         values = [r.real_speedup for r in self.runs] or [self.real_speedup]
         return min(values), max(values)
+
+    @property
+    def machine_busy(self) -> bool:
+        """True when other processes used more than :data:`BUSY_MACHINE_CPUS` CPUs during the proof."""
+        return self.other_cpus is not None and self.other_cpus > BUSY_MACHINE_CPUS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as plain data (what ``--tokengate-report=json:PATH`` writes)."""
+        return {
+            "name": self.name,
+            "tasks": self.tasks,
+            "workers": self.workers,
+            "repeat": self.repeat,
+            "gil_enabled": self.gil_enabled,
+            "real_speedup": self.real_speedup,
+            "speedup_spread": list(self.speedup_spread),
+            "max_speedup": self.max_speedup,
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "weight": self.weight,
+            "weight_cap": self.weight_cap,
+            "serial_s": self.serial_s,
+            "wall_s": self.wall_s,
+            "jitter_s": self.jitter_s,
+            "other_cpus": self.other_cpus,
+            "cpus": self.cpus,
+            "one_line": self.one_line(),
+        }
 
     def ceiling(self) -> str:
         """Why the real speedup can be no more than it is here, in words."""
@@ -137,6 +226,7 @@ class ConcurrencyReport:
             f"serial {self.serial_s * 1000:.2f} ms, "
             f"parallel wall {self.wall_s * 1000:.2f} ms, start jitter {self.jitter_s * 1000:.3f} ms"
             + (f" (median of {self.repeat})" if self.repeat > 1 else "")
+            + (f"; machine busy: {self.other_cpus:.2f} CPUs used by other processes" if self.machine_busy else "")
         )
 
     def summary(self) -> str:
@@ -157,6 +247,11 @@ class ConcurrencyReport:
             "  per-task durations (ms):        " + " ".join(f"{d * 1000:.2f}" for d in self.durations_s),
             "  serial durations (ms):          " + " ".join(f"{d * 1000:.2f}" for d in self.serial_durations_s),
         ]
+        if self.machine_busy:
+            lines.append(
+                f"  outside load: other processes kept {self.other_cpus:.2f} of {self.cpus} CPUs busy during the "
+                "proof; the figures are lower than this machine gives when idle"
+            )
         if self.repeat > 1:
             low, high = self.speedup_spread
             lines.append(
@@ -325,6 +420,8 @@ def prove_concurrency(
         if warmup:
             body(*items[0])
             submit(body, items[0], None, engine).result(timeout=timeout)
+        meter = CpuMeter()
+        since = meter.start()
         runs: list[RunFigures] = []
         r = 0
         while r < (repeat or 1) or (repeat is None and len(runs) < SHORT_RUN_REPEATS and runs[0].wall_s < SHORT_RUN_S):
@@ -352,6 +449,7 @@ def prove_concurrency(
                 )
             )
             r += 1
+        other_cpus = meter.other_cpus(since, _cpus())
         total_workers = coordinator.total_workers
         stats = coordinator.get_stats()
         cores = len(stats["pool"]["core_units"])
@@ -381,7 +479,122 @@ def prove_concurrency(
         weight=weight,
         weight_cap=cores * per_core,
         peak_in_flight=max(r.peak_in_flight for r in runs),
+        other_cpus=other_cpus,
+        cpus=_cpus(),
     )
     for hook in _report_hooks:
         hook(report)
     return report
+
+
+# -- leaks ----------------------------------------------------------------------------------
+
+
+def _os_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # pragma: no cover - not Linux
+        return threading.active_count()
+
+
+@contextlib.contextmanager
+def assert_no_leaks(timeout: float = 5.0) -> Iterator[None]:
+    """Fails if the block leaves tokengate running: a coordinator or Executor it started and did not
+    stop, a token of one of them unresolved, or more OS threads than before it (worker threads that
+    were not joined). Waits up to ``timeout`` seconds for things to settle first::
+
+        with assert_no_leaks():
+            with OperationsCoordinator():
+                ...
+    """
+    __tracebackhide__ = True
+    from tokengate import _coordinator
+
+    before = set(_coordinator._live)
+    threads = _os_threads()
+    yield
+    deadline = time.monotonic() + timeout
+
+    def leftovers() -> list[str]:
+        out = []
+        for key, c in list(_coordinator._live.items()):
+            if key in before or not c.is_running:
+                continue
+            unresolved = {op: int(d["pending"]) for op, d in c.get_stats()["operations"].items() if d.get("pending")}
+            what = f"a coordinator ({c.total_workers} workers) still running"
+            if unresolved:
+                what += ", with unresolved tokens: " + ", ".join(f"{op} ({n})" for op, n in sorted(unresolved.items()))
+            out.append(what)
+        extra = _os_threads() - threads
+        if extra > 0:
+            out.append(f"{extra} more OS thread(s) than before (worker threads not joined)")
+        return out
+
+    left = leftovers()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = leftovers()
+    if left:
+        raise AssertionError("tokengate left running after the block: " + "; ".join(left))
+
+
+# -- priorities -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriorityReport:
+    """What :func:`prove_priority_order` saw: the priorities, in the order their calls started."""
+
+    name: str
+    submitted: tuple[int, ...]
+    started: tuple[int, ...]
+
+    @property
+    def expected(self) -> tuple[int, ...]:
+        """Highest priority first; equal priorities in submission order."""
+        return tuple(sorted(self.submitted, key=lambda p: -p))
+
+    def assert_ordered(self) -> PriorityReport:
+        """Fails unless the calls started highest priority first."""
+        __tracebackhide__ = True
+        if self.started != self.expected:
+            raise AssertionError(
+                f"{self.name}: calls started in priority order {list(self.started)}, "
+                f"expected {list(self.expected)} (submitted as {list(self.submitted)})"
+            )
+        return self
+
+
+def prove_priority_order(
+    fn: Callable[..., Any], priorities: Iterable[int], *, arg: Any = None, timeout: float = 30.0
+) -> PriorityReport:
+    """Queues one call ``fn(arg)`` per priority behind a busy single worker, lets the worker go, and
+    reports the order in which the calls started. ``fn`` may be decorated (its body is used)."""
+    from tokengate import OperationsCoordinator, _tokengate, task_token_guard
+
+    prios = list(priorities)
+    spec = getattr(fn, "spec", None)
+    body = getattr(fn, "__wrapped__", fn) if isinstance(spec, _tokengate.OperationSpec) else fn
+    label = getattr(body, "__qualname__", None) or repr(body)
+    release = threading.Event()
+    order: list[int] = []
+
+    gate = task_token_guard(operation_type="prove_priority_order.gate", tags={"weight": "heavy"})(
+        lambda: release.wait(timeout)
+    )
+
+    def record(p: int) -> Any:
+        order.append(p)
+        return body(arg)
+
+    guarded = task_token_guard(operation_type=f"prove_priority_order.{label}", tags={"weight": "heavy"})(record)
+    with OperationsCoordinator(max_workers=1, workers_per_core=1, caller_runs=False) as c:
+        held = gate()
+        while not held.running():
+            time.sleep(0.001)
+        tokens = [guarded.options(priority=p)(p) for p in prios]
+        release.set()
+        for t in [held, *tokens]:
+            t.result(timeout=timeout)
+        del c
+    return PriorityReport(name=label, submitted=tuple(prios), started=tuple(order))
