@@ -10,7 +10,7 @@ shift
 mkdir -p target/ci-logs
 # PATH without any directory that holds cargo or rustc.
 NORUST=$(tr ':' '\n' <<<"$PATH" | while read -r d; do
-  [ -n "$d" ] && [ ! -e "$d/cargo" ] && [ ! -e "$d/rustc" ] && printf '%s:' "$d"
+  if [ -n "$d" ] && [ ! -e "$d/cargo" ] && [ ! -e "$d/rustc" ]; then printf '%s:' "$d"; fi
 done)
 NORUST="${NORUST%:}"
 ROOT="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
@@ -23,7 +23,10 @@ for v in "$@"; do
   ENV="target/fresh-$v"
   LOG="target/ci-logs/install-$v.log"
   rm -rf "$ENV"
+  # -e of its own in the subshell: it is not part of an || list, so a failing step stops it.
+  set +e
   (
+    set -e
     export PATH="$NORUST"
     if command -v cargo >/dev/null || command -v rustc >/dev/null; then
       echo "a Rust toolchain is still on PATH" >&2
@@ -33,7 +36,13 @@ for v in "$@"; do
     "$ENV/bin/python" -m pip install --upgrade --only-binary :all: pip
     "$ENV/bin/python" -m pip install --only-binary :all: "$WHEEL"
     "$ENV/bin/python" -m pip install --only-binary :all: pytest pytest-timeout pytest-asyncio
-  ) >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+  ) >"$LOG" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    cat "$LOG"
+    exit "$rc"
+  fi
   echo "   $v: $(grep -E '^Successfully installed .*tokengate' "$LOG")"
   (cd tests && PATH="$NORUST" "../$ENV/bin/python" -m pytest -q -p no:cacheprovider test_smoke.py test_typing.py -k "not type_checks and not seeded")
 done

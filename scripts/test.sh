@@ -24,7 +24,14 @@ ROOT="$PWD"
 LOGS="target/ci-logs"
 DIST="target/dist"
 mkdir -p "$LOGS"
-STAGES="${TOKENGATE_STAGES:-wheel gates cargo install sdist pytest-3.12 pytest-3.11 pytest-3.13 slow 3.13t}"
+ALL_STAGES="wheel gates cargo install sdist pytest-3.12 pytest-3.11 pytest-3.13 slow 3.13t"
+STAGES="${TOKENGATE_STAGES:-$ALL_STAGES}"
+for s in $STAGES; do
+  if [[ " $ALL_STAGES " != *" $s "* ]]; then
+    echo "unknown stage $s (stages: $ALL_STAGES)" >&2
+    exit 2
+  fi
+done
 SUMMARY=()
 T_START=$SECONDS
 
@@ -110,6 +117,7 @@ run_pytest() {
   "$env/bin/python" -c 'import sys, tokengate; print("   tokengate from", tokengate.__file__, "on", sys.version.split()[0])'
   # The soak test runs 60 s here (20 s when pytest is run by hand).
   # promtool (scripts/fetch-promtool.sh) checks the metrics' text.
+  scripts/fetch-promtool.sh target/tools >/dev/null
   PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
     "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
@@ -133,6 +141,9 @@ WHEEL=$(ls "$DIST"/tokengate-*-cp39-abi3-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$WHEEL" ]; then
   echo "no wheel in $DIST: run the wheel stage" >&2
   exit 1
+fi
+if ! wants wheel && [ -n "$(find src python Cargo.toml pyproject.toml -newer "$WHEEL" -type f -print -quit)" ]; then
+  echo "warning: $WHEEL is older than the sources; add the wheel stage to test them" >&2
 fi
 
 if wants gates; then

@@ -1713,6 +1713,7 @@ class ProcessLane:
         for w in retired:
             self._close(w)
         self._workers = [None] * self.size
+        self.engine._note_process_workers(0)
         try:
             self._sel.close()
         except Exception:

@@ -1326,12 +1326,12 @@ def run_proof(config: ProofConfig, out: TextIO | None = None) -> dict[str, Any]:
             file=out,
         )
     meter = CpuMeter()
-    cpus = machine["cpus"]
+    cpus = getattr(meter, "host_cpus", machine["cpus"])  # the unit of the meter: the host's CPUs
     load: dict[str, float | None] = {}
     results["other_load_cpus"] = load
     snap = meter.start()
     time.sleep(0.3)
-    load["before"] = meter.other_cpus(snap, cpus)
+    load["before"] = meter.other_cpus(snap)
     if load["before"] is not None:
         print(
             f"  Other processes: {load['before']:.2f} of {cpus} CPUs busy just before the run"
@@ -1341,7 +1341,7 @@ def run_proof(config: ProofConfig, out: TextIO | None = None) -> dict[str, Any]:
     whole = meter.start()
 
     def section_load(key: str, since: tuple[float, float, float] | None) -> None:
-        load[key] = meter.other_cpus(since, cpus)
+        load[key] = meter.other_cpus(since)
         if load[key] is not None:
             print(f"\n  (other processes used {load[key]:.2f} of {cpus} CPUs on average during this section)", file=out)
 
@@ -1415,7 +1415,7 @@ def run_proof(config: ProofConfig, out: TextIO | None = None) -> dict[str, Any]:
             _print_waves(results["waves"], out)
             section_load("waves", snap)
             out.flush()
-    load["whole_run"] = meter.other_cpus(whole, cpus)
+    load["whole_run"] = meter.other_cpus(whole)
     results["goals"] = evaluate_goals(results)
     _print_goals(results["goals"], out)
     if load["whole_run"] is not None:

@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,10 @@ class CpuMeter:
 
     def snapshot(self) -> tuple[float, float, float]:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
+            lines = f.readlines()
+        # The first line adds up every CPU of the host, not only those this process may use.
+        self.host_cpus = max(1, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()))
+        fields = [float(x) for x in lines[0].split()[1:]]
         total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
         idle = fields[3] + fields[4]
         t = os.times()
@@ -74,7 +78,8 @@ class CpuMeter:
     def start(self) -> tuple[float, float, float] | None:
         return self.snapshot() if self.ok else None
 
-    def other_cpus(self, since: tuple[float, float, float] | None, cpus: int) -> float | None:
+    def other_cpus(self, since: tuple[float, float, float] | None) -> float | None:
+        """CPUs of the host that other processes kept busy since ``since``, on average."""
         if since is None:
             return None
         total, idle, own = self.snapshot()
@@ -82,7 +87,7 @@ class CpuMeter:
         if d_total <= 0:
             return None
         busy = d_total - (idle - since[1]) - (own - since[2])
-        return max(0.0, busy / (d_total / cpus))
+        return max(0.0, busy / (d_total / self.host_cpus))
 
 
 def _cpus() -> int:
@@ -164,7 +169,7 @@ class ConcurrencyReport:
     peak_in_flight: int = 0
     #: CPUs that other processes kept busy during the proof, on average (None where unknown).
     other_cpus: float | None = None
-    #: CPUs this process may use.
+    #: CPUs of the host (the unit of ``other_cpus``).
     cpus: int = 1
 
     @property
@@ -449,7 +454,7 @@ def prove_concurrency(
                 )
             )
             r += 1
-        other_cpus = meter.other_cpus(since, _cpus())
+        other_cpus = meter.other_cpus(since)
         total_workers = coordinator.total_workers
         stats = coordinator.get_stats()
         cores = len(stats["pool"]["core_units"])
@@ -480,7 +485,7 @@ def prove_concurrency(
         weight_cap=cores * per_core,
         peak_in_flight=max(r.peak_in_flight for r in runs),
         other_cpus=other_cpus,
-        cpus=_cpus(),
+        cpus=getattr(meter, "host_cpus", _cpus()),
     )
     for hook in _report_hooks:
         hook(report)
@@ -510,15 +515,15 @@ def assert_no_leaks(timeout: float = 5.0) -> Iterator[None]:
     __tracebackhide__ = True
     from tokengate import _coordinator
 
-    before = set(_coordinator._live)
+    before = [weakref.ref(c) for c in _coordinator._live.values()]
     threads = _os_threads()
     yield
     deadline = time.monotonic() + timeout
 
     def leftovers() -> list[str]:
         out = []
-        for key, c in list(_coordinator._live.items()):
-            if key in before or not c.is_running:
+        for c in list(_coordinator._live.values()):
+            if any(r() is c for r in before) or not c.is_running:
                 continue
             unresolved = {op: int(d["pending"]) for op, d in c.get_stats()["operations"].items() if d.get("pending")}
             what = f"a coordinator ({c.total_workers} workers) still running"
@@ -588,13 +593,18 @@ def prove_priority_order(
         return body(arg)
 
     guarded = task_token_guard(operation_type=f"prove_priority_order.{label}", tags={"weight": "heavy"})(record)
-    with OperationsCoordinator(max_workers=1, workers_per_core=1, caller_runs=False) as c:
+    # aging: no queued call gains priority by waiting while the others are submitted
+    with OperationsCoordinator(max_workers=1, workers_per_core=1, caller_runs=False, aging=3600.0):
         held = gate()
-        while not held.running():
-            time.sleep(0.001)
-        tokens = [guarded.options(priority=p)(p) for p in prios]
-        release.set()
+        try:
+            deadline = time.monotonic() + timeout
+            while not held.running():
+                if held.done() or time.monotonic() > deadline:
+                    raise RuntimeError(f"prove_priority_order: the worker was not held ({held.state})")
+                time.sleep(0.001)
+            tokens = [guarded.options(priority=p)(p) for p in prios]
+        finally:
+            release.set()
         for t in [held, *tokens]:
             t.result(timeout=timeout)
-        del c
     return PriorityReport(name=label, submitted=tuple(prios), started=tuple(order))

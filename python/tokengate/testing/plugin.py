@@ -7,8 +7,8 @@
   when the test ends are cancelled, and the test fails naming their
   operations, unless the marker says ``allow_unfinished=True``.
 * ``--tokengate-report``: prints every ``prove_concurrency`` report made
-  during the run in the terminal summary; ``--tokengate-report=json:PATH``
-  also writes them to PATH as JSON. Under pytest-xdist the workers send their
+  during the run in the terminal summary; ``--tokengate-report-json PATH``
+  writes them to PATH as JSON. Under pytest-xdist the workers send their
   reports to the controller, which prints and writes them all.
 * ``@pytest.mark.concurrency(min_speedup=, max_in_flight=, min_in_flight=)``
   turns a test into a proof: every ``prove_concurrency`` report it makes must
@@ -55,12 +55,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tokengate", "tokengate concurrency checks")
     group.addoption(
         "--tokengate-report",
-        nargs="?",
-        const="term",
+        action="store_true",
+        default=False,
+        help="print the tokengate.testing.prove_concurrency reports in the terminal summary",
+    )
+    group.addoption(
+        "--tokengate-report-json",
         default=None,
-        metavar="json:PATH",
-        help="print the tokengate.testing.prove_concurrency reports in the terminal summary; "
-        "with =json:PATH also write them to PATH as JSON",
+        metavar="PATH",
+        help="write the tokengate.testing.prove_concurrency reports to PATH as JSON",
     )
     group.addoption(
         "--tokengate-workers",
@@ -82,9 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "concurrency(min_speedup=None, max_in_flight=None, min_in_flight=None): every prove_concurrency() "
         "report of the test must meet these bounds",
     )
-    where = config.getoption("tokengate_report", None)
-    if where not in (None, "term") and not str(where).startswith("json:"):
-        raise pytest.UsageError(f"--tokengate-report takes json:PATH or nothing, not {where!r}")
+
     reports = _Reports()
     config.stash[_reports_key] = reports
     _report_hooks.append(reports)
@@ -107,13 +108,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 _BOUNDS = ("min_speedup", "max_in_flight", "min_in_flight")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    result = yield
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # trylast: pytest's own implementation, which runs the test, has run (and passed) by now.
     marker = item.get_closest_marker("concurrency")
     reports = item.config.stash.get(_reports_key, None)
     if marker is None or reports is None:
-        return result
+        return
     __tracebackhide__ = True
     unknown = set(marker.kwargs) - set(_BOUNDS)
     if marker.args or unknown or not marker.kwargs:
@@ -130,7 +131,6 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             report.assert_in_flight(at_least=marker.kwargs["min_in_flight"])
         if marker.kwargs.get("max_in_flight") is not None:
             report.assert_max_in_flight(marker.kwargs["max_in_flight"])
-    return result
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -194,20 +194,21 @@ def _unfinished(coordinator: OperationsCoordinator) -> dict[str, int]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    where = config.getoption("tokengate_report", None)
-    if where is None or hasattr(config, "workerinput"):
+    term = config.getoption("tokengate_report", False)
+    path = config.getoption("tokengate_report_json", None)
+    if (not term and path is None) or hasattr(config, "workerinput"):
         return
     reports = config.stash.get(_reports_key, None)
     items = reports.items if reports is not None else []
     terminalreporter.section("tokengate concurrency reports")
-    if str(where).startswith("json:"):
-        path = str(where)[len("json:") :]
+    if path is not None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump([{"test": nodeid, **data} for nodeid, data in items], f, indent=2)
         terminalreporter.write_line(f"{len(items)} report(s) written to {path}")
     if not items:
         terminalreporter.write_line("no prove_concurrency() reports in this run")
         return
-    for nodeid, data in items:
-        terminalreporter.write_line(f"{nodeid}")
-        terminalreporter.write_line(f"  {data['one_line']}")
+    if term:
+        for nodeid, data in items:
+            terminalreporter.write_line(f"{nodeid}")
+            terminalreporter.write_line(f"  {data['one_line']}")
