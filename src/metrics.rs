@@ -169,6 +169,8 @@ struct Shard {
     submitted: AtomicU64,
     outcomes: [AtomicU64; 5],
     rejected: [AtomicU64; 3],
+    /// Runs of a body that did not succeed (the execution histogram counts every run).
+    failed_runs: AtomicU64,
     queue_wait: Histogram,
     execution: Histogram,
 }
@@ -201,16 +203,34 @@ impl OpMetrics {
     }
 
     /// A token resolved: its outcome, and for a token that started, its wait
-    /// in the queue (creation to start) and its run (start to finish).
-    pub fn resolved(&self, thread: usize, outcome: Outcome, queue_wait_ns: Option<u64>, execution_ns: Option<u64>) {
+    /// in the queue (creation to start). Its runs are counted by [`OpMetrics::ran`].
+    pub fn resolved(&self, thread: usize, outcome: Outcome, queue_wait_ns: Option<u64>) {
         let s = self.shard(thread);
         s.outcomes[outcome as usize].fetch_add(1, Ordering::Release);
         if let Some(ns) = queue_wait_ns {
             s.queue_wait.observe(&QUEUE_WAIT_NS, ns);
         }
-        if let Some(ns) = execution_ns {
-            s.execution.observe(&EXECUTION_NS, ns);
+    }
+
+    /// A body ran for `ns` (one run per attempt: a retried token runs more than once).
+    pub fn ran(&self, thread: usize, succeeded: bool, ns: u64) {
+        let s = self.shard(thread);
+        s.execution.observe(&EXECUTION_NS, ns);
+        if !succeeded {
+            s.failed_runs.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Runs so far, the failed ones among them, and their total time: what an
+    /// operation's health is made of (see `OpState` in the binding's ledger).
+    pub fn runs(&self) -> RunCounts {
+        let mut out = RunCounts::default();
+        for s in self.shards.iter() {
+            out.runs += s.execution.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+            out.failed += s.failed_runs.load(Ordering::Relaxed);
+            out.total_ns += s.execution.sum_ns.load(Ordering::Relaxed);
+        }
+        out
     }
 
     /// Tokens made and tokens resolved (by [`Outcome`]), added up: the counters alone.
@@ -241,6 +261,25 @@ impl OpMetrics {
             out.execution.add(&s.execution);
         }
         out
+    }
+}
+
+/// Runs of an operation's bodies, added up (see [`OpMetrics::runs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub runs: u64,
+    pub failed: u64,
+    pub total_ns: u64,
+}
+
+impl RunCounts {
+    /// The counts since `base` (an earlier reading).
+    pub fn since(self, base: RunCounts) -> RunCounts {
+        RunCounts {
+            runs: self.runs.saturating_sub(base.runs),
+            failed: self.failed.saturating_sub(base.failed),
+            total_ns: self.total_ns.saturating_sub(base.total_ns),
+        }
     }
 }
 
@@ -402,10 +441,13 @@ mod tests {
         let m = OpMetrics::default();
         m.submitted(0);
         m.submitted(17);
-        m.resolved(0, Outcome::Ok, Some(50_000), Some(2_000_000)); // 50 us wait, 2 ms run
-        m.resolved(5, Outcome::Error, Some(100_000), Some(100_000)); // on a bound: counted in it
-        m.resolved(9, Outcome::Cancelled, None, None);
-        m.resolved(3, Outcome::Ok, Some(4_000_000_000_000), Some(1_000_000_000_000)); // past the last bounds
+        m.resolved(0, Outcome::Ok, Some(50_000)); // 50 us wait
+        m.ran(0, true, 2_000_000); // 2 ms run
+        m.resolved(5, Outcome::Error, Some(100_000)); // on a bound: counted in it
+        m.ran(5, false, 100_000);
+        m.resolved(9, Outcome::Cancelled, None);
+        m.resolved(3, Outcome::Ok, Some(4_000_000_000_000)); // past the last bounds
+        m.ran(3, true, 1_000_000_000_000);
         m.rejected(2, Rejection::MaxPending);
         let s = m.snapshot();
         assert_eq!(s.submitted, 2);
@@ -417,6 +459,9 @@ mod tests {
         assert_eq!(s.execution.counts[0], 1);
         assert_eq!(s.execution.counts[3], 1, "2 ms is in the 0.0025 s bucket");
         assert_eq!(s.queue_wait.sum_ns, 4_000_000_150_000);
+        let runs = m.runs();
+        assert_eq!((runs.runs, runs.failed, runs.total_ns), (3, 1, 1_000_002_100_000));
+        assert_eq!(runs.since(RunCounts { runs: 1, failed: 1, total_ns: 100_000 }).failed, 0);
     }
 
     #[test]
@@ -434,7 +479,8 @@ mod tests {
     fn render_gives_each_family_once_with_cumulative_buckets() {
         let m = OpMetrics::default();
         m.submitted(0);
-        m.resolved(0, Outcome::Ok, Some(1_000), Some(3_000_000));
+        m.resolved(0, Outcome::Ok, Some(1_000));
+        m.ran(0, true, 3_000_000);
         let op = |name: &str| OpView {
             pool: "1".into(),
             operation: name.into(),

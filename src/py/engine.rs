@@ -53,7 +53,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::exceptions::BindError;
 use super::job::{cancel_jobs, IoHost, PyHost, PyJob};
-use super::ledger::{Ledger, OpState, Record};
+use super::ledger::{Health, Ledger, OpState, Record};
 use super::routing::{DomainTable, StickyTable};
 use super::token::LaneKind;
 use super::token::TokenInner;
@@ -946,7 +946,7 @@ impl Engine {
         match self.shared.ledger.find_op(op) {
             Some(state) => {
                 let was = state.blocked.swap(false, Ordering::SeqCst);
-                state.health.reset();
+                state.reset_health();
                 was
             }
             None => false,
@@ -1017,18 +1017,20 @@ impl Engine {
 
 fn health_dict<'py>(py: Python<'py>, op: &OpState) -> PyResult<Bound<'py, PyDict>> {
     let h = &op.health;
+    let c = op.health_counts();
     let d = PyDict::new(py);
-    let attempts = h.attempts();
+    let attempts = c.runs;
+    let successes = c.runs - c.failed.min(c.runs);
     d.set_item("attempts", attempts)?;
-    d.set_item("successes", h.successes.load(Ordering::Relaxed))?;
-    d.set_item("failures", h.failures.load(Ordering::Relaxed))?;
+    d.set_item("successes", successes)?;
+    d.set_item("failures", c.failed.min(c.runs))?;
     d.set_item("timeouts", h.timeouts.load(Ordering::Relaxed))?;
     let secs = |ns: u64| ns as f64 / 1e9;
     d.set_item("min_time", (attempts > 0).then(|| secs(h.min_ns.load(Ordering::Relaxed))))?;
     d.set_item("max_time", (attempts > 0).then(|| secs(h.max_ns.load(Ordering::Relaxed))))?;
-    d.set_item("mean_time", (attempts > 0).then(|| secs(h.total_ns.load(Ordering::Relaxed)) / attempts as f64))?;
-    d.set_item("success_rate", (attempts > 0).then(|| h.successes.load(Ordering::Relaxed) as f64 / attempts as f64))?;
-    d.set_item("health", h.class())?;
+    d.set_item("mean_time", (attempts > 0).then(|| secs(c.total_ns) / attempts as f64))?;
+    d.set_item("success_rate", (attempts > 0).then(|| successes as f64 / attempts as f64))?;
+    d.set_item("health", Health::class(c))?;
     Ok(d)
 }
 

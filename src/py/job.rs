@@ -688,7 +688,7 @@ fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&Wo
     // An attempt that outlived its deadline (or was killed) is not a success;
     // one whose token asyncio cancelled meanwhile counts as it ended.
     let succeeded = state == TokenState::Completed && !matches!(token.core.state(), TokenState::Timeout | TokenState::Killed);
-    token.op().health.record(succeeded, elapsed);
+    token.op().record_run(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
             if try_retry(py, token, call, &engine) {

@@ -32,33 +32,33 @@ use std::sync::{Arc, Weak};
 use crossbeam_utils::CachePadded;
 
 use super::job::PyJob;
-use super::token::TokenInner;
+use super::token::{LaneKind, TokenInner};
 use crate::admission::Limit;
-use crate::metrics::{OpMetrics, Outcome};
+use crate::metrics::{OpMetrics, Outcome, RunCounts};
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
 use crate::token::{now_ns, Stamp, TokenState};
 
 const SHARDS: usize = 32;
 
-/// Health of one operation (the original's Guard House), counted per attempt.
+/// Health of one operation (the original's Guard House), counted per run of its
+/// body (a retried token runs more than once). Runs, failed runs and their total
+/// time are the operation's metrics (sharded by thread, `crate::metrics`) less
+/// what they were at the last reset, so a run adds to one set of counters; the
+/// extremes, timeouts and the danger flag are kept here. See `OpState::record_run`.
 #[derive(Debug, Default)]
 pub(crate) struct Health {
-    pub(crate) successes: AtomicU64,
-    pub(crate) failures: AtomicU64,
     pub(crate) timeouts: AtomicU64,
-    pub(crate) total_ns: AtomicU64,
     pub(crate) min_ns: AtomicU64,
     pub(crate) max_ns: AtomicU64,
+    /// The metrics' run counts at the last reset.
+    base: Mutex<RunCounts>,
+    /// Over 90 % of at least 10 runs failed: set by the run that makes it so, read by
+    /// every submit while `auto_block` is on (one load, no sum over the shards).
+    dangerous: AtomicBool,
 }
 
 impl Health {
-    pub(crate) fn record(&self, ok: bool, ns: u64) {
-        if ok {
-            self.successes.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+    fn note_extremes(&self, ns: u64) {
         // Reads first: the extremes' lines are written only when they move.
         if ns > self.max_ns.load(Ordering::Relaxed) {
             self.max_ns.fetch_max(ns, Ordering::Relaxed);
@@ -76,26 +76,13 @@ impl Health {
         }
     }
 
-    /// Starts counting afresh (after an unblock).
-    pub(crate) fn reset(&self) {
-        for c in [&self.successes, &self.failures, &self.timeouts, &self.total_ns, &self.min_ns, &self.max_ns] {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Attempts counted (successes + failures: one counter less on the hot path).
-    pub(crate) fn attempts(&self) -> u64 {
-        self.successes.load(Ordering::Relaxed) + self.failures.load(Ordering::Relaxed)
-    }
-
-    /// The original's health classes: unknown (< 5 attempts), excellent (>= 95 %
+    /// The original's health classes: unknown (< 5 runs), excellent (>= 95 %
     /// success), healthy (>= 80 %), at_risk (>= 50 %), problematic.
-    pub(crate) fn class(&self) -> &'static str {
-        let attempts = self.attempts();
-        if attempts < 5 {
+    pub(crate) fn class(c: RunCounts) -> &'static str {
+        if c.runs < 5 {
             return "unknown";
         }
-        let rate = self.successes.load(Ordering::Relaxed) as f64 / attempts as f64;
+        let rate = (c.runs - c.failed.min(c.runs)) as f64 / c.runs as f64;
         if rate >= 0.95 {
             "excellent"
         } else if rate >= 0.80 {
@@ -107,10 +94,9 @@ impl Health {
         }
     }
 
-    /// More than 90 % failures over at least 10 attempts.
-    pub(crate) fn is_dangerous(&self) -> bool {
-        let attempts = self.attempts();
-        attempts >= 10 && self.failures.load(Ordering::Relaxed) as f64 > 0.9 * attempts as f64
+    /// More than 90 % failures over at least 10 runs.
+    fn dangerous(c: RunCounts) -> bool {
+        c.runs >= 10 && c.failed as f64 > 0.9 * c.runs as f64
     }
 }
 
@@ -167,6 +153,40 @@ impl BlockingHistory {
 }
 
 impl OpState {
+    /// A run of the body ended (once per attempt), `succeeded` or not, after `ns`.
+    pub(crate) fn record_run(&self, succeeded: bool, ns: u64) {
+        self.metrics.ran(thread_shard(), succeeded, ns);
+        self.health.note_extremes(ns);
+        // The sum over the shards only when the flag may change: a failure, or a
+        // success while it is set (both rare where it matters).
+        if !succeeded || self.health.dangerous.load(Ordering::Relaxed) {
+            self.health.dangerous.store(Health::dangerous(self.health_counts()), Ordering::Relaxed);
+        }
+    }
+
+    /// Runs, failed runs and their time since the last health reset.
+    pub(crate) fn health_counts(&self) -> RunCounts {
+        self.metrics.runs().since(*self.health.base.lock())
+    }
+
+    pub(crate) fn health_class(&self) -> &'static str {
+        Health::class(self.health_counts())
+    }
+
+    /// Over 90 % of at least 10 runs failed since the last reset.
+    pub(crate) fn is_dangerous(&self) -> bool {
+        self.health.dangerous.load(Ordering::Relaxed)
+    }
+
+    /// Starts the health counts afresh (after an unblock); the metrics go on.
+    pub(crate) fn reset_health(&self) {
+        *self.health.base.lock() = self.metrics.runs();
+        for c in [&self.health.timeouts, &self.health.min_ns, &self.health.max_ns] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.health.dangerous.store(false, Ordering::Relaxed);
+    }
+
     fn new(name: Arc<str>, index: u32) -> Self {
         OpState {
             name,
@@ -403,8 +423,13 @@ impl Ledger {
         let started = token.core.time(Stamp::Started);
         let finished = token.core.time(Stamp::Finished);
         let queue_wait = started.zip(created).map(|(s, c)| s.saturating_sub(c));
-        let execution = finished.zip(started).map(|(f, s)| f.saturating_sub(s));
-        token.op().metrics.resolved(thread_shard(), outcome, queue_wait, execution);
+        token.op().metrics.resolved(thread_shard(), outcome, queue_wait);
+        if token.lane == LaneKind::Process {
+            // Its body ran in a worker process: its one run is counted here (a thread's in `job.rs`).
+            if let Some(ns) = finished.zip(started).map(|(f, s)| f.saturating_sub(s)) {
+                token.op().record_run(outcome == Outcome::Ok, ns);
+            }
+        }
         if self.recent_cap > 0 {
             let (worker_id, core_id) = token.core.placement();
             let record = Record {

@@ -37,7 +37,7 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
             metrics: op.metrics.snapshot(),
             paused: op.paused.load(Ordering::Relaxed),
             blocked: op.blocked.load(Ordering::Relaxed),
-            health: op.health.class(),
+            health: op.health_class(),
         })
         .collect();
     (view, ops)

@@ -249,7 +249,7 @@ impl OperationSpec {
             let binding = self.binding_for(engine);
             let op = &binding.op;
             let ledger = &engine.ledger;
-            if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.health.is_dangerous() {
+            if ledger.auto_block.load(Ordering::Relaxed) && !op.blocked.load(Ordering::Relaxed) && op.is_dangerous() {
                 op.blocked.store(true, Ordering::SeqCst);
                 super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
             }
