@@ -392,7 +392,12 @@ pub fn render(pools: &[PoolView], ops: &[OpView]) -> String {
     for (o, l) in ops.iter().zip(&op_labels) {
         histogram(&mut out, "tokengate_queue_wait_seconds", l, &QUEUE_WAIT_BOUNDS, &o.metrics.queue_wait);
     }
-    family(&mut out, "tokengate_execution_seconds", "histogram", "Time from the start of a token's run to its resolution.");
+    family(
+        &mut out,
+        "tokengate_execution_seconds",
+        "histogram",
+        "Time each run of an operation's body took (a retried token runs more than once).",
+    );
     for (o, l) in ops.iter().zip(&op_labels) {
         histogram(&mut out, "tokengate_execution_seconds", l, &EXECUTION_BOUNDS, &o.metrics.execution);
     }

@@ -8,7 +8,7 @@ token); reading them costs one pass over the operations. Families (every sample 
   (``ok``, ``error``, ``cancelled``, ``killed``, ``timeout``), ``tokengate_tokens_rejected_total{reason}``
   (``operation_limit``, ``max_pending``, ``blocked``);
 * histograms ``tokengate_queue_wait_seconds`` (creation to start, buckets up to 30 minutes) and
-  ``tokengate_execution_seconds`` (start to resolution);
+  ``tokengate_execution_seconds`` (each run of the body: a retried token runs more than once);
 * gauges ``tokengate_operation_paused``, ``tokengate_operation_blocked``,
   ``tokengate_operation_health{class}``, ``tokengate_tokens_queued``, ``tokengate_tokens_running``,
   ``tokengate_tokens_blocked``, ``tokengate_admission_paused``, ``tokengate_workers{lane}``.
