@@ -13,13 +13,8 @@ NORUST=$(tr ':' '\n' <<<"$PATH" | while read -r d; do
   if [ -n "$d" ] && [ ! -e "$d/cargo" ] && [ ! -e "$d/rustc" ]; then printf '%s:' "$d"; fi
 done)
 NORUST="${NORUST%:}"
-ROOT="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
 for v in "$@"; do
-  PYBIN=$(ls -d "$ROOT"/versions/"$v".*/bin/python"$v" 2>/dev/null | grep -v 't/bin' | sort -V | tail -1 || true)
-  if [ -z "$PYBIN" ]; then
-    echo "CPython $v is not installed under $ROOT" >&2
-    exit 1
-  fi
+  PYBIN=$(scripts/python-of.sh "$v")
   ENV="target/fresh-$v"
   LOG="target/ci-logs/install-$v.log"
   rm -rf "$ENV"

@@ -39,15 +39,7 @@ wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # python_of 3.12 -> the newest pyenv CPython 3.12.x (GIL build), or fails.
 python_of() {
-  local root
-  root="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
-  local py
-  py=$(ls -d "$root"/versions/"$1".*/bin/python"$1" 2>/dev/null | grep -v 't/bin' | sort -V | tail -1 || true)
-  if [ -z "$py" ]; then
-    echo "CPython $1 is not installed under $root (pyenv install $1)" >&2
-    return 1
-  fi
-  echo "$py"
+  scripts/python-of.sh "$1"
 }
 
 # counts LOG -> what a stage's log says it ran: cargo's "test result" lines added up, else the

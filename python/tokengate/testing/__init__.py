@@ -46,6 +46,7 @@ __all__ = [
     "peak_overlap",
     "prove_concurrency",
     "prove_priority_order",
+    "unfinished_tokens",
 ]
 
 #: Callables given every report ``prove_concurrency`` makes (the pytest plugin adds one).
@@ -320,6 +321,16 @@ class ConcurrencyReport:
         return self
 
 
+def _spec_and_body(fn: Callable[..., Any]) -> tuple[Any, Callable[..., Any]]:
+    """(its OperationSpec, the plain function) of a ``@task_token_guard`` function; (None, fn) else."""
+    from tokengate import _tokengate
+
+    spec = getattr(fn, "spec", None)
+    if isinstance(spec, _tokengate.OperationSpec):
+        return spec, getattr(fn, "__wrapped__")  # noqa: B009 - fn is typed as a plain callable
+    return None, fn
+
+
 def peak_overlap(intervals: Iterable[tuple[float, float]]) -> int:
     """The most intervals (start, finish) that contain one moment; one that finishes as another
     starts does not overlap it."""
@@ -386,18 +397,15 @@ def prove_concurrency(
     The task's own exceptions propagate. Returns a :class:`ConcurrencyReport`.
     """
     import tokengate
-    from tokengate import OperationsCoordinator, _tokengate, task_token_guard
+    from tokengate import OperationsCoordinator, task_token_guard
 
     items = [tuple(x) if unpack else (x,) for x in inputs]
     if not items:
         raise ValueError("prove_concurrency() needs at least one input")
     if repeat is not None and (not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1):
         raise ValueError(f"repeat must be a positive int or None, got {repeat!r}")
-    spec = getattr(fn, "spec", None)
-    if isinstance(spec, _tokengate.OperationSpec):
-        body = getattr(fn, "__wrapped__")  # noqa: B009 - fn is typed as a plain callable
-    else:
-        body = fn
+    spec, body = _spec_and_body(fn)
+    if spec is None:
         label = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         spec = getattr(task_token_guard(operation_type=f"prove_concurrency.{label}")(fn), "spec")  # noqa: B009
     label = name or getattr(body, "__qualname__", None) or getattr(body, "__name__", None) or repr(body)
@@ -502,6 +510,12 @@ def _os_threads() -> int:
         return threading.active_count()
 
 
+def unfinished_tokens(coordinator: OperationsCoordinator) -> dict[str, int]:
+    """Unresolved tokens of a coordinator, per operation (only operations that have some)."""
+    ops = coordinator.get_stats().get("operations", {})
+    return {op: int(d["pending"]) for op, d in ops.items() if d.get("pending")}
+
+
 @contextlib.contextmanager
 def assert_no_leaks(timeout: float = 5.0) -> Iterator[None]:
     """Fails if the block leaves tokengate running: a coordinator or Executor it started and did not
@@ -525,7 +539,7 @@ def assert_no_leaks(timeout: float = 5.0) -> Iterator[None]:
         for c in list(_coordinator._live.values()):
             if any(r() is c for r in before) or not c.is_running:
                 continue
-            unresolved = {op: int(d["pending"]) for op, d in c.get_stats()["operations"].items() if d.get("pending")}
+            unresolved = unfinished_tokens(c)
             what = f"a coordinator ({c.total_workers} workers) still running"
             if unresolved:
                 what += ", with unresolved tokens: " + ", ".join(f"{op} ({n})" for op, n in sorted(unresolved.items()))
@@ -575,11 +589,10 @@ def prove_priority_order(
 ) -> PriorityReport:
     """Queues one call ``fn(arg)`` per priority behind a busy single worker, lets the worker go, and
     reports the order in which the calls started. ``fn`` may be decorated (its body is used)."""
-    from tokengate import OperationsCoordinator, _tokengate, task_token_guard
+    from tokengate import OperationsCoordinator, task_token_guard
 
     prios = list(priorities)
-    spec = getattr(fn, "spec", None)
-    body = getattr(fn, "__wrapped__", fn) if isinstance(spec, _tokengate.OperationSpec) else fn
+    _, body = _spec_and_body(fn)
     label = getattr(body, "__qualname__", None) or repr(body)
     release = threading.Event()
     order: list[int] = []

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import ConcurrencyReport, _report_hooks
+from . import ConcurrencyReport, _report_hooks, unfinished_tokens
 
 if TYPE_CHECKING:
     from tokengate import OperationsCoordinator
@@ -169,7 +169,7 @@ def tokengate_coordinator(request: pytest.FixtureRequest) -> Iterator[Operations
     try:
         yield coordinator
     finally:
-        unfinished = _unfinished(coordinator)
+        unfinished = unfinished_tokens(coordinator)
         if not coordinator.stop(cancel_pending=True, timeout=_STOP_TIMEOUT):
             pytest.fail(
                 f"tokengate_coordinator: worker threads still running {_STOP_TIMEOUT:g} s after stop(); "
@@ -185,12 +185,6 @@ def tokengate_coordinator(request: pytest.FixtureRequest) -> Iterator[Operations
                 "@pytest.mark.tokengate(allow_unfinished=True).",
                 pytrace=False,
             )
-
-
-def _unfinished(coordinator: OperationsCoordinator) -> dict[str, int]:
-    """Unresolved tokens per operation."""
-    ops = coordinator.get_stats().get("operations", {})
-    return {op: int(d["pending"]) for op, d in ops.items() if d.get("pending")}
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
