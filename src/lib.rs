@@ -1,24 +1,18 @@
 //! tokengate: run ordinary Python functions concurrently on a Rust
 //! work-stealing pool.
 //!
-//! * [`pool`]: the engine (crossbeam-deque work stealing, parking_lot
-//!   sleep/wake, core pinning). No Python.
-//! * [`token`]: the token state machine. No Python.
-//! * [`metrics`]: per-operation counters and histograms, and their Prometheus text. No Python.
+//! Two floors, and arrows point down only (`scripts/check-module-graph.py`
+//! checks it in CI):
+//!
+//! * [`engine`]: work stealing, tokens, lanes, timers, admission, books and
+//!   metrics. No Python.
 //! * `py` (feature `python`): the PyO3 binding layer, the only code that
-//!   touches the interpreter.
+//!   touches the interpreter. The Python API (`python/tokengate`) sits on it.
 //!
 //! `unsafe` is denied crate-wide; `py/ffi.rs` alone allows it, for a few
 //! direct CPython C-API calls on the hot path, each with its `SAFETY:` proof.
 
-pub mod admission;
-pub mod error;
-pub mod lane;
-pub mod metrics;
-pub mod pool;
-mod sync;
-pub mod timer;
-pub mod token;
+pub mod engine;
 
 #[cfg(feature = "python")]
 mod py;

@@ -1,5 +1,5 @@
 """asyncio races: cancel versus complete, cancelling awaiting tasks,
-contextvars (misuse row 19), async as_completed timeouts and fn.map from coroutines."""
+contextvars, async as_completed timeouts and fn.map from coroutines."""
 
 from __future__ import annotations
 
@@ -468,7 +468,7 @@ def test_asyncio_gather_of_running_tokens_is_cancelled_at_once(gate: threading.E
         assert tok.result(timeout=WAIT) is True
 
 
-# -- contextvars (row 19) ----------------------------------------------------------------------
+# -- contextvars -------------------------------------------------------------------------------
 
 var: contextvars.ContextVar[str] = contextvars.ContextVar("tokengate_test_var", default="unset")
 

@@ -1,6 +1,6 @@
 """Blocking-aware capacity: a running token that blocks (a barrier, a lock, a queue, a sleep)
 gives its core units back, so ``max_workers=N`` runs N blocking tokens at once, as
-``ThreadPoolExecutor(N)`` does; CPU-bound tokens keep their units (see src/pool/blocking.rs)."""
+``ThreadPoolExecutor(N)`` does; CPU-bound tokens keep their units (see src/engine/pool/blocking.rs)."""
 
 from __future__ import annotations
 

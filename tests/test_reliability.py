@@ -1,20 +1,20 @@
 """Reliability: cancellation storm, no lost results (with stop races and injected panics),
-start/stop churn, big-argument release, and the misuse rows not covered elsewhere.
+start/stop churn, big-argument release, and the misuse cases not covered elsewhere.
 
-Misuse rows of ../shared/reference/reliability-requirements.md section 4 and where they are tested:
+Misuse cases of the reliability requirements, and where each is tested:
 
-* 1, 2 (async/generator callables), 3, 4 (tags), 5 (arity): test_decorator.py
-* 7 (call before start): test_smoke.py ``test_call_without_coordinator_raises``;
-  8 (after stop, stop twice, restart): test_coordinator.py, test_executor.py ``test_run_after_shutdown``,
+* async and generator callables, bad tags, wrong arity: test_decorator.py
+* a call before start: test_smoke.py ``test_call_without_coordinator_raises``; after stop,
+  stop twice, restart: test_coordinator.py, test_executor.py ``test_run_after_shutdown``,
   plus the stop-versus-submit race in :func:`test_no_lost_results` here
-* 9 (nested submit and wait): test_coordinator.py ``test_nested_decorated_calls``
-* 10, 13, 15, 16 (deep recursion, Ctrl-C, fork, interpreter exit): test_subprocess.py
-* 11 (exception inside a task), 12 (injected panics): test_errors.py; 12 mixed with cancels and
+* nested submit and wait: test_coordinator.py ``test_nested_decorated_calls``
+* deep recursion, Ctrl-C, fork, interpreter exit: test_subprocess.py
+* an exception inside a task, injected panics: test_errors.py; panics mixed with cancels and
   stop races: :func:`test_no_lost_results` here
-* 14 (huge arguments): :func:`test_big_argument_released_rss` and :func:`test_arguments_released_weakref` here
-* 17 (coordinator collected without stop): test_executor.py ``test_del_shutdown``
-* 18 (two loops, finished token, self-wait, closed loop): the ``misuse row 18`` section here
-* 19 (contextvars): test_asyncio_races.py
+* huge arguments: :func:`test_big_argument_released_rss` and :func:`test_arguments_released_weakref` here
+* a coordinator collected without stop: test_executor.py ``test_del_shutdown`` and the section here
+* two loops, a finished token, self-wait, a closed loop: the "waiting from the wrong place" section here
+* contextvars: test_asyncio_races.py
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def test_start_stop_churn_long() -> None:
     _churn(10_000)
 
 
-# -- dropped without stop() (row 17) -------------------------------------------------------------
+# -- dropped without stop() ----------------------------------------------------------------------
 
 
 @task_token_guard(operation_type="rel_gated", tags={"weight": "light"})
@@ -470,7 +470,7 @@ def _submit_to(c: OperationsCoordinator, fn: Any, *args: Any) -> Any:
 
 
 def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thread() -> None:
-    # Misuse row 17: a started coordinator garbage-collected without stop(). One that takes
+    # A started coordinator garbage-collected without stop(). One that takes
     # decorated calls is a service that runs until stop() (see test_coordinator.py); this is
     # one that does not (register_global=False, as an Executor's is). Its workers finish
     # what was queued, a token between its retries resolves, one held by a paused operation
@@ -501,7 +501,7 @@ def test_coordinator_dropped_without_stop_resolves_everything_and_leaves_no_thre
         assert n <= base, f"cycle {cycle}: {n} OS threads 2 s after the coordinator was dropped, {base} before"
 
 
-# -- huge arguments (row 14) --------------------------------------------------------------------
+# -- huge arguments -----------------------------------------------------------------------------
 
 
 @task_token_guard(operation_type="rel_size", tags={"weight": "light"})
@@ -546,7 +546,7 @@ class Blob(bytearray):
 
 def test_arguments_released_weakref(gate: threading.Event) -> None:
     with OperationsCoordinator(max_workers=1) as c:
-        # completed: the reference is dropped on completion (row 14), before the token is
+        # completed: the reference is dropped on completion, before the token is
         blob = Blob(1 << 20)
         ref = weakref.ref(blob)
         tok = size_of(blob)
@@ -589,7 +589,7 @@ def test_arguments_released_weakref(gate: threading.Event) -> None:
         assert c.get_stats()["tokens"]["cancelled"] == 1
 
 
-# -- misuse row 18: waiting from the wrong place ------------------------------------------------
+# -- waiting from the wrong place ---------------------------------------------------------------
 
 
 @task_token_guard(operation_type="rel_make")

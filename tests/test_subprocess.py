@@ -195,7 +195,7 @@ sys.exit(1 if bad else 0)
 
 
 def test_fork_under_load_child_never_hangs(tmp_path: Path) -> None:
-    # Misuse row 15 with the pool busy: three threads submit and wait while the main thread
+    # A fork with the pool busy: three threads submit and wait while the main thread
     # forks 20 times (4 of them through multiprocessing's fork context), so locks of the
     # pool, the registry and the allocator may be held at the fork.
     proc = run_script(FORK_UNDER_LOAD_SCRIPT, tmp_path, timeout=240)

@@ -475,7 +475,7 @@ def _gil_enabled() -> bool:
 def _gil_window() -> tuple[int, int] | None:
     """Addresses of the interpreter's runtime state (``_PyRuntime``), where the GIL's
     futexes live: a worker waiting on one waits for the GIL, not blocked (see
-    ``src/pool/blocking.rs``). None without a GIL, or when the symbol cannot be found
+    ``src/engine/pool/blocking.rs``). None without a GIL, or when the symbol cannot be found
     (then the blocking monitor stays off on a GIL build)."""
     if not _gil_enabled():
         return None

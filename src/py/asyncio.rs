@@ -33,7 +33,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
 
-use crate::sync::{AtomicU64, Mutex, Ordering};
+use crate::engine::sync::{AtomicU64, Mutex, Ordering};
 
 static LOOP_WAKES: AtomicU64 = AtomicU64::new(0);
 static LOOP_DELIVERIES: AtomicU64 = AtomicU64::new(0);

@@ -23,12 +23,12 @@ use std::sync::{Arc, Weak};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::engine::EngineShared;
+use super::engine_shared::EngineShared;
 use super::exceptions;
-use super::job::PyJob;
-use super::token::{Outcome, TaskToken, TokenInner};
-use crate::sync::{AtomicUsize, Mutex, Ordering};
-use crate::token::TokenState;
+use super::handle::TaskToken;
+use super::token::{Listener, Outcome, PyJob, TokenInner, Waiter};
+use crate::engine::sync::{AtomicUsize, Mutex, Ordering};
+use crate::engine::token::TokenState;
 
 /// A token waiting for its input tokens.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ impl DepWait {
         let wait =
             Arc::new(DepWait { remaining: AtomicUsize::new(inputs.len() + 1), job: Mutex::new(Some(job)), engine: Arc::downgrade(engine) });
         for input in inputs {
-            if !input.add_if_pending(super::token::Listener::Dependent(wait.clone())) {
+            if !input.add_if_pending(Listener::Waiter(wait.clone())) {
                 wait.remaining.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -84,7 +84,7 @@ impl DepWait {
             job.forget_call();
             return;
         }
-        match job.substitute_inputs(py) {
+        match substitute_inputs(py, &job) {
             Ok(()) => match self.engine.upgrade() {
                 Some(engine) => {
                     let _ = engine.dispatch(py, job);
@@ -93,9 +93,53 @@ impl DepWait {
             },
             Err((input, cause)) => {
                 job.forget_call();
-                let err = exceptions::dependency_failed(py, &input, cause);
+                let err = exceptions::dependency_failed(py, input.id, &input.op().name, input.core.state(), cause);
                 token.resolve(py, |_| true, TokenState::Failed, Some(Outcome::Error(err)));
             }
         }
     }
+}
+
+impl Waiter for DepWait {
+    fn notify(&self, py: Python<'_>) {
+        self.input_done(py);
+    }
+}
+
+/// Replaces input tokens among `job`'s arguments with their values. On a
+/// failed input, returns it with the exception to use as the cause.
+fn substitute_inputs(py: Python<'_>, job: &PyJob) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
+    let token = job.token().clone();
+    let mut guard = token.call.lock();
+    let Some(call) = guard.call.as_mut() else {
+        return Ok(());
+    };
+    let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {
+        match v.cast::<TaskToken>() {
+            Ok(t) => {
+                let inner = t.get().inner.clone();
+                inner.outcome(py, false).map_err(|e| (inner.clone(), e.into_value(py).into_any()))
+            }
+            Err(_) => Ok(v.unbind()),
+        }
+    };
+    let mut args = Vec::new();
+    for a in call.args.bind(py).iter() {
+        args.push(value_of(a)?);
+    }
+    let new_kwargs = match &call.kwargs {
+        Some(kw) => {
+            let d = PyDict::new(py);
+            for (k, v) in kw.bind(py).iter() {
+                let v = value_of(v)?;
+                d.set_item(k, v).map_err(|e| (token.clone(), e.into_value(py).into_any()))?;
+            }
+            Some(d.unbind())
+        }
+        None => None,
+    };
+    let tuple = PyTuple::new(py, args).map_err(|e| (token.clone(), e.into_value(py).into_any()))?;
+    call.args = tuple.unbind();
+    call.kwargs = new_kwargs;
+    Ok(())
 }

@@ -10,7 +10,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyModule;
 
-use crate::error::Error;
+use crate::engine::error::Error;
+use crate::engine::token::TokenState;
 
 /// Errors raised by the binding layer itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,16 +140,11 @@ pub(crate) fn timeout_value(py: Python<'_>, id: u64, op: &str) -> Py<PyAny> {
 
 /// A `DependencyFailedError` for a token whose input token failed, with
 /// `__cause__` set to the input's exception.
-pub(crate) fn dependency_failed(py: Python<'_>, input: &super::token::TokenInner, cause: Py<PyAny>) -> Py<PyAny> {
-    let msg = format!(
-        "input token {} ({}) ended {}: the call that received it never ran",
-        input.id,
-        input.op().name,
-        input.core.state().as_str()
-    );
+pub(crate) fn dependency_failed(py: Python<'_>, input_id: u64, input_op: &str, input_state: TokenState, cause: Py<PyAny>) -> Py<PyAny> {
+    let msg = format!("input token {input_id} ({input_op}) ended {}: the call that received it never ran", input_state.as_str());
     let made = class(py, "DependencyFailedError").and_then(|c| c.call1((msg,))).and_then(|e| {
         e.setattr("__cause__", cause.bind(py))?;
-        e.setattr("input_token_id", input.id)?;
+        e.setattr("input_token_id", input_id)?;
         Ok(e)
     });
     match made {

@@ -1,14 +1,16 @@
 //! Prometheus text for the binding: reads engines' books into the views of
-//! `crate::metrics` and renders them, off the GIL. Nothing here runs on the
+//! `crate::engine::metrics` and renders them, off the GIL. Nothing here runs on the
 //! token paths (those write `OpState::metrics`; see `ledger.rs`).
 
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use super::engine::{live_engines, Engine, EngineShared};
-use crate::metrics::{render, OpView, PoolView};
-use crate::sync::Ordering;
+use super::engine::Engine;
+use super::engine_shared::EngineShared;
+use super::registry::live_engines;
+use crate::engine::metrics::{render, OpView, PoolView};
+use crate::engine::sync::Ordering;
 
 /// One engine's gauges and its operations' metrics, read now.
 fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {

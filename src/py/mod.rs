@@ -1,29 +1,51 @@
 //! The PyO3 binding layer: the only code in the crate that touches Python.
 //!
-//! * `engine`: `Engine` (one running pool of Python-attached workers), the
-//!   registry of active engines, stop and stats.
-//! * `spec`: `OperationSpec`, built once per decorated function; its
-//!   `submit` is the hot path of every decorated call.
-//! * `attach`: at most one pool worker at a time queues on the GIL.
-//! * `job`: what a worker does with one token (attach once, call, capture).
-//! * `token`: `TaskToken`, its outcome, listeners and the await iterator.
-//! * `asyncio`: per-loop completion queues (one loop wake per burst).
-//! * `wait`: the one helper that blocks while detached and polls for Ctrl-C.
-//! * `exceptions`: the single mapping from internal errors to Python exceptions.
-//! * `ffi`: the only `unsafe` code (direct C-API calls for the context copy and run).
+//! Its modules, from the bottom up (a module names only those above it in
+//! this list; `scripts/check-module-graph.py` checks there is no circle):
+//!
+//! * leaves: `exceptions` (the one mapping from errors to Python exceptions),
+//!   `ffi` (the only `unsafe` code: direct C-API calls for the context copy
+//!   and run), `log`, `attach` (at most one worker queues on the GIL; the
+//!   hand-over spins), `asyncio` (per-loop completion queues), `lifecycle`
+//!   (fork and interpreter exit), `durations`, `detached` (the blocking loop
+//!   that polls for Ctrl-C), `call` (the call a token stands for),
+//!   `operation` (what a decorated function's tokens share).
+//! * `token`: a token's shared part, its resolution and listeners, its job.
+//! * `engine_shared`: one running engine: dispatch, timer, convergence, stop.
+//! * `registry`: the running engines that calls submit to; the stop at exit.
+//! * `thread`: per-thread state (the running token, the worker, units held).
+//! * `run`: what a thread does with one token's call.
+//! * `wait`: every way a thread waits for tokens (help while waiting, caller
+//!   runs, lent units, `wait_all`).
+//! * `handle`: `TaskToken` and `TokenAwait`, the token's Python face.
+//! * `deps`: tokens passed as arguments.
+//! * `host`: the threads an engine runs Python on.
+//! * `spec`: `OperationSpec`, whose `submit` is the hot path of every
+//!   decorated call, and `GuardedFunction`.
+//! * `stats`, `engine`: the `Engine` class (start, stop, stats, control plane).
+//! * `metrics`: Prometheus text for every live engine.
 
 mod asyncio;
 mod attach;
+mod call;
 mod deps;
+mod detached;
+mod durations;
 mod engine;
+mod engine_shared;
 mod exceptions;
 mod ffi;
-mod job;
-mod ledger;
+mod handle;
+mod host;
+mod lifecycle;
 mod log;
 mod metrics;
-mod routing;
+mod operation;
+mod registry;
+mod run;
 mod spec;
+mod stats;
+mod thread;
 mod token;
 mod wait;
 
@@ -35,19 +57,19 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_class::<spec::OperationSpec>()?;
     m.add_class::<spec::GuardedFunction>()?;
-    m.add_class::<token::TaskToken>()?;
-    m.add_class::<token::TokenAwait>()?;
+    m.add_class::<handle::TaskToken>()?;
+    m.add_class::<handle::TokenAwait>()?;
     m.add_class::<asyncio::LoopDrain>()?;
-    m.add_function(wrap_pyfunction!(engine::after_fork_in_child, m)?)?;
-    m.add_function(wrap_pyfunction!(engine::begin_interpreter_shutdown, m)?)?;
-    m.add_function(wrap_pyfunction!(engine::active_engine_count, m)?)?;
-    m.add_function(wrap_pyfunction!(job::set_fault_injection, m)?)?;
-    m.add_function(wrap_pyfunction!(job::current_token, m)?)?;
+    m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;
+    m.add_function(wrap_pyfunction!(run::set_fault_injection, m)?)?;
+    m.add_function(wrap_pyfunction!(handle::current_token, m)?)?;
     m.add_function(wrap_pyfunction!(asyncio::loop_stats, m)?)?;
-    m.add_function(wrap_pyfunction!(wait::wait_all, m)?)?;
+    m.add_function(wrap_pyfunction!(handle::wait_all, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::render_metrics, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("MAX_SECONDS", wait::MAX_SECONDS)?;
-    m.add("MAX_WORKERS", crate::pool::MAX_WORKERS)?;
+    m.add("MAX_SECONDS", durations::MAX_SECONDS)?;
+    m.add("MAX_WORKERS", crate::engine::pool::MAX_WORKERS)?;
     Ok(())
 }

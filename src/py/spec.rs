@@ -13,19 +13,26 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
+use super::call::Call;
 use super::deps::{input_tokens, DepWait};
-use super::engine::{current_engine, with_current_engine, Engine, EngineShared, STORAGE_TIERS};
+use super::detached::SIGNAL_POLL;
+use super::durations::{seconds_arg, timeout_arg};
+use super::engine::Engine;
+use super::engine_shared::EngineShared;
 use super::exceptions::BindError;
-use super::job::{Call, FaultSite, PyJob};
-use super::ledger::{thread_shard, Ledger, OpState};
-use super::routing::Route;
-use super::token::{CallOptions, LaneKind, Placement, TaskToken, TokenInner};
-use super::wait::{seconds_arg, timeout_arg};
-use crate::admission::Limit;
-use crate::metrics::Rejection;
-use crate::pool::Weight;
-use crate::sync::{AtomicU64, Mutex, Ordering};
-use crate::token::now_ns;
+use super::handle::TaskToken;
+use super::operation::{CallOptions, SpecShared, STORAGE_TIERS};
+use super::registry::{current_engine, with_current_engine};
+use super::run::{maybe_inject_fault, FaultSite};
+use super::thread::running_token;
+use super::token::{Binding, LaneKind, Ledger, OpState, Placement, PyJob, TokenInner};
+use crate::engine::admission::Limit;
+use crate::engine::ledger::thread_shard;
+use crate::engine::metrics::Rejection;
+use crate::engine::pool::Weight;
+use crate::engine::routing::Route;
+use crate::engine::sync::{AtomicU64, Mutex, Ordering};
+use crate::engine::token::now_ns;
 
 static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -52,47 +59,6 @@ fn next_token_id() -> u64 {
     })
 }
 static DIGEST: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-
-/// What a decorated function's tokens share.
-#[derive(Debug)]
-pub(crate) struct SpecShared {
-    pub(crate) func: Py<PyAny>,
-    pub(crate) operation_type: Py<PyString>,
-    op_name: String,
-    /// A read-only view (`types.MappingProxyType`) of the validated tags.
-    pub(crate) tags: Py<PyAny>,
-    min_pos: usize,
-    max_pos: usize,
-    fast_arity: bool,
-    binder: Option<Py<PyAny>>,
-    defaults: CallOptions,
-    /// Core capacity a token needs (see `src/pool/capacity.rs`).
-    pub(crate) weight: Weight,
-    /// I/O lane tier (`storage_speed`), or None for the CPU pool.
-    storage_tier: Option<usize>,
-    /// `external_calls` of a lead token, as digest input.
-    lead_calls: Option<String>,
-    digest_policy: String,
-}
-
-/// What every token of one operation on one engine shares: one reference
-/// count per token instead of three (these counts are touched by the
-/// submitting thread and the workers alike).
-#[derive(Debug)]
-pub(crate) struct Binding {
-    pub(crate) spec: Arc<SpecShared>,
-    pub(crate) ledger: Arc<Ledger>,
-    pub(crate) op: Arc<OpState>,
-}
-
-impl SpecShared {
-    /// A plain dict copy of the tags.
-    pub(crate) fn tags_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        d.update(self.tags.bind(py).cast::<pyo3::types::PyMapping>()?)?;
-        Ok(d)
-    }
-}
 
 /// How a call waits for admission when a limit is full.
 #[derive(Debug, Clone, Copy)]
@@ -157,8 +123,6 @@ fn admit(
         }
     }
 }
-
-const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Runs `submit` (the submit path of a call of operation `op`); a panic in
 /// it becomes a `RuntimeError` that names it, instead of pyo3's
@@ -284,7 +248,7 @@ impl OperationSpec {
             let taken = Taken::new(Held::Token(inner.clone()));
             ledger.record_submitted(inner.op());
             ledger.register(&inner);
-            super::job::maybe_inject_fault(FaultSite::Submit);
+            maybe_inject_fault(FaultSite::Submit);
             if let Some(t) = opts.timeout {
                 // Checked when the spec or the options were made.
                 let after = Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX);
@@ -321,9 +285,9 @@ impl OperationSpec {
             return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed), is_lead: true, ..Placement::default() });
         }
         // A call made inside a lead (or one of its children) joins its domain.
-        if let Some(parent) = super::job::running_token() {
+        if let Some(parent) = running_token() {
             if let Some(seed) = parent.route.seed() {
-                let here = crate::pool::current_worker().map(|(_, i)| i);
+                let here = crate::engine::pool::current_worker().map(|(_, i)| i);
                 let joined = engine.domains.join(seed, |slot| engine.pool.workers_of_slot(slot), here);
                 if let Some(pinned) = joined {
                     return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed.into()), pinned, ..Placement::default() });

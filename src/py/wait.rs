@@ -1,85 +1,343 @@
-//! The one helper for blocking waits from Python: it releases the
-//! interpreter while it blocks, and wakes every 50 ms to run signal handlers
-//! (so Ctrl-C raises `KeyboardInterrupt` in the waiter within 50 ms).
+//! Waiting for tokens: the one home of every way a thread waits.
+//!
+//! # Protocol
+//!
+//! A thread that waits on an unresolved token (`TokenInner::wait`) takes the
+//! first of these that applies:
+//!
+//! 1. **Help while waiting** (a pool worker, whose task waits on another
+//!    token): it runs queued work inline until the token is done
+//!    (`help_until_done`): the awaited token itself first, if it is still
+//!    queued and may run here, then other queued jobs that fit its core
+//!    (`inline_units`). So a task that waits on tokens it submitted cannot
+//!    deadlock, even with one worker. Nesting stops at `MAX_HELP_DEPTH`; a
+//!    wait that made no progress for `STALL_LIMIT` runs the awaited token
+//!    even beside a heavy one (liveness before the heavy limit).
+//! 2. **Caller runs** (a thread outside the pool, no timeout): it runs the
+//!    token itself when nobody started it (`run_on_caller`), holding core
+//!    units as a worker would (`thread::OUTSIDE_UNITS`).
+//! 3. **Block**: detached, waking every 50 ms for Ctrl-C (`wait_detached`).
+//!    A thread that runs a token for its caller and blocks in a nested wait
+//!    lends that token's core units back to the pool meanwhile (`LentUnits`).
+//!
+//! Spinning: a waiter that saw its token finish spins up to
+//! `attach::ATTACH_DELAY` for the worker to release the interpreter
+//! (`attach::settle_after_wait`), and `await token` spins up to `AWAIT_SPIN`
+//! before it suspends (`handle.rs`).
+//!
+//! `wait_all` waits for many tokens with one block: a `Countdown` registered
+//! on each (a `Listener::Waiter`), woken once by the last resolution.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
+use super::asyncio::running_loop;
+use super::attach::{idle_epoch, settle_after_wait};
+use super::detached::wait_detached;
+use super::durations::timeout_arg;
+use super::engine_shared::EngineShared;
 use super::exceptions::BindError;
+use super::lifecycle::check_not_forked;
+use super::registry::with_current_engine;
+use super::run::{execute, run_call};
+use super::thread::{is_current_token, on_main_thread, on_worker_thread, CHAIN_UNITS, HELP_DEPTH, OUTSIDE_UNITS, WORKER};
+use super::token::{LaneKind, Listener, TokenInner, Waiter};
+use crate::engine::pool::{Job, Weight, WorkerInfo};
+use crate::engine::sync::{AtomicUsize, Condvar, Mutex, Ordering};
+use crate::engine::token::TokenState;
 
-const SIGNAL_POLL: Duration = Duration::from_millis(50);
-
-/// The longest duration a timeout, tag or option may give, in seconds: the
-/// standard library's `threading.TIMEOUT_MAX` on Linux (about 292 years).
-/// Exported as `tokengate._tokengate.MAX_SECONDS`, so that the Python layer
-/// checks the same bound.
-pub(crate) const MAX_SECONDS: f64 = 9_223_372_036.0;
-
-/// Checks a duration setting (a tag, option or constructor argument named
-/// `name`): a positive, finite number of seconds up to `MAX_SECONDS`.
-pub(crate) fn seconds_arg(name: &str, seconds: f64) -> Result<Duration, BindError> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS) {
-        return Err(BindError::Value(format!("{name} must be a positive, finite number of seconds up to {MAX_SECONDS:.0}, got {seconds}")));
+impl TokenInner {
+    /// Blocks (detached, Ctrl-C aware) until done; Err(TimeoutError) after `timeout`.
+    pub(crate) fn wait(self: &Arc<Self>, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        if self.core.is_done() {
+            return Ok(());
+        }
+        check_not_forked()?;
+        if is_current_token(self) {
+            return Err(BindError::SelfWait.into());
+        }
+        let timeout = timeout_arg(timeout)?;
+        if on_worker_thread() {
+            // A task waiting on another token: run queued work meanwhile, so
+            // that nested waits cannot exhaust the workers (help while waiting).
+            return if help_until_done(py, self, timeout)? { Ok(()) } else { Err(BindError::WaitTimeout.into_pyerr(py)) };
+        }
+        // Nobody started it and the caller waits for as long as it takes: it runs the token itself.
+        if timeout.is_none() && run_on_caller(py, self) && self.core.is_done() {
+            return Ok(());
+        }
+        let _lent = LentUnits::lend();
+        let epoch = idle_epoch();
+        let done = wait_detached(py, timeout, |step| {
+            let done = self.core.wait(Some(step));
+            if done {
+                settle_after_wait(epoch);
+            }
+            done
+        })?;
+        if done {
+            Ok(())
+        } else {
+            Err(BindError::WaitTimeout.into_pyerr(py))
+        }
     }
-    // A positive value too small for a nanosecond is one nanosecond (not zero).
-    let duration = Duration::try_from_secs_f64(seconds).map_err(|e| BindError::Value(format!("{name}: {e}")))?;
-    Ok(duration.max(Duration::from_nanos(1)))
 }
 
-/// Converts a Python `timeout` argument (seconds, or None) to a duration.
-pub(crate) fn timeout_arg(timeout: Option<f64>) -> Result<Option<Duration>, BindError> {
-    match timeout {
-        None => Ok(None),
-        Some(t) if t.is_nan() => Err(BindError::Value("timeout must be a number of seconds, not NaN".into())),
-        Some(t) if t <= 0.0 => Ok(Some(Duration::ZERO)),
-        Some(t) if t.is_infinite() => Ok(None),
-        Some(t) => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
+/// Core units a job of `weight` gets to run inline on this worker now, or
+/// None. Light and medium jobs use the units the waiting chain already
+/// holds. A heavy job needs its core to itself: nothing else running on it,
+/// or, once the wait has stalled, no other heavy job there (the waiting
+/// jobs are blocked), so liveness never costs the heavy limit.
+fn inline_units(engine: &EngineShared, info: &WorkerInfo, weight: Weight, stalled: bool) -> Option<u32> {
+    if weight != Weight::Heavy {
+        return Some(engine.pool.units_of(info.index, weight));
     }
+    let held = crate::engine::pool::held_units() + CHAIN_UNITS.with(std::cell::Cell::get);
+    engine.pool.inline_heavy(info.index, held, stalled)
 }
 
-/// Calls `wait(step)` (which blocks up to `step` and returns true when the
-/// awaited condition holds) while detached, until it returns true, the
-/// timeout passes (false) or a signal handler raises (Err).
-pub(crate) fn wait_detached<F>(py: Python<'_>, timeout: Option<Duration>, wait: F) -> PyResult<bool>
-where
-    F: Fn(Duration) -> bool + Sync,
-{
+/// Runs `f` with `units` counted in this thread's chain, then gives them back.
+fn with_chain_units<R>(engine: &EngineShared, info: &WorkerInfo, weight: Weight, units: u32, f: impl FnOnce() -> R) -> R {
+    CHAIN_UNITS.with(|c| c.set(c.get() + units));
+    let out = f();
+    CHAIN_UNITS.with(|c| c.set(c.get() - units));
+    if weight == Weight::Heavy {
+        engine.pool.inline_release(info.index, weight, units);
+    }
+    out
+}
+
+/// Nested waits deeper than this block instead of running more work inline.
+const MAX_HELP_DEPTH: u32 = 200;
+
+/// Waits for `token` on a worker thread, running queued jobs inline meanwhile
+/// (rayon's help-while-waiting), so a task that waits on tokens it submitted
+/// cannot deadlock even with one worker. True when done, false on timeout.
+fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Duration>) -> PyResult<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
+    let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
+        return Ok(token.core.wait(timeout));
+    };
+    let Some(engine) = engine else {
+        return Ok(token.core.wait(timeout));
+    };
+    let weak = Arc::downgrade(&engine);
+    let depth = HELP_DEPTH.with(|d| d.get());
+    let started = Instant::now();
+    let mut last_signal_check = started;
     loop {
-        let step = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()).min(SIGNAL_POLL),
-            None => SIGNAL_POLL,
-        };
-        if py.detach(|| wait(step)) {
+        if token.core.is_done() {
             return Ok(true);
         }
-        py.check_signals()?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(false);
         }
+        let stalled = started.elapsed() >= STALL_LIMIT;
+        // The awaited token itself, if it still waits in a queue and may run here.
+        let runnable_here = token.core.state() == TokenState::Admitted
+            && token.lane == LaneKind::Cpu
+            && token.pinned.is_none_or(|w| w == info.index)
+            && (depth < MAX_HELP_DEPTH || stalled);
+        let units = if runnable_here { inline_units(&engine, &info, token.spec().weight, stalled) } else { None };
+        if let Some(units) = units {
+            let weight = token.spec().weight;
+            let claimed = token.call.lock().call.take();
+            match claimed {
+                Some(call) => {
+                    HELP_DEPTH.with(|d| d.set(depth + 1));
+                    with_chain_units(&engine, &info, weight, units, || {
+                        run_call(py, token.clone(), call, Some(&info), &weak);
+                    });
+                    HELP_DEPTH.with(|d| d.set(depth));
+                }
+                None if weight == Weight::Heavy => engine.pool.inline_release(info.index, weight, units),
+                None => {}
+            }
+            continue;
+        }
+        // Otherwise other queued work that may run here.
+        let other = if depth < MAX_HELP_DEPTH { engine.pool.try_take() } else { None };
+        let fit = other.as_ref().and_then(|job| inline_units(&engine, &info, Job::weight(job), stalled));
+        match (other, fit) {
+            (Some(job), Some(units)) => {
+                let weight = Job::weight(&job);
+                HELP_DEPTH.with(|d| d.set(depth + 1));
+                with_chain_units(&engine, &info, weight, units, || execute(py, job, &info, &weak));
+                HELP_DEPTH.with(|d| d.set(depth));
+            }
+            (Some(job), None) => {
+                // A heavy job that cannot have this core: back to the queues.
+                let back = match job.token().pinned {
+                    Some(w) => engine.pool.submit_to(w, job),
+                    None => engine.pool.submit(job),
+                };
+                drop(back);
+                let step = Duration::from_millis(1);
+                py.detach(|| token.core.wait(Some(step)));
+            }
+            (None, _) => {
+                let step = Duration::from_millis(2);
+                py.detach(|| token.core.wait(Some(step)));
+            }
+        }
+        if last_signal_check.elapsed() >= Duration::from_millis(50) {
+            py.check_signals()?;
+            last_signal_check = Instant::now();
+        }
     }
 }
+
+/// Caller runs: a thread outside the pool that waits, without a timeout, on
+/// a token no worker has started runs the token itself, as a worker would,
+/// instead of waking a worker and sleeping until it is done (as .NET's
+/// `Task.Wait` inlines an unstarted task and `ForkJoinTask.join` runs it).
+/// That saves two thread switches per token (four interpreter hand-overs
+/// under the GIL). True when it ran the token here.
+///
+/// Only where the body cannot tell (what does differ, the thread above all,
+/// is listed in the README's "Caller runs"):
+/// * the coordinator allows it (`caller_runs`, default on), the token waits
+///   in the CPU pool's queues (`ADMITTED`), and neither admission nor its
+///   operation is paused nor the engine stopping;
+/// * the token is not pinned to a worker (sticky anchors, lead domains), not
+///   a lead, has no deadline (a deadline must be able to end the wait), and
+///   is not heavy (a heavy token has its core to itself);
+/// * the waiter is not the main thread (Ctrl-C is delivered there and
+///   belongs to the wait, not to the body), runs no asyncio event loop (the
+///   body would see it) and is not already running a token for its caller
+///   (one level);
+/// * a core has room for the token's units, which the caller holds while it
+///   runs the body (given back while the body blocks in a nested wait, see
+///   `LentUnits`), so the per-core limits hold as for workers.
+///
+/// Whoever takes the call first runs it (`Call` is taken under its lock); a
+/// worker that later pops the spent job drops it without taking the
+/// interpreter (`Job::is_spent`).
+fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
+    if token.core.state() != TokenState::Admitted
+        || token.lane != LaneKind::Cpu
+        || token.pinned.is_some()
+        || token.is_lead
+        || token.deadline_ns.load(Ordering::Relaxed) != 0
+    {
+        return false;
+    }
+    let weight = token.spec().weight;
+    let ledger = token.ledger();
+    if weight == Weight::Heavy
+        || !ledger.caller_runs.load(Ordering::Relaxed)
+        || ledger.admission_paused.load(Ordering::Relaxed)
+        || token.op().paused.load(Ordering::Relaxed)
+        || ledger.stopping.load(Ordering::Relaxed)
+    {
+        return false;
+    }
+    if OUTSIDE_UNITS.with(|u| u.borrow().is_some()) || on_main_thread(py) || has_running_loop(py) {
+        return false;
+    }
+    let Ok(Some(engine)) = with_current_engine(|e| Arc::ptr_eq(&e.ledger, ledger).then(|| Arc::clone(e))) else {
+        return false;
+    };
+    let Some(units) = engine.pool.try_acquire_outside(weight) else {
+        return false;
+    };
+    let Some(call) = token.call.lock().call.take() else {
+        engine.pool.release_outside(&units);
+        return false;
+    };
+    let weak = Arc::downgrade(&engine);
+    OUTSIDE_UNITS.with(|u| *u.borrow_mut() = Some((engine, units)));
+    let _give_back = OutsideRun;
+    run_call(py, token.clone(), call, None, &weak);
+    true
+}
+
+/// Gives the units of a caller's run back when it ends, however it ends.
+struct OutsideRun;
+
+impl Drop for OutsideRun {
+    fn drop(&mut self) {
+        if let Some((engine, units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) {
+            engine.pool.release_outside(&units);
+        }
+    }
+}
+
+/// True when an asyncio event loop runs on this thread (a body run here
+/// would see it, and `asyncio.run()` in the body would fail), or when that
+/// cannot be told.
+fn has_running_loop(py: Python<'_>) -> bool {
+    running_loop(py).map_or(true, |running| running.is_some())
+}
+
+/// While a body that a caller runs (`run_on_caller`) blocks in a nested
+/// wait, its core units go back to the pool: a blocked body uses no core,
+/// and holding them could leave no room for the workers that must run what
+/// it waits for. When the wait ends the body takes units again on a core
+/// with room, else on one where no heavy token runs (`try_retake_outside`);
+/// when every core runs a heavy token (one may have taken the body's core
+/// meanwhile) it waits, detached, up to `STALL_LIMIT`, then goes on beside
+/// one rather than risk never going on (that heavy token may wait on it).
+pub(crate) struct LentUnits(bool);
+
+impl LentUnits {
+    pub(crate) fn lend() -> LentUnits {
+        LentUnits(OUTSIDE_UNITS.with(|u| u.borrow().as_ref().map(|(engine, units)| engine.pool.release_outside(units)).is_some()))
+    }
+}
+
+impl Drop for LentUnits {
+    fn drop(&mut self) {
+        if !self.0 {
+            return;
+        }
+        let Some((engine, mut units)) = OUTSIDE_UNITS.with(|u| u.borrow_mut().take()) else {
+            return;
+        };
+        if !engine.pool.try_retake_outside(&mut units) {
+            let pool = &engine.pool;
+            let units = &mut units;
+            Python::attach(|py| {
+                py.detach(|| {
+                    let deadline = Instant::now() + STALL_LIMIT;
+                    while !pool.try_retake_outside(units) {
+                        if Instant::now() >= deadline {
+                            pool.force_retake_outside(units);
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+            });
+        }
+        OUTSIDE_UNITS.with(|u| *u.borrow_mut() = Some((engine, units)));
+    }
+}
+
+/// How long a waiting task respects core capacity before it runs the awaited token anyway.
+const STALL_LIMIT: Duration = Duration::from_millis(100);
 
 /// A countdown over many tokens: `wait_all` blocks on it once, instead of
-/// waking (and re-taking the GIL) once per token. Starts at 1 for the
-/// registering thread, +1 per token it registers on; each token's
-/// resolution counts down (a `Listener::Latch`), and so does the registrar
-/// once it has registered on every token.
+/// waking (and re-taking the interpreter) once per token. Starts at 1 for the
+/// registering thread, +1 per token it registers on; each token's resolution
+/// counts down (a `Listener::Waiter`), and so does the registrar once it has
+/// registered on every token.
 #[derive(Debug)]
-pub(crate) struct Latch {
-    remaining: crate::sync::AtomicUsize,
-    done: crate::sync::Mutex<bool>,
-    cv: crate::sync::Condvar,
+struct Countdown {
+    remaining: AtomicUsize,
+    done: Mutex<bool>,
+    cv: Condvar,
 }
 
-impl Latch {
+impl Countdown {
     fn new() -> Self {
-        Latch { remaining: crate::sync::AtomicUsize::new(1), done: crate::sync::Mutex::new(false), cv: crate::sync::Condvar::new() }
+        Countdown { remaining: AtomicUsize::new(1), done: Mutex::new(false), cv: Condvar::new() }
     }
 
-    pub(crate) fn count_down(&self) {
-        if self.remaining.fetch_sub(1, crate::sync::Ordering::AcqRel) == 1 {
+    fn count_down(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.done.lock() = true;
             self.cv.notify_all();
         }
@@ -95,33 +353,36 @@ impl Latch {
     }
 }
 
+impl Waiter for Countdown {
+    fn notify(&self, _py: Python<'_>) {
+        self.count_down();
+    }
+}
+
 /// Waits until every token in `tokens` is done: one blocking wait, woken once
 /// by the last resolution. True when all are done; false on timeout, or at
 /// once on a pool worker thread (there the caller waits token by token, so
 /// that waiting runs queued work and nested waits cannot deadlock).
-#[pyfunction]
-#[pyo3(signature = (tokens, timeout=None))]
-pub(crate) fn wait_all(py: Python<'_>, tokens: Vec<Bound<'_, super::token::TaskToken>>, timeout: Option<f64>) -> PyResult<bool> {
+pub(crate) fn wait_all(py: Python<'_>, tokens: &[Arc<TokenInner>], timeout: Option<f64>) -> PyResult<bool> {
     let timeout = timeout_arg(timeout)?;
-    if super::job::on_worker_thread() {
+    if on_worker_thread() {
         return Ok(false);
     }
-    super::engine::check_not_forked()?;
-    let latch = std::sync::Arc::new(Latch::new());
-    for t in &tokens {
-        let inner = &t.get().inner;
+    check_not_forked()?;
+    let countdown = Arc::new(Countdown::new());
+    for inner in tokens {
         if inner.core.is_done() {
             continue;
         }
         // Counted before it is registered: a resolution right after the
         // registration must not bring the count to zero early (the
         // registrar's own 1 also keeps it above zero until the end).
-        latch.remaining.fetch_add(1, crate::sync::Ordering::AcqRel);
-        if !inner.add_if_pending(super::token::Listener::Latch(latch.clone())) {
-            latch.remaining.fetch_sub(1, crate::sync::Ordering::AcqRel);
+        countdown.remaining.fetch_add(1, Ordering::AcqRel);
+        if !inner.add_if_pending(Listener::Waiter(countdown.clone())) {
+            countdown.remaining.fetch_sub(1, Ordering::AcqRel);
         }
     }
-    latch.count_down();
-    let _lent = super::job::LentUnits::lend();
-    wait_detached(py, timeout, |step| latch.wait(step))
+    countdown.count_down();
+    let _lent = LentUnits::lend();
+    wait_detached(py, timeout, |step| countdown.wait(step))
 }

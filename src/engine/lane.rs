@@ -25,8 +25,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::pool::{WorkerHooks, WorkerInfo};
-use crate::sync::{Condvar, Mutex};
+use crate::engine::pool::{WorkerHooks, WorkerInfo};
+use crate::engine::sync::{Condvar, Mutex};
 use std::sync::Arc;
 
 /// What the embedder runs on each lane thread.
@@ -134,7 +134,7 @@ impl<J: Send + 'static> Lane<J> {
                 idle_timeout,
                 max_threads: max_threads.max(1),
                 name: name.into(),
-                stack_size: stack_size.max(crate::pool::MIN_STACK_SIZE),
+                stack_size: stack_size.max(crate::engine::pool::MIN_STACK_SIZE),
             }),
             host,
         }

@@ -1,6 +1,6 @@
 //! Pool configuration: how many workers, how they are pinned, their stacks.
 
-use crate::error::Error;
+use crate::engine::error::Error;
 
 /// Smallest worker stack we accept. A 20,000-deep `json.dumps` overflows
 /// Rust's 2 MiB default thread stack; 8 MiB is what Python's own threads get
@@ -10,7 +10,7 @@ pub const MIN_STACK_SIZE: usize = 8 << 20;
 /// The most worker threads one pool may have.
 pub const MAX_WORKERS: usize = 4096;
 
-/// How a [`crate::pool::Pool`] is built. Validate with [`PoolConfig::validate`].
+/// How a [`crate::engine::pool::Pool`] is built. Validate with [`PoolConfig::validate`].
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Number of worker threads (at least 1).

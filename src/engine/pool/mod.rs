@@ -47,6 +47,10 @@
 mod blocking;
 mod capacity;
 mod config;
+mod job;
+#[cfg(all(target_os = "linux", not(loom)))]
+mod monitor;
+mod shared;
 mod sleep;
 mod topology;
 mod worker;
@@ -58,99 +62,18 @@ use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
 pub use capacity::Weight;
 pub use config::{PoolConfig, MAX_WORKERS, MIN_STACK_SIZE};
+pub use job::Job;
 pub use topology::Topology;
-pub use worker::{current_worker, held_units, WorkerHooks, WorkerInfo, WorkerLoop};
+pub use worker::{current_worker, held_units, Host, WorkerHooks, WorkerInfo, WorkerLoop};
 
-use crate::error::Error;
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
-use blocking::{Run, RunSlot};
+use crate::engine::error::Error;
+use crate::engine::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use blocking::RunSlot;
 use capacity::CoreSlot;
+use shared::{ExitGuard, PrioEntry, PrioQueues, Shared};
 use sleep::Sleep;
 
-/// What the pool needs to know about a job.
-pub trait Job: Send + 'static {
-    /// How much of a core it needs (see `capacity.rs`).
-    fn weight(&self) -> Weight {
-        Weight::Light
-    }
-
-    /// When it was submitted (`crate::token::now_ns` units), if known: lets
-    /// the pool age the FIFO queue against the priority heap.
-    fn submitted_ns(&self) -> Option<u64> {
-        None
-    }
-
-    /// Called by a worker that found this job while idle, before it leaves
-    /// its idle state (for the Python binding: before it re-attaches to the
-    /// interpreter). The binding waits there a few microseconds for the
-    /// submitting thread to release the interpreter, instead of blocking on
-    /// it and paying a thread wake-up.
-    fn before_idle_run(&self) {}
-
-    /// True when the job's work was already done elsewhere (the Python
-    /// binding: a waiter ran the token itself). An idle worker that finds
-    /// such a job drops it and looks on, without leaving its idle state; a
-    /// busy one drops a heavy one before it takes the core for it.
-    fn is_spent(&self) -> bool {
-        false
-    }
-}
-
-/// What the embedder runs on each worker thread.
-pub trait Host<J>: Send + Sync + 'static {
-    /// Runs the worker's whole life; must call `worker.run(hooks)` once.
-    fn run_worker(&self, worker: WorkerLoop<J>);
-}
-
 static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// State shared by a pool's handle and its workers.
-pub(crate) struct Shared<J> {
-    id: u64,
-    injector: Injector<J>,
-    stealers: Vec<Stealer<J>>,
-    sleep: Sleep,
-    terminate: AtomicBool,
-    config: PoolConfig,
-    alive: Mutex<usize>,
-    exited: Condvar,
-    panics: AtomicU64,
-    /// Written by every submit: on a cache line of its own (workers read the fields around it).
-    submitted: crossbeam_utils::CachePadded<AtomicU64>,
-    pinned: Vec<AtomicUsize>,
-    /// Workers that have applied their core pinning (start waits for all).
-    ready: AtomicUsize,
-    prio: Mutex<PrioQueues<J>>,
-    prio_len: AtomicUsize,
-    /// Estimated submission time of the oldest job in the FIFO queues.
-    fifo_head_ns: AtomicU64,
-    /// One core slot per core in use; worker `i` belongs to slot `i % cores.len()`.
-    cores: Vec<CoreSlot>,
-    /// Active workers per core (the adaptive pattern); workers of a higher rank only run their inbox.
-    active_per_core: AtomicU32,
-    /// Jobs whose weight did not fit the core of the worker that found them.
-    deferred: Mutex<std::collections::VecDeque<(J, Weight)>>,
-    deferred_len: AtomicUsize,
-    draining: AtomicUsize,
-    /// Per-worker queues of jobs that must run on that worker (not stealable).
-    inboxes: Vec<Injector<J>>,
-    heavy_peak: AtomicUsize,
-    heavy_now: AtomicUsize,
-    /// What each worker runs now (see `blocking.rs`).
-    runs: Vec<RunSlot>,
-    /// Runs whose units were lent so far (blocked jobs).
-    lends: AtomicU64,
-    /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
-    monitor_parked: AtomicBool,
-    monitor_thread: Mutex<Option<std::thread::Thread>>,
-    /// Runs a spare worker's loop (the embedder's `Host::run_worker`; see `spawn_spare`).
-    run_spare: Box<dyn Fn(WorkerLoop<J>) + Send + Sync>,
-    /// Indices `workers..workers + spare_threads` free for a spare worker.
-    spare_free: Mutex<Vec<usize>>,
-    spares_peak: AtomicUsize,
-    /// Join handles of spare workers (finished ones are dropped as new ones start).
-    spare_handles: Mutex<Vec<JoinHandle<()>>>,
-}
 
 /// Core units held by a job that runs outside the pool (`Pool::try_acquire_outside`).
 #[derive(Debug)]
@@ -159,326 +82,6 @@ pub struct OutsideUnits {
     slot: usize,
     weight: Weight,
     units: u32,
-}
-
-/// A job with a priority (see the module docs for the key).
-struct PrioEntry<J> {
-    key: i128,
-    seq: u64,
-    job: J,
-}
-
-impl<J> PrioEntry<J> {
-    /// Whether `self` runs before `other`: larger key first, then the older (lower) sequence number.
-    fn before(&self, other: &Self) -> bool {
-        (self.key, std::cmp::Reverse(self.seq)) > (other.key, std::cmp::Reverse(other.seq))
-    }
-}
-
-/// The jobs queued with a priority: one FIFO per priority level.
-///
-/// Keys are computed under the queue's lock from a monotonic clock, so within
-/// one level they never rise in submission order: each level's head is its
-/// best job and the best job overall is the best head. Push and pop cost
-/// O(levels) (a handful), where a binary heap over all jobs costs O(log n)
-/// scattered cache misses per pop (measured: +30 % on the bulk path with
-/// 100k queued priority tokens).
-struct PrioQueues<J> {
-    levels: std::collections::BTreeMap<i64, std::collections::VecDeque<PrioEntry<J>>>,
-    len: usize,
-}
-
-impl<J> PrioQueues<J> {
-    fn new() -> Self {
-        PrioQueues { levels: std::collections::BTreeMap::new(), len: 0 }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn push(&mut self, priority: i64, entry: PrioEntry<J>) {
-        self.levels.entry(priority).or_default().push_back(entry);
-        self.len += 1;
-    }
-
-    /// The level whose head runs first.
-    fn best_level(&self) -> Option<i64> {
-        let mut best: Option<(i64, &PrioEntry<J>)> = None;
-        for (&level, queue) in &self.levels {
-            if let Some(head) = queue.front() {
-                if best.is_none_or(|(_, b)| head.before(b)) {
-                    best = Some((level, head));
-                }
-            }
-        }
-        best.map(|(level, _)| level)
-    }
-
-    #[cfg(test)]
-    fn peek(&self) -> Option<&PrioEntry<J>> {
-        self.best_level().and_then(|level| self.levels.get(&level)?.front())
-    }
-
-    fn pop(&mut self) -> Option<PrioEntry<J>> {
-        self.pop_if(|_| true)
-    }
-
-    /// Pops the job that runs first if `take(it)` agrees (one search for both).
-    fn pop_if(&mut self, take: impl FnOnce(&PrioEntry<J>) -> bool) -> Option<PrioEntry<J>> {
-        let level = self.best_level()?;
-        let queue = self.levels.get_mut(&level)?;
-        if !take(queue.front()?) {
-            return None;
-        }
-        let entry = queue.pop_front();
-        if queue.is_empty() {
-            self.levels.remove(&level);
-        }
-        if entry.is_some() {
-            self.len -= 1;
-        }
-        entry
-    }
-}
-
-impl<J: Job> Shared<J> {
-    fn has_work(&self) -> bool {
-        self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
-    }
-
-    fn slot_of(&self, worker: usize) -> usize {
-        worker % self.cores.len()
-    }
-
-    /// True when worker `index` is inside the active pattern. Every worker
-    /// of a core whose job is blocked (its units lent) makes room in the
-    /// pattern for one more of that core.
-    fn is_active(&self, index: usize) -> bool {
-        let lent = self.cores[self.slot_of(index)].lent();
-        (index / self.cores.len()) < (self.active_per_core.load(Ordering::Relaxed).saturating_add(lent)) as usize
-    }
-
-    /// The job of worker `index` is blocked (run `seen`, still `RUNNING`):
-    /// its units go back to its core, and a worker is woken for queued work.
-    /// False when the run ended or changed meanwhile.
-    ///
-    /// Only units are lent: a heavy job stays counted as its core's heavy job
-    /// (`heavy_running`), so no other heavy job starts there meanwhile, and a
-    /// heavy job keeps its core's CPU to itself once it runs again.
-    pub(crate) fn lend(shared: &Arc<Self>, index: usize, seen: Run) -> bool {
-        let slot = &shared.cores[shared.slot_of(index)];
-        // Counted before the word moves: a worker ending the run at once
-        // settles the loan (`end_loan`) and must not find the count at 0.
-        slot.lend();
-        if !shared.runs[index].try_lend(seen) {
-            slot.end_loan();
-            return false;
-        }
-        slot.release(seen.units);
-        shared.lends.fetch_add(1, Ordering::Relaxed);
-        shared.notify_work();
-        Self::ensure_taker(shared);
-        true
-    }
-
-    /// Work is queued and no worker is searching for it (none was woken: all
-    /// are running, blocked, or cannot take it): start a spare worker, if the
-    /// pool may. Called by the monitor after a lend.
-    fn ensure_taker(shared: &Arc<Self>) {
-        if shared.config.spare_threads == 0 || shared.terminate.load(Ordering::SeqCst) {
-            return;
-        }
-        let queued = shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0;
-        if !queued || shared.sleep.counts().0 > 0 {
-            return;
-        }
-        Self::spawn_spare(shared);
-    }
-
-    /// Starts a spare worker on a free index (none free: false). It has no
-    /// deque (it takes one job at a time, so a spare that blocks holds no
-    /// batch), no inbox and no pinning, and exits after `spare_idle` without work.
-    fn spawn_spare(this: &Arc<Self>) -> bool {
-        let Some(index) = this.spare_free.lock().pop() else {
-            return false;
-        };
-        *this.alive.lock() += 1;
-        this.spares_peak.fetch_max(this.spares(), Ordering::Relaxed);
-        let shared = this.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("{}-{index}", this.config.thread_name))
-            .stack_size(this.config.stack_size)
-            .spawn(move || {
-                shared.runs[index].tid.store(blocking::current_tid(), Ordering::Release);
-                let info = WorkerInfo { index, core: None, pool_id: shared.id };
-                let exit_guard = ExitGuard(&shared);
-                let spare_guard = SpareGuard(&shared, index);
-                (shared.run_spare)(WorkerLoop { info, local: None, shared: shared.clone() });
-                drop(spare_guard);
-                drop(exit_guard);
-            });
-        match spawned {
-            Ok(handle) => {
-                let mut handles = this.spare_handles.lock();
-                handles.retain(|h| !h.is_finished());
-                handles.push(handle);
-                true
-            }
-            Err(_) => {
-                this.spare_free.lock().push(index);
-                let mut alive = this.alive.lock();
-                *alive -= 1;
-                this.exited.notify_all();
-                false
-            }
-        }
-    }
-
-    /// Spare workers running now.
-    fn spares(&self) -> usize {
-        self.config.spare_threads - self.spare_free.lock().len()
-    }
-
-    /// The lent job of worker `index` (run `seen`) runs again: it takes its
-    /// units back, past the budget if need be (nothing is pre-empted; the
-    /// core starts nothing new until it has room). False when the run ended.
-    pub(crate) fn retake(&self, index: usize, seen: Run) -> bool {
-        let slot = &self.cores[self.slot_of(index)];
-        slot.force_acquire(seen.units);
-        if self.runs[index].try_retake(seen) {
-            slot.end_loan();
-            return true;
-        }
-        // The run ended while lent: the worker settled the loan, nothing is
-        // owed. Meanwhile the core looked full: wake a worker for queued work.
-        slot.release(seen.units);
-        if self.has_work() {
-            self.notify_work();
-        }
-        false
-    }
-
-    /// With a reduced adaptive pattern, a backlog (queued plus deferred jobs
-    /// beyond the active workers) restores every worker at once.
-    #[inline]
-    pub(crate) fn restore_pattern_if_backlogged(&self) {
-        let active = self.active_per_core.load(Ordering::Relaxed);
-        if active < self.config.units_per_core {
-            let waiting = self.injector.len() + self.deferred_len.load(Ordering::Relaxed);
-            if waiting > active as usize * self.cores.len() || self.deferred_len.load(Ordering::Relaxed) > 0 {
-                let prev = self.active_per_core.swap(u32::MAX, Ordering::SeqCst);
-                if prev != u32::MAX {
-                    self.sleep.wake_all_idle();
-                }
-            }
-        }
-    }
-
-    /// Whether worker `index` could take shared (not pinned) work now.
-    pub(crate) fn can_take_shared(&self, index: usize) -> bool {
-        if !self.is_active(index) {
-            return false;
-        }
-        let slot = &self.cores[self.slot_of(index)];
-        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
-        let used = slot.used();
-        if slot.draining.load(Ordering::Relaxed) {
-            return used == 0 && self.deferred_len.load(Ordering::SeqCst) > 0;
-        }
-        used < budget
-    }
-
-    /// `core` stops draining (if it was).
-    fn end_draining(&self, core: &CoreSlot) {
-        if core.draining.swap(false, Ordering::AcqRel) {
-            self.draining.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// A heavy job started on `core` or turned out spent there: `core`
-    /// stops draining, and so does every other core unless a heavy job is
-    /// still deferred (a core drains for a heavy job that waits, not for one
-    /// that found room, whichever core it found it on).
-    pub(crate) fn heavy_job_settled(&self, core: &CoreSlot) {
-        self.end_draining(core);
-        if self.draining.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let deferred = self.deferred.lock();
-        if deferred.iter().any(|(_, w)| *w == Weight::Heavy) {
-            return;
-        }
-        for core in &self.cores {
-            self.end_draining(core);
-        }
-        drop(deferred);
-        if self.has_work() {
-            self.notify_work();
-        }
-    }
-
-    /// Wakes the blocking monitor if it parked.
-    fn wake_monitor(&self) {
-        if self.monitor_parked.load(Ordering::SeqCst) {
-            if let Some(t) = self.monitor_thread.lock().as_ref() {
-                t.unpark();
-            }
-        }
-    }
-
-    /// Wakes one parked worker that can take shared work, if none is searching.
-    pub(crate) fn notify_work(&self) {
-        self.sleep.notify_work(|i| self.can_take_shared(i));
-    }
-
-    /// Work that worker `index` could take now (used before it parks).
-    fn has_work_for(&self, index: usize) -> bool {
-        if self.inboxes.get(index).is_some_and(|inbox| !inbox.is_empty()) {
-            return true;
-        }
-        if !self.is_active(index) {
-            return false;
-        }
-        let slot = &self.cores[self.slot_of(index)];
-        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
-        let room = slot.used() < budget;
-        (room && !slot.draining.load(Ordering::Relaxed) && self.has_work())
-            || (self.deferred_len.load(Ordering::SeqCst) > 0 && (room || slot.used() == 0))
-    }
-
-    fn now_ns(&self) -> i128 {
-        i128::from(crate::token::now_ns())
-    }
-
-    fn fifo_nonempty(&self) -> bool {
-        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
-    }
-
-    /// Records the submission time of a job just taken from the FIFO queues
-    /// (the next one was submitted no earlier).
-    fn note_fifo_pop(&self, job: &J)
-    where
-        J: Job,
-    {
-        if let Some(t) = job.submitted_ns() {
-            self.fifo_head_ns.store(t, Ordering::Relaxed);
-        }
-    }
-
-    /// Pops the heap's top; with `only_urgent`, only if it outranks the
-    /// oldest job of the FIFO queues (a priority-0 job of that age).
-    fn take_prio(&self, only_urgent: bool) -> Option<J> {
-        if self.prio_len.load(Ordering::SeqCst) == 0 {
-            return None;
-        }
-        let fifo_key = -i128::from(self.fifo_head_ns.load(Ordering::Relaxed));
-        let fifo_waiting = only_urgent && self.fifo_nonempty();
-        let mut heap = self.prio.lock();
-        let entry = heap.pop_if(|top| !(fifo_waiting && top.key <= fifo_key))?;
-        self.prio_len.store(heap.len(), Ordering::SeqCst);
-        Some(entry.job)
-    }
 }
 
 /// Counters describing a pool at one moment.
@@ -581,7 +184,10 @@ impl<J: Job> Pool<J> {
             monitor_thread: Mutex::new(None),
             run_spare: {
                 let host = host.clone();
-                Box::new(move |worker| host.run_worker(worker))
+                Box::new(move |shared: &Arc<Shared<J>>, index| {
+                    let info = WorkerInfo { index, core: None, pool_id: shared.id };
+                    host.run_worker(WorkerLoop { info, local: None, shared: shared.clone() });
+                })
             },
             spare_free: Mutex::new((config.workers..threads).rev().collect()),
             spares_peak: AtomicUsize::new(0),
@@ -630,7 +236,7 @@ impl<J: Job> Pool<J> {
             // After the workers are ready: it reads their thread ids. Without
             // it the pool still works, with units bound to running jobs. It
             // exits after the last worker; `join` joins it with them.
-            if let Ok(handle) = blocking::start_monitor(pool.shared.clone()) {
+            if let Ok(handle) = monitor::start_monitor(pool.shared.clone()) {
                 pool.handles.lock().push(handle);
             }
         }
@@ -660,7 +266,7 @@ impl<J: Job> Pool<J> {
         }
         if self.shared.injector.is_empty() {
             // Aging compares the heap against the FIFO head: stamp a fresh head.
-            let t = job.submitted_ns().unwrap_or_else(crate::token::now_ns);
+            let t = job.submitted_ns().unwrap_or_else(crate::engine::token::now_ns);
             self.shared.fifo_head_ns.store(t, Ordering::Relaxed);
         }
         self.shared.injector.push(job);
@@ -1058,27 +664,6 @@ impl<J> StealFrom<'_, J> {
             StealFrom::Stealer(s) => s.steal(),
             StealFrom::Injector(i) => i.steal(),
         }
-    }
-}
-
-/// Gives a spare worker's index back when its thread ends (even by a panic).
-struct SpareGuard<'a, J>(&'a Shared<J>, usize);
-
-impl<J> Drop for SpareGuard<'_, J> {
-    fn drop(&mut self) {
-        self.0.runs[self.1].tid.store(0, Ordering::Release);
-        self.0.spare_free.lock().push(self.1);
-    }
-}
-
-/// Marks a worker as exited even if the embedder's `run_worker` panics.
-struct ExitGuard<'a, J>(&'a Shared<J>);
-
-impl<J> Drop for ExitGuard<'_, J> {
-    fn drop(&mut self) {
-        let mut alive = self.0.alive.lock();
-        *alive -= 1;
-        self.0.exited.notify_all();
     }
 }
 

@@ -13,9 +13,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crossbeam_deque::{Steal, Worker};
 
 use super::capacity::{CoreSlot, Weight};
+use super::job::Job;
+use super::shared::Shared;
 use super::sleep::Woke;
-use super::{Job, Shared};
-use crate::sync::Ordering;
+use crate::engine::sync::Ordering;
 
 thread_local! {
     /// (pool id, worker index) of the pool worker running on this thread.
@@ -62,7 +63,7 @@ pub struct WorkerLoop<J> {
     /// The worker's own deque; None for a spare worker (it takes one job at a
     /// time, so that a spare whose job blocks holds no batch of queued jobs).
     pub(super) local: Option<Worker<J>>,
-    pub(super) shared: crate::sync::Arc<Shared<J>>,
+    pub(super) shared: crate::engine::sync::Arc<Shared<J>>,
 }
 
 impl<J> std::fmt::Debug for WorkerLoop<J> {
@@ -401,4 +402,10 @@ fn backoff(round: u32) {
     for _ in 0..(1u32 << round.min(6)) {
         std::hint::spin_loop();
     }
+}
+
+/// What the embedder runs on each worker thread.
+pub trait Host<J>: Send + Sync + 'static {
+    /// Runs the worker's whole life; must call `worker.run(hooks)` once.
+    fn run_worker(&self, worker: WorkerLoop<J>);
 }

@@ -18,7 +18,7 @@ use std::collections::BinaryHeap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::sync::{Condvar, Mutex};
+use crate::engine::sync::{Condvar, Mutex};
 use std::sync::Arc;
 
 struct Entry<T> {

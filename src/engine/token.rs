@@ -29,7 +29,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Condvar, Mutex, MutexGuard, Ordering};
+use crate::engine::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Lifecycle state of a token (the original's eight states plus `Cancelled`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -22,8 +22,8 @@ use std::fmt::Write as _;
 
 use crossbeam_utils::CachePadded;
 
-use crate::sync::{AtomicU64, Ordering};
-use crate::token::TokenState;
+use crate::engine::sync::{AtomicU64, Ordering};
+use crate::engine::token::TokenState;
 
 /// Shards per operation (a thread's index is taken modulo this).
 pub const SHARDS: usize = 16;

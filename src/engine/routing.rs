@@ -8,8 +8,8 @@
 //! `(worker, in_flight)`. The first token of a key picks the active worker
 //! with the fewest pinned keys; later tokens of that key go to the same
 //! worker's inbox (never stolen). Each token's resolution decrements
-//! `in_flight` (`Route::release`, called exactly once from
-//! `Ledger::record_resolved`), and the key is removed at zero, whatever the
+//! `in_flight` (`Route::release`, called exactly once, by the resolution
+//! itself: `TokenInner::resolve*` in `src/py/token.rs`), and the key is removed at zero, whatever the
 //! way the token ended (the original leaked pins of tokens with arguments).
 //!
 //! # Lead domains
@@ -26,11 +26,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::sync::Mutex;
+use crate::engine::sync::Mutex;
 
 /// Where a token's routing state must be released when it resolves.
 #[derive(Debug, Default)]
-pub(crate) enum Route {
+pub enum Route {
     /// No pin.
     #[default]
     Free,
@@ -42,7 +42,7 @@ pub(crate) enum Route {
 
 impl Route {
     /// Releases this token's share of its pin (called once, at resolution).
-    pub(crate) fn release(&self) {
+    pub fn release(&self) {
         match self {
             Route::Free => {}
             Route::Sticky(table, key) => table.release(key),
@@ -51,7 +51,7 @@ impl Route {
     }
 
     /// The domain seed, for leads and their children.
-    pub(crate) fn seed(&self) -> Option<&str> {
+    pub fn seed(&self) -> Option<&str> {
         match self {
             Route::Domain(_, seed) => Some(seed),
             _ => None,
@@ -61,18 +61,18 @@ impl Route {
 
 /// Sticky key -> (worker, tokens in flight).
 #[derive(Debug)]
-pub(crate) struct StickyTable {
+pub struct StickyTable {
     map: Mutex<HashMap<String, (usize, usize)>>,
     pins: Mutex<Vec<usize>>,
 }
 
 impl StickyTable {
-    pub(crate) fn new(workers: usize) -> Self {
+    pub fn new(workers: usize) -> Self {
         StickyTable { map: Mutex::new(HashMap::new()), pins: Mutex::new(vec![0; workers]) }
     }
 
     /// The worker of `key`, pinning it (to the least pinned of `candidates`) on first use.
-    pub(crate) fn acquire(&self, key: &str, candidates: &[usize]) -> usize {
+    pub fn acquire(&self, key: &str, candidates: &[usize]) -> usize {
         let mut map = self.map.lock();
         if let Some(entry) = map.get_mut(key) {
             entry.1 += 1;
@@ -102,7 +102,7 @@ impl StickyTable {
     }
 
     /// key -> (worker, in flight), for monitoring and tests.
-    pub(crate) fn snapshot(&self) -> Vec<(String, usize, usize)> {
+    pub fn snapshot(&self) -> Vec<(String, usize, usize)> {
         let mut v: Vec<_> = self.map.lock().iter().map(|(k, (w, n))| (k.clone(), *w, *n)).collect();
         v.sort();
         v
@@ -119,18 +119,18 @@ struct Domain {
 
 /// Seed -> domain.
 #[derive(Debug, Default)]
-pub(crate) struct DomainTable {
+pub struct DomainTable {
     map: Mutex<HashMap<Arc<str>, Domain>>,
 }
 
 impl DomainTable {
     /// Opens the domain of a new lead (pending 1).
-    pub(crate) fn open(&self, seed: Arc<str>) {
+    pub fn open(&self, seed: Arc<str>) {
         self.map.lock().insert(seed, Domain { slot: None, pending: 1, next: 0 });
     }
 
     /// Records the core slot the lead started on.
-    pub(crate) fn set_slot(&self, seed: &str, slot: usize) {
+    pub fn set_slot(&self, seed: &str, slot: usize) {
         if let Some(d) = self.map.lock().get_mut(seed) {
             d.slot = Some(slot);
         }
@@ -138,7 +138,7 @@ impl DomainTable {
 
     /// Adds a child; returns the worker to pin it to (round-robin over
     /// `workers_of(slot)`), or None if the domain is gone or has no core yet.
-    pub(crate) fn join(&self, seed: &str, workers_of: impl Fn(usize) -> Vec<usize>, avoid: Option<usize>) -> Option<Option<usize>> {
+    pub fn join(&self, seed: &str, workers_of: impl Fn(usize) -> Vec<usize>, avoid: Option<usize>) -> Option<Option<usize>> {
         let mut map = self.map.lock();
         let d = map.get_mut(seed)?;
         d.pending += 1;
@@ -172,7 +172,7 @@ impl DomainTable {
     }
 
     /// seed -> (core slot, pending), for monitoring and tests.
-    pub(crate) fn snapshot(&self) -> Vec<(String, Option<usize>, usize)> {
+    pub fn snapshot(&self) -> Vec<(String, Option<usize>, usize)> {
         let mut v: Vec<_> = self.map.lock().iter().map(|(k, d)| (k.to_string(), d.slot, d.pending)).collect();
         v.sort();
         v

@@ -47,7 +47,7 @@
 
 use std::time::Instant;
 
-use crate::sync::{fence, AtomicU64, Condvar, Mutex, Ordering};
+use crate::engine::sync::{fence, AtomicU64, Condvar, Mutex, Ordering};
 
 const SPINNER: u64 = 1;
 const SLEEPER: u64 = 1 << 32;

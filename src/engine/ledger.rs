@@ -1,6 +1,8 @@
 //! Per-engine books: token counters, admission limits, operation state and
 //! health, the token registry (for `kill_token`), and the ring of recent
-//! executions.
+//! executions. Generic over the token type (`T`, which tells the books what
+//! they need through `Booked`) and the queued job (`J`, held while paused):
+//! the binding layer fixes both (`Ledger` and `OpState` in `src/py/token.rs`).
 //!
 //! # Who touches what
 //!
@@ -31,25 +33,23 @@ use std::sync::{Arc, Weak};
 
 use crossbeam_utils::CachePadded;
 
-use super::job::PyJob;
-use super::token::{LaneKind, TokenInner};
-use crate::admission::Limit;
-use crate::metrics::{OpMetrics, Outcome, RunCounts};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
-use crate::token::{now_ns, Stamp, TokenState};
+use super::admission::Limit;
+use super::metrics::{OpMetrics, Outcome, RunCounts};
+use super::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
+use super::token::{now_ns, Stamp, TokenCore, TokenState};
 
 const SHARDS: usize = 32;
 
 /// Health of one operation (the original's Guard House), counted per run of its
 /// body (a retried token runs more than once). Runs, failed runs and their total
-/// time are the operation's metrics (sharded by thread, `crate::metrics`) less
+/// time are the operation's metrics (sharded by thread, `crate::engine::metrics`) less
 /// what they were at the last reset, so a run adds to one set of counters; the
 /// extremes, timeouts and the danger flag are kept here. See `OpState::record_run`.
 #[derive(Debug, Default)]
-pub(crate) struct Health {
-    pub(crate) timeouts: AtomicU64,
-    pub(crate) min_ns: AtomicU64,
-    pub(crate) max_ns: AtomicU64,
+pub struct Health {
+    pub timeouts: AtomicU64,
+    pub min_ns: AtomicU64,
+    pub max_ns: AtomicU64,
     /// The metrics' run counts at the last reset.
     base: Mutex<RunCounts>,
     /// Over 90 % of at least 10 runs failed: set by the run that makes it so, read by
@@ -78,7 +78,7 @@ impl Health {
 
     /// The original's health classes: unknown (< 5 runs), excellent (>= 95 %
     /// success), healthy (>= 80 %), at_risk (>= 50 %), problematic.
-    pub(crate) fn class(c: RunCounts) -> &'static str {
+    pub fn class(c: RunCounts) -> &'static str {
         if c.runs < 5 {
             return "unknown";
         }
@@ -100,22 +100,37 @@ impl Health {
     }
 }
 
-/// The state of one operation (all tokens sharing an `operation_type`) on one engine.
+/// What the books need to know of a token (the binding layer's token type).
+pub trait Booked: Send + Sync {
+    /// What its core's lock protects.
+    type Slot;
+    /// Its id, unique in the process.
+    fn id(&self) -> u64;
+    /// Its state, stamps and placement.
+    fn core(&self) -> &TokenCore<Self::Slot>;
+    /// Where the registry holds it: shard << 32 | slot (`u64::MAX`: not registered).
+    fn registry_slot(&self) -> &AtomicU64;
+    /// The name of its operation.
+    fn op_name(&self) -> &str;
+}
+
+/// The state of one operation (all tokens sharing an `operation_type`) on one
+/// engine. `J` is a queued job (held here while the operation is paused).
 #[derive(Debug)]
-pub(crate) struct OpState {
-    pub(crate) name: Arc<str>,
+pub struct OpState<J> {
+    pub name: Arc<str>,
     /// Position in the ledger's `ops.by_index` (history records name it by index).
     index: u32,
     /// (Written by submitters and workers: on a cache line of its own, as is `health`.)
-    pub(crate) limit: CachePadded<Limit>,
-    pub(crate) paused: AtomicBool,
-    pub(crate) parked: Mutex<VecDeque<PyJob>>,
-    pub(crate) health: CachePadded<Health>,
-    pub(crate) blocked: AtomicBool,
-    /// How often this operation's long runs were blocked (`job.rs`, `BlockingHistory`).
-    pub(crate) blocking: BlockingHistory,
-    /// Counters and histograms for `/metrics` (sharded by thread: see `crate::metrics`).
-    pub(crate) metrics: OpMetrics,
+    pub limit: CachePadded<Limit>,
+    pub paused: AtomicBool,
+    pub parked: Mutex<VecDeque<J>>,
+    pub health: CachePadded<Health>,
+    pub blocked: AtomicBool,
+    /// How often this operation's long runs were blocked (see `BlockingHistory`).
+    pub blocking: BlockingHistory,
+    /// Counters and histograms for `/metrics` (sharded by thread: see `crate::engine::metrics`).
+    pub metrics: OpMetrics,
 }
 
 /// Whether an operation's runs usually block: a score from 0 to `MAX`, up by
@@ -125,7 +140,7 @@ pub(crate) struct OpState {
 /// blocking operation then never holds a core's units while it waits, and
 /// the monitor takes them back for a run that turns out to compute.
 #[derive(Debug, Default)]
-pub(crate) struct BlockingHistory(AtomicU32);
+pub struct BlockingHistory(AtomicU32);
 
 impl BlockingHistory {
     const MAX: u32 = 16;
@@ -136,25 +151,25 @@ impl BlockingHistory {
     const LONG_RUN_NS: u64 = 3_000_000;
 
     /// Whether a run of `elapsed_ns` is long enough to say anything.
-    pub(crate) fn is_long(&self, elapsed_ns: u64) -> bool {
+    pub fn is_long(&self, elapsed_ns: u64) -> bool {
         elapsed_ns > Self::LONG_RUN_NS
     }
 
-    pub(crate) fn starts_lent(&self) -> bool {
+    pub fn starts_lent(&self) -> bool {
         self.0.load(Ordering::Relaxed) >= Self::THRESHOLD
     }
 
     /// A run of over `LONG_RUN_NS` ended, blocked (lent) or not.
-    pub(crate) fn record(&self, blocked: bool) {
+    pub fn record(&self, blocked: bool) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(if blocked { (v + Self::UP).min(Self::MAX) } else { v.saturating_sub(Self::DOWN) })
         });
     }
 }
 
-impl OpState {
+impl<J> OpState<J> {
     /// A run of the body ended (once per attempt), `succeeded` or not, after `ns`.
-    pub(crate) fn record_run(&self, succeeded: bool, ns: u64) {
+    pub fn record_run(&self, succeeded: bool, ns: u64) {
         self.metrics.ran(thread_shard(), succeeded, ns);
         self.health.note_extremes(ns);
         // The sum over the shards only when the flag may change: a failure, or a
@@ -165,21 +180,21 @@ impl OpState {
     }
 
     /// Runs, failed runs and their time since the last health reset.
-    pub(crate) fn health_counts(&self) -> RunCounts {
+    pub fn health_counts(&self) -> RunCounts {
         self.metrics.runs().since(*self.health.base.lock())
     }
 
-    pub(crate) fn health_class(&self) -> &'static str {
+    pub fn health_class(&self) -> &'static str {
         Health::class(self.health_counts())
     }
 
     /// Over 90 % of at least 10 runs failed since the last reset.
-    pub(crate) fn is_dangerous(&self) -> bool {
+    pub fn is_dangerous(&self) -> bool {
         self.health.dangerous.load(Ordering::Relaxed)
     }
 
     /// Starts the health counts afresh (after an unblock); the metrics go on.
-    pub(crate) fn reset_health(&self) {
+    pub fn reset_health(&self) {
         *self.health.base.lock() = self.metrics.runs();
         for c in [&self.health.timeouts, &self.health.min_ns, &self.health.max_ns] {
             c.store(0, Ordering::Relaxed);
@@ -204,37 +219,49 @@ impl OpState {
 
 /// One line of the execution history.
 #[derive(Debug, Clone)]
-pub(crate) struct Record {
-    pub(crate) token_id: u64,
+pub struct Record {
+    pub token_id: u64,
     /// Index into the ledger's operation names (`Ledger::op_name`).
-    pub(crate) op_index: u32,
+    pub op_index: u32,
     seq: u64,
-    pub(crate) state: TokenState,
-    pub(crate) created_ns: u64,
-    pub(crate) started_ns: Option<u64>,
-    pub(crate) finished_ns: u64,
-    pub(crate) worker_id: Option<u32>,
-    pub(crate) core_id: Option<u32>,
-    pub(crate) error: Option<String>,
+    pub state: TokenState,
+    pub created_ns: u64,
+    pub started_ns: Option<u64>,
+    pub finished_ns: u64,
+    pub worker_id: Option<u32>,
+    pub core_id: Option<u32>,
+    pub error: Option<String>,
 }
 
 /// The operations used on one engine, by name and in order of first use
 /// (`OpState::index`).
-#[derive(Debug, Default)]
-struct OpTable {
-    by_name: HashMap<Arc<str>, Arc<OpState>>,
-    by_index: Vec<Arc<OpState>>,
+#[derive(Debug)]
+struct OpTable<J> {
+    by_name: HashMap<Arc<str>, Arc<OpState<J>>>,
+    by_index: Vec<Arc<OpState<J>>>,
+}
+
+impl<J> Default for OpTable<J> {
+    fn default() -> Self {
+        OpTable { by_name: HashMap::new(), by_index: Vec::new() }
+    }
 }
 
 /// Weak handles of the tokens submitted from the threads of one shard.
-#[derive(Debug, Default)]
-struct RegistryShard {
-    slots: Vec<Option<(u64, Weak<TokenInner>)>>,
+#[derive(Debug)]
+struct RegistryShard<T> {
+    slots: Vec<Option<(u64, Weak<T>)>>,
     free: Vec<u32>,
 }
 
-impl RegistryShard {
-    fn insert(&mut self, id: u64, token: Weak<TokenInner>) -> u32 {
+impl<T> Default for RegistryShard<T> {
+    fn default() -> Self {
+        RegistryShard { slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> RegistryShard<T> {
+    fn insert(&mut self, id: u64, token: Weak<T>) -> u32 {
         match self.free.pop() {
             Some(i) => {
                 self.slots[i as usize] = Some((id, token));
@@ -256,14 +283,14 @@ impl RegistryShard {
         }
     }
 
-    fn handles(&self) -> impl Iterator<Item = &(u64, Weak<TokenInner>)> {
+    fn handles(&self) -> impl Iterator<Item = &(u64, Weak<T>)> {
         self.slots.iter().flatten()
     }
 }
 
 /// This thread's shard of the registry and the history (threads take
 /// shards round-robin, so one thread always uses the same, cache-hot shard).
-pub(crate) fn thread_shard() -> usize {
+pub fn thread_shard() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
         static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
@@ -271,9 +298,10 @@ pub(crate) fn thread_shard() -> usize {
     SHARD.with(|s| *s)
 }
 
-/// The books of one engine, shared with its tokens.
+/// The books of one engine, shared with its tokens: `T` is the token type,
+/// `J` a queued job (held while admission or an operation is paused).
 #[derive(Debug)]
-pub(crate) struct Ledger {
+pub struct Ledger<T, J> {
     // The counters the hot paths write sit on cache lines of their own:
     // `running` (workers), `pending` (submitters and workers), apart from the
     // flags everyone reads. Tokens made and resolved are counted per
@@ -282,32 +310,32 @@ pub(crate) struct Ledger {
     /// one thread, so each thread touches only its own line); read as the sum.
     running: Vec<CachePadded<std::sync::atomic::AtomicI64>>,
     /// Process-lane tokens running in a worker process (started by the lane, ended by their resolution).
-    pub(crate) process_running: std::sync::atomic::AtomicI64,
+    pub process_running: std::sync::atomic::AtomicI64,
     /// Worker processes of the process lane alive now (the lane reports each change).
-    pub(crate) process_workers: AtomicU64,
+    pub process_workers: AtomicU64,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
-    pub(crate) pending: CachePadded<Limit>,
-    pub(crate) admission_paused: AtomicBool,
-    pub(crate) parked: Mutex<VecDeque<PyJob>>,
+    pub pending: CachePadded<Limit>,
+    pub admission_paused: AtomicBool,
+    pub parked: Mutex<VecDeque<J>>,
     /// Set when the engine starts stopping: pauses no longer hold tokens (they are cancelled).
-    pub(crate) stopping: AtomicBool,
-    pub(crate) auto_block: AtomicBool,
-    /// A thread outside the pool that waits on a token nobody started may run it (`job::run_on_caller`).
-    pub(crate) caller_runs: AtomicBool,
-    pub(crate) retries: AtomicU64,
-    pub(crate) timeouts_queued: AtomicU64,
-    pub(crate) timeouts_running: AtomicU64,
-    pub(crate) overrun_total_ns: AtomicU64,
-    pub(crate) overrun_max_ns: AtomicU64,
-    pub(crate) overruns: AtomicU64,
-    ops: Mutex<OpTable>,
-    registry: Vec<CachePadded<Mutex<RegistryShard>>>,
+    pub stopping: AtomicBool,
+    pub auto_block: AtomicBool,
+    /// A thread outside the pool that waits on a token nobody started may run it (caller runs).
+    pub caller_runs: AtomicBool,
+    pub retries: AtomicU64,
+    pub timeouts_queued: AtomicU64,
+    pub timeouts_running: AtomicU64,
+    pub overrun_total_ns: AtomicU64,
+    pub overrun_max_ns: AtomicU64,
+    pub overruns: AtomicU64,
+    ops: Mutex<OpTable<J>>,
+    registry: Vec<CachePadded<Mutex<RegistryShard<T>>>>,
     recent: Vec<CachePadded<Mutex<VecDeque<Record>>>>,
     recent_cap: usize,
 }
 
-impl Ledger {
-    pub(crate) fn new(max_pending: usize, history: usize, auto_block: bool, caller_runs: bool) -> Self {
+impl<T: Booked, J> Ledger<T, J> {
+    pub fn new(max_pending: usize, history: usize, auto_block: bool, caller_runs: bool) -> Self {
         Ledger {
             running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
             process_running: std::sync::atomic::AtomicI64::new(0),
@@ -332,7 +360,7 @@ impl Ledger {
     }
 
     /// The state of operation `name`, made on first use.
-    pub(crate) fn op(&self, name: &str) -> Arc<OpState> {
+    pub fn op(&self, name: &str) -> Arc<OpState<J>> {
         let mut ops = self.ops.lock();
         if let Some(op) = ops.by_name.get(name) {
             return op.clone();
@@ -344,97 +372,101 @@ impl Ledger {
     }
 
     /// The name of the operation with `index` (see `Record::op_index`).
-    pub(crate) fn op_name(&self, index: u32) -> Arc<str> {
+    pub fn op_name(&self, index: u32) -> Arc<str> {
         self.ops.lock().by_index[index as usize].name.clone()
     }
 
     /// The operation `name` if it was ever used.
-    pub(crate) fn find_op(&self, name: &str) -> Option<Arc<OpState>> {
+    pub fn find_op(&self, name: &str) -> Option<Arc<OpState<J>>> {
         self.ops.lock().by_name.get(name).cloned()
     }
 
     /// Every operation used so far.
-    pub(crate) fn ops(&self) -> Vec<Arc<OpState>> {
+    pub fn ops(&self) -> Vec<Arc<OpState<J>>> {
         let mut v = self.ops.lock().by_index.clone();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     /// Adds `token` to the registry (once, at submission).
-    pub(crate) fn register(&self, token: &Arc<TokenInner>) {
+    pub fn register(&self, token: &Arc<T>) {
         let shard = thread_shard();
-        let index = self.registry[shard].lock().insert(token.id, Arc::downgrade(token));
-        token.registry_slot.store(((shard as u64) << 32) | u64::from(index), Ordering::Relaxed);
+        let index = self.registry[shard].lock().insert(token.id(), Arc::downgrade(token));
+        token.registry_slot().store(((shard as u64) << 32) | u64::from(index), Ordering::Relaxed);
     }
 
-    fn unregister(&self, token: &TokenInner) {
-        let at = token.registry_slot.load(Ordering::Relaxed);
+    fn unregister(&self, token: &T) {
+        let at = token.registry_slot().load(Ordering::Relaxed);
         if at != u64::MAX {
-            self.registry[(at >> 32) as usize].lock().remove(at as u32, token.id);
+            self.registry[(at >> 32) as usize].lock().remove(at as u32, token.id());
         }
     }
 
     /// The unresolved token `id`, if any.
-    pub(crate) fn lookup(&self, id: u64) -> Option<Arc<TokenInner>> {
+    pub fn lookup(&self, id: u64) -> Option<Arc<T>> {
         let found = self.registry.iter().find_map(|shard| {
             let shard = shard.lock();
             let hit = shard.handles().find(|(tid, _)| *tid == id).map(|(_, w)| w.upgrade());
             hit
         });
-        found.flatten().filter(|t| !t.core.is_done())
+        found.flatten().filter(|t| !t.core().is_done())
     }
 
     /// Every live, unresolved token (optionally of one operation).
-    pub(crate) fn live_tokens(&self, op: Option<&str>) -> Vec<Arc<TokenInner>> {
+    pub fn live_tokens(&self, op: Option<&str>) -> Vec<Arc<T>> {
         let mut out = Vec::new();
         for shard in &self.registry {
             // Upgraded under the lock, filtered (and the rest dropped) after it.
-            let all: Vec<Arc<TokenInner>> = shard.lock().handles().filter_map(|(_, w)| w.upgrade()).collect();
-            out.extend(all.into_iter().filter(|t| !t.core.is_done() && op.is_none_or(|o| &*t.op().name == o)));
+            let all: Vec<Arc<T>> = shard.lock().handles().filter_map(|(_, w)| w.upgrade()).collect();
+            out.extend(all.into_iter().filter(|t| !t.core().is_done() && op.is_none_or(|o| t.op_name() == o)));
         }
         out
     }
 
     /// Books a new token of `op`.
-    pub(crate) fn record_submitted(&self, op: &OpState) {
+    pub fn record_submitted(&self, op: &OpState<J>) {
         op.metrics.submitted(thread_shard());
     }
 
-    pub(crate) fn running_delta(&self, delta: i64) {
+    pub fn running_delta(&self, delta: i64) {
         self.running[thread_shard()].fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bodies running now on this process's threads (workers, the I/O lane, callers).
-    pub(crate) fn running(&self) -> u64 {
+    pub fn running(&self) -> u64 {
         self.running.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<i64>().max(0) as u64
     }
 
-    /// Books a resolution: counters, limits, registry, history.
-    pub(crate) fn record_resolved(&self, token: &TokenInner, state: TokenState, error: Option<String>) {
-        token.op().limit.release();
+    /// Everything the books do when `token` of operation `op` resolves (its
+    /// state is `state` now): give its admission slots back (the operation's
+    /// limit and `max_pending`), take it out of the registry, count its
+    /// outcome and queue wait, keep its record. `ran_elsewhere`: its
+    /// body ran outside this process's threads (a worker process), so its one
+    /// run is counted here (a thread's run is counted where it ran).
+    pub fn on_resolved(&self, token: &T, op: &OpState<J>, state: TokenState, ran_elsewhere: bool, error: Option<String>) {
+        op.limit.release();
         self.pending.release();
         self.unregister(token);
-        token.route.release();
         if state == TokenState::Timeout {
-            token.op().health.timeouts.fetch_add(1, Ordering::Relaxed);
+            op.health.timeouts.fetch_add(1, Ordering::Relaxed);
         }
         let outcome = Outcome::of(state);
-        let created = token.core.time(Stamp::Created);
-        let started = token.core.time(Stamp::Started);
-        let finished = token.core.time(Stamp::Finished);
+        let core = token.core();
+        let created = core.time(Stamp::Created);
+        let started = core.time(Stamp::Started);
+        let finished = core.time(Stamp::Finished);
         let queue_wait = started.zip(created).map(|(s, c)| s.saturating_sub(c));
-        token.op().metrics.resolved(thread_shard(), outcome, queue_wait);
-        if token.lane == LaneKind::Process {
-            // Its body ran in a worker process: its one run is counted here (a thread's in `job.rs`).
+        op.metrics.resolved(thread_shard(), outcome, queue_wait);
+        if ran_elsewhere {
             if let Some(ns) = finished.zip(started).map(|(f, s)| f.saturating_sub(s)) {
-                token.op().record_run(outcome == Outcome::Ok, ns);
+                op.record_run(outcome == Outcome::Ok, ns);
             }
         }
         if self.recent_cap > 0 {
-            let (worker_id, core_id) = token.core.placement();
+            let (worker_id, core_id) = core.placement();
             let record = Record {
-                token_id: token.id,
-                op_index: token.op().index,
+                token_id: token.id(),
+                op_index: op.index,
                 seq: finished.unwrap_or(0),
                 state,
                 created_ns: created.unwrap_or(0),
@@ -453,7 +485,7 @@ impl Ledger {
     }
 
     /// The newest `limit` records, newest first.
-    pub(crate) fn recent(&self, limit: usize) -> Vec<Record> {
+    pub fn recent(&self, limit: usize) -> Vec<Record> {
         let mut all = self.history();
         all.reverse();
         all.truncate(limit);
@@ -461,7 +493,7 @@ impl Ledger {
     }
 
     /// The newest `history_size` records, oldest first.
-    pub(crate) fn history(&self) -> Vec<Record> {
+    pub fn history(&self) -> Vec<Record> {
         let mut all: Vec<Record> = self.recent.iter().flat_map(|s| s.lock().iter().cloned().collect::<Vec<_>>()).collect();
         all.sort_by_key(|r| (r.seq, r.token_id));
         let excess = all.len().saturating_sub(self.recent_cap);
@@ -470,7 +502,7 @@ impl Ledger {
     }
 
     /// Tokens made, and tokens resolved by outcome, over every operation.
-    pub(crate) fn totals(&self) -> (u64, [u64; 5]) {
+    pub fn totals(&self) -> (u64, [u64; 5]) {
         let ops = self.ops.lock().by_index.clone();
         let mut submitted = 0;
         let mut outcomes = [0u64; 5];
@@ -485,14 +517,97 @@ impl Ledger {
     }
 
     /// Submitted tokens not yet resolved.
-    pub(crate) fn unresolved(&self) -> u64 {
+    pub fn unresolved(&self) -> u64 {
         let (submitted, outcomes) = self.totals();
         submitted.saturating_sub(outcomes.iter().sum())
     }
 
-    pub(crate) fn note_overrun(&self, ns: u64) {
+    pub fn note_overrun(&self, ns: u64) {
         self.overruns.fetch_add(1, Ordering::Relaxed);
         self.overrun_total_ns.fetch_add(ns, Ordering::Relaxed);
         self.overrun_max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A token as the books see it.
+    #[derive(Debug)]
+    struct Tok {
+        id: u64,
+        op: Arc<str>,
+        core: TokenCore<()>,
+        slot: AtomicU64,
+    }
+
+    impl Booked for Tok {
+        type Slot = ();
+
+        fn id(&self) -> u64 {
+            self.id
+        }
+
+        fn core(&self) -> &TokenCore<()> {
+            &self.core
+        }
+
+        fn registry_slot(&self) -> &AtomicU64 {
+            &self.slot
+        }
+
+        fn op_name(&self) -> &str {
+            &self.op
+        }
+    }
+
+    fn token(id: u64, op: &str) -> Arc<Tok> {
+        Arc::new(Tok { id, op: op.into(), core: TokenCore::new(()), slot: AtomicU64::new(u64::MAX) })
+    }
+
+    #[test]
+    fn the_registry_holds_unresolved_tokens_and_the_history_their_ends() {
+        let ledger: Ledger<Tok, ()> = Ledger::new(0, 10, false, true);
+        let (a, b) = (ledger.op("a"), ledger.op("b"));
+        let tokens: Vec<Arc<Tok>> = (1..=4).map(|i| token(i, if i % 2 == 0 { "b" } else { "a" })).collect();
+        for t in &tokens {
+            ledger.record_submitted(if &*t.op == "a" { &a } else { &b });
+            ledger.register(t);
+            assert!(t.core.admit());
+        }
+        assert_eq!(ledger.live_tokens(None).len(), 4);
+        assert_eq!(ledger.live_tokens(Some("b")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(ledger.lookup(3).map(|t| t.id), Some(3));
+        assert_eq!(ledger.unresolved(), 4);
+
+        let done = &tokens[2];
+        assert!(done.core.start(0, None));
+        done.core.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(done, &a, TokenState::Completed, false, None));
+        assert!(ledger.lookup(3).is_none(), "a resolved token leaves the registry");
+        assert_eq!(ledger.live_tokens(Some("a")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(ledger.unresolved(), 3);
+        let history = ledger.history();
+        assert_eq!(history.len(), 1);
+        assert_eq!((history[0].token_id, &*ledger.op_name(history[0].op_index)), (3, "a"));
+        assert_eq!(history[0].state, TokenState::Completed);
+        assert_eq!(ledger.totals().1[Outcome::Ok as usize], 1);
+    }
+
+    #[test]
+    fn a_run_elsewhere_counts_toward_health_at_resolution() {
+        let ledger: Ledger<Tok, ()> = Ledger::new(0, 0, false, true);
+        let op = ledger.op("p");
+        for id in 0..6 {
+            let t = token(id, "p");
+            ledger.record_submitted(&op);
+            ledger.register(&t);
+            t.core.admit();
+            t.core.start(0, None);
+            t.core.resolve_at(|_| true, TokenState::Failed, None, |_| ledger.on_resolved(&t, &op, TokenState::Failed, true, None));
+        }
+        assert_eq!(op.health_counts().runs, 6);
+        assert_eq!(op.health_class(), "problematic");
+        assert!(ledger.history().is_empty(), "history_size 0 keeps no records");
     }
 }

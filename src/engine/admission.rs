@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering};
+use crate::engine::sync::{AtomicUsize, Condvar, Mutex, Ordering};
 
 /// A counting admission limit.
 #[derive(Debug, Default)]

@@ -29,7 +29,7 @@
 //!   units back while it is blocked and takes them again, past the budget if
 //!   need be, when it runs again: see `blocking.rs`.
 
-use crate::sync::{AtomicBool, AtomicU32, Ordering};
+use crate::engine::sync::{AtomicBool, AtomicU32, Ordering};
 
 /// How much of a core a job needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

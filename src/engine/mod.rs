@@ -1,0 +1,24 @@
+//! The engine: everything that schedules and books tokens, with no Python.
+//!
+//! * [`pool`]: the work-stealing pool (crossbeam-deque, parking_lot sleep/wake,
+//!   per-core capacity, core pinning, the blocking monitor).
+//! * [`token`]: the token state machine ([`token::TokenCore`]).
+//! * [`lane`]: the elastic I/O lane, one tier per storage speed.
+//! * [`timer`]: the deadline and retry timer thread.
+//! * [`admission`]: counting limits (an operation's, the engine's `max_pending`).
+//! * [`ledger`]: per-engine books: operations, health, the token registry, history.
+//! * [`routing`]: sticky keys and lead domains (which worker a token must run on).
+//! * [`metrics`]: per-operation counters and histograms, and their Prometheus text.
+//! * [`error`]: the engine's errors (the binding layer maps them to Python's).
+//! * `sync`: the one place atomics and locks come from (loom's under `--cfg loom`).
+
+pub mod admission;
+pub mod error;
+pub mod lane;
+pub mod ledger;
+pub mod metrics;
+pub mod pool;
+pub mod routing;
+pub(crate) mod sync;
+pub mod timer;
+pub mod token;
