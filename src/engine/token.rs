@@ -370,10 +370,14 @@ impl<S> TokenCore<S> {
         }
         self.awaited.store(true, Ordering::Release);
         // A short spin (wall time, no yield: a yield can hand the core to a
-        // CPU-bound neighbour for its whole slice), then park.
+        // CPU-bound neighbour for its whole slice), then park. The state is
+        // read at least every 16 pause hints (well under a microsecond): a
+        // coarser backoff (up to 128 hints, several microseconds on cores
+        // whose pause is slow) added its own delay to a round trip, by as
+        // much as a tenth, and made it depend on code layout.
         let start = Instant::now();
         for round in 0..u32::MAX {
-            for _ in 0..(1u32 << round.min(7)) {
+            for _ in 0..(1u32 << round.min(4)) {
                 std::hint::spin_loop();
             }
             if self.is_done() {

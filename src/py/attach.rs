@@ -109,6 +109,7 @@ pub(crate) const ATTACH_DELAY: Duration = Duration::from_micros(4);
 static IDLE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The current idle epoch (see `settle_after_wait`).
+#[inline]
 pub(crate) fn idle_epoch() -> u64 {
     IDLE_EPOCH.load(Ordering::Acquire)
 }
@@ -117,6 +118,7 @@ pub(crate) fn idle_epoch() -> u64 {
 /// releases the interpreter a moment later (it goes idle). Re-attaching
 /// before that would block on the interpreter and cost a thread wake-up, so
 /// spin up to `ATTACH_DELAY` for a worker to go idle first.
+#[inline]
 pub(crate) fn settle_after_wait(epoch_before: u64) {
     let start = std::time::Instant::now();
     while IDLE_EPOCH.load(Ordering::Acquire) == epoch_before && start.elapsed() < ATTACH_DELAY {
@@ -125,6 +127,7 @@ pub(crate) fn settle_after_wait(epoch_before: u64) {
 }
 
 /// A worker is about to go idle (it has released the interpreter).
+#[inline]
 pub(crate) fn note_idle() {
     IDLE_EPOCH.fetch_add(1, Ordering::Release);
 }

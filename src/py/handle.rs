@@ -552,6 +552,5 @@ pub(crate) fn current_token(py: Python<'_>) -> PyResult<Option<Py<TaskToken>>> {
 #[pyfunction]
 #[pyo3(signature = (tokens, timeout=None))]
 pub(crate) fn wait_all(py: Python<'_>, tokens: Vec<Bound<'_, TaskToken>>, timeout: Option<f64>) -> PyResult<bool> {
-    let inners: Vec<Arc<TokenInner>> = tokens.iter().map(|t| t.get().inner.clone()).collect();
-    super::wait::wait_all(py, &inners, timeout)
+    super::wait::wait_all(py, tokens.iter().map(|t| &*t.get().inner), timeout)
 }

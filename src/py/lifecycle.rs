@@ -38,11 +38,13 @@ pub(crate) fn engine_stopped() {
 }
 
 /// True in a child forked from a process with running engines.
+#[inline]
 pub(crate) fn is_forked() -> bool {
     FORKED.load(Ordering::Relaxed)
 }
 
 /// Err(ForkedProcessError) in a child forked from a process with running engines.
+#[inline]
 pub(crate) fn check_not_forked() -> Result<(), BindError> {
     if is_forked() {
         Err(BindError::Forked)
@@ -52,6 +54,7 @@ pub(crate) fn check_not_forked() -> Result<(), BindError> {
 }
 
 /// Err when no new work may start: a forked child, or an interpreter shutting down.
+#[inline]
 pub(crate) fn check_accepting() -> Result<(), BindError> {
     check_not_forked()?;
     if EXITING.load(Ordering::Relaxed) {
@@ -66,6 +69,7 @@ pub(crate) fn mark_exiting() {
 }
 
 /// How many times this process's lineage forked (0 in the first process).
+#[inline]
 pub(crate) fn fork_count() -> u64 {
     FORKS.load(Ordering::Relaxed)
 }

@@ -62,6 +62,7 @@ pub(crate) fn set_fault_injection(every: u64, site: &str) -> PyResult<()> {
     Ok(())
 }
 
+#[inline]
 pub(crate) fn maybe_inject_fault(site: FaultSite) {
     let every = FAULT_EVERY.load(Ordering::Relaxed);
     if every > 0
@@ -89,6 +90,7 @@ fn coroutine_error(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Option<
 }
 
 /// Runs one job on a worker (attached).
+#[inline]
 pub(crate) fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<EngineShared>) {
     // Admission or the operation was paused after this token was queued: park
     // it instead (or, once the engine is stopping, cancel it: a pause would

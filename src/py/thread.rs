@@ -41,16 +41,19 @@ thread_local! {
 }
 
 /// The token whose body runs on this thread, if any.
+#[inline]
 pub(crate) fn running_token() -> Option<Arc<TokenInner>> {
     CURRENT_TOKEN.with(|c| c.borrow().clone())
 }
 
 /// True when this thread is running `token`'s body right now.
+#[inline]
 pub(crate) fn is_current_token(token: &TokenInner) -> bool {
     CURRENT_TOKEN.with(|c| c.borrow().as_ref().is_some_and(|t| std::ptr::eq(Arc::as_ptr(t), token)))
 }
 
 /// True on a pool worker thread.
+#[inline]
 pub(crate) fn on_worker_thread() -> bool {
     WORKER.with(|w| w.borrow().is_some())
 }

@@ -495,11 +495,13 @@ impl PyJob {
 
     /// A job for a token made with its call in place (`TokenInner::new`:
     /// the first attempt, 0).
+    #[inline]
     pub(crate) fn holding_call(token: Arc<TokenInner>) -> Self {
         PyJob { token: Some(token), attempt: 0, armed: true }
     }
 
     /// Takes the call, if it is still there and belongs to this job's attempt.
+    #[inline]
     fn take_call(&self) -> Option<Call> {
         let mut slot = self.token().call.lock();
         if slot.attempt == self.attempt {
@@ -510,6 +512,7 @@ impl PyJob {
     }
 
     /// The token's handle, without resolving anything (the job is spent).
+    #[inline]
     fn into_token(mut self) -> Arc<TokenInner> {
         self.armed = false;
         self.token.take().expect("a job holds its token until it is spent")
@@ -518,6 +521,7 @@ impl PyJob {
     /// Takes this job's call to run it, with the token's handle (the job is
     /// spent). None when the call is gone: a waiter took it to run the token
     /// itself, or the job belongs to an earlier attempt (see `CallSlot`).
+    #[inline]
     pub(crate) fn claim(mut self) -> Option<(Arc<TokenInner>, Call)> {
         self.armed = false;
         let call = self.take_call()?;
@@ -526,12 +530,14 @@ impl PyJob {
 
     /// Drops the call without resolving the token (the caller resolves it).
     /// True when the call was there (nobody else took it to run it).
+    #[inline]
     pub(crate) fn forget_call(&mut self) -> bool {
         self.armed = false;
         self.take_call().is_some()
     }
 
     /// The token this job runs.
+    #[inline]
     pub(crate) fn token(&self) -> &Arc<TokenInner> {
         self.token.as_ref().expect("a job holds its token until it is spent")
     }

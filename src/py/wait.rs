@@ -363,7 +363,7 @@ impl Waiter for Countdown {
 /// by the last resolution. True when all are done; false on timeout, or at
 /// once on a pool worker thread (there the caller waits token by token, so
 /// that waiting runs queued work and nested waits cannot deadlock).
-pub(crate) fn wait_all(py: Python<'_>, tokens: &[Arc<TokenInner>], timeout: Option<f64>) -> PyResult<bool> {
+pub(crate) fn wait_all<'a>(py: Python<'_>, tokens: impl Iterator<Item = &'a TokenInner>, timeout: Option<f64>) -> PyResult<bool> {
     let timeout = timeout_arg(timeout)?;
     if on_worker_thread() {
         return Ok(false);
