@@ -21,7 +21,7 @@ from ._gather import MapResults, as_completed, gather
 from ._process import RemoteError, UnpicklableError
 from ._routing import make_hashable
 from ._tags import DigestPolicy, HashPolicy
-from ._tokengate import TaskToken
+from ._tokengate import DashboardServer, TaskToken
 from .exceptions import (
     AdmissionRejectedError,
     DependencyFailedError,
@@ -57,6 +57,7 @@ def current_token() -> TaskToken[Any] | None:
 __all__ = [
     "TOKEN_STATES",
     "AdmissionRejectedError",
+    "DashboardServer",
     "DependencyFailedError",
     "DigestPolicy",
     "Executor",

@@ -208,6 +208,7 @@ class OperationsCoordinator:
         # -- end of the process lane
         self._engine: _tokengate.Engine | None = None
         self._last_engine: _tokengate.Engine | None = None
+        self._servers: list[_tokengate.DashboardServer] = []
         self._lock = threading.RLock()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -275,6 +276,9 @@ class OperationsCoordinator:
         """
         with self._lock:
             _services.pop(id(self), None)
+            servers, self._servers = self._servers, []
+            for server in servers:
+                server.stop()
             engine = self._engine
             if engine is None:
                 return True
@@ -308,6 +312,47 @@ class OperationsCoordinator:
         cancel = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, asyncio.CancelledError))
         # Stopping waits for the workers; do it off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.stop(cancel_pending=cancel))
+
+    # -- dashboard -----------------------------------------------------------------
+
+    def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        admin: bool = False,
+        url_prefix: str = "",
+        token: str | None = None,
+        auth: bool = True,
+    ) -> _tokengate.DashboardServer:
+        """Serves a live dashboard, Prometheus metrics and a JSON API for this coordinator.
+
+        The server runs on a Rust thread, so it answers while Python threads hold the GIL. It binds
+        ``host`` (127.0.0.1) on ``port`` (0: a free one). Every route but ``/healthz`` needs the
+        token: ``Authorization: Bearer <token>``, or the one-time ``?token=`` in the returned
+        handle's ``url``, which sets an HttpOnly, SameSite=Strict cookie. ``token``: your own (at
+        least 16 characters; default: 32 random bytes). ``auth=False`` serves without a token, on a
+        loopback address only. Admin actions (pause, resume, drain, kill) need ``admin=True``; they
+        are POST only and refused from another origin. ``url_prefix``: the path it is served under
+        behind a reverse proxy. Routes and schemas: README, "Dashboard".
+
+        Returns the server's handle: ``url``, ``token``, ``port``, ``stop()`` (the port is free when
+        it returns). :meth:`stop` stops it too.
+        """
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, got {type(host).__name__}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+        if not isinstance(url_prefix, str):
+            raise TypeError(f"url_prefix must be a str, got {type(url_prefix).__name__}")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a str or None, got {type(token).__name__}")
+        with self._lock:
+            server = self._running_engine().serve(
+                host, port, admin=bool(admin), url_prefix=url_prefix, token=token, auth=bool(auth)
+            )
+            self._servers = [s for s in self._servers if s.running] + [server]
+            return server
 
     # -- control plane -------------------------------------------------------------
 

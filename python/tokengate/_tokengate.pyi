@@ -14,6 +14,7 @@ _T_co = TypeVar("_T_co", covariant=True)
 __all__ = [
     "MAX_SECONDS",
     "MAX_WORKERS",
+    "DashboardServer",
     "Engine",
     "GuardedFunction",
     "LoopDrain",
@@ -262,8 +263,38 @@ class Engine:
     @property
     def pool_id(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        admin: bool = False,
+        url_prefix: str = "",
+        token: str | None = None,
+        auth: bool = True,
+    ) -> DashboardServer: ...
     def pause_state(self) -> tuple[bool, list[str]]: ...
     def _note_process_workers(self, n: int) -> None: ...
+
+@final
+class DashboardServer:
+    """A running dashboard: a live page, ``/metrics`` and a JSON API for one coordinator."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def admin(self) -> bool: ...
+    @property
+    def running(self) -> bool: ...
+    def stop(self) -> None: ...
+    def __enter__(self) -> DashboardServer: ...
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
 
 @final
 class LoopDrain:

@@ -8,13 +8,16 @@ use std::sync::{Arc, OnceLock, Weak};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use super::dashboard::{serve, DashboardServer};
 use super::durations::{seconds_arg, timeout_arg};
 use super::engine_shared::{Convergence, EngineShared, TimerItem};
 use super::exceptions::BindError;
 use super::host::{IoHost, PyHost};
 use super::lifecycle::{check_accepting, check_not_forked, engine_started, engine_stopped, is_forked};
+use super::metrics::render_engines;
 use super::operation::STORAGE_TIERS;
 use super::registry::deactivate;
+use super::registry::live_engines;
 use super::stats::{engine_stats, records_list};
 use super::thread::running_token;
 use super::token::{cancel_jobs, Ledger};
@@ -187,6 +190,26 @@ impl Engine {
         self.shared.pool.id()
     }
 
+    /// Serves this engine's dashboard, metrics and API (see `dashboard.rs`).
+    #[pyo3(signature = (host="127.0.0.1", port=0, *, admin=false, url_prefix="", token=None, auth=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        host: &str,
+        port: u16,
+        admin: bool,
+        url_prefix: &str,
+        token: Option<String>,
+        auth: bool,
+    ) -> PyResult<DashboardServer> {
+        check_not_forked()?;
+        if self.shared.is_stopping() {
+            return Err(BindError::ShutDown.into());
+        }
+        serve(py, &self.shared, host, port, admin, url_prefix, token, auth)
+    }
+
     /// Topology, worker and token counters as a dict (schema in the stub).
     /// Topology, worker and token counters as a dict (schema in the stub).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -223,47 +246,23 @@ impl Engine {
     /// No queued token starts (and new ones wait) until `resume_admission`.
     /// Returns how many unstarted tokens it holds back now.
     fn pause_admission(&self) -> usize {
-        let lg = &self.shared.ledger;
-        {
-            let _parked = lg.parked.lock();
-            lg.admission_paused.store(true, Ordering::SeqCst);
-        }
-        lg.live_tokens(None).iter().filter(|t| t.core.state().is_pending()).count()
+        self.shared.pause_admission()
     }
 
     /// Lets held tokens go; returns how many were released.
     fn resume_admission(&self, py: Python<'_>) -> usize {
-        let lg = &self.shared.ledger;
-        let jobs = {
-            let mut parked = lg.parked.lock();
-            lg.admission_paused.store(false, Ordering::SeqCst);
-            std::mem::take(&mut *parked)
-        };
-        self.shared.release_parked(py, jobs)
+        self.shared.resume_admission(py)
     }
 
     /// Tokens of `op` wait (others flow) until `resume_operation`. Returns
     /// how many unstarted tokens of `op` it holds back now.
     fn pause_operation(&self, op: &str) -> usize {
-        let state = self.shared.ledger.op(op);
-        {
-            let _parked = state.parked.lock();
-            state.paused.store(true, Ordering::SeqCst);
-        }
-        self.shared.ledger.live_tokens(Some(op)).iter().filter(|t| t.core.state().is_pending()).count()
+        self.shared.pause_operation(op)
     }
 
     /// Releases the tokens of `op` held by `pause_operation`; returns how many.
     fn resume_operation(&self, py: Python<'_>, op: &str) -> usize {
-        let Some(state) = self.shared.ledger.find_op(op) else {
-            return 0;
-        };
-        let jobs = {
-            let mut parked = state.parked.lock();
-            state.paused.store(false, Ordering::SeqCst);
-            std::mem::take(&mut *parked)
-        };
-        self.shared.release_parked(py, jobs)
+        self.shared.resume_operation(py, op)
     }
 
     /// Cancels every token that has not started; returns how many.
@@ -278,18 +277,7 @@ impl Engine {
     /// Cancels every token of `op` that has not started; returns how many.
     fn drain_operation(&self, py: Python<'_>, op: &str) -> PyResult<usize> {
         check_not_forked()?;
-        let mut n = 0;
-        for token in self.shared.ledger.live_tokens(Some(op)) {
-            if token.cancel_pending(py) {
-                n += 1;
-            }
-        }
-        // Forget the parked jobs of tokens just cancelled.
-        if let Some(state) = self.shared.ledger.find_op(op) {
-            state.parked.lock().retain(|j| !j.token().core.is_done());
-        }
-        self.shared.ledger.parked.lock().retain(|j| !j.token().core.is_done());
-        Ok(n)
+        Ok(self.shared.drain_operation(py, op))
     }
 
     /// Kills token `token_id`; returns 1 if it was unresolved, else 0.
@@ -304,13 +292,7 @@ impl Engine {
     /// Kills every unresolved token of `op` (all operations when None); returns how many.
     #[pyo3(signature = (op=None, reason="admin_override"))]
     fn kill_all_by_operation(&self, py: Python<'_>, op: Option<&str>, reason: &str) -> PyResult<usize> {
-        let mut n = 0;
-        for t in self.shared.ledger.live_tokens(op) {
-            if t.kill(py, reason)? {
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.shared.kill_operation(py, op, reason)
     }
 
     /// Sets the global limit on unresolved tokens (None or 0: unlimited).
@@ -418,4 +400,16 @@ impl Drop for Engine {
         let _ = Python::try_attach(|py| self.shared.cancel_parked(py, None));
         self.shared.release_threads();
     }
+}
+
+/// The Prometheus text (format 0.0.4) of the given engines, or of every
+/// running engine of this process (`pool` label: the engine's id).
+#[pyfunction]
+#[pyo3(signature = (engines=None))]
+pub(crate) fn render_metrics(py: Python<'_>, engines: Option<Vec<PyRef<'_, Engine>>>) -> String {
+    let engines: Vec<Arc<EngineShared>> = match engines {
+        Some(list) => list.iter().map(|e| e.shared().clone()).collect(),
+        None => live_engines(),
+    };
+    py.detach(|| render_engines(&engines))
 }

@@ -4,11 +4,7 @@
 
 use std::sync::Arc;
 
-use pyo3::prelude::*;
-
-use super::engine::Engine;
 use super::engine_shared::EngineShared;
-use super::registry::live_engines;
 use crate::engine::metrics::{render, OpView, PoolView};
 use crate::engine::sync::Ordering;
 
@@ -45,23 +41,14 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
     (view, ops)
 }
 
-/// The Prometheus text (format 0.0.4) of the given engines, or of every
-/// running engine of this process (`pool` label: the engine's id).
-#[pyfunction]
-#[pyo3(signature = (engines=None))]
-pub(crate) fn render_metrics(py: Python<'_>, engines: Option<Vec<PyRef<'_, Engine>>>) -> String {
-    let engines: Vec<Arc<EngineShared>> = match engines {
-        Some(list) => list.iter().map(|e| e.shared().clone()).collect(),
-        None => live_engines(),
-    };
-    py.detach(|| {
-        let mut pools = Vec::with_capacity(engines.len());
-        let mut ops = Vec::new();
-        for sh in &engines {
-            let (p, o) = views(sh);
-            pools.push(p);
-            ops.extend(o);
-        }
-        render(&pools, &ops)
-    })
+/// The Prometheus text of `engines` (no interpreter needed).
+pub(crate) fn render_engines(engines: &[Arc<EngineShared>]) -> String {
+    let mut pools = Vec::with_capacity(engines.len());
+    let mut ops = Vec::new();
+    for sh in engines {
+        let (p, o) = views(sh);
+        pools.push(p);
+        ops.extend(o);
+    }
+    render(&pools, &ops)
 }

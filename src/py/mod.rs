@@ -22,12 +22,16 @@
 //! * `host`: the threads an engine runs Python on.
 //! * `spec`: `OperationSpec`, whose `submit` is the hot path of every
 //!   decorated call, and `GuardedFunction`.
-//! * `stats`, `engine`: the `Engine` class (start, stop, stats, control plane).
-//! * `metrics`: Prometheus text for every live engine.
+//! * `control`: pause, resume, drain and kill (for `Engine` and the dashboard).
+//! * `metrics`: Prometheus text of live engines.
+//! * `dashboard`: what the dashboard server (`crate::dashboard`) reads and does.
+//! * `stats`, `engine`: the `Engine` class (start, stop, stats, control plane, serve).
 
 mod asyncio;
 mod attach;
 mod call;
+mod control;
+mod dashboard;
 mod deps;
 mod detached;
 mod durations;
@@ -60,6 +64,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::TaskToken>()?;
     m.add_class::<handle::TokenAwait>()?;
     m.add_class::<asyncio::LoopDrain>()?;
+    m.add_class::<dashboard::DashboardServer>()?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;
@@ -67,7 +72,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(handle::current_token, m)?)?;
     m.add_function(wrap_pyfunction!(asyncio::loop_stats, m)?)?;
     m.add_function(wrap_pyfunction!(handle::wait_all, m)?)?;
-    m.add_function(wrap_pyfunction!(metrics::render_metrics, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::render_metrics, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_SECONDS", durations::MAX_SECONDS)?;
     m.add("MAX_WORKERS", crate::engine::pool::MAX_WORKERS)?;
