@@ -28,6 +28,7 @@ DRIVER = shutil.which("chromedriver")
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -78,6 +79,9 @@ def busy() -> Iterator[OperationsCoordinator]:
             yield c
         finally:
             stop.set()
+            # A test that failed with the operation paused must not leave the feeder waiting.
+            c.resume_operation("browser_op")
+            c.resume_admission()
             feeder.join()
 
 
@@ -100,6 +104,19 @@ def api_op(server: tokengate.DashboardServer, prefix: str, name: str) -> dict[st
         conn.close()
     (op,) = [o for o in ops if o["name"] == name]
     return op
+
+
+def click(driver: Any, css: str) -> None:
+    """Clicks the element `css` names, finding it again if the page replaced it meanwhile."""
+
+    def attempt() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    wait_for(attempt, message=f"click {css}")
 
 
 def open_page(driver: Any, server: tokengate.DashboardServer) -> None:
@@ -132,14 +149,14 @@ def test_admin_page_is_live_and_pause_and_resume_reach_the_engine(
         wait_for(lambda: int(driver.find_element(By.ID, "completed").text) > first, message="counters advance")
         row = 'tr[data-op="browser_op"]'
         wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, row), message="the operation's row")
-        driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action$="/pause"]').click()
+        click(driver, f'{row} button[data-action$="/pause"]')
         t0 = time.monotonic()
         wait_for(lambda: api_op(server, prefix, "browser_op")["paused"], timeout=2, message="pause reached the API")
         assert time.monotonic() - t0 < 2
-        resume = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f'{row} button[data-action$="/resume"]'))
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f'{row} button[data-action$="/resume"]'))
         if os.environ.get("TOKENGATE_SCREENSHOT") and not prefix:
             driver.save_screenshot(os.environ["TOKENGATE_SCREENSHOT"])
-        resume[0].click()
+        click(driver, f'{row} button[data-action$="/resume"]')
         wait_for(
             lambda: not api_op(server, prefix, "browser_op")["paused"], timeout=2, message="resume reached the API"
         )

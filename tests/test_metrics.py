@@ -4,6 +4,7 @@ accept (``prometheus_client``, and ``promtool check metrics`` where it is instal
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
@@ -239,3 +240,20 @@ def test_process_lane_tokens_and_workers_are_counted_in_the_parent() -> None:
         assert value(c, "tokengate_tokens_completed_total", operation="metrics_in_a_process", outcome="ok") == 20
         assert value(c, "tokengate_execution_seconds_count", operation="metrics_in_a_process") == 20
         assert wait_until(lambda: value(c, "tokengate_workers", lane="process") == 2, WAIT)
+
+
+def test_an_engine_renders_at_most_200_operation_names() -> None:
+    # A label's values stay bounded: past 200 operations, the least used add up under "_other".
+    with OperationsCoordinator(max_workers=1) as c:
+        ops = [task_token_guard(operation_type=f"many_{i:03}")(lambda: None) for i in range(205)]
+        tokens = [op() for op in ops]
+        tokens += [ops[0]() for _ in range(3)]
+        tokengate.gather(tokens)
+        text = metrics.generate_latest(c).decode()
+    names = set(re.findall(r'tokengate_tokens_submitted_total\{pool="\d+",operation="([^"]+)"\}', text))
+    assert len(names) == 200 and "_other" in names and "many_000" in names
+    submitted = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r'tokengate_tokens_submitted_total\{pool="\d+",operation="([^"]+)"\} (\d+)', text)
+    }
+    assert submitted["_other"] == 6 and sum(submitted.values()) == 208

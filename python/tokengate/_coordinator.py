@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -275,10 +276,15 @@ class OperationsCoordinator:
         Returns True when every worker thread exited.
         """
         with self._lock:
-            _services.pop(id(self), None)
             servers, self._servers = self._servers, []
-            for server in servers:
+        # Outside the lock: an admin action in flight may run a token's callback that takes it.
+        for server in servers:
+            try:
                 server.stop()
+            except Exception:  # a server that cannot stop must not keep the engine running
+                logging.getLogger("tokengate").exception("stopping a dashboard server failed")
+        with self._lock:
+            _services.pop(id(self), None)
             engine = self._engine
             if engine is None:
                 return True
@@ -324,6 +330,7 @@ class OperationsCoordinator:
         url_prefix: str = "",
         token: str | None = None,
         auth: bool = True,
+        allowed_hosts: Sequence[str] = (),
     ) -> _tokengate.DashboardServer:
         """Serves a live dashboard, Prometheus metrics and a JSON API for this coordinator.
 
@@ -331,10 +338,12 @@ class OperationsCoordinator:
         ``host`` (127.0.0.1) on ``port`` (0: a free one). Every route but ``/healthz`` needs the
         token: ``Authorization: Bearer <token>``, or the one-time ``?token=`` in the returned
         handle's ``url``, which sets an HttpOnly, SameSite=Strict cookie. ``token``: your own (at
-        least 16 characters; default: 32 random bytes). ``auth=False`` serves without a token, on a
-        loopback address only. Admin actions (pause, resume, drain, kill) need ``admin=True``; they
-        are POST only and refused from another origin. ``url_prefix``: the path it is served under
-        behind a reverse proxy. Routes and schemas: README, "Dashboard".
+        least 16 letters, digits or ``._~-``; default: 32 random bytes). ``auth=False`` serves without a
+        token, on a loopback address only. Admin actions (pause, resume, drain, kill) need
+        ``admin=True``; they are POST only and refused from another origin. ``url_prefix``: the path
+        it is served under behind a reverse proxy; ``allowed_hosts``: the names (``host[:port]``) the
+        proxy sends in ``Host`` and browsers in ``Origin``, which a loopback bind otherwise refuses
+        (DNS rebinding). Routes and schemas: README, "Dashboard".
 
         Returns the server's handle: ``url``, ``token``, ``port``, ``stop()`` (the port is free when
         it returns). :meth:`stop` stops it too.
@@ -347,9 +356,20 @@ class OperationsCoordinator:
             raise TypeError(f"url_prefix must be a str, got {type(url_prefix).__name__}")
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a str or None, got {type(token).__name__}")
+        for name, flag in (("admin", admin), ("auth", auth)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if isinstance(allowed_hosts, str) or not all(isinstance(h, str) for h in allowed_hosts):
+            raise TypeError("allowed_hosts must be a sequence of str")
         with self._lock:
             server = self._running_engine().serve(
-                host, port, admin=bool(admin), url_prefix=url_prefix, token=token, auth=bool(auth)
+                host,
+                port,
+                admin=admin,
+                url_prefix=url_prefix,
+                token=token,
+                auth=auth,
+                allowed_hosts=list(allowed_hosts),
             )
             self._servers = [s for s in self._servers if s.running] + [server]
             return server

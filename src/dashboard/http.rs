@@ -4,14 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The longest request head read (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
 /// The longest body read (admin actions send none; anything else is discarded).
 const MAX_BODY: usize = 64 * 1024;
-/// How long a client may take to send its request.
-pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to send its whole request.
+pub(super) const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one write may wait for a client that does not read.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One parsed request.
 #[derive(Debug)]
@@ -38,13 +40,25 @@ pub(super) enum ReadError {
     Gone,
 }
 
-/// Reads one request from `stream`.
+/// Reads from `stream` into `buf` before `deadline` (0: the client closed).
+fn read_before(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<usize, ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ReadError::Gone);
+    }
+    stream.set_read_timeout(Some(left)).map_err(|_| ReadError::Gone)?;
+    stream.read(buf).map_err(|_| ReadError::Gone)
+}
+
+/// Reads one request from `stream`, all of it within `REQUEST_DEADLINE`.
+/// A header that is not UTF-8, a repeated `Content-Length` or any
+/// `Transfer-Encoding` makes it malformed.
 pub(super) fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|_| ReadError::Gone)?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
-        let n = stream.read(&mut chunk).map_err(|_| ReadError::Gone)?;
+        let n = read_before(stream, &mut chunk, deadline)?;
         if n == 0 {
             return Err(ReadError::Gone);
         }
@@ -53,25 +67,33 @@ pub(super) fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError>
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&buf) {
             Ok(httparse::Status::Complete(head_len)) => {
+                let mut headers = Vec::with_capacity(parsed.headers.len());
+                for h in parsed.headers.iter() {
+                    let value = std::str::from_utf8(h.value).map_err(|_| ReadError::Malformed)?;
+                    headers.push((h.name.to_owned(), value.trim().to_owned()));
+                }
+                let count = |name: &str| headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).count();
+                if count("Content-Length") > 1 || count("Transfer-Encoding") > 0 || count("Host") > 1 || count("Origin") > 1 {
+                    return Err(ReadError::Malformed);
+                }
                 let request = Request {
                     method: parsed.method.unwrap_or_default().to_owned(),
                     target: parsed.path.unwrap_or_default().to_owned(),
-                    headers: parsed
-                        .headers
-                        .iter()
-                        .filter_map(|h| std::str::from_utf8(h.value).ok().map(|v| (h.name.to_owned(), v.trim().to_owned())))
-                        .collect(),
+                    headers,
                 };
                 // A body is read and dropped (nothing here takes one), so that the
                 // client sees its reply rather than a reset.
-                let length: usize = request.header("Content-Length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let length: usize = match request.header("Content-Length") {
+                    None => 0,
+                    Some(l) => l.parse().map_err(|_| ReadError::Malformed)?,
+                };
                 if length > MAX_BODY {
                     return Err(ReadError::Malformed);
                 }
                 let mut left = length.saturating_sub(buf.len() - head_len);
                 while left > 0 {
                     let take = left.min(chunk.len());
-                    let n = stream.read(&mut chunk[..take]).map_err(|_| ReadError::Gone)?;
+                    let n = read_before(stream, &mut chunk[..take], deadline)?;
                     if n == 0 {
                         return Err(ReadError::Gone);
                     }
@@ -128,6 +150,7 @@ impl Reply {
 
     /// Sends it (no body for a HEAD request) and closes the connection.
     pub(super) fn send(&self, stream: &mut TcpStream, head_only: bool) {
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (k, v) in &self.headers {
             out.push_str(&format!("{k}: {v}\r\n"));

@@ -6,33 +6,28 @@
 //!
 //! # Threads and protocol
 //!
-//! * One thread (`tokengate-dashboard`) accepts connections and answers each
-//!   in turn: it reads one request (`http.rs`, at most `READ_TIMEOUT`),
-//!   answers it (`routes.rs`) and closes the connection.
-//! * An event stream gets a thread of its own (at most `MAX_STREAMS`), which
-//!   writes one event per `EVENT_EVERY` until the client goes or the server
+//! * One thread (`tokengate-dashboard`) accepts connections and hands each to
+//!   a thread of its own (at most `MAX_CONNECTIONS` at once; more are answered
+//!   503), so a slow client, a held event stream or an admin action waiting
+//!   for the GIL never delays another request.
+//! * A connection thread reads one request within `http::REQUEST_DEADLINE`,
+//!   answers it (`routes.rs`) within `http::WRITE_TIMEOUT` per write, and
+//!   closes the connection; an event stream writes one event per
+//!   `EVENT_EVERY` until the client goes, the coordinator stops or the server
 //!   stops.
-//! * `stop()`: set `stopping` and wake the streams (they wait on `wake`),
-//!   connect once to the listener to wake the accepting thread, join it and
-//!   every stream; the listener is closed when the accepting thread ends. No
-//!   thread it started outlives `stop()`, and the port is free when it
-//!   returns. Runs once; `Drop` runs it too.
-//!
-//! # Security (see `routes.rs` for the order of the checks)
-//!
-//! * Binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address
-//!   without a token.
-//! * A random token per server (32 bytes from the OS), compared in constant
-//!   time: `Authorization: Bearer`, or a cookie that a one-time `?token=` sets
-//!   (HttpOnly, SameSite=Strict). `/healthz` alone needs none.
-//! * Read-only unless `admin`: admin routes answer 403 and change nothing.
-//!   Admin actions are POST only (405 otherwise).
-//! * On a loopback bind the `Host` header must name the server (no DNS
-//!   rebinding), and an `Origin`, when sent, must be the server's own (no
-//!   cross-site requests).
-//! * The page loads nothing from another origin (a strict
-//!   Content-Security-Policy) and uses relative URLs only, so it works under
-//!   a URL prefix behind a reverse proxy.
+//! * Every live connection's socket is kept (a clone) in `Shared::conns`.
+//! * `stop()` (one at a time: `stop_lock`): set `stopping` and wake the
+//!   streams (`wake`), shut the listening socket down (the accepting thread's
+//!   `accept` returns at once) and every live connection's socket (their reads
+//!   and writes fail at once), then join every thread but the calling one (an
+//!   admin action may reach `stop()` from a connection thread, through a
+//!   callback of a token it resolved). No thread it started outlives `stop()`,
+//!   and the port is free when it returns. In a process forked after the
+//!   server started, `stop()` only marks it stopped: its threads exist in the
+//!   parent alone, and shutting the shared sockets down would stop the
+//!   parent's server. `Drop` does not wait: it shuts the sockets down and lets
+//!   the threads end (the binding layer stops a server with the GIL released
+//!   before it drops it).
 
 mod api;
 mod http;
@@ -40,14 +35,17 @@ mod routes;
 
 pub use api::{Action, Backend, OpVerb, Refusal, TokenQuery};
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
 use serde_json::Value;
 
+/// Connections served at once (event streams included); more are answered 503.
+const MAX_CONNECTIONS: usize = 64;
 /// Event streams open at once; more are answered 503.
 const MAX_STREAMS: usize = 16;
 /// One server-sent event per this interval.
@@ -66,6 +64,10 @@ pub struct ServeConfig {
     pub url_prefix: String,
     /// The token clients must show (None: no token, loopback only).
     pub token: Option<String>,
+    /// Host names (with `:port` unless it is 80) a reverse proxy may send in
+    /// `Host`, besides the server's own address (a loopback bind refuses any
+    /// other, against DNS rebinding); an `Origin` naming one of them is accepted too.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// A running dashboard server.
@@ -73,7 +75,6 @@ pub struct Server {
     shared: Arc<Shared>,
     address: SocketAddr,
     prefix: String,
-    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -82,13 +83,35 @@ impl std::fmt::Debug for Server {
     }
 }
 
-/// What the request thread and the streams share.
+/// What the server's threads share.
 struct Shared {
     site: routes::Site,
     stopping: AtomicBool,
     /// Wakes the streams when `stopping` is set.
     wake: (Mutex<()>, Condvar),
-    streams: Mutex<Vec<JoinHandle<()>>>,
+    /// A clone of the listening socket, to shut it down.
+    listener: TcpListener,
+    conns: Mutex<Conns>,
+    /// The accepting thread.
+    accepting: Mutex<Option<JoinHandle<()>>>,
+    /// One `stop()` at a time (a second caller returns once the first is done).
+    stop_lock: Mutex<()>,
+    /// The process that started the server (see "Threads and protocol").
+    pid: u32,
+}
+
+/// The live connections and their threads.
+#[derive(Default)]
+struct Conns {
+    next: u64,
+    /// A clone of each live connection's socket, by id.
+    live: HashMap<u64, TcpStream>,
+    threads: Vec<JoinHandle<()>>,
+    streams: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A random token: 32 bytes from the OS, as hex.
@@ -116,9 +139,21 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
     Ok(format!("/{trimmed}"))
 }
 
+/// A token the server accepts: at least 16 of `A-Z a-z 0-9 . _ ~ -` (it
+/// travels in a header, a cookie and a URL, unescaped).
+fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < 16 {
+        return Err("a dashboard token must be at least 16 characters".into());
+    }
+    if !token.chars().all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c)) {
+        return Err("a dashboard token may hold only letters, digits and . _ ~ -".into());
+    }
+    Ok(())
+}
+
 impl Server {
-    /// Binds and starts serving. Errors name the problem (a bad prefix, a
-    /// non-loopback address without a token, an address in use).
+    /// Binds and starts serving. Errors name the problem (a bad prefix or
+    /// token, a non-loopback address without a token, an address in use).
     pub fn start(config: ServeConfig, backend: Arc<dyn Backend>) -> Result<Server, String> {
         let prefix = normalize_prefix(&config.url_prefix)?;
         let ip: IpAddr = match config.host.as_str() {
@@ -128,24 +163,32 @@ impl Server {
         if !ip.is_loopback() && config.token.is_none() {
             return Err(format!("refusing to serve on {ip}, which is not a loopback address, without a token"));
         }
-        if config.token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err("a dashboard token must be at least 16 characters".into());
+        if let Some(token) = &config.token {
+            check_token(token)?;
         }
+        let allowed_hosts = config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         let listener =
             TcpListener::bind(SocketAddr::new(ip, config.port)).map_err(|e| format!("cannot serve on {ip}:{}: {e}", config.port))?;
         let address = listener.local_addr().map_err(|e| format!("the dashboard's address: {e}"))?;
+        let for_stop = listener.try_clone().map_err(|e| format!("the dashboard's socket: {e}"))?;
+        let site = routes::Site { backend, token: config.token, admin: config.admin, prefix: prefix.clone(), address, allowed_hosts };
         let shared = Arc::new(Shared {
-            site: routes::Site { backend, token: config.token, admin: config.admin, prefix: prefix.clone(), address },
+            site,
             stopping: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
-            streams: Mutex::new(Vec::new()),
+            listener: for_stop,
+            conns: Mutex::new(Conns::default()),
+            accepting: Mutex::new(None),
+            stop_lock: Mutex::new(()),
+            pid: std::process::id(),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tokengate-dashboard".into())
-            .spawn(move || serve(&for_thread, &listener))
+            .spawn(move || accept_loop(&for_thread, &listener))
             .map_err(|e| format!("cannot start the dashboard thread: {e}"))?;
-        Ok(Server { shared, address, prefix, thread: Mutex::new(Some(thread)) })
+        *lock(&shared.accepting) = Some(thread);
+        Ok(Server { shared, address, prefix })
     }
 
     /// The address it listens on.
@@ -176,95 +219,100 @@ impl Server {
         !self.shared.stopping.load(Ordering::SeqCst)
     }
 
-    /// Stops serving (see the module docs); the port is free when it returns.
+    /// Stops serving (see the module docs): no thread it started outlives it
+    /// (but the calling one), and the port is free when it returns.
     pub fn stop(&self) {
         let shared = &self.shared;
-        if shared.stopping.swap(true, Ordering::SeqCst) {
+        let _one_at_a_time = lock(&shared.stop_lock);
+        if !shared.begin_stop() {
             return;
         }
-        {
-            let _guard = shared.wake.0.lock().unwrap_or_else(|e| e.into_inner());
-            shared.wake.1.notify_all();
+        let me = std::thread::current().id();
+        let accepting = lock(&shared.accepting).take();
+        join_unless(accepting, me);
+        loop {
+            let threads = std::mem::take(&mut lock(&shared.conns).threads);
+            if threads.is_empty() {
+                break;
+            }
+            for t in threads {
+                join_unless(Some(t), me);
+            }
         }
-        // Wakes the accepting thread; it sees `stopping` and ends, closing the listener.
-        let _ = TcpStream::connect_timeout(&wake_address(self.address), Duration::from_secs(1));
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = thread.join();
-        }
-        let streams = std::mem::take(&mut *shared.streams.lock().unwrap_or_else(|e| e.into_inner()));
-        for stream in streams {
-            let _ = stream.join();
+    }
+}
+
+fn join_unless(thread: Option<JoinHandle<()>>, me: ThreadId) {
+    if let Some(t) = thread {
+        if t.thread().id() != me {
+            let _ = t.join();
         }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Where to connect to reach a listener on `address` (an unspecified
-/// address is reached through loopback).
-fn wake_address(address: SocketAddr) -> SocketAddr {
-    match address.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::from([127, 0, 0, 1]), address.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), address.port()),
-        _ => address,
-    }
-}
-
-/// The accepting thread: one connection at a time, until `stopping`.
-fn serve(shared: &Arc<Shared>, listener: &TcpListener) {
-    for stream in listener.incoming() {
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        match stream {
-            Ok(stream) => serve_connection(shared, stream),
-            // Out of descriptors, say: let connections close, then go on.
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// Reads one request from `stream` and answers it.
-fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream) {
-    match http::read_request(&mut stream) {
-        Ok(request) => {
-            let head_only = request.method == "HEAD";
-            match routes::answer(&shared.site, &request) {
-                routes::Answer::Reply(reply) => reply.send(&mut stream, head_only),
-                routes::Answer::Events => shared.open_stream(stream),
-            }
-        }
-        Err(http::ReadError::Malformed) => routes::error(400, "not an HTTP/1.1 request").send(&mut stream, false),
-        Err(http::ReadError::Gone) => {}
+        // No waiting here (see the module docs): the threads end on their own.
+        let _one_at_a_time = lock(&self.shared.stop_lock);
+        self.shared.begin_stop();
     }
 }
 
 impl Shared {
-    /// Starts a stream thread for an event-stream request (503 when too many are open).
-    fn open_stream(self: &Arc<Self>, mut stream: TcpStream) {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        streams.retain(|h| !h.is_finished());
-        if streams.len() >= MAX_STREAMS || self.stopping.load(Ordering::SeqCst) {
-            drop(streams);
-            routes::text(503, "too many event streams").send(&mut stream, false);
+    /// Marks the server stopping, wakes the streams and shuts every socket
+    /// down. False when it was stopping already, or in a forked child (where
+    /// it only marks it).
+    fn begin_stop(&self) -> bool {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        if std::process::id() != self.pid {
+            return false;
+        }
+        {
+            let _guard = lock(&self.wake.0);
+            self.wake.1.notify_all();
+        }
+        // Wakes `accept` at once, in every process that holds the socket.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
+        for stream in lock(&self.conns).live.values() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        true
+    }
+
+    /// Serves `stream` on a thread of its own (503 when too many are open).
+    fn spawn_connection(self: &Arc<Self>, mut stream: TcpStream) {
+        let mut conns = lock(&self.conns);
+        conns.threads.retain(|t| !t.is_finished());
+        let clone = stream.try_clone();
+        if conns.live.len() >= MAX_CONNECTIONS || self.stopping.load(Ordering::SeqCst) || clone.is_err() {
+            drop(conns);
+            let _ = stream.set_write_timeout(Some(http::WRITE_TIMEOUT));
+            routes::text(503, "busy").send(&mut stream, false);
             return;
         }
+        let id = conns.next;
+        conns.next += 1;
+        if let Ok(clone) = clone {
+            conns.live.insert(id, clone);
+        }
         let shared = self.clone();
-        let spawned = std::thread::Builder::new().name("tokengate-dashboard-events".into()).spawn(move || {
-            let _ = stream_events(&shared, &mut stream);
+        let spawned = std::thread::Builder::new().name("tokengate-dashboard-conn".into()).spawn(move || {
+            serve_connection(&shared, stream);
+            lock(&shared.conns).live.remove(&id);
         });
-        if let Ok(handle) = spawned {
-            streams.push(handle);
+        match spawned {
+            Ok(handle) => conns.threads.push(handle),
+            Err(_) => {
+                conns.live.remove(&id);
+            }
         }
     }
 
     /// Waits up to `EVENT_EVERY`; false once the server stops.
     fn pause_between_events(&self) -> bool {
-        let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock(&self.wake.0);
         if self.stopping.load(Ordering::SeqCst) {
             return false;
         }
@@ -273,24 +321,71 @@ impl Shared {
     }
 }
 
-/// Writes `snapshot` events until the client goes away or the server stops.
-fn stream_events(shared: &Shared, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+/// The accepting thread, until `stopping`.
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        match stream {
+            Ok(stream) => shared.spawn_connection(stream),
+            // Out of descriptors, say: let connections close, then go on.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Reads one request from `stream` and answers it (an event stream runs here until it ends).
+fn serve_connection(shared: &Arc<Shared>, mut stream: TcpStream) {
+    match http::read_request(&mut stream) {
+        Ok(request) => {
+            let head_only = request.method == "HEAD";
+            match routes::answer(&shared.site, &request) {
+                routes::Answer::Reply(reply) => reply.send(&mut stream, head_only),
+                routes::Answer::Events => {
+                    let admitted = {
+                        let mut conns = lock(&shared.conns);
+                        let ok = conns.streams < MAX_STREAMS;
+                        conns.streams += usize::from(ok);
+                        ok
+                    };
+                    if admitted {
+                        let _ = stream_events(shared, &mut stream);
+                        lock(&shared.conns).streams -= 1;
+                    } else {
+                        routes::text(503, "too many event streams").send(&mut stream, false);
+                    }
+                }
+            }
+        }
+        Err(http::ReadError::Malformed) => routes::error(400, "not a well-formed HTTP/1.1 request").send(&mut stream, false),
+        Err(http::ReadError::Gone) => {}
+    }
+}
+
+/// Writes `snapshot` events until the client goes away, the coordinator stops
+/// (one `gone` event ends the stream) or the server stops.
+fn stream_events(shared: &Shared, out: &mut TcpStream) -> std::io::Result<()> {
+    use std::io::Write;
+    out.set_write_timeout(Some(http::WRITE_TIMEOUT))?;
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\n\
                 X-Content-Type-Options: nosniff\r\n\r\n";
     out.write_all(head.as_bytes())?;
     // The client reconnects after this long if the stream breaks.
     out.write_all(b"retry: 2000\n\n")?;
-    out.flush()?;
     loop {
         match shared.site.backend.snapshot() {
-            Ok(snapshot) => {
-                let mut snapshot = snapshot;
+            Ok(mut snapshot) => {
                 if let Value::Object(map) = &mut snapshot {
                     map.insert("admin".into(), Value::Bool(shared.site.admin));
                 }
                 write!(out, "event: snapshot\ndata: {snapshot}\n\n")?;
             }
-            Err(_) => write!(out, "event: gone\ndata: {{}}\n\n")?,
+            Err(_) => {
+                write!(out, "event: gone\ndata: {{}}\n\n")?;
+                out.flush()?;
+                return Ok(());
+            }
         }
         out.flush()?;
         if !shared.pause_between_events() {

@@ -30,9 +30,17 @@ pub(super) struct Site {
     /// `""` or `/a/b`.
     pub(super) prefix: String,
     pub(super) address: SocketAddr,
+    /// More names `Host` and `Origin` may give (lowercase; see `ServeConfig`).
+    pub(super) allowed_hosts: Vec<String>,
 }
 
-const COOKIE: &str = "tokengate_token";
+impl Site {
+    /// The cookie that carries the token (one per port: cookies ignore ports).
+    fn cookie(&self) -> String {
+        format!("tokengate_token_{}", self.address.port())
+    }
+}
+
 const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/app.css");
@@ -122,26 +130,51 @@ fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The `Host` values that name this server on a loopback bind.
-fn host_ok(shared: &Site, request: &Request) -> bool {
-    if !shared.address.ip().is_loopback() {
-        return true; // any name may lead here; the token guards it
+/// `host[:port]` as `(host, port)`, the port 80 when absent.
+fn split_host(value: &str) -> Option<(String, u16)> {
+    let value = value.to_ascii_lowercase();
+    let (name, port) = match value.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name.to_owned(), port.parse().ok()?),
+        _ => (value, 80),
+    };
+    Some((name, port))
+}
+
+/// True when `Host` names this server. On a loopback bind that is its own
+/// address, `localhost`, or an allowed host: a page of another site whose name
+/// resolves to 127.0.0.1 is refused (DNS rebinding). On another bind any name
+/// may lead here; the token guards it.
+fn host_ok(site: &Site, request: &Request) -> bool {
+    if !site.address.ip().is_loopback() {
+        return true;
     }
     let Some(host) = header_value(request, "Host") else {
         return false;
     };
-    let port = shared.address.port();
-    let host = host.to_ascii_lowercase();
-    [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}")].contains(&host)
+    if site.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        return true;
+    }
+    let own = match site.address.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    split_host(host).is_some_and(|(name, port)| port == site.address.port() && (name == own || name == "localhost"))
 }
 
-/// True when the request sent no `Origin`, or its own.
-fn origin_ok(request: &Request) -> bool {
-    match (header_value(request, "Origin"), header_value(request, "Host")) {
-        (None, _) => true,
-        (Some(origin), Some(host)) => origin.eq_ignore_ascii_case(&format!("http://{host}")),
-        (Some(_), None) => false,
+/// True when the request sent no `Origin`, or one on the host it asked for
+/// (http or https: a TLS proxy in front), or on an allowed host.
+fn origin_ok(site: &Site, request: &Request) -> bool {
+    let Some(origin) = header_value(request, "Origin") else {
+        return true;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+        return false;
     }
+    let same_host = header_value(request, "Host").is_some_and(|h| h.eq_ignore_ascii_case(authority));
+    same_host || site.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(authority))
 }
 
 enum Auth {
@@ -155,14 +188,17 @@ fn authorize(shared: &Site, request: &Request, query: &[(String, String)]) -> Au
     let Some(token) = shared.token.as_deref() else {
         return Auth::Granted;
     };
-    if let Some(bearer) = header_value(request, "Authorization").and_then(|v| v.strip_prefix("Bearer ")) {
-        return if same_secret(bearer.trim(), token) { Auth::Granted } else { Auth::Denied };
+    if let Some(value) = header_value(request, "Authorization") {
+        let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+        let granted = scheme.eq_ignore_ascii_case("Bearer") && same_secret(credentials.trim(), token);
+        return if granted { Auth::Granted } else { Auth::Denied };
     }
+    let name = shared.cookie();
     let cookie = header_value(request, "Cookie")
         .into_iter()
         .flat_map(|c| c.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v);
     if cookie.is_some_and(|c| same_secret(c, token)) {
         return Auth::Granted;
@@ -193,10 +229,11 @@ pub(super) fn answer(shared: &Site, request: &Request) -> Answer {
         return reply(error(404, "not found"));
     };
     if rest.is_empty() {
-        let to = format!("{}/", shared.prefix);
+        let to = if query_text.is_empty() { format!("{}/", shared.prefix) } else { format!("{}/?{query_text}", shared.prefix) };
         return reply(text(308, "moved").with_header("Location", &to));
     }
-    if !rest.starts_with('/') {
+    // No empty segment: `//x` would name another host in a redirect.
+    if !rest.starts_with('/') || rest.contains("//") {
         return reply(error(404, "not found"));
     }
     let route = Route::parse(rest);
@@ -223,7 +260,7 @@ pub(super) fn answer(shared: &Site, request: &Request) -> Answer {
         if !shared.admin {
             return reply(error(403, "read-only: start the server with admin=True to allow admin actions"));
         }
-        if !origin_ok(request) {
+        if !origin_ok(shared, request) {
             return reply(error(403, "cross-origin request refused"));
         }
         let response = match shared.backend.act(action) {
@@ -232,10 +269,13 @@ pub(super) fn answer(shared: &Site, request: &Request) -> Answer {
         };
         return reply(response);
     }
+    if route == Route::Events && method != "GET" {
+        return reply(not_allowed("GET"));
+    }
     if !reading {
         return reply(not_allowed("GET, HEAD"));
     }
-    if !origin_ok(request) {
+    if !origin_ok(shared, request) {
         return reply(error(403, "cross-origin request refused"));
     }
     let response = match route {
@@ -292,5 +332,5 @@ fn set_cookie_and_redirect(shared: &Site, path: &str, query: &[(String, String)]
     let cookie_path = if shared.prefix.is_empty() { "/".to_owned() } else { format!("{}/", shared.prefix) };
     text(303, "see other")
         .with_header("Location", &to)
-        .with_header("Set-Cookie", &format!("{COOKIE}={token}; Path={cookie_path}; HttpOnly; SameSite=Strict"))
+        .with_header("Set-Cookie", &format!("{}={token}; Path={cookie_path}; HttpOnly; SameSite=Strict", shared.cookie()))
 }

@@ -46,7 +46,14 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 fn start(admin: bool, prefix: &str) -> (Server, Arc<Fake>) {
     let fake = Arc::new(Fake::default());
-    let config = ServeConfig { host: "127.0.0.1".into(), port: 0, admin, url_prefix: prefix.into(), token: Some(TOKEN.into()) };
+    let config = ServeConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        admin,
+        url_prefix: prefix.into(),
+        token: Some(TOKEN.into()),
+        allowed_hosts: vec!["dash.example.org".into()],
+    };
     (Server::start(config, fake.clone()).expect("the server starts"), fake)
 }
 
@@ -90,8 +97,9 @@ fn a_one_time_token_in_the_url_sets_a_strict_cookie() {
     let (status, text) = send(&server, "GET", &format!("/api/v1/tokens?op=a&token={TOKEN}"), &[]);
     assert_eq!(status, 303);
     assert!(text.contains("Location: /api/v1/tokens?op=a\r\n"), "{text}");
-    assert!(text.contains(&format!("Set-Cookie: tokengate_token={TOKEN}; Path=/; HttpOnly; SameSite=Strict")), "{text}");
-    let cookie = format!("tokengate_token={TOKEN}");
+    let port = server.address().port();
+    assert!(text.contains(&format!("Set-Cookie: tokengate_token_{port}={TOKEN}; Path=/; HttpOnly; SameSite=Strict")), "{text}");
+    let cookie = format!("tokengate_token_{port}={TOKEN}");
     let (status, body) = send(&server, "GET", "/api/v1/tokens?op=a&state=executing&limit=5", &[("Cookie", &cookie)]);
     assert_eq!(status, 200);
     assert!(body.ends_with(r#"{"limit":5,"op":"a","state":"executing"}"#), "{body}");
@@ -187,6 +195,7 @@ fn bad_configurations_are_refused_with_a_reason() {
         admin: false,
         url_prefix: prefix.into(),
         token: token.map(Into::into),
+        allowed_hosts: vec![],
     };
     let err = Server::start(config("0.0.0.0", "", None), fake.clone()).unwrap_err();
     assert!(err.contains("not a loopback address, without a token"), "{err}");
@@ -194,8 +203,91 @@ fn bad_configurations_are_refused_with_a_reason() {
     assert!(err.contains("url_prefix"), "{err}");
     let err = Server::start(config("127.0.0.1", "", Some("short")), fake.clone()).unwrap_err();
     assert!(err.contains("at least 16"), "{err}");
+    let err = Server::start(config("127.0.0.1", "", Some("0123456789abcdef\r\nX: y")), fake.clone()).unwrap_err();
+    assert!(err.contains("only letters, digits"), "{err}");
     let err = Server::start(config("example.com", "", Some(TOKEN)), fake.clone()).unwrap_err();
     assert!(err.contains("IP address"), "{err}");
     assert_eq!(new_token().unwrap().len(), 64);
     assert_ne!(new_token().unwrap(), new_token().unwrap());
+}
+
+/// Sends raw bytes; returns what came back.
+fn raw(server: &Server, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(server.address()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+#[test]
+fn header_and_path_tricks_are_refused() {
+    let (server, _) = start(true, "/tools/tg");
+    let port = server.address().port();
+    // A sibling of the prefix is not under it.
+    assert_eq!(send(&server, "GET", "/tools/tgx/api/v1/snapshot", &[BEARER]).0, 404);
+    assert_eq!(send(&server, "GET", "/tools/tg//api/v1/snapshot", &[BEARER]).0, 404);
+    // The Bearer scheme is case-insensitive; the token is not.
+    assert_eq!(send(&server, "GET", "/tools/tg/api/v1/ops", &[("Authorization", &format!("bearer {TOKEN}"))]).0, 200);
+    assert_eq!(send(&server, "GET", "/tools/tg/api/v1/ops", &[("Authorization", &format!("Bearer {}", TOKEN.to_uppercase()))]).0, 401);
+    // Reads refuse a foreign Origin too; https on the same host (a TLS proxy) is the same origin.
+    assert_eq!(send(&server, "GET", "/tools/tg/api/v1/ops", &[BEARER, ("Origin", "http://evil.example")]).0, 403);
+    let https = format!("https://127.0.0.1:{port}");
+    assert_eq!(send(&server, "GET", "/tools/tg/api/v1/ops", &[BEARER, ("Origin", &https)]).0, 200);
+    // The event stream is GET only (HEAD would open an endless body).
+    assert_eq!(send(&server, "HEAD", "/tools/tg/api/v1/events", &[BEARER]).0, 405);
+    // The bare prefix keeps the query when it redirects.
+    let (status, text) = send(&server, "GET", &format!("/tools/tg?token={TOKEN}"), &[]);
+    assert_eq!(status, 308);
+    assert!(text.contains(&format!("Location: /tools/tg/?token={TOKEN}\r\n")), "{text}");
+    // Two Content-Length headers, a chunked body, a header that is not UTF-8: 400.
+    let twice = format!("GET /tools/tg/healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n");
+    assert!(raw(&server, twice.as_bytes()).starts_with("HTTP/1.1 400"));
+    let chunked = format!("POST /tools/tg/healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert!(raw(&server, chunked.as_bytes()).starts_with("HTTP/1.1 400"));
+    let mut bad = format!("GET /tools/tg/healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: ").into_bytes();
+    bad.extend_from_slice(b"\xff\xfe\r\n\r\n");
+    assert!(raw(&server, &bad).starts_with("HTTP/1.1 400"));
+}
+
+#[test]
+fn an_allowed_host_passes_the_host_and_origin_checks() {
+    let (server, fake) = start(true, "");
+    let mut stream = TcpStream::connect(server.address()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!(
+        "POST /api/v1/admission/pause HTTP/1.1\r\nHost: dash.example.org\r\nOrigin: https://dash.example.org\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(fake.actions.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn slow_and_silent_clients_delay_no_one_and_stop_ends_them_at_once() {
+    let (server, _) = start(false, "");
+    let port = server.address().port();
+    // A client that connects and says nothing, one that drips a byte, one that never reads its events.
+    let _silent = TcpStream::connect(server.address()).unwrap();
+    let mut dripping = TcpStream::connect(server.address()).unwrap();
+    dripping.write_all(b"G").unwrap();
+    let mut deaf = TcpStream::connect(server.address()).unwrap();
+    let events = format!("GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    deaf.write_all(events.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+    assert_eq!(send(&server, "GET", "/healthz", &[]).0, 200);
+    assert!(t0.elapsed() < Duration::from_millis(500), "a held connection delayed another: {:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    server.stop();
+    assert!(t0.elapsed() < Duration::from_secs(1), "stop took {:?}", t0.elapsed());
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free after stop");
+    // stop() joined every thread it started (tests run beside each other here, so the
+    // process's thread names say nothing; tests/test_dashboard.py reads them).
+    assert!(server.shared.conns.lock().unwrap().threads.is_empty());
+    assert!(server.shared.accepting.lock().unwrap().is_none());
 }

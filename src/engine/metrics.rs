@@ -295,6 +295,56 @@ pub struct OpSnapshot {
     pub execution: HistogramSnapshot,
 }
 
+impl OpSnapshot {
+    /// Adds `other` into this one.
+    pub fn merge(&mut self, other: &OpSnapshot) {
+        self.submitted += other.submitted;
+        for (a, b) in self.outcomes.iter_mut().zip(other.outcomes) {
+            *a += b;
+        }
+        for (a, b) in self.rejected.iter_mut().zip(other.rejected) {
+            *a += b;
+        }
+        for (mine, theirs) in [(&mut self.queue_wait, &other.queue_wait), (&mut self.execution, &other.execution)] {
+            for (a, b) in mine.counts.iter_mut().zip(theirs.counts) {
+                *a += b;
+            }
+            mine.sum_ns += theirs.sum_ns;
+        }
+    }
+}
+
+/// Operations an engine renders by name; the rest are added up under
+/// [`OTHER_OPERATIONS`] (a label's values stay bounded, as Prometheus asks).
+pub const MAX_OPERATION_LABELS: usize = 200;
+/// The `operation` value of the operations past [`MAX_OPERATION_LABELS`].
+pub const OTHER_OPERATIONS: &str = "_other";
+
+/// `ops` (of one engine) with at most [`MAX_OPERATION_LABELS`] values of the
+/// `operation` label: past that, the operations with the fewest tokens are
+/// added up under [`OTHER_OPERATIONS`] (not paused, not blocked, health `unknown`).
+pub fn cap_operations(mut ops: Vec<OpView>) -> Vec<OpView> {
+    if ops.len() <= MAX_OPERATION_LABELS {
+        return ops;
+    }
+    ops.sort_by(|a, b| b.metrics.submitted.cmp(&a.metrics.submitted).then_with(|| a.operation.cmp(&b.operation)));
+    let rest = ops.split_off(MAX_OPERATION_LABELS - 1);
+    let mut other = OpView {
+        pool: rest[0].pool.clone(),
+        operation: OTHER_OPERATIONS.to_owned(),
+        metrics: OpSnapshot::default(),
+        paused: false,
+        blocked: false,
+        health: "unknown",
+    };
+    for op in &rest {
+        other.metrics.merge(&op.metrics);
+    }
+    ops.push(other);
+    ops.sort_by(|a, b| a.operation.cmp(&b.operation));
+    ops
+}
+
 /// One operation as rendered: its labels' values, its counters, its state.
 #[derive(Debug, Clone)]
 pub struct OpView {
@@ -440,6 +490,29 @@ pub fn render(pools: &[PoolView], ops: &[OpView]) -> String {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_engine_renders_a_bounded_number_of_operations() {
+        let view = |i: usize, submitted: u64| OpView {
+            pool: "1".into(),
+            operation: format!("op{i:03}"),
+            metrics: OpSnapshot { submitted, ..OpSnapshot::default() },
+            paused: false,
+            blocked: false,
+            health: "excellent",
+        };
+        let few: Vec<OpView> = (0..3).map(|i| view(i, 1)).collect();
+        assert_eq!(cap_operations(few).len(), 3);
+        // 250 operations: the busiest 199 keep their names, the other 51 add up.
+        let many: Vec<OpView> = (0..250).map(|i| view(i, i as u64 + 1)).collect();
+        let total: u64 = many.iter().map(|o| o.metrics.submitted).sum();
+        let capped = cap_operations(many);
+        assert_eq!(capped.len(), MAX_OPERATION_LABELS);
+        assert_eq!(capped.iter().map(|o| o.metrics.submitted).sum::<u64>(), total, "nothing is lost");
+        let other = capped.iter().find(|o| o.operation == OTHER_OPERATIONS).expect("an _other operation");
+        assert_eq!(other.metrics.submitted, (1..=51).sum::<u64>());
+        assert!(capped.iter().any(|o| o.operation == "op249") && !capped.iter().any(|o| o.operation == "op000"));
+    }
 
     #[test]
     fn observations_land_in_their_buckets_and_add_up_across_shards() {

@@ -20,7 +20,7 @@ use super::operation::STORAGE_TIERS;
 use super::token::OpState;
 use crate::dashboard::{Action, Backend, OpVerb, Refusal, ServeConfig, Server, TokenQuery};
 use crate::engine::metrics::{HistogramSnapshot, Outcome, EXECUTION_BOUNDS, QUEUE_WAIT_BOUNDS};
-use crate::engine::sync::Ordering;
+use crate::engine::sync::{Mutex, Ordering};
 use crate::engine::token::{now_ns, ns_to_unix, Stamp, TokenState};
 
 /// The backend of one engine's dashboard.
@@ -214,8 +214,31 @@ impl Backend for EngineBackend {
 #[pyclass(frozen, name = "DashboardServer", module = "tokengate._tokengate")]
 #[derive(Debug)]
 pub(crate) struct DashboardServer {
-    server: Server,
+    server: Arc<Server>,
     admin: bool,
+}
+
+/// Every server started in this process, to stop at interpreter exit (their
+/// admin actions must not reach a finalizing interpreter).
+static SERVERS: Mutex<Vec<Weak<Server>>> = Mutex::new(Vec::new());
+
+/// Stops every server of this process (at interpreter exit), the GIL released.
+pub(crate) fn stop_all(py: Python<'_>) {
+    let servers: Vec<Arc<Server>> = std::mem::take(&mut *SERVERS.lock()).iter().filter_map(Weak::upgrade).collect();
+    py.detach(|| servers.iter().for_each(|s| s.stop()));
+}
+
+impl Drop for DashboardServer {
+    fn drop(&mut self) {
+        // Dropped while running: stop it with the GIL released, so that an admin
+        // action waiting for the GIL can finish and its thread be joined.
+        if self.server.is_running() {
+            let server = &self.server;
+            if Python::try_attach(|py| py.detach(|| server.stop())).is_none() {
+                server.stop();
+            }
+        }
+    }
 }
 
 /// Starts serving `engine` (see `crate::dashboard` for what it serves and how it is guarded).
@@ -229,6 +252,7 @@ pub(crate) fn serve(
     url_prefix: &str,
     token: Option<String>,
     auth: bool,
+    allowed_hosts: Vec<String>,
 ) -> PyResult<DashboardServer> {
     let token = match (auth, token) {
         (true, Some(t)) => Some(t),
@@ -236,9 +260,14 @@ pub(crate) fn serve(
         (false, None) => None,
         (false, Some(_)) => return Err(BindError::Value("a token was given with auth=False".into()).into()),
     };
-    let config = ServeConfig { host: host.to_owned(), port, admin, url_prefix: url_prefix.to_owned(), token };
+    let config = ServeConfig { host: host.to_owned(), port, admin, url_prefix: url_prefix.to_owned(), token, allowed_hosts };
     let backend = Arc::new(EngineBackend { engine: Arc::downgrade(engine) });
-    let server = py.detach(|| Server::start(config, backend)).map_err(BindError::Value)?;
+    let server = Arc::new(py.detach(|| Server::start(config, backend)).map_err(BindError::Value)?);
+    {
+        let mut all = SERVERS.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&server));
+    }
     Ok(DashboardServer { server, admin })
 }
 

@@ -191,7 +191,7 @@ impl Engine {
     }
 
     /// Serves this engine's dashboard, metrics and API (see `dashboard.rs`).
-    #[pyo3(signature = (host="127.0.0.1", port=0, *, admin=false, url_prefix="", token=None, auth=true))]
+    #[pyo3(signature = (host="127.0.0.1", port=0, *, admin=false, url_prefix="", token=None, auth=true, allowed_hosts=None))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
@@ -202,12 +202,13 @@ impl Engine {
         url_prefix: &str,
         token: Option<String>,
         auth: bool,
+        allowed_hosts: Option<Vec<String>>,
     ) -> PyResult<DashboardServer> {
         check_not_forked()?;
         if self.shared.is_stopping() {
             return Err(BindError::ShutDown.into());
         }
-        serve(py, &self.shared, host, port, admin, url_prefix, token, auth)
+        serve(py, &self.shared, host, port, admin, url_prefix, token, auth, allowed_hosts.unwrap_or_default())
     }
 
     /// Topology, worker and token counters as a dict (schema in the stub).

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::engine_shared::EngineShared;
-use crate::engine::metrics::{render, OpView, PoolView};
+use crate::engine::metrics::{cap_operations, render, OpView, PoolView};
 use crate::engine::sync::Ordering;
 
 /// One engine's gauges and its operations' metrics, read now.
@@ -38,6 +38,7 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
             health: op.health_class(),
         })
         .collect();
+    let ops = cap_operations(ops);
     (view, ops)
 }
 

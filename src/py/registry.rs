@@ -106,6 +106,7 @@ pub(crate) fn begin_interpreter_shutdown(py: Python<'_>) -> PyResult<()> {
     if is_forked() {
         return Ok(());
     }
+    super::dashboard::stop_all(py);
     // Every engine, including those stopped with wait=False whose workers
     // still run: no worker may be attached when the interpreter finalizes.
     let engines: Vec<Arc<EngineShared>> = ALL.lock().iter().filter_map(Weak::upgrade).collect();

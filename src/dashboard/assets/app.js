@@ -36,13 +36,40 @@ async function act(path, label) {
   }
 }
 
-function button(label, path) {
+// Buttons are made once and updated in place (a button rebuilt every second loses clicks).
+function button() {
   const b = document.createElement("button");
   b.type = "button";
-  b.textContent = label;
-  b.dataset.action = path;
-  b.addEventListener("click", () => act(path, label));
+  b.addEventListener("click", () => act(b.dataset.action, b.textContent));
   return b;
+}
+
+function setButton(b, label, path) {
+  if (b.textContent !== label) b.textContent = label;
+  if (b.dataset.action !== path) b.dataset.action = path;
+}
+
+const rows = new Map();
+let admissionButton = null;
+
+function opRow(o, admin) {
+  let row = rows.get(o.name);
+  if (!row) {
+    const tr = document.createElement("tr");
+    tr.dataset.op = o.name;
+    const cells = Array.from({ length: 9 }, () => document.createElement("td"));
+    tr.append(...cells);
+    row = { tr, cells, buttons: null };
+    if (admin) {
+      const td = document.createElement("td");
+      td.className = "admin-only";
+      row.buttons = [button(), button(), button()];
+      td.append(...row.buttons);
+      tr.append(td);
+    }
+    rows.set(o.name, row);
+  }
+  return row;
 }
 
 function render(snap) {
@@ -64,46 +91,47 @@ function render(snap) {
       return tr;
     }),
   );
-  const adm = $("admission");
-  adm.replaceChildren(document.createTextNode("admission: " + (snap.admission.paused ? "paused" : "open") +
-    ", pending " + snap.admission.pending + (snap.admission.max_pending ? " of " + snap.admission.max_pending : "")));
+  const a = snap.admission;
+  $("admission-text").textContent =
+    "admission: " + (a.paused ? "paused" : "open") + ", pending " + a.pending + (a.max_pending ? " of " + a.max_pending : "");
   if (snap.admin) {
-    adm.append(snap.admission.paused
-      ? button("resume admission", "api/v1/admission/resume")
-      : button("pause admission", "api/v1/admission/pause"));
+    if (!admissionButton) {
+      admissionButton = button();
+      $("admission").append(admissionButton);
+    }
+    setButton(admissionButton, a.paused ? "resume admission" : "pause admission",
+      a.paused ? "api/v1/admission/resume" : "api/v1/admission/pause");
   }
 
   const before = new Map((previous ? previous.operations : []).map((o) => [o.name, o]));
-  const ops = $("ops").tBodies[0];
-  ops.replaceChildren(
-    ...snap.operations.map((o) => {
-      const tr = document.createElement("tr");
-      tr.dataset.op = o.name;
-      const state = o.blocked ? "blocked" : o.paused ? "paused" : "running";
-      tr.append(
-        cell(o.name),
-        cell(state, state === "running" ? "" : "paused"),
-        cell(o.health, "health-" + o.health),
-        cell(o.pending),
-        cell(o.completed),
-        cell(o.failed),
-        cell(rate(o, before.get(o.name), "completed", dt)),
-        cell(seconds(o.queue_wait.p95_s)),
-        cell(seconds(o.execution.p95_s)),
-      );
-      if (snap.admin) {
-        const td = cell("", "admin-only");
-        const base = "api/v1/ops/" + encodeURIComponent(o.name) + "/";
-        td.append(
-          o.paused ? button("resume", base + "resume") : button("pause", base + "pause"),
-          button("drain", base + "drain"),
-          button("kill", base + "kill"),
-        );
-        tr.append(td);
-      }
-      return tr;
-    }),
-  );
+  const body = $("ops").tBodies[0];
+  const seen = new Set();
+  snap.operations.forEach((o, i) => {
+    seen.add(o.name);
+    const row = opRow(o, snap.admin);
+    const state = o.blocked ? "blocked" : o.paused ? "paused" : "running";
+    const values = [o.name, state, o.health, o.pending, o.completed, o.failed,
+      rate(o, before.get(o.name), "completed", dt), seconds(o.queue_wait.p95_s), seconds(o.execution.p95_s)];
+    const classes = ["", state === "running" ? "" : "paused", "health-" + o.health, "", "", "", "", "", ""];
+    row.cells.forEach((td, k) => {
+      const text = String(values[k]);
+      if (td.textContent !== text) td.textContent = text;
+      if (td.className !== classes[k]) td.className = classes[k];
+    });
+    if (row.buttons) {
+      const base = "api/v1/ops/" + encodeURIComponent(o.name) + "/";
+      setButton(row.buttons[0], o.paused ? "resume" : "pause", base + (o.paused ? "resume" : "pause"));
+      setButton(row.buttons[1], "drain", base + "drain");
+      setButton(row.buttons[2], "kill", base + "kill");
+    }
+    if (body.children[i] !== row.tr) body.insertBefore(row.tr, body.children[i] || null);
+  });
+  for (const [name, row] of rows) {
+    if (!seen.has(name)) {
+      row.tr.remove();
+      rows.delete(name);
+    }
+  }
   previous = snap;
 }
 
@@ -120,6 +148,7 @@ function start() {
     render(JSON.parse(e.data));
   });
   events.addEventListener("gone", () => {
+    events.close();
     $("status").textContent = "the coordinator stopped";
     $("status").className = "status down";
   });
