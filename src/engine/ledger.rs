@@ -170,7 +170,7 @@ impl BlockingHistory {
 impl<J> OpState<J> {
     /// A run of the body ended (once per attempt), `succeeded` or not, after `ns`.
     pub fn record_run(&self, succeeded: bool, ns: u64) {
-        self.metrics.ran(thread_shard(), succeeded, ns);
+        self.metrics.ran(succeeded, ns);
         self.health.note_extremes(ns);
         // The sum over the shards only when the flag may change: a failure, or a
         // success while it is set (both rare where it matters).
@@ -425,7 +425,7 @@ impl<T: Booked, J> Ledger<T, J> {
 
     /// Books a new token of `op`.
     pub fn record_submitted(&self, op: &OpState<J>) {
-        op.metrics.submitted(thread_shard());
+        op.metrics.submitted();
     }
 
     pub fn running_delta(&self, delta: i64) {
@@ -456,7 +456,7 @@ impl<T: Booked, J> Ledger<T, J> {
         let started = core.time(Stamp::Started);
         let finished = core.time(Stamp::Finished);
         let queue_wait = started.zip(created).map(|(s, c)| s.saturating_sub(c));
-        op.metrics.resolved(thread_shard(), outcome, queue_wait);
+        op.metrics.resolved(outcome, queue_wait);
         if ran_elsewhere {
             if let Some(ns) = finished.zip(started).map(|(f, s)| f.saturating_sub(s)) {
                 op.record_run(outcome == Outcome::Ok, ns);

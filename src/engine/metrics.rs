@@ -1,13 +1,22 @@
 //! Per-operation metrics: counters and fixed-bucket histograms, written on
-//! the token paths with relaxed atomic adds, added up only when read, and
-//! rendered in the Prometheus text format (version 0.0.4).
+//! the token paths without atomic read-modify-writes where one thread owns
+//! the shard, added up only when read, and rendered in the Prometheus text
+//! format (version 0.0.4).
 //!
 //! # Who touches what
 //!
 //! * An operation's metrics are split into [`SHARDS`] shards, each on cache
-//!   lines of its own. A writer passes its thread's shard index, so threads
-//!   that submit or resolve tokens of one operation at once write different
-//!   lines (no line is shared by every worker, as one counter would be).
+//!   lines of its own: `OWNED` shards that one thread each owns while it
+//!   lives, and one shared by every other thread. A thread claims a free
+//!   owned shard index the first time it writes (a lock-free bitmask, `FREE`)
+//!   and gives it back when it exits; the index is the same in every
+//!   operation. The owner of a shard is its only writer, so it adds with a
+//!   load and a store (no `lock`ed instruction on the token paths); threads
+//!   past the first `OWNED` alive at once write the shared shard with atomic
+//!   adds. A thread that claims an index given back sees every write of its
+//!   previous owner (the bitmask's release and acquire order them).
+//! * Threads that submit or resolve tokens of one operation at once write
+//!   different lines (no line is shared by every worker, as one counter would be).
 //! * Writers never read; readers ([`OpMetrics::snapshot`]) add the shards up
 //!   and take no lock. A snapshot taken while tokens resolve is exact for
 //!   each counter, but a histogram's count and its sum may disagree by the
@@ -25,8 +34,60 @@ use crossbeam_utils::CachePadded;
 use crate::engine::sync::{AtomicU64, Ordering};
 use crate::engine::token::TokenState;
 
-/// Shards per operation (a thread's index is taken modulo this).
-pub const SHARDS: usize = 16;
+/// Shards that one thread each owns while it lives.
+const OWNED: usize = 16;
+/// Shards per operation: the owned ones, and one that any other thread shares.
+pub const SHARDS: usize = OWNED + 1;
+
+/// The owned shard indices free now, one bit each (std's atomics: a static, and never model-checked).
+static FREE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new((1 << OWNED) - 1);
+
+/// A thread's shard index; an owned one goes back to `FREE` when the thread exits.
+struct Claim(usize);
+
+impl Claim {
+    fn take() -> Claim {
+        use std::sync::atomic::Ordering as O;
+        let mut free = FREE.load(O::Acquire);
+        while free != 0 {
+            let bit = free.trailing_zeros();
+            match FREE.compare_exchange_weak(free, free & !(1 << bit), O::AcqRel, O::Acquire) {
+                Ok(_) => return Claim(bit as usize),
+                Err(now) => free = now,
+            }
+        }
+        Claim(OWNED)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.0 < OWNED {
+            FREE.fetch_or(1 << self.0, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+thread_local! {
+    static CLAIM: Claim = Claim::take();
+}
+
+/// The shard this thread writes: `OWNED` (the shared one) once its claim is gone (thread exit).
+#[inline]
+fn writer() -> usize {
+    CLAIM.try_with(|c| c.0).unwrap_or(OWNED)
+}
+
+/// Adds `by` to `counter` of shard `shard` (see "Who touches what").
+#[inline]
+fn bump(counter: &AtomicU64, by: u64, shard: usize, order: Ordering) {
+    if shard < OWNED {
+        // The owner is the only writer: a load and a store, no read-modify-write.
+        counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), order);
+    } else {
+        counter.fetch_add(by, order);
+    }
+}
 
 /// Upper bounds of the queue-wait buckets, in seconds as rendered (`le`), up to 30 minutes.
 pub const QUEUE_WAIT_BOUNDS: [&str; 17] =
@@ -135,11 +196,11 @@ struct Histogram {
 
 impl Histogram {
     #[inline]
-    fn observe(&self, bounds: &[u64; BUCKETS], ns: u64) {
+    fn observe(&self, bounds: &[u64; BUCKETS], ns: u64, shard: usize) {
         // The bucket is the number of bounds below `ns`: a count without branches.
         let i = bounds.iter().map(|&b| usize::from(b < ns)).sum::<usize>();
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        bump(&self.counts[i], 1, shard, Ordering::Relaxed);
+        bump(&self.sum_ns, ns, shard, Ordering::Relaxed);
     }
 }
 
@@ -188,36 +249,36 @@ impl Default for OpMetrics {
 }
 
 impl OpMetrics {
-    fn shard(&self, thread: usize) -> &Shard {
-        &self.shards[thread % SHARDS]
-    }
-
     /// A token of this operation was made (on the submitting thread's shard).
-    pub fn submitted(&self, thread: usize) {
-        self.shard(thread).submitted.fetch_add(1, Ordering::Release);
+    pub fn submitted(&self) {
+        let w = writer();
+        bump(&self.shards[w].submitted, 1, w, Ordering::Release);
     }
 
     /// A call was refused a token.
-    pub fn rejected(&self, thread: usize, why: Rejection) {
-        self.shard(thread).rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    pub fn rejected(&self, why: Rejection) {
+        let w = writer();
+        bump(&self.shards[w].rejected[why as usize], 1, w, Ordering::Relaxed);
     }
 
     /// A token resolved: its outcome, and for a token that started, its wait
     /// in the queue (creation to start). Its runs are counted by [`OpMetrics::ran`].
-    pub fn resolved(&self, thread: usize, outcome: Outcome, queue_wait_ns: Option<u64>) {
-        let s = self.shard(thread);
-        s.outcomes[outcome as usize].fetch_add(1, Ordering::Release);
+    pub fn resolved(&self, outcome: Outcome, queue_wait_ns: Option<u64>) {
+        let w = writer();
+        let s = &self.shards[w];
+        bump(&s.outcomes[outcome as usize], 1, w, Ordering::Release);
         if let Some(ns) = queue_wait_ns {
-            s.queue_wait.observe(&QUEUE_WAIT_NS, ns);
+            s.queue_wait.observe(&QUEUE_WAIT_NS, ns, w);
         }
     }
 
     /// A body ran for `ns` (one run per attempt: a retried token runs more than once).
-    pub fn ran(&self, thread: usize, succeeded: bool, ns: u64) {
-        let s = self.shard(thread);
-        s.execution.observe(&EXECUTION_NS, ns);
+    pub fn ran(&self, succeeded: bool, ns: u64) {
+        let w = writer();
+        let s = &self.shards[w];
+        s.execution.observe(&EXECUTION_NS, ns, w);
         if !succeeded {
-            s.failed_runs.fetch_add(1, Ordering::Relaxed);
+            bump(&s.failed_runs, 1, w, Ordering::Relaxed);
         }
     }
 
@@ -491,6 +552,52 @@ pub fn render(pools: &[PoolView], ops: &[OpView]) -> String {
 mod tests {
     use super::*;
 
+    /// The two tests below claim shards: one at a time.
+    static CLAIMS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn owned_and_shared_shards_lose_no_count() {
+        let _one_at_a_time = CLAIMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // More threads at once than owned shards: the latecomers share one shard with atomic adds.
+        let m = std::sync::Arc::new(OpMetrics::default());
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(OWNED + 8));
+        let threads: Vec<_> = (0..OWNED + 8)
+            .map(|_| {
+                let (m, gate) = (m.clone(), gate.clone());
+                std::thread::spawn(move || {
+                    m.submitted();
+                    gate.wait(); // every thread holds its claim before any counts on
+                    for i in 0..10_000u64 {
+                        m.submitted();
+                        m.resolved(Outcome::Ok, Some(i));
+                        m.ran(i % 2 == 0, 1_000);
+                    }
+                    writer()
+                })
+            })
+            .collect();
+        let shards: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(shards.iter().filter(|&&s| s < OWNED).count() <= OWNED);
+        assert!(shards.contains(&OWNED), "the latecomers wrote the shared shard");
+        let snap = m.snapshot();
+        let n = (OWNED as u64 + 8) * 10_000;
+        assert_eq!(snap.submitted, n + OWNED as u64 + 8);
+        assert_eq!(snap.outcomes[Outcome::Ok as usize], n);
+        assert_eq!(snap.queue_wait.count(), n);
+        assert_eq!(snap.execution.count(), n);
+        assert_eq!(m.runs(), RunCounts { runs: n, failed: n / 2, total_ns: n * 1_000 });
+    }
+
+    #[test]
+    fn a_thread_that_exits_gives_its_shard_back() {
+        let _one_at_a_time = CLAIMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One after the other, each thread finds an owned shard free.
+        for _ in 0..3 * OWNED {
+            let owned = std::thread::spawn(|| writer() < OWNED).join().unwrap();
+            assert!(owned);
+        }
+    }
+
     #[test]
     fn an_engine_renders_a_bounded_number_of_operations() {
         let view = |i: usize, submitted: u64| OpView {
@@ -517,16 +624,16 @@ mod tests {
     #[test]
     fn observations_land_in_their_buckets_and_add_up_across_shards() {
         let m = OpMetrics::default();
-        m.submitted(0);
-        m.submitted(17);
-        m.resolved(0, Outcome::Ok, Some(50_000)); // 50 us wait
-        m.ran(0, true, 2_000_000); // 2 ms run
-        m.resolved(5, Outcome::Error, Some(100_000)); // on a bound: counted in it
-        m.ran(5, false, 100_000);
-        m.resolved(9, Outcome::Cancelled, None);
-        m.resolved(3, Outcome::Ok, Some(4_000_000_000_000)); // past the last bounds
-        m.ran(3, true, 1_000_000_000_000);
-        m.rejected(2, Rejection::MaxPending);
+        m.submitted();
+        m.submitted();
+        m.resolved(Outcome::Ok, Some(50_000)); // 50 us wait
+        m.ran(true, 2_000_000); // 2 ms run
+        m.resolved(Outcome::Error, Some(100_000)); // on a bound: counted in it
+        m.ran(false, 100_000);
+        m.resolved(Outcome::Cancelled, None);
+        m.resolved(Outcome::Ok, Some(4_000_000_000_000)); // past the last bounds
+        m.ran(true, 1_000_000_000_000);
+        m.rejected(Rejection::MaxPending);
         let s = m.snapshot();
         assert_eq!(s.submitted, 2);
         assert_eq!(s.outcomes, [2, 1, 1, 0, 0]);
@@ -556,9 +663,9 @@ mod tests {
     #[test]
     fn render_gives_each_family_once_with_cumulative_buckets() {
         let m = OpMetrics::default();
-        m.submitted(0);
-        m.resolved(0, Outcome::Ok, Some(1_000));
-        m.ran(0, true, 3_000_000);
+        m.submitted();
+        m.resolved(Outcome::Ok, Some(1_000));
+        m.ran(true, 3_000_000);
         let op = |name: &str| OpView {
             pool: "1".into(),
             operation: name.into(),

@@ -27,7 +27,6 @@ use super::run::{maybe_inject_fault, FaultSite};
 use super::thread::running_token;
 use super::token::{Binding, LaneKind, Ledger, OpState, Placement, PyJob, TokenInner};
 use crate::engine::admission::Limit;
-use crate::engine::ledger::thread_shard;
 use crate::engine::metrics::Rejection;
 use crate::engine::pool::Weight;
 use crate::engine::routing::Route;
@@ -86,7 +85,7 @@ fn admit(
     }
     let rejected = || {
         limit.note_rejected();
-        op.metrics.rejected(thread_shard(), why);
+        op.metrics.rejected(why);
     };
     let timeout = match how {
         Admit::Try => {
@@ -218,7 +217,7 @@ impl OperationSpec {
                 super::log::warning(py, "gate", || format!("operation {:?} auto-blocked: over 90% of attempts failed", op.name));
             }
             if op.blocked.load(Ordering::Relaxed) {
-                op.metrics.rejected(thread_shard(), Rejection::Blocked);
+                op.metrics.rejected(Rejection::Blocked);
                 return Err(BindError::Blocked(op.name.to_string()).into());
             }
             if !admit(py, engine, &op.limit, how, (op, Rejection::OperationLimit), || format!("operation {:?}", op.name))? {
