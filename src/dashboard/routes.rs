@@ -95,16 +95,12 @@ impl Route {
     }
 }
 
-fn reply_with(status: u16, content_type: &str, body: Vec<u8>) -> Reply {
-    Reply::new(status, content_type, body)
-}
-
 pub(super) fn text(status: u16, body: &str) -> Reply {
-    reply_with(status, "text/plain; charset=utf-8", format!("{body}\n").into_bytes())
+    Reply::new(status, "text/plain; charset=utf-8", format!("{body}\n").into_bytes())
 }
 
 fn json_reply(status: u16, value: &Value) -> Reply {
-    reply_with(status, "application/json", value.to_string().into_bytes())
+    Reply::new(status, "application/json", value.to_string().into_bytes())
 }
 
 pub(super) fn error(status: u16, message: &str) -> Reply {
@@ -118,10 +114,6 @@ fn refused(refusal: Refusal) -> Reply {
         Refusal::BadRequest(why) => error(400, &why),
         Refusal::Failed(why) => error(500, &why),
     }
-}
-
-fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
-    request.header(name)
 }
 
 /// Equal without a timing that depends on where they differ.
@@ -148,7 +140,7 @@ fn host_ok(site: &Site, request: &Request) -> bool {
     if !site.address.ip().is_loopback() {
         return true;
     }
-    let Some(host) = header_value(request, "Host") else {
+    let Some(host) = request.header("Host") else {
         return false;
     };
     if site.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
@@ -164,7 +156,7 @@ fn host_ok(site: &Site, request: &Request) -> bool {
 /// True when the request sent no `Origin`, or one on the host it asked for
 /// (http or https: a TLS proxy in front), or on an allowed host.
 fn origin_ok(site: &Site, request: &Request) -> bool {
-    let Some(origin) = header_value(request, "Origin") else {
+    let Some(origin) = request.header("Origin") else {
         return true;
     };
     let Some((scheme, authority)) = origin.split_once("://") else {
@@ -173,7 +165,7 @@ fn origin_ok(site: &Site, request: &Request) -> bool {
     if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
         return false;
     }
-    let same_host = header_value(request, "Host").is_some_and(|h| h.eq_ignore_ascii_case(authority));
+    let same_host = request.header("Host").is_some_and(|h| h.eq_ignore_ascii_case(authority));
     same_host || site.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(authority))
 }
 
@@ -188,13 +180,14 @@ fn authorize(shared: &Site, request: &Request, query: &[(String, String)]) -> Au
     let Some(token) = shared.token.as_deref() else {
         return Auth::Granted;
     };
-    if let Some(value) = header_value(request, "Authorization") {
+    if let Some(value) = request.header("Authorization") {
         let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
         let granted = scheme.eq_ignore_ascii_case("Bearer") && same_secret(credentials.trim(), token);
         return if granted { Auth::Granted } else { Auth::Denied };
     }
     let name = shared.cookie();
-    let cookie = header_value(request, "Cookie")
+    let cookie = request
+        .header("Cookie")
         .into_iter()
         .flat_map(|c| c.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
@@ -279,12 +272,12 @@ pub(super) fn answer(shared: &Site, request: &Request) -> Answer {
         return reply(error(403, "cross-origin request refused"));
     }
     let response = match route {
-        Route::Index => reply_with(200, "text/html; charset=utf-8", INDEX.as_bytes().to_vec())
+        Route::Index => Reply::new(200, "text/html; charset=utf-8", INDEX.as_bytes().to_vec())
             .with_header("Content-Security-Policy", PAGE_POLICY)
             .with_header("X-Frame-Options", "DENY"),
-        Route::Asset(body, content_type) => reply_with(200, content_type, body.as_bytes().to_vec()),
+        Route::Asset(body, content_type) => Reply::new(200, content_type, body.as_bytes().to_vec()),
         Route::Metrics => match shared.backend.metrics() {
-            Ok(text) => reply_with(200, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes()),
+            Ok(text) => Reply::new(200, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes()),
             Err(why) => refused(why),
         },
         Route::Snapshot => match shared.backend.snapshot() {

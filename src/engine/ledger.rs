@@ -432,6 +432,16 @@ impl<T: Booked, J> Ledger<T, J> {
         self.running[thread_shard()].fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Bodies running now in the process lane's worker processes.
+    pub fn running_in_processes(&self) -> u64 {
+        self.process_running.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Bodies running now: on this process's threads, and in the process lane's workers.
+    pub fn running_everywhere(&self) -> u64 {
+        self.running() + self.running_in_processes()
+    }
+
     /// Bodies running now on this process's threads (workers, the I/O lane, callers).
     pub fn running(&self) -> u64 {
         self.running.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<i64>().max(0) as u64

@@ -94,7 +94,7 @@ fn snapshot(sh: &EngineShared) -> Value {
     let io = sh.io.stats();
     let (submitted, outcomes) = lg.totals();
     let unresolved = submitted.saturating_sub(outcomes.iter().sum());
-    let in_processes = lg.process_running.load(Ordering::Relaxed).max(0) as u64;
+    let in_processes = lg.running_in_processes();
     let running = lg.running() + in_processes;
     let io_running: usize = io.tiers.iter().map(|t| t.running).sum();
     let io_queued: usize = io.tiers.iter().map(|t| t.queued).sum();

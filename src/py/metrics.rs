@@ -13,7 +13,7 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
     let lg = &sh.ledger;
     let pool = sh.pool.id().to_string();
     let stats = sh.pool.stats();
-    let running = lg.running() + lg.process_running.load(Ordering::Relaxed).max(0) as u64;
+    let running = lg.running_everywhere();
     let view = PoolView {
         pool: pool.clone(),
         queued: lg.unresolved().saturating_sub(running),

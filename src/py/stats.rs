@@ -29,8 +29,7 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
     let (submitted, outcomes) = lg.totals();
     tokens.set_item("submitted", submitted)?;
     tokens.set_item("unresolved", submitted.saturating_sub(outcomes.iter().sum()))?;
-    let in_processes = lg.process_running.load(Ordering::Relaxed).max(0) as u64;
-    tokens.set_item("executing", lg.running() + in_processes)?;
+    tokens.set_item("executing", lg.running_everywhere())?;
     for state in TokenState::ALL.iter().filter(|s| s.is_terminal()) {
         tokens.set_item(state.as_str(), outcomes[Outcome::of(*state) as usize])?;
     }
