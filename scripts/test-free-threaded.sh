@@ -12,8 +12,10 @@ ENV="target/venv-313t"
 # are skipped here) and mypy (its ast-serialize dependency does not build for 3.13t: the two mypy
 # tests of test_typing.py are skipped; the typed user code still runs).
 "$ENV/bin/python" -m pip install -q "maturin>=1.9.4,<2" pytest pytest-timeout pytest-asyncio "loky>=3.4" \
-  "prometheus_client>=0.20" "pytest-xdist>=3" "anyio>=4"
+  "prometheus_client>=0.20" "pytest-xdist>=3" "anyio>=4" "tqdm>=4.60" "rich>=13"
 VIRTUAL_ENV="$PWD/$ENV" PATH="$PWD/$ENV/bin:$PATH" "$ENV/bin/maturin" develop --release -q
 "$ENV/bin/python" -c 'import sys, tokengate; assert not sys._is_gil_enabled(), "importing tokengate re-enabled the GIL"; print("   GIL disabled after import: ok")'
 scripts/fetch-promtool.sh target/tools >/dev/null
-PATH="$PWD/target/tools/usr/bin:$PATH" "$ENV/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider "$@"
+# The terminal tests must run here too, not skip (tmux; the browser test skips here: no selenium).
+scripts/install-tmux.sh
+TOKENGATE_REQUIRE_TMUX=1 PATH="$PWD/target/tools/usr/bin:$PATH" "$ENV/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider "$@"

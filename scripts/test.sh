@@ -113,7 +113,9 @@ run_pytest() {
   scripts/fetch-promtool.sh target/tools >/dev/null
   # The dashboard's browser test must run here, not skip: Debian's chromium and its driver.
   scripts/install-browser.sh
-  TOKENGATE_REQUIRE_BROWSER=1 PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
+  # So must the terminal tests (`tokengate top` and a progress bar in a tmux pane).
+  scripts/install-tmux.sh
+  TOKENGATE_REQUIRE_BROWSER=1 TOKENGATE_REQUIRE_TMUX=1 PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
     "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 

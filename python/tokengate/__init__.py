@@ -19,6 +19,7 @@ from ._coordinator import OperationsCoordinator
 from ._decorator import TokenCall, TokenFunction, TryTokenCall, task_token_guard
 from ._gather import MapResults, as_completed, gather
 from ._process import RemoteError, UnpicklableError
+from ._progress import ProgressOption
 from ._routing import make_hashable
 from ._tags import DigestPolicy, HashPolicy
 from ._tokengate import DashboardServer, TaskToken
@@ -67,6 +68,7 @@ __all__ = [
     "NotStartedError",
     "OperationBlockedError",
     "OperationsCoordinator",
+    "ProgressOption",
     "RemoteError",
     "ShutdownError",
     "TaskCancelledError",

@@ -18,6 +18,7 @@ else:  # pragma: no cover
 
 from . import _tokengate
 from ._gather import MapResults
+from ._progress import ProgressOption
 from ._routing import sticky_key
 from ._tags import MAX_SECONDS, check_priority, check_retries, check_seconds, validate_tags, weight_of
 from ._tokengate import TaskToken
@@ -61,8 +62,14 @@ class TokenFunction(Protocol[P, R]):
     def __get__(self, instance: None, owner: type | None = None) -> TokenFunction[P, R]: ...
     @overload
     def __get__(self, instance: object, owner: type | None = None) -> TokenFunction[..., R]: ...
-    def map(self, *iterables: Iterable[Any], buffer: int | None = None) -> MapResults[R]:
-        """``fn.map(xs)``: lazy, bounded, ordered results (iterate, ``async for``, or ``await``)."""
+    def map(
+        self, *iterables: Iterable[Any], buffer: int | None = None, progress: ProgressOption = None
+    ) -> MapResults[R]:
+        """``fn.map(xs)``: lazy, bounded, ordered results (iterate, ``async for``, or ``await``).
+
+        ``progress``: a progress display of the items done on stderr (``True``: tqdm when
+        installed, else a plain line; only on a terminal unless ``"force"``; see
+        :data:`tokengate.ProgressOption`)."""
 
     @overload
     def options(
@@ -336,7 +343,13 @@ class CallWith:
             delay = min(delay * 2, 0.005)
 
 
-def _map(fn: Callable[..., TaskToken[Any]], *iterables: Iterable[Any], buffer: int | None = None) -> Any:
+def _map(
+    fn: Callable[..., TaskToken[Any]],
+    *iterables: Iterable[Any],
+    buffer: int | None = None,
+    progress: ProgressOption = None,
+) -> Any:
     from ._gather import map_tokens
 
-    return map_tokens(fn, *iterables, buffer=buffer)
+    desc = str(getattr(fn, "operation_type", "map")) if progress else "map"
+    return map_tokens(fn, *iterables, buffer=buffer, progress=progress, desc=desc)

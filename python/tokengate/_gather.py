@@ -17,6 +17,16 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Generic, TypeVar
 
 from . import _tokengate
+from ._progress import (
+    FrontierCounter,
+    HandedCounter,
+    ProgressOption,
+    WindowCounter,
+    check_option,
+    handed,
+    start,
+    total_of,
+)
 from ._tokengate import TaskToken
 
 __all__ = ["DEFAULT_MAP_BUFFER", "as_completed", "gather", "map_tokens"]
@@ -43,19 +53,39 @@ def _check_tokens(tokens: Iterable[Any]) -> list[TaskToken[Any]]:
     return out
 
 
-def gather(tokens: Iterable[TaskToken[T]], *, timeout: float | None = None, return_exceptions: bool = False) -> list[T]:
+def gather(
+    tokens: Iterable[TaskToken[T]],
+    *,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    progress: ProgressOption = None,
+) -> list[T]:
     """Waits for every token and returns their results in order.
 
     The first failure is raised (after all tokens were waited for, unless the
     timeout passed) unless ``return_exceptions`` is true, in which case
     exceptions take the place of results.
+
+    ``progress``: a progress display of the tokens done on stderr (``True``:
+    tqdm when installed, else a plain line; only on a terminal unless
+    ``"force"``; see :data:`tokengate.ProgressOption`).
     """
     toks = _check_tokens(tokens)
+    check_option(progress)
     deadline = _deadline(timeout)
-    # One blocking wait for all (woken once, by the last resolution), then
-    # results in order from done tokens; on a worker thread, or after a
-    # timeout, the loop below waits token by token.
-    _tokengate.wait_all(toks, timeout)
+    session = start(progress, "gather", len(toks), FrontierCounter(toks)) if progress else None
+    try:
+        # One blocking wait for all (woken once, by the last resolution), then
+        # results in order from done tokens; on a worker thread, or after a
+        # timeout, the loop below waits token by token.
+        _tokengate.wait_all(toks, timeout)
+        return _results(toks, deadline, return_exceptions)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _results(toks: list[TaskToken[T]], deadline: float | None, return_exceptions: bool) -> list[T]:
     results: list[Any] = []
     first_error: BaseException | None = None
     for t in toks:
@@ -77,9 +107,14 @@ def gather(tokens: Iterable[TaskToken[T]], *, timeout: float | None = None, retu
 class _AsCompleted(Generic[T]):
     """Iterator (sync) and async iterator over tokens in completion order."""
 
-    def __init__(self, tokens: Iterable[TaskToken[T]], timeout: float | None) -> None:
+    def __init__(self, tokens: Iterable[TaskToken[T]], timeout: float | None, progress: ProgressOption) -> None:
         self._tokens = _check_tokens(tokens)
         self._timeout = timeout
+        check_option(progress)
+        self._progress = progress
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
     def __iter__(self) -> Iterator[TaskToken[T]]:
         deadline = _deadline(self._timeout)
@@ -87,13 +122,20 @@ class _AsCompleted(Generic[T]):
         pending = {id(t): t for t in self._tokens}
         for t in pending.values():
             t._add_thread_callback(done.put)
-        while pending:
-            try:
-                t = done.get(timeout=_remaining(deadline))
-            except queue.Empty:
-                raise FuturesTimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
-            if pending.pop(id(t), None) is not None:
-                yield t
+        counter = HandedCounter()
+        session = start(self._progress, "as_completed", len(pending), counter) if self._progress else None
+        try:
+            while pending:
+                try:
+                    t = done.get(timeout=_remaining(deadline))
+                except queue.Empty:
+                    raise FuturesTimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
+                if pending.pop(id(t), None) is not None:
+                    counter.handed += 1
+                    yield t
+        finally:
+            if session is not None:
+                session.close()
 
     def __aiter__(self) -> AsyncIterator[TaskToken[T]]:
         return self._agen()
@@ -104,21 +146,33 @@ class _AsCompleted(Generic[T]):
         for t in pending.values():
             t.add_done_callback(done.put_nowait)  # delivered on this loop
         deadline = _deadline(self._timeout)
-        while pending:
-            try:
-                t = await asyncio.wait_for(done.get(), _remaining(deadline))
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
-            if pending.pop(id(t), None) is not None:
-                yield t
+        counter = HandedCounter()
+        session = start(self._progress, "as_completed", len(pending), counter) if self._progress else None
+        try:
+            while pending:
+                try:
+                    t = await asyncio.wait_for(done.get(), _remaining(deadline))
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
+                if pending.pop(id(t), None) is not None:
+                    counter.handed += 1
+                    yield t
+        finally:
+            if session is not None:
+                session.close()
 
 
-def as_completed(tokens: Iterable[TaskToken[T]], timeout: float | None = None) -> _AsCompleted[T]:
+def as_completed(
+    tokens: Iterable[TaskToken[T]], timeout: float | None = None, *, progress: ProgressOption = None
+) -> _AsCompleted[T]:
     """Yields tokens as they finish: ``for t in as_completed(ts)`` or ``async for t in as_completed(ts)``.
 
     Raises ``TimeoutError`` if they are not all done within ``timeout`` seconds.
+    ``progress``: a progress display of the tokens handed out, on stderr (see
+    :data:`tokengate.ProgressOption`). ``len()`` of the result is the number of
+    tokens, so ``tqdm(as_completed(ts))`` knows its total.
     """
-    return _AsCompleted(tokens, timeout)
+    return _AsCompleted(tokens, timeout, progress)
 
 
 def _cancel_unstarted(window: Iterable[TaskToken[Any]]) -> None:
@@ -137,11 +191,24 @@ class MapResults(Generic[T]):
     (``await fn.map(xs)``). It can be consumed once.
     """
 
-    def __init__(self, fn: Callable[[Any], TaskToken[T]], iterable: Iterable[Any], buffer: int) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], TaskToken[T]],
+        iterable: Iterable[Any],
+        buffer: int,
+        *,
+        progress: ProgressOption = None,
+        total: int | None = None,
+        desc: str = "map",
+    ) -> None:
+        check_option(progress)
         self._fn = fn
         self._it = iter(iterable)
         self._buffer = buffer
         self._used = False
+        self._progress = progress
+        self._total = total
+        self._desc = desc
 
     def _take(self) -> Iterator[Any]:
         if self._used:
@@ -152,15 +219,19 @@ class MapResults(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         it = self._take()
         window: collections.deque[TaskToken[T]] = collections.deque()
+        counter = WindowCounter(window)
+        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
         try:
             for item in it:
                 window.append(self._fn(item))
                 if len(window) >= self._buffer:
-                    yield window.popleft().result()
+                    yield handed(counter, window.popleft().result())
             while window:
-                yield window.popleft().result()
+                yield handed(counter, window.popleft().result())
         finally:
             _cancel_unstarted(window)
+            if session is not None:
+                session.close(counter.handed)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._aiter()
@@ -168,15 +239,19 @@ class MapResults(Generic[T]):
     async def _aiter(self) -> AsyncIterator[T]:
         it = self._take()
         window: collections.deque[TaskToken[T]] = collections.deque()
+        counter = WindowCounter(window)
+        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
         try:
             for item in it:
                 window.append(self._fn(item))
                 if len(window) >= self._buffer:
-                    yield await window.popleft()
+                    yield handed(counter, await window.popleft())
             while window:
-                yield await window.popleft()
+                yield handed(counter, await window.popleft())
         finally:
             _cancel_unstarted(window)
+            if session is not None:
+                session.close(counter.handed)
 
     async def _collect(self) -> list[T]:
         return [r async for r in self._aiter()]
@@ -185,19 +260,29 @@ class MapResults(Generic[T]):
         return self._collect().__await__()
 
 
-def map_tokens(fn: Callable[..., TaskToken[T]], *iterables: Iterable[Any], buffer: int | None = None) -> MapResults[T]:
-    """``fn.map(iterable, ..., buffer=...)``: see :class:`MapResults`. With several
-    iterables, ``fn`` takes one item of each, and the shortest ends the map (as ``map`` does)."""
+def map_tokens(
+    fn: Callable[..., TaskToken[T]],
+    *iterables: Iterable[Any],
+    buffer: int | None = None,
+    progress: ProgressOption = None,
+    desc: str = "map",
+) -> MapResults[T]:
+    """``fn.map(iterable, ..., buffer=..., progress=...)``: see :class:`MapResults`. With several
+    iterables, ``fn`` takes one item of each, and the shortest ends the map (as ``map`` does).
+    ``progress`` shows the items done on stderr (see :data:`tokengate.ProgressOption`); its
+    total is the shortest iterable's length, when they all have one."""
     if buffer is None:
         buffer = DEFAULT_MAP_BUFFER
     if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer <= 0:
         raise ValueError(f"buffer must be a positive int, got {buffer!r}")
     if not iterables:
         raise TypeError("map() needs at least one iterable")
+    check_option(progress)
+    total = total_of(iterables) if progress else None
     if len(iterables) == 1:
-        return MapResults(fn, iterables[0], buffer)
+        return MapResults(fn, iterables[0], buffer, progress=progress, total=total, desc=desc)
 
     def call(args: tuple[Any, ...]) -> TaskToken[T]:
         return fn(*args)
 
-    return MapResults(call, zip(*iterables), buffer)
+    return MapResults(call, zip(*iterables), buffer, progress=progress, total=total, desc=desc)

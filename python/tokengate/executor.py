@@ -86,6 +86,7 @@ from typing import Any, TypeVar, cast
 
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
+from ._progress import ProgressOption, WindowCounter, check_option, handed, start, total_of
 from .exceptions import ShutdownError
 
 __all__ = ["BrokenThreadPool", "Executor"]
@@ -558,6 +559,7 @@ class Executor(ThreadPoolExecutor):
         timeout: float | None = None,
         chunksize: int = 1,
         buffersize: int | None = None,
+        progress: ProgressOption = None,
     ) -> Iterator[_T]:
         """Like :func:`map`, with the calls running concurrently (results in order).
 
@@ -565,23 +567,33 @@ class Executor(ThreadPoolExecutor):
         ``chunksize`` is accepted and ignored, as by ``ThreadPoolExecutor``.
         ``buffersize``: at most this many calls submitted ahead of the consumer
         (None: submit all at once), as in Python 3.14.
+        ``progress``: a progress display on stderr of the items done (one per
+        call, whatever ``chunksize``), from the first result asked for (``True``:
+        tqdm when installed, else a plain line; only on a terminal unless
+        ``"force"``; see :data:`tokengate.ProgressOption`).
         """
         if buffersize is not None and (not isinstance(buffersize, int) or isinstance(buffersize, bool)):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
+        check_option(progress)
         end_time = None if timeout is None else timeout + time.monotonic()
 
+        total = total_of(iterables) if progress and buffersize else None
         zipped = zip(*iterables)
         fs: deque[_cf.Future[_T]]
         if buffersize:
             fs = deque(self.submit(fn, *args) for args in itertools.islice(zipped, buffersize))
         else:
             fs = deque(self.submit(fn, *args) for args in zipped)
+            total = len(fs)
         executor_ref = weakref.ref(self)
+        desc = str(getattr(fn, "__name__", "map")) if progress else "map"
 
         # A closure, so that the calls are submitted before the first value is asked for.
         def result_iterator() -> Iterator[_T]:
+            counter = WindowCounter(fs)
+            session = start(progress, desc, total, counter) if progress else None
             try:
                 while fs:
                     if buffersize:
@@ -593,12 +605,14 @@ class Executor(ThreadPoolExecutor):
                         executor = None
                     # Careful not to keep a reference to the popped future.
                     if end_time is None:
-                        yield _result_or_cancel(fs.popleft())
+                        yield handed(counter, _result_or_cancel(fs.popleft()))
                     else:
-                        yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
+                        yield handed(counter, _result_or_cancel(fs.popleft(), end_time - time.monotonic()))
             finally:
                 for future in fs:
                     future.cancel()
+                if session is not None:
+                    session.close(counter.handed)
 
         return result_iterator()
 
