@@ -9,6 +9,7 @@
 //! * [`ledger`]: per-engine books: operations, health, the token registry, history.
 //! * [`routing`]: sticky keys and lead domains (which worker a token must run on).
 //! * [`metrics`]: per-operation counters and histograms, and their Prometheus text.
+//! * [`memory`]: handing freed memory back to the OS after a large burst.
 //! * [`error`]: the engine's errors (the binding layer maps them to Python's).
 //! * `sync`: the one place atomics and locks come from (loom's under `--cfg loom`).
 
@@ -16,6 +17,7 @@ pub mod admission;
 pub mod error;
 pub mod lane;
 pub mod ledger;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod routing;

@@ -28,12 +28,14 @@ use std::sync::Arc;
 
 use crate::engine::sync::Mutex;
 
-/// Where a token's routing state must be released when it resolves.
+/// Where a token's routing state must be released when it resolves: no pin
+/// (most tokens), or a pin kept in a box so that a token carries one word.
 #[derive(Debug, Default)]
-pub enum Route {
-    /// No pin.
-    #[default]
-    Free,
+pub struct Route(Option<Box<Pin>>);
+
+/// A routing pin.
+#[derive(Debug)]
+enum Pin {
     /// Pinned through a sticky key.
     Sticky(Arc<StickyTable>, String),
     /// Part of a lead's domain (the lead itself or a child).
@@ -41,19 +43,29 @@ pub enum Route {
 }
 
 impl Route {
+    /// Pinned through sticky key `key` of `table`.
+    pub fn sticky(table: Arc<StickyTable>, key: String) -> Route {
+        Route(Some(Box::new(Pin::Sticky(table, key))))
+    }
+
+    /// Part of the domain `seed` of `table` (the lead itself or a child).
+    pub fn domain(table: Arc<DomainTable>, seed: Arc<str>) -> Route {
+        Route(Some(Box::new(Pin::Domain(table, seed))))
+    }
+
     /// Releases this token's share of its pin (called once, at resolution).
     pub fn release(&self) {
-        match self {
-            Route::Free => {}
-            Route::Sticky(table, key) => table.release(key),
-            Route::Domain(table, seed) => table.release(seed),
+        match self.0.as_deref() {
+            None => {}
+            Some(Pin::Sticky(table, key)) => table.release(key),
+            Some(Pin::Domain(table, seed)) => table.release(seed),
         }
     }
 
     /// The domain seed, for leads and their children.
     pub fn seed(&self) -> Option<&str> {
-        match self {
-            Route::Domain(_, seed) => Some(seed),
+        match self.0.as_deref() {
+            Some(Pin::Domain(_, seed)) => Some(seed),
             _ => None,
         }
     }

@@ -1,5 +1,5 @@
-//! The function call a token stands for, and the slot in the token that
-//! says who may take it to run it (see "Who runs a call" in `run.rs`).
+//! The function call a token stands for (kept in the token until someone
+//! takes it to run it: see "Who runs a call" in `run.rs`).
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -29,21 +29,5 @@ impl Call {
         let args = self.args.bind(py);
         let kwargs = self.kwargs.as_ref().map(|k| k.bind(py));
         self.context.run(func, args, kwargs).map(Bound::unbind)
-    }
-}
-
-/// Where a token keeps its call until someone takes it to run it.
-#[derive(Debug, Default)]
-pub(crate) struct CallSlot {
-    pub(crate) call: Option<Call>,
-    /// Which job owns the call: bumped each time a retry puts the call back,
-    /// so that a job of an earlier attempt still queued (its call was taken
-    /// by a waiter that ran the token itself) never takes a later attempt's.
-    pub(crate) attempt: u32,
-}
-
-impl CallSlot {
-    pub(crate) fn new(call: Option<Call>) -> Self {
-        CallSlot { call, attempt: 0 }
     }
 }

@@ -111,7 +111,7 @@ impl Waiter for DepWait {
 fn substitute_inputs(py: Python<'_>, job: &PyJob) -> Result<(), (Arc<TokenInner>, Py<PyAny>)> {
     let token = job.token().clone();
     let mut guard = token.call.lock();
-    let Some(call) = guard.call.as_mut() else {
+    let Some(call) = guard.as_mut() else {
         return Ok(());
     };
     let value_of = |v: Bound<'_, PyAny>| -> Result<Py<PyAny>, (Arc<TokenInner>, Py<PyAny>)> {

@@ -180,9 +180,9 @@ impl EngineShared {
         }
         let token = job.token();
         token.core.admit();
-        let (lane, pinned, priority) = (token.lane, token.pinned, token.priority);
+        let (lane, pinned, priority) = (token.lane, token.pinned(), token.priority);
         if let LaneKind::Io(tier) = lane {
-            return match self.io.submit(tier, job) {
+            return match self.io.submit(usize::from(tier), job) {
                 Ok(()) => Ok(()),
                 Err(mut job) => {
                     job.forget_call();

@@ -22,6 +22,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 extern "C" {
     fn PyContext_CopyCurrent() -> *mut ffi::PyObject;
+    fn PyContext_New() -> *mut ffi::PyObject;
     fn PyContext_Enter(ctx: *mut ffi::PyObject) -> std::ffi::c_int;
     fn PyContext_Exit(ctx: *mut ffi::PyObject) -> std::ffi::c_int;
     fn PyGILState_Check() -> std::ffi::c_int;
@@ -60,14 +61,28 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 /// dropped by a thread outside Python, or inside a lock) it parks the handle
 /// and the next capture, attached, releases it. What is parked when the
 /// process exits is leaked, never freed untracked.
+///
+/// Most callers have set no context variable: their copy is empty, and the
+/// call keeps none (`None`: a queued call then costs no context object). It
+/// runs in an empty context of its thread's, reused while the calls that run
+/// in it leave it empty (`EMPTY`).
 #[derive(Debug)]
 pub(crate) struct CallContext(Option<Py<PyAny>>);
+
+std::thread_local! {
+    /// An empty context this thread runs calls from empty callers in (taken
+    /// while a call runs in it, so a nested run makes another).
+    static EMPTY: std::cell::Cell<Option<Py<PyAny>>> = const { std::cell::Cell::new(None) };
+}
 
 impl CallContext {
     /// Captures the calling thread's current context (see `copy_context`).
     pub(crate) fn capture(py: Python<'_>) -> PyResult<Self> {
         release_orphans(py);
         let ctx = copy_context(py)?;
+        if ctx.len()? == 0 {
+            return Ok(CallContext(None));
+        }
         // SAFETY: attached (`py`); `ctx` is a live object we own.
         // `PyObject_GC_IsTracked` accepts any object, and `PyObject_GC_UnTrack`
         // runs only on one it reported tracked (so it has a GC header). `Drop`
@@ -93,25 +108,49 @@ impl CallContext {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = func.py();
-        let ctx = self.0.as_ref().expect("a CallContext holds its context until it is dropped");
-        // SAFETY: attached (`py`); `ctx` is live and a `contextvars.Context`
-        // (made by `PyContext_CopyCurrent` in `capture`), which `PyContext_Enter`
-        // requires. Enter returns -1 with an exception set if the context is
-        // entered already (as `Context.run` does).
-        if unsafe { PyContext_Enter(ctx.as_ptr()) } != 0 {
-            return Err(PyErr::fetch(py));
-        }
-        let out = func.call(args, kwargs);
-        // SAFETY: as above; `ctx` is the context this thread entered just now, and
-        // the call in between returned (any context it entered, it exited: a Python
-        // function cannot leave a context entered). Exit fails only if `ctx` is not
-        // the current context, reported as an error.
-        if unsafe { PyContext_Exit(ctx.as_ptr()) } != 0 {
-            let err = PyErr::fetch(py);
-            return Err(out.err().unwrap_or(err));
-        }
-        out
+        let Some(ctx) = self.0.as_ref() else {
+            let empty = match EMPTY.with(std::cell::Cell::take) {
+                Some(ctx) => ctx.into_bound(py),
+                // SAFETY: attached (`py`); `PyContext_New` returns a new (owned)
+                // reference or NULL with an exception set.
+                None => unsafe { Bound::from_owned_ptr_or_err(py, PyContext_New())? },
+            };
+            let out = enter_and_call(&empty, func, args, kwargs);
+            // Kept for the next call only if this one left it empty.
+            if empty.len().is_ok_and(|n| n == 0) {
+                EMPTY.with(|e| e.set(Some(empty.unbind())));
+            }
+            return out;
+        };
+        enter_and_call(ctx.bind(py), func, args, kwargs)
     }
+}
+
+/// `ctx.run(func, *args, **kwargs)`.
+fn enter_and_call<'py>(
+    ctx: &Bound<'py, PyAny>,
+    func: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = func.py();
+    // SAFETY: attached (`py`); `ctx` is live and a `contextvars.Context`
+    // (made by `PyContext_CopyCurrent` or `PyContext_New`), which `PyContext_Enter`
+    // requires. Enter returns -1 with an exception set if the context is
+    // entered already (as `Context.run` does).
+    if unsafe { PyContext_Enter(ctx.as_ptr()) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let out = func.call(args, kwargs);
+    // SAFETY: as above; `ctx` is the context this thread entered just now, and
+    // the call in between returned (any context it entered, it exited: a Python
+    // function cannot leave a context entered). Exit fails only if `ctx` is not
+    // the current context, reported as an error.
+    if unsafe { PyContext_Exit(ctx.as_ptr()) } != 0 {
+        let err = PyErr::fetch(py);
+        return Err(out.err().unwrap_or(err));
+    }
+    out
 }
 
 impl Drop for CallContext {

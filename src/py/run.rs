@@ -116,7 +116,7 @@ pub(crate) fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine:
         }
     }
     // No call for this job: a waiter runs the token itself, or this job is
-    // of an earlier attempt (see `CallSlot`).
+    // of an earlier attempt (see `TokenInner::call_attempt`).
     let Some((token, call)) = job.claim() else {
         return;
     };
@@ -257,7 +257,7 @@ fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<E
     }
     token.retries_left.store(left - 1, Ordering::Relaxed);
     let attempt = token.attempts.load(Ordering::Relaxed).max(1);
-    let backoff = (token.retry_backoff * f64::from(2u32.saturating_pow(attempt - 1))).min(30.0);
+    let backoff = (token.spec().defaults.retry_backoff * f64::from(2u32.saturating_pow(attempt - 1))).min(30.0);
     token.ledger().retries.fetch_add(1, Ordering::Relaxed);
     super::log::debug(py, "worker", || {
         format!("token {} ({}) failed attempt {attempt}; retrying in {backoff:.3}s", token.id, token.op().name)

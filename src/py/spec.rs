@@ -274,14 +274,17 @@ impl OperationSpec {
     fn placement(&self, py: Python<'_>, engine: &EngineShared, id: u64, sticky_key: Option<String>) -> PyResult<Placement> {
         let spec = &self.shared;
         if let Some(tier) = spec.storage_tier {
-            return Ok(Placement { lane: LaneKind::Io(tier), ..Placement::default() });
+            return Ok(Placement {
+                lane: LaneKind::Io(u16::try_from(tier).expect("a storage tier index fits in 16 bits")),
+                ..Placement::default()
+            });
         }
         if let Some(calls) = &spec.lead_calls {
             let digest = DIGEST.import(py, "tokengate._routing", "digest")?;
             let seed: String = digest.call1((spec.digest_policy.as_str(), format!("{id}:{calls}")))?.extract()?;
             let seed: Arc<str> = seed.into();
             engine.domains.open(seed.clone());
-            return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed), is_lead: true, ..Placement::default() });
+            return Ok(Placement { route: Route::domain(engine.domains.clone(), seed), is_lead: true, ..Placement::default() });
         }
         // A call made inside a lead (or one of its children) joins its domain.
         if let Some(parent) = running_token() {
@@ -289,14 +292,14 @@ impl OperationSpec {
                 let here = crate::engine::pool::current_worker().map(|(_, i)| i);
                 let joined = engine.domains.join(seed, |slot| engine.pool.workers_of_slot(slot), here);
                 if let Some(pinned) = joined {
-                    return Ok(Placement { route: Route::Domain(engine.domains.clone(), seed.into()), pinned, ..Placement::default() });
+                    return Ok(Placement { route: Route::domain(engine.domains.clone(), seed.into()), pinned, ..Placement::default() });
                 }
             }
         }
         if let Some(key) = sticky_key {
             let candidates: Vec<usize> = (0..engine.pool.workers()).collect();
             let worker = engine.sticky.acquire(&key, &candidates);
-            return Ok(Placement { route: Route::Sticky(engine.sticky.clone(), key), pinned: Some(worker), ..Placement::default() });
+            return Ok(Placement { route: Route::sticky(engine.sticky.clone(), key), pinned: Some(worker), ..Placement::default() });
         }
         Ok(Placement::default())
     }

@@ -26,7 +26,7 @@
 //!
 //! # Jobs
 //!
-//! The call (function, arguments, context) lives in the token (`CallSlot`,
+//! The call (function, arguments, context) lives in the token (`call`,
 //! under its lock); a queued `PyJob` points at the token. Whoever takes the
 //! call first runs it (see `run.rs`). A job whose call was taken stays in its
 //! queue until a worker pops it and drops it ("spent"). A retry puts the call
@@ -41,7 +41,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use super::asyncio::{self as aio, Delivery, LoopQueue};
-use super::call::{Call, CallSlot};
+use super::call::Call;
 use super::exceptions::{self, BindError};
 use super::lifecycle::check_not_forked;
 use super::operation::{CallOptions, SpecShared};
@@ -86,7 +86,34 @@ pub(crate) trait Waiter: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     pub(crate) outcome: Option<Outcome>,
-    pub(crate) listeners: Vec<Listener>,
+    pub(crate) listeners: Listeners,
+}
+
+/// The listeners of a pending token: boxed, so that the many tokens nobody
+/// listens to carry one word for them.
+/// (The box is the point: one word where a `Vec` takes three.)
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+pub(crate) struct Listeners(Option<Box<Vec<Listener>>>);
+
+impl Listeners {
+    fn push(&mut self, listener: Listener) {
+        self.0.get_or_insert_with(Box::default).push(listener);
+    }
+
+    /// Takes them all out.
+    fn take(&mut self) -> Vec<Listener> {
+        self.0.take().map(|b| *b).unwrap_or_default()
+    }
+
+    /// Takes out those for which `out` is true; keeps the rest.
+    fn take_where(&mut self, out: impl FnMut(&Listener) -> bool) -> Vec<Listener> {
+        let (gone, kept): (Vec<_>, Vec<_>) = self.take().into_iter().partition(out);
+        if !kept.is_empty() {
+            self.0 = Some(Box::new(kept));
+        }
+        gone
+    }
 }
 
 /// The shared part of a token.
@@ -101,11 +128,11 @@ pub(crate) struct TokenInner {
     pub(crate) deadline_ns: AtomicU64,
     pub(crate) retries_left: AtomicU32,
     pub(crate) attempts: AtomicU32,
-    pub(crate) retry_backoff: f64,
     /// Pin to release at resolution (sticky key or lead domain).
     pub(crate) route: Route,
-    /// The worker this token must run on (sticky anchors, lead children).
-    pub(crate) pinned: Option<usize>,
+    /// The worker this token must run on (sticky anchors, lead children;
+    /// `NOT_PINNED` for none: see `pinned()`).
+    pinned: u32,
     /// Which lane runs it.
     pub(crate) lane: LaneKind,
     /// A lead token (its domain's core is recorded when it starts).
@@ -113,8 +140,27 @@ pub(crate) struct TokenInner {
     /// Where the ledger's registry holds it: shard << 32 | slot (MAX: not registered).
     pub(crate) registry_slot: AtomicU64,
     /// The call, until someone takes it to run it (see `run.rs`).
-    pub(crate) call: crate::engine::sync::Mutex<CallSlot>,
+    pub(crate) call: crate::engine::sync::Mutex<Option<Call>>,
+    /// Which job owns the call (read and written under `call`'s lock):
+    /// bumped each time a retry puts the call back, so that a job of an
+    /// earlier attempt still queued (its call was taken by a waiter that
+    /// ran the token itself) never takes a later attempt's.
+    call_attempt: AtomicU32,
 }
+
+impl Drop for TokenInner {
+    fn drop(&mut self) {
+        self.bind.ledger.on_token_freed();
+    }
+}
+
+// A pending token's memory is mostly this struct (in an `Arc`: 16 bytes more,
+// in a 224-byte block of the C allocator). Measured in benches/bench_memory.py.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<TokenInner>() <= 200, "TokenInner grew past 200 bytes");
+
+/// `TokenInner::pinned` of a token that may run on any worker.
+const NOT_PINNED: u32 = u32::MAX;
 
 /// The lane a token runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,8 +168,8 @@ pub(crate) enum LaneKind {
     /// The CPU work-stealing pool.
     #[default]
     Cpu,
-    /// The elastic I/O lane, in one storage tier.
-    Io(usize),
+    /// The elastic I/O lane, in one storage tier (its index).
+    Io(u16),
     /// Worker processes (`process_pool` tokens, driven by `tokengate._process`).
     Process,
 }
@@ -171,10 +217,11 @@ impl TokenInner {
     /// A new token; `call` is what a worker will run (None for tokens a lane outside the pool drives).
     pub(crate) fn new(id: u64, bind: Arc<Binding>, opts: &CallOptions, placement: Placement, call: Option<Call>) -> Arc<Self> {
         Arc::new(TokenInner {
-            call: crate::engine::sync::Mutex::new(CallSlot::new(call)),
+            call: crate::engine::sync::Mutex::new(call),
+            call_attempt: AtomicU32::new(0),
             registry_slot: AtomicU64::new(u64::MAX),
             route: placement.route,
-            pinned: placement.pinned,
+            pinned: placement.pinned.map_or(NOT_PINNED, |w| u32::try_from(w).expect("a worker index fits in 32 bits")),
             lane: placement.lane,
             is_lead: placement.is_lead,
             core: TokenCore::new(Slot::default()),
@@ -184,7 +231,6 @@ impl TokenInner {
             deadline_ns: AtomicU64::new(0),
             retries_left: AtomicU32::new(opts.retries),
             attempts: AtomicU32::new(0),
-            retry_backoff: opts.retry_backoff,
         })
     }
 
@@ -196,6 +242,11 @@ impl TokenInner {
 
     /// The books of its engine.
     #[inline]
+    /// The worker this token must run on, if any.
+    pub(crate) fn pinned(&self) -> Option<usize> {
+        (self.pinned != NOT_PINNED).then_some(self.pinned as usize)
+    }
+
     pub(crate) fn ledger(&self) -> &Arc<Ledger> {
         &self.bind.ledger
     }
@@ -263,7 +314,7 @@ impl TokenInner {
             slot.outcome = outcome;
             self.route.release();
             self.ledger().on_resolved(self, self.op(), to, self.lane == LaneKind::Process, error);
-            std::mem::take(&mut slot.listeners)
+            slot.listeners.take()
         })?;
         Some(listeners)
     }
@@ -414,31 +465,23 @@ impl TokenInner {
 
     /// Takes out the listeners registered with `arg` (by identity).
     pub(crate) fn take_listeners_for(&self, arg: &Bound<'_, PyAny>) -> Vec<Listener> {
-        let mut slot = self.core.lock();
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut slot.listeners).into_iter().partition(|l| match l {
+        self.core.lock().listeners.take_where(|l| match l {
             Listener::Thread { arg: a, .. } => a.as_ptr() == arg.as_ptr(),
             Listener::Loop { delivery, .. } => delivery.arg.as_ptr() == arg.as_ptr(),
             Listener::Waiter(_) => false,
-        });
-        slot.listeners = rest;
-        mine
+        })
     }
 
     /// Removes every listener whose function equals `func`; returns how many.
     pub(crate) fn remove_listener(&self, py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let removed: Vec<Listener> = {
-            let mut slot = self.core.lock();
-            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut slot.listeners).into_iter().partition(|l| {
-                let f = match l {
-                    Listener::Thread { func, .. } => func,
-                    Listener::Loop { delivery, .. } => &delivery.func,
-                    Listener::Waiter(_) => return false,
-                };
-                f.bind(py).eq(func).unwrap_or(false)
-            });
-            slot.listeners = kept;
-            gone
-        };
+        let removed: Vec<Listener> = self.core.lock().listeners.take_where(|l| {
+            let f = match l {
+                Listener::Thread { func, .. } => func,
+                Listener::Loop { delivery, .. } => &delivery.func,
+                Listener::Waiter(_) => return false,
+            };
+            f.bind(py).eq(func).unwrap_or(false)
+        });
         Ok(removed.len())
     }
 }
@@ -475,7 +518,7 @@ fn cancel_note(msg: Option<&Bound<'_, PyAny>>) -> Option<Outcome> {
 pub(crate) struct PyJob {
     /// Always `Some` until `into_token` takes it.
     token: Option<Arc<TokenInner>>,
-    /// The attempt whose call this job may take (see `CallSlot`).
+    /// The attempt whose call this job may take (see `TokenInner::call_attempt`).
     attempt: u32,
     /// Resolve the token as cancelled if the job is dropped with its call unrun.
     armed: bool,
@@ -486,9 +529,10 @@ impl PyJob {
     pub(crate) fn new(token: Arc<TokenInner>, call: Call) -> Self {
         let attempt = {
             let mut slot = token.call.lock();
-            slot.attempt = slot.attempt.wrapping_add(1);
-            slot.call = Some(call);
-            slot.attempt
+            let attempt = token.call_attempt.load(Ordering::Relaxed).wrapping_add(1);
+            token.call_attempt.store(attempt, Ordering::Relaxed);
+            *slot = Some(call);
+            attempt
         };
         PyJob { token: Some(token), attempt, armed: true }
     }
@@ -503,9 +547,10 @@ impl PyJob {
     /// Takes the call, if it is still there and belongs to this job's attempt.
     #[inline]
     fn take_call(&self) -> Option<Call> {
-        let mut slot = self.token().call.lock();
-        if slot.attempt == self.attempt {
-            slot.call.take()
+        let token = self.token();
+        let mut slot = token.call.lock();
+        if token.call_attempt.load(Ordering::Relaxed) == self.attempt {
+            slot.take()
         } else {
             None
         }
@@ -520,7 +565,7 @@ impl PyJob {
 
     /// Takes this job's call to run it, with the token's handle (the job is
     /// spent). None when the call is gone: a waiter took it to run the token
-    /// itself, or the job belongs to an earlier attempt (see `CallSlot`).
+    /// itself, or the job belongs to an earlier attempt (see `TokenInner::call_attempt`).
     #[inline]
     pub(crate) fn claim(mut self) -> Option<(Arc<TokenInner>, Call)> {
         self.armed = false;
@@ -565,8 +610,9 @@ impl Job for PyJob {
     /// earlier attempt: nothing left for it to run, no reason to take the
     /// interpreter.
     fn is_spent(&self) -> bool {
-        let slot = self.token().call.lock();
-        slot.attempt != self.attempt || slot.call.is_none()
+        let token = self.token();
+        let slot = token.call.lock();
+        token.call_attempt.load(Ordering::Relaxed) != self.attempt || slot.is_none()
     }
 }
 

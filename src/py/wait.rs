@@ -138,12 +138,12 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
         // The awaited token itself, if it still waits in a queue and may run here.
         let runnable_here = token.core.state() == TokenState::Admitted
             && token.lane == LaneKind::Cpu
-            && token.pinned.is_none_or(|w| w == info.index)
+            && token.pinned().is_none_or(|w| w == info.index)
             && (depth < MAX_HELP_DEPTH || stalled);
         let units = if runnable_here { inline_units(&engine, &info, token.spec().weight, stalled) } else { None };
         if let Some(units) = units {
             let weight = token.spec().weight;
-            let claimed = token.call.lock().call.take();
+            let claimed = token.call.lock().take();
             match claimed {
                 Some(call) => {
                     HELP_DEPTH.with(|d| d.set(depth + 1));
@@ -169,7 +169,7 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
             }
             (Some(job), None) => {
                 // A heavy job that cannot have this core: back to the queues.
-                let back = match job.token().pinned {
+                let back = match job.token().pinned() {
                     Some(w) => engine.pool.submit_to(w, job),
                     None => engine.pool.submit(job),
                 };
@@ -218,7 +218,7 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
 fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
     if token.core.state() != TokenState::Admitted
         || token.lane != LaneKind::Cpu
-        || token.pinned.is_some()
+        || token.pinned().is_some()
         || token.is_lead
         || token.deadline_ns.load(Ordering::Relaxed) != 0
     {
@@ -243,7 +243,7 @@ fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
     let Some(units) = engine.pool.try_acquire_outside(weight) else {
         return false;
     };
-    let Some(call) = token.call.lock().call.take() else {
+    let Some(call) = token.call.lock().take() else {
         engine.pool.release_outside(&units);
         return false;
     };

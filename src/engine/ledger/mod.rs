@@ -12,7 +12,10 @@
 //!   submitting thread (each thread picks a shard once, so its shard stays
 //!   cache-hot): submit fills a free slot and the token remembers where;
 //!   resolution empties that slot (no hashing, no search). `kill_*` and
-//!   `stop` scan it.
+//!   `stop` scan it (`registry.rs`).
+//! * Memory after a burst: a large shard that empties starts a countdown
+//!   (`to_free`) that the tokens' drops count down (`on_token_freed`); at
+//!   its end the allocator's free pages go back to the OS (`memory.rs`).
 //! * `ops` (operation name -> `OpState`, and the operations in order of first
 //!   use) is locked on an operation's first call per engine and by readers
 //!   of stats and history; each `OperationSpec` caches its binding.
@@ -37,6 +40,9 @@ use super::admission::Limit;
 use super::metrics::{OpMetrics, Outcome, RunCounts};
 use super::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
 use super::token::{now_ns, Stamp, TokenCore, TokenState};
+use registry::RegistryShard;
+
+mod registry;
 
 const SHARDS: usize = 32;
 
@@ -247,47 +253,6 @@ impl<J> Default for OpTable<J> {
     }
 }
 
-/// Weak handles of the tokens submitted from the threads of one shard.
-#[derive(Debug)]
-struct RegistryShard<T> {
-    slots: Vec<Option<(u64, Weak<T>)>>,
-    free: Vec<u32>,
-}
-
-impl<T> Default for RegistryShard<T> {
-    fn default() -> Self {
-        RegistryShard { slots: Vec::new(), free: Vec::new() }
-    }
-}
-
-impl<T> RegistryShard<T> {
-    fn insert(&mut self, id: u64, token: Weak<T>) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some((id, token));
-                i
-            }
-            None => {
-                self.slots.push(Some((id, token)));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn remove(&mut self, index: u32, id: u64) {
-        if let Some(slot) = self.slots.get_mut(index as usize) {
-            if slot.as_ref().is_some_and(|(tid, _)| *tid == id) {
-                *slot = None;
-                self.free.push(index);
-            }
-        }
-    }
-
-    fn handles(&self) -> impl Iterator<Item = &(u64, Weak<T>)> {
-        self.slots.iter().flatten()
-    }
-}
-
 /// This thread's shard of the registry and the history (threads take
 /// shards round-robin, so one thread always uses the same, cache-hot shard).
 pub fn thread_shard() -> usize {
@@ -329,6 +294,8 @@ pub struct Ledger<T, J> {
     pub overrun_max_ns: AtomicU64,
     pub overruns: AtomicU64,
     ops: Mutex<OpTable<J>>,
+    /// Tokens of drained large bursts not yet freed (see `on_token_freed`).
+    to_free: CachePadded<std::sync::atomic::AtomicI64>,
     registry: Vec<CachePadded<Mutex<RegistryShard<T>>>>,
     recent: Vec<CachePadded<Mutex<VecDeque<Record>>>>,
     recent_cap: usize,
@@ -353,6 +320,7 @@ impl<T: Booked, J> Ledger<T, J> {
             overrun_max_ns: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
             ops: Mutex::new(OpTable::default()),
+            to_free: CachePadded::new(std::sync::atomic::AtomicI64::new(0)),
             registry: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(RegistryShard::default()))).collect(),
             recent: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(VecDeque::new()))).collect(),
             recent_cap: history,
@@ -391,25 +359,45 @@ impl<T: Booked, J> Ledger<T, J> {
     /// Adds `token` to the registry (once, at submission).
     pub fn register(&self, token: &Arc<T>) {
         let shard = thread_shard();
-        let index = self.registry[shard].lock().insert(token.id(), Arc::downgrade(token));
+        let index = self.registry[shard].lock().insert(Arc::downgrade(token));
         token.registry_slot().store(((shard as u64) << 32) | u64::from(index), Ordering::Relaxed);
     }
 
     fn unregister(&self, token: &T) {
         let at = token.registry_slot().load(Ordering::Relaxed);
         if at != u64::MAX {
-            self.registry[(at >> 32) as usize].lock().remove(at as u32, token.id());
+            let drained = self.registry[(at >> 32) as usize].lock().remove(at as u32, token);
+            if let Some(burst) = drained {
+                // Counted down as tokens are freed; a few may live on in their callers.
+                let expected = burst - (burst / 256).max(256);
+                self.to_free.fetch_add(expected as i64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A token of this ledger was freed (its last handle dropped). Once
+    /// nearly as many tokens as a drained large burst held are freed, the allocator's
+    /// free pages go back to the OS (`memory::release_free_memory`): their
+    /// memory is free only then, not when the burst drained (its caller
+    /// may still hold the tokens). Outside such a countdown a token pays
+    /// one load of a line nobody writes.
+    pub fn on_token_freed(&self) {
+        if self.to_free.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && self.to_free.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1
+        {
+            crate::engine::memory::release_free_memory();
         }
     }
 
     /// The unresolved token `id`, if any.
     pub fn lookup(&self, id: u64) -> Option<Arc<T>> {
-        let found = self.registry.iter().find_map(|shard| {
-            let shard = shard.lock();
-            let hit = shard.handles().find(|(tid, _)| *tid == id).map(|(_, w)| w.upgrade());
-            hit
-        });
-        found.flatten().filter(|t| !t.core().is_done())
+        self.registry.iter().find_map(|shard| {
+            // Upgraded under the lock, searched (and the rest dropped) after it: a
+            // last handle dropped under the lock could resolve its token, which
+            // takes this lock.
+            let all: Vec<Arc<T>> = shard.lock().handles().filter_map(Weak::upgrade).collect();
+            all.into_iter().find(|t| t.id() == id && !t.core().is_done())
+        })
     }
 
     /// Every live, unresolved token (optionally of one operation).
@@ -417,7 +405,7 @@ impl<T: Booked, J> Ledger<T, J> {
         let mut out = Vec::new();
         for shard in &self.registry {
             // Upgraded under the lock, filtered (and the rest dropped) after it.
-            let all: Vec<Arc<T>> = shard.lock().handles().filter_map(|(_, w)| w.upgrade()).collect();
+            let all: Vec<Arc<T>> = shard.lock().handles().filter_map(Weak::upgrade).collect();
             out.extend(all.into_iter().filter(|t| !t.core().is_done() && op.is_none_or(|o| t.op_name() == o)));
         }
         out
@@ -540,84 +528,4 @@ impl<T: Booked, J> Ledger<T, J> {
 }
 
 #[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    /// A token as the books see it.
-    #[derive(Debug)]
-    struct Tok {
-        id: u64,
-        op: Arc<str>,
-        core: TokenCore<()>,
-        slot: AtomicU64,
-    }
-
-    impl Booked for Tok {
-        type Slot = ();
-
-        fn id(&self) -> u64 {
-            self.id
-        }
-
-        fn core(&self) -> &TokenCore<()> {
-            &self.core
-        }
-
-        fn registry_slot(&self) -> &AtomicU64 {
-            &self.slot
-        }
-
-        fn op_name(&self) -> &str {
-            &self.op
-        }
-    }
-
-    fn token(id: u64, op: &str) -> Arc<Tok> {
-        Arc::new(Tok { id, op: op.into(), core: TokenCore::new(()), slot: AtomicU64::new(u64::MAX) })
-    }
-
-    #[test]
-    fn the_registry_holds_unresolved_tokens_and_the_history_their_ends() {
-        let ledger: Ledger<Tok, ()> = Ledger::new(0, 10, false, true);
-        let (a, b) = (ledger.op("a"), ledger.op("b"));
-        let tokens: Vec<Arc<Tok>> = (1..=4).map(|i| token(i, if i % 2 == 0 { "b" } else { "a" })).collect();
-        for t in &tokens {
-            ledger.record_submitted(if &*t.op == "a" { &a } else { &b });
-            ledger.register(t);
-            assert!(t.core.admit());
-        }
-        assert_eq!(ledger.live_tokens(None).len(), 4);
-        assert_eq!(ledger.live_tokens(Some("b")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 4]);
-        assert_eq!(ledger.lookup(3).map(|t| t.id), Some(3));
-        assert_eq!(ledger.unresolved(), 4);
-
-        let done = &tokens[2];
-        assert!(done.core.start(0, None));
-        done.core.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(done, &a, TokenState::Completed, false, None));
-        assert!(ledger.lookup(3).is_none(), "a resolved token leaves the registry");
-        assert_eq!(ledger.live_tokens(Some("a")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(ledger.unresolved(), 3);
-        let history = ledger.history();
-        assert_eq!(history.len(), 1);
-        assert_eq!((history[0].token_id, &*ledger.op_name(history[0].op_index)), (3, "a"));
-        assert_eq!(history[0].state, TokenState::Completed);
-        assert_eq!(ledger.totals().1[Outcome::Ok as usize], 1);
-    }
-
-    #[test]
-    fn a_run_elsewhere_counts_toward_health_at_resolution() {
-        let ledger: Ledger<Tok, ()> = Ledger::new(0, 0, false, true);
-        let op = ledger.op("p");
-        for id in 0..6 {
-            let t = token(id, "p");
-            ledger.record_submitted(&op);
-            ledger.register(&t);
-            t.core.admit();
-            t.core.start(0, None);
-            t.core.resolve_at(|_| true, TokenState::Failed, None, |_| ledger.on_resolved(&t, &op, TokenState::Failed, true, None));
-        }
-        assert_eq!(op.health_counts().runs, 6);
-        assert_eq!(op.health_class(), "problematic");
-        assert!(ledger.history().is_empty(), "history_size 0 keeps no records");
-    }
-}
+mod tests;

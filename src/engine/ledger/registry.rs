@@ -1,0 +1,68 @@
+//! The registry of unresolved tokens, one shard per group of submitting
+//! threads: a slab of weak handles (one word per token), so that a token can
+//! be found by id (`kill_token`) and listed, without keeping it alive.
+//!
+//! A shard that grew large for a burst of pending tokens gives its vectors
+//! back when the burst drains, and tells the ledger how large it was (see
+//! `Ledger::on_token_freed`).
+
+use std::sync::Weak;
+
+/// Weak handles of the tokens submitted from the threads of one shard.
+#[derive(Debug)]
+pub(super) struct RegistryShard<T> {
+    /// A token's slot holds a weak handle on it (one word: its id is read through it).
+    pub(super) slots: Vec<Option<Weak<T>>>,
+    pub(super) free: Vec<u32>,
+    /// Slots that hold a token.
+    live: usize,
+}
+
+impl<T> Default for RegistryShard<T> {
+    fn default() -> Self {
+        RegistryShard { slots: Vec::new(), free: Vec::new(), live: 0 }
+    }
+}
+
+/// A shard this large that empties gives its memory back (`RegistryShard::remove`).
+pub(super) const SHRINK_AT: usize = 1 << 16;
+
+impl<T> RegistryShard<T> {
+    pub(super) fn insert(&mut self, token: Weak<T>) -> u32 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(token);
+                i
+            }
+            None => {
+                self.slots.push(Some(token));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Frees the slot. When that empties a large shard (a burst of pending
+    /// tokens has drained), its vectors are given back and the burst's size
+    /// is returned.
+    pub(super) fn remove(&mut self, index: u32, token: &T) -> Option<usize> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if !slot.as_ref().is_some_and(|w| std::ptr::eq(w.as_ptr(), token)) {
+            return None;
+        }
+        *slot = None;
+        self.live -= 1;
+        if self.live == 0 && self.slots.len() >= SHRINK_AT {
+            let burst = self.slots.len();
+            self.slots = Vec::new();
+            self.free = Vec::new();
+            return Some(burst);
+        }
+        self.free.push(index);
+        None
+    }
+
+    pub(super) fn handles(&self) -> impl Iterator<Item = &Weak<T>> {
+        self.slots.iter().flatten()
+    }
+}

@@ -1,0 +1,26 @@
+//! Giving freed memory back to the operating system.
+//!
+//! glibc's allocator keeps the memory of freed small blocks inside its heap
+//! and returns it to the OS only from the heap's top. After a burst of a
+//! million pending tokens resolves, nearly all of their memory is free but
+//! stays resident (measured: 350 MB kept of 440 MB). `release_free_memory`
+//! asks glibc to release every free page (`malloc_trim`, about 10 ms for
+//! such a heap); the ledger calls it once a large burst's tokens are freed
+//! (`Ledger::on_token_freed`). Elsewhere it does nothing.
+
+#![allow(unsafe_code)]
+
+/// Returns the allocator's free pages to the OS (glibc on Linux; a no-op elsewhere).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(loom)))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: `malloc_trim` is glibc's, declared with its C signature; it takes
+        // the allocator's own locks and may be called from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
