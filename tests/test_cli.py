@@ -1,20 +1,23 @@
 """The ``tokengate`` command line against a live coordinator's dashboard server: every command,
 its ``--json`` schema (docs/cli.md), its exit status (1 unknown operation, 2 refused token or
-action, 3 nothing listening), a kill that shows in the API and in /metrics, and each command's
-time (under 300 ms)."""
+action and usage errors, 3 nothing listening, 4 an answer that is not tokengate's, 130 Ctrl-C),
+a kill that shows in the API and in /metrics, and each command's time (under 300 ms). Servers
+that are not tokengate's are raw sockets answering what a test sets."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import io
 import json
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import pytest
 import tokengate
 from support import CHILD_TIMEOUT, wait_until
 from tokengate import OperationsCoordinator, task_token_guard
+from tokengate import _cli as cli
 from tokengate.__main__ import build_parser
 from tokengate.__main__ import main as cli_main
 
@@ -230,17 +234,27 @@ def test_top_once_and_its_json_frames(live: Live) -> None:
 
 
 def test_the_url_may_carry_the_token_and_a_prefix(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = live.server.url  # http://127.0.0.1:PORT/?token=...
-    out = io.StringIO()
-    from tokengate._cli import run_command
-
-    assert run_command(build_parser().parse_args(["ops", "--url", url, "--json"]), out, io.StringIO()) == 0
-    assert "cli_op" in {op["name"] for op in json.loads(out.getvalue())}
-    monkeypatch.setenv("TOKENGATE_URL", f"127.0.0.1:{live.server.port}")
-    monkeypatch.setenv("TOKENGATE_TOKEN", str(live.server.token))
-    out = io.StringIO()
-    assert run_command(build_parser().parse_args(["status", "--json"]), out, io.StringIO()) == 0
-    assert json.loads(out.getvalue())["admin"] is True
+    with live.coordinator.serve(admin=True, url_prefix="/tg") as server:
+        url = server.url  # http://127.0.0.1:PORT/tg/?token=...
+        assert "/tg/?token=" in url
+        code, out, err = run_args(["ops", "--url", url, "--json"])
+        assert code == 0, err
+        assert "cli_op" in {op["name"] for op in json.loads(out)}
+        code, out, err = run_args(["kill", "nope", "--url", url])
+        assert code == 1 and "nope" in err  # the actions go under the prefix too
+        # Without the prefix the API is not there.
+        code, _, err = run_args(["ops", "--url", f"http://127.0.0.1:{server.port}/", "--token", str(server.token)])
+        assert code == 4 and "404" in err, err
+        # An empty --token or $TOKENGATE_TOKEN is no token: the URL's ?token= is used.
+        code, out, err = run_args(["status", "--url", url, "--token", "", "--json"])
+        assert code == 0 and json.loads(out)["admin"] is True, err
+        monkeypatch.setenv("TOKENGATE_TOKEN", "")
+        code, out, err = run_args(["status", "--url", url, "--json"])
+        assert code == 0, err
+        monkeypatch.setenv("TOKENGATE_URL", f"127.0.0.1:{server.port}/tg")  # no scheme, no slash at the end
+        monkeypatch.setenv("TOKENGATE_TOKEN", str(server.token))
+        code, out, err = run_args(["status", "--json"])
+        assert code == 0 and json.loads(out)["admin"] is True, err
 
 
 # -- exit status ----------------------------------------------------------------------------
@@ -294,6 +308,247 @@ def test_a_url_that_is_not_the_api_exits_4(live: Live) -> None:
     assert code == 4 and "404" in err
 
 
+class RawServer:
+    """Not tokengate: a server on 127.0.0.1 (a free port) that answers each connection with
+    ``answer(method, path)``, bytes sent as they are, then closes it. ``requests`` records what
+    it was asked: (method, path, headers as lower-case names)."""
+
+    def __init__(self, answer: Callable[[str, str], bytes]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        owner = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                conn = self.request
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+                method, path, _ = head[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+                owner.requests.append((method, path, headers))
+                conn.sendall(owner.answer(method, path))
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def raw_servers() -> Iterator[Callable[[Callable[[str, str], bytes]], RawServer]]:
+    made: list[RawServer] = []
+
+    def make(answer: Callable[[str, str], bytes]) -> RawServer:
+        server = RawServer(answer)
+        made.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.close()
+
+
+def http_reply(body: bytes, status: str = "200 OK", headers: str = "Content-Type: application/json\r\n") -> bytes:
+    head = f"HTTP/1.1 {status}\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+A_TOKENGATE_OP = {
+    "name": "x",
+    "paused": False,
+    "blocked": False,
+    "health": "unknown",
+    "pending": 0,
+    "submitted": 1,
+    "completed": 1,
+    "failed": 0,
+    "cancelled": 0,
+    "killed": 0,
+    "timeout": 0,
+    "queue_wait": {"p95_s": None},
+    "execution": {"p95_s": 0.001},
+}
+
+
+def test_an_answer_that_is_not_http_exits_4(raw_servers: Callable[[Callable[[str, str], bytes]], RawServer]) -> None:
+    banner = raw_servers(lambda method, path: b"SSH-2.0-OpenSSH_9.6\r\n")
+    for command in (["status"], ["ops"], ["metrics"], ["kill", "x"], ["top", "--once"]):
+        code, out, err = run_args([*command, "--url", banner.url, "--token", "t"])
+        assert code == 4 and out == "", (command, code, err)
+        assert err.startswith("tokengate: not a tokengate server at") and "BadStatusLine" in err, err
+
+
+def test_an_answer_cut_short_exits_4(raw_servers: Callable[[Callable[[str, str], bytes]], RawServer]) -> None:
+    cut = raw_servers(
+        lambda method, path: b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"a"'
+    )
+    for command in (["status"], ["tasks"], ["kill", "x"]):
+        code, _, err = run_args([*command, "--url", cut.url, "--token", "t"])
+        assert code == 4 and "IncompleteRead" in err, (command, code, err)
+
+
+def test_a_connection_closed_with_no_answer_exits_3(
+    raw_servers: Callable[[Callable[[str, str], bytes]], RawServer],
+) -> None:
+    silent = raw_servers(lambda method, path: b"")
+    code, _, err = run_args(["status", "--url", silent.url, "--token", "t"])
+    assert code == 3 and "cannot reach" in err, err
+
+
+@pytest.mark.parametrize(
+    ("command", "body"),
+    [
+        (["status"], b"{}"),
+        (["status"], b"[]"),
+        (["status"], b"null"),
+        (["status"], b'{"version": "1", "time": 1.0, "admin": true, "pool": 1, "tokens": {}}'),
+        (["ops"], b"{}"),
+        (["ops"], b"[{}]"),
+        (["ops"], b'[{"name": 1}]'),
+        (["tasks"], b"{}"),
+        (["tasks"], b"[1]"),
+        (["tasks"], b"null"),
+        (["top", "--once"], b"{}"),
+        (["top", "--once", "--json"], b"[]"),
+        (["kill", "x"], b"{}"),
+        (["kill", "x"], b"[]"),
+        (["kill", "x"], b"null"),
+        (["kill", "x"], b'{"operation": "x", "killed": "5"}'),
+        (["pause", "x"], b'{"operation": "x", "killed": 0}'),
+        (["ops"], b"not json"),
+        (["metrics"], b"<html><body>hello</body></html>"),
+        (["metrics"], b"some_metric 1\n"),
+    ],
+    ids=lambda v: v.decode() if isinstance(v, bytes) else " ".join(v),
+)
+def test_json_of_another_shape_exits_4(
+    raw_servers: Callable[[Callable[[str, str], bytes]], RawServer], command: list[str], body: bytes
+) -> None:
+    def answer(method: str, path: str) -> bytes:
+        if method == "GET" and path == "/api/v1/ops" and command[0] != "ops":
+            return http_reply(json.dumps([A_TOKENGATE_OP]).encode())  # the actions' check of the name
+        return http_reply(body)
+
+    server = raw_servers(answer)
+    for as_json in ([], ["--json"]):
+        code, out, err = run_args([*command, *as_json, "--url", server.url, "--token", "t"])
+        assert code == 4, (code, out, err)
+        assert out == "" and err.startswith("tokengate: not a tokengate server at ") and "unexpected answer" in err, err
+        assert "\n" not in err.rstrip("\n")
+
+
+def test_a_redirect_is_not_followed(raw_servers: Callable[[Callable[[str, str], bytes]], RawServer]) -> None:
+    elsewhere = raw_servers(lambda method, path: http_reply(b"[]"))
+    moved = raw_servers(lambda method, path: http_reply(b"", "302 Found", f"Location: {elsewhere.url}api/v1/ops\r\n"))
+    code, _, err = run_args(["ops", "--url", moved.url, "--token", "SECRET-TOKEN-123"])
+    assert code == 4 and "302" in err and "redirects are not followed" in err, err
+    assert elsewhere.requests == []  # the token went nowhere else
+    assert moved.requests[0][2]["authorization"] == "Bearer SECRET-TOKEN-123"
+
+
+def test_a_loopback_url_ignores_the_proxy_settings(
+    raw_servers: Callable[[Callable[[str, str], bytes]], RawServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = raw_servers(lambda method, path: http_reply(b"[]"))
+    server = raw_servers(lambda method, path: http_reply(json.dumps([A_TOKENGATE_OP]).encode()))
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for host in ("127.0.0.1", "localhost"):
+        code, out, err = run_args(["ops", "--url", f"http://{host}:{server.port}/", "--token", "t"])
+        assert code == 0 and out.startswith("OPERATION"), err
+    assert proxy.requests == [] and len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:abc/?token=SECRET",
+        "http://127.0.0.1:70000/?token=SECRET",
+        "http://[::1/?token=SECRET",
+        "htp://127.0.0.1:8765/?token=SECRET",
+        "ftp://user:SECRET@127.0.0.1/",
+        "http://:8765/?token=SECRET",
+        "http://127.0.0.1:8765/a b/?token=SECRET",
+        "http://127.0.0.1:8765/\u00e9/?token=SECRET",
+    ],
+)
+def test_a_url_that_cannot_be_used_is_a_usage_error_that_hides_the_token(url: str) -> None:
+    code, out, err = run_args(["status", "--url", url])
+    assert code == 2 and out == "", (code, err)
+    assert err.startswith("tokengate: not a") and "URL" in err, err
+    assert "SECRET" not in err and "token=" not in err, err
+
+
+def test_messages_never_show_the_token_or_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    code, _, err = run_args(
+        ["status", "--url", f"http://user:SECRET@127.0.0.1:{port}/?token=SECRET2", "--timeout", "2"]
+    )
+    assert code == 3 and "cannot reach http://127.0.0.1:" in err, err
+    assert "SECRET" not in err and "user" not in err, err
+    code, _, err = run_args(["ops", "--url", f"http://127.0.0.1:{port}/", "--token", "bad token\n"])
+    assert code == 2 and "token" in err and "bad token" not in err, err
+    assert cli.redact_url("https://u:p@h:1/a/?token=s#f") == "https://h:1/a/"
+    assert cli.redact_url("h:1/p?token=s") == "h:1/p"
+    assert cli.redact_url("http://u:p?ss@h/") == "http://h/"
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(self: cli.Client, method: str, path: str, query: dict[str, str] | None = None) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Client, "_request", interrupted)
+    for command in (["status"], ["tasks"], ["metrics"], ["kill", "x"]):
+        code, out, err = run_args([*command, "--url", "http://127.0.0.1:9/", "--token", "t"])
+        assert (code, out, err) == (130, "", "")
+
+
+def test_the_limit_of_tasks_is_1_to_10000() -> None:
+    assert build_parser().parse_args(["tasks", "--limit", "10000"]).limit == 10000
+    for bad in ("0", "10001", "-1", "x"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["tasks", "--limit", bad])
+        assert exc.value.code == 2
+    assert build_parser()._subparsers is not None
+    (tasks,) = [
+        a.choices["tasks"]
+        for a in build_parser()._subparsers._group_actions
+        if isinstance(a, argparse._SubParsersAction)
+    ]
+    (state,) = [a for a in tasks._actions if a.dest == "state"]
+    assert tuple(state.choices or ()) == cli.TASK_STATES
+
+
+def test_label_values_are_unescaped_in_one_pass() -> None:
+    text = '# HELP m a metric\nm{a="back\\\\nslash",b="q\\"uote",c="line\\nbreak",d="odd\\x"} 1.5\n\nn 2 1700000000\n'
+    (m, n) = cli.parse_metrics(text)
+    assert m == {
+        "name": "m",
+        "labels": {"a": "back\\nslash", "b": 'q"uote', "c": "line\nbreak", "d": "odd\\x"},
+        "value": 1.5,
+    }
+    assert n == {"name": "n", "labels": {}, "value": 2.0}
+    with pytest.raises(ValueError, match="not a Prometheus sample"):
+        cli.parse_metrics('m{a="1"} one\n')
+
+
 def run_args(args: list[str]) -> tuple[int, str, str]:
     from tokengate._cli import run_command
 
@@ -337,14 +592,35 @@ def test_python_m_tokengate_runs_each_command_in_a_child(live: Live) -> None:
     assert result.returncode == 3
 
 
+IMPORTS_SCRIPT = """
+import socket, sys
+import tokengate
+before = set(sys.modules)
+from tokengate.__main__ import main
+# A command to the end: a port where nothing listens (bound, not listening) answers at once.
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    assert main(["status", "--url", "http://127.0.0.1:%d/" % s.getsockname()[1], "--token", "t"]) == 3
+    assert main(["ops", "--url", "http://127.0.0.1:%d/" % s.getsockname()[1], "--token", "t"]) == 3
+added = set(sys.modules) - before
+ours = sorted(m for m in added if m.split(".")[0] == "tokengate")
+assert ours == ["tokengate.__main__", "tokengate._cli"], ours
+if sys.version_info >= (3, 10):
+    others = sorted(m for m in added if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "tokengate")
+    assert not others, others
+heavy = {"tokengate.proof", "tqdm", "rich", "curses"} & set(sys.modules)
+assert not heavy, heavy
+"""
+
+
 @pytest.mark.subprocess
 def test_the_client_imports_nothing_heavy() -> None:
-    code = (
-        "import sys, tokengate.__main__, tokengate._cli, tokengate._top\n"
-        "heavy = {'tokengate.proof', 'tqdm', 'rich', 'curses', 'tokengate._progress_rich'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n"
+    # Beyond `import tokengate`, a command imports the command line's own modules and the standard
+    # library only: not the proof's module, tqdm, rich or curses.
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_SCRIPT], capture_output=True, text=True, timeout=CHILD_TIMEOUT
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=CHILD_TIMEOUT)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.subprocess

@@ -228,8 +228,10 @@ def test_an_endless_map_shows_a_count_without_total(workers: OperationsCoordinat
         for i, _ in enumerate(square.map(endless(), progress="force")):
             if i == 99:
                 break
-        assert wait_until(lambda: stderr.getvalue().endswith("\n"))
-        assert re.match(r"progress_square: 100 ", stderr.getvalue().splitlines()[-1])
+        # The map left, its display closed: the thread gone and a last line, a count with no total.
+        assert wait_until(lambda: not [t for t in threading.enumerate() if t.name == "tokengate-progress"])
+        last = stderr.getvalue().splitlines()[-1]
+        assert re.fullmatch(r"progress_square: 100 [\d,.]+/s \d+\.\ds", last), last
 
 
 def test_async_map_and_as_completed(workers: OperationsCoordinator) -> None:
@@ -345,3 +347,67 @@ def test_a_broken_stream_does_not_break_the_work(workers: OperationsCoordinator)
         assert list(nap.map([0.001] * 300, progress="plain")) == [0.001] * 300
         assert gather([nap(0.001) for _ in range(50)], progress="force") == [0.001] * 50
     assert not [t for t in threading.enumerate() if t.name == "tokengate-progress"]
+
+
+def test_len_of_as_completed_counts_each_token_once(workers: OperationsCoordinator) -> None:
+    a, b = square(2), square(3)
+    twice = as_completed([a, a, b, a])
+    assert len(twice) == 2
+    assert len(list(twice)) == 2
+    assert len(as_completed([])) == 0
+    assert bool(as_completed([])) is True  # as before it had a length
+    stderr = Stream(tty=False)
+    with redirect_stderr(stderr):
+        assert len(list(as_completed([a, b, a, b], progress="force"))) == 2
+        assert stderr.getvalue().splitlines()[-1].startswith("as_completed: 2/2 (100%)")
+
+
+class CountedLength:
+    """A container that records each len() (a Django QuerySet runs a query then)."""
+
+    def __init__(self, items: list[int]) -> None:
+        self.items = items
+        self.lengths = 0
+
+    def __len__(self) -> int:
+        self.lengths += 1
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.items)
+
+
+def test_the_total_is_asked_for_only_when_a_display_shows(workers: OperationsCoordinator) -> None:
+    with redirect_stderr(Stream(tty=False)):  # progress=True shows nothing off a terminal
+        items = CountedLength(list(range(20)))
+        assert list(square.map(items, progress=True)) == [x * x for x in range(20)]
+        with Executor(max_workers=2) as ex:
+            assert list(ex.map(abs, items, buffersize=4, progress=True)) == list(range(20))
+        assert items.lengths == 0
+    stderr = Stream(tty=False)
+    with redirect_stderr(stderr):
+        items = CountedLength(list(range(20)))
+        assert list(square.map(items, progress="force")) == [x * x for x in range(20)]
+        assert items.lengths == 1 and stderr.getvalue().splitlines()[-1].startswith("progress_square: 20/20")
+        with Executor(max_workers=2) as ex:
+            assert list(ex.map(abs, items, buffersize=4, progress="force")) == list(range(20))
+        assert items.lengths == 2 and stderr.getvalue().splitlines()[-1].startswith("abs: 20/20")
+
+
+def test_a_thread_that_cannot_start_closes_the_display(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("rich")
+    stdout, stderr = sys.stdout, sys.stderr
+    tty_stderr = Stream(tty=True)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        with redirect_stderr(tty_stderr), monkeypatch.context() as m:
+            m.setattr(progress_mod.threading.Thread, "start", no_thread)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                progress_mod.start("rich", "x", 10, lambda: 0)
+            # rich's display was stopped: stdout and stderr are no longer its proxies.
+            assert sys.stdout is stdout and sys.stderr is tty_stderr
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr

@@ -1,5 +1,7 @@
 """``tokengate top`` and a progress bar in a real terminal: each runs in a tmux pane (120 x 40)
-and the test reads the screen back (``capture-pane``). Skipped when tmux is missing, unless
+and the test reads the screen back (``capture-pane``) and the pane's state (``display-message``:
+the alternate screen, the cursor). top leaves the terminal as it found it after q, Ctrl-C,
+SIGTERM and SIGHUP. Skipped when tmux is missing, unless
 TOKENGATE_REQUIRE_TMUX=1 (CI sets it: scripts/test.sh)."""
 
 from __future__ import annotations
@@ -8,12 +10,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,21 +34,46 @@ if TMUX is None:
     pytest.skip("tmux is not installed (TOKENGATE_REQUIRE_TMUX=1 makes this an error)", allow_module_level=True)
 
 
-class Pane:
-    """One tmux server of its own (its own socket), one window of 120 x 40 running ``command``
-    under ``sh``, which prints ``[exit N]`` when the command ends: the test reads the exit status
-    from the screen (tmux's own pane_dead_status can stay unset here)."""
+# Runs the command given, then prints its exit status and the terminal's mode (line: canonical
+# input, as before the command; cbreak: a command left it in its own mode), and waits to be killed.
+# The shell outlives a Ctrl-C sent to the command: a trap, not an ignored SIGINT, which the
+# command would inherit. Any POSIX shell runs it the same (dash, bash).
+WRAPPER = """
+trap : INT
+"$@"
+status=$?
+case "$(stty -a 2>/dev/null)" in
+  *-icanon*) mode=cbreak ;;
+  *) mode=line ;;
+esac
+echo "[exit $status] [tty $mode]"
+exec sleep 120
+"""
 
-    def __init__(self, tmp_path: Path, command: list[str]) -> None:
+
+class Pane:
+    """One tmux server of its own (its own socket, a unique name), one window of 120 x 40
+    running ``command`` through :data:`WRAPPER`, which prints ``[exit N] [tty MODE]`` when the
+    command ends: the test reads the exit status from the screen (tmux's own pane_dead_status
+    can stay unset here). tmux runs the pane's command with ``default-shell -c``, set to /bin/sh
+    whatever $SHELL is. :meth:`start` runs it; :meth:`close` kills the server."""
+
+    def __init__(self, tmp_path: Path) -> None:
         self.socket = f"tg-test-{uuid.uuid4().hex[:12]}"
-        conf = tmp_path / "tmux.conf"
+        self._dir = tmp_path
+
+    def start(self, command: list[str]) -> None:
+        conf = self._dir / f"{self.socket}.conf"
         # default-size: the window is 120 x 40 from its first line on (else it starts at 80 x 24 and
         # is resized, and the first lines scroll away).
-        conf.write_text("set -g default-size 120x40\n")
+        conf.write_text("set -g default-size 120x40\nset -g default-shell /bin/sh\n")
+        wrapper = self._dir / f"{self.socket}.sh"
+        wrapper.write_text(WRAPPER)
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
         env["TERM"] = "xterm-256color"
-        shell = f'{shlex.join(command)}; echo "[exit $?]"; exec sleep 120'
+        env["SHELL"] = "/bin/sh"
+        shell = shlex.join(["/bin/sh", str(wrapper), *command])
         self._tmux("-f", str(conf), "new-session", "-d", "-s", "t", "-x", "120", "-y", "40", shell, env=env)
 
     def _tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
@@ -59,15 +87,23 @@ class Pane:
         # From the start of the history: what scrolled off the top is kept.
         return self._tmux("capture-pane", "-p", "-S", "-", "-t", "t")
 
+    def display(self, fmt: str) -> str:
+        """A tmux format of the pane: ``#{alternate_on}`` is 1 while it shows the alternate screen."""
+        return self._tmux("display-message", "-p", "-t", "t", fmt).strip()
+
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "t", *keys)
 
+    def ended(self, limit: float = 20.0) -> tuple[int, str]:
+        """Waits for the command to end; its exit status and the terminal's mode then."""
+        screen = self.wait_for("[exit ", limit)
+        found = re.search(r"\[exit (\d+)\] \[tty (\w+)\]", screen)
+        assert found is not None, screen
+        return int(found[1]), found[2]
+
     def exit_status(self, limit: float = 20.0) -> int:
         """Waits for the command to end; its exit status."""
-        screen = self.wait_for("[exit ", limit)
-        found = re.search(r"\[exit (\d+)\]", screen)
-        assert found is not None, screen
-        return int(found[1])
+        return self.ended(limit)[0]
 
     def wait_for(self, text: str, limit: float = 20.0) -> str:
         seen = ""
@@ -81,15 +117,34 @@ class Pane:
         return seen
 
     def close(self) -> None:
+        """Kills the server (and the pane's processes), and removes its socket file, which tmux
+        leaves behind."""
+        try:
+            socket_path = self.display("#{socket_path}")
+        except subprocess.CalledProcessError:  # no server: it never started, or it ended
+            socket_path = ""
         subprocess.run([str(TMUX), "-L", self.socket, "kill-server"], capture_output=True, timeout=20)
+        if socket_path.endswith(self.socket):
+            Path(socket_path).unlink(missing_ok=True)
 
 
 @pytest.fixture
-def panes(tmp_path: Path) -> Iterator[list[Pane]]:
+def open_pane(tmp_path: Path) -> Iterator[Callable[[list[str]], Pane]]:
+    """Opens panes running a command; every one's tmux server is killed at the end, even when
+    its start failed half-way."""
     made: list[Pane] = []
-    yield made
-    for pane in made:
-        pane.close()
+
+    def open_(command: list[str]) -> Pane:
+        pane = Pane(tmp_path)
+        made.append(pane)
+        pane.start(command)
+        return pane
+
+    try:
+        yield open_
+    finally:
+        for pane in made:
+            pane.close()
 
 
 @task_token_guard(operation_type="tty_op")
@@ -119,13 +174,14 @@ print("MAP DONE")
 
 
 @pytest.mark.parametrize("option", ["auto", "plain", "rich"])
-def test_a_progress_bar_in_a_terminal_ends_at_its_total(tmp_path: Path, panes: list[Pane], option: str) -> None:
+def test_a_progress_bar_in_a_terminal_ends_at_its_total(
+    tmp_path: Path, open_pane: Callable[[list[str]], Pane], option: str
+) -> None:
     if option == "rich":
         pytest.importorskip("rich")
     script = tmp_path / "bar.py"
     script.write_text(PROGRESS_SCRIPT)
-    pane = Pane(tmp_path, [sys.executable, str(script), option])
-    panes.append(pane)
+    pane = open_pane([sys.executable, str(script), option])
     # While it runs, the bar shows a count short of the total.
     running = pane.wait_for("tty_map")
     assert re.search(r"\b([0-9]|[1-9][0-9]|[1-5][0-9][0-9])/600\b", running), running
@@ -170,11 +226,10 @@ def top_command(server: tokengate.DashboardServer) -> list[str]:
 
 
 def test_top_draws_the_operations_and_q_quits(
-    tmp_path: Path, panes: list[Pane], served: tuple[tokengate.DashboardServer, list[tokengate.TaskToken[None]]]
+    open_pane: Callable[[list[str]], Pane], served: tuple[tokengate.DashboardServer, list[tokengate.TaskToken[None]]]
 ) -> None:
     server, tokens = served
-    pane = Pane(tmp_path, top_command(server))
-    panes.append(pane)
+    pane = open_pane(top_command(server))
     screen = pane.wait_for("tty_op")
     lines = screen.splitlines()
     assert lines[0].startswith("tokengate top  http://127.0.0.1:") and "q or Ctrl-C quits" in lines[0]
@@ -196,10 +251,12 @@ def test_top_draws_the_operations_and_q_quits(
     assert tokens[-1].cancel()
     assert wait_until(lambda: _row(pane.screen(), "tty_op")[2:4] == ["2", "2"], limit=10, interval=0.1), pane.screen()
     assert sum(line.startswith("OPERATION") for line in pane.screen().splitlines()) == 1
+    assert pane.display("#{alternate_on}") == "1"
     pane.keys("q")
-    assert pane.exit_status(limit=10) == 0, pane.screen()
+    assert pane.ended(limit=10) == (0, "line"), pane.screen()
     # The alternate screen is left: the view is gone from the pane.
     assert "OPERATION" not in pane.screen()
+    assert pane.display("#{alternate_on}") == "0"
 
 
 def _row(screen: str, name: str) -> list[str]:
@@ -208,13 +265,45 @@ def _row(screen: str, name: str) -> list[str]:
 
 
 def test_top_quits_cleanly_on_ctrl_c(
-    tmp_path: Path, panes: list[Pane], served: tuple[tokengate.DashboardServer, list[tokengate.TaskToken[None]]]
+    open_pane: Callable[[list[str]], Pane], served: tuple[tokengate.DashboardServer, list[tokengate.TaskToken[None]]]
 ) -> None:
     server, _ = served
-    pane = Pane(tmp_path, top_command(server))
-    panes.append(pane)
+    pane = open_pane(top_command(server))
     pane.wait_for("tty_op")
     time.sleep(0.5)
     pane.keys("C-c")
-    assert pane.exit_status(limit=10) == 0, pane.screen()
+    assert pane.ended(limit=10) == (0, "line"), pane.screen()
     assert "Traceback" not in pane.screen()
+    assert pane.display("#{alternate_on}") == "0"
+
+
+# `python -c` running top after writing its pid to argv[1], so that the test can signal it.
+TOP_WITH_PID = (
+    "import os, sys\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    f.write(str(os.getpid()))\n"
+    "from tokengate.__main__ import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_top_restores_the_terminal_on_sigterm_and_sighup(
+    tmp_path: Path,
+    open_pane: Callable[[list[str]], Pane],
+    served: tuple[tokengate.DashboardServer, list[tokengate.TaskToken[None]]],
+    name: str,
+) -> None:
+    server, _ = served
+    pid_file = tmp_path / "top.pid"
+    pane = open_pane([sys.executable, "-c", TOP_WITH_PID, str(pid_file), *top_command(server)[3:]])
+    pane.wait_for("tty_op")
+    assert pane.display("#{alternate_on}") == "1"
+    signum = getattr(signal, name)
+    os.kill(int(pid_file.read_text()), signum)
+    # The main screen, the cursor and the terminal's line mode back; the exit status says which signal.
+    assert pane.ended(limit=10) == (128 + signum, "line"), pane.screen()
+    assert pane.display("#{alternate_on}") == "0"
+    assert pane.display("#{cursor_flag}") == "1"
+    screen = pane.screen()
+    assert "OPERATION" not in screen and "Traceback" not in screen, screen

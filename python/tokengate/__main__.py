@@ -10,7 +10,8 @@ of its operations. They talk to the coordinator's dashboard server
 (``OperationsCoordinator.serve``; the actions need ``admin=True``) at ``--url``
 or ``$TOKENGATE_URL``, with ``--token`` or ``$TOKENGATE_TOKEN``. Exit status:
 0 done, 1 unknown operation, 2 token or action refused (and usage errors),
-3 nothing answered at the URL, 4 any other error of the server (docs/cli.md).
+3 nothing answered at the URL, 4 any other error of the server or an answer that
+is not tokengate's, 130 Ctrl-C (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ from collections.abc import Sequence
 # The client's commands; the names of the action commands are the server's verbs.
 READ_COMMANDS = ("status", "ops", "tasks", "metrics", "top")
 ACTION_COMMANDS = ("pause", "resume", "drain", "kill")
+# The most tokens `tasks --limit` asks for (the server's own bound).
+MAX_LIMIT = 10000
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, got {value}")
     return value
 
 
@@ -56,6 +66,8 @@ def _server_options() -> argparse.ArgumentParser:
 
 
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ._cli import TASK_STATES
+
     common = _server_options()
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON (the schema is in docs/cli.md)")
@@ -63,9 +75,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     sub.add_parser("status", parents=parents, help="the coordinator's totals, admission and lanes")
     sub.add_parser("ops", parents=parents, help="the operations: state, health, counts, wait and run p95")
     tasks = sub.add_parser("tasks", parents=parents, help="unresolved tokens, newest first")
-    tasks.add_argument("--state", choices=("created", "waiting", "admitted", "executing"), help="only this state")
+    tasks.add_argument("--state", choices=TASK_STATES, help="only this state")
     tasks.add_argument("--op", metavar="OP", help="only this operation (exit 1 if there is none of that name)")
-    tasks.add_argument("--limit", type=_positive_int, default=100, help="at most this many (default 100)")
+    tasks.add_argument("--limit", type=_limit, default=100, help=f"at most this many, 1 to {MAX_LIMIT} (default 100)")
     sub.add_parser("metrics", parents=parents, help="the Prometheus text of /metrics (--json: its samples)")
     top = sub.add_parser(
         "top",
@@ -97,7 +109,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or _prog(),
         description=__doc__.splitlines()[0],
         epilog="Exit status: 0 done, 1 unknown operation, 2 token or action refused (and usage errors), "
-        "3 nothing answered at the URL, 4 any other error of the server.",
+        "3 nothing answered at the URL, 4 any other error of the server or an answer that is not tokengate's, "
+        "130 Ctrl-C.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

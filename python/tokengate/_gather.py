@@ -108,18 +108,24 @@ class _AsCompleted(Generic[T]):
     """Iterator (sync) and async iterator over tokens in completion order."""
 
     def __init__(self, tokens: Iterable[TaskToken[T]], timeout: float | None, progress: ProgressOption) -> None:
-        self._tokens = _check_tokens(tokens)
+        # A token given twice is handed out once.
+        self._unique = {id(t): t for t in _check_tokens(tokens)}
         self._timeout = timeout
         check_option(progress)
         self._progress = progress
 
     def __len__(self) -> int:
-        return len(self._tokens)
+        """The number of tokens it hands out (each token once, however often it was given)."""
+        return len(self._unique)
+
+    def __bool__(self) -> bool:
+        # Always true, as before it had a length: `if as_completed(ts):` does not depend on ts.
+        return True
 
     def __iter__(self) -> Iterator[TaskToken[T]]:
         deadline = _deadline(self._timeout)
         done: queue.SimpleQueue[TaskToken[T]] = queue.SimpleQueue()
-        pending = {id(t): t for t in self._tokens}
+        pending = dict(self._unique)
         for t in pending.values():
             t._add_thread_callback(done.put)
         counter = HandedCounter()
@@ -129,7 +135,7 @@ class _AsCompleted(Generic[T]):
                 try:
                     t = done.get(timeout=_remaining(deadline))
                 except queue.Empty:
-                    raise FuturesTimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
+                    raise FuturesTimeoutError(f"{len(pending)} (of {len(self._unique)}) tokens unfinished") from None
                 if pending.pop(id(t), None) is not None:
                     counter.handed += 1
                     yield t
@@ -142,7 +148,7 @@ class _AsCompleted(Generic[T]):
 
     async def _agen(self) -> AsyncIterator[TaskToken[T]]:
         done: asyncio.Queue[TaskToken[T]] = asyncio.Queue()
-        pending = {id(t): t for t in self._tokens}
+        pending = dict(self._unique)
         for t in pending.values():
             t.add_done_callback(done.put_nowait)  # delivered on this loop
         deadline = _deadline(self._timeout)
@@ -153,7 +159,7 @@ class _AsCompleted(Generic[T]):
                 try:
                     t = await asyncio.wait_for(done.get(), _remaining(deadline))
                 except asyncio.TimeoutError:
-                    raise TimeoutError(f"{len(pending)} (of {len(self._tokens)}) tokens unfinished") from None
+                    raise TimeoutError(f"{len(pending)} (of {len(self._unique)}) tokens unfinished") from None
                 if pending.pop(id(t), None) is not None:
                     counter.handed += 1
                     yield t
@@ -170,7 +176,8 @@ def as_completed(
     Raises ``TimeoutError`` if they are not all done within ``timeout`` seconds.
     ``progress``: a progress display of the tokens handed out, on stderr (see
     :data:`tokengate.ProgressOption`). ``len()`` of the result is the number of
-    tokens, so ``tqdm(as_completed(ts))`` knows its total.
+    tokens it yields (a token given twice is yielded once), so ``tqdm(as_completed(ts))``
+    knows its total.
     """
     return _AsCompleted(tokens, timeout, progress)
 
@@ -198,7 +205,7 @@ class MapResults(Generic[T]):
         buffer: int,
         *,
         progress: ProgressOption = None,
-        total: int | None = None,
+        total: int | Callable[[], int | None] | None = None,
         desc: str = "map",
     ) -> None:
         check_option(progress)
@@ -278,7 +285,11 @@ def map_tokens(
     if not iterables:
         raise TypeError("map() needs at least one iterable")
     check_option(progress)
-    total = total_of(iterables) if progress else None
+
+    def count_items() -> int | None:  # asked for once a display is chosen, before an item is taken
+        return total_of(iterables)
+
+    total = count_items if progress else None
     if len(iterables) == 1:
         return MapResults(fn, iterables[0], buffer, progress=progress, total=total, desc=desc)
 

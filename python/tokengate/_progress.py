@@ -46,6 +46,7 @@ __all__ = [
     "check_option",
     "choose",
     "handed",
+    "shows",
     "start",
     "total_of",
 ]
@@ -310,7 +311,17 @@ class ProgressSession:
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tokengate-progress", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            # No thread (RuntimeError: can't start new thread): the display is closed before the
+            # error goes on, else rich's would leave sys.stdout and sys.stderr redirected.
+            self._closed = True
+            try:
+                display.close(0)
+            except Exception:
+                pass
+            raise
 
     def _clamp(self, n: int) -> int:
         return n if self._total is None else min(n, self._total)
@@ -341,14 +352,29 @@ class ProgressSession:
             pass
 
 
-def start(progress: ProgressOption, desc: str, total: int | None, count: Callable[[], int]) -> ProgressSession | None:
-    """A running :class:`ProgressSession` on stderr, or None when ``progress`` shows nothing."""
+def shows(progress: ProgressOption) -> bool:
+    """Whether ``progress`` shows a display on stderr now."""
+    stream = sys.stderr
+    return stream is not None and choose(progress, stream) is not None
+
+
+def start(
+    progress: ProgressOption,
+    desc: str,
+    total: int | Callable[[], int | None] | None,
+    count: Callable[[], int],
+) -> ProgressSession | None:
+    """A running :class:`ProgressSession` on stderr, or None when ``progress`` shows nothing.
+    ``total`` may be a function, called only once a display was chosen: the length of a lazy
+    container (a database query, say) is not asked for when nothing is shown."""
     stream = sys.stderr
     if stream is None:  # pythonw, or a closed stderr
         return None
     kind = choose(progress, stream)
     if kind is None:
         return None
+    if callable(total):
+        total = total()
     try:
         display = _display(kind, stream, desc, total)
     except Exception:  # a stream that fails at the first draw: no display, the work goes on

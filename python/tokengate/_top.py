@@ -5,6 +5,9 @@ tokens, whether it is blocked or paused, the queue wait's p95 and its health. On
 the view is redrawn in place (the alternate screen, plain ANSI codes) until ``q`` or Ctrl-C;
 off a terminal each refresh prints the view, then a blank line; ``--json`` prints one JSON
 object a refresh (docs/cli.md). ``--once`` or ``--iterations N`` stop after 1 or N refreshes.
+
+On a terminal, SIGTERM and SIGHUP end the view as ``q`` does (the terminal's mode and main
+screen restored), with exit status 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -35,8 +40,8 @@ class Sampler:
         self._last: tuple[float, dict[str, int], int] | None = None
 
     def sample(self) -> dict[str, Any]:
-        snap = self._client.get_json("api/v1/snapshot")
-        running_tokens = self._client.get_json("api/v1/tokens", {"state": "executing", "limit": str(_RUNNING_LIMIT)})
+        snap = self._client.snapshot()
+        running_tokens = self._client.tokens({"state": "executing", "limit": str(_RUNNING_LIMIT)})
         now = time.monotonic()
         running: dict[str, int] = {}
         for tok in running_tokens:
@@ -162,16 +167,44 @@ def _fit(lines: list[str]) -> list[str]:
     return [line[: size.columns] for line in lines[: max(1, size.lines - 1)]]
 
 
+def _exit_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP (where there is one) raise SystemExit(128 + N), so that the view's
+    ``finally`` restores the terminal; a second signal while it does is ignored. Returns the
+    handlers replaced (none off the main thread, where Python cannot set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise SystemExit(128 + signum)
+
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def run_top(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Refreshes every ``args.interval`` seconds until ``q``, Ctrl-C, or ``args.iterations``
     (``args.once``: 1) refreshes."""
     iterations: int | None = 1 if args.once else args.iterations
     live = not args.json and out.isatty()
     sampler = Sampler(client)
-    keys = _keys() if live else None
+    keys: _Keys | None = None
     shown = 0
+    previous = _exit_on_signals() if live else {}
     try:
         if live:
+            keys = _keys()
             out.write("\x1b[?1049h\x1b[?25l")  # the alternate screen; the cursor hidden
         while True:
             frame = sampler.sample()
@@ -194,9 +227,24 @@ def run_top(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if keys is not None:
+        try:
+            _leave(keys, out, live)
+        finally:
+            _restore_signals(previous)
+    return EXIT_OK
+
+
+def _leave(keys: _Keys | None, out: TextIO, live: bool) -> None:
+    """The terminal's mode and main screen back, as far as the terminal is still there (after a
+    SIGHUP it may be gone)."""
+    if keys is not None:
+        try:
             keys.restore()
-        if live:
+        except Exception:  # termios.error: no terminal any more
+            pass
+    if live:
+        try:
             out.write("\x1b[?25h\x1b[?1049l")
             out.flush()
-    return EXIT_OK
+        except (OSError, ValueError):
+            pass

@@ -86,7 +86,7 @@ from typing import Any, TypeVar, cast
 
 from . import _tokengate
 from ._coordinator import OperationsCoordinator
-from ._progress import ProgressOption, WindowCounter, check_option, handed, start, total_of
+from ._progress import ProgressOption, WindowCounter, check_option, handed, shows, start, total_of
 from .exceptions import ShutdownError
 
 __all__ = ["BrokenThreadPool", "Executor"]
@@ -579,7 +579,9 @@ class Executor(ThreadPoolExecutor):
         check_option(progress)
         end_time = None if timeout is None else timeout + time.monotonic()
 
-        total = total_of(iterables) if progress and buffersize else None
+        # The length is read before the first calls take items, and only when a display will
+        # show it (len() of a lazy container may run a query).
+        total = total_of(iterables) if progress and buffersize and shows(progress) else None
         zipped = zip(*iterables)
         fs: deque[_cf.Future[_T]]
         if buffersize:
