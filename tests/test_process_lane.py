@@ -596,7 +596,7 @@ def test_pause_admission_holds_process_tokens(lane1: OperationsCoordinator) -> N
 
 
 def test_workers_that_cannot_start_fail_queued_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tokengate._process as lane_module
+    import tokengate._process.workers as lane_module
 
     monkeypatch.setattr(lane_module, "_BOOT", "import os\nos._exit(7)  # {fd} {ppid}\n")
     with OperationsCoordinator(max_workers=1, process_workers=1) as c:

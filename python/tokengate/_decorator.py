@@ -251,7 +251,7 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.try_submit = CallWith(spec.submit_with, block=False)
         wrapper.submit_async = CallWith(spec.submit_with).submit_async
         if validated.get("process_pool") and not validated.get("storage_speed"):
-            # The process lane (python/tokengate/_process.py) runs these tokens.
+            # The process lane (python/tokengate/_process/) runs these tokens.
             from ._process import process_wrapper
 
             wrapper = process_wrapper(spec, fn)

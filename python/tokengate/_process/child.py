@@ -1,0 +1,193 @@
+"""A worker process of the lane: its main loop (:func:`_child_main`, started by
+:data:`.workers._BOOT`) and how it runs one token.
+
+* A worker runs the tokens sent to it one after another, in the order they
+  were sent. Each message is a batch; each token gets its own reply as soon
+  as it ends (see :mod:`.wire`). Before it starts a token it asks its board
+  (:class:`~tokengate._process.board._Board`): a listed token is skipped,
+  any other is published as running.
+* It loads each function once (by reference or by value, see
+  :mod:`.payload`) and caches it.
+* With ``process_max_rss`` it publishes its resident set size on its board
+  after each token, before that token's reply.
+* No coordinator runs in a worker: a decorated call made there raises
+  :class:`~tokengate.NotStartedError`. Ctrl-C (SIGINT) is ignored in workers:
+  the parent stops them. On Linux a worker also dies with its parent
+  (``PR_SET_PDEATHSIG``). EOF on its socket makes it exit (that is also how a
+  retired worker is told to exit).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..exceptions import NotStartedError
+from . import wrapper
+from .board import _Board
+from .payload import _PLAIN, _PROTO, RemoteError, UnpicklableError, _dumps, _resolve_qualname, _type_name
+from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED
+from .wrapper import _WorkerStub
+
+
+def _set_parent_death_signal(ppid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+    if os.getppid() != ppid:  # the parent died before we got here
+        os._exit(0)
+
+
+def _load_function(payload: Any) -> Any:
+    kind, a, b = payload
+    if kind == "ref":
+        import importlib
+
+        obj = _resolve_qualname(importlib.import_module(a), b)
+        if getattr(obj, "_tokengate_process_lane", False) or isinstance(obj, _WorkerStub):
+            obj = obj.__wrapped__
+        return obj
+    fn = pickle.loads(a)
+    return fn
+
+
+def _reply_error(seq: int, exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = f'\n"""\n{tb}"""'
+    exc.__traceback__ = None
+    head = _REPLY.pack(seq, _ERROR)
+    try:
+        data = _dumps((exc, tb))
+        pickle.loads(data)  # an exception that pickles but cannot be rebuilt
+        return head + data
+    except BaseException as err:
+        stand_in = RemoteError(
+            f"{_type_name(exc)}: {exc} (the exception could not be sent back from the worker process: {err!r})"
+        )
+        return head + _dumps((stand_in, tb))
+
+
+def _run_task(funcs: dict[int, Any], payloads: dict[int, Any], seq: int, fkey: int, args_payload: bytes) -> bytes:
+    try:
+        fn = funcs.get(fkey)
+        if fn is None:
+            payload = payloads.get(fkey)
+            if payload is None:
+                raise RuntimeError("the worker process lost the function of this token")
+            fn = funcs[fkey] = _load_function(payload)
+        args, kwargs = pickle.loads(args_payload)
+    except BaseException as exc:
+        return _reply_error(seq, exc)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:
+        if isinstance(exc, NotStartedError) and hasattr(exc, "add_note") and "process-lane worker" not in str(exc):
+            exc.add_note(
+                f"tokengate: this call ran inside a process-lane worker (pid {os.getpid()}), where no "
+                "coordinator runs; call the plain function (fn.__wrapped__) there"
+            )
+        return _reply_error(seq, exc)
+    finally:
+        _flush_std_streams()
+    try:
+        if type(value) in _PLAIN:
+            return _REPLY.pack(seq, _OK) + pickle.dumps(value, _PROTO)
+        return _REPLY.pack(seq, _OK) + _dumps(value)
+    except BaseException as exc:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        err = UnpicklableError(
+            f"the result of {name} ({_type_name(value)}) cannot be pickled to leave the worker process: {exc}"
+        )
+        return _reply_error(seq, err)
+
+
+def _flush_std_streams() -> None:
+    """Flushes this process's stdout and stderr, ignoring streams that cannot be flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _rss_reader() -> Any:
+    """A function returning this process's resident set size in bytes: one ``pread`` of
+    ``/proc/self/statm`` on an fd kept open (under a microsecond); where there is no
+    ``/proc``, the peak (``ru_maxrss``)."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def current() -> int:
+            return int(os.pread(fd, 256, 0).split()[1]) * page
+
+        current()
+        return current
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int = 0) -> None:
+    """Entry point of a worker process: run the tokens sent over the socket, in order,
+    until EOF. Each message is a batch; each token gets its own reply as soon as it ends.
+    ``measure_rss``: publish the RSS on the board after each token (``process_max_rss``).
+    EOF is also how a retired worker is told to exit (the lane sends it nothing more
+    and closes its socket only once every token it was sent has answered)."""
+    wrapper._IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal(ppid)
+    os.set_inheritable(fd, False)
+    os.set_inheritable(board_fd, False)
+    conn = Connection(fd)
+    board = _Board(board_fd, slots)
+    funcs: dict[int, Any] = {}
+    payloads: dict[int, Any] = {}
+    local: deque[tuple[int, int, Any, bytes]] = deque()
+    rss = _rss_reader() if measure_rss else None
+    code = 0
+    try:
+        conn.send_bytes(_REPLY.pack(-1, _READY) + pickle.dumps(os.getpid(), _PROTO))
+        while True:
+            if not local:
+                try:
+                    msg = conn.recv_bytes()
+                except (EOFError, OSError):
+                    break
+                for seq, fkey, fpayload, args_payload in pickle.loads(msg):
+                    if fpayload is not None and fkey not in funcs:
+                        payloads[fkey] = fpayload  # kept even if this token is skipped
+                    local.append((seq, fkey, fpayload, args_payload))
+            seq, fkey, _, args_payload = local.popleft()
+            if not board.begin(seq):
+                conn.send_bytes(_REPLY.pack(seq, _SKIPPED))
+                continue
+            reply = _run_task(funcs, payloads, seq, fkey, args_payload)
+            if rss is not None:
+                try:
+                    board.set_rss(rss())
+                except Exception:  # a token closed the fd, say: never lose the reply for it
+                    pass
+            conn.send_bytes(reply)
+            board.end()
+    except (EOFError, OSError):
+        pass
+    except BaseException:  # pragma: no cover
+        traceback.print_exc()
+        code = 1
+    _flush_std_streams()
+    os._exit(code)

@@ -1,0 +1,179 @@
+"""Dispatch: the supervisor sends queued tokens to the worker processes, sending ahead.
+
+* **Sending ahead.** A worker process runs its tokens one after another, in
+  the order they were sent. How many it holds follows its measured time per
+  token (a moving average): while that is 10 ms or more, one at a time (the
+  round trip costs little next to them, and priorities and ``cancel()`` reach
+  everything still queued in the lane); below, enough for about 10 ms of work
+  and at most ``OperationsCoordinator(process_prefetch=64)``, sent in batches,
+  so the process never waits for the supervisor between tokens and one
+  message carries many. (A long token among short ones can therefore be sent
+  ahead too, and hold the ones behind it.) The supervisor never blocks on a
+  worker's socket: what the socket does not take waits in the worker's outbox
+  until the selector says it can take more. A token sent to a
+  process counts as running (ProcessPoolExecutor's call queue does the same):
+  ``cancel()`` no longer stops it, ``kill()`` and deadlines still do.
+* A pause (``pause_admission``, ``pause_operation``) holds queued tokens in
+  the queue; while ``stop()`` runs, the tokens a pause holds are cancelled.
+* A token sent to a process and then killed or timed out is stopped through
+  the board (see :class:`~tokengate._process.board._Board`): its process is
+  SIGKILLed if it runs it now, else the process skips it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import pickle
+import selectors
+import time
+from typing import TYPE_CHECKING
+
+from ..exceptions import ShutdownError
+from .payload import _PROTO
+from .state import _Item, _LaneState
+from .wire import _header
+
+if TYPE_CHECKING:
+    from .workers import _Worker
+
+#: The lane keeps about this much work (seconds) sent ahead to each worker process: twice
+#: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
+#: that submits a burst does not leave its processes idle.
+_PREFETCH_WORK_S = 0.010
+
+
+class _Dispatch(_LaneState):
+    """The lane's part that sends tokens to worker processes (supervisor thread)."""
+
+    def _pause_state(self) -> tuple[bool, frozenset[str]]:
+        """The engine's pause flags: (admission paused, paused operations)."""
+        try:
+            paused, ops = self.engine.pause_state() if self.engine.running else (False, ())
+        except Exception:
+            paused, ops = False, ()
+        return paused, frozenset(ops)
+
+    def _room(self, w: _Worker | None) -> int:
+        """How many tokens to send ``w`` now. One at a time while its tokens take 10 ms
+        or more (or nothing is measured yet): then the round trip costs little and
+        priorities and ``cancel()`` act on everything queued. Shorter tokens are
+        sent ahead, enough for about 10 ms of work, at most ``prefetch``; a worker
+        is topped up once half of that is done (fewer, larger messages). Never more
+        than the tokens it has left before it retires; nothing to a retiring one."""
+        if w is None or not w.ready or w.over_rss:
+            return 0
+        depth = 1 if w.avg is None else max(1, min(self.prefetch, 1 + int(_PREFETCH_WORK_S / max(w.avg, 1e-6))))
+        load = w.load
+        room = depth - load if load <= depth // 2 else 0
+        left = w.left
+        return room if left is None or room <= left else left
+
+    def _dispatch(self, closing: bool) -> bool:
+        """Sends queued tokens to workers with room. True when a pause holds some back."""
+        workers = [w for w in self._workers if w is not None and self._room(w)]
+        if not workers or not self._heap:
+            return False
+        room = [self._room(w) for w in workers]
+        paused, paused_ops = self._pause_state()  # one call into the engine, under a microsecond
+        held: list[tuple[float, int, _Item]] = []
+        batches: dict[int, list[_Item]] = {}
+        try:
+            while True:
+                k = max(range(len(workers)), key=room.__getitem__)  # the emptiest worker first
+                if not room[k]:
+                    break
+                with self._lock:
+                    if not self._heap:
+                        break
+                    entry = heapq.heappop(self._heap)
+                item = entry[2]
+                if item.done or item.token.done():
+                    item.done = True
+                    continue
+                if paused or item.pf._op in paused_ops:
+                    if closing:  # stop() cancels tokens held by a pause
+                        if not item.token.cancel():  # sent once already: it counts as running
+                            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+                        item.done = True
+                    else:
+                        held.append(entry)
+                    continue
+                w = workers[k]
+                if not item.started:
+                    if not item.token._start(w.slot):
+                        item.done = True  # cancelled, killed or timed out before it started
+                        continue
+                    item.started = True
+                batches.setdefault(k, []).append(item)
+                room[k] -= 1
+        finally:
+            if held:
+                with self._lock:
+                    for entry in held:
+                        heapq.heappush(self._heap, entry)
+        for k, items in batches.items():
+            self._send(workers[k], items)
+        return bool(held)
+
+    def _send(self, w: _Worker, items: list[_Item]) -> None:
+        """One message with every token for ``w``; each counts as running from now on (as
+        in ProcessPoolExecutor's call queue: ``cancel()`` no longer stops it, ``kill()`` does)."""
+        batch = []
+        for item in items:
+            pf = item.pf
+            fpayload = None if pf._fkey in w.funcs else pf._payload
+            w.funcs.add(pf._fkey)
+            batch.append((item.seq, pf._fkey, fpayload, item.args))
+            w.items.append(item)
+            item.worker = w
+            self._running[item.token.token_id] = item
+        if w.load == len(items):  # it was idle: its first token begins now
+            w.mark = time.monotonic()
+        if w.left is not None:
+            w.left -= len(items)  # _room never gives more than it has left
+            if w.left <= 0:
+                self._retiring.add(w)
+        data = pickle.dumps(batch, _PROTO)
+        w.outbox += _header(len(data))
+        w.outbox += data
+        if not self._flush(w):
+            return
+        for item in items:
+            if item.token.done() and item.worker is w:  # killed while we were sending
+                self._stop_item(w, item)
+
+    def _stop_item(self, w: _Worker, item: _Item) -> None:
+        """A token sent to ``w`` was killed or timed out: SIGKILL its process if it runs
+        now, else have the worker skip it (see :class:`_Board`)."""
+        if item not in w.items or self._workers[w.slot] is not w:
+            return
+        if w.board.stop(item.seq, w.proc.kill):
+            self._replace(w, killed=True)
+            return
+        self._finish_item(w, item)
+        w.skips.add(item.seq)
+        if w.left is not None:
+            w.left += 1  # it never runs there: its unit of the budget comes back
+
+    def _flush(self, w: _Worker) -> bool:
+        """Writes what the socket takes of ``w``'s outbox (never blocks: a worker busy with
+        a long token may leave its socket full); the selector reports when it can take more.
+        False when the worker is gone."""
+        fd = w.conn.fileno()
+        try:
+            while w.outbox:
+                n = os.write(fd, w.outbox[: 1 << 20])
+                del w.outbox[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._died(w)
+            return False
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.outbox else 0)
+        try:
+            if self._sel.get_key(fd).events != events:
+                self._sel.modify(fd, events, ("conn", w))
+        except (KeyError, ValueError):
+            pass
+        return True

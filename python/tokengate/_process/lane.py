@@ -1,0 +1,298 @@
+"""The lane: the worker processes of one running coordinator and the supervisor thread
+that feeds them.
+
+* **A supervisor thread** (one Python thread per lane) owns everything: a
+  priority queue (higher ``priority`` first, FIFO within a priority; a waiting
+  token gains +1 per ``aging`` seconds like the thread lane), the deadlines,
+  retry back-offs and the worker processes. It waits on one selector over the
+  workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
+  submissions and deadlines all wake it at once.
+* **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
+  cancels them), then closes every worker and reaps it, with the retired
+  processes that are still exiting (SIGKILLed after 2 s); when ``timeout``
+  passes first, running process tokens end killed
+  (``TaskKilledError('process_lane_stopped')``) and their processes are
+  SIGKILLed. Interpreter exit does the same after the engines stopped.
+
+:class:`ProcessLane` puts the lane's parts together: submission
+(:mod:`.submission`), dispatch (:mod:`.dispatch`), replies and timers
+(:mod:`.replies`), worker processes (:mod:`.workers`) and recycling
+(:mod:`.recycling`), over the state they share (:mod:`.state`).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+import time
+import weakref
+from typing import Any
+
+from ..exceptions import ShutdownError, TaskKilledError
+from .dispatch import _Dispatch
+from .recycling import _Recycling
+from .replies import _Replies
+from .submission import _Submission
+
+_LANES: weakref.WeakSet[ProcessLane] = weakref.WeakSet()
+
+
+class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
+    """The worker processes of one running coordinator and the supervisor thread that
+    feeds them. Made by :func:`lane_for`; shut down by the coordinator's ``stop()``."""
+
+    def __init__(
+        self,
+        engine: Any,
+        workers: int,
+        *,
+        aging: float = 0.5,
+        coordinator: Any = None,
+        prefetch: int = 64,
+        max_tasks_per_child: int | None = None,
+        max_rss: int | None = None,
+    ) -> None:
+        super().__init__(
+            engine,
+            workers,
+            aging=aging,
+            coordinator=coordinator,
+            prefetch=prefetch,
+            max_tasks_per_child=max_tasks_per_child,
+            max_rss=max_rss,
+        )
+        self._thread = threading.Thread(target=self._run, name="tokengate-process-lane", daemon=True)
+        _LANES.add(self)
+        _ensure_exit_hook()
+        self._thread.start()
+
+    # -- control ------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
+        """Stops the lane. Queued tokens still run (``cancel_pending``: they are
+        cancelled). ``wait``: block until the lane is idle and every process has
+        exited; after ``timeout`` seconds, queued tokens are cancelled and running
+        ones killed (their processes terminated). Returns True when the supervisor
+        and every process are gone."""
+        with self._lock:
+            self._closing = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+            self._sleeping = True
+            self._wake_locked()
+        if not wait:
+            return False
+        if threading.current_thread() is self._thread:  # a done callback stopping its coordinator
+            return False
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._abort = True
+                self._sleeping = True
+                self._wake_locked()
+            self._thread.join()
+        return True
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the worker processes alive now."""
+        return [w.pid for w in list(self._workers) if w is not None]
+
+    def pid_of(self, token: Any) -> int | None:
+        """Pid of the process running ``token`` (None when it is not running)."""
+        item = self._running.get(token.token_id)
+        worker = item.worker if item is not None else None
+        return worker.pid if worker is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+            out: dict[str, Any] = dict(self._counts)
+            out.update(
+                workers=self.size,
+                alive=len(workers),
+                ready=sum(1 for w in workers if w.ready),
+                busy=sum(1 for w in workers if w.items),
+                in_flight=sum(len(w.items) for w in workers),
+                prefetch=self.prefetch,
+                max_tasks_per_child=self.max_tasks_per_child,
+                max_rss=self.max_rss,
+                queued=sum(1 for _, _, it in self._heap if not it.done and not it.token.done()),
+                waiting_inputs=len(self._waiting_inputs),
+                pids=[w.pid for w in workers],
+                closing=self._closing,
+            )
+        return out
+
+    # -- supervisor thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            for slot in range(self.size):
+                self._spawn(slot)
+            self._loop()
+        except BaseException:  # pragma: no cover - a bug: fail what is left rather than hang
+            import logging
+
+            logging.getLogger("tokengate.pool").exception("process lane supervisor failed")
+            self._abort = True
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                events, self._events = self._events, []
+                closing, abort, cancel = self._closing, self._abort, self._cancel_pending
+            if abort:
+                return
+            for item in events:
+                w = item.worker
+                if w is not None:
+                    self._stop_item(w, item)
+            if closing and cancel:
+                self._cancel_queued()
+            self._fire_timers(now)
+            if self._retiring:
+                self._retire_idle(closing)
+            if self._retired:
+                self._reap_retired(now)
+            self._respawn(now)
+            held = self._dispatch(closing)
+            with self._lock:
+                if self._closing and self._idle_locked():
+                    self._exited = True
+                    return
+                if self._events or self._abort or (self._closing and self._cancel_pending and self._heap):
+                    continue
+                idle = any(self._room(w) for w in self._workers)
+                if self._heap and idle and not held:
+                    continue  # submitted meanwhile
+                wait_s = 0.02 if held else 1.0
+                if self._timers:
+                    wait_s = min(wait_s, max(0.0, self._timers[0][0] - time.monotonic()))
+                if any(t > 0 for t in self._respawn_at):
+                    wait_s = min(wait_s, max(0.0, min(t for t in self._respawn_at if t > 0) - time.monotonic()))
+                self._sleeping = True
+            ready = self._sel.select(wait_s)
+            with self._lock:
+                self._sleeping = False
+            for key, mask in ready:
+                if key.data is None:
+                    try:
+                        while os.read(self._rfd, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                kind, w = key.data
+                if kind == "retired":  # a retired process exited
+                    self._reaped(w)
+                    continue
+                if self._workers[w.slot] is not w:
+                    continue
+                if kind == "conn":
+                    if mask & selectors.EVENT_WRITE and not self._flush(w):
+                        continue
+                    if mask & selectors.EVENT_READ and self._workers[w.slot] is w:
+                        self._read(w)
+                else:  # pidfd: the process exited
+                    self._died(w)
+            if not ready:
+                self._poll_exits()
+
+    def _idle_locked(self) -> bool:
+        if self._running or any(not it.token.done() for it in self._waiting_inputs):
+            return False
+        if any(not it.done and not it.token.done() for _, _, it in self._heap):
+            return False
+        return not any(kind == "retry" and not it.token.done() for _, _, kind, it in self._timers)
+
+    def _cancel_queued(self) -> None:
+        with self._lock:
+            queued, self._heap = self._heap, []
+        for _, _, item in queued:
+            item.done = True
+            if not item.token.cancel():
+                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+
+    def _finish(self) -> None:
+        """Supervisor exit: fail what is left, terminate every process, close fds."""
+        with self._lock:
+            self._exited = True
+            queued, self._heap = self._heap, []
+            timers, self._timers = self._timers, []
+            waiting = list(self._waiting_inputs)
+        for _, _, item in queued:
+            if not item.done and not item.token.cancel():
+                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+        for item in waiting:
+            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+        for _, _, kind, item in timers:
+            if kind == "retry":
+                item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+        for item in list(self._running.values()):
+            item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+        self._running.clear()
+        workers = [w for w in self._workers if w is not None]
+        retired, self._retired = self._retired, []
+        self._retiring.clear()
+        for w in workers:  # EOF: an idle worker exits at once
+            self._close(w)
+        for w in workers:
+            if w.items:
+                try:
+                    w.proc.kill()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        for w in workers + retired:  # retired ones read EOF already and are exiting
+            self._reap(w, max(0.0, deadline - time.monotonic()))
+        for w in retired:
+            self._close(w)
+        self._workers = [None] * self.size
+        self.engine._note_process_workers(0)
+        try:
+            self._sel.close()
+        except Exception:
+            pass
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# -- interpreter exit ---------------------------------------------------------------------
+
+_hook_lock = threading.Lock()
+_hook_registered = False
+
+
+def _shutdown_all_lanes() -> None:
+    for lane in list(_LANES):
+        try:
+            lane.shutdown(wait=True, timeout=10.0)
+        except Exception:
+            pass
+
+
+def _ensure_exit_hook() -> None:
+    """Registers, once, a hook that stops every lane at interpreter exit (after the
+    engines stopped, which lets queued process tokens finish first)."""
+    global _hook_registered
+    with _hook_lock:
+        if _hook_registered:
+            return
+        _hook_registered = True
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is not None:
+                register(_shutdown_all_lanes)
+            else:  # pragma: no cover
+                import atexit
+
+                atexit.register(_shutdown_all_lanes)
+        except RuntimeError:  # interpreter already shutting down
+            pass

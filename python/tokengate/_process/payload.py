@@ -1,0 +1,124 @@
+"""What crosses the process boundary: functions, arguments, results and errors.
+
+* **Functions** importable by name (module-level functions of a real module)
+  are sent by reference: the worker imports the module and calls the
+  undecorated function (``__wrapped__``); others go by value (cloudpickle).
+  Either way a worker receives a function once and caches it.
+* **Serialization.** Functions, arguments and results that plain pickle
+  cannot handle go through loky's pickler (cloudpickle with loky's
+  reducers), so functions defined in ``__main__``, inside other functions,
+  or lambdas work; arguments and results of plain types go through pickle.
+* **Pickling errors.** Arguments are pickled in the calling thread; one that
+  cannot be pickled fails *that token* with :class:`UnpicklableError` (a
+  ``TypeError`` and ``pickle.PicklingError``) naming the argument and its type.
+  A result (or the function) that cannot be pickled fails the token the same
+  way; the lane stays usable.
+* **Exceptions** a task raised come back with the worker's traceback as
+  their ``__cause__`` (:class:`_RemoteTraceback`); one that cannot be
+  pickled, or not rebuilt from its pickle, comes back as :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import TokengateError
+
+if TYPE_CHECKING:
+    from .wrapper import ProcessFunction
+
+_PROTO = pickle.HIGHEST_PROTOCOL
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+class UnpicklableError(TokengateError, pickle.PicklingError, TypeError):
+    """An argument, the function or the result of a process token could not be
+    pickled to cross the process boundary. The message names what and its type."""
+
+
+class _RemoteTraceback(Exception):
+    """The worker-side traceback, attached as ``__cause__`` of a task's exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(TokengateError):
+    """Stands in for a task exception that could not be sent back from the worker
+    process (it could not be pickled). The message keeps its type and text."""
+
+
+# -- serialization --------------------------------------------------------------------
+
+
+def _cloud_dumps(obj: object) -> bytes:
+    """loky's pickler: cloudpickle (by-value functions and classes) plus loky's reducers."""
+    from loky.backend.reduction import dumps
+
+    return bytes(dumps(obj, protocol=_PROTO))
+
+
+def _dumps(obj: object) -> bytes:
+    return _cloud_dumps(obj)
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    mod = getattr(t, "__module__", "")
+    name = getattr(t, "__qualname__", t.__name__)
+    return name if mod in ("builtins", "", None) else f"{mod}.{name}"
+
+
+def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickles (args, kwargs); UnpicklableError naming the first argument that fails."""
+    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+        return pickle.dumps((args, kwargs), _PROTO)
+    try:
+        return _cloud_dumps((args, kwargs))
+    except Exception as exc:
+        first: BaseException = exc
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+        (f"keyword argument {k!r}", v) for k, v in kwargs.items()
+    ]
+    for what, value in named:
+        try:
+            _cloud_dumps(value)
+        except Exception as exc:
+            raise UnpicklableError(
+                f"{op}: {what} ({_type_name(value)}) cannot be pickled for the process lane: {exc}"
+            ) from exc
+    raise UnpicklableError(f"{op}: the arguments cannot be pickled for the process lane: {first}") from first
+
+
+def _resolve_qualname(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _function_payload(pf: ProcessFunction) -> tuple[str, Any, Any]:
+    """("ref", module, qualname) when the worker can import the decorated function by
+    name, else ("value", pickled function, None)."""
+    fn = pf._fn
+    mod = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(mod, str) and isinstance(qualname, str) and mod != "__main__" and "<locals>" not in qualname:
+        module = sys.modules.get(mod)
+        try:
+            found = _resolve_qualname(module, qualname) if module is not None else None
+        except Exception:
+            found = None
+        if found is pf or found is fn:
+            return ("ref", mod, qualname)
+    try:
+        return ("value", _cloud_dumps(fn), None)
+    except Exception as exc:
+        raise UnpicklableError(
+            f"{pf._op}: the function {qualname or fn!r} cannot be pickled for the process lane: {exc}"
+        ) from exc

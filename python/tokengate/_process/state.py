@@ -1,0 +1,223 @@
+"""What every part of the lane's supervisor shares: its tokens and its books.
+
+:class:`_Item` is one process token in the lane. :class:`_LaneState` holds
+the lane's state (its queue, timers, worker slots and counts, the wake-up
+pipe and the selector) and the steps every part takes on a token: finish it
+on its worker, put it back in the queue, fail it, count it. The parts are
+mixins over it, put together as :class:`~tokengate._process.lane.ProcessLane`:
+submission (caller threads), dispatch (sending ahead), replies and timers,
+worker processes, and recycling.
+
+Tokens queued in a process that died or was replaced go back to their place
+in the lane's queue (they never started) and run once elsewhere; a token that
+was queued in three processes that died fails with
+:class:`~tokengate.WorkerCrashedError` (its own message may be what kills
+them).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import WorkerCrashedError
+from .payload import UnpicklableError
+
+if TYPE_CHECKING:
+    from .workers import _Worker
+    from .wrapper import ProcessFunction
+
+#: A token goes back to the queue at most this many times when processes die before starting it.
+_MAX_REQUEUES = 3
+
+
+class _Item:
+    """One process token in the lane."""
+
+    __slots__ = (
+        "args",
+        "attempt",
+        "deadline",
+        "done",
+        "inputs",
+        "key",
+        "lock",
+        "pf",
+        "priority",
+        "remaining",
+        "requeues",
+        "retries",
+        "seq",
+        "started",
+        "timeout",
+        "token",
+        "worker",
+    )
+
+    def __init__(
+        self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int
+    ) -> None:
+        self.seq = seq
+        self.token = token
+        self.pf = pf
+        self.args: bytes | None = None
+        self.priority = priority
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.retries = retries
+        self.attempt = 0
+        self.started = False
+        self.done = False
+        self.worker: _Worker | None = None
+        self.inputs: list[Any] | None = None
+        self.remaining = 0
+        self.lock: threading.Lock | None = None
+        #: Its place in the lane's queue (kept when it goes back after a process died).
+        self.key = 0.0
+        #: Times a process died with this token sent to it but not started.
+        self.requeues = 0
+
+
+class _LaneState:
+    """The state of one process lane, shared by the parts of :class:`~tokengate._process.lane.ProcessLane`."""
+
+    def __init__(
+        self,
+        engine: Any,
+        workers: int,
+        *,
+        aging: float = 0.5,
+        coordinator: Any = None,
+        prefetch: int = 64,
+        max_tasks_per_child: int | None = None,
+        max_rss: int | None = None,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
+            raise ValueError(f"process_workers must be a positive int, got {workers!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch <= 0:
+            raise ValueError(f"process_prefetch must be a positive int, got {prefetch!r}")
+        for name, value in (("process_max_tasks_per_child", max_tasks_per_child), ("process_max_rss", max_rss)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        self.engine = engine
+        self.size = workers
+        self.prefetch = prefetch
+        #: A worker process retires after this many tokens (None: never).
+        self.max_tasks_per_child = max_tasks_per_child
+        #: A worker process retires when its RSS (bytes) is above this after a token (None: never).
+        self.max_rss = max_rss
+        self._aging = float(aging) if aging and aging > 0 else 0.5
+        self._coordinator = weakref.ref(coordinator) if coordinator is not None else None
+        self._lock = threading.Lock()
+        self._admit_lock = threading.Lock()
+        self._seq = itertools.count()
+        self._t0 = time.monotonic()
+        self._heap: list[tuple[float, int, _Item]] = []
+        self._timers: list[tuple[float, int, str, _Item]] = []
+        self._events: list[_Item] = []
+        self._waiting_inputs: set[_Item] = set()
+        self._running: dict[int, _Item] = {}
+        self._workers: list[_Worker | None] = [None] * workers
+        self._respawn_at: list[float] = [0.0] * workers
+        #: Workers that retire once every token sent to them has answered.
+        self._retiring: set[_Worker] = set()
+        #: Retired workers (socket closed) not reaped yet.
+        self._retired: list[_Worker] = []
+        self._startup_failures = 0
+        self._sleeping = False
+        self._closing = False
+        self._cancel_pending = False
+        self._abort = False
+        self._exited = False
+        self._counts = {
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "crashed": 0,
+            "timeouts": 0,
+            "killed": 0,
+            "retries": 0,
+            "spawned": 0,
+            "replaced": 0,
+            "unpicklable": 0,
+            "recycled": 0,
+            "recycled_rss": 0,
+        }
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._rfd, selectors.EVENT_READ, None)
+
+    def _wake_locked(self) -> None:
+        if self._sleeping and not self._exited:
+            self._sleeping = False
+            try:
+                os.write(self._wfd, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _finish_item(self, w: _Worker, item: _Item) -> None:
+        try:
+            w.items.remove(item)
+        except ValueError:
+            pass
+        item.worker = None
+        self._running.pop(item.token.token_id, None)
+
+    def _requeue(self, item: _Item, pid: int) -> None:
+        """A token sent to a process that died before starting it goes back to its place
+        in the queue; after the third such death it fails (a token whose message itself
+        kills the worker, say by exhausting its memory, must not loop for ever)."""
+        item.worker = None
+        self._running.pop(item.token.token_id, None)
+        if item.done or item.token.done():
+            item.done = True
+            return
+        item.requeues += 1
+        if item.requeues >= _MAX_REQUEUES:
+            self._count("crashed")
+            self._fail(
+                item,
+                WorkerCrashedError(
+                    f"token {item.token.token_id} ({item.pf._op}): {item.requeues} worker processes died with it "
+                    f"queued in them, before it started (the last: pid {pid})"
+                ),
+            )
+            return
+        with self._lock:
+            heapq.heappush(self._heap, (item.key, item.seq, item))
+
+    def _fail(self, item: _Item, exc: BaseException, state: str = "failed") -> None:
+        item.done = True
+        self._running.pop(item.token.token_id, None)
+        if not item.token.done():  # counted first: a waiter woken by the error sees it
+            self._count({"failed": "failed", "timeout": "timeouts", "killed": "killed"}[state])
+            if isinstance(exc, UnpicklableError):
+                self._count("unpicklable")
+        item.token._set_exception(exc, state)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    # The parts of the lane call into each other: these four are defined by dispatch
+    # (_stop_item), replies (_drain) and worker processes (_replace, _died).
+
+    def _stop_item(self, w: _Worker, item: _Item) -> None:  # pragma: no cover - see _Dispatch
+        raise NotImplementedError
+
+    def _drain(self, w: _Worker) -> None:  # pragma: no cover - see _Replies
+        raise NotImplementedError
+
+    def _replace(self, w: _Worker, killed: bool = False) -> None:  # pragma: no cover - see _Processes
+        raise NotImplementedError
+
+    def _died(self, w: _Worker) -> None:  # pragma: no cover - see _Processes
+        raise NotImplementedError
