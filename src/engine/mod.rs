@@ -5,6 +5,8 @@
 //! * [`token`]: the token state machine ([`token::TokenCore`]).
 //! * [`lane`]: the elastic I/O lane, one tier per storage speed.
 //! * [`timer`]: the deadline and retry timer thread.
+//! * [`cpu`]: which CPU a thread runs on, and where waiters park (a resolver
+//!   that woke a waiter on its own CPU does not spin for more work).
 //! * [`admission`]: counting limits (an operation's, the engine's `max_pending`).
 //! * [`ledger`]: per-engine books: operations, health, the token registry, history.
 //! * [`routing`]: sticky keys and lead domains (which worker a token must run on).
@@ -14,6 +16,7 @@
 //! * `sync`: the one place atomics and locks come from (loom's under `--cfg loom`).
 
 pub mod admission;
+pub mod cpu;
 pub mod error;
 pub mod lane;
 pub mod ledger;

@@ -149,6 +149,19 @@ pub(crate) const NO_WORKER: u32 = u32::MAX;
 /// How long `TokenCore::wait` spins before it parks.
 const WAIT_SPIN: Duration = Duration::from_micros(20);
 
+std::thread_local! {
+    /// Set by a resolution that woke a parked waiter (see `take_woke_waiter`).
+    static WOKE_WAITER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a resolution on this thread woke a parked waiter since the last
+/// call (and clears it). The woken thread often lands on the resolver's CPU
+/// (the kernel places a wakee near its waker), where a resolver that goes on
+/// spinning for more work keeps it from running.
+pub fn take_woke_waiter() -> bool {
+    WOKE_WAITER.with(|w| w.replace(false))
+}
+
 /// Internal state value while a resolver fills the slot (see the protocol).
 const RESOLVING: u8 = u8::MAX;
 
@@ -316,6 +329,9 @@ impl<S> TokenCore<S> {
         self.state.store(to as u8, Ordering::Release);
         if self.waiters.load(Ordering::Relaxed) > 0 {
             self.cv.notify_all();
+            if crate::engine::cpu::waiter_parked_here() {
+                WOKE_WAITER.with(|w| w.set(true));
+            }
         }
         Some(out)
     }
@@ -390,6 +406,7 @@ impl<S> TokenCore<S> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut slot = self.slot.lock();
         self.waiters.fetch_add(1, Ordering::Relaxed);
+        let _parked = crate::engine::cpu::Parked::here();
         while !self.is_done() {
             match deadline {
                 Some(d) => {

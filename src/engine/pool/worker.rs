@@ -335,6 +335,8 @@ impl<J: Job> WorkerLoop<J> {
         loop {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
             let spin_start = std::time::Instant::now();
+            // After waking a parked waiter, spin only briefly (see `take_woke_waiter`).
+            let spin_limit = if crate::engine::token::take_woke_waiter() { WOKE_SPIN_LIMIT } else { SPIN_LIMIT };
             for round in 0..rounds {
                 if let Some(found) = self.find_work() {
                     let Some(found) = self.unless_spent(found) else {
@@ -365,7 +367,7 @@ impl<J: Job> WorkerLoop<J> {
                 // really runs: never past SPIN_LIMIT of wall time (on a busy machine a
                 // thread that lost its CPU comes back much later), and without yielding
                 // (a yield hands the core to a CPU-bound neighbour for its whole slice).
-                if round >= 6 && spin_start.elapsed() >= SPIN_LIMIT {
+                if round >= 6 && spin_start.elapsed() >= spin_limit {
                     break;
                 }
             }
@@ -396,6 +398,9 @@ impl<J: Job> WorkerLoop<J> {
 
 /// The longest an idle worker spins (wall time) before it parks.
 const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The same right after its run woke a parked waiter.
+const WOKE_SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(3);
 
 /// Exponential spin for the first rounds, then a steady one (no yield: see `wait_for_work`).
 fn backoff(round: u32) {
