@@ -106,3 +106,45 @@ def test_cancelled_and_dropped_calls_release_their_contexts() -> None:
         assert read_var().result(timeout=10) == "after"
     for _ in range(2):
         gc.collect()
+
+
+EMPTY_CALLER_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("EMPTY_CALLER_VAR", default="unset")
+_left: dict[str, contextvars.Token[str]] = {}
+
+
+@task_token_guard(operation_type="ctx_retry_empty_caller", tags={"retries": 1})
+def set_then_fail(key: str) -> str:
+    if key not in _attempts:
+        _attempts[key] = 1
+        EMPTY_CALLER_VAR.set("set by the first attempt")
+        raise RuntimeError("first attempt")
+    return EMPTY_CALLER_VAR.get()
+
+
+def test_retries_of_a_caller_with_no_variable_set_share_one_context(coordinator: OperationsCoordinator) -> None:
+    # A caller whose context is empty: the attempts still run in one context, as for any caller.
+    token = contextvars.Context().run(set_then_fail, "empty-caller")
+    assert token.result(timeout=30) == "set by the first attempt"
+
+
+@task_token_guard(operation_type="ctx_leave_a_token")
+def leave_context_empty_with_a_token() -> None:
+    first = EMPTY_CALLER_VAR.set("a")
+    _left["second"] = EMPTY_CALLER_VAR.set("secret")
+    EMPTY_CALLER_VAR.reset(first)  # the context is empty again, but "second" belongs to it
+
+
+@task_token_guard(operation_type="ctx_use_a_token")
+def reset_with_the_left_token() -> str:
+    try:
+        EMPTY_CALLER_VAR.reset(_left["second"])
+    except ValueError:
+        return "refused"
+    return f"reset in the same context, reads {EMPTY_CALLER_VAR.get()!r}"
+
+
+def test_calls_of_empty_callers_never_share_a_context() -> None:
+    with OperationsCoordinator(max_workers=1):
+        empty = contextvars.Context()
+        empty.run(leave_context_empty_with_a_token).result(timeout=30)
+        assert contextvars.Context().run(reset_with_the_left_token).result(timeout=30) == "refused"

@@ -62,25 +62,23 @@ pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 /// and the next capture, attached, releases it. What is parked when the
 /// process exits is leaked, never freed untracked.
 ///
-/// Most callers have set no context variable: their copy is empty, and the
-/// call keeps none (`None`: a queued call then costs no context object). It
-/// runs in an empty context of its thread's, reused while the calls that run
-/// in it leave it empty (`EMPTY`).
+/// Most callers have set no context variable: their copy is empty, and a
+/// call that cannot be retried keeps none (`None`: a queued call then costs
+/// no context object); it runs in a new empty context, made when it runs.
+/// (One empty context per thread, reused, would not do: a body can leave a
+/// context empty but not as it found it, holding a `contextvars.Token` that
+/// a later call could then reset.) A call that may be retried keeps its copy
+/// even when empty, so that every attempt runs in the same context.
 #[derive(Debug)]
 pub(crate) struct CallContext(Option<Py<PyAny>>);
 
-std::thread_local! {
-    /// An empty context this thread runs calls from empty callers in (taken
-    /// while a call runs in it, so a nested run makes another).
-    static EMPTY: std::cell::Cell<Option<Py<PyAny>>> = const { std::cell::Cell::new(None) };
-}
-
 impl CallContext {
-    /// Captures the calling thread's current context (see `copy_context`).
-    pub(crate) fn capture(py: Python<'_>) -> PyResult<Self> {
+    /// Captures the calling thread's current context (see `copy_context`);
+    /// `retried`: the call may run again (see the type docs).
+    pub(crate) fn capture(py: Python<'_>, retried: bool) -> PyResult<Self> {
         release_orphans(py);
         let ctx = copy_context(py)?;
-        if ctx.len()? == 0 {
+        if !retried && ctx.len()? == 0 {
             return Ok(CallContext(None));
         }
         // SAFETY: attached (`py`); `ctx` is a live object we own.
@@ -109,18 +107,10 @@ impl CallContext {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = func.py();
         let Some(ctx) = self.0.as_ref() else {
-            let empty = match EMPTY.with(std::cell::Cell::take) {
-                Some(ctx) => ctx.into_bound(py),
-                // SAFETY: attached (`py`); `PyContext_New` returns a new (owned)
-                // reference or NULL with an exception set.
-                None => unsafe { Bound::from_owned_ptr_or_err(py, PyContext_New())? },
-            };
-            let out = enter_and_call(&empty, func, args, kwargs);
-            // Kept for the next call only if this one left it empty.
-            if empty.len().is_ok_and(|n| n == 0) {
-                EMPTY.with(|e| e.set(Some(empty.unbind())));
-            }
-            return out;
+            // SAFETY: attached (`py`); `PyContext_New` returns a new (owned)
+            // reference or NULL with an exception set.
+            let empty = unsafe { Bound::from_owned_ptr_or_err(py, PyContext_New())? };
+            return enter_and_call(&empty, func, args, kwargs);
         };
         enter_and_call(ctx.bind(py), func, args, kwargs)
     }

@@ -236,7 +236,7 @@ impl OperationSpec {
             }
             // From here on an early return or a panic gives both slots back.
             let slots = Taken::new(Held::Slots(op, ledger));
-            let context = super::ffi::CallContext::capture(py)?;
+            let context = super::ffi::CallContext::capture(py, opts.retries > 0)?;
             let id = next_token_id();
             let placement = self.placement(py, engine, id, sticky_key)?;
             let inputs = input_tokens(&args, kwargs.as_ref());

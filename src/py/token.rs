@@ -240,13 +240,13 @@ impl TokenInner {
         &self.bind.spec
     }
 
-    /// The books of its engine.
-    #[inline]
     /// The worker this token must run on, if any.
     pub(crate) fn pinned(&self) -> Option<usize> {
         (self.pinned != NOT_PINNED).then_some(self.pinned as usize)
     }
 
+    /// The books of its engine.
+    #[inline]
     pub(crate) fn ledger(&self) -> &Arc<Ledger> {
         &self.bind.ledger
     }
@@ -315,8 +315,10 @@ impl TokenInner {
             self.route.release();
             self.ledger().on_resolved(self, self.op(), to, self.lane == LaneKind::Process, error);
             slot.listeners.take()
-        })?;
-        Some(listeners)
+        });
+        // A drained burst's memory goes back to the OS here, out of the token's lock.
+        crate::engine::memory::release_if_requested();
+        listeners
     }
 
     /// Cancels a token whose job was dropped without running (pool gone).

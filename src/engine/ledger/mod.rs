@@ -371,6 +371,8 @@ impl<T: Booked, J> Ledger<T, J> {
                 // Counted down as tokens are freed; a few may live on in their callers.
                 let expected = burst - (burst / 256).max(256);
                 self.to_free.fetch_add(expected as i64, std::sync::atomic::Ordering::Relaxed);
+                // Tokens dropped as they finished are free already.
+                crate::engine::memory::request_release();
             }
         }
     }
