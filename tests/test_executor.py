@@ -352,7 +352,13 @@ def _wait_running(f: futures.Future[object]) -> None:
 
 def test_cancel_futures() -> None:
     ex = Executor(max_workers=2)
-    fs = [ex.submit(time.sleep, 0.05) for _ in range(50)]
+    ran: list[int] = []
+
+    def work(i: int) -> None:
+        ran.append(i)
+        time.sleep(0.05)
+
+    fs = [ex.submit(work, i) for i in range(50)]
     _wait_running(fs[0])
     ex.shutdown(cancel_futures=True)
     cancelled = [f for f in fs if f.cancelled()]
@@ -366,7 +372,10 @@ def test_cancel_futures() -> None:
     _done, not_done = futures.wait(fs, timeout=TIMEOUT)
     assert not not_done
     assert len(list(futures.as_completed(fs, timeout=TIMEOUT))) == 50
-    assert all(f._token.state == "cancelled" for f in cancelled)
+    # A cancelled call never runs. Its token is cancelled, or, when a worker had just taken it
+    # (free-threaded builds see this), completed by the wrapper without calling the function.
+    assert not {i for i, f in enumerate(fs) if f.cancelled()} & set(ran)
+    assert all(f._token.state in ("cancelled", "completed") for f in cancelled)
 
 
 @pytest.mark.parametrize("make", [Executor, futures.ThreadPoolExecutor], ids=["tokengate", "stdlib"])
@@ -383,7 +392,13 @@ def test_cancel_futures_keeps_the_calls_free_workers_would_have_taken(make: Any)
         # As many run as there are workers, and they are early calls. Which ones may differ from
         # the stdlib's strict FIFO: workers take queued calls in batches, so on a free-threaded
         # build call 9 was seen starting before call 4 (the running ones are the ones kept).
-        assert len(ran) == 5 and ran[0] == 0 and ran[-1] < 20, ran
+        assert ran[:1] == [0], ran
+        if getattr(sys, "_is_gil_enabled", lambda: True)():
+            assert len(ran) == 5 and ran[-1] < 20, ran
+        else:
+            # Without the GIL a worker may also start a queued call between the shutdown's count
+            # of running calls and its cancels (each worker at most one).
+            assert 5 <= len(ran) <= 10, ran
     assert all(f.done() and f.exception() is None for f in fs if not f.cancelled())
 
 
@@ -406,7 +421,10 @@ def test_cancel_futures_wait_false() -> None:
     release.set()
     _done, not_done = futures.wait(fs, timeout=TIMEOUT)
     assert not not_done
-    assert sum(f.cancelled() for f in fs) >= 18
+    # The 2 oldest run (as in ThreadPoolExecutor); on a free-threaded build a worker may also start
+    # a queued call between the shutdown's count of running calls and its cancels (each worker at
+    # most one), which then runs too.
+    assert sum(f.cancelled() for f in fs) >= 16
 
 
 def test_hang_gh94440() -> None:
