@@ -4,6 +4,8 @@
 //!   per-core capacity, core pinning, the blocking monitor).
 //! * [`token`]: the token state machine ([`token::TokenCore`]).
 //! * [`lane`]: the elastic I/O lane, one tier per storage speed.
+//! * [`outside`]: the queues of lanes that run tokens outside the engine's
+//!   threads (worker processes, a cluster): the lane takes, runs and reports.
 //! * [`timer`]: the deadline and retry timer thread.
 //! * [`cpu`]: which CPU a thread runs on, and where waiters park (a resolver
 //!   that woke a waiter on its own CPU does not spin for more work).
@@ -22,6 +24,7 @@ pub mod lane;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;
+pub mod outside;
 pub mod pool;
 pub mod routing;
 pub(crate) mod sync;

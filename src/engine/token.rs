@@ -276,6 +276,12 @@ impl<S> TokenCore<S> {
         ok
     }
 
+    /// Records which worker runs the token (an outside lane places a token
+    /// on one of its workers after it started it).
+    pub fn set_worker(&self, worker: u32) {
+        self.worker.store(worker, Ordering::Release);
+    }
+
     /// Any pending state -> `EXECUTING` on `worker` (pinned to `core`).
     /// False when the token was resolved first (then the body must not run).
     pub fn start(&self, worker: u32, core: Option<u32>) -> bool {

@@ -16,12 +16,14 @@ use super::host::{IoHost, PyHost};
 use super::lifecycle::{check_accepting, check_not_forked, engine_started, engine_stopped, is_forked};
 use super::metrics::render_engines;
 use super::operation::STORAGE_TIERS;
+use super::outside::OutsideLane;
 use super::registry::deactivate;
 use super::registry::live_engines;
 use super::stats::{engine_stats, records_list};
 use super::thread::running_token;
 use super::token::{cancel_jobs, Ledger};
 use crate::engine::lane::Lane;
+use crate::engine::outside::{OutsideQueue, MAX_OUTSIDE_LANES};
 use crate::engine::pool::{Pool, PoolConfig, Topology};
 use crate::engine::routing::{DomainTable, StickyTable};
 use crate::engine::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
@@ -177,7 +179,30 @@ impl Engine {
     /// Cancels every token still queued; returns how many.
     fn drain(&self, py: Python<'_>) -> PyResult<usize> {
         check_not_forked()?;
-        Ok(cancel_jobs(py, self.shared.pool.drain()))
+        let mut n = cancel_jobs(py, self.shared.pool.drain());
+        for lane in self.shared.ledger.outside.all() {
+            n += cancel_jobs(py, lane.drain());
+        }
+        Ok(n)
+    }
+
+    /// A new outside lane called `name` (what its tokens' `lane` reads): a
+    /// lane that runs tokens outside the engine's threads and takes them
+    /// from the engine's queue (see `OutsideLane`).
+    fn add_outside_lane(&self, name: &str) -> PyResult<OutsideLane> {
+        check_not_forked()?;
+        if self.shared.is_stopping() {
+            return Err(BindError::ShutDown.into());
+        }
+        let queue = Arc::new(OutsideQueue::new(name).map_err(|e| BindError::Runtime(format!("cannot make a lane's wake-up socket: {e}")))?);
+        let index = self
+            .shared
+            .ledger
+            .outside
+            .add(queue.clone())
+            .ok_or_else(|| BindError::Runtime(format!("an engine has at most {MAX_OUTSIDE_LANES} outside lanes")))?;
+        let index = u16::try_from(index).expect("MAX_OUTSIDE_LANES fits in 16 bits");
+        Ok(OutsideLane { index, queue, engine: Arc::downgrade(&self.shared) })
     }
 
     #[getter]
@@ -234,14 +259,6 @@ impl Engine {
     /// The process lane's count of live worker processes (for the metrics).
     fn _note_process_workers(&self, n: u64) {
         self.shared.ledger.process_workers.store(n, Ordering::Relaxed);
-    }
-
-    /// `(admission paused, names of paused operations)`: what the process lane
-    /// reads before it sends tokens out (far cheaper than `stats()`).
-    fn pause_state(&self) -> (bool, Vec<String>) {
-        let lg = &self.shared.ledger;
-        let ops = lg.ops().iter().filter(|op| op.paused.load(Ordering::SeqCst)).map(|op| op.name.to_string()).collect();
-        (lg.admission_paused.load(Ordering::SeqCst), ops)
     }
 
     /// No queued token starts (and new ones wait) until `resume_admission`.

@@ -181,6 +181,9 @@ impl EngineShared {
         let token = job.token();
         token.core.admit();
         let (lane, pinned, priority) = (token.lane, token.pinned(), token.priority);
+        if let LaneKind::Outside(index) = lane {
+            return self.push_outside(py, usize::from(index), job);
+        }
         if let LaneKind::Io(tier) = lane {
             return match self.io.submit(usize::from(tier), job) {
                 Ok(()) => Ok(()),
@@ -202,6 +205,25 @@ impl EngineShared {
             return Err(err.into());
         }
         Ok(())
+    }
+
+    /// Queues a job on outside lane `index`, in priority order with aging
+    /// (the same key as the pool's priority queues).
+    fn push_outside(&self, py: Python<'_>, index: usize, job: PyJob) -> Result<(), BindError> {
+        let lane = self.ledger.outside.get(index).expect("a token names an outside lane of its engine");
+        let token = job.token();
+        let aging = i64::try_from(self.pool.aging().as_nanos()).unwrap_or(i64::MAX);
+        let now = i64::try_from(crate::engine::token::now_ns()).unwrap_or(i64::MAX);
+        let key = token.priority.saturating_mul(aging).saturating_sub(now);
+        let id = token.id;
+        match lane.push(key, id, id, job) {
+            Ok(()) => Ok(()),
+            Err(mut job) => {
+                job.forget_call();
+                job.token().resolve(py, |_| true, TokenState::Cancelled, None);
+                Err(BindError::ShutDown)
+            }
+        }
     }
 
     /// Re-dispatches parked jobs (after a resume).
@@ -347,6 +369,9 @@ impl EngineShared {
         if cancel_pending {
             cancel_jobs(py, self.pool.drain());
             cancel_jobs(py, self.io.drain());
+            for lane in self.ledger.outside.all() {
+                cancel_jobs(py, lane.drain());
+            }
             self.cancel_unstarted(py);
             self.request_cancel_running();
         }

@@ -135,14 +135,15 @@ impl TaskToken {
         self.inner.is_lead
     }
 
-    /// "cpu" (the work-stealing pool), "io" (the elastic I/O lane) or
-    /// "process" (the process lane).
+    /// "cpu" (the work-stealing pool), "io" (the elastic I/O lane),
+    /// "process" (the process lane), or the name of another outside lane.
     #[getter]
-    fn lane(&self) -> &'static str {
+    fn lane(&self) -> String {
         match self.inner.lane {
-            LaneKind::Cpu => "cpu",
-            LaneKind::Io(_) => "io",
-            LaneKind::Process => "process",
+            LaneKind::Cpu => "cpu".into(),
+            LaneKind::Io(_) => "io".into(),
+            LaneKind::Process => "process".into(),
+            LaneKind::Outside(i) => self.inner.ledger().outside.get(usize::from(i)).map_or("process", |q| q.name()).into(),
         }
     }
 

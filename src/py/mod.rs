@@ -19,6 +19,8 @@
 //!   runs, lent units, `wait_all`).
 //! * `handle`: `TaskToken` and `TokenAwait`, the token's Python face.
 //! * `deps`: tokens passed as arguments.
+//! * `outside`: `OutsideLane` and `LaneTask`, what a lane that runs tokens
+//!   outside the engine's threads (worker processes, a cluster) takes and reports.
 //! * `host`: the threads an engine runs Python on.
 //! * `spec`: `OperationSpec`, whose `submit` is the hot path of every
 //!   decorated call, and `GuardedFunction`.
@@ -45,6 +47,7 @@ mod lifecycle;
 mod log;
 mod metrics;
 mod operation;
+mod outside;
 mod registry;
 mod run;
 mod spec;
@@ -65,6 +68,8 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::TokenAwait>()?;
     m.add_class::<asyncio::LoopDrain>()?;
     m.add_class::<dashboard::DashboardServer>()?;
+    m.add_class::<outside::OutsideLane>()?;
+    m.add_class::<outside::LaneTask>()?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;

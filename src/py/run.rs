@@ -89,12 +89,11 @@ fn coroutine_error(py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Option<
     Ok(Some(Outcome::Error(err.into_value(py).into_any())))
 }
 
-/// Runs one job on a worker (attached).
+/// Parks a job taken from a queue when admission or its operation was
+/// paused after it was queued (or, once the engine is stopping, cancels it:
+/// a pause would hold it past the stop). Hands the job back otherwise.
 #[inline]
-pub(crate) fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine: &Weak<EngineShared>) {
-    // Admission or the operation was paused after this token was queued: park
-    // it instead (or, once the engine is stopping, cancel it: a pause would
-    // hold it past the stop).
+pub(crate) fn park_if_paused(py: Python<'_>, mut job: PyJob) -> Option<PyJob> {
     let paused = {
         let token = job.token();
         token.ledger().admission_paused.load(Ordering::Relaxed) || token.op().paused.load(Ordering::Relaxed)
@@ -105,16 +104,25 @@ pub(crate) fn execute(py: Python<'_>, mut job: PyJob, info: &WorkerInfo, engine:
             if job.forget_call() {
                 token.resolve(py, |_| true, TokenState::Cancelled, None);
             }
-            return;
+            return None;
         }
         let queue = if token.ledger().admission_paused.load(Ordering::Relaxed) { &token.ledger().parked } else { &token.op().parked };
         let mut parked = queue.lock();
         let still = token.ledger().admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst);
         if still && !job.is_spent() && token.core.hold() {
             parked.push_back(job);
-            return;
+            return None;
         }
     }
+    Some(job)
+}
+
+/// Runs one job on a worker (attached).
+#[inline]
+pub(crate) fn execute(py: Python<'_>, job: PyJob, info: &WorkerInfo, engine: &Weak<EngineShared>) {
+    let Some(job) = park_if_paused(py, job) else {
+        return;
+    };
     // No call for this job: a waiter runs the token itself, or this job is
     // of an earlier attempt (see `TokenInner::call_attempt`).
     let Some((token, call)) = job.claim() else {
@@ -250,7 +258,7 @@ fn end_forked_child(py: Python<'_>, result: &std::thread::Result<PyResult<Py<PyA
 
 /// Schedules another attempt after a back-off. False when no retry is left
 /// (or the token was resolved meanwhile).
-fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<EngineShared>) -> bool {
+pub(crate) fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<EngineShared>) -> bool {
     let left = token.retries_left.load(Ordering::Relaxed);
     if left == 0 || !token.core.requeue() {
         return false;

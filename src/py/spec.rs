@@ -22,6 +22,7 @@ use super::engine_shared::EngineShared;
 use super::exceptions::BindError;
 use super::handle::TaskToken;
 use super::operation::{CallOptions, SpecShared, STORAGE_TIERS};
+use super::outside::OutsideLane;
 use super::registry::{current_engine, with_current_engine};
 use super::run::{maybe_inject_fault, FaultSite};
 use super::thread::running_token;
@@ -207,6 +208,7 @@ impl OperationSpec {
         opts: &CallOptions,
         how: Admit,
         sticky_key: Option<String>,
+        outside: Option<&OutsideLane>,
     ) -> PyResult<Option<Py<TaskToken>>> {
         catching_panics(&self.shared.op_name, || {
             let binding = self.binding_for(engine);
@@ -238,12 +240,18 @@ impl OperationSpec {
             let slots = Taken::new(Held::Slots(op, ledger));
             let context = super::ffi::CallContext::capture(py, opts.retries > 0)?;
             let id = next_token_id();
-            let placement = self.placement(py, engine, id, sticky_key)?;
+            let placement = match outside {
+                Some(lane) => Placement { lane: LaneKind::Outside(lane.index), ..Placement::default() },
+                None => self.placement(py, engine, id, sticky_key)?,
+            };
             let inputs = input_tokens(&args, kwargs.as_ref());
             let call = Call { func, args: args.unbind(), kwargs: kwargs.map(Bound::unbind), context };
             // The token takes the slots over (and `binding`, which `slots` borrows).
             slots.disarm();
             let inner = TokenInner::new(id, binding, opts, placement, Some(call));
+            if let Some(lane) = outside {
+                lane.queue.on_placed();
+            }
             let taken = Taken::new(Held::Token(inner.clone()));
             ledger.record_submitted(inner.op());
             ledger.register(&inner);
@@ -412,7 +420,7 @@ impl OperationSpec {
         let kwargs = kwargs.filter(|k| !k.is_empty());
         self.check_arity(py, &args, kwargs.as_ref())?;
         let token = with_current_engine(|engine| {
-            self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None)
+            self.enqueue(py, engine, self.shared.func.clone_ref(py), args, kwargs, &self.shared.defaults, Admit::Block(None), None, None)
         })??;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
@@ -445,7 +453,41 @@ impl OperationSpec {
             (false, false) => Admit::Try,
         };
         let engine = current_engine()?;
-        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key)
+        self.enqueue(py, &engine, self.shared.func.clone_ref(py), args, kwargs, &opts, how, sticky_key, None)
+    }
+
+    /// Queues a token of this operation on the outside lane `lane`, with
+    /// `submit_with`'s options; the lane receives `func` (default: the
+    /// decorated function) with the arguments. No arity check.
+    #[pyo3(signature = (lane, args, kwargs=None, *, func=None, priority=None, timeout=None, retries=None, block=true, admission_timeout=None, probe=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_to(
+        &self,
+        py: Python<'_>,
+        lane: &OutsideLane,
+        args: Bound<'_, PyTuple>,
+        kwargs: Option<Bound<'_, PyDict>>,
+        func: Option<Py<PyAny>>,
+        priority: Option<i64>,
+        timeout: Option<f64>,
+        retries: Option<u32>,
+        block: bool,
+        admission_timeout: Option<f64>,
+        probe: bool,
+    ) -> PyResult<Option<Py<TaskToken>>> {
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        let opts = self.options(priority, timeout, retries)?;
+        let how = match (block, probe) {
+            (_, true) => Admit::Probe,
+            (true, false) => Admit::Block(timeout_arg(admission_timeout)?),
+            (false, false) => Admit::Try,
+        };
+        let engine = lane.engine.upgrade().filter(|e| !e.is_stopping()).ok_or(BindError::ShutDown)?;
+        if lane.queue.is_closed() {
+            return Err(BindError::ShutDown.into());
+        }
+        let func = func.unwrap_or_else(|| self.shared.func.clone_ref(py));
+        self.enqueue(py, &engine, func, args, kwargs, &opts, how, None, Some(lane))
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
@@ -465,7 +507,7 @@ impl OperationSpec {
             None => current_engine()?,
         };
         let kwargs = kwargs.filter(|k| !k.is_empty());
-        let token = self.enqueue(py, &engine, func, args, kwargs, &self.shared.defaults, Admit::Block(None), None)?;
+        let token = self.enqueue(py, &engine, func, args, kwargs, &self.shared.defaults, Admit::Block(None), None, None)?;
         token.ok_or_else(|| BindError::Runtime("admission refused a blocking call".into()).into())
     }
 

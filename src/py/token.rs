@@ -170,8 +170,18 @@ pub(crate) enum LaneKind {
     Cpu,
     /// The elastic I/O lane, in one storage tier (its index).
     Io(u16),
-    /// Worker processes (`process_pool` tokens, driven by `tokengate._process`).
+    /// Driven by hand through the lane API (`OperationSpec.external_token`).
     Process,
+    /// An outside lane of its engine (worker processes, a cluster), by index
+    /// (see `crate::engine::outside` and `outside.rs`).
+    Outside(u16),
+}
+
+impl LaneKind {
+    /// Its body runs outside this process's threads.
+    pub(crate) fn runs_elsewhere(self) -> bool {
+        matches!(self, LaneKind::Process | LaneKind::Outside(_))
+    }
 }
 
 /// Routing decided at call time.
@@ -308,12 +318,18 @@ impl TokenInner {
         // The books are kept before the terminal state is published.
         let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
             // The state it leaves is still visible here (see `TokenCore::resolve_at`).
-            if self.lane == LaneKind::Process && self.core.state() == TokenState::Executing {
+            let elsewhere = self.lane.runs_elsewhere();
+            if elsewhere && self.core.state() == TokenState::Executing {
                 self.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let LaneKind::Outside(index) = self.lane {
+                if let Some(lane) = self.ledger().outside.get(usize::from(index)) {
+                    lane.on_resolved(self.id);
+                }
             }
             slot.outcome = outcome;
             self.route.release();
-            self.ledger().on_resolved(self, self.op(), to, self.lane == LaneKind::Process, error);
+            self.ledger().on_resolved(self, self.op(), to, elsewhere, error);
             slot.listeners.take()
         });
         // A drained burst's memory goes back to the OS here, out of the token's lock.

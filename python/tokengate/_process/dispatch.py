@@ -13,8 +13,8 @@
   until the selector says it can take more. A token sent to a
   process counts as running (ProcessPoolExecutor's call queue does the same):
   ``cancel()`` no longer stops it, ``kill()`` and deadlines still do.
-* A pause (``pause_admission``, ``pause_operation``) holds queued tokens in
-  the queue; while ``stop()`` runs, the tokens a pause holds are cancelled.
+* The engine's queue does the rest: a pause holds queued tokens there, and
+  the tokens taken come in priority order.
 * A token sent to a process and then killed or timed out is stopped through
   the board (see :class:`~tokengate._process.board._Board`): its process is
   SIGKILLed if it runs it now, else the process skips it.
@@ -22,15 +22,13 @@
 
 from __future__ import annotations
 
-import heapq
 import os
 import pickle
 import selectors
 import time
 from typing import TYPE_CHECKING
 
-from ..exceptions import ShutdownError
-from .payload import _PROTO
+from .payload import _PROTO, UnpicklableError, _dump_args
 from .state import _Item, _LaneState
 from .wire import _header
 
@@ -45,14 +43,6 @@ _PREFETCH_WORK_S = 0.010
 
 class _Dispatch(_LaneState):
     """The lane's part that sends tokens to worker processes (supervisor thread)."""
-
-    def _pause_state(self) -> tuple[bool, frozenset[str]]:
-        """The engine's pause flags: (admission paused, paused operations)."""
-        try:
-            paused, ops = self.engine.pause_state() if self.engine.running else (False, ())
-        except Exception:
-            paused, ops = False, ()
-        return paused, frozenset(ops)
 
     def _room(self, w: _Worker | None) -> int:
         """How many tokens to send ``w`` now. One at a time while its tokens take 10 ms
@@ -69,52 +59,47 @@ class _Dispatch(_LaneState):
         left = w.left
         return room if left is None or room <= left else left
 
-    def _dispatch(self, closing: bool) -> bool:
-        """Sends queued tokens to workers with room. True when a pause holds some back."""
+    def _dispatch(self) -> bool:
+        """Takes what the workers have room for from the engine's queue (and the stop
+        notices of taken tokens resolved from outside), pickles it and sends it. True
+        when it took anything: the caller looks again before it sleeps."""
         workers = [w for w in self._workers if w is not None and self._room(w)]
-        if not workers or not self._heap:
-            return False
         room = [self._room(w) for w in workers]
-        paused, paused_ops = self._pause_state()  # one call into the engine, under a microsecond
-        held: list[tuple[float, int, _Item]] = []
+        tasks, stopped = self.outside.take(sum(room))
+        for seq in stopped:
+            self._stopped(seq)
         batches: dict[int, list[_Item]] = {}
-        try:
-            while True:
-                k = max(range(len(workers)), key=room.__getitem__)  # the emptiest worker first
-                if not room[k]:
-                    break
-                with self._lock:
-                    if not self._heap:
-                        break
-                    entry = heapq.heappop(self._heap)
-                item = entry[2]
-                if item.done or item.token.done():
-                    item.done = True
+        for task in tasks:
+            item = _Item(task)
+            self._running[item.seq] = item
+            if item.args is None:  # not pickled by its caller (see .submission)
+                try:
+                    item.pf._payload_of()
+                    item.args = _dump_args(item.pf._op, task.args, task.kwargs)
+                except UnpicklableError as exc:
+                    self._fail(item, exc)
                     continue
-                if paused or item.pf._op in paused_ops:
-                    if closing:  # stop() cancels tokens held by a pause
-                        if not item.token.cancel():  # sent once already: it counts as running
-                            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
-                        item.done = True
-                    else:
-                        held.append(entry)
-                    continue
-                w = workers[k]
-                if not item.started:
-                    if not item.token._start(w.slot):
-                        item.done = True  # cancelled, killed or timed out before it started
-                        continue
-                    item.started = True
-                batches.setdefault(k, []).append(item)
-                room[k] -= 1
-        finally:
-            if held:
-                with self._lock:
-                    for entry in held:
-                        heapq.heappush(self._heap, entry)
+            k = max(range(len(workers)), key=room.__getitem__)  # the emptiest worker first
+            batches.setdefault(k, []).append(item)
+            room[k] -= 1
         for k, items in batches.items():
             self._send(workers[k], items)
-        return bool(held)
+        return bool(tasks or stopped)
+
+    def _stopped(self, seq: int) -> None:
+        """A taken token was resolved from outside (``kill()``, its deadline, a drain): its
+        process stops it."""
+        item = self._running.pop(seq, None)
+        if item is None or item.done:
+            return
+        item.done = True
+        self._requeues.pop(seq, None)
+        state = item.token.state
+        if state in ("timeout", "killed"):
+            self._count("timeouts" if state == "timeout" else "killed")
+        w = item.worker
+        if w is not None:
+            self._stop_item(w, item)
 
     def _send(self, w: _Worker, items: list[_Item]) -> None:
         """One message with every token for ``w``; each counts as running from now on (as
@@ -127,7 +112,7 @@ class _Dispatch(_LaneState):
             batch.append((item.seq, pf._fkey, fpayload, item.args))
             w.items.append(item)
             item.worker = w
-            self._running[item.token.token_id] = item
+            item.task.set_worker(w.slot)
         if w.load == len(items):  # it was idle: its first token begins now
             w.mark = time.monotonic()
         if w.left is not None:
@@ -139,9 +124,7 @@ class _Dispatch(_LaneState):
         w.outbox += data
         if not self._flush(w):
             return
-        for item in items:
-            if item.token.done() and item.worker is w:  # killed while we were sending
-                self._stop_item(w, item)
+        # One killed while we were sending comes back as a stop notice at the next take.
 
     def _stop_item(self, w: _Worker, item: _Item) -> None:
         """A token sent to ``w`` was killed or timed out: SIGKILL its process if it runs

@@ -1,12 +1,15 @@
 """The lane: the worker processes of one running coordinator and the supervisor thread
 that feeds them.
 
-* **A supervisor thread** (one Python thread per lane) owns everything: a
-  priority queue (higher ``priority`` first, FIFO within a priority; a waiting
-  token gains +1 per ``aging`` seconds like the thread lane), the deadlines,
-  retry back-offs and the worker processes. It waits on one selector over the
-  workers' sockets, their pidfds and a wake-up pipe, so crashes, results,
-  submissions and deadlines all wake it at once.
+* **The engine keeps the queue** (an outside lane of the engine, see
+  :class:`~tokengate._tokengate.OutsideLane`): priorities and aging,
+  admission, pauses, deadlines, retries and tokens as arguments are the same
+  as on the thread lanes.
+* **A supervisor thread** (one Python thread per lane) owns the worker
+  processes and the wire. It waits on one selector over the workers' sockets,
+  their pidfds, the engine queue's wake-up socket and its own wake-up pipe,
+  so crashes, results, submissions, kills and deadlines all wake it at once;
+  it takes tokens when a process has room.
 * **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
   cancels them), then closes every worker and reaps it, with the retired
   processes that are still exiting (SIGKILLed after 2 s); when ``timeout``
@@ -29,7 +32,7 @@ import time
 import weakref
 from typing import Any
 
-from ..exceptions import ShutdownError, TaskKilledError
+from ..exceptions import TaskKilledError
 from .dispatch import _Dispatch
 from .recycling import _Recycling
 from .replies import _Replies
@@ -47,7 +50,6 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
         engine: Any,
         workers: int,
         *,
-        aging: float = 0.5,
         coordinator: Any = None,
         prefetch: int = 64,
         max_tasks_per_child: int | None = None,
@@ -56,7 +58,6 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
         super().__init__(
             engine,
             workers,
-            aging=aging,
             coordinator=coordinator,
             prefetch=prefetch,
             max_tasks_per_child=max_tasks_per_child,
@@ -117,8 +118,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 prefetch=self.prefetch,
                 max_tasks_per_child=self.max_tasks_per_child,
                 max_rss=self.max_rss,
-                queued=sum(1 for _, _, it in self._heap if not it.done and not it.token.done()),
-                waiting_inputs=len(self._waiting_inputs),
+                queued=self._queued(),
                 pids=[w.pid for w in workers],
                 closing=self._closing,
             )
@@ -143,35 +143,25 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
         while True:
             now = time.monotonic()
             with self._lock:
-                events, self._events = self._events, []
                 closing, abort, cancel = self._closing, self._abort, self._cancel_pending
             if abort:
                 return
-            for item in events:
-                w = item.worker
-                if w is not None:
-                    self._stop_item(w, item)
             if closing and cancel:
-                self._cancel_queued()
-            self._fire_timers(now)
+                self.outside.cancel_queued()
             if self._retiring:
                 self._retire_idle(closing)
             if self._retired:
                 self._reap_retired(now)
             self._respawn(now)
-            held = self._dispatch(closing)
+            if self._dispatch():
+                continue  # took something: look again before sleeping
             with self._lock:
-                if self._closing and self._idle_locked():
+                if self._closing and self._idle():
                     self._exited = True
                     return
-                if self._events or self._abort or (self._closing and self._cancel_pending and self._heap):
+                if self._abort or (self._closing and self._cancel_pending and self._queued()):
                     continue
-                idle = any(self._room(w) for w in self._workers)
-                if self._heap and idle and not held:
-                    continue  # submitted meanwhile
-                wait_s = 0.02 if held else 1.0
-                if self._timers:
-                    wait_s = min(wait_s, max(0.0, self._timers[0][0] - time.monotonic()))
+                wait_s = 1.0
                 if any(t > 0 for t in self._respawn_at):
                     wait_s = min(wait_s, max(0.0, min(t for t in self._respawn_at if t > 0) - time.monotonic()))
                 self._sleeping = True
@@ -187,6 +177,9 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                         pass
                     continue
                 kind, w = key.data
+                if kind == "outside":  # the engine queued tokens or stop notices
+                    self.outside.clear_wake()
+                    continue
                 if kind == "retired":  # a retired process exited
                     self._reaped(w)
                     continue
@@ -202,38 +195,18 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
             if not ready:
                 self._poll_exits()
 
-    def _idle_locked(self) -> bool:
-        if self._running or any(not it.token.done() for it in self._waiting_inputs):
-            return False
-        if any(not it.done and not it.token.done() for _, _, it in self._heap):
-            return False
-        return not any(kind == "retry" and not it.token.done() for _, _, kind, it in self._timers)
-
-    def _cancel_queued(self) -> None:
-        with self._lock:
-            queued, self._heap = self._heap, []
-        for _, _, item in queued:
-            item.done = True
-            if not item.token.cancel():
-                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
+    def _idle(self) -> bool:
+        """Nothing of this lane is left: no token taken and unreported, none queued,
+        waiting for inputs or for a retry."""
+        return not self._running and self.outside.pending == 0
 
     def _finish(self) -> None:
         """Supervisor exit: fail what is left, terminate every process, close fds."""
         with self._lock:
             self._exited = True
-            queued, self._heap = self._heap, []
-            timers, self._timers = self._timers, []
-            waiting = list(self._waiting_inputs)
-        for _, _, item in queued:
-            if not item.done and not item.token.cancel():
-                item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
-        for item in waiting:
-            item.token._set_exception(ShutdownError("cannot schedule new futures after shutdown"))
-        for _, _, kind, item in timers:
-            if kind == "retry":
-                item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+        self.outside.close()  # queued tokens are cancelled; later ones are refused
         for item in list(self._running.values()):
-            item.token._set_exception(TaskKilledError("process_lane_stopped"), "killed")
+            self._fail(item, TaskKilledError("process_lane_stopped"), retry=False, state="killed")
         self._running.clear()
         workers = [w for w in self._workers if w is not None]
         retired, self._retired = self._retired, []

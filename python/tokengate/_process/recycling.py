@@ -65,7 +65,7 @@ class _Recycling(_Processes):
                 self._retiring.discard(w)  # a skipped token gave budget back
             elif w.load or w.outbox:
                 continue  # it still runs what it was sent
-            elif closing and not self._heap:
+            elif closing and not self._queued():
                 continue  # stop() closes it with the others: no fresh process just to stop it
             else:
                 self._retire(w)

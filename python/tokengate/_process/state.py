@@ -1,7 +1,12 @@
 """What every part of the lane's supervisor shares: its tokens and its books.
 
-:class:`_Item` is one process token in the lane. :class:`_LaneState` holds
-the lane's state (its queue, timers, worker slots and counts, the wake-up
+The engine keeps the lane's queue (priorities and aging, admission, pause,
+deadlines, retries, tokens as arguments: see
+:class:`~tokengate._tokengate.OutsideLane`); the lane takes what its
+processes have room for and reports how each token ended.
+
+:class:`_Item` is one process token the lane took. :class:`_LaneState` holds
+the lane's state (its engine queue, worker slots and counts, the wake-up
 pipe and the selector) and the steps every part takes on a token: finish it
 on its worker, put it back in the queue, fail it, count it. The parts are
 mixins over it, put together as :class:`~tokengate._process.lane.ProcessLane`:
@@ -17,12 +22,9 @@ them).
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import selectors
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -38,50 +40,22 @@ _MAX_REQUEUES = 3
 
 
 class _Item:
-    """One process token in the lane."""
+    """One process token the lane took from the engine's queue (see
+    :class:`~tokengate._tokengate.OutsideLane`), until it reports how it ended."""
 
-    __slots__ = (
-        "args",
-        "attempt",
-        "deadline",
-        "done",
-        "inputs",
-        "key",
-        "lock",
-        "pf",
-        "priority",
-        "remaining",
-        "requeues",
-        "retries",
-        "seq",
-        "started",
-        "timeout",
-        "token",
-        "worker",
-    )
+    __slots__ = ("args", "done", "pf", "seq", "task", "token", "worker")
 
-    def __init__(
-        self, seq: int, token: Any, pf: ProcessFunction, priority: int, timeout: float | None, retries: int
-    ) -> None:
-        self.seq = seq
-        self.token = token
-        self.pf = pf
-        self.args: bytes | None = None
-        self.priority = priority
-        self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.retries = retries
-        self.attempt = 0
-        self.started = False
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.token = task.token
+        #: The token id: its number on the wire.
+        self.seq: int = task.id
+        func = task.func
+        # (function, pickled arguments) when the caller pickled them (see .submission).
+        self.pf: ProcessFunction = func[0] if type(func) is tuple else func
+        self.args: bytes | None = func[1] if type(func) is tuple else None
         self.done = False
         self.worker: _Worker | None = None
-        self.inputs: list[Any] | None = None
-        self.remaining = 0
-        self.lock: threading.Lock | None = None
-        #: Its place in the lane's queue (kept when it goes back after a process died).
-        self.key = 0.0
-        #: Times a process died with this token sent to it but not started.
-        self.requeues = 0
 
 
 class _LaneState:
@@ -92,7 +66,6 @@ class _LaneState:
         engine: Any,
         workers: int,
         *,
-        aging: float = 0.5,
         coordinator: Any = None,
         prefetch: int = 64,
         max_tasks_per_child: int | None = None,
@@ -112,17 +85,14 @@ class _LaneState:
         self.max_tasks_per_child = max_tasks_per_child
         #: A worker process retires when its RSS (bytes) is above this after a token (None: never).
         self.max_rss = max_rss
-        self._aging = float(aging) if aging and aging > 0 else 0.5
         self._coordinator = weakref.ref(coordinator) if coordinator is not None else None
         self._lock = threading.Lock()
-        self._admit_lock = threading.Lock()
-        self._seq = itertools.count()
-        self._t0 = time.monotonic()
-        self._heap: list[tuple[float, int, _Item]] = []
-        self._timers: list[tuple[float, int, str, _Item]] = []
-        self._events: list[_Item] = []
-        self._waiting_inputs: set[_Item] = set()
+        #: The engine's queue of this lane's tokens: the lane takes what it has room for.
+        self.outside = engine.add_outside_lane("process")
+        #: Tokens taken and not reported, by id.
         self._running: dict[int, _Item] = {}
+        #: Times a process died with a token sent to it but not started, by token id.
+        self._requeues: dict[int, int] = {}
         self._workers: list[_Worker | None] = [None] * workers
         self._respawn_at: list[float] = [0.0] * workers
         #: Workers that retire once every token sent to them has answered.
@@ -154,6 +124,7 @@ class _LaneState:
         os.set_blocking(self._wfd, False)
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._rfd, selectors.EVENT_READ, None)
+        self._sel.register(self.outside.wake_fd, selectors.EVENT_READ, ("outside", None))
 
     def _wake_locked(self) -> None:
         if self._sleeping and not self._exited:
@@ -169,46 +140,69 @@ class _LaneState:
         except ValueError:
             pass
         item.worker = None
-        self._running.pop(item.token.token_id, None)
 
     def _requeue(self, item: _Item, pid: int) -> None:
         """A token sent to a process that died before starting it goes back to its place
         in the queue; after the third such death it fails (a token whose message itself
         kills the worker, say by exhausting its memory, must not loop for ever)."""
         item.worker = None
-        self._running.pop(item.token.token_id, None)
-        if item.done or item.token.done():
-            item.done = True
+        self._running.pop(item.seq, None)
+        if item.done:
             return
-        item.requeues += 1
-        if item.requeues >= _MAX_REQUEUES:
+        n = self._requeues[item.seq] = self._requeues.get(item.seq, 0) + 1
+        if n >= _MAX_REQUEUES:
+            self._requeues.pop(item.seq, None)
             self._count("crashed")
             self._fail(
                 item,
                 WorkerCrashedError(
-                    f"token {item.token.token_id} ({item.pf._op}): {item.requeues} worker processes died with it "
+                    f"token {item.seq} ({item.pf._op}): {n} worker processes died with it "
                     f"queued in them, before it started (the last: pid {pid})"
                 ),
+                retry=False,
             )
             return
-        with self._lock:
-            heapq.heappush(self._heap, (item.key, item.seq, item))
-
-    def _fail(self, item: _Item, exc: BaseException, state: str = "failed") -> None:
         item.done = True
-        self._running.pop(item.token.token_id, None)
+        self.outside.requeue(item.task)
+
+    def _fail(self, item: _Item, exc: BaseException, retry: bool = True, state: str = "failed") -> None:
+        """Reports ``item`` ended with ``exc``: the engine retries it (``retries``) unless
+        ``retry`` is False or the exception is a pickling error; else its token ends
+        ``state`` ("failed", "killed")."""
+        item.done = True
+        self._running.pop(item.seq, None)
+        self._requeues.pop(item.seq, None)
+        retry = retry and state == "failed" and not isinstance(exc, UnpicklableError)
         if not item.token.done():  # counted first: a waiter woken by the error sees it
-            self._count({"failed": "failed", "timeout": "timeouts", "killed": "killed"}[state])
-            if isinstance(exc, UnpicklableError):
-                self._count("unpicklable")
-        item.token._set_exception(exc, state)
+            if retry and item.task.retries_left > 0:
+                self._count("retries")
+            else:
+                self._count({"failed": "failed", "killed": "killed"}[state])
+                if isinstance(exc, UnpicklableError):
+                    self._count("unpicklable")
+        self.outside.fail(item.task, exc, retry=retry, state=state)
+
+    def _finish_ok(self, item: _Item, value: Any) -> None:
+        item.done = True
+        self._running.pop(item.seq, None)
+        self._requeues.pop(item.seq, None)
+        if not item.token.done():  # counted first: a waiter woken by the result sees it
+            self._count("completed")
+        self.outside.finish(item.task, value)
 
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
 
-    # The parts of the lane call into each other: these four are defined by dispatch
-    # (_stop_item), replies (_drain) and worker processes (_replace, _died).
+    def _queued(self) -> int:
+        """Tokens in the engine's queue for this lane."""
+        return int(self.outside.stats()["queued"])
+
+    # The parts of the lane call into each other: these five are defined by dispatch
+    # (_stop_item, _stopped), replies (_drain) and worker processes (_replace, _died).
+
+    def _stopped(self, seq: int) -> None:  # pragma: no cover - see _Dispatch
+        raise NotImplementedError
 
     def _stop_item(self, w: _Worker, item: _Item) -> None:  # pragma: no cover - see _Dispatch
         raise NotImplementedError

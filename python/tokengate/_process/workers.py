@@ -230,8 +230,9 @@ class _Processes(_LaneState):
                 pass
         self._reap(w, 5.0)
         victim = self._salvage(w)
-        if victim is not None:
+        if victim is not None:  # the token it ran was killed or timed out: reported already
             victim.done = True
+            self._running.pop(victim.seq, None)
         self._close(w)
         self._count("replaced")
         self._set_worker(w.slot, None)
@@ -257,9 +258,10 @@ class _Processes(_LaneState):
             self._fail(
                 item,
                 WorkerCrashedError(
-                    f"the worker process (pid {w.pid}) running token {item.token.token_id} ({item.pf._op}) died: {why}",
+                    f"the worker process (pid {w.pid}) running token {item.seq} ({item.pf._op}) died: {why}",
                     exitcode=code,
                 ),
+                retry=False,
             )
         if self._abort:
             return
@@ -279,12 +281,14 @@ class _Processes(_LaneState):
             self._spawn(slot)
             return
         err = WorkerCrashedError(message, exitcode=code)
-        with self._lock:
-            queued, self._heap = self._heap, []
-        for _, _, it in queued:
-            if not it.done:
-                it.done = True
-                it.token._set_exception(err)
+        while True:  # every queued token fails
+            tasks, stopped = self.outside.take(1024)
+            for seq in stopped:
+                self._stopped(seq)
+            if not tasks:
+                break
+            for task in tasks:
+                self._fail(_Item(task), err, retry=False)
         self._respawn_at[slot] = time.monotonic() + 1.0
 
     def _respawn(self, now: float) -> None:

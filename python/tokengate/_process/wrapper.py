@@ -221,7 +221,6 @@ def lane_for(coordinator: Any) -> ProcessLane:
             lane = ProcessLane(
                 engine,
                 workers,
-                aging=coordinator.aging,
                 coordinator=coordinator,
                 prefetch=coordinator.process_prefetch,
                 max_tasks_per_child=coordinator.process_max_tasks_per_child,

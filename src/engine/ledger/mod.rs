@@ -278,6 +278,8 @@ pub struct Ledger<T, J> {
     pub process_running: std::sync::atomic::AtomicI64,
     /// Worker processes of the process lane alive now (the lane reports each change).
     pub process_workers: AtomicU64,
+    /// The engine's outside lanes (worker processes, clusters), by index.
+    pub outside: super::outside::OutsideLanes<J>,
     /// Global `max_pending` limit on unresolved tokens (0: unlimited).
     pub pending: CachePadded<Limit>,
     pub admission_paused: AtomicBool,
@@ -307,6 +309,7 @@ impl<T: Booked, J> Ledger<T, J> {
             running: (0..SHARDS).map(|_| CachePadded::new(std::sync::atomic::AtomicI64::new(0))).collect(),
             process_running: std::sync::atomic::AtomicI64::new(0),
             process_workers: AtomicU64::new(0),
+            outside: super::outside::OutsideLanes::default(),
             pending: CachePadded::new(Limit::new(max_pending)),
             admission_paused: AtomicBool::new(false),
             parked: Mutex::new(VecDeque::new()),

@@ -248,6 +248,11 @@ impl<J: Job> Pool<J> {
         self.shared.id
     }
 
+    /// How long a queued job waits to gain one priority level.
+    pub fn aging(&self) -> Duration {
+        self.shared.config.aging
+    }
+
     /// Number of worker threads.
     pub fn workers(&self) -> usize {
         self.shared.config.workers

@@ -1,0 +1,325 @@
+//! Outside lanes: lanes whose tokens run outside the engine's threads
+//! (worker processes, a cluster). The engine keeps their queue; a lane only
+//! takes work when it has room, runs it, and reports how it ended.
+//!
+//! Everything else stays in the engine, the same for every lane: admission
+//! and per-operation limits (at submit), tokens as arguments (a token reaches
+//! its lane once its inputs resolved), pause (a taken token whose pause began
+//! is parked), drain and kill, deadlines (the timer resolves the token),
+//! retries (a failed attempt goes back through the timer), and stats.
+//!
+//! # States of a token on an outside lane
+//!
+//! `queued` (in the lane's heap) -> `taken` (the lane holds it: it runs, or
+//! is sent ahead) -> resolved. A taken token may go back to `queued` at its
+//! old place (the lane could not start it: a process died first), or wait in
+//! the timer for a retry and come back queued with a new place.
+//!
+//! # Protocol (everything under the one `state` lock)
+//!
+//! * `push(key, seq, job)`: any thread (a submit, the last input of a token
+//!   resolving, the retry timer, a resume). Refused once the lane is closed.
+//! * `take(max)`: the lane's one taker (its supervisor or dispatcher thread)
+//!   pops up to `max` jobs, largest key first (equal keys: lowest `seq`),
+//!   and collects the stop notices. Each job taken is marked in `taken`.
+//! * A token that resolves while taken: if the lane itself resolved it, it
+//!   unmarked it first (`release`); otherwise (kill, deadline, a drain) the
+//!   resolution leaves a stop notice (`stopped`) for the taker, which stops
+//!   the remote work.
+//! * Waking: whenever a push or a stop notice finds `asleep` set (the taker
+//!   found nothing at its last take), one byte goes down the wake socket; the
+//!   taker waits on the other end (a selector, or `wait_readable`).
+//! * `close()`: no more pushes; the queue is handed back (its tokens are
+//!   cancelled by the caller).
+//! * `pending` counts tokens placed on the lane and not resolved (queued,
+//!   taken, parked, waiting for inputs or a retry): the lane is idle at 0.
+
+use std::collections::{BinaryHeap, HashSet};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use super::sync::Mutex;
+
+/// Most outside lanes one engine may have.
+pub const MAX_OUTSIDE_LANES: usize = 16;
+
+/// One queued job and its place.
+#[derive(Debug)]
+pub struct Queued<J> {
+    /// Larger runs first: `priority * aging - enqueue time`, in ns.
+    pub key: i64,
+    /// Submission order, among equal keys.
+    pub seq: u64,
+    pub id: u64,
+    pub job: J,
+}
+
+impl<J> PartialEq for Queued<J> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key && self.seq == other.seq
+    }
+}
+impl<J> Eq for Queued<J> {}
+impl<J> PartialOrd for Queued<J> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<J> Ord for Queued<J> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key).then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Debug)]
+struct State<J> {
+    heap: BinaryHeap<Queued<J>>,
+    taken: HashSet<u64>,
+    stopped: Vec<u64>,
+    asleep: bool,
+    closed: bool,
+}
+
+/// The queue of one outside lane.
+#[derive(Debug)]
+pub struct OutsideQueue<J> {
+    name: String,
+    state: Mutex<State<J>>,
+    pending: AtomicI64,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+}
+
+/// What one `take` hands the lane.
+#[derive(Debug)]
+pub struct Taken<J> {
+    pub jobs: Vec<Queued<J>>,
+    /// Ids of taken tokens resolved from outside since the last take.
+    pub stopped: Vec<u64>,
+}
+
+impl<J> OutsideQueue<J> {
+    /// A new lane queue called `name` (its tokens' `lane`).
+    pub fn new(name: &str) -> std::io::Result<Self> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(OutsideQueue {
+            name: name.to_owned(),
+            state: Mutex::new(State { heap: BinaryHeap::new(), taken: HashSet::new(), stopped: Vec::new(), asleep: false, closed: false }),
+            pending: AtomicI64::new(0),
+            wake_tx,
+            wake_rx,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The end the taker waits on (readable after a wake).
+    pub fn wake_socket(&self) -> &UnixStream {
+        &self.wake_rx
+    }
+
+    fn wake(&self) {
+        // A full socket already holds a wake-up: nothing lost.
+        let _ = (&self.wake_tx).write(&[0]);
+    }
+
+    /// Queues `job`; hands it back when the lane is closed.
+    pub fn push(&self, key: i64, seq: u64, id: u64, job: J) -> Result<(), J> {
+        let wake = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Err(job);
+            }
+            st.heap.push(Queued { key, seq, id, job });
+            std::mem::replace(&mut st.asleep, false)
+        };
+        if wake {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Up to `max` jobs, largest key first, and the stop notices. When it
+    /// finds neither, the next push or notice wakes the taker.
+    pub fn take(&self, max: usize) -> Taken<J> {
+        let mut st = self.state.lock();
+        let mut jobs = Vec::with_capacity(max.min(st.heap.len()));
+        while jobs.len() < max {
+            let Some(q) = st.heap.pop() else { break };
+            st.taken.insert(q.id);
+            jobs.push(q);
+        }
+        let stopped = std::mem::take(&mut st.stopped);
+        st.asleep = jobs.is_empty() && stopped.is_empty();
+        Taken { jobs, stopped }
+    }
+
+    /// The taker got nothing to do from `take` but will look again before it
+    /// sleeps (it took less than it had room for): wake it on the next push.
+    pub fn want_wake(&self) {
+        self.state.lock().asleep = true;
+    }
+
+    /// The lane resolves (or hands back) token `id` itself: no stop notice for it.
+    pub fn release(&self, id: u64) -> bool {
+        self.state.lock().taken.remove(&id)
+    }
+
+    /// Token `id` of this lane resolved. If the lane held it (and did not
+    /// release it first), its taker is told to stop it.
+    pub fn on_resolved(&self, id: u64) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        let wake = {
+            let mut st = self.state.lock();
+            if !st.taken.remove(&id) {
+                return;
+            }
+            st.stopped.push(id);
+            std::mem::replace(&mut st.asleep, false)
+        };
+        if wake {
+            self.wake();
+        }
+    }
+
+    /// A token was placed on this lane (it will resolve exactly once).
+    pub fn on_placed(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens placed on the lane and not resolved.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// (queued, taken).
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.heap.len(), st.taken.len())
+    }
+
+    /// Hands back every queued job (a drain, or a stop that cancels).
+    pub fn drain(&self) -> Vec<J> {
+        let heap = std::mem::take(&mut self.state.lock().heap);
+        heap.into_sorted_vec().into_iter().rev().map(|q| q.job).collect()
+    }
+
+    /// No more pushes; hands back what was queued.
+    pub fn close(&self) -> Vec<J> {
+        self.state.lock().closed = true;
+        self.drain()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+}
+
+/// The outside lanes of one engine, by index (a token names its lane by index).
+#[derive(Debug)]
+pub struct OutsideLanes<J> {
+    slots: [std::sync::OnceLock<std::sync::Arc<OutsideQueue<J>>>; MAX_OUTSIDE_LANES],
+    added: Mutex<usize>,
+}
+
+impl<J> Default for OutsideLanes<J> {
+    fn default() -> Self {
+        OutsideLanes { slots: std::array::from_fn(|_| std::sync::OnceLock::new()), added: Mutex::new(0) }
+    }
+}
+
+impl<J> OutsideLanes<J> {
+    /// Adds a lane; its index, or None when the engine has `MAX_OUTSIDE_LANES` already.
+    pub fn add(&self, queue: std::sync::Arc<OutsideQueue<J>>) -> Option<usize> {
+        let mut added = self.added.lock();
+        let index = *added;
+        if index >= MAX_OUTSIDE_LANES {
+            return None;
+        }
+        let _ = self.slots[index].set(queue);
+        *added += 1;
+        Some(index)
+    }
+
+    /// Lane `index` (it exists: only tokens placed on it name it).
+    pub fn get(&self, index: usize) -> Option<&std::sync::Arc<OutsideQueue<J>>> {
+        self.slots.get(index).and_then(|s| s.get())
+    }
+
+    /// Every lane added so far.
+    pub fn all(&self) -> impl Iterator<Item = &std::sync::Arc<OutsideQueue<J>>> {
+        self.slots.iter().map_while(|s| s.get())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn takes_by_key_then_seq() {
+        let q = OutsideQueue::new("t").unwrap();
+        q.push(0, 1, 1, "a").unwrap();
+        q.push(5, 2, 2, "b").unwrap();
+        q.push(0, 0, 3, "c").unwrap();
+        let t = q.take(10);
+        assert_eq!(t.jobs.iter().map(|j| j.job).collect::<Vec<_>>(), ["b", "c", "a"]);
+        assert_eq!(q.counts(), (0, 3));
+    }
+
+    #[test]
+    fn stop_notice_only_for_unreleased_taken_tokens() {
+        let q = OutsideQueue::new("t").unwrap();
+        for id in 1..=3 {
+            q.on_placed();
+            q.push(0, id, id, id).unwrap();
+        }
+        let t = q.take(2);
+        assert_eq!(t.jobs.len(), 2);
+        assert!(q.release(1));
+        q.on_resolved(1); // resolved by the lane
+        q.on_resolved(2); // resolved from outside while taken
+        q.on_resolved(3); // still queued
+        let t = q.take(0);
+        assert_eq!(t.stopped, vec![2]);
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn wakes_a_taker_that_found_nothing_once() {
+        let q = OutsideQueue::new("t").unwrap();
+        let mut buf = [0u8; 8];
+        assert!(q.take(4).jobs.is_empty());
+        q.push(0, 0, 1, ()).unwrap();
+        q.push(0, 1, 2, ()).unwrap();
+        assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
+        assert_eq!(q.take(4).jobs.len(), 2);
+        q.push(0, 2, 3, ()).unwrap(); // the taker is awake: no byte
+        assert!(q.wake_socket().read(&mut buf).is_err());
+    }
+
+    #[test]
+    fn closed_lane_refuses_and_hands_back() {
+        let q = OutsideQueue::new("t").unwrap();
+        q.push(0, 0, 1, 1).unwrap();
+        assert_eq!(q.close(), vec![1]);
+        assert_eq!(q.push(0, 1, 2, 2), Err(2));
+    }
+
+    #[test]
+    fn lanes_by_index() {
+        let lanes: OutsideLanes<()> = OutsideLanes::default();
+        for i in 0..MAX_OUTSIDE_LANES {
+            assert_eq!(lanes.add(std::sync::Arc::new(OutsideQueue::new("x").unwrap())), Some(i));
+        }
+        assert_eq!(lanes.add(std::sync::Arc::new(OutsideQueue::new("x").unwrap())), None);
+        assert_eq!(lanes.all().count(), MAX_OUTSIDE_LANES);
+    }
+}

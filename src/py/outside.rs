@@ -1,0 +1,282 @@
+//! `OutsideLane` and `LaneTask`: the Python face of an outside lane (see
+//! `crate::engine::outside` for the queue and its protocol).
+//!
+//! A lane (the process lane's supervisor, a cluster dispatcher) is one
+//! thread that loops: wait until `wake_fd` is readable (or its own events
+//! come), `take(room)`, run what it got, and report each task once with
+//! `finish`, `fail` or `requeue`. The engine does the rest:
+//!
+//! * `take` starts each token (it counts as running from then on, as in
+//!   `ProcessPoolExecutor`'s call queue: `cancel()` no longer stops it,
+//!   `kill()` and deadlines do); a token whose pause began after it was
+//!   queued is parked instead, and one resolved meanwhile is skipped.
+//! * `fail` retries a token with `retries` left (after the operation's
+//!   back-off, through the engine's timer) unless `retry=False`; otherwise it
+//!   resolves it failed (or `state`: "timeout", "killed").
+//! * `requeue` hands back a task the lane never started (its process died
+//!   first): it goes back to its old place in the queue.
+//! * A taken token resolved from outside (kill, deadline) comes back in a
+//!   later `take`'s list of stopped ids: the lane stops the remote work.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Weak};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use super::call::Call;
+use super::engine_shared::EngineShared;
+use super::handle::TaskToken;
+use super::run::{park_if_paused, try_retry};
+use super::token::{cancel_jobs, Outcome, PyJob, TokenInner};
+use crate::engine::outside::OutsideQueue;
+use crate::engine::sync::{Mutex, Ordering};
+use crate::engine::token::TokenState;
+
+/// The worker id an outside token reports while it runs.
+const OUTSIDE_WORKER: u32 = u32::MAX - 1;
+
+/// One outside lane of a running engine. Made by `Engine.add_outside_lane`.
+#[pyclass(frozen, name = "OutsideLane", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct OutsideLane {
+    pub(crate) index: u16,
+    pub(crate) queue: Arc<OutsideQueue<PyJob>>,
+    pub(crate) engine: Weak<EngineShared>,
+}
+
+/// One token the lane took: its call, until the lane reports how it ended.
+#[pyclass(frozen, name = "LaneTask", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct LaneTask {
+    inner: Arc<TokenInner>,
+    token: Py<TaskToken>,
+    call: Mutex<Option<Call>>,
+    key: i64,
+    seq: u64,
+}
+
+impl OutsideLane {
+    fn engine(&self) -> PyResult<Arc<EngineShared>> {
+        self.engine.upgrade().ok_or_else(|| PyRuntimeError::new_err("the engine of this lane is gone"))
+    }
+
+    /// The call back from `task` (None when the lane reported it already).
+    fn settle(&self, task: &LaneTask) -> Option<Call> {
+        let call = task.call.lock().take()?;
+        self.queue.release(task.inner.id);
+        Some(call)
+    }
+}
+
+fn end_state(state: &str) -> PyResult<TokenState> {
+    match state {
+        "failed" => Ok(TokenState::Failed),
+        "timeout" => Ok(TokenState::Timeout),
+        "killed" => Ok(TokenState::Killed),
+        "cancelled" => Ok(TokenState::Cancelled),
+        other => Err(PyValueError::new_err(format!("state must be 'failed', 'timeout', 'killed' or 'cancelled', not {other:?}"))),
+    }
+}
+
+#[pymethods]
+impl OutsideLane {
+    /// Up to `max` queued tokens, started, in priority order; and the ids of
+    /// taken tokens resolved from outside since the last call.
+    fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<(Bound<'py, PyList>, Vec<u64>)> {
+        let taken = self.queue.take(max);
+        let out = PyList::empty(py);
+        let mut short = false;
+        for q in taken.jobs {
+            let id = q.id;
+            let Some(job) = park_if_paused(py, q.job) else {
+                self.queue.release(id);
+                short = true;
+                continue;
+            };
+            let Some((inner, call)) = job.claim() else {
+                self.queue.release(id);
+                short = true;
+                continue;
+            };
+            if !inner.core.start(OUTSIDE_WORKER, None) {
+                self.queue.release(id); // cancelled, killed or timed out while queued
+                short = true;
+                continue;
+            }
+            inner.attempts.store(inner.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
+            let token = Py::new(py, TaskToken { inner: inner.clone() })?;
+            out.append(LaneTask { inner, token, call: Mutex::new(Some(call)), key: q.key, seq: q.seq })?;
+        }
+        if short && out.is_empty() && taken.stopped.is_empty() {
+            self.queue.want_wake();
+        }
+        Ok((out, taken.stopped))
+    }
+
+    /// The task's function returned `value`. False when its token was
+    /// resolved first (killed, timed out) or the task was reported already.
+    fn finish(&self, py: Python<'_>, task: &LaneTask, value: Py<PyAny>) -> bool {
+        if self.settle(task).is_none() {
+            return false;
+        }
+        task.inner.resolve(py, |s| s == TokenState::Executing, TokenState::Completed, Some(Outcome::Value(value)))
+    }
+
+    /// The task failed with `exc`. Retried when `retry` and the token has
+    /// retries left (returns True); otherwise the token resolves `state`.
+    #[pyo3(signature = (task, exc, *, retry=true, state="failed"))]
+    fn fail(&self, py: Python<'_>, task: &LaneTask, exc: Bound<'_, PyAny>, retry: bool, state: &str) -> PyResult<bool> {
+        if !exc.is_instance_of::<pyo3::exceptions::PyBaseException>() {
+            return Err(PyTypeError::new_err("fail() needs an exception instance"));
+        }
+        let to = end_state(state)?;
+        let Some(call) = self.settle(task) else {
+            return Ok(false);
+        };
+        if retry && to == TokenState::Failed && task.inner.core.state() == TokenState::Executing {
+            let engine = self.engine()?;
+            let started = task.inner.core.time(crate::engine::token::Stamp::Started).unwrap_or(0);
+            let elapsed = crate::engine::token::now_ns().saturating_sub(started);
+            if try_retry(py, &task.inner, call, &engine) {
+                // The attempt's run counts here (its last one counts at resolution).
+                task.inner.op().record_run(false, elapsed);
+                task.inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+        }
+        task.inner.resolve(py, |s| s == TokenState::Executing, to, Some(Outcome::Error(exc.unbind())));
+        Ok(false)
+    }
+
+    /// Hands back a task the lane never started: it goes back to its place
+    /// in the queue (and may be cancelled again meanwhile). False when its
+    /// token was resolved first or the task was reported already.
+    fn requeue(&self, py: Python<'_>, task: &LaneTask) -> bool {
+        let Some(call) = self.settle(task) else {
+            return false;
+        };
+        let inner = &task.inner;
+        if !inner.core.requeue() {
+            return false;
+        }
+        inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
+        let job = PyJob::new(inner.clone(), call);
+        if let Err(mut job) = self.queue.push(task.key, task.seq, inner.id, job) {
+            job.forget_call();
+            job.token().resolve(py, |_| true, TokenState::Cancelled, None);
+        }
+        true
+    }
+
+    /// No more tokens reach the lane; the queued ones are cancelled. Returns how many.
+    fn close(&self, py: Python<'_>) -> usize {
+        cancel_jobs(py, self.queue.close())
+    }
+
+    /// Cancels the queued tokens (the lane stays open). Returns how many.
+    fn cancel_queued(&self, py: Python<'_>) -> usize {
+        cancel_jobs(py, self.queue.drain())
+    }
+
+    /// The descriptor that turns readable when `take` has something new
+    /// (after a `take` that returned nothing). `clear_wake` empties it.
+    #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.queue.wake_socket().as_raw_fd()
+    }
+
+    /// Reads every pending wake-up byte.
+    fn clear_wake(&self) {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        while matches!(self.queue.wake_socket().read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    /// Tokens placed on the lane and not resolved (queued, taken, parked,
+    /// waiting for their inputs or a retry): 0 when the lane is idle.
+    #[getter]
+    fn pending(&self) -> u64 {
+        self.queue.pending()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.queue.name()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
+    /// `{"queued": n, "taken": n, "pending": n}`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (queued, taken) = self.queue.counts();
+        let d = PyDict::new(py);
+        d.set_item("queued", queued)?;
+        d.set_item("taken", taken)?;
+        d.set_item("pending", self.queue.pending())?;
+        Ok(d)
+    }
+}
+
+#[pymethods]
+impl LaneTask {
+    #[getter]
+    fn token(&self, py: Python<'_>) -> Py<TaskToken> {
+        self.token.clone_ref(py)
+    }
+
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The callable submitted (for the process lane, its `ProcessFunction`).
+    #[getter]
+    fn func(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.with_call(|c| c.func.clone_ref(py))
+    }
+
+    #[getter]
+    fn args(&self, py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        self.with_call(|c| c.args.clone_ref(py))
+    }
+
+    #[getter]
+    fn kwargs(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.with_call(|c| c.kwargs.as_ref().map_or_else(|| PyDict::new(py).into_any().unbind(), |k| k.clone_ref(py).into_any()))
+    }
+
+    /// This attempt's number (1 for the first).
+    #[getter]
+    fn attempt(&self) -> u32 {
+        self.inner.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Retries the token has left (a failed attempt is retried while above 0).
+    #[getter]
+    fn retries_left(&self) -> u32 {
+        self.inner.retries_left.load(Ordering::Relaxed)
+    }
+
+    /// Records which of the lane's workers runs it (the token's `worker_id`).
+    fn set_worker(&self, worker_id: u32) {
+        self.inner.core.set_worker(worker_id);
+    }
+
+    /// The operation's name.
+    #[getter]
+    fn operation_type(&self) -> String {
+        self.inner.op().name.to_string()
+    }
+}
+
+impl LaneTask {
+    fn with_call<T>(&self, f: impl FnOnce(&Call) -> T) -> PyResult<T> {
+        self.call.lock().as_ref().map(f).ok_or_else(|| PyRuntimeError::new_err("this task was reported already"))
+    }
+}
