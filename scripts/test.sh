@@ -115,7 +115,8 @@ run_pytest() {
   scripts/install-browser.sh
   # So must the terminal tests (`tokengate top` and a progress bar in a tmux pane).
   scripts/install-tmux.sh
-  TOKENGATE_REQUIRE_BROWSER=1 TOKENGATE_REQUIRE_TMUX=1 PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
+  # And the Dask lane's tests (distributed comes with the test extra; loopback clusters only).
+  TOKENGATE_REQUIRE_DASK=1 TOKENGATE_REQUIRE_BROWSER=1 TOKENGATE_REQUIRE_TMUX=1 PATH="$ROOT/target/tools/usr/bin:$PATH" TOKENGATE_SOAK_SECONDS="${TOKENGATE_SOAK_SECONDS:-60}" \
     "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 

@@ -37,6 +37,7 @@ from .exceptions import (
     TaskTimeoutError,
     TokengateError,
     WorkerCrashedError,
+    WorkerLostError,
 )
 from .executor import Executor
 
@@ -83,6 +84,7 @@ __all__ = [
     "TryTokenCall",
     "UnpicklableError",
     "WorkerCrashedError",
+    "WorkerLostError",
     "__version__",
     "as_completed",
     "current_token",

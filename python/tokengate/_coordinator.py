@@ -77,6 +77,12 @@ class OperationsCoordinator:
     was sent, then exits; a fresh one takes its slot, and no token fails
     because of it (``get_stats()['lanes']['process']['recycled']`` counts them).
 
+    ``cluster`` (default None) is where ``cluster: True`` tokens run: a
+    ``distributed.Client``, ``"dask://HOST:PORT"``, ``"dask-local"`` (a Dask
+    ``LocalCluster`` in this process) or ``"dask-local:N"`` (N worker
+    processes); connected on the first such token, closed by ``stop()``
+    (a client passed in stays open). See ``tokengate._cluster``.
+
     ``caller_runs`` (default True): a thread other than the main thread that
     calls ``token.result()`` without a timeout on a token no worker has
     started yet runs the token itself, as a worker would (it takes the
@@ -136,6 +142,7 @@ class OperationsCoordinator:
         caller_runs: bool = True,
         blocking_aware: bool = True,
         blocking_threads: int = 256,
+        cluster: Any = None,
     ) -> None:
         self.workers_per_core: int = _positive_int("workers_per_core", workers_per_core, maximum=MAX_WORKERS)
         self.max_workers = _positive_int("max_workers", max_workers, allow_none=True, maximum=MAX_WORKERS)
@@ -207,6 +214,11 @@ class OperationsCoordinator:
         self.process_max_rss = _positive_int("process_max_rss", process_max_rss, allow_none=True)
         self._process_lane: Any = None
         # -- end of the process lane
+        #: Where ``cluster: True`` tokens run (see tokengate._cluster.connect); connected on first use.
+        from ._cluster import check_cluster
+
+        self.cluster: Any = check_cluster(cluster)
+        self._cluster_lane: Any = None
         self._engine: _tokengate.Engine | None = None
         self._last_engine: _tokengate.Engine | None = None
         self._servers: list[_tokengate.DashboardServer] = []
@@ -295,6 +307,10 @@ class OperationsCoordinator:
                 lane_done = lane.shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
                 joined = joined and (lane_done or not wait)
             # -- end of the process lane
+            cluster_lane, self._cluster_lane = self._cluster_lane, None
+            if cluster_lane is not None:
+                lane_done = cluster_lane.shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
+                joined = joined and (lane_done or not wait)
             self._last_engine = engine  # history stays readable after stop
             if joined or not wait:
                 self._engine = None
@@ -516,6 +532,9 @@ class OperationsCoordinator:
         lane = self._process_lane
         if lane is not None and lane.engine is engine:
             stats.setdefault("lanes", {})["process"] = lane.stats()
+        cluster_lane = self._cluster_lane
+        if cluster_lane is not None and cluster_lane.engine is engine:
+            stats.setdefault("lanes", {})[cluster_lane.name] = cluster_lane.stats()
         return stats
 
     def __repr__(self) -> str:

@@ -220,6 +220,8 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             external_calls=list(validated["external_calls"]) if "external_calls" in validated else None,
             digest_policy=validated.get("digest_policy", "full"),
         )
+        if validated.get("cluster") and (validated.get("process_pool") or validated.get("storage_speed")):
+            raise ValueError(f"{op}: cluster: True cannot be combined with process_pool or storage_speed")
         if validated.get("storage_speed") and validated.get("process_pool"):
             warnings.warn(
                 f"{op}: storage_speed and process_pool both set; the token stays on threads (the I/O lane)",
@@ -250,6 +252,11 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
         wrapper.options = functools.partial(CallWith, spec.submit_with)
         wrapper.try_submit = CallWith(spec.submit_with, block=False)
         wrapper.submit_async = CallWith(spec.submit_with).submit_async
+        if validated.get("cluster"):
+            # A cluster lane (python/tokengate/_cluster/) runs these tokens.
+            from ._cluster import cluster_wrapper
+
+            return cast("TokenFunction[P, R]", cluster_wrapper(spec, fn))
         if validated.get("process_pool") and not validated.get("storage_speed"):
             # The process lane (python/tokengate/_process/) runs these tokens.
             from ._process import process_wrapper

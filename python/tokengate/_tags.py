@@ -69,6 +69,7 @@ KNOWN_TAGS = (
     "weight",
     "storage_speed",
     "process_pool",
+    "cluster",
     "sticky_anchor",
     "external_calls",
     "hash_policy",
@@ -146,7 +147,7 @@ def _check(key: str, value: object) -> object:
         if isinstance(value, str) and value.upper() in STORAGE_TIERS:
             return value.upper()
         raise _bad_value(key, value, f"one of {_choices(STORAGE_TIERS)}")
-    if key == "process_pool":
+    if key in ("process_pool", "cluster"):
         if isinstance(value, bool):
             return value
         raise _bad_value(key, value, "True or False")

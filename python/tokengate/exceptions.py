@@ -29,6 +29,7 @@ __all__ = [
     "TaskTimeoutError",
     "TokengateError",
     "WorkerCrashedError",
+    "WorkerLostError",
 ]
 
 
@@ -111,6 +112,14 @@ class WorkerCrashedError(TokengateError):
     def __init__(self, message: str = "worker process died", exitcode: int | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
+
+
+class WorkerLostError(WorkerCrashedError):
+    """A cluster worker (or its node) was lost while it ran the task, and the token
+    had no retry left. A token with ``retries`` >= 1 is sent again instead."""
+
+    def __init__(self, message: str = "cluster worker lost", exitcode: int | None = None) -> None:
+        super().__init__(message, exitcode)
 
 
 class DependencyFailedError(TokengateError):

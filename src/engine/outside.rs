@@ -34,7 +34,7 @@
 //! * `pending` counts tokens placed on the lane and not resolved (queued,
 //!   taken, parked, waiting for inputs or a retry): the lane is idle at 0.
 
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
@@ -78,6 +78,8 @@ struct State<J> {
     heap: BinaryHeap<Queued<J>>,
     taken: HashSet<u64>,
     stopped: Vec<u64>,
+    /// Times each token went back to the queue unstarted (`requeue`), until it resolves.
+    requeues: HashMap<u64, u32>,
     asleep: bool,
     closed: bool,
 }
@@ -108,7 +110,14 @@ impl<J> OutsideQueue<J> {
         wake_rx.set_nonblocking(true)?;
         Ok(OutsideQueue {
             name: name.to_owned(),
-            state: Mutex::new(State { heap: BinaryHeap::new(), taken: HashSet::new(), stopped: Vec::new(), asleep: false, closed: false }),
+            state: Mutex::new(State {
+                heap: BinaryHeap::new(),
+                taken: HashSet::new(),
+                stopped: Vec::new(),
+                requeues: HashMap::new(),
+                asleep: false,
+                closed: false,
+            }),
             pending: AtomicI64::new(0),
             wake_tx,
             wake_rx,
@@ -160,10 +169,30 @@ impl<J> OutsideQueue<J> {
         Taken { jobs, stopped }
     }
 
-    /// The taker got nothing to do from `take` but will look again before it
-    /// sleeps (it took less than it had room for): wake it on the next push.
-    pub fn want_wake(&self) {
-        self.state.lock().asleep = true;
+    /// Puts a taken job back at its old place (the lane never started it).
+    /// Returns how many times this token went back so far, or hands the job
+    /// back when the lane is closed.
+    pub fn requeue(&self, key: i64, seq: u64, id: u64, job: J) -> Result<u32, J> {
+        let (n, wake) = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Err(job);
+            }
+            st.taken.remove(&id);
+            st.heap.push(Queued { key, seq, id, job });
+            let n = st.requeues.entry(id).or_insert(0);
+            *n += 1;
+            (*n, std::mem::replace(&mut st.asleep, false))
+        };
+        if wake {
+            self.wake();
+        }
+        Ok(n)
+    }
+
+    /// Times token `id` went back to the queue unstarted.
+    pub fn requeues(&self, id: u64) -> u32 {
+        self.state.lock().requeues.get(&id).copied().unwrap_or(0)
     }
 
     /// The lane resolves (or hands back) token `id` itself: no stop notice for it.
@@ -177,6 +206,9 @@ impl<J> OutsideQueue<J> {
         self.pending.fetch_sub(1, Ordering::Relaxed);
         let wake = {
             let mut st = self.state.lock();
+            if !st.requeues.is_empty() {
+                st.requeues.remove(&id);
+            }
             if !st.taken.remove(&id) {
                 return;
             }

@@ -51,13 +51,39 @@ pub(crate) struct OutsideLane {
 #[derive(Debug)]
 pub(crate) struct LaneTask {
     inner: Arc<TokenInner>,
-    token: Py<TaskToken>,
     call: Mutex<Option<Call>>,
     key: i64,
     seq: u64,
+    queue: Arc<OutsideQueue<PyJob>>,
+}
+
+impl Drop for LaneTask {
+    /// A task dropped before the lane reported it (a lane that lost it, or
+    /// one that could not become a Python object) kills its token: nothing
+    /// stays taken and unresolved.
+    fn drop(&mut self) {
+        if self.call.get_mut().take().is_some() {
+            self.queue.release(self.inner.id);
+            self.inner.kill_unreported();
+        }
+    }
 }
 
 impl OutsideLane {
+    /// Starts a job the queue handed over; None when it was parked by a
+    /// pause, or resolved while queued (then it is no longer taken).
+    fn start(&self, py: Python<'_>, q: crate::engine::outside::Queued<PyJob>) -> Option<LaneTask> {
+        let id = q.id;
+        let started = park_if_paused(py, q.job).and_then(PyJob::claim).filter(|(inner, _)| inner.core.start(OUTSIDE_WORKER, None));
+        let Some((inner, call)) = started else {
+            self.queue.release(id);
+            return None;
+        };
+        inner.attempts.store(inner.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
+        Some(LaneTask { inner, call: Mutex::new(Some(call)), key: q.key, seq: q.seq, queue: self.queue.clone() })
+    }
+
     fn engine(&self) -> PyResult<Arc<EngineShared>> {
         self.engine.upgrade().ok_or_else(|| PyRuntimeError::new_err("the engine of this lane is gone"))
     }
@@ -85,35 +111,32 @@ impl OutsideLane {
     /// Up to `max` queued tokens, started, in priority order; and the ids of
     /// taken tokens resolved from outside since the last call.
     fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<(Bound<'py, PyList>, Vec<u64>)> {
-        let taken = self.queue.take(max);
         let out = PyList::empty(py);
-        let mut short = false;
-        for q in taken.jobs {
-            let id = q.id;
-            let Some(job) = park_if_paused(py, q.job) else {
-                self.queue.release(id);
-                short = true;
-                continue;
-            };
-            let Some((inner, call)) = job.claim() else {
-                self.queue.release(id);
-                short = true;
-                continue;
-            };
-            if !inner.core.start(OUTSIDE_WORKER, None) {
-                self.queue.release(id); // cancelled, killed or timed out while queued
-                short = true;
-                continue;
+        let mut stopped = Vec::new();
+        // Jobs resolved while queued, or parked by a pause, are skipped: take
+        // again until `max` are out or the queue is empty (then the queue
+        // itself arms the wake-up, under its lock).
+        loop {
+            let want = max - out.len();
+            let taken = self.queue.take(want);
+            stopped.extend(taken.stopped);
+            if taken.jobs.is_empty() {
+                break;
             }
-            inner.attempts.store(inner.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
-            let token = Py::new(py, TaskToken { inner: inner.clone() })?;
-            out.append(LaneTask { inner, token, call: Mutex::new(Some(call)), key: q.key, seq: q.seq })?;
+            for q in taken.jobs {
+                if let Some(task) = self.start(py, q) {
+                    // A task that cannot become a Python object is dropped: its
+                    // `Drop` kills the token (nothing is left taken and unreported).
+                    if let Ok(task) = Py::new(py, task) {
+                        let _ = out.append(task);
+                    }
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
         }
-        if short && out.is_empty() && taken.stopped.is_empty() {
-            self.queue.want_wake();
-        }
-        Ok((out, taken.stopped))
+        Ok((out, stopped))
     }
 
     /// The task's function returned `value`. False when its token was
@@ -151,24 +174,32 @@ impl OutsideLane {
         Ok(false)
     }
 
-    /// Hands back a task the lane never started: it goes back to its place
-    /// in the queue (and may be cancelled again meanwhile). False when its
-    /// token was resolved first or the task was reported already.
-    fn requeue(&self, py: Python<'_>, task: &LaneTask) -> bool {
-        let Some(call) = self.settle(task) else {
-            return false;
+    /// Hands back a task the lane never started (its process died first): it
+    /// goes back to its place in the queue, held by a pause like any queued
+    /// token. Returns how many times its token went back so far (0 when it
+    /// was resolved first or the task was reported already).
+    fn requeue(&self, py: Python<'_>, task: &LaneTask) -> u32 {
+        let Some(call) = task.call.lock().take() else {
+            return 0;
         };
         let inner = &task.inner;
         if !inner.core.requeue() {
-            return false;
+            self.queue.release(inner.id);
+            return 0;
         }
+        // It never ran: this take was no attempt, and a pause holds it again.
+        inner.attempts.store(inner.attempts.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
         inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
+        inner.core.admit();
         let job = PyJob::new(inner.clone(), call);
-        if let Err(mut job) = self.queue.push(task.key, task.seq, inner.id, job) {
-            job.forget_call();
-            job.token().resolve(py, |_| true, TokenState::Cancelled, None);
+        match self.queue.requeue(task.key, task.seq, inner.id, job) {
+            Ok(n) => n,
+            Err(mut job) => {
+                job.forget_call();
+                job.token().resolve(py, |_| true, TokenState::Cancelled, None);
+                0
+            }
         }
-        true
     }
 
     /// No more tokens reach the lane; the queued ones are cancelled. Returns how many.
@@ -226,8 +257,8 @@ impl OutsideLane {
 #[pymethods]
 impl LaneTask {
     #[getter]
-    fn token(&self, py: Python<'_>) -> Py<TaskToken> {
-        self.token.clone_ref(py)
+    fn token(&self, py: Python<'_>) -> PyResult<Py<TaskToken>> {
+        Py::new(py, TaskToken { inner: self.inner.clone() })
     }
 
     #[getter]
@@ -255,6 +286,18 @@ impl LaneTask {
     #[getter]
     fn attempt(&self) -> u32 {
         self.inner.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Times its token went back to the queue unstarted (`OutsideLane.requeue`).
+    #[getter]
+    fn requeues(&self) -> u32 {
+        self.queue.requeues(self.inner.id)
+    }
+
+    /// The token's priority (higher runs first).
+    #[getter]
+    fn priority(&self) -> i64 {
+        self.inner.priority
     }
 
     /// Retries the token has left (a failed attempt is retried while above 0).

@@ -348,6 +348,17 @@ impl TokenInner {
         }
     }
 
+    /// Kills a token an outside lane took and dropped without reporting it
+    /// (see `outside.rs`). May run on any thread, attached or not.
+    pub(crate) fn kill_unreported(&self) {
+        let why = "the lane dropped a token it took without reporting how it ended".to_owned();
+        if let Some(listeners) = self.resolve_quiet(|s| s == TokenState::Executing, TokenState::Killed, None, Some(why)) {
+            if !listeners.is_empty() {
+                let _ = Python::try_attach(|py| fire(py, listeners));
+            }
+        }
+    }
+
     /// The outcome as a Python return value or exception. The token must be done.
     ///
     /// `asyncio`: for an awaiting coroutine or an asyncio callback. A

@@ -93,7 +93,6 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        self._requeues.pop(seq, None)
         state = item.token.state
         if state in ("timeout", "killed"):
             self._count("timeouts" if state == "timeout" else "killed")

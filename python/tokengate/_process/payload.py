@@ -75,7 +75,7 @@ def _type_name(obj: object) -> str:
     return name if mod in ("builtins", "", None) else f"{mod}.{name}"
 
 
-def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], lane: str = "the process lane") -> bytes:
     """Pickles (args, kwargs); UnpicklableError naming the first argument that fails."""
     if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
         return pickle.dumps((args, kwargs), _PROTO)
@@ -90,10 +90,8 @@ def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         try:
             _cloud_dumps(value)
         except Exception as exc:
-            raise UnpicklableError(
-                f"{op}: {what} ({_type_name(value)}) cannot be pickled for the process lane: {exc}"
-            ) from exc
-    raise UnpicklableError(f"{op}: the arguments cannot be pickled for the process lane: {first}") from first
+            raise UnpicklableError(f"{op}: {what} ({_type_name(value)}) cannot be pickled for {lane}: {exc}") from exc
+    raise UnpicklableError(f"{op}: the arguments cannot be pickled for {lane}: {first}") from first
 
 
 def _resolve_qualname(obj: Any, qualname: str) -> Any:
@@ -102,7 +100,7 @@ def _resolve_qualname(obj: Any, qualname: str) -> Any:
     return obj
 
 
-def _function_payload(pf: ProcessFunction) -> tuple[str, Any, Any]:
+def _function_payload(pf: ProcessFunction, lane: str = "the process lane") -> tuple[str, Any, Any]:
     """("ref", module, qualname) when the worker can import the decorated function by
     name, else ("value", pickled function, None)."""
     fn = pf._fn
@@ -120,5 +118,5 @@ def _function_payload(pf: ProcessFunction) -> tuple[str, Any, Any]:
         return ("value", _cloud_dumps(fn), None)
     except Exception as exc:
         raise UnpicklableError(
-            f"{pf._op}: the function {qualname or fn!r} cannot be pickled for the process lane: {exc}"
+            f"{pf._op}: the function {qualname or fn!r} cannot be pickled for {lane}: {exc}"
         ) from exc

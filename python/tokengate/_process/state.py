@@ -91,8 +91,6 @@ class _LaneState:
         self.outside = engine.add_outside_lane("process")
         #: Tokens taken and not reported, by id.
         self._running: dict[int, _Item] = {}
-        #: Times a process died with a token sent to it but not started, by token id.
-        self._requeues: dict[int, int] = {}
         self._workers: list[_Worker | None] = [None] * workers
         self._respawn_at: list[float] = [0.0] * workers
         #: Workers that retire once every token sent to them has answered.
@@ -149,9 +147,8 @@ class _LaneState:
         self._running.pop(item.seq, None)
         if item.done:
             return
-        n = self._requeues[item.seq] = self._requeues.get(item.seq, 0) + 1
+        n = item.task.requeues + 1
         if n >= _MAX_REQUEUES:
-            self._requeues.pop(item.seq, None)
             self._count("crashed")
             self._fail(
                 item,
@@ -171,7 +168,6 @@ class _LaneState:
         ``state`` ("failed", "killed")."""
         item.done = True
         self._running.pop(item.seq, None)
-        self._requeues.pop(item.seq, None)
         retry = retry and state == "failed" and not isinstance(exc, UnpicklableError)
         if not item.token.done():  # counted first: a waiter woken by the error sees it
             if retry and item.task.retries_left > 0:
@@ -185,7 +181,6 @@ class _LaneState:
     def _finish_ok(self, item: _Item, value: Any) -> None:
         item.done = True
         self._running.pop(item.seq, None)
-        self._requeues.pop(item.seq, None)
         if not item.token.done():  # counted first: a waiter woken by the result sees it
             self._count("completed")
         self.outside.finish(item.task, value)

@@ -285,7 +285,7 @@ class _Processes(_LaneState):
             tasks, stopped = self.outside.take(1024)
             for seq in stopped:
                 self._stopped(seq)
-            if not tasks:
+            if not tasks:  # take() skips dead jobs itself: none means the queue is empty
                 break
             for task in tasks:
                 self._fail(_Item(task), err, retry=False)

@@ -1,0 +1,84 @@
+"""``OperationsCoordinator(cluster=...)``: what it accepts, and connecting to it.
+
+* a ``distributed.Client`` (used as it is; tokengate never closes it);
+* ``"dask://HOST:PORT"``: a running Dask scheduler (a client of tokengate's own, closed at stop);
+* ``"dask-local"``: a ``LocalCluster`` in this process (threads, no worker processes);
+* ``"dask-local:N"``: a ``LocalCluster`` with N worker processes of one thread each.
+
+Local clusters listen on loopback only and have no dashboard. Their scheduler
+fails a task at once when the worker running it is lost
+(``distributed.scheduler.allowed-failures = 0``), so the engine's ``retries``
+decide whether it runs again; a cluster given by the user keeps its own setting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from typing import Any
+
+_LOCAL = re.compile(r"dask-local(?::(\d+))?$")
+_REMOTE = re.compile(r"dask://([^:/\s]+):(\d+)$")
+
+
+def _is_client(value: Any) -> bool:
+    return type(value).__name__ == "Client" and type(value).__module__.startswith("distributed")
+
+
+def check_cluster(value: Any) -> Any:
+    """``cluster=`` checked at construction: None, a Client, or one of the strings above."""
+    if value is None or _is_client(value):
+        return value
+    if isinstance(value, str):
+        m = _LOCAL.match(value)
+        if m is not None:
+            if m.group(1) is not None and not 1 <= int(m.group(1)) <= 256:
+                raise ValueError(f"cluster={value!r}: the number of worker processes must be 1 to 256")
+            return value
+        if _REMOTE.match(value):
+            return value
+    raise ValueError(
+        f"cluster must be a distributed.Client, 'dask://HOST:PORT', 'dask-local' or 'dask-local:N', got {value!r}"
+    )
+
+
+def connect(value: Any) -> tuple[Any, Any, bool]:
+    """(client, cluster it started or None, whether tokengate owns the client)."""
+    try:  # imported by name: an optional dependency, untyped, that the type gates need not have
+        dask: Any = importlib.import_module("dask")
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise ImportError("cluster lanes need Dask: pip install 'tokengate[dask]'") from exc
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
+    if _is_client(value):
+        return value, None, False
+    m = _LOCAL.match(value)
+    if m is not None:
+        n = m.group(1)
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            if n is None:
+                cluster = LocalCluster(  # in-process: the scheduler talks over inproc://, no socket
+                    processes=False,
+                    n_workers=1,
+                    threads_per_worker=os.cpu_count() or 1,
+                    dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"dashboard": False},
+                )
+            else:
+                cluster = LocalCluster(
+                    processes=True,
+                    n_workers=int(n),
+                    threads_per_worker=1,
+                    dashboard_address="127.0.0.1:0",
+                    host="127.0.0.1",
+                    scheduler_kwargs={"dashboard": False},
+                )
+        try:
+            return Client(cluster, set_as_default=False), cluster, True
+        except BaseException:
+            cluster.close()
+            raise
+    m = _REMOTE.match(value)
+    assert m is not None  # checked at construction
+    return Client(f"tcp://{m.group(1)}:{m.group(2)}", set_as_default=False), None, True

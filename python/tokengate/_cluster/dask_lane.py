@@ -1,0 +1,307 @@
+"""The Dask lane: one dispatcher thread between the engine's queue and a ``distributed.Client``.
+
+# Protocol
+
+* **Room.** The lane keeps at most one token per cluster thread
+  (``client.nthreads()``, read again every 0.5 s, so capacity follows workers
+  as they come and go) plus 64 sent ahead in the scheduler. The engine's
+  queue decides what goes out (priorities, aging, pauses and per-operation
+  limits hold across the cluster), and Dask starts what was sent ahead in
+  ``priority`` order as threads free up; without it each task would wait a
+  scheduler round trip after the one before. Each token goes out with
+  ``client.submit(RemoteCall, args, kwargs, key=..., priority=...,
+  pure=False)``, under a key of its own per attempt.
+* **Completion.** A future's done callback (on the client's event loop)
+  appends the token id to ``_done`` and writes a byte to the lane's pipe.
+  The dispatcher gathers the finished results in one call per wake-up and
+  reports each token once: ``finish``, or ``fail`` (the engine retries it
+  while it has ``retries`` left).
+* **Lost workers.** A task whose worker was lost fails with Dask's
+  ``KilledWorker`` (at once on tokengate's own local clusters, see
+  :mod:`.connect`): the token is retried, or fails with
+  :class:`~tokengate.exceptions.WorkerLostError`.
+* **Stop notices.** A taken token killed or timed out comes back from the
+  engine: its future is cancelled (``client.cancel(force=True)``). Dask cannot
+  interrupt a body already running in a worker thread; its result is dropped.
+* **Who touches what.** Only the dispatcher thread touches ``_inflight`` and
+  the client's blocking calls; callbacks only append to ``_done`` (a deque)
+  and write to the pipe. ``shutdown`` sets flags under ``_lock`` and wakes it.
+* **Stopping.** ``shutdown`` lets queued and running tokens finish
+  (``cancel_pending``: queued ones are cancelled); the dispatcher exits once
+  nothing of the lane is left, or at once on ``abort`` (the timeout passed):
+  running tokens end killed (``TaskKilledError('cluster_lane_stopped')``) and
+  their futures are cancelled. Then the client closes, and the local cluster
+  the lane started.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import threading
+import time
+from typing import Any
+
+from ..exceptions import TaskKilledError, WorkerLostError
+from .connect import connect
+
+#: How often the lane reads the cluster's thread count again (seconds).
+_CAPACITY_EVERY = 0.5
+
+#: Tokens sent ahead to the scheduler beyond one per cluster thread. Dask runs
+#: them in ``priority`` order as threads free up; without them each task would
+#: wait for a scheduler round trip after the one before it.
+_SEND_AHEAD = 64
+
+_log = logging.getLogger("tokengate.cluster")
+
+
+class DaskLane:
+    """The cluster lane of one running coordinator, on Dask."""
+
+    name = "dask"
+
+    def __init__(self, engine: Any, target: Any) -> None:
+        self.engine = engine
+        self.client, self._cluster, self._owns_client = connect(target)
+        try:
+            self.outside = engine.add_outside_lane("dask")
+        except BaseException:
+            self._close_client()
+            raise
+        self._lock = threading.Lock()
+        self._done: collections.deque[int] = collections.deque()
+        self._inflight: dict[int, tuple[Any, Any]] = {}
+        self._capacity = 0
+        self._capacity_at = 0.0
+        self._closing = False
+        self._cancel_pending = False
+        self._abort = False
+        self._exited = threading.Event()
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "retries": 0, "lost": 0, "cancelled": 0}
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._thread = threading.Thread(target=self._run, name="tokengate-dask-lane", daemon=True)
+        self._thread.start()
+
+    # -- control --------------------------------------------------------------------------
+
+    def submitted(self) -> None:
+        with self._lock:
+            self._counts["submitted"] += 1
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
+        """Stops the lane (see the module docs). True when the dispatcher has exited."""
+        with self._lock:
+            self._closing = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+        self._wake()
+        if not wait or threading.current_thread() is self._thread:
+            return False
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._abort = True
+            self._wake()
+            self._thread.join()
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+        out.update(self.outside.stats())
+        out.update(capacity=self._capacity, in_flight=len(self._inflight), closing=self._closing)
+        return out
+
+    def _wake(self) -> None:
+        with self._lock:  # never a write to a descriptor closed (and maybe reused) at exit
+            if self._wfd < 0:
+                return
+            try:
+                os.write(self._wfd, b"\0")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def _on_done(self, seq: int) -> None:
+        """A future finished (the client's event loop thread)."""
+        self._done.append(seq)
+        self._wake()
+
+    # -- dispatcher thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # pragma: no cover - a bug: fail what is left rather than hang
+            _log.exception("the Dask lane's dispatcher failed")
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._rfd, selectors.EVENT_READ)
+        sel.register(self.outside.wake_fd, selectors.EVENT_READ)
+        try:
+            while True:
+                with self._lock:
+                    closing, abort, cancel = self._closing, self._abort, self._cancel_pending
+                if abort:
+                    return
+                if closing and cancel:
+                    self.outside.cancel_queued()
+                self._settle()
+                now = time.monotonic()
+                if now - self._capacity_at >= _CAPACITY_EVERY:
+                    self._capacity_at = now
+                    self._capacity = self._read_capacity()
+                room = max(0, self._capacity + (_SEND_AHEAD if self._capacity else 0) - len(self._inflight))
+                tasks, stopped = self.outside.take(room)
+                if stopped:
+                    self._stop(stopped)
+                for task in tasks:
+                    self._send(task)
+                if tasks or stopped:
+                    continue
+                if closing and not self._inflight and not self._done and self.outside.pending == 0:
+                    return
+                for key, _ in sel.select(_CAPACITY_EVERY):
+                    if key.fd == self._rfd:
+                        try:
+                            while os.read(self._rfd, 4096):
+                                pass
+                        except OSError:
+                            pass
+                    else:
+                        self.outside.clear_wake()
+        finally:
+            sel.close()
+
+    def _read_capacity(self) -> int:
+        try:
+            return int(sum(self.client.nthreads().values()))
+        except Exception:  # the scheduler is unreachable now: send nothing more until it answers
+            return 0
+
+    def _send(self, task: Any) -> None:
+        key = f"{task.operation_type}-{task.id}-{task.attempt}"
+        try:
+            future = self.client.submit(task.func, task.args, task.kwargs, key=key, priority=task.priority, pure=False)
+        except Exception as exc:  # pickling, or the client is closed
+            with self._lock:
+                self._counts["failed"] += 1
+            self.outside.fail(task, exc, retry=False)
+            return
+        seq = task.id
+        self._inflight[seq] = (task, future)
+        future.add_done_callback(lambda _f, seq=seq: self._on_done(seq))
+
+    def _settle(self) -> None:
+        """Reports every future that finished, with one gather for the results."""
+        done: list[tuple[Any, Any]] = []
+        while self._done:
+            entry = self._inflight.pop(self._done.popleft(), None)
+            if entry is not None:  # None: stopped meanwhile
+                done.append(entry)
+        if not done:
+            return
+        ok = [(t, f) for t, f in done if f.status == "finished"]
+        if ok:
+            try:
+                values = self.client.gather([f for _, f in ok], errors="raise")
+            except Exception:  # one of them was lost since: gather them one by one
+                values = None
+            for i, (task, future) in enumerate(ok):
+                if values is not None:
+                    self._finish_ok(task, values[i])
+                    continue
+                try:
+                    value = future.result(timeout=30)
+                except BaseException as exc:
+                    self._failed(task, exc)
+                else:
+                    self._finish_ok(task, value)
+        for task, future in done:
+            if future.status == "finished":
+                continue
+            if future.status == "cancelled":
+                self._failed(
+                    task, WorkerLostError(f"token {task.id} ({task.operation_type}): the cluster cancelled it")
+                )
+                continue
+            error: BaseException | None
+            try:
+                error = future.exception(timeout=30)
+            except BaseException as err:
+                error = err
+            self._failed(
+                task, error if error is not None else RuntimeError("the cluster reported an error without one")
+            )
+
+    def _finish_ok(self, task: Any, value: Any) -> None:
+        if not task.token.done():  # counted first: a waiter woken by the result sees it
+            with self._lock:
+                self._counts["completed"] += 1
+        self.outside.finish(task, value)
+
+    def _failed(self, task: Any, exc: BaseException) -> None:
+        if type(exc).__name__ == "KilledWorker":
+            lost = WorkerLostError(f"token {task.id} ({task.operation_type}): the cluster worker running it was lost")
+            lost.__cause__ = exc
+            exc = lost
+        with self._lock:
+            if isinstance(exc, WorkerLostError):
+                self._counts["lost"] += 1
+            self._counts["retries" if task.retries_left > 0 else "failed"] += 1
+        self.outside.fail(task, exc)
+
+    def _stop(self, stopped: list[int]) -> None:
+        futures = []
+        for seq in stopped:
+            entry = self._inflight.pop(seq, None)
+            if entry is not None:
+                futures.append(entry[1])
+        if futures:
+            with self._lock:
+                self._counts["cancelled"] += len(futures)
+            try:
+                self.client.cancel(futures, force=True)
+            except Exception:
+                pass
+
+    def _finish(self) -> None:
+        """Dispatcher exit: cancel what is queued, end what runs, close the client."""
+        self.outside.close()
+        futures = []
+        for task, future in list(self._inflight.values()):
+            futures.append(future)
+            self.outside.fail(task, TaskKilledError("cluster_lane_stopped"), retry=False, state="killed")
+        self._inflight.clear()
+        if futures:
+            try:
+                self.client.cancel(futures, force=True)
+            except Exception:
+                pass
+        self._close_client()
+        with self._lock:
+            fds, self._rfd, self._wfd = (self._rfd, self._wfd), -1, -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._exited.set()
+
+    def _close_client(self) -> None:
+        if self._owns_client:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+        if self._cluster is not None:
+            try:
+                self._cluster.close()
+            except Exception:
+                pass

@@ -1,0 +1,136 @@
+"""The decorated function of a ``cluster: True`` operation, and what a cluster worker runs.
+
+``ClusterFunction`` has the thread wrapper's attributes (``map``, ``options``,
+``try_submit``, ``submit_async``, ...). A call checks, in the caller's thread,
+that the function and the arguments can be pickled (an
+:class:`~tokengate._process.UnpicklableError` naming the operation and the
+argument is raised there), then queues a token on the coordinator's cluster
+lane. The worker receives a :class:`RemoteCall`: the function by reference
+when it is importable by name (the worker imports it and calls the
+undecorated function), else by value; it loads it once per worker process.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, cast
+
+from .._process.payload import _dump_args, _function_payload
+from .._process.wrapper import ProcessFunction, _current_coordinator
+from .._tokengate import TaskToken
+from ..exceptions import NotStartedError, ShutdownError
+
+if TYPE_CHECKING:
+    from .dask_lane import DaskLane
+
+#: Functions loaded on this (worker) process, by payload.
+_LOADED: dict[Any, Any] = {}
+
+
+class RemoteCall:
+    """What a cluster worker calls: ``RemoteCall(payload)(args, kwargs)``."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: tuple[str, Any, Any]) -> None:
+        self.payload = payload
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fn = _LOADED.get(self.payload)
+        if fn is None:
+            from .._process.child import _load_function
+
+            fn = _LOADED[self.payload] = _load_function(self.payload)
+        return fn(*args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        return (RemoteCall, (self.payload,))
+
+    def __repr__(self) -> str:
+        kind, a, b = self.payload
+        return f"<tokengate remote call {a}.{b}>" if kind == "ref" else "<tokengate remote call (by value)>"
+
+
+class ClusterFunction(ProcessFunction):
+    """What ``@task_token_guard(tags={"cluster": True})`` returns: calling it returns a
+    token whose body runs on the coordinator's cluster."""
+
+    _remote: RemoteCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<cluster function {self._name} operation_type={self._op!r}>"
+
+    def _submit(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        block: bool = True,
+        admission_timeout: float | None = None,
+        probe: bool = False,
+    ) -> TaskToken[Any] | None:
+        self._check_arity(args, kwargs)
+        coordinator = _current_coordinator()
+        if coordinator is None:
+            raise NotStartedError(
+                "no OperationsCoordinator is running: start one with cluster=... "
+                "(for example OperationsCoordinator(cluster='dask-local')) before calling a cluster function"
+            )
+        remote = self._remote
+        if remote is None:
+            remote = self._remote = RemoteCall(_function_payload(self, "the cluster"))
+        if not any(type(a) is TaskToken for a in args) and not any(type(v) is TaskToken for v in kwargs.values()):
+            _dump_args(self._op, args, kwargs, "the cluster")  # raises UnpicklableError here, at the call
+        lane = lane_for(coordinator, self._op)
+        token: TaskToken[Any] | None = self.spec.submit_to(
+            lane.outside,
+            args,
+            kwargs,
+            func=remote,
+            priority=priority,
+            timeout=timeout,
+            retries=retries,
+            block=block,
+            admission_timeout=admission_timeout,
+            probe=probe,
+        )
+        if token is not None:
+            lane.submitted()
+        return token
+
+
+def cluster_wrapper(spec: Any, fn: Any) -> ClusterFunction:
+    """The decorator's hook: the wrapper of a ``cluster: True`` function."""
+    return ClusterFunction(spec, fn)
+
+
+_lane_lock = threading.Lock()
+
+
+def lane_for(coordinator: Any, op: str) -> DaskLane:
+    """The coordinator's cluster lane, connected on first use."""
+    lane = coordinator._cluster_lane
+    engine = coordinator._engine
+    if lane is not None and lane.engine is engine:
+        return cast("DaskLane", lane)
+    if coordinator.cluster is None:
+        raise ValueError(
+            f"{op}: this operation is tagged cluster: True, but the running coordinator has no cluster "
+            "(pass OperationsCoordinator(cluster='dask-local'), 'dask://HOST:PORT' or a distributed.Client)"
+        )
+    with _lane_lock:  # not coordinator._lock: stop() holds it while it waits for tasks
+        engine = coordinator._engine
+        if engine is None or not engine.running:
+            raise ShutdownError("cannot schedule new futures after shutdown")
+        lane = coordinator._cluster_lane
+        if lane is None or lane.engine is not engine:
+            from .dask_lane import DaskLane
+
+            lane = DaskLane(engine, coordinator.cluster)
+            coordinator._cluster_lane = lane
+    if not engine.running:
+        lane.shutdown(wait=True, timeout=5.0)
+        raise ShutdownError("cannot schedule new futures after shutdown")
+    return cast("DaskLane", lane)

@@ -1,0 +1,232 @@
+"""The Dask lane: ``OperationsCoordinator(cluster=...)`` and ``cluster: True`` operations.
+
+Most tests share one 2-process ``LocalCluster`` (loopback, one thread per worker,
+``allowed-failures = 0``) through a client passed as ``cluster=``; the tests of
+worker loss and of a clean stop start their own with ``cluster="dask-local:2"``.
+Set ``TOKENGATE_REQUIRE_DASK=1`` to fail, not skip, when ``distributed`` is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if not os.environ.get("TOKENGATE_REQUIRE_DASK"):
+    pytest.importorskip("distributed")
+
+import dask
+import distributed
+
+import tokengate
+from cluster_functions import fail, flaky, slow, square, stamp, where
+from support import wait_until
+from tokengate import (
+    OperationsCoordinator,
+    TaskKilledError,
+    TaskTimeoutError,
+    WorkerLostError,
+    task_token_guard,
+)
+from tokengate._process import UnpicklableError
+
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[distributed.Client]:
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            host="127.0.0.1",
+            scheduler_kwargs={"dashboard": False},
+        )
+    c = distributed.Client(cluster, set_as_default=False)
+    # Dask's own thread pools (callbacks, offloading) start on first use and stay for the
+    # process's life: start them here, before the tests count threads.
+    done = threading.Event()
+    f = c.submit(pow, 2, 3, pure=False)
+    f.add_done_callback(lambda _f: done.set())
+    assert c.gather([f]) == [8] and done.wait(10)
+    c.run(os.getpid)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+@pytest.fixture
+def coord(client: distributed.Client) -> Iterator[OperationsCoordinator]:
+    c = OperationsCoordinator(max_workers=2, cluster=client).start()
+    try:
+        yield c
+    finally:
+        c.stop(timeout=30)
+
+
+def scheduler_keys(client: distributed.Client, prefix: str) -> list[str]:
+    def keys(dask_scheduler: Any) -> list[str]:
+        return [str(k) for k in dask_scheduler.tasks if str(k).startswith(prefix)]
+
+    return list(client.run_on_scheduler(keys))
+
+
+def test_tokens_run_on_the_cluster_workers(coord: OperationsCoordinator, client: distributed.Client) -> None:
+    toks = [where(i) for i in range(40)]
+    got = tokengate.gather(toks, timeout=WAIT)
+    assert [x for x, _ in got] == list(range(40))
+    worker_pids = set(client.run(os.getpid).values())
+    assert {pid for _, pid in got} <= worker_pids and os.getpid() not in worker_pids
+    assert toks[0].lane == "dask" and toks[0].state == "completed"
+    stats = coord.get_stats()["lanes"]["dask"]
+    assert stats["submitted"] == stats["completed"] == 40 and stats["capacity"] == 2 and stats["pending"] == 0
+
+
+def test_await_result_and_map(coord: OperationsCoordinator) -> None:
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*[square(i) for i in range(5)]))
+
+    assert asyncio.run(main()) == [0, 1, 4, 9, 16]
+    assert square(7).result(timeout=WAIT) == 49
+    assert list(square.map(range(4))) == [0, 1, 4, 9]
+
+
+def test_an_exception_comes_back_as_raised(coord: OperationsCoordinator) -> None:
+    with pytest.raises(ValueError, match="bad 3"):
+        fail(3).result(timeout=WAIT)
+    assert coord.get_stats()["lanes"]["dask"]["failed"] == 1
+
+
+def test_retries_run_a_failed_token_again(coord: OperationsCoordinator, tmp_path: Path) -> None:
+    tok = flaky(str(tmp_path / "marker"))
+    assert tok.result(timeout=WAIT) == "second"
+    assert tok.attempts == 2
+
+
+def test_a_deadline_ends_a_cluster_token(coord: OperationsCoordinator, client: distributed.Client) -> None:
+    tok = slow.options(timeout=0.2)(1, 5.0)
+    with pytest.raises(TaskTimeoutError):
+        tok.result(timeout=WAIT)
+    assert wait_until(lambda: not scheduler_keys(client, f"cl_slow-{tok.token_id}-"), 5.0)
+
+
+def test_an_argument_that_cannot_be_pickled_fails_at_the_call(coord: OperationsCoordinator) -> None:
+    with pytest.raises(
+        UnpicklableError, match=r"cl_square: argument 0 \(_thread\.lock\) cannot be pickled for the cluster"
+    ):
+        square(threading.Lock())
+
+
+def test_tokens_as_arguments_reach_the_cluster_with_their_values(coord: OperationsCoordinator) -> None:
+    assert square(square(3)).result(timeout=WAIT) == 81
+
+
+def test_an_in_process_local_cluster() -> None:
+    with OperationsCoordinator(max_workers=1, cluster="dask-local") as c:
+        got = tokengate.gather([where(i) for i in range(10)], timeout=WAIT)
+        assert [x for x, _ in got] == list(range(10)) and {pid for _, pid in got} == {os.getpid()}
+        assert c.get_stats()["lanes"]["dask"]["completed"] == 10
+
+
+def test_a_cluster_operation_needs_a_coordinator_with_a_cluster() -> None:
+    with OperationsCoordinator(max_workers=1), pytest.raises(ValueError, match="tagged cluster: True"):
+        square(2)
+
+
+@pytest.mark.parametrize("bad", ["spark://h:1", "dask-local:0", "dask://host", 3])
+def test_a_bad_cluster_value_is_refused_at_construction(bad: Any) -> None:
+    with pytest.raises(ValueError, match="cluster"):
+        OperationsCoordinator(cluster=bad)
+
+
+def test_cluster_cannot_combine_with_process_pool() -> None:
+    with pytest.raises(ValueError, match="cannot be combined"):
+        task_token_guard(tags={"cluster": True, "process_pool": True})(lambda: None)
+
+
+def test_tokens_start_in_priority_order(coord: OperationsCoordinator) -> None:
+    rng = random.Random(7)
+    coord.pause_operation("cl_stamp")
+    prios = [rng.randrange(5) for _ in range(100)]
+    toks = [stamp.options(priority=p)(i, 0.005) for i, p in enumerate(prios)]
+    coord.resume_operation("cl_stamp")
+    results = tokengate.gather(toks, timeout=WAIT)
+    order = sorted(range(len(toks)), key=lambda i: results[i][1])  # by start time on the cluster
+    out_of_order = 0
+    for pos, i in enumerate(order):
+        later = order[pos + 1 :]
+        if any(prios[j] > prios[i] for j in later):
+            out_of_order += 1
+    assert out_of_order <= 2, [prios[i] for i in order]
+
+
+def test_killing_an_operation_stops_its_remote_tasks(coord: OperationsCoordinator, client: distributed.Client) -> None:
+    toks = [slow(i, 3.0) for i in range(12)]  # 2 run, 10 wait (sent ahead to the scheduler)
+    assert wait_until(lambda: coord.get_stats()["lanes"]["dask"]["in_flight"] == 12, 10.0)
+    assert wait_until(
+        lambda: sum(t.running() for t in toks) == 12 and len(scheduler_keys(client, "cl_slow-")) == 12, 10.0
+    )
+    t0 = time.monotonic()
+    assert coord.kill_all_by_operation("cl_slow") == 12
+    assert all(t.state == "killed" for t in toks)
+    for t in toks:
+        with pytest.raises(TaskKilledError):
+            t.result(timeout=0)
+    assert wait_until(lambda: not scheduler_keys(client, "cl_slow-"), 2.0)
+    assert time.monotonic() - t0 < 2.0
+    assert coord.get_stats()["lanes"]["dask"]["cancelled"] == 12
+
+
+def _kill_one_worker(lane: Any) -> int:
+    pids = sorted(lane.client.run(os.getpid).values())
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def test_a_lost_worker_is_survived_with_retries() -> None:
+    with OperationsCoordinator(max_workers=2, cluster="dask-local:2") as c:
+        toks = [slow.options(retries=1)(i, 0.05) for i in range(100)]
+        assert wait_until(lambda: sum(t.done() for t in toks) >= 20, WAIT)
+        t0 = time.monotonic()
+        _kill_one_worker(c._cluster_lane)
+        assert tokengate.gather(toks, timeout=10.0) == list(range(100))
+        assert time.monotonic() - t0 < 10.0
+        assert c.get_stats()["lanes"]["dask"]["lost"] >= 1
+
+
+def test_a_lost_worker_fails_its_token_without_retries() -> None:
+    with OperationsCoordinator(max_workers=2, cluster="dask-local:2") as c:
+        toks = [slow(i, 0.05) for i in range(100)]
+        assert wait_until(lambda: sum(t.done() for t in toks) >= 20, WAIT)
+        _kill_one_worker(c._cluster_lane)
+        assert wait_until(lambda: all(t.done() for t in toks), WAIT)
+        lost = [t for t in toks if t.state == "failed"]
+        assert lost and all(isinstance(t.exception(timeout=0), WorkerLostError) for t in lost)
+        assert all(t.result(timeout=0) == i for i, t in enumerate(toks) if t.state == "completed")
+        assert c.get_stats()["lanes"]["dask"]["lost"] == len(lost)
+
+
+def test_stop_leaves_no_worker_process_and_no_lane_thread() -> None:
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    c = OperationsCoordinator(max_workers=1, cluster="dask-local:2").start()
+    assert tokengate.gather([square(i) for i in range(4)], timeout=WAIT) == [0, 1, 4, 9]
+    started = {p.pid for p in me.children(recursive=True)} - before
+    assert started
+    assert c.stop(timeout=30)
+    assert wait_until(lambda: not ({p.pid for p in me.children(recursive=True)} & started), 10.0)
+    assert not [t for t in threading.enumerate() if t.name == "tokengate-dask-lane"]
