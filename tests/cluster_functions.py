@@ -44,3 +44,16 @@ def flaky(path: str) -> str:
             f.write("once")
         raise RuntimeError("first attempt fails")
     return "second"
+
+
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def sleep_and_return(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value

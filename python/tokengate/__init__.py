@@ -15,6 +15,7 @@ import logging as _logging
 from typing import Any
 
 from . import _tokengate, metrics
+from ._cluster.executor import ClusterExecutor
 from ._coordinator import OperationsCoordinator
 from ._decorator import TokenCall, TokenFunction, TryTokenCall, task_token_guard
 from ._gather import MapResults, as_completed, gather
@@ -59,6 +60,7 @@ def current_token() -> TaskToken[Any] | None:
 __all__ = [
     "TOKEN_STATES",
     "AdmissionRejectedError",
+    "ClusterExecutor",
     "DashboardServer",
     "DependencyFailedError",
     "DigestPolicy",

@@ -101,9 +101,13 @@ def _resolve_qualname(obj: Any, qualname: str) -> Any:
 
 
 def _function_payload(pf: ProcessFunction, lane: str = "the process lane") -> tuple[str, Any, Any]:
-    """("ref", module, qualname) when the worker can import the decorated function by
-    name, else ("value", pickled function, None)."""
-    fn = pf._fn
+    """The payload of a decorated function (see :func:`function_payload`)."""
+    return function_payload(pf._fn, pf._op, lane, pf)
+
+
+def function_payload(fn: Any, op: str, lane: str, wrapper: Any = None) -> tuple[str, Any, Any]:
+    """("ref", module, qualname) when a worker can import ``fn`` (or its decorated
+    ``wrapper``) by name, else ("value", pickled function, None)."""
     mod = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
     if isinstance(mod, str) and isinstance(qualname, str) and mod != "__main__" and "<locals>" not in qualname:
@@ -112,11 +116,9 @@ def _function_payload(pf: ProcessFunction, lane: str = "the process lane") -> tu
             found = _resolve_qualname(module, qualname) if module is not None else None
         except Exception:
             found = None
-        if found is pf or found is fn:
+        if found is fn or (wrapper is not None and found is wrapper):
             return ("ref", mod, qualname)
     try:
         return ("value", _cloud_dumps(fn), None)
     except Exception as exc:
-        raise UnpicklableError(
-            f"{pf._op}: the function {qualname or fn!r} cannot be pickled for {lane}: {exc}"
-        ) from exc
+        raise UnpicklableError(f"{op}: the function {qualname or fn!r} cannot be pickled for {lane}: {exc}") from exc
