@@ -37,6 +37,7 @@ from tokengate import (
     task_token_guard,
 )
 from tokengate._process import UnpicklableError
+from tokengate.metrics import generate_latest
 
 WAIT = 60.0
 
@@ -65,6 +66,11 @@ def client() -> Iterator[distributed.Client]:
     finally:
         c.close()
         cluster.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dask_pools_started(client: distributed.Client) -> None:
+    """Every test of the module counts threads after Dask's own pools started (see ``client``)."""
 
 
 @pytest.fixture
@@ -216,6 +222,9 @@ def test_a_lost_worker_fails_its_token_without_retries() -> None:
         assert lost and all(isinstance(t.exception(timeout=0), WorkerLostError) for t in lost)
         assert all(t.result(timeout=0) == i for i, t in enumerate(toks) if t.state == "completed")
         assert c.get_stats()["lanes"]["dask"]["lost"] == len(lost)
+        text = generate_latest(c).decode()
+        assert f'tokengate_lane_workers_lost_total{{pool="{c._engine.pool_id}",lane="dask"}} {len(lost)}' in text
+        assert f'tokengate_lane_tokens{{pool="{c._engine.pool_id}",lane="dask",state="taken"}} 0' in text
 
 
 def test_stop_leaves_no_worker_process_and_no_lane_thread() -> None:

@@ -3,7 +3,7 @@
 //! * [`pool`]: the work-stealing pool (crossbeam-deque, parking_lot sleep/wake,
 //!   per-core capacity, core pinning, the blocking monitor).
 //! * [`token`]: the token state machine ([`token::TokenCore`]).
-//! * [`lane`]: the elastic I/O lane, one tier per storage speed.
+//! * [`io_lane`]: the elastic I/O lane, one tier per storage speed.
 //! * [`outside`]: the queues of lanes that run tokens outside the engine's
 //!   threads (worker processes, a cluster): the lane takes, runs and reports.
 //! * [`timer`]: the deadline and retry timer thread.
@@ -20,7 +20,7 @@
 pub mod admission;
 pub mod cpu;
 pub mod error;
-pub mod lane;
+pub mod io_lane;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;

@@ -38,7 +38,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use super::sync::Mutex;
 
@@ -90,6 +90,8 @@ pub struct OutsideQueue<J> {
     name: String,
     state: Mutex<State<J>>,
     pending: AtomicI64,
+    /// Workers the lane lost while they ran its tokens (`note_lost`).
+    lost: AtomicU64,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
 }
@@ -119,6 +121,7 @@ impl<J> OutsideQueue<J> {
                 closed: false,
             }),
             pending: AtomicI64::new(0),
+            lost: AtomicU64::new(0),
             wake_tx,
             wake_rx,
         })
@@ -228,6 +231,16 @@ impl<J> OutsideQueue<J> {
     /// Tokens placed on the lane and not resolved.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// The lane lost a worker while it ran one of its tokens.
+    pub fn note_lost(&self) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Workers lost so far (see `note_lost`).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// (queued, taken).

@@ -22,7 +22,7 @@ use super::registry::live_engines;
 use super::stats::{engine_stats, records_list};
 use super::thread::running_token;
 use super::token::{cancel_jobs, Ledger};
-use crate::engine::lane::Lane;
+use crate::engine::io_lane::Lane;
 use crate::engine::outside::{OutsideQueue, MAX_OUTSIDE_LANES};
 use crate::engine::pool::{Pool, PoolConfig, Topology};
 use crate::engine::routing::{DomainTable, StickyTable};

@@ -35,7 +35,7 @@ use pyo3::prelude::*;
 use super::detached::wait_detached;
 use super::exceptions::BindError;
 use super::token::{cancel_jobs, LaneKind, Ledger, OpState, PyJob, TokenInner};
-use crate::engine::lane::Lane;
+use crate::engine::io_lane::Lane;
 use crate::engine::pool::{Pool, Topology};
 use crate::engine::routing::{DomainTable, StickyTable};
 use crate::engine::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
@@ -106,7 +106,7 @@ static UNJOINED: Mutex<Vec<Unjoined>> = Mutex::new(Vec::new());
 #[derive(Debug)]
 pub(crate) enum Unjoined {
     Worker(std::thread::JoinHandle<()>),
-    Lane(crate::engine::lane::LaneJoiner),
+    Lane(crate::engine::io_lane::LaneJoiner),
 }
 
 impl EngineShared {

@@ -12,7 +12,7 @@ use super::engine_shared::EngineShared;
 use super::run::execute;
 use super::thread::WORKER;
 use super::token::PyJob;
-use crate::engine::lane::{LaneHost, LaneThread};
+use crate::engine::io_lane::{LaneHost, LaneThread};
 use crate::engine::pool::{Host, WorkerHooks, WorkerInfo, WorkerLoop};
 
 /// Runs the workers of one engine: attached to Python for their whole life.

@@ -25,6 +25,14 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
             ("process", lg.process_workers.load(Ordering::Relaxed)),
         ],
         admission_paused: lg.admission_paused.load(Ordering::Relaxed),
+        outside: lg
+            .outside
+            .all()
+            .map(|q| {
+                let (queued, taken) = q.counts();
+                (q.name().to_owned(), queued as u64, taken as u64, q.lost())
+            })
+            .collect(),
     };
     let ops = lg
         .ops()

@@ -243,6 +243,12 @@ impl OutsideLane {
         self.queue.is_closed()
     }
 
+    /// The lane lost a worker while it ran one of its tokens (counted in the
+    /// metrics: `tokengate_lane_workers_lost_total`).
+    fn note_lost(&self) {
+        self.queue.note_lost();
+    }
+
     /// `{"queued": n, "taken": n, "pending": n}`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (queued, taken) = self.queue.counts();

@@ -251,6 +251,8 @@ class DaskLane:
             lost = WorkerLostError(f"token {task.id} ({task.operation_type}): the cluster worker running it was lost")
             lost.__cause__ = exc
             exc = lost
+        if isinstance(exc, WorkerLostError):
+            self.outside.note_lost()
         with self._lock:
             if isinstance(exc, WorkerLostError):
                 self._counts["lost"] += 1
