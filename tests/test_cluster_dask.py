@@ -12,6 +12,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,9 +159,34 @@ def test_a_bad_cluster_value_is_refused_at_construction(bad: Any) -> None:
         OperationsCoordinator(cluster=bad)
 
 
-def test_cluster_cannot_combine_with_process_pool() -> None:
-    with pytest.raises(ValueError, match="cannot be combined"):
-        task_token_guard(tags={"cluster": True, "process_pool": True})(lambda: None)
+@pytest.mark.parametrize("tag", [{"process_pool": True}, {"sticky_anchor": "k"}, {"external_calls": ["x"]}])
+def test_cluster_cannot_combine_with_thread_placement(tag: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=f"cannot be combined with {next(iter(tag))}"):
+        task_token_guard(tags={"cluster": True, **tag})(lambda: None)
+
+
+def test_an_unpicklable_argument_beside_a_token_fails_at_the_call(coord: OperationsCoordinator) -> None:
+    with pytest.raises(UnpicklableError, match=r"argument 1 \(_thread\.lock\)"):
+        slow(square(2), threading.Lock())
+
+
+@pytest.mark.subprocess
+def test_interpreter_exit_runs_queued_cluster_tokens(tmp_path: Path) -> None:
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tokengate import OperationsCoordinator\n"
+        "from cluster_functions import slow\n"
+        "if __name__ == '__main__':\n"
+        "    OperationsCoordinator(max_workers=1, cluster='dask-local:2').start()\n"
+        "    toks = [slow(i, 0.05) for i in range(6)]\n"
+        "    toks[-1].add_done_callback(lambda t: print('last', t.result(), flush=True))\n"
+        "    # no stop(): interpreter exit runs queued work, then the lane and its cluster close\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "last 5" in proc.stdout
 
 
 def test_tokens_start_in_priority_order(coord: OperationsCoordinator) -> None:

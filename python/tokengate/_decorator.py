@@ -220,8 +220,11 @@ def task_token_guard(operation_type: Any = None, tags: Mapping[str, Any] | None 
             external_calls=list(validated["external_calls"]) if "external_calls" in validated else None,
             digest_policy=validated.get("digest_policy", "full"),
         )
-        if validated.get("cluster") and (validated.get("process_pool") or validated.get("storage_speed")):
-            raise ValueError(f"{op}: cluster: True cannot be combined with process_pool or storage_speed")
+        clash = [t for t in ("process_pool", "storage_speed", "sticky_anchor", "external_calls") if validated.get(t)]
+        if validated.get("cluster") and clash:
+            raise ValueError(
+                f"{op}: cluster: True cannot be combined with {', '.join(clash)} (they place tokens on this process's threads)"
+            )
         if validated.get("storage_speed") and validated.get("process_pool"):
             warnings.warn(
                 f"{op}: storage_speed and process_pool both set; the token stays on threads (the I/O lane)",

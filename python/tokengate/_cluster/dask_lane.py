@@ -42,6 +42,8 @@ import os
 import selectors
 import threading
 import time
+import uuid
+import weakref
 from typing import Any
 
 from ..exceptions import TaskKilledError, WorkerLostError
@@ -54,6 +56,40 @@ _CAPACITY_EVERY = 0.5
 #: them in ``priority`` order as threads free up; without them each task would
 #: wait for a scheduler round trip after the one before it.
 _SEND_AHEAD = 64
+
+#: How long ``shutdown`` waits for the dispatcher once its timeout passed (seconds).
+_ABORT_WAIT = 10.0
+
+_LANES: weakref.WeakSet[DaskLane] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_hook_registered = False
+
+
+def _shutdown_all_lanes() -> None:
+    for lane in list(_LANES):
+        try:
+            lane.shutdown(wait=True, timeout=10.0)
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _ensure_exit_hook() -> None:
+    """Registers, once, a hook that stops every Dask lane at interpreter exit. It runs
+    before ``concurrent.futures`` shuts its executors down (hooks run last-registered
+    first), so the client's done callbacks, which run on one of those, still arrive
+    while queued and running cluster tokens finish."""
+    global _hook_registered
+    with _hook_lock:
+        if _hook_registered:
+            return
+        _hook_registered = True
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is not None:
+                register(_shutdown_all_lanes)
+        except RuntimeError:  # interpreter already shutting down
+            pass
+
 
 _log = logging.getLogger("tokengate.cluster")
 
@@ -84,7 +120,10 @@ class DaskLane:
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        self._prefix = uuid.uuid4().hex[:12]
         self._thread = threading.Thread(target=self._run, name="tokengate-dask-lane", daemon=True)
+        _LANES.add(self)
+        _ensure_exit_hook()
         self._thread.start()
 
     # -- control --------------------------------------------------------------------------
@@ -106,8 +145,10 @@ class DaskLane:
             with self._lock:
                 self._abort = True
             self._wake()
-            self._thread.join()
-        return True
+            # The dispatcher may be inside a call to the scheduler; it ends what it holds
+            # when that returns.
+            self._thread.join(_ABORT_WAIT)
+        return not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -186,7 +227,8 @@ class DaskLane:
             return 0
 
     def _send(self, task: Any) -> None:
-        key = f"{task.operation_type}-{task.id}-{task.attempt}"
+        # Token ids restart at 1 in every process: the lane's prefix keeps keys apart on a shared scheduler.
+        key = f"{task.operation_type}-{self._prefix}-{task.id}-{task.attempt}"
         try:
             future = self.client.submit(task.func, task.args, task.kwargs, key=key, priority=task.priority, pure=False)
         except Exception as exc:  # pickling, or the client is closed
@@ -194,46 +236,48 @@ class DaskLane:
                 self._counts["failed"] += 1
             self.outside.fail(task, exc, retry=False)
             return
+        self._watch(task, future)
+
+    def _watch(self, task: Any, future: Any) -> None:
         seq = task.id
         self._inflight[seq] = (task, future)
         future.add_done_callback(lambda _f, seq=seq: self._on_done(seq))
 
     def _settle(self) -> None:
-        """Reports every future that finished, with one gather for the results."""
-        done: list[tuple[Any, Any]] = []
+        """Reports every future that finished, with one gather for the results. Each
+        future's status is read once: one "lost" since its callback (its worker died
+        with the result) is watched again, and reported when Dask has recomputed it."""
+        ok: list[tuple[Any, Any]] = []
+        failed: list[tuple[Any, Any, str]] = []
         while self._done:
             entry = self._inflight.pop(self._done.popleft(), None)
-            if entry is not None:  # None: stopped meanwhile
-                done.append(entry)
-        if not done:
-            return
-        ok = [(t, f) for t, f in done if f.status == "finished"]
+            if entry is None:  # stopped meanwhile
+                continue
+            status = entry[1].status
+            if status == "finished":
+                ok.append(entry)
+            elif status in ("error", "cancelled"):
+                failed.append((*entry, status))
+            else:  # lost or pending again: not done after all
+                self._watch(*entry)
         if ok:
             try:
                 values = self.client.gather([f for _, f in ok], errors="raise")
-            except Exception:  # one of them was lost since: gather them one by one
-                values = None
-            for i, (task, future) in enumerate(ok):
-                if values is not None:
-                    self._finish_ok(task, values[i])
-                    continue
-                try:
-                    value = future.result(timeout=30)
-                except BaseException as exc:
-                    self._failed(task, exc)
-                else:
+            except Exception:  # one was lost since: watch them again, each ends on its own
+                for entry in ok:
+                    self._watch(*entry)
+            else:
+                for (task, _), value in zip(ok, values):
                     self._finish_ok(task, value)
-        for task, future in done:
-            if future.status == "finished":
-                continue
-            if future.status == "cancelled":
+        for task, future, status in failed:
+            if status == "cancelled":
                 self._failed(
                     task, WorkerLostError(f"token {task.id} ({task.operation_type}): the cluster cancelled it")
                 )
                 continue
             error: BaseException | None
             try:
-                error = future.exception(timeout=30)
+                error = future.exception(timeout=5)  # held by the client: no trip to a worker
             except BaseException as err:
                 error = err
             self._failed(

@@ -81,8 +81,13 @@ class ClusterFunction(ProcessFunction):
         remote = self._remote
         if remote is None:
             remote = self._remote = RemoteCall(_function_payload(self, "the cluster"))
-        if not any(type(a) is TaskToken for a in args) and not any(type(v) is TaskToken for v in kwargs.values()):
-            _dump_args(self._op, args, kwargs, "the cluster")  # raises UnpicklableError here, at the call
+        # Raises UnpicklableError here, at the call (tokens among the arguments are sent as their values later).
+        _dump_args(
+            self._op,
+            tuple(None if type(a) is TaskToken else a for a in args),
+            {k: (None if type(v) is TaskToken else v) for k, v in kwargs.items()},
+            "the cluster",
+        )
         lane = lane_for(coordinator, self._op)
         token: TaskToken[Any] | None = self.spec.submit_to(
             lane.outside,
