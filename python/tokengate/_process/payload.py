@@ -77,7 +77,8 @@ def _type_name(obj: object) -> str:
 
 def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], lane: str = "the process lane") -> bytes:
     """Pickles (args, kwargs); UnpicklableError naming the first argument that fails."""
-    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+    plain = _PLAIN.__contains__
+    if all(map(plain, map(type, args))) and all(map(plain, map(type, kwargs.values()))):
         return pickle.dumps((args, kwargs), _PROTO)
     try:
         return _cloud_dumps((args, kwargs))

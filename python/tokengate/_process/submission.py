@@ -46,7 +46,7 @@ class _Submission(_LaneState):
         probe: bool,
     ) -> TaskToken[Any] | None:
         func: Any = pf
-        if not any(type(a) is TaskToken for a in args) and not any(type(v) is TaskToken for v in kwargs.values()):
+        if TaskToken not in map(type, args) and TaskToken not in map(type, kwargs.values()):
             try:  # pickled here, in the caller's thread (see the module docs)
                 pf._payload_of()
                 func, args, kwargs = (pf, _dump_args(pf._op, args, kwargs)), (), {}

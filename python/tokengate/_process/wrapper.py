@@ -170,13 +170,26 @@ def process_wrapper(spec: Any, fn: Any) -> ProcessFunction:
 _newest: tuple[int, Any, int] = (-1, None, -1)
 
 
+_books: tuple[Any, Any] | None = None
+
+
+def _coordinator_books() -> tuple[Any, Any]:
+    """The coordinator module's running coordinators and start count (imported once:
+    that module imports this one)."""
+    global _books
+    if _books is None:
+        from .._coordinator import _live, _starts
+
+        _books = (_live, _starts)
+    return _books
+
+
 def _current_coordinator() -> Any:
     """The newest running coordinator that takes decorated calls (highest pool id).
 
     Cached until another coordinator starts or the cached one stops."""
     global _newest
-    from .._coordinator import _live, _starts
-
+    _live, _starts = _coordinator_books()
     starts, ref, pool_id = _newest
     if starts == _starts[0] and ref is not None:
         c = ref()
