@@ -139,6 +139,26 @@ def test_an_argument_that_cannot_be_pickled_fails_at_the_call(coord: OperationsC
 
 def test_tokens_as_arguments_reach_the_cluster_with_their_values(coord: OperationsCoordinator) -> None:
     assert square(square(3)).result(timeout=WAIT) == 81
+    assert slow(x=square(4), seconds=0.01).result(timeout=WAIT) == 16
+
+
+def test_an_input_token_of_the_lane_stays_on_the_cluster(coord: OperationsCoordinator) -> None:
+    inp = slow(3, 0.3)
+    tok = square(inp)  # linked while the input still runs: its Dask future is passed on
+    assert tok.result(timeout=WAIT) == 9 and inp.result(timeout=0) == 3
+    stats = coord.get_stats()["lanes"]["dask"]
+    assert stats["linked"] == 1
+    lane = coord._cluster_lane
+    assert lane._kept == {} and lane._wanted == {}
+
+
+def test_a_failed_input_token_fails_the_linked_call(coord: OperationsCoordinator) -> None:
+    from tokengate import DependencyFailedError
+
+    tok = square(fail(1))
+    with pytest.raises(DependencyFailedError):
+        tok.result(timeout=WAIT)
+    assert coord._cluster_lane._wanted == {}
 
 
 def test_an_in_process_local_cluster() -> None:

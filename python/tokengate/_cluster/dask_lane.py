@@ -20,6 +20,13 @@
   ``KilledWorker`` (at once on tokengate's own local clusters, see
   :mod:`.connect`): the token is retried, or fails with
   :class:`~tokengate.exceptions.WorkerLostError`.
+* **Tokens as arguments.** The engine holds a token until its input tokens
+  resolve. An input that is a token of this lane stays on the cluster: the
+  call carries a marker for it (and the input itself, under a keyword the
+  engine fills with its value), the lane keeps the input's Dask future when
+  it finishes, and sends the dependent with that future in the marker's
+  place, so the value goes from worker to worker, not back up from the
+  client. An input that finished before the link was made goes as its value.
 * **Stop notices.** A taken token killed or timed out comes back from the
   engine: its future is cancelled (``client.cancel(force=True)``). Dask cannot
   interrupt a body already running in a worker thread; its result is dropped.
@@ -46,6 +53,7 @@ import uuid
 import weakref
 from typing import Any
 
+from .._tokengate import TaskToken
 from ..exceptions import TaskKilledError, WorkerLostError
 from .connect import connect
 
@@ -94,6 +102,24 @@ def _ensure_exit_hook() -> None:
 _log = logging.getLogger("tokengate.cluster")
 
 
+#: Most input futures the lane keeps for calls not sent yet (a call cancelled meanwhile never
+#: takes its input's back: the oldest go first past this).
+_KEPT_MAX = 4096
+
+#: The keyword under which a linked input token travels through the engine (its value comes back there).
+_INPUT_KEY = "__tokengate_input_{}__"
+
+
+class _Input:
+    """Stands for linked input ``index`` (token ``token_id``) in a cluster call's arguments."""
+
+    __slots__ = ("index", "token_id")
+
+    def __init__(self, index: int, token_id: int) -> None:
+        self.index = index
+        self.token_id = token_id
+
+
 class DaskLane:
     """The cluster lane of one running coordinator, on Dask."""
 
@@ -110,13 +136,25 @@ class DaskLane:
         self._lock = threading.Lock()
         self._done: collections.deque[int] = collections.deque()
         self._inflight: dict[int, tuple[Any, Any]] = {}
+        #: Inputs of calls not sent yet: token id -> how many calls wait for it.
+        self._wanted: dict[int, int] = {}
+        #: Futures of finished input tokens that calls still want, by token id.
+        self._kept: dict[int, Any] = {}
         self._capacity = 0
         self._capacity_at = 0.0
         self._closing = False
         self._cancel_pending = False
         self._abort = False
         self._exited = threading.Event()
-        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "retries": 0, "lost": 0, "cancelled": 0}
+        self._counts = {
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "retries": 0,
+            "lost": 0,
+            "cancelled": 0,
+            "linked": 0,
+        }
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -131,6 +169,54 @@ class DaskLane:
     def submitted(self) -> None:
         with self._lock:
             self._counts["submitted"] += 1
+
+    def link_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A cluster call's arguments with each input token of this lane linked (see the
+        module docs); other tokens stay as they are (the engine sends their values)."""
+        out_kwargs: dict[str, Any] = {}
+        n = 0
+
+        def link(v: Any) -> Any:
+            nonlocal n
+            if type(v) is not TaskToken or v.lane != "dask" or v.done():
+                return v
+            with self._lock:
+                self._wanted[v.token_id] = self._wanted.get(v.token_id, 0) + 1
+            out_kwargs[_INPUT_KEY.format(n)] = v
+            n += 1
+            return _Input(n - 1, v.token_id)
+
+        new_args = tuple(link(a) for a in args)
+        new_kwargs = {k: link(v) for k, v in kwargs.items()}
+        new_kwargs.update(out_kwargs)
+        return new_args, new_kwargs
+
+    def _unlink(self, task: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with linked inputs replaced: a kept future, or the value."""
+        args, kwargs = task.args, task.kwargs
+        if _INPUT_KEY.format(0) not in kwargs:
+            return args, kwargs
+        kwargs = dict(kwargs)
+        values = []
+        while _INPUT_KEY.format(len(values)) in kwargs:
+            values.append(kwargs.pop(_INPUT_KEY.format(len(values))))
+
+        def resolve(v: Any) -> Any:
+            if type(v) is not _Input:
+                return v
+            with self._lock:
+                future = self._kept.get(v.token_id)
+                left = self._wanted.get(v.token_id, 1) - 1
+                if left > 0:
+                    self._wanted[v.token_id] = left
+                else:
+                    self._wanted.pop(v.token_id, None)
+                    self._kept.pop(v.token_id, None)
+                if future is not None:
+                    self._counts["linked"] += 1
+            return future if future is not None else values[v.index]
+
+        return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
         """Stops the lane (see the module docs). True when the dispatcher has exited."""
@@ -230,7 +316,8 @@ class DaskLane:
         # Token ids restart at 1 in every process: the lane's prefix keeps keys apart on a shared scheduler.
         key = f"{task.operation_type}-{self._prefix}-{task.id}-{task.attempt}"
         try:
-            future = self.client.submit(task.func, task.args, task.kwargs, key=key, priority=task.priority, pure=False)
+            args, kwargs = self._unlink(task)
+            future = self.client.submit(task.func, args, kwargs, key=key, priority=task.priority, pure=False)
         except Exception as exc:  # pickling, or the client is closed
             with self._lock:
                 self._counts["failed"] += 1
@@ -267,7 +354,15 @@ class DaskLane:
                 for entry in ok:
                     self._watch(*entry)
             else:
-                for (task, _), value in zip(ok, values):
+                for (task, future), value in zip(ok, values):
+                    if task.id in self._wanted:  # an input of calls not sent yet: keep it on the cluster
+                        with self._lock:
+                            if task.id in self._wanted:
+                                self._kept[task.id] = future
+                                if len(self._kept) > _KEPT_MAX:  # calls cancelled before they were sent
+                                    oldest = next(iter(self._kept))
+                                    self._kept.pop(oldest)
+                                    self._wanted.pop(oldest, None)
                     self._finish_ok(task, value)
         for task, future, status in failed:
             if status == "cancelled":
@@ -297,6 +392,9 @@ class DaskLane:
             exc = lost
         if isinstance(exc, WorkerLostError):
             self.outside.note_lost()
+        if task.retries_left == 0:  # it ends here: calls waiting for it fail without it
+            with self._lock:
+                self._wanted.pop(task.id, None)
         with self._lock:
             if isinstance(exc, WorkerLostError):
                 self._counts["lost"] += 1
@@ -306,6 +404,8 @@ class DaskLane:
     def _stop(self, stopped: list[int]) -> None:
         futures = []
         for seq in stopped:
+            with self._lock:
+                self._wanted.pop(seq, None)
             entry = self._inflight.pop(seq, None)
             if entry is not None:
                 futures.append(entry[1])

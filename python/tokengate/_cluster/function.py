@@ -89,6 +89,8 @@ class ClusterFunction(ProcessFunction):
             "the cluster",
         )
         lane = lane_for(coordinator, self._op)
+        if TaskToken in map(type, args) or TaskToken in map(type, kwargs.values()):
+            args, kwargs = lane.link_inputs(args, kwargs)
         token: TaskToken[Any] | None = self.spec.submit_to(
             lane.outside,
             args,
