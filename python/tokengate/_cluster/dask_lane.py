@@ -197,7 +197,7 @@ class DaskLane:
         if _INPUT_KEY.format(0) not in kwargs:
             return args, kwargs
         kwargs = dict(kwargs)
-        values = []
+        values: list[Any] = []
         while _INPUT_KEY.format(len(values)) in kwargs:
             values.append(kwargs.pop(_INPUT_KEY.format(len(values))))
 
