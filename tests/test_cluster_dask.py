@@ -9,6 +9,8 @@ Set ``TOKENGATE_REQUIRE_DASK=1`` to fail, not skip, when ``distributed`` is miss
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 import os
 import random
 import signal
@@ -100,6 +102,18 @@ def test_tokens_run_on_the_cluster_workers(coord: OperationsCoordinator, client:
     assert toks[0].lane == "dask" and toks[0].state == "completed"
     stats = coord.get_stats()["lanes"]["dask"]
     assert stats["submitted"] == stats["completed"] == 40 and stats["capacity"] == 2 and stats["pending"] == 0
+
+
+def test_status_shows_the_cluster_lane(coord: OperationsCoordinator) -> None:
+    from tokengate.__main__ import main as cli_main
+
+    tokengate.gather([square(i) for i in range(3)], timeout=WAIT)
+    with coord.serve(auth=False) as server:
+        snap = json.loads(urllib.request.urlopen(server.url.rstrip("/") + "/api/v1/snapshot", timeout=10).read())
+        (row,) = [lane for lane in snap["lanes"] if lane["lane"] == "dask"]
+        assert row == {"lane": "dask", "workers": 2, "running": 0, "queued": 0}
+        assert {lane["lane"] for lane in snap["lanes"]} >= {"cpu", "io", "process", "dask"}
+        assert cli_main(["status", "--url", server.url, "--json"]) == 0  # the CLI's schema accepts it
 
 
 def test_await_result_and_map(coord: OperationsCoordinator) -> None:

@@ -92,6 +92,8 @@ pub struct OutsideQueue<J> {
     pending: AtomicI64,
     /// Workers the lane lost while they ran its tokens (`note_lost`).
     lost: AtomicU64,
+    /// Workers (threads, processes) the lane has now, as it reports them.
+    workers: AtomicU64,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
 }
@@ -122,6 +124,7 @@ impl<J> OutsideQueue<J> {
             }),
             pending: AtomicI64::new(0),
             lost: AtomicU64::new(0),
+            workers: AtomicU64::new(0),
             wake_tx,
             wake_rx,
         })
@@ -241,6 +244,16 @@ impl<J> OutsideQueue<J> {
     /// Workers lost so far (see `note_lost`).
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// The lane has `n` workers now (threads or processes that run its tokens).
+    pub fn set_workers(&self, n: u64) {
+        self.workers.store(n, Ordering::Relaxed);
+    }
+
+    /// Workers the lane reported last.
+    pub fn workers(&self) -> u64 {
+        self.workers.load(Ordering::Relaxed)
     }
 
     /// (queued, taken).

@@ -100,6 +100,22 @@ fn snapshot(sh: &EngineShared) -> Value {
     let io_queued: usize = io.tiers.iter().map(|t| t.queued).sum();
     let cpu_queued = pool.queued_global + pool.queued_local.iter().sum::<usize>() + pool.deferred + pool.inbox.iter().sum::<usize>();
     let outcome = |o: Outcome| outcomes[o as usize];
+    let mut lanes = vec![
+        json!({ "lane": "cpu", "workers": pool.alive, "running": lg.running().saturating_sub(io_running as u64), "queued": cpu_queued }),
+        json!({ "lane": "io", "workers": io.threads, "running": io_running, "queued": io_queued,
+          "tiers": STORAGE_TIERS.iter().zip(&io.tiers).map(|(name, t)| json!({
+              "tier": name, "limit": t.limit, "running": t.running, "queued": t.queued })).collect::<Vec<_>>() }),
+    ];
+    // The outside lanes: the process lane (a row even before its first token), then clusters.
+    let outside: Vec<_> = lg.outside.all().collect();
+    if !outside.iter().any(|q| q.name() == "process") {
+        lanes.push(json!({ "lane": "process", "workers": lg.process_workers.load(Ordering::Relaxed), "running": 0, "queued": 0 }));
+    }
+    for q in outside {
+        let (queued, taken) = q.counts();
+        let workers = if q.name() == "process" { lg.process_workers.load(Ordering::Relaxed) } else { q.workers() };
+        lanes.push(json!({ "lane": q.name(), "workers": workers, "running": taken, "queued": queued }));
+    }
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "time": ns_to_unix(now_ns()),
@@ -122,13 +138,7 @@ fn snapshot(sh: &EngineShared) -> Value {
             "max_pending": (lg.pending.limit() != 0).then(|| lg.pending.limit()),
             "rejected": lg.pending.rejected(),
         },
-        "lanes": [
-            { "lane": "cpu", "workers": pool.alive, "running": lg.running().saturating_sub(io_running as u64), "queued": cpu_queued },
-            { "lane": "io", "workers": io.threads, "running": io_running, "queued": io_queued,
-              "tiers": STORAGE_TIERS.iter().zip(&io.tiers).map(|(name, t)| json!({
-                  "tier": name, "limit": t.limit, "running": t.running, "queued": t.queued })).collect::<Vec<_>>() },
-            { "lane": "process", "workers": lg.process_workers.load(Ordering::Relaxed), "running": in_processes, "queued": null },
-        ],
+        "lanes": lanes,
         "operations": lg.ops().iter().map(|op| operation(op)).collect::<Vec<_>>(),
     })
 }

@@ -249,6 +249,11 @@ impl OutsideLane {
         self.queue.note_lost();
     }
 
+    /// The lane has `n` workers now (shown by the dashboard and `tokengate status`).
+    fn set_workers(&self, n: u64) {
+        self.queue.set_workers(n);
+    }
+
     /// `{"queued": n, "taken": n, "pending": n}`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (queued, taken) = self.queue.counts();

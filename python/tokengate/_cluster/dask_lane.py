@@ -284,6 +284,7 @@ class DaskLane:
                 if now - self._capacity_at >= _CAPACITY_EVERY:
                     self._capacity_at = now
                     self._capacity = self._read_capacity()
+                    self.outside.set_workers(self._capacity)
                 room = max(0, self._capacity + (_SEND_AHEAD if self._capacity else 0) - len(self._inflight))
                 tasks, stopped = self.outside.take(room)
                 if stopped:
