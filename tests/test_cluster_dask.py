@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
