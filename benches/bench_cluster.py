@@ -48,19 +48,12 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    import dask
     import distributed
 
+    from tokengate._cluster.connect import local_cluster
+
     busy = cpu_busy_fraction()
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address="127.0.0.1:0",
-            host="127.0.0.1",
-            scheduler_kwargs={"dashboard": False},
-        )
+    cluster = local_cluster(args.workers)
     client = distributed.Client(cluster, set_as_default=False)
     n = args.tokens
     direct: list[float] = []

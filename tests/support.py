@@ -207,3 +207,23 @@ def default_sigint() -> None:
     in the background (``cmd &``) ignores SIGINT, its children inherit that, and CPython then
     installs no KeyboardInterrupt handler. The default disposition gives the child its own."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def started_dask_client(processes: int) -> tuple[Any, Any]:
+    """A client of a fresh ``LocalCluster`` of ``processes`` worker processes (as
+    ``cluster="dask-local:N"`` starts one), with Dask's own thread pools started: they
+    start on first use and stay, so tests count threads after this."""
+    import threading
+
+    import distributed
+
+    from tokengate._cluster.connect import local_cluster
+
+    cluster = local_cluster(processes)
+    client = distributed.Client(cluster, set_as_default=False)
+    done = threading.Event()
+    f = client.submit(pow, 2, 3, pure=False)
+    f.add_done_callback(lambda _f: done.set())
+    assert client.gather([f]) == [8] and done.wait(10)
+    client.run(lambda: None)
+    return client, cluster

@@ -27,12 +27,11 @@ import pytest
 if not os.environ.get("TOKENGATE_REQUIRE_DASK"):
     pytest.importorskip("distributed")
 
-import dask
 import distributed
 
 import tokengate
 from cluster_functions import fail, flaky, slow, square, stamp, where
-from support import wait_until
+from support import started_dask_client, wait_until
 from tokengate import (
     OperationsCoordinator,
     TaskKilledError,
@@ -48,23 +47,7 @@ WAIT = 60.0
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[distributed.Client]:
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address="127.0.0.1:0",
-            host="127.0.0.1",
-            scheduler_kwargs={"dashboard": False},
-        )
-    c = distributed.Client(cluster, set_as_default=False)
-    # Dask's own thread pools (callbacks, offloading) start on first use and stay for the
-    # process's life: start them here, before the tests count threads.
-    done = threading.Event()
-    f = c.submit(pow, 2, 3, pure=False)
-    f.add_done_callback(lambda _f: done.set())
-    assert c.gather([f]) == [8] and done.wait(10)
-    c.run(os.getpid)
+    c, cluster = started_dask_client(2)
     try:
         yield c
     finally:

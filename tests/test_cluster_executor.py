@@ -20,10 +20,10 @@ import pytest
 if not os.environ.get("TOKENGATE_REQUIRE_DASK"):
     pytest.importorskip("distributed")
 
-import dask
 import distributed
 
 from cluster_functions import mul, raise_value_error, sleep_and_return
+from support import started_dask_client
 from tokengate import ClusterExecutor, OperationsCoordinator
 from tokengate._process import UnpicklableError
 
@@ -32,25 +32,11 @@ WAIT = 60.0
 
 @pytest.fixture(scope="module")
 def two_processes() -> Iterator[distributed.Client]:
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address="127.0.0.1:0",
-            host="127.0.0.1",
-            scheduler_kwargs={"dashboard": False},
-        )
-    client = distributed.Client(cluster, set_as_default=False)
-    # Dask's own thread pools start on first use and stay: start them before threads are counted.
-    done = threading.Event()
-    f = client.submit(pow, 2, 3, pure=False)
-    f.add_done_callback(lambda _f: done.set())
-    assert client.gather([f]) == [8] and done.wait(10)
+    c, cluster = started_dask_client(2)
     try:
-        yield client
+        yield c
     finally:
-        client.close()
+        c.close()
         cluster.close()
 
 

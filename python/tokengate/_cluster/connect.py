@@ -43,42 +43,52 @@ def check_cluster(value: Any) -> Any:
     )
 
 
-def connect(value: Any) -> tuple[Any, Any, bool]:
-    """(client, cluster it started or None, whether tokengate owns the client)."""
-    try:  # imported by name: an optional dependency, untyped, that the type gates need not have
-        dask: Any = importlib.import_module("dask")
-        distributed: Any = importlib.import_module("distributed")
+def _modules() -> tuple[Any, Any]:
+    """(dask, distributed), imported by name: an optional dependency, untyped, that the
+    type gates need not have."""
+    try:
+        return importlib.import_module("dask"), importlib.import_module("distributed")
     except ImportError as exc:  # pragma: no cover - the extra is missing
         raise ImportError("cluster lanes need Dask: pip install 'tokengate[dask]'") from exc
-    Client, LocalCluster = distributed.Client, distributed.LocalCluster
+
+
+def local_cluster(processes: int | None) -> Any:
+    """A ``LocalCluster`` as ``"dask-local"`` (None: in this process, one thread per core)
+    or ``"dask-local:N"`` (N processes of one thread) start it: loopback only, no
+    dashboard, ``allowed-failures = 0``."""
+    dask, distributed = _modules()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        if processes is None:  # in-process: the scheduler talks over inproc://, no socket
+            return distributed.LocalCluster(
+                processes=False,
+                n_workers=1,
+                threads_per_worker=os.cpu_count() or 1,
+                dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": False},
+            )
+        return distributed.LocalCluster(
+            processes=True,
+            n_workers=processes,
+            threads_per_worker=1,
+            dashboard_address="127.0.0.1:0",
+            host="127.0.0.1",
+            scheduler_kwargs={"dashboard": False},
+        )
+
+
+def connect(value: Any) -> tuple[Any, Any, bool]:
+    """(client, cluster it started or None, whether tokengate owns the client)."""
+    _, distributed = _modules()
     if _is_client(value):
         return value, None, False
     m = _LOCAL.match(value)
     if m is not None:
-        n = m.group(1)
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-            if n is None:
-                cluster = LocalCluster(  # in-process: the scheduler talks over inproc://, no socket
-                    processes=False,
-                    n_workers=1,
-                    threads_per_worker=os.cpu_count() or 1,
-                    dashboard_address="127.0.0.1:0",
-                    scheduler_kwargs={"dashboard": False},
-                )
-            else:
-                cluster = LocalCluster(
-                    processes=True,
-                    n_workers=int(n),
-                    threads_per_worker=1,
-                    dashboard_address="127.0.0.1:0",
-                    host="127.0.0.1",
-                    scheduler_kwargs={"dashboard": False},
-                )
+        cluster = local_cluster(None if m.group(1) is None else int(m.group(1)))
         try:
-            return Client(cluster, set_as_default=False), cluster, True
+            return distributed.Client(cluster, set_as_default=False), cluster, True
         except BaseException:
             cluster.close()
             raise
     m = _REMOTE.match(value)
     assert m is not None  # checked at construction
-    return Client(f"tcp://{m.group(1)}:{m.group(2)}", set_as_default=False), None, True
+    return distributed.Client(f"tcp://{m.group(1)}:{m.group(2)}", set_as_default=False), None, True

@@ -53,6 +53,7 @@ import uuid
 import weakref
 from typing import Any
 
+from .._exit_hooks import at_threads_exit
 from .._tokengate import TaskToken
 from ..exceptions import TaskKilledError, WorkerLostError
 from .connect import connect
@@ -68,9 +69,9 @@ _SEND_AHEAD = 64
 #: How long ``shutdown`` waits for the dispatcher once its timeout passed (seconds).
 _ABORT_WAIT = 10.0
 
+_log = logging.getLogger("tokengate.cluster")
+
 _LANES: weakref.WeakSet[DaskLane] = weakref.WeakSet()
-_hook_lock = threading.Lock()
-_hook_registered = False
 
 
 def _shutdown_all_lanes() -> None:
@@ -82,24 +83,10 @@ def _shutdown_all_lanes() -> None:
 
 
 def _ensure_exit_hook() -> None:
-    """Registers, once, a hook that stops every Dask lane at interpreter exit. It runs
-    before ``concurrent.futures`` shuts its executors down (hooks run last-registered
-    first), so the client's done callbacks, which run on one of those, still arrive
-    while queued and running cluster tokens finish."""
-    global _hook_registered
-    with _hook_lock:
-        if _hook_registered:
-            return
-        _hook_registered = True
-        register = getattr(threading, "_register_atexit", None)
-        try:
-            if register is not None:
-                register(_shutdown_all_lanes)
-        except RuntimeError:  # interpreter already shutting down
-            pass
-
-
-_log = logging.getLogger("tokengate.cluster")
+    """Stops every Dask lane at interpreter exit. Registered when the first lane is made,
+    after ``concurrent.futures``' own hook, so it runs before that one shuts the client's
+    callback executor down: done callbacks still arrive while cluster tokens finish."""
+    at_threads_exit(_shutdown_all_lanes)
 
 
 #: Most input futures the lane keeps for calls not sent yet (a call cancelled meanwhile never

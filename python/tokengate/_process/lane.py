@@ -32,6 +32,7 @@ import time
 import weakref
 from typing import Any
 
+from .._exit_hooks import at_threads_exit
 from ..exceptions import TaskKilledError
 from .dispatch import _Dispatch
 from .recycling import _Recycling
@@ -239,9 +240,6 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
 
 # -- interpreter exit ---------------------------------------------------------------------
 
-_hook_lock = threading.Lock()
-_hook_registered = False
-
 
 def _shutdown_all_lanes() -> None:
     for lane in list(_LANES):
@@ -252,20 +250,6 @@ def _shutdown_all_lanes() -> None:
 
 
 def _ensure_exit_hook() -> None:
-    """Registers, once, a hook that stops every lane at interpreter exit (after the
-    engines stopped, which lets queued process tokens finish first)."""
-    global _hook_registered
-    with _hook_lock:
-        if _hook_registered:
-            return
-        _hook_registered = True
-        register = getattr(threading, "_register_atexit", None)
-        try:
-            if register is not None:
-                register(_shutdown_all_lanes)
-            else:  # pragma: no cover
-                import atexit
-
-                atexit.register(_shutdown_all_lanes)
-        except RuntimeError:  # interpreter already shutting down
-            pass
+    """Stops every lane at interpreter exit (after the engines stopped, which lets queued
+    process tokens finish first)."""
+    at_threads_exit(_shutdown_all_lanes)
