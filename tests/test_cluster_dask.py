@@ -146,7 +146,7 @@ def test_an_input_token_of_the_lane_stays_on_the_cluster(coord: OperationsCoordi
     stats = coord.get_stats()["lanes"]["dask"]
     assert stats["linked"] == 1
     lane = coord._cluster_lane
-    assert lane._kept == {} and lane._wanted == {}
+    assert wait_until(lambda: lane._kept == {} and lane._wanted == {} and lane._links == {}, 5.0)
 
 
 def test_a_failed_input_token_fails_the_linked_call(coord: OperationsCoordinator) -> None:
@@ -155,7 +155,23 @@ def test_a_failed_input_token_fails_the_linked_call(coord: OperationsCoordinator
     tok = square(fail(1))
     with pytest.raises(DependencyFailedError):
         tok.result(timeout=WAIT)
-    assert coord._cluster_lane._wanted == {}
+    lane = coord._cluster_lane
+    assert wait_until(lambda: lane._kept == {} and lane._wanted == {} and lane._links == {}, 5.0)
+
+
+def test_links_are_released_when_the_dependent_never_runs(coord: OperationsCoordinator) -> None:
+    inp = slow(1, 0.5)
+    dependents = [square(inp) for _ in range(3)]
+    for d in dependents[:2]:
+        assert d.cancel()  # waiting for its input: never sent
+    assert dependents[2].result(timeout=WAIT) == 1  # the one left still gets the input's future
+    lane = coord._cluster_lane
+    assert lane.stats()["linked"] == 1
+    assert wait_until(lambda: lane._kept == {} and lane._wanted == {} and lane._links == {}, 5.0)
+    coord.set_max_pending(1)
+    blocker = slow(2, 0.5)
+    assert square.try_submit(blocker) is None  # refused: its link is released at once
+    assert lane._wanted == {} and blocker.result(timeout=WAIT) == 2
 
 
 def test_an_in_process_local_cluster() -> None:

@@ -5,7 +5,10 @@ timeout). A block that builds on the one before it says so with the comment
 ``<!-- readme-test: continued -->`` on the line right before its fence: it then
 runs in the same interpreter, after the earlier block. A block can be left out
 only with ``<!-- readme-test: skip (why) -->`` right before its fence, the reason
-given; leave one out only when it cannot run here (it needs a network, say).
+given; leave one out only when it cannot run here (it needs a network, say). A block
+that needs an optional dependency says so with ``<!-- readme-test: needs (module) -->``:
+it is skipped where that module is missing (on the free-threaded leg, say), unless
+``TOKENGATE_REQUIRE_DASK`` is set and the module is Dask's ``distributed``.
 
 A block that defines ``async def main()`` and never calls it gets
 ``asyncio.run(main())`` appended, so an example's coroutine is really run.
@@ -14,6 +17,7 @@ A block that defines ``async def main()`` and never calls it gets
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -85,7 +89,8 @@ def with_main_run(code: str) -> str:
 
 
 def programs(text: str, name: str = "README.md") -> list[tuple[str, str]]:
-    """(id, source) of each program to run: a block, with the blocks marked ``continued`` after it."""
+    """(id, source) of each program to run: a block, with the blocks marked ``continued`` after it.
+    A block marked ``needs (module)`` starts with a line naming the module (see ``needed``)."""
     out: list[tuple[str, list[Block]]] = []
     for block in python_blocks(text):
         if block.marker == "skip":
@@ -96,6 +101,9 @@ def programs(text: str, name: str = "README.md") -> list[tuple[str, str]]:
             out[-1][1].append(block)
         elif block.marker is None:
             out.append((f"{name}:{block.line}", [block]))
+        elif block.marker == "needs":
+            needs = Block(block.line, f"# readme-test needs: {block.reason}\n", None, "")
+            out.append((f"{name}:{block.line}", [needs, block]))
         else:
             raise ValueError(f"{name}:{block.line}: unknown readme-test marker {block.marker!r}")
     return [(name, "".join(with_main_run(b.code) for b in blocks)) for name, blocks in out]
@@ -133,6 +141,9 @@ def test_every_skipped_block_says_why() -> None:
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("source", [s for _, s in _PROGRAMS], ids=[n for n, _ in _PROGRAMS])
 def test_readme_example_runs(source: str, tmp_path: Path) -> None:
+    needed = re.match(r"# readme-test needs: (\S+)\n", source)
+    if needed and not (needed[1] == "distributed" and os.environ.get("TOKENGATE_REQUIRE_DASK")):
+        pytest.importorskip(needed[1])
     proc = run_program(source, tmp_path)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- source ---\n{source}"
 

@@ -127,6 +127,8 @@ class DaskLane:
         self._wanted: dict[int, int] = {}
         #: Futures of finished input tokens that calls still want, by token id.
         self._kept: dict[int, Any] = {}
+        #: Inputs each linked call (by token id) has not sent or released yet.
+        self._links: dict[int, list[int]] = {}
         self._capacity = 0
         self._capacity_at = 0.0
         self._closing = False
@@ -157,29 +159,56 @@ class DaskLane:
         with self._lock:
             self._counts["submitted"] += 1
 
-    def link_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """A cluster call's arguments with each input token of this lane linked (see the
-        module docs); other tokens stay as they are (the engine sends their values)."""
+    def link_inputs(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], list[int]]:
+        """A cluster call's arguments with each unresolved input token of a Dask lane
+        linked (see the module docs), and the linked token ids: hand them to
+        :meth:`linked` with the call's token, or to :meth:`release` if there is none.
+        Other tokens stay as they are (the engine sends their values)."""
         out_kwargs: dict[str, Any] = {}
-        n = 0
+        ids: list[int] = []
 
         def link(v: Any) -> Any:
-            nonlocal n
             if type(v) is not TaskToken or v.lane != "dask" or v.done():
                 return v
-            with self._lock:
-                self._wanted[v.token_id] = self._wanted.get(v.token_id, 0) + 1
-            out_kwargs[_INPUT_KEY.format(n)] = v
-            n += 1
-            return _Input(n - 1, v.token_id)
+            out_kwargs[_INPUT_KEY.format(len(ids))] = v
+            ids.append(v.token_id)
+            return _Input(len(ids) - 1, v.token_id)
 
         new_args = tuple(link(a) for a in args)
         new_kwargs = {k: link(v) for k, v in kwargs.items()}
         new_kwargs.update(out_kwargs)
-        return new_args, new_kwargs
+        with self._lock:
+            for tid in ids:
+                self._wanted[tid] = self._wanted.get(tid, 0) + 1
+        return new_args, new_kwargs, ids
+
+    def linked(self, token: Any, ids: list[int]) -> None:
+        """``token``'s call wants inputs ``ids``: its first send takes them, or its end
+        releases them (each link is released exactly once)."""
+        with self._lock:
+            self._links[token.token_id] = ids
+        token._add_thread_callback(lambda t: self.release(self._take_links(t.token_id)))
+
+    def _take_links(self, token_id: int) -> list[int]:
+        with self._lock:
+            return self._links.pop(token_id, [])
+
+    def release(self, ids: list[int]) -> None:
+        """Inputs ``ids`` are wanted by one call less (its future, once none wants it, goes)."""
+        with self._lock:
+            for tid in ids:
+                left = self._wanted.get(tid, 1) - 1
+                if left > 0:
+                    self._wanted[tid] = left
+                else:
+                    self._wanted.pop(tid, None)
+                    self._kept.pop(tid, None)
 
     def _unlink(self, task: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's arguments with linked inputs replaced: a kept future, or the value."""
+        """The call's arguments with linked inputs replaced: a kept future (first send
+        only), or the value the engine filled in."""
         args, kwargs = task.args, task.kwargs
         if _INPUT_KEY.format(0) not in kwargs:
             return args, kwargs
@@ -187,20 +216,16 @@ class DaskLane:
         values: list[Any] = []
         while _INPUT_KEY.format(len(values)) in kwargs:
             values.append(kwargs.pop(_INPUT_KEY.format(len(values))))
+        ids = self._take_links(task.id)  # empty on a retry: the values go
+        with self._lock:
+            kept = {tid: self._kept[tid] for tid in ids if tid in self._kept}
+            self._counts["linked"] += len(kept)
+        self.release(ids)
 
         def resolve(v: Any) -> Any:
             if type(v) is not _Input:
                 return v
-            with self._lock:
-                future = self._kept.get(v.token_id)
-                left = self._wanted.get(v.token_id, 1) - 1
-                if left > 0:
-                    self._wanted[v.token_id] = left
-                else:
-                    self._wanted.pop(v.token_id, None)
-                    self._kept.pop(v.token_id, None)
-                if future is not None:
-                    self._counts["linked"] += 1
+            future = kept.get(v.token_id)
             return future if future is not None else values[v.index]
 
         return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
@@ -380,9 +405,6 @@ class DaskLane:
             exc = lost
         if isinstance(exc, WorkerLostError):
             self.outside.note_lost()
-        if task.retries_left == 0:  # it ends here: calls waiting for it fail without it
-            with self._lock:
-                self._wanted.pop(task.id, None)
         with self._lock:
             if isinstance(exc, WorkerLostError):
                 self._counts["lost"] += 1
@@ -392,8 +414,6 @@ class DaskLane:
     def _stop(self, stopped: list[int]) -> None:
         futures = []
         for seq in stopped:
-            with self._lock:
-                self._wanted.pop(seq, None)
             entry = self._inflight.pop(seq, None)
             if entry is not None:
                 futures.append(entry[1])
@@ -408,6 +428,7 @@ class DaskLane:
     def _finish(self) -> None:
         """Dispatcher exit: cancel what is queued, end what runs, close the client."""
         self.outside.close()
+        self.outside.set_workers(0)
         futures = []
         for task, future in list(self._inflight.values()):
             futures.append(future)

@@ -89,22 +89,31 @@ class ClusterFunction(ProcessFunction):
             "the cluster",
         )
         lane = lane_for(coordinator, self._op)
+        links: list[int] = []
         if TaskToken in map(type, args) or TaskToken in map(type, kwargs.values()):
-            args, kwargs = lane.link_inputs(args, kwargs)
-        token: TaskToken[Any] | None = self.spec.submit_to(
-            lane.outside,
-            args,
-            kwargs,
-            func=remote,
-            priority=priority,
-            timeout=timeout,
-            retries=retries,
-            block=block,
-            admission_timeout=admission_timeout,
-            probe=probe,
-        )
-        if token is not None:
-            lane.submitted()
+            args, kwargs, links = lane.link_inputs(args, kwargs)
+        try:
+            token: TaskToken[Any] | None = self.spec.submit_to(
+                lane.outside,
+                args,
+                kwargs,
+                func=remote,
+                priority=priority,
+                timeout=timeout,
+                retries=retries,
+                block=block,
+                admission_timeout=admission_timeout,
+                probe=probe,
+            )
+        except BaseException:
+            lane.release(links)
+            raise
+        if token is None:
+            lane.release(links)
+            return None
+        if links:
+            lane.linked(token, links)
+        lane.submitted()
         return token
 
 

@@ -250,6 +250,6 @@ def _shutdown_all_lanes() -> None:
 
 
 def _ensure_exit_hook() -> None:
-    """Stops every lane at interpreter exit (after the engines stopped, which lets queued
-    process tokens finish first)."""
+    """Stops every process lane at interpreter exit, before the engines stop: queued
+    process tokens still run (10 s at most), then the processes are reaped."""
     at_threads_exit(_shutdown_all_lanes)
