@@ -57,3 +57,12 @@ def raise_value_error(message: str) -> None:
 def sleep_and_return(seconds: float, value: int) -> int:
     time.sleep(seconds)
     return value
+
+
+class MyObject:
+    def my_method(self) -> None:
+        pass
+
+
+def make_dummy_object(_: object) -> MyObject:
+    return MyObject()

@@ -8,9 +8,12 @@ Set ``TOKENGATE_REQUIRE_DASK=1`` to fail, not skip, when ``distributed`` is miss
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -22,7 +25,7 @@ if not os.environ.get("TOKENGATE_REQUIRE_DASK"):
 
 import distributed
 
-from cluster_functions import mul, raise_value_error, sleep_and_return
+from cluster_functions import MyObject, make_dummy_object, mul, raise_value_error, sleep_and_return
 from support import started_dask_client
 from tokengate import ClusterExecutor, OperationsCoordinator
 from tokengate._process import UnpicklableError
@@ -95,6 +98,46 @@ def test_map_timeout(executor: ClusterExecutor) -> None:
     with pytest.raises(futures.TimeoutError):
         results.extend(executor.map(sleep_and_return, [0, 0, 6], [1, 2, 3], timeout=2))
     assert results == [1, 2]
+
+
+def test_map_submits_without_iteration(make: Any) -> None:
+    ex = make()
+    ex.map(sleep_and_return, [0.0] * 10, range(10))
+    lane = ex._lane
+    ex.shutdown(wait=True)
+    assert lane.stats()["completed"] >= 10
+
+
+def test_shutdown_race_issue12456(executor: ClusterExecutor) -> None:
+    executor.map(str, [2] * 8)
+    executor.shutdown()
+
+
+@pytest.mark.skipif(
+    not getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="free-threaded CPython frees objects shared across threads later (biased reference counting)",
+)
+def test_no_stale_references(executor: ClusterExecutor) -> None:
+    my_object = MyObject()
+    collected = threading.Event()
+    ref = weakref.ref(my_object, lambda _: collected.set())
+    executor.submit(my_object.my_method)  # deliberately discard the future
+    del my_object
+    assert collected.wait(WAIT), "stale reference not collected"
+    assert ref() is None
+
+
+def test_free_reference(executor: ClusterExecutor) -> None:
+    for obj in executor.map(make_dummy_object, range(10)):
+        wr = weakref.ref(obj)
+        del obj
+        deadline = time.monotonic() + WAIT
+        while True:
+            gc.collect()
+            if wr() is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert wr() is None
 
 
 def test_exception_is_the_call_own(executor: ClusterExecutor) -> None:

@@ -297,13 +297,7 @@ class DaskLane:
                     self._capacity_at = now
                     self._capacity = self._read_capacity()
                     self.outside.set_workers(self._capacity)
-                room = max(0, self._capacity + (_SEND_AHEAD if self._capacity else 0) - len(self._inflight))
-                tasks, stopped = self.outside.take(room)
-                if stopped:
-                    self._stop(stopped)
-                for task in tasks:
-                    self._send(task)
-                if tasks or stopped:
+                if self._take_and_send():
                     continue
                 if closing and not self._inflight and not self._done and self.outside.pending == 0:
                     return
@@ -318,6 +312,18 @@ class DaskLane:
                         self.outside.clear_wake()
         finally:
             sel.close()
+
+    def _take_and_send(self) -> bool:
+        """Takes what the cluster has room for and sends it; handles the stop notices.
+        True when it got anything. (A function of its own: the tasks it took, which
+        hold their tokens and so their results, are not kept alive while the lane sleeps.)"""
+        room = max(0, self._capacity + (_SEND_AHEAD if self._capacity else 0) - len(self._inflight))
+        tasks, stopped = self.outside.take(room)
+        if stopped:
+            self._stop(stopped)
+        for task in tasks:
+            self._send(task)
+        return bool(tasks or stopped)
 
     def _read_capacity(self) -> int:
         try:
