@@ -285,6 +285,7 @@ def test_a_lost_worker_fails_its_token_without_retries() -> None:
         text = generate_latest(c).decode()
         assert f'tokengate_lane_workers_lost_total{{pool="{c._engine.pool_id}",lane="dask"}} {len(lost)}' in text
         assert f'tokengate_lane_tokens{{pool="{c._engine.pool_id}",lane="dask",state="taken"}} 0' in text
+        assert f'tokengate_workers{{pool="{c._engine.pool_id}",lane="dask"}} 2' in text
 
 
 def test_stop_leaves_no_worker_process_and_no_lane_thread() -> None:

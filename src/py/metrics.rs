@@ -19,11 +19,14 @@ fn views(sh: &EngineShared) -> (PoolView, Vec<OpView>) {
         queued: lg.unresolved().saturating_sub(running),
         running,
         blocked: stats.lent as u64,
-        workers: vec![
-            ("cpu", stats.alive as u64), // spares included
-            ("io", sh.io.stats().threads as u64),
-            ("process", lg.process_workers.load(Ordering::Relaxed)),
-        ],
+        workers: [
+            ("cpu".into(), stats.alive as u64), // spares included
+            ("io".into(), sh.io.stats().threads as u64),
+            ("process".into(), lg.process_workers.load(Ordering::Relaxed)),
+        ]
+        .into_iter()
+        .chain(lg.outside.all().filter(|q| q.name() != "process").map(|q| (q.name().to_owned().into(), q.workers())))
+        .collect(),
         admission_paused: lg.admission_paused.load(Ordering::Relaxed),
         outside: lg
             .outside

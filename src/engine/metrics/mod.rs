@@ -427,8 +427,9 @@ pub struct PoolView {
     pub running: u64,
     /// Running tokens blocked in the kernel (their core units lent).
     pub blocked: u64,
-    /// (lane, threads): `cpu` workers, `io` threads, `process` workers.
-    pub workers: Vec<(&'static str, u64)>,
+    /// (lane, threads): `cpu` workers, `io` threads, `process` workers, then
+    /// each other outside lane's workers (a cluster's threads).
+    pub workers: Vec<(std::borrow::Cow<'static, str>, u64)>,
     pub admission_paused: bool,
     /// Outside lanes: (name, tokens queued, tokens taken, workers lost so far).
     pub outside: Vec<(String, u64, u64, u64)>,
@@ -544,7 +545,7 @@ pub fn render(pools: &[PoolView], ops: &[OpView]) -> String {
     family(&mut out, "tokengate_workers", "gauge", "Threads or processes that run tokens, per lane.");
     for (p, l) in pools.iter().zip(&pool_labels) {
         for (lane, n) in &p.workers {
-            let _ = writeln!(out, "tokengate_workers{{{l},lane=\"{lane}\"}} {n}");
+            let _ = writeln!(out, "tokengate_workers{{{l},lane=\"{}\"}} {n}", escape(lane));
         }
     }
     family(&mut out, "tokengate_lane_tokens", "gauge", "Tokens of an outside lane (processes, a cluster), queued or taken by it.");

@@ -122,7 +122,7 @@ fn render_gives_each_family_once_with_cumulative_buckets() {
         blocked: true,
         health: "unknown",
     };
-    let pools = [PoolView { pool: "1".into(), queued: 3, workers: vec![("cpu", 8), ("io", 0)], ..PoolView::default() }];
+    let pools = [PoolView { pool: "1".into(), queued: 3, workers: vec![("cpu".into(), 8), ("io".into(), 0)], ..PoolView::default() }];
     let text = render(&pools, &[op("a"), op("say \"hi\"\\\n")]);
     for fam in ["tokengate_tokens_submitted_total", "tokengate_execution_seconds", "tokengate_workers"] {
         assert_eq!(text.matches(&format!("# TYPE {fam} ")).count(), 1, "{fam}");
