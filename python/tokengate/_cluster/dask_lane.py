@@ -89,6 +89,18 @@ def _ensure_exit_hook() -> None:
     at_threads_exit(_shutdown_all_lanes)
 
 
+def _start_client_threads(client: Any) -> None:
+    """Runs one task with a done callback and fetches its result, so that the threads
+    Dask starts on first use (the callback thread, say) exist before the interpreter
+    exits: at exit, Python 3.12 and later refuse to start a thread, and the lane's tokens
+    still finish then (see ``_ensure_exit_hook``)."""
+    called = threading.Event()
+    future = client.submit(int, "0", pure=False)
+    future.add_done_callback(lambda _f: called.set())
+    if client.gather([future]) != [0] or not called.wait(30):  # pragma: no cover
+        raise RuntimeError("the Dask cluster did not run a first task within 30 s")
+
+
 #: Most input futures the lane keeps for calls not sent yet (a call cancelled meanwhile never
 #: takes its input's back: the oldest go first past this).
 _KEPT_MAX = 4096
@@ -116,6 +128,7 @@ class DaskLane:
         self.engine = engine
         self.client, self._cluster, self._owns_client = connect(target)
         try:
+            _start_client_threads(self.client)
             self.outside = engine.add_outside_lane("dask")
         except BaseException:
             self._close_client()
