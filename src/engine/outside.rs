@@ -17,10 +17,10 @@
 //!
 //! # Protocol (everything under the one `state` lock)
 //!
-//! * `push(key, seq, job)`: any thread (a submit, the last input of a token
+//! * `push(key, id, job)`: any thread (a submit, the last input of a token
 //!   resolving, the retry timer, a resume). Refused once the lane is closed.
 //! * `take(max)`: the lane's one taker (its supervisor or dispatcher thread)
-//!   pops up to `max` jobs, largest key first (equal keys: lowest `seq`),
+//!   pops up to `max` jobs, largest key first (equal keys: lowest token id),
 //!   and collects the stop notices. Each job taken is marked in `taken`.
 //! * A token that resolves while taken: if the lane itself resolved it, it
 //!   unmarked it first (`release`); otherwise (kill, deadline, a drain) the
@@ -50,15 +50,15 @@ pub const MAX_OUTSIDE_LANES: usize = 16;
 pub struct Queued<J> {
     /// Larger runs first: `priority * aging - enqueue time`, in ns.
     pub key: i64,
-    /// Submission order, among equal keys.
-    pub seq: u64,
+    /// The token's id; among equal keys, the lower runs first (ids increase along each
+    /// submitting thread).
     pub id: u64,
     pub job: J,
 }
 
 impl<J> PartialEq for Queued<J> {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key && self.seq == other.seq
+        self.key == other.key && self.id == other.id
     }
 }
 impl<J> Eq for Queued<J> {}
@@ -69,7 +69,7 @@ impl<J> PartialOrd for Queued<J> {
 }
 impl<J> Ord for Queued<J> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key.cmp(&other.key).then_with(|| other.seq.cmp(&self.seq))
+        self.key.cmp(&other.key).then_with(|| other.id.cmp(&self.id))
     }
 }
 
@@ -145,13 +145,13 @@ impl<J> OutsideQueue<J> {
     }
 
     /// Queues `job`; hands it back when the lane is closed.
-    pub fn push(&self, key: i64, seq: u64, id: u64, job: J) -> Result<(), J> {
+    pub fn push(&self, key: i64, id: u64, job: J) -> Result<(), J> {
         let wake = {
             let mut st = self.state.lock();
             if st.closed {
                 return Err(job);
             }
-            st.heap.push(Queued { key, seq, id, job });
+            st.heap.push(Queued { key, id, job });
             std::mem::replace(&mut st.asleep, false)
         };
         if wake {
@@ -178,14 +178,14 @@ impl<J> OutsideQueue<J> {
     /// Puts a taken job back at its old place (the lane never started it).
     /// Returns how many times this token went back so far, or hands the job
     /// back when the lane is closed.
-    pub fn requeue(&self, key: i64, seq: u64, id: u64, job: J) -> Result<u32, J> {
+    pub fn requeue(&self, key: i64, id: u64, job: J) -> Result<u32, J> {
         let (n, wake) = {
             let mut st = self.state.lock();
             if st.closed {
                 return Err(job);
             }
             st.taken.remove(&id);
-            st.heap.push(Queued { key, seq, id, job });
+            st.heap.push(Queued { key, id, job });
             let n = st.requeues.entry(id).or_insert(0);
             *n += 1;
             (*n, std::mem::replace(&mut st.asleep, false))
@@ -322,11 +322,11 @@ mod tests {
     use std::io::Read;
 
     #[test]
-    fn takes_by_key_then_seq() {
+    fn takes_by_key_then_id() {
         let q = OutsideQueue::new("t").unwrap();
-        q.push(0, 1, 1, "a").unwrap();
-        q.push(5, 2, 2, "b").unwrap();
-        q.push(0, 0, 3, "c").unwrap();
+        q.push(0, 1, "a").unwrap();
+        q.push(5, 2, "b").unwrap();
+        q.push(0, 0, "c").unwrap();
         let t = q.take(10);
         assert_eq!(t.jobs.iter().map(|j| j.job).collect::<Vec<_>>(), ["b", "c", "a"]);
         assert_eq!(q.counts(), (0, 3));
@@ -337,7 +337,7 @@ mod tests {
         let q = OutsideQueue::new("t").unwrap();
         for id in 1..=3 {
             q.on_placed();
-            q.push(0, id, id, id).unwrap();
+            q.push(0, id, id).unwrap();
         }
         let t = q.take(2);
         assert_eq!(t.jobs.len(), 2);
@@ -355,20 +355,20 @@ mod tests {
         let q = OutsideQueue::new("t").unwrap();
         let mut buf = [0u8; 8];
         assert!(q.take(4).jobs.is_empty());
-        q.push(0, 0, 1, ()).unwrap();
-        q.push(0, 1, 2, ()).unwrap();
+        q.push(0, 1, ()).unwrap();
+        q.push(0, 2, ()).unwrap();
         assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
         assert_eq!(q.take(4).jobs.len(), 2);
-        q.push(0, 2, 3, ()).unwrap(); // the taker is awake: no byte
+        q.push(0, 3, ()).unwrap(); // the taker is awake: no byte
         assert!(q.wake_socket().read(&mut buf).is_err());
     }
 
     #[test]
     fn closed_lane_refuses_and_hands_back() {
         let q = OutsideQueue::new("t").unwrap();
-        q.push(0, 0, 1, 1).unwrap();
+        q.push(0, 1, 1).unwrap();
         assert_eq!(q.close(), vec![1]);
-        assert_eq!(q.push(0, 1, 2, 2), Err(2));
+        assert_eq!(q.push(0, 2, 2), Err(2));
     }
 
     #[test]

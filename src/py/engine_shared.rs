@@ -216,7 +216,7 @@ impl EngineShared {
         let now = i64::try_from(crate::engine::token::now_ns()).unwrap_or(i64::MAX);
         let key = token.priority.saturating_mul(aging).saturating_sub(now);
         let id = token.id;
-        match lane.push(key, id, id, job) {
+        match lane.push(key, id, job) {
             Ok(()) => Ok(()),
             Err(mut job) => {
                 job.forget_call();

@@ -53,7 +53,6 @@ pub(crate) struct LaneTask {
     inner: Arc<TokenInner>,
     call: Mutex<Option<Call>>,
     key: i64,
-    seq: u64,
     queue: Arc<OutsideQueue<PyJob>>,
 }
 
@@ -81,7 +80,7 @@ impl OutsideLane {
         };
         inner.attempts.store(inner.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
-        Some(LaneTask { inner, call: Mutex::new(Some(call)), key: q.key, seq: q.seq, queue: self.queue.clone() })
+        Some(LaneTask { inner, call: Mutex::new(Some(call)), key: q.key, queue: self.queue.clone() })
     }
 
     fn engine(&self) -> PyResult<Arc<EngineShared>> {
@@ -192,7 +191,7 @@ impl OutsideLane {
         inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
         inner.core.admit();
         let job = PyJob::new(inner.clone(), call);
-        match self.queue.requeue(task.key, task.seq, inner.id, job) {
+        match self.queue.requeue(task.key, inner.id, job) {
             Ok(n) => n,
             Err(mut job) => {
                 job.forget_call();

@@ -50,10 +50,9 @@ import selectors
 import threading
 import time
 import uuid
-import weakref
 from typing import Any
 
-from .._exit_hooks import at_threads_exit
+from .._exit_hooks import shutdown_at_exit
 from .._tokengate import TaskToken
 from ..exceptions import TaskKilledError, WorkerLostError
 from .connect import connect
@@ -71,29 +70,12 @@ _ABORT_WAIT = 10.0
 
 _log = logging.getLogger("tokengate.cluster")
 
-_LANES: weakref.WeakSet[DaskLane] = weakref.WeakSet()
-
-
-def _shutdown_all_lanes() -> None:
-    for lane in list(_LANES):
-        try:
-            lane.shutdown(wait=True, timeout=10.0)
-        except Exception:  # pragma: no cover
-            pass
-
-
-def _ensure_exit_hook() -> None:
-    """Stops every Dask lane at interpreter exit. Registered when the first lane is made,
-    after ``concurrent.futures``' own hook, so it runs before that one shuts the client's
-    callback executor down: done callbacks still arrive while cluster tokens finish."""
-    at_threads_exit(_shutdown_all_lanes)
-
 
 def _start_client_threads(client: Any) -> None:
     """Runs one task with a done callback and fetches its result, so that the threads
     Dask starts on first use (the callback thread, say) exist before the interpreter
     exits: at exit, Python 3.12 and later refuse to start a thread, and the lane's tokens
-    still finish then (see ``_ensure_exit_hook``)."""
+    still finish then (see ``tokengate._exit_hooks.shutdown_at_exit``)."""
     called = threading.Event()
     future = client.submit(int, "0", pure=False)
     future.add_done_callback(lambda _f: called.set())
@@ -162,8 +144,7 @@ class DaskLane:
         os.set_blocking(self._wfd, False)
         self._prefix = uuid.uuid4().hex[:12]
         self._thread = threading.Thread(target=self._run, name="tokengate-dask-lane", daemon=True)
-        _LANES.add(self)
-        _ensure_exit_hook()
+        shutdown_at_exit(self)
         self._thread.start()
 
     # -- control --------------------------------------------------------------------------

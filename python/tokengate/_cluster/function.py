@@ -81,16 +81,20 @@ class ClusterFunction(ProcessFunction):
         remote = self._remote
         if remote is None:
             remote = self._remote = RemoteCall(_function_payload(self, "the cluster"))
+        has_tokens = TaskToken in map(type, args) or TaskToken in map(type, kwargs.values())
         # Raises UnpicklableError here, at the call (tokens among the arguments are sent as their values later).
-        _dump_args(
-            self._op,
-            tuple(None if type(a) is TaskToken else a for a in args),
-            {k: (None if type(v) is TaskToken else v) for k, v in kwargs.items()},
-            "the cluster",
-        )
+        if has_tokens:
+            _dump_args(
+                self._op,
+                tuple(None if type(a) is TaskToken else a for a in args),
+                {k: (None if type(v) is TaskToken else v) for k, v in kwargs.items()},
+                "the cluster",
+            )
+        else:
+            _dump_args(self._op, args, kwargs, "the cluster")
         lane = lane_for(coordinator, self._op)
         links: list[int] = []
-        if TaskToken in map(type, args) or TaskToken in map(type, kwargs.values()):
+        if has_tokens:
             args, kwargs, links = lane.link_inputs(args, kwargs)
         try:
             token: TaskToken[Any] | None = self.spec.submit_to(

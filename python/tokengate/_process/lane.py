@@ -29,17 +29,14 @@ import os
 import selectors
 import threading
 import time
-import weakref
 from typing import Any
 
-from .._exit_hooks import at_threads_exit
+from .._exit_hooks import shutdown_at_exit
 from ..exceptions import TaskKilledError
 from .dispatch import _Dispatch
 from .recycling import _Recycling
 from .replies import _Replies
 from .submission import _Submission
-
-_LANES: weakref.WeakSet[ProcessLane] = weakref.WeakSet()
 
 
 class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
@@ -65,8 +62,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
             max_rss=max_rss,
         )
         self._thread = threading.Thread(target=self._run, name="tokengate-process-lane", daemon=True)
-        _LANES.add(self)
-        _ensure_exit_hook()
+        shutdown_at_exit(self)
         self._thread.start()
 
     # -- control ------------------------------------------------------------------------
@@ -236,20 +232,3 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 os.close(fd)
             except OSError:
                 pass
-
-
-# -- interpreter exit ---------------------------------------------------------------------
-
-
-def _shutdown_all_lanes() -> None:
-    for lane in list(_LANES):
-        try:
-            lane.shutdown(wait=True, timeout=10.0)
-        except Exception:
-            pass
-
-
-def _ensure_exit_hook() -> None:
-    """Stops every process lane at interpreter exit, before the engines stop: queued
-    process tokens still run (10 s at most), then the processes are reaped."""
-    at_threads_exit(_shutdown_all_lanes)
