@@ -1,15 +1,17 @@
-"""The Dask lane against calling ``client.submit`` directly, on one local cluster, in one run.
+"""A cluster lane against calling its cluster directly, on one local cluster, in one run.
 
-    python benches/bench_cluster.py [--tokens 2000] [--rounds 7] [--workers 2] [--json out.json]
+    python benches/bench_cluster.py [--cluster dask|ray] [--tokens 2000] [--rounds 7] [--workers 2] [--json out.json]
 
-A ``LocalCluster`` of ``--workers`` processes (one thread each, loopback) is
-started once; a coordinator uses it through ``cluster=client``. Each round,
-in alternating order:
+Dask: a ``LocalCluster`` of ``--workers`` processes (one thread each, loopback)
+is started once; a coordinator uses it through ``cluster=client``. Ray: a
+local Ray with ``--workers`` CPUs (``ray.init(address="local")``); a
+coordinator uses it through ``cluster="ray"``. Each round, in alternating order:
 
-* **direct**: ``client.submit(noop, i, pure=False)`` for ``--tokens`` calls,
-  then ``client.gather`` of all of them;
-* **tokengate**: ``--tokens`` calls of a ``cluster: True`` no-op, then
-  ``tokengate.gather`` of the tokens.
+* **direct**: ``--tokens`` calls of a no-op (Dask: ``client.submit(noop, i,
+  pure=False)``, then ``client.gather``; Ray: ``noop.remote(i)``, then
+  ``ray.get`` of the list);
+* **tokengate**: ``--tokens`` calls of a ``cluster: True`` no-op (weight heavy:
+  one CPU each on Ray, as ``ray.remote``'s default), then ``tokengate.gather``.
 
 The cost per task is the round's wall time over ``--tokens``; the table shows
 the median (p50) over rounds and the ratio tokengate / direct (goal <= 1.25x).
@@ -23,6 +25,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +40,39 @@ def noop(x: int) -> int:
     return x
 
 
-noop_token = task_token_guard(operation_type="bench_cluster_noop", tags={"cluster": True})(noop)
+noop_token = task_token_guard(operation_type="bench_cluster_noop", tags={"cluster": True, "weight": "heavy"})(noop)
+
+
+def dask_cluster(workers: int) -> tuple[Any, Callable[[int], list[int]], Callable[[int], int], Callable[[], None]]:
+    """(cluster=, run n no-ops directly, one direct round trip, close)."""
+    import distributed
+
+    from tokengate._cluster.connect import local_cluster
+
+    cluster = local_cluster(workers)
+    client = distributed.Client(cluster, set_as_default=False)
+
+    def many(n: int) -> list[int]:
+        return list(client.gather([client.submit(noop, i, pure=False) for i in range(n)]))
+
+    def close() -> None:
+        client.close()
+        cluster.close()
+
+    return client, many, lambda i: int(client.submit(noop, i, pure=False).result()), close
+
+
+def ray_cluster(workers: int) -> tuple[Any, Callable[[int], list[int]], Callable[[int], int], Callable[[], None]]:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, configure_logging=False)
+    remote = ray.remote(noop)
+
+    def many(n: int) -> list[int]:
+        return list(ray.get([remote.remote(i) for i in range(n)]))
+
+    return "ray", many, lambda i: int(ray.get(remote.remote(i))), ray.shutdown
 
 
 def main() -> None:
@@ -45,31 +81,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--round-trips", type=int, default=50)
+    ap.add_argument("--cluster", choices=("dask", "ray"), default="dask")
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    import distributed
-
-    from tokengate._cluster.connect import local_cluster
-
     busy = cpu_busy_fraction()
-    cluster = local_cluster(args.workers)
-    client = distributed.Client(cluster, set_as_default=False)
+    target, many, one, close = (dask_cluster if args.cluster == "dask" else ray_cluster)(args.workers)
     n = args.tokens
     direct: list[float] = []
     lane: list[float] = []
     rt_direct: list[float] = []
     rt_lane: list[float] = []
     try:
-        with OperationsCoordinator(max_workers=2, cluster=client):
-            # Warm up both paths (functions shipped, pools started).
-            client.gather([client.submit(noop, i, pure=False) for i in range(50)])
+        with OperationsCoordinator(max_workers=2, cluster=target):
+            # Warm up both paths (functions shipped, pools and workers started).
+            many(50)
             tokengate.gather([noop_token(i) for i in range(50)], timeout=120)
 
             def run_direct() -> None:
                 t0 = time.perf_counter()
-                futures = [client.submit(noop, i, pure=False) for i in range(n)]
-                assert client.gather(futures) == list(range(n))
+                assert many(n) == list(range(n))
                 direct.append((time.perf_counter() - t0) / n)
 
             def run_lane() -> None:
@@ -84,14 +115,13 @@ def main() -> None:
                 second()
             for i in range(args.round_trips):
                 t0 = time.perf_counter()
-                client.submit(noop, i, pure=False).result()
+                one(i)
                 rt_direct.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 noop_token(i).result(timeout=60)
                 rt_lane.append(time.perf_counter() - t0)
     finally:
-        client.close()
-        cluster.close()
+        close()
 
     p50_direct = statistics.median(direct)
     p50_lane = statistics.median(lane)
@@ -99,19 +129,19 @@ def main() -> None:
     rt_ratio = statistics.median(rt_lane) / statistics.median(rt_direct)
     rows = [
         (
-            f"{n} no-op tasks, client.submit + gather, per task (p50 of {args.rounds})",
+            f"{n} no-op tasks, {'client.submit + gather' if args.cluster == 'dask' else 'f.remote() + ray.get'}, per task (p50 of {args.rounds})",
             f"{p50_direct * 1e6:.0f} us",
             "1.00x",
             "",
         ),
         (
-            f"{n} no-op tokens on the Dask lane, per task (p50)",
+            f"{n} no-op tokens on the {args.cluster} lane, per task (p50)",
             f"{p50_lane * 1e6:.0f} us",
             f"{ratio:.2f}x",
             f"{verdict(ratio <= 1.25)} goal <= 1.25x",
         ),
         (
-            "single round trip p50, client.submit().result()",
+            "single round trip p50, direct",
             f"{statistics.median(rt_direct) * 1e6:.0f} us",
             "1.00x",
             "reference",
@@ -127,7 +157,17 @@ def main() -> None:
     print("per-round per-task us, direct:", " ".join(f"{v * 1e6:.0f}" for v in direct))
     print("per-round per-task us, lane:  ", " ".join(f"{v * 1e6:.0f}" for v in lane))
     print(f"CPU busy before the run: {busy:.2f}")
-    dump(args.json, {"machine": machine(), "direct_s": direct, "lane_s": lane, "ratio": ratio, "rt_ratio": rt_ratio})
+    dump(
+        args.json,
+        {
+            "machine": machine(),
+            "cluster": args.cluster,
+            "direct_s": direct,
+            "lane_s": lane,
+            "ratio": ratio,
+            "rt_ratio": rt_ratio,
+        },
+    )
 
 
 if __name__ == "__main__":

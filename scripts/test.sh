@@ -12,6 +12,8 @@
 #   sdist     the sdist builds a wheel that imports
 #   pytest    the full suite (all but the slow tests) on 3.12 (the primary leg), 3.11 and 3.13,
 #             each against the installed wheel
+#   ray       the Ray lane's tests, the executor contract on Ray and the README's examples, on 3.12
+#             with the ray extra, against a 2-node local Ray cluster (two `ray start`, loopback)
 #   slow      the slow tests (soak, storms, churn) on 3.12
 #   3.13t     the full suite on free-threaded 3.13t, built from Debian's source package into
 #             ~/.cache/tokengate when missing (about 6 minutes; scripts/build-free-threaded.sh)
@@ -24,7 +26,7 @@ ROOT="$PWD"
 LOGS="target/ci-logs"
 DIST="target/dist"
 mkdir -p "$LOGS"
-ALL_STAGES="wheel gates cargo install sdist pytest-3.12 pytest-3.11 pytest-3.13 slow 3.13t"
+ALL_STAGES="wheel gates cargo install sdist pytest-3.12 pytest-3.11 pytest-3.13 ray slow 3.13t"
 STAGES="${TOKENGATE_STAGES:-$ALL_STAGES}"
 for s in $STAGES; do
   if [[ " $ALL_STAGES " != *" $s "* ]]; then
@@ -120,6 +122,21 @@ run_pytest() {
     "$env/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 
+# The Ray lane's stage: its own venv (Ray is large and the other legs need not have it).
+run_ray() {
+  local env="target/venv-ray"
+  if [ ! -x "$env/bin/python" ]; then
+    "$(python_of 3.12)" -m venv "$env"
+  fi
+  "$env/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$env/bin/python" -m pip install -q $("$env/bin/python" scripts/extras.py test) $("$env/bin/python" scripts/extras.py ray)
+  "$env/bin/python" -m pip install -q --force-reinstall --no-deps "$WHEEL"
+  "$env/bin/python" -m pip install -q "$WHEEL"
+  "$env/bin/python" -c 'import sys, ray, tokengate; print("   tokengate from", tokengate.__file__, "with Ray", ray.__version__, "on", sys.version.split()[0])'
+  TOKENGATE_REQUIRE_RAY=1 TOKENGATE_REQUIRE_DASK=1 "$env/bin/python" -m pytest -q -p no:cacheprovider \
+    tests/test_cluster_ray.py tests/test_cluster_executor.py tests/test_readme.py -k "ray or readme" "$@"
+}
+
 # The build tools: maturin (the build backend), ziglang and twine (the release group), on 3.12.
 TOOLS="target/venv-tools"
 setup_tools() {
@@ -163,6 +180,9 @@ for v in 3.12 3.11 3.13; do
     stage "pytest-$v" run_pytest "$v" -m "not slow" "$@"
   fi
 done
+if wants ray; then
+  stage ray run_ray "$@"
+fi
 if wants slow; then
   stage slow run_pytest 3.12 -m slow "$@"
 fi

@@ -31,6 +31,23 @@ def stamp(x: int, seconds: float = 0.02) -> tuple[int, float]:
     return x, started
 
 
+@task_token_guard(operation_type="cl_heavy", tags={"cluster": True, "weight": "heavy"})
+def heavy(x: int, seconds: float = 0.2) -> tuple[int, float, float]:
+    started = time.time()
+    time.sleep(seconds)
+    return x, started, time.time()
+
+
+@task_token_guard(operation_type="cl_marked", tags={"cluster": True, "weight": "heavy"})
+def marked(x: int, path: str, seconds: float = 0.05) -> int:
+    """Appends its parent's pid (a Ray worker's parent is its node's raylet) and its own
+    to ``path``, then sleeps."""
+    with open(path, "a") as f:
+        f.write(f"{os.getppid()} {os.getpid()}\n")
+    time.sleep(seconds)
+    return x
+
+
 @task_token_guard(operation_type="cl_fail", tags={"cluster": True})
 def fail(x: int) -> int:
     raise ValueError(f"bad {x}")

@@ -66,9 +66,36 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 # -- process counters -------------------------------------------------------------------------
 
 
+#: gRPC's own threads (their kernel names, cut at 15 characters).
+_GRPC_THREADS = ("event_engine", "grpc_global_tim")
+
+
 def os_thread_count() -> int:
-    """Threads of this process according to the kernel (Python and Rust threads alike)."""
-    return len(os.listdir("/proc/self/task"))
+    """Threads of this process according to the kernel (Python and Rust threads alike), but
+    not gRPC's pool and timer (in a process connected to Ray): they come and go on their own."""
+    tasks = os.listdir("/proc/self/task")
+    if "ray" not in sys.modules:
+        return len(tasks)
+    n = 0
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                n += f.read().strip() not in _GRPC_THREADS
+        except OSError:  # ended meanwhile
+            pass
+    return n
+
+
+def os_thread_names() -> list[str]:
+    """The kernel's names of this process's threads (for messages)."""
+    out = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                out.append(f.read().strip())
+        except OSError:
+            pass
+    return sorted(out)
 
 
 def wait_for_threads(baseline: int, limit: float = 2.0) -> int:
@@ -227,3 +254,109 @@ def started_dask_client(processes: int) -> tuple[Any, Any]:
     assert client.gather([f]) == [8] and done.wait(10)
     client.run(lambda: None)
     return client, cluster
+
+
+class RayNodes:
+    """A local Ray cluster of separate nodes, as ``ray start`` makes one: a head
+    (``start``) and more nodes (``add_node``), each with its own ports, on loopback,
+    with this process's authentication settings (``RAY_AUTH_*``, see conftest), and with this directory on the workers' ``PYTHONPATH``
+    (they import ``cluster_functions`` by name). ``kill_node`` kills one node's raylet
+    and its workers, as a lost machine would; ``close`` kills every process of it."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        self.ray = shutil.which("ray", path=os.path.dirname(sys.executable))
+        assert self.ray is not None, "the ray command is missing beside this interpreter"
+        self.temp_dir = tempfile.mkdtemp(prefix="tgray", dir="/tmp")  # short: Ray puts sockets there
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.env = dict(
+            os.environ,
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p),
+        )
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.client_port = free_port()
+        self.nodes: list[int] = []  # raylet pids, head first
+
+    def _raylets(self) -> set[int]:
+        import psutil
+
+        out = set()
+        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if p.info["name"] == "raylet" and any(self.temp_dir in a for a in cmd):
+                out.add(p.info["pid"])
+        return out
+
+    def _ray_start(self, *args: str) -> int:
+        before = self._raylets()
+        subprocess.run(
+            [self.ray, "start", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", *args],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        (raylet,) = self._raylets() - before
+        self.nodes.append(raylet)
+        return raylet
+
+    def start(self) -> RayNodes:
+        self._ray_start(
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={self.temp_dir}",
+            f"--ray-client-server-port={self.client_port}",
+            "--include-dashboard=false",
+            f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        )
+        return self
+
+    def add_node(self) -> int:
+        return self._ray_start(f"--address={self.address}", f"--dashboard-agent-listen-port={free_port()}")
+
+    def kill_node(self, raylet: int) -> None:
+        import psutil
+
+        proc = psutil.Process(raylet)
+        procs = [proc, *proc.children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.nodes.remove(raylet)
+
+    def close(self) -> None:
+        import shutil
+
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            if any(self.temp_dir in a for a in p.info["cmdline"] or []):
+                procs.append(p)
+                try:
+                    procs.extend(p.children(recursive=True))
+                except psutil.NoSuchProcess:
+                    pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,6 +1,8 @@
 """tokengate.ClusterExecutor: the executor contract (the parts of CPython's
 test_concurrent_futures that a pool of remote workers keeps, as ProcessPoolExecutor
-does), on an in-process Dask ``LocalCluster`` and on one with 2 worker processes.
+does), on an in-process Dask ``LocalCluster``, on one with 2 worker processes, and on
+a 2-node local Ray cluster (the ``ray_nodes`` fixture; skipped where Ray is missing,
+unless ``TOKENGATE_REQUIRE_RAY`` is set).
 
 Set ``TOKENGATE_REQUIRE_DASK=1`` to fail, not skip, when ``distributed`` is missing.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import os
 import sys
 import threading
@@ -44,16 +47,22 @@ def two_processes() -> Iterator[distributed.Client]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _dask_pools_started() -> None:
-    """Dask's own thread pools start on first use and stay: start them before threads are counted."""
+def _pools_started(request: pytest.FixtureRequest) -> None:
+    """Dask's own thread pools, and Ray's when it is installed, start on first use and stay:
+    start them before threads are counted."""
     with ClusterExecutor("dask-local") as ex:
         assert ex.submit(pow, 2, 3).result(timeout=WAIT) == 8
+    if os.environ.get("TOKENGATE_REQUIRE_RAY") or importlib.util.find_spec("ray") is not None:
+        request.getfixturevalue("ray_nodes")
 
 
-@pytest.fixture(params=["in-process", "2 processes"])
+@pytest.fixture(params=["in-process", "2 processes", "ray"])
 def make(request: pytest.FixtureRequest, two_processes: distributed.Client) -> Any:
     if request.param == "in-process":
         return lambda: ClusterExecutor("dask-local")
+    if request.param == "ray":
+        request.getfixturevalue("ray_nodes")  # the 2-node Ray cluster this process is connected to
+        return lambda: ClusterExecutor("ray")
     return lambda: ClusterExecutor(two_processes)
 
 

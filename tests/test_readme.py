@@ -8,7 +8,8 @@ only with ``<!-- readme-test: skip (why) -->`` right before its fence, the reaso
 given; leave one out only when it cannot run here (it needs a network, say). A block
 that needs an optional dependency says so with ``<!-- readme-test: needs (module) -->``:
 it is skipped where that module is missing (on the free-threaded leg, say), unless
-``TOKENGATE_REQUIRE_DASK`` is set and the module is Dask's ``distributed``.
+``TOKENGATE_REQUIRE_DASK`` is set and the module is Dask's ``distributed``, or
+``TOKENGATE_REQUIRE_RAY`` and ``ray``.
 
 A block that defines ``async def main()`` and never calls it gets
 ``asyncio.run(main())`` appended, so an example's coroutine is really run.
@@ -142,7 +143,8 @@ def test_every_skipped_block_says_why() -> None:
 @pytest.mark.parametrize("source", [s for _, s in _PROGRAMS], ids=[n for n, _ in _PROGRAMS])
 def test_readme_example_runs(source: str, tmp_path: Path) -> None:
     needed = re.match(r"# readme-test needs: (\S+)\n", source)
-    if needed and not (needed[1] == "distributed" and os.environ.get("TOKENGATE_REQUIRE_DASK")):
+    required = {"distributed": "TOKENGATE_REQUIRE_DASK", "ray": "TOKENGATE_REQUIRE_RAY"}
+    if needed and not os.environ.get(required.get(needed[1], "-")):
         pytest.importorskip(needed[1])
     proc = run_program(source, tmp_path)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stderr ---\n{proc.stderr}\n--- source ---\n{source}"

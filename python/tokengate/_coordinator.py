@@ -80,8 +80,11 @@ class OperationsCoordinator:
     ``cluster`` (default None) is where ``cluster: True`` tokens run: a
     ``distributed.Client``, ``"dask://HOST:PORT"``, ``"dask-local"`` (a Dask
     ``LocalCluster`` in this process) or ``"dask-local:N"`` (N worker
-    processes); connected on the first such token, closed by ``stop()``
-    (a client passed in stays open). See ``tokengate._cluster``.
+    processes); or Ray: ``"ray-local"`` / ``"ray-local:N"`` (a local Ray
+    started for the lane), ``"ray://HOST:PORT"`` or ``"ray"`` (the Ray this
+    process connected to with ``ray.init()``). Connected on the first such
+    token, closed by ``stop()`` (a client or connection passed in stays
+    open). See ``tokengate._cluster``.
 
     ``caller_runs`` (default True): a thread other than the main thread that
     calls ``token.result()`` without a timeout on a token no worker has

@@ -326,6 +326,12 @@ impl LaneTask {
     fn operation_type(&self) -> String {
         self.inner.op().name.to_string()
     }
+
+    /// The operation's weight: "light", "medium" or "heavy".
+    #[getter]
+    fn weight(&self) -> &'static str {
+        self.inner.spec().weight.as_str()
+    }
 }
 
 impl LaneTask {

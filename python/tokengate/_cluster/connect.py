@@ -1,9 +1,18 @@
 """``OperationsCoordinator(cluster=...)``: what it accepts, and connecting to it.
 
+Dask:
+
 * a ``distributed.Client`` (used as it is; tokengate never closes it);
 * ``"dask://HOST:PORT"``: a running Dask scheduler (a client of tokengate's own, closed at stop);
 * ``"dask-local"``: a ``LocalCluster`` in this process (threads, no worker processes);
 * ``"dask-local:N"``: a ``LocalCluster`` with N worker processes of one thread each.
+
+Ray (one connection per process, as ``ray.init`` allows):
+
+* ``"ray"``: the Ray this process connected to with ``ray.init()`` (left connected at stop);
+* ``"ray://HOST:PORT"``: a running Ray cluster's client server (connected, and disconnected at stop);
+* ``"ray-local"`` or ``"ray-local:N"``: a local Ray with all cores or N CPUs, on
+  loopback, without its dashboard or usage reports, started and stopped with the lane.
 
 Local clusters listen on loopback only and have no dashboard. Their scheduler
 fails a task at once when the worker running it is lost
@@ -20,6 +29,8 @@ from typing import Any
 
 _LOCAL = re.compile(r"dask-local(?::(\d+))?$")
 _REMOTE = re.compile(r"dask://([^:/\s]+):(\d+)$")
+_RAY_LOCAL = re.compile(r"ray-local(?::(\d+))?$")
+_RAY_REMOTE = re.compile(r"ray://[^:/\s]+:\d+$")
 
 
 def _is_client(value: Any) -> bool:
@@ -36,11 +47,62 @@ def check_cluster(value: Any) -> Any:
             if m.group(1) is not None and not 1 <= int(m.group(1)) <= 256:
                 raise ValueError(f"cluster={value!r}: the number of worker processes must be 1 to 256")
             return value
-        if _REMOTE.match(value):
+        if _REMOTE.match(value) or value == "ray" or _RAY_REMOTE.match(value):
+            return value
+        m = _RAY_LOCAL.match(value)
+        if m is not None:
+            if m.group(1) is not None and not 1 <= int(m.group(1)) <= 4096:
+                raise ValueError(f"cluster={value!r}: the number of CPUs must be 1 to 4096")
             return value
     raise ValueError(
-        f"cluster must be a distributed.Client, 'dask://HOST:PORT', 'dask-local' or 'dask-local:N', got {value!r}"
+        "cluster must be a distributed.Client, 'dask://HOST:PORT', 'dask-local', 'dask-local:N', "
+        f"'ray', 'ray://HOST:PORT', 'ray-local' or 'ray-local:N', got {value!r}"
     )
+
+
+def is_ray(value: Any) -> bool:
+    """Whether a checked ``cluster=`` value names Ray."""
+    return isinstance(value, str) and (value == "ray" or value.startswith(("ray://", "ray-local")))
+
+
+def ray_module() -> Any:
+    """``ray``, imported by name (an optional dependency, untyped)."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise ImportError("the Ray lane needs Ray: pip install 'tokengate[ray]'") from exc
+
+
+def connect_ray(value: str) -> bool:
+    """Connects this process to the Ray that ``value`` names; True when the lane owns the
+    connection (it calls ``ray.shutdown()`` at stop)."""
+    ray = ray_module()
+    if value == "ray":
+        if not ray.is_initialized():
+            raise ValueError(
+                "cluster='ray' uses the Ray this process connected to, but ray.init() has not run: "
+                "call ray.init(...) first, or pass 'ray-local' or 'ray://HOST:PORT'"
+            )
+        return False
+    if ray.is_initialized():
+        raise ValueError(
+            f"cluster={value!r}: this process is connected to Ray already (ray.init() ran, and Ray allows "
+            "one connection per process); pass cluster='ray' to use that connection"
+        )
+    m = _RAY_LOCAL.match(value)
+    if m is None:
+        ray.init(address=value, configure_logging=False)
+        return True
+    # A Ray started for the lane reports nothing home unless the user asked it to.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        address="local",  # a new local Ray, never one that ``ray start`` left running
+        num_cpus=None if m.group(1) is None else int(m.group(1)),
+        include_dashboard=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
+    return True
 
 
 def _modules() -> tuple[Any, Any]:

@@ -101,8 +101,9 @@ class _ClusterFuture(_cf.Future[Any]):
 class ClusterExecutor(_cf.Executor):
     """Runs calls on a cluster through tokengate's cluster lane (see the module docs).
 
-    ``cluster``: a ``distributed.Client``, ``"dask://HOST:PORT"``, ``"dask-local"``
-    or ``"dask-local:N"`` (see ``OperationsCoordinator(cluster=...)``). With
+    ``cluster``: a ``distributed.Client``, ``"dask://HOST:PORT"``, ``"dask-local"``,
+    ``"dask-local:N"``, ``"ray"``, ``"ray://HOST:PORT"``, ``"ray-local"`` or
+    ``"ray-local:N"`` (see ``OperationsCoordinator(cluster=...)``). With
     ``coordinator=`` (a running coordinator that has a cluster) the calls go to
     its cluster lane and ``shutdown()`` leaves it running."""
 

@@ -19,9 +19,10 @@ from .._process.payload import _dump_args, _function_payload
 from .._process.wrapper import ProcessFunction, _current_coordinator
 from .._tokengate import TaskToken
 from ..exceptions import NotStartedError, ShutdownError
+from .connect import is_ray
 
 if TYPE_CHECKING:
-    from .dask_lane import DaskLane
+    from .lane import ClusterLane
 
 #: Functions loaded on this (worker) process, by payload.
 _LOADED: dict[Any, Any] = {}
@@ -129,16 +130,26 @@ def cluster_wrapper(spec: Any, fn: Any) -> ClusterFunction:
 _lane_lock = threading.Lock()
 
 
-def lane_for(coordinator: Any, op: str) -> DaskLane:
+def _lane_class(cluster: Any) -> type[ClusterLane]:
+    if is_ray(cluster):
+        from .ray_lane import RayLane
+
+        return RayLane
+    from .dask_lane import DaskLane
+
+    return DaskLane
+
+
+def lane_for(coordinator: Any, op: str) -> ClusterLane:
     """The coordinator's cluster lane, connected on first use."""
     lane = coordinator._cluster_lane
     engine = coordinator._engine
     if lane is not None and lane.engine is engine:
-        return cast("DaskLane", lane)
+        return cast("ClusterLane", lane)
     if coordinator.cluster is None:
         raise ValueError(
             f"{op}: this operation is tagged cluster: True, but the running coordinator has no cluster "
-            "(pass OperationsCoordinator(cluster='dask-local'), 'dask://HOST:PORT' or a distributed.Client)"
+            "(pass OperationsCoordinator(cluster=...): 'dask-local', 'dask://HOST:PORT', a distributed.Client, 'ray-local', 'ray://HOST:PORT' or 'ray')"
         )
     with _lane_lock:  # not coordinator._lock: stop() holds it while it waits for tasks
         engine = coordinator._engine
@@ -146,11 +157,9 @@ def lane_for(coordinator: Any, op: str) -> DaskLane:
             raise ShutdownError("cannot schedule new futures after shutdown")
         lane = coordinator._cluster_lane
         if lane is None or lane.engine is not engine:
-            from .dask_lane import DaskLane
-
-            lane = DaskLane(engine, coordinator.cluster)
+            lane = _lane_class(coordinator.cluster)(engine, coordinator.cluster)
             coordinator._cluster_lane = lane
     if not engine.running:
         lane.shutdown(wait=True, timeout=5.0)
         raise ShutdownError("cannot schedule new futures after shutdown")
-    return cast("DaskLane", lane)
+    return cast("ClusterLane", lane)
