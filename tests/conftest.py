@@ -78,8 +78,9 @@ def ray_nodes() -> Iterator[Any]:
 
     from support import RayNodes, wait_until
 
-    nodes = RayNodes().start()
+    nodes = RayNodes()
     try:
+        nodes.start()
         nodes.add_node()
         ray.init(address=nodes.address, configure_logging=False, log_to_driver=False)
         assert wait_until(lambda: ray.cluster_resources().get("CPU") == 4.0, 60.0)

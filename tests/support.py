@@ -67,33 +67,25 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 #: gRPC's own threads (their kernel names, cut at 15 characters).
-_GRPC_THREADS = ("event_engine", "grpc_global_tim")
+_GRPC_THREADS = ("event_engine", "grpc_global_tim", "default-executo")
 
 
 def os_thread_count() -> int:
     """Threads of this process according to the kernel (Python and Rust threads alike), but
     not gRPC's pool and timer (in a process connected to Ray): they come and go on their own."""
-    tasks = os.listdir("/proc/self/task")
     if "ray" not in sys.modules:
-        return len(tasks)
-    n = 0
-    for t in tasks:
-        try:
-            with open(f"/proc/self/task/{t}/comm") as f:
-                n += f.read().strip() not in _GRPC_THREADS
-        except OSError:  # ended meanwhile
-            pass
-    return n
+        return len(os.listdir("/proc/self/task"))
+    return sum(name not in _GRPC_THREADS for name in os_thread_names())
 
 
 def os_thread_names() -> list[str]:
-    """The kernel's names of this process's threads (for messages)."""
+    """The kernel's names of this process's threads, sorted."""
     out = []
     for t in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{t}/comm") as f:
                 out.append(f.read().strip())
-        except OSError:
+        except OSError:  # ended meanwhile
             pass
     return sorted(out)
 
@@ -274,6 +266,11 @@ class RayNodes:
         self.env = dict(
             os.environ,
             RAY_USAGE_STATS_ENABLED="0",
+            # A killed node is found dead in about a second, not Ray's default of about 15 s.
+            RAY_health_check_initial_delay_ms="0",
+            RAY_health_check_period_ms="250",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
             PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p),
         )
         self.port = free_port()

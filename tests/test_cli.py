@@ -11,7 +11,6 @@ import importlib
 import io
 import json
 import os
-import socket
 import socketserver
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 import tokengate
-from support import CHILD_TIMEOUT, wait_until
+from support import CHILD_TIMEOUT, free_port, wait_until
 from tokengate import OperationsCoordinator, task_token_guard
 from tokengate import _cli as cli
 from tokengate.__main__ import build_parser
@@ -88,12 +87,6 @@ def live() -> Iterator[Live]:
             for t in state.tokens:
                 t.cancel()  # a queued one (held by a pause, say) never runs; a running one finishes
             tokengate.gather(state.tokens, return_exceptions=True, timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import tokengate
+from support import os_thread_names
 from tokengate import OperationsCoordinator, task_token_guard
 
 ADMIN_ROUTES = ["/api/v1/ops/dash_op/pause", "/api/v1/ops/dash_op/kill", "/api/v1/admission/pause"]
@@ -243,14 +244,7 @@ def test_no_token_on_loopback_when_asked(coordinator: OperationsCoordinator) -> 
 
 
 def dashboard_threads() -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            pass  # ended meanwhile
-    return [n for n in names if n.startswith("tokengate-dash")]
+    return [n for n in os_thread_names() if n.startswith("tokengate-dash")]
 
 
 def open_events(server: tokengate.DashboardServer) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:

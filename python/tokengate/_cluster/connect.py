@@ -25,6 +25,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import threading
+import time
 from typing import Any
 
 _LOCAL = re.compile(r"dask-local(?::(\d+))?$")
@@ -73,36 +75,100 @@ def ray_module() -> Any:
         raise ImportError("the Ray lane needs Ray: pip install 'tokengate[ray]'") from exc
 
 
-def connect_ray(value: str) -> bool:
-    """Connects this process to the Ray that ``value`` names; True when the lane owns the
-    connection (it calls ``ray.shutdown()`` at stop)."""
+class RayConnection:
+    """A connection to Ray that a lane made (``owned``) or uses (made by ``ray.init()``)."""
+
+    __slots__ = ("closed", "owned", "stopping")
+
+    def __init__(self, owned: bool) -> None:
+        self.owned = owned
+        #: Set when its lane begins to stop, and once it has disconnected.
+        self.stopping = threading.Event()
+        self.closed = threading.Event()
+
+
+#: The connection a lane made and has not closed yet (Ray allows one per process).
+_ray_owner: RayConnection | None = None
+_ray_lock = threading.Lock()
+
+#: How long a new connection waits for an older lane to finish disconnecting (seconds).
+_RAY_HANDOVER = 30.0
+
+
+def connect_ray(value: str) -> RayConnection:
+    """Connects this process to the Ray that ``value`` names (or uses its connection,
+    for ``"ray"``). Hand the result to :func:`disconnect_ray` when the lane stops."""
+    global _ray_owner
     ray = ray_module()
+    with _ray_lock:
+        previous = _ray_owner
+    if previous is not None and previous.stopping.is_set():  # a lane still disconnecting: wait for it
+        previous.closed.wait(_RAY_HANDOVER)
     if value == "ray":
         if not ray.is_initialized():
             raise ValueError(
                 "cluster='ray' uses the Ray this process connected to, but ray.init() has not run: "
                 "call ray.init(...) first, or pass 'ray-local' or 'ray://HOST:PORT'"
             )
-        return False
-    if ray.is_initialized():
-        raise ValueError(
-            f"cluster={value!r}: this process is connected to Ray already (ray.init() ran, and Ray allows "
-            "one connection per process); pass cluster='ray' to use that connection"
-        )
-    m = _RAY_LOCAL.match(value)
-    if m is None:
-        ray.init(address=value, configure_logging=False)
-        return True
-    # A Ray started for the lane reports nothing home unless the user asked it to.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        address="local",  # a new local Ray, never one that ``ray start`` left running
-        num_cpus=None if m.group(1) is None else int(m.group(1)),
-        include_dashboard=False,
-        configure_logging=False,
-        _node_ip_address="127.0.0.1",
-    )
-    return True
+        return RayConnection(False)
+    with _ray_lock:
+        if ray.is_initialized():
+            raise ValueError(
+                f"cluster={value!r}: this process is connected to Ray already (ray.init() ran, and Ray allows "
+                "one connection per process); pass cluster='ray' to use that connection"
+            )
+        connection = _ray_owner = RayConnection(True)
+    try:
+        m = _RAY_LOCAL.match(value)
+        if m is None:
+            _connect_ray_client(ray, value)
+        else:
+            # A Ray started for the lane reports nothing home unless the user asked it to.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(
+                address="local",  # a new local Ray, never one that ``ray start`` left running
+                num_cpus=None if m.group(1) is None else int(m.group(1)),
+                include_dashboard=False,
+                configure_logging=False,
+                _node_ip_address="127.0.0.1",
+            )
+    except BaseException:
+        disconnect_ray(connection)
+        raise
+    return connection
+
+
+def _connect_ray_client(ray: Any, address: str) -> None:
+    """``ray.init(address)`` for a ``ray://`` address, tried up to 3 times when the cluster's
+    client server fails to start the server of this connection (Ray's proxy can trip over
+    a server process that exited meanwhile: ``ConnectionAbortedError``)."""
+    for attempt in range(3):
+        try:
+            ray.init(address=address, configure_logging=False)
+            return
+        except ConnectionAbortedError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def disconnect_ray(connection: RayConnection) -> None:
+    """Closes a connection the lane made, unless a newer one replaced it; never raises."""
+    global _ray_owner
+    if not connection.owned or connection.closed.is_set():
+        return
+    try:
+        with _ray_lock:
+            current = _ray_owner is connection
+        if current:
+            ray_module().shutdown()
+    except Exception:
+        pass
+    finally:
+        with _ray_lock:
+            if _ray_owner is connection:
+                _ray_owner = None
+        connection.closed.set()
 
 
 def _modules() -> tuple[Any, Any]:

@@ -32,7 +32,7 @@ class DaskLane(ClusterLane):
     """The cluster lane of one running coordinator, on Dask."""
 
     name = "dask"
-    send_ahead = 64
+    send_ahead = 64.0
 
     def _connect(self, target: Any) -> None:
         self.client, self._cluster, self._owns_client = connect(target)

@@ -8,12 +8,12 @@ its capacity, sending one call, reading what finished, cancelling, closing.
 
 * **Room.** The lane keeps at most the cluster's capacity in flight (its
   threads or CPUs, read again every 0.5 s, so it follows workers as they come
-  and go), measured in the lane's cost per token, plus a few tokens sent ahead
-  (``send_ahead``): without them each task would wait a scheduler round trip
-  after the one before. The engine's queue decides what goes out (priorities,
+  and go), measured in the lane's cost per token, plus a little sent ahead
+  (``send_ahead``, in the same units): without it each task would wait a
+  scheduler round trip after the one before. The engine's queue decides what goes out (priorities,
   aging, pauses and per-operation limits hold across the cluster).
 * **Completion.** The cluster's callback (on one of its threads) appends an
-  entry to ``_done`` and writes a byte to the lane's pipe. The dispatcher
+  entry to ``_done`` and, unless one is pending, writes a byte to the lane's pipe. The dispatcher
   reads every finished entry per wake-up (:meth:`ClusterLane._settle`) and
   reports each token once: ``finish``, or ``fail`` (the engine retries it while
   it has ``retries`` left).
@@ -91,10 +91,8 @@ class ClusterLane:
     unit of capacity."""
 
     name = "cluster"
-    #: Tokens sent beyond the cluster's capacity (see the module docs).
-    send_ahead = 0
-    #: While tokens are in flight, the lane sends more only once this much room is free.
-    refill_at = 0.0
+    #: Capacity units sent beyond the cluster's capacity (see the module docs).
+    send_ahead = 0.0
 
     def __init__(self, engine: Any, target: Any) -> None:
         self.engine = engine
@@ -107,6 +105,7 @@ class ClusterLane:
             raise
         self._lock = threading.Lock()
         self._done: collections.deque[Any] = collections.deque()
+        self._signalled = False
         #: Token id -> (task, handle on the cluster, cost) of what was sent and not reported.
         self._inflight: dict[int, tuple[Any, Any, float]] = {}
         self._used = 0.0
@@ -287,9 +286,13 @@ class ClusterLane:
                 pass
 
     def _on_done(self, entry: Any) -> None:
-        """A remote task finished (a thread of the cluster's client)."""
+        """A remote task finished (a thread of the cluster's client). One byte goes to the
+        pipe per dispatcher round, not per task: the dispatcher clears ``_signalled``
+        before it reads ``_done``, and the entry is appended before the flag is read."""
         self._done.append(entry)
-        self._wake()
+        if not self._signalled:
+            self._signalled = True
+            self._wake()
 
     # -- dispatcher thread ----------------------------------------------------------------
 
@@ -313,6 +316,7 @@ class ClusterLane:
                     return
                 if closing and cancel:
                     self.outside.cancel_queued()
+                self._signalled = False
                 self._settle()
                 now = time.monotonic()
                 if now - self._capacity_at >= _CAPACITY_EVERY:
@@ -340,8 +344,6 @@ class ClusterLane:
         True when it got anything. (A function of its own: the tasks it took, which
         hold their tokens and so their results, are not kept alive while the lane sleeps.)"""
         room = self._capacity + (self.send_ahead if self._capacity else 0) - self._used
-        if self._used and room < self.refill_at:
-            room = 0  # refilled in batches: one send per finished task costs more per task
         # Each token costs at most 1: taking int(room) never passes the room.
         tasks, stopped = self.outside.take(max(0, int(room + 1e-9)))
         if stopped:

@@ -2,11 +2,13 @@
 
 * **Room.** The cluster's CPUs (``ray.cluster_resources()["CPU"]``, the
   alive nodes' total; not ``available_resources()``, which the lane's own
-  running tokens lower), plus 16 sent ahead. A token takes ``num_cpus`` by its
-  operation's ``weight``: light 0.25, medium 0.5, heavy 1, the share of a core
-  it takes on the engine's own workers. Ray has no task priorities: the
-  engine's queue decides the order in which tokens go out, and little is sent
-  ahead, so a late urgent token waits for at most those.
+  running tokens lower), plus 8 CPUs' worth sent ahead. A token takes
+  ``num_cpus`` by its operation's ``weight``: light 0.25, medium 0.5, heavy 1,
+  the share of a core it takes on the engine's own workers (so 32 light, 16
+  medium or 8 heavy tokens go ahead; fewer cost more per task, as Ray then
+  waits on each completion before the next send). Ray has no task priorities: the engine's
+  queue decides the order in which tokens go out, and little is sent ahead, so
+  a late urgent token waits for at most those.
 * **Sending.** One remote function per function, operation and weight
   (:func:`_bound`; Ray ships it once), with ``options(num_cpus=...,
   name=operation, max_retries=0, retry_exceptions=False)``: the engine's ``retries`` decide whether a token
@@ -17,10 +19,18 @@
   to a callback on Ray's thread, which puts ``(token id, result)`` in
   ``_done``; no ``ray.get`` follows.
 * **Errors.** A ``RayTaskError`` is reported as the exception the body raised
-  (its ``cause``). A worker or node lost (``WorkerCrashedError``,
+  (its ``cause``, with the ``RayTaskError`` and its remote traceback as the
+  cause's ``__cause__``). A worker or node lost (``WorkerCrashedError``,
   ``NodeDiedError``, ``ObjectLostError`` and its kinds, ``OwnerDiedError``,
-  ``LocalRayletDiedError``, ``OutOfMemoryError``) and a task Ray cancelled become
-  :class:`~tokengate.exceptions.WorkerLostError`.
+  ``LocalRayletDiedError``, ``OutOfMemoryError``) and a task Ray cancelled
+  become :class:`~tokengate.exceptions.WorkerLostError`. Through a Ray client
+  (``ray://``) any exception handed to the callback is a failure (the
+  connection's own errors among them: a ``ConnectionError`` is a lost worker),
+  as in Ray's ``ClientObjectRef.future()``.
+* **One connection per process.** A lane that connected (``ray-local``,
+  ``ray://``) disconnects when it stops, but only while its connection is still
+  the process's current one; a lane connecting while an older one is still
+  stopping waits for it (see :mod:`.connect`).
 * **Stop notices.** ``ray.cancel(ref, force=True)``: Ray kills the worker
   process running it.
 """
@@ -31,7 +41,7 @@ import importlib
 import threading
 from typing import Any
 
-from .connect import connect_ray, ray_module
+from .connect import connect_ray, disconnect_ray, ray_module
 from .lane import ClusterLane
 
 #: num_cpus of a token, by its operation's weight.
@@ -70,11 +80,12 @@ class RayLane(ClusterLane):
     """The cluster lane of one running coordinator, on Ray."""
 
     name = "ray"
-    send_ahead = 32
+    send_ahead = 8.0
 
     def _connect(self, target: Any) -> None:
         self._ray = ray_module()
-        self._owns = connect_ray(target)
+        self._connection = connect_ray(target)
+        self._client_mode = bool(importlib.import_module("ray.util.client").ray.is_connected())
         errors = importlib.import_module("ray.exceptions")
         self._ray_error: type[BaseException] = errors.RayError
         self._task_error: type[BaseException] = errors.RayTaskError
@@ -82,6 +93,10 @@ class RayLane(ClusterLane):
         self._lost_types = tuple(getattr(errors, n) for n in _LOST if hasattr(errors, n))
         #: Remote function by (the call's payload, operation, num_cpus).
         self._variants: dict[tuple[Any, str, float], Any] = {}
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
+        self._connection.stopping.set()
+        return super().shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
 
     def _warm_up(self) -> None:
         # A first task starts a worker, and Ray's callback path is used once before exit.
@@ -122,8 +137,9 @@ class RayLane(ClusterLane):
             if entry is None:  # stopped meanwhile
                 continue
             task, ref = entry
-            # A body may return an exception object: only Ray's own errors mean it failed.
-            if isinstance(result, self._ray_error):
+            # A body may return an exception object: only Ray's own errors mean it failed
+            # (through a Ray client, any exception: the connection reports its own errors there).
+            if isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception)):
                 self._failed(task, self._error_of(task, result))
             else:
                 self._finish_ok(task, result, ref)
@@ -133,11 +149,17 @@ class RayLane(ClusterLane):
             cause = getattr(error, "cause", None)
             if isinstance(cause, self._lost_types):
                 return self._lost(task, cause, "an input of it was lost with its worker or node")
-            return cause if isinstance(cause, BaseException) else error
+            if not isinstance(cause, BaseException):
+                return error
+            if cause.__cause__ is None and cause is not error:
+                cause.__cause__ = error  # keeps the remote traceback in what is printed
+            return cause
         if isinstance(error, self._cancelled):
             return self._lost(task, error, "the cluster cancelled it")
         if isinstance(error, self._lost_types):
             return self._lost(task, error, "the Ray worker or node running it was lost")
+        if self._client_mode and isinstance(error, ConnectionError):
+            return self._lost(task, error, "the connection to the Ray cluster was lost")
         return error
 
     def _cancel(self, handles: list[Any], force: bool) -> None:
@@ -148,8 +170,4 @@ class RayLane(ClusterLane):
                 pass
 
     def _disconnect(self) -> None:
-        if self._owns:
-            try:
-                self._ray.shutdown()
-            except Exception:
-                pass
+        disconnect_ray(self._connection)
