@@ -273,6 +273,49 @@ def test_ray_local_stops_every_process_it_started() -> None:
     assert lines[1:] == ["connected after stop False", "left 0"], proc.stdout
 
 
+_SHARED = """
+import ray
+from tokengate import ClusterExecutor, OperationsCoordinator
+def run_on(c, x):
+    ex = ClusterExecutor(coordinator=c)  # its calls go to c's cluster lane
+    try:
+        return ex.submit(pow, x, 2).result(60)
+    finally:
+        ex.shutdown()
+owner = OperationsCoordinator(max_workers=1, cluster="ray-local:2", register_global=False).start()
+joined = OperationsCoordinator(max_workers=1, cluster="ray", register_global=False).start()
+third = OperationsCoordinator(max_workers=1, cluster="ray-local:2", register_global=False).start()
+print(run_on(owner, 3), run_on(joined, 4))  # the joined lane shares the owner's connection
+try:
+    run_on(third, 1)
+except ValueError as exc:
+    print("refused:", "connected to Ray already" in str(exc))
+assert third.stop(timeout=30)
+assert owner.stop(timeout=30)
+print("after the owner stopped", ray.is_initialized(), run_on(joined, 5))
+assert joined.stop(timeout=30)
+print("after the last stopped", ray.is_initialized())
+"""
+
+
+@pytest.mark.subprocess
+def test_coordinators_share_the_connection_and_the_last_closes_it() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARED],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "9 16",
+        "refused: True",
+        "after the owner stopped True 25",
+        "after the last stopped False",
+    ], proc.stdout
+
+
 @pytest.mark.subprocess
 def test_a_ray_client_address(ray_nodes: RayNodes) -> None:
     proc = subprocess.run(

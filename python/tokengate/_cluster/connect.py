@@ -76,48 +76,68 @@ def ray_module() -> Any:
 
 
 class RayConnection:
-    """A connection to Ray that a lane made (``owned``) or uses (made by ``ray.init()``)."""
+    """This process's connection to Ray, as the lanes that use it see it.
 
-    __slots__ = ("closed", "owned", "stopping")
+    ``owned``: tokengate made it (``ray-local``, ``ray://``) and closes it when its last
+    lane lets go; otherwise it is the user's (``ray.init()``) and stays. ``users`` counts the
+    lanes on it, changed under ``_ray_lock`` only. ``closed`` is set once it is let go (and,
+    for an owned one, ``ray.shutdown()`` has returned)."""
+
+    __slots__ = ("closed", "owned", "users")
 
     def __init__(self, owned: bool) -> None:
         self.owned = owned
-        #: Set when its lane begins to stop, and once it has disconnected.
-        self.stopping = threading.Event()
+        self.users = 1
         self.closed = threading.Event()
 
 
-#: The connection a lane made and has not closed yet (Ray allows one per process).
+#: The connection tokengate made and has not closed yet (Ray allows one per process). While
+#: it is set, a ``"ray"`` lane joins it; ``ray-local`` and ``ray://`` are refused, or wait
+#: while its last lane is closing it.
 _ray_owner: RayConnection | None = None
 _ray_lock = threading.Lock()
 
-#: How long a new connection waits for an older lane to finish disconnecting (seconds).
+#: How long a new connection waits for the last one to finish closing (seconds).
 _RAY_HANDOVER = 30.0
 
 
 def connect_ray(value: str) -> RayConnection:
-    """Connects this process to the Ray that ``value`` names (or uses its connection,
-    for ``"ray"``). Hand the result to :func:`disconnect_ray` when the lane stops."""
+    """Connects this process to the Ray that ``value`` names, or joins the connection it has.
+    Hand the result to :func:`disconnect_ray` exactly once, when the lane stops."""
     global _ray_owner
     ray = ray_module()
-    with _ray_lock:
-        previous = _ray_owner
-    if previous is not None and previous.stopping.is_set():  # a lane still disconnecting: wait for it
-        previous.closed.wait(_RAY_HANDOVER)
-    if value == "ray":
-        if not ray.is_initialized():
+    deadline = time.monotonic() + _RAY_HANDOVER
+    while True:
+        with _ray_lock:
+            owner = _ray_owner
+            if owner is not None and owner.users > 0:  # open and in use
+                if value == "ray":
+                    owner.users += 1
+                    return owner
+                raise ValueError(
+                    f"cluster={value!r}: this process is connected to Ray already, by a running "
+                    "coordinator (Ray allows one connection per process); pass cluster='ray' to share it"
+                )
+            if owner is None:
+                if value == "ray":
+                    if not ray.is_initialized():
+                        raise ValueError(
+                            "cluster='ray' uses the Ray this process connected to, but ray.init() has not "
+                            "run: call ray.init(...) first, or pass 'ray-local' or 'ray://HOST:PORT'"
+                        )
+                    return RayConnection(False)
+                if ray.is_initialized():
+                    raise ValueError(
+                        f"cluster={value!r}: this process is connected to Ray already (ray.init() ran, and "
+                        "Ray allows one connection per process); pass cluster='ray' to use that connection"
+                    )
+                connection = _ray_owner = RayConnection(True)
+                break
+        # The last lane on it is closing it: wait, then look again.
+        if not owner.closed.wait(max(0.0, deadline - time.monotonic())):
             raise ValueError(
-                "cluster='ray' uses the Ray this process connected to, but ray.init() has not run: "
-                "call ray.init(...) first, or pass 'ray-local' or 'ray://HOST:PORT'"
+                f"cluster={value!r}: the previous Ray connection did not close within {_RAY_HANDOVER:.0f} s"
             )
-        return RayConnection(False)
-    with _ray_lock:
-        if ray.is_initialized():
-            raise ValueError(
-                f"cluster={value!r}: this process is connected to Ray already (ray.init() ran, and Ray allows "
-                "one connection per process); pass cluster='ray' to use that connection"
-            )
-        connection = _ray_owner = RayConnection(True)
     try:
         m = _RAY_LOCAL.match(value)
         if m is None:
@@ -153,22 +173,24 @@ def _connect_ray_client(ray: Any, address: str) -> None:
 
 
 def disconnect_ray(connection: RayConnection) -> None:
-    """Closes a connection the lane made, unless a newer one replaced it; never raises."""
+    """One lane lets go of ``connection``; the last one closes it if tokengate made it.
+    Never raises."""
     global _ray_owner
-    if not connection.owned or connection.closed.is_set():
-        return
-    try:
-        with _ray_lock:
-            current = _ray_owner is connection
-        if current:
+    with _ray_lock:
+        if connection.users <= 0:  # let go already
+            return
+        connection.users -= 1
+        if connection.users > 0:
+            return
+    if connection.owned:
+        try:
             ray_module().shutdown()
-    except Exception:
-        pass
-    finally:
-        with _ray_lock:
-            if _ray_owner is connection:
-                _ray_owner = None
-        connection.closed.set()
+        except Exception:
+            pass
+    with _ray_lock:
+        if _ray_owner is connection:
+            _ray_owner = None
+    connection.closed.set()
 
 
 def _modules() -> tuple[Any, Any]:

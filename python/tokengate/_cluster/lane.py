@@ -100,9 +100,15 @@ class ClusterLane:
         try:
             self._warm_up()
             self.outside = engine.add_outside_lane(self.name)
+            self._start()
         except BaseException:
+            outside = getattr(self, "outside", None)
+            if outside is not None:
+                outside.close()
             self._disconnect()
             raise
+
+    def _start(self) -> None:
         self._lock = threading.Lock()
         self._done: collections.deque[Any] = collections.deque()
         self._signalled = False
@@ -134,8 +140,13 @@ class ClusterLane:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._thread = threading.Thread(target=self._run, name=f"tokengate-{self.name}-lane", daemon=True)
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self._rfd)
+            os.close(self._wfd)
+            raise
         shutdown_at_exit(self)
-        self._thread.start()
 
     # -- the cluster's side (subclasses) ----------------------------------------------------
 

@@ -27,10 +27,9 @@
   (``ray://``) any exception handed to the callback is a failure (the
   connection's own errors among them: a ``ConnectionError`` is a lost worker),
   as in Ray's ``ClientObjectRef.future()``.
-* **One connection per process.** A lane that connected (``ray-local``,
-  ``ray://``) disconnects when it stops, but only while its connection is still
-  the process's current one; a lane connecting while an older one is still
-  stopping waits for it (see :mod:`.connect`).
+* **One connection per process.** The lanes of one process share it
+  (:class:`~.connect.RayConnection`): a ``"ray"`` lane joins the connection a
+  ``ray-local`` or ``ray://`` lane made, and the last lane to stop closes it.
 * **Stop notices.** ``ray.cancel(ref, force=True)``: Ray kills the worker
   process running it.
 """
@@ -84,19 +83,19 @@ class RayLane(ClusterLane):
 
     def _connect(self, target: Any) -> None:
         self._ray = ray_module()
-        self._connection = connect_ray(target)
-        self._client_mode = bool(importlib.import_module("ray.util.client").ray.is_connected())
         errors = importlib.import_module("ray.exceptions")
         self._ray_error: type[BaseException] = errors.RayError
         self._task_error: type[BaseException] = errors.RayTaskError
         self._cancelled: type[BaseException] = errors.TaskCancelledError
         self._lost_types = tuple(getattr(errors, n) for n in _LOST if hasattr(errors, n))
+        self._connection = connect_ray(target)
+        try:
+            self._client_mode = bool(importlib.import_module("ray.util.client").ray.is_connected())
+        except BaseException:
+            disconnect_ray(self._connection)
+            raise
         #: Remote function by (the call's payload, operation, num_cpus).
         self._variants: dict[tuple[Any, str, float], Any] = {}
-
-    def shutdown(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool:
-        self._connection.stopping.set()
-        return super().shutdown(wait=wait, cancel_pending=cancel_pending, timeout=timeout)
 
     def _warm_up(self) -> None:
         # A first task starts a worker, and Ray's callback path is used once before exit.
