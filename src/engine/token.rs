@@ -26,6 +26,8 @@
 //! * Blocked waiters count themselves in `waiters` under the lock; a resolver
 //!   signals the condvar only when that count is non-zero.
 
+// The clock's offset is plain std: it is process-wide and outside the loom models.
+use std::sync::atomic::{AtomicI64, Ordering as ClockOrdering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -104,30 +106,65 @@ impl TokenState {
 /// token reads the clock three times), calibrated against the OS monotonic
 /// clock once (under a millisecond); quanta falls back to the OS clock
 /// where the TSC is not usable.
+///
+/// Stamps are monotonic; Unix times are derived from them only when read
+/// (`ns_to_unix`), through `unix_offset`: the wall clock minus the process
+/// clock. The wall clock can be stepped while a process runs (NTP or
+/// chrony correcting a VM restored from a snapshot; an administrator), and
+/// the process clock drifts slowly from it, so the offset is measured again
+/// at each conversion and replaced when it has moved by more than
+/// [`OFFSET_SLACK_NS`]. Within the slack one held offset converts every
+/// stamp, so stamps read together keep their order exactly.
 struct Clock {
     source: quanta::Clock,
     base: u64,
-    base_unix: f64,
+    unix_offset: AtomicI64,
 }
+
+/// How far the held wall-clock offset may lag the measured one.
+const OFFSET_SLACK_NS: i64 = 1_000_000;
 
 fn clock() -> &'static Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
     CLOCK.get_or_init(|| {
         let source = quanta::Clock::new();
         let base = source.raw();
-        Clock { source, base, base_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()) }
+        let c = Clock { source, base, unix_offset: AtomicI64::new(0) };
+        c.unix_offset.store(c.measured_offset(), ClockOrdering::Relaxed);
+        c
     })
+}
+
+impl Clock {
+    fn now_ns(&self) -> u64 {
+        self.source.delta_as_nanos(self.base, self.source.raw()) + 1
+    }
+
+    /// The wall clock, in Unix nanoseconds, minus the process clock now.
+    fn measured_offset(&self) -> i64 {
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        unix - self.now_ns() as i64
+    }
 }
 
 /// Monotonic nanoseconds since the process clock base, never 0.
 pub fn now_ns() -> u64 {
-    let c = clock();
-    c.source.delta_as_nanos(c.base, c.source.raw()) + 1
+    clock().now_ns()
 }
 
-/// Converts a `now_ns` reading to seconds since the Unix epoch.
+/// Converts a `now_ns` reading to seconds since the Unix epoch, by the wall
+/// clock as it reads now (see [`Clock`]).
 pub fn ns_to_unix(ns: u64) -> f64 {
-    clock().base_unix + (ns - 1) as f64 / 1e9
+    let c = clock();
+    let measured = c.measured_offset();
+    let held = c.unix_offset.load(ClockOrdering::Relaxed);
+    let offset = if (measured - held).abs() > OFFSET_SLACK_NS {
+        c.unix_offset.store(measured, ClockOrdering::Relaxed);
+        measured
+    } else {
+        held
+    };
+    (ns as i64 - 1 + offset) as f64 / 1e9
 }
 
 /// Index of each timestamp in [`TokenCore::time`].
@@ -432,6 +469,24 @@ impl<S> TokenCore<S> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn unix_now() -> f64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    }
+
+    #[test]
+    fn unix_times_follow_a_stepped_wall_clock() {
+        let stamp = now_ns();
+        assert!((ns_to_unix(stamp) - unix_now()).abs() < 0.5);
+        // As if the wall clock had been stepped 12 s since the offset was taken
+        // (held offset now 12 s off): the next conversion measures it again.
+        let c = clock();
+        c.unix_offset.fetch_sub(12_000_000_000, ClockOrdering::Relaxed);
+        assert!((ns_to_unix(stamp) - unix_now()).abs() < 0.5, "a stale offset was used");
+        // Within the slack the held offset stays, so stamps keep their order.
+        let later = now_ns();
+        assert!(ns_to_unix(stamp) <= ns_to_unix(later));
+    }
 
     #[test]
     fn happy_path_stamps_and_resolves_once() {
