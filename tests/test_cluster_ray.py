@@ -31,7 +31,7 @@ import ray
 
 import tokengate
 from cluster_functions import fail, flaky, heavy, marked, slow, square, stamp, where
-from support import RayNodes, wait_until
+from support import RayNodes, os_thread_names, wait_until
 from tokengate import (
     DependencyFailedError,
     OperationsCoordinator,
@@ -49,6 +49,9 @@ pytestmark = pytest.mark.timeout(300)  # the first test starts the 2-node cluste
 
 @pytest.fixture(scope="module", autouse=True)
 def _connected(ray_nodes: RayNodes) -> RayNodes:
+    # Ray starts a thread of its own on the first put: start it before the tests count threads.
+    ray.get(ray.put(None))
+    wait_until(lambda: "worker.io" in os_thread_names(), 5.0)
     return ray_nodes
 
 
@@ -150,6 +153,49 @@ def test_tokens_start_in_priority_order(coord: OperationsCoordinator) -> None:
     assert not early, early
     mean = {p: statistics.mean(start_pos[i] for i in range(len(toks)) if prios[i] == p) for p in (0, 4)}
     assert mean[4] + 30 < mean[0], mean
+
+
+def test_short_tokens_go_in_batches(coord: OperationsCoordinator) -> None:
+    toks = [square(i) for i in range(600)]
+    assert [t.result(timeout=WAIT) for t in toks] == [i * i for i in range(600)]
+    assert lane_stats(coord)["batched"] >= 300  # a backlog of short tokens: most go several to a Ray task
+    # A body's exception from a batch keeps the worker's traceback as its cause.
+    errors = [t.exception(timeout=WAIT) for t in [fail(i) for i in range(300)]]
+    assert [str(e) for e in errors] == [f"bad {i}" for i in range(300)]
+    assert all(isinstance(e, ValueError) for e in errors)
+    assert all("raise ValueError" in str(e.__cause__) for e in errors)
+    stats = lane_stats(coord)
+    assert stats["failed"] == 300 and stats["completed"] == 600
+
+
+def test_what_cannot_go_in_a_batch_goes_alone(coord: OperationsCoordinator) -> None:
+    tokengate.gather([square(i) for i in range(300)], timeout=WAIT)  # the lane has measured square
+    before = lane_stats(coord)["batched"]
+    # Ray resolves an ObjectRef only at a call's top level: these must not be batched.
+    ref = ray.put(7)
+    assert tokengate.gather([square(ref) for _ in range(200)], timeout=WAIT) == [49] * 200
+    # Tokens with a deadline keep their own Ray task (a deadline cancels it).
+    assert tokengate.gather([square.options(timeout=30.0)(i) for i in range(200)], timeout=WAIT) == [
+        i * i for i in range(200)
+    ]
+    assert lane_stats(coord)["batched"] == before
+    # An input batched before a call linked it reaches that call as its value.
+    assert tokengate.gather([square(square(i)) for i in range(300)], timeout=WAIT) == [i**4 for i in range(300)]
+    lane = coord._cluster_lane
+    assert wait_until(lambda: lane._kept == {} and lane._wanted == {} and lane._links == {}, 5.0)
+
+
+def test_killing_some_tokens_of_batches_spares_the_others(coord: OperationsCoordinator) -> None:
+    tokengate.gather([square(i) for i in range(300)], timeout=WAIT)
+    toks = [square(i) for i in range(600)]
+    killed = {i for i in range(0, 600, 7) if toks[i].kill("test")}
+    for i, tok in enumerate(toks):
+        if i in killed:
+            with pytest.raises(TaskKilledError):
+                tok.result(timeout=WAIT)
+        else:
+            assert tok.result(timeout=WAIT) == i * i
+    assert killed and lane_stats(coord)["lost"] == 0
 
 
 def test_weight_is_num_cpus(coord: OperationsCoordinator) -> None:

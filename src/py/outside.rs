@@ -332,6 +332,12 @@ impl LaneTask {
     fn weight(&self) -> &'static str {
         self.inner.spec().weight.as_str()
     }
+
+    /// Whether the token has a deadline (a `timeout` tag or a per-call timeout).
+    #[getter]
+    fn has_deadline(&self) -> bool {
+        self.inner.deadline_ns.load(Ordering::Relaxed) != 0
+    }
 }
 
 impl LaneTask {

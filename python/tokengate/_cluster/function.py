@@ -13,6 +13,7 @@ undecorated function), else by value; it loads it once per worker process.
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from .._process.payload import _dump_args, _function_payload
@@ -37,12 +38,16 @@ class RemoteCall:
         self.payload = payload
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.function()(*args, **kwargs)
+
+    def function(self) -> Any:
+        """The function, loaded once per worker process."""
         fn = _LOADED.get(self.payload)
         if fn is None:
             from .._process.child import _load_function
 
             fn = _LOADED[self.payload] = _load_function(self.payload)
-        return fn(*args, **kwargs)
+        return fn
 
     def __reduce__(self) -> Any:
         return (RemoteCall, (self.payload,))
@@ -50,6 +55,25 @@ class RemoteCall:
     def __repr__(self) -> str:
         kind, a, b = self.payload
         return f"<tokengate remote call {a}.{b}>" if kind == "ref" else "<tokengate remote call (by value)>"
+
+
+def run_batch(calls: list[tuple[RemoteCall, tuple[Any, ...], dict[str, Any]]], where: str) -> tuple[list[bytes], float]:
+    """What a cluster worker runs for a batch of short calls, one after another: each
+    call's reply (a value or an exception with its traceback, encoded as the process
+    lane's; see :func:`tokengate._process.replies.decode_reply`), and the seconds they took
+    together. ``where`` names the worker in the note a decorated call made there gets."""
+    from .._process.child import _call_reply, _reply_error
+
+    replies: list[bytes] = []
+    began = time.perf_counter()
+    for seq, (call, args, kwargs) in enumerate(calls):
+        try:
+            fn = call.function()
+        except BaseException as exc:
+            replies.append(_reply_error(seq, exc))
+            continue
+        replies.append(_call_reply(seq, fn, args, kwargs, where))
+    return replies, time.perf_counter() - began
 
 
 class ClusterFunction(ProcessFunction):

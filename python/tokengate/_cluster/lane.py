@@ -135,6 +135,7 @@ class ClusterLane:
             "lost": 0,
             "cancelled": 0,
             "linked": 0,
+            "batched": 0,  # tokens sent several to a remote task (the Ray lane's batches)
         }
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -354,14 +355,17 @@ class ClusterLane:
         """Takes what the cluster has room for and sends it; handles the stop notices.
         True when it got anything. (A function of its own: the tasks it took, which
         hold their tokens and so their results, are not kept alive while the lane sleeps.)"""
-        room = self._capacity + (self.send_ahead if self._capacity else 0) - self._used
         # Each token costs at most 1: taking int(room) never passes the room.
-        tasks, stopped = self.outside.take(max(0, int(room + 1e-9)))
+        tasks, stopped = self.outside.take(max(0, int(self._room() + 1e-9)))
         if stopped:
             self._stop(stopped)
         for task in tasks:
             self._send(task)
         return bool(tasks or stopped)
+
+    def _room(self) -> float:
+        """Capacity units free for sending now (see the module docs)."""
+        return self._capacity + (self.send_ahead if self._capacity else 0) - self._used
 
     def _send(self, task: Any) -> None:
         cost = self._cost(task)
@@ -391,7 +395,9 @@ class ClusterLane:
         self._used += cost
 
     def _finish_ok(self, task: Any, value: Any, handle: Any) -> None:
-        if task.id in self._wanted:  # an input of calls not sent yet: keep it on the cluster
+        """Reports a token's value; ``handle`` (None when it has none of its own) stays on the
+        cluster for the calls that want the token as an input."""
+        if handle is not None and task.id in self._wanted:  # an input of calls not sent yet: keep it on the cluster
             with self._lock:
                 if task.id in self._wanted:
                     self._kept[task.id] = handle

@@ -15,6 +15,21 @@
   runs again, on an error or a lost worker alike, so Ray must not retry on its
   own. Arguments travel at the call's top level, where Ray resolves an
   ``ObjectRef`` to its value: a linked input token goes as its ``ObjectRef``.
+* **Batches of short tokens.** While more tokens wait than the room lets
+  out, tokens of a function that runs briefly go in batches: one Ray task
+  runs up to 64 of them one after another (:func:`~.function.run_batch`),
+  about ``batch_seconds`` (2 ms) of work, because Ray's own cost per task
+  (about 0.6 ms here) would otherwise dwarf them. The lane learns each
+  function's time per token from its batches: an unknown function goes out
+  in pairs, one that takes over half the target goes alone (measured again
+  every 512 tokens). A batch takes its tokens in the engine's order and uses
+  one token's ``num_cpus``. Never batched: tokens with a deadline, with an
+  ``ObjectRef`` or a linked token among their arguments (Ray resolves only
+  top-level ones), and tokens other calls want as inputs. A batch's replies
+  are encoded as the process lane's (an exception carries the worker's
+  traceback as its ``__cause__``). Killing one token of a batch that has
+  others still running does not stop the batch: the token ends killed and
+  its body, a short one by then, runs out; killing all of them cancels it.
 * **Completion.** ``ObjectRef._on_completed`` hands the result (or the error)
   to a callback on Ray's thread, which puts ``(token id, result)`` in
   ``_done``; no ``ray.get`` follows.
@@ -40,8 +55,10 @@ import importlib
 import threading
 from typing import Any
 
+from .._process.replies import decode_reply
 from .connect import connect_ray, disconnect_ray, ray_module
-from .lane import ClusterLane
+from .function import run_batch
+from .lane import _INPUT_KEY, ClusterLane
 
 #: num_cpus of a token, by its operation's weight.
 _CPUS = {"light": 0.25, "medium": 0.5, "heavy": 1.0}
@@ -59,6 +76,25 @@ _LOST = (
 
 #: Most remote functions a lane keeps (one per function and weight); past it they are made again.
 _VARIANTS_MAX = 1024
+
+#: Most tokens in one batch.
+_BATCH_MAX = 64
+
+#: A function found too slow to batch is measured again after this many of its tokens.
+_PROBE_EVERY = 512
+
+
+class _Batch:
+    """The handle of a batch's tokens: its ``ObjectRef``, its tokens' ids, their function's
+    payload, and how many of its tokens are not cancelled (the batch is cancelled with the last)."""
+
+    __slots__ = ("ids", "left", "payload", "ref")
+
+    def __init__(self, ref: Any, ids: list[int], payload: Any) -> None:
+        self.ref = ref
+        self.ids = ids
+        self.payload = payload
+        self.left = len(ids)
 
 
 def _bound(call: Any) -> Any:
@@ -80,6 +116,8 @@ class RayLane(ClusterLane):
 
     name = "ray"
     send_ahead = 8.0
+    #: Seconds of work a batch of short tokens aims at; 0 sends every token alone.
+    batch_seconds = 0.002
 
     def _connect(self, target: Any) -> None:
         self._ray = ray_module()
@@ -96,6 +134,21 @@ class RayLane(ClusterLane):
             raise
         #: Remote function by (the call's payload, operation, num_cpus).
         self._variants: dict[tuple[Any, str, float], Any] = {}
+        #: The batch's remote function by (operation, num_cpus).
+        self._batch_fns: dict[tuple[str, float], Any] = {}
+        #: Seconds per token of each function (by payload), from its batches.
+        self._per_token: dict[Any, float] = {}
+        #: Tokens of each function sent alone since it was last measured.
+        self._alone: dict[Any, int] = {}
+        #: Functions (by payload) with a pair of tokens in flight to measure them.
+        self._probing: set[Any] = set()
+        #: How many tokens per unit of room the next take asks for while tokens wait.
+        self._take_factor = 2
+        self._ref_types: tuple[type, ...] = (self._ray.ObjectRef,)
+        try:
+            self._ref_types += (importlib.import_module("ray.util.client.common").ClientObjectRef,)
+        except (ImportError, AttributeError):  # pragma: no cover - a Ray without the client
+            pass
 
     def _warm_up(self) -> None:
         # A first task starts a worker, and Ray's callback path is used once before exit.
@@ -129,9 +182,153 @@ class RayLane(ClusterLane):
         ref._on_completed(lambda result, seq=seq: self._on_done((seq, result)))
         return ref
 
+    # -- batches ---------------------------------------------------------------------------
+
+    def _take_and_send(self) -> bool:
+        if not self.batch_seconds:
+            return super()._take_and_send()
+        room = self._room()
+        n = max(0, int(room + 1e-9))
+        waiting = n > 0 and self.outside.pending > len(self._inflight) + n
+        tasks, stopped = self.outside.take(n * self._take_factor if waiting else n)
+        if stopped:
+            self._stop(stopped)
+        if not waiting:
+            for task in tasks:
+                self._send(task)
+        elif tasks:
+            self._send_grouped(tasks, room, n)
+        return bool(tasks or stopped)
+
+    def _batch_key(self, task: Any) -> Any:
+        """(payload, operation, cost) when ``task`` may go in a batch, else None."""
+        if task.has_deadline or task.id in self._wanted:
+            return None
+        kwargs = task.kwargs
+        refs = self._ref_types
+        if kwargs and (_INPUT_KEY.format(0) in kwargs or any(isinstance(v, refs) for v in kwargs.values())):
+            return None
+        if any(isinstance(a, refs) for a in task.args):
+            return None
+        return (task.func.payload, task.operation_type, self._cost(task))
+
+    def _batch_size(self, payload: Any) -> int:
+        """How many tokens of this function go in one batch: 2 for a function not measured
+        yet (one such pair in flight at a time), 1 for a slow one."""
+        per_token = self._per_token.get(payload)
+        if per_token is None:
+            if payload in self._probing:
+                return 1
+            self._probing.add(payload)
+            return 2
+        k = int(self.batch_seconds / max(per_token, 1e-7))
+        if k >= 2:
+            return min(k, _BATCH_MAX)
+        alone = self._alone[payload] = self._alone.get(payload, 0) + 1
+        if alone >= _PROBE_EVERY:
+            del self._per_token[payload]
+            self._alone[payload] = 0
+        return 1
+
+    def _send_grouped(self, tasks: list[Any], room: float, n: int) -> None:
+        """Sends ``tasks`` as batches and single tokens, in the engine's order, while the room
+        lasts (at most ``n`` Ray tasks); what does not fit goes back to the queue."""
+        units: list[list[Any]] = []
+        open_batches: dict[Any, list[Any]] = {}
+        sizes: dict[Any, int] = {}
+        factor = 1
+        for task in tasks:
+            key = self._batch_key(task)
+            batch = None if key is None else open_batches.get(key)
+            if batch is not None and len(batch) < sizes[key]:
+                batch.append(task)
+                continue
+            size = 1 if key is None else self._batch_size(key[0])
+            if size == 1:
+                units.append([task])
+                continue
+            factor = max(factor, size)
+            batch = open_batches[key] = [task]
+            sizes[key] = size
+            units.append(batch)
+        self._take_factor = factor
+        for key, batch in open_batches.items():
+            if len(batch) == 1:  # a measuring pair that found no second token
+                self._probing.discard(key[0])
+        for unit in units:
+            cost = self._cost(unit[0])
+            if len(unit) > 1 and n > 0 and cost <= room + 1e-9:
+                n -= 1
+                room -= cost
+                self._send_batch(unit, cost)
+                continue
+            if len(unit) > 1:  # no room for it: its tokens go back (a measuring pair is free again)
+                self._probing.discard(unit[0].func.payload)
+            for task in unit:
+                if n > 0 and self._cost(task) <= room + 1e-9:
+                    n -= 1
+                    room -= self._cost(task)
+                    self._send(task)
+                else:
+                    self.outside.requeue(task)
+        if len(self._per_token) > _VARIANTS_MAX:
+            self._per_token.clear()
+            self._alone.clear()
+
+    def _send_batch(self, tasks: list[Any], cost: float) -> None:
+        op = tasks[0].operation_type
+        fn = self._batch_fns.get((op, cost))
+        try:
+            if fn is None:
+                fn = self._batch_fns[(op, cost)] = self._ray.remote(run_batch).options(
+                    num_cpus=cost, name=op, max_retries=0, retry_exceptions=False
+                )
+            ref = fn.remote([(task.func, task.args, task.kwargs) for task in tasks], "a Ray worker")
+        except Exception as exc:  # pickling, or the connection is closed
+            with self._lock:
+                self._counts["failed"] += len(tasks)
+            for task in tasks:
+                self.outside.fail(task, exc, retry=False)
+            return
+        with self._lock:
+            self._counts["batched"] += len(tasks)
+        batch = _Batch(ref, [task.id for task in tasks], tasks[0].func.payload)
+        share = cost / len(tasks)
+        for task in tasks:
+            self._inflight[task.id] = (task, batch, share)
+        self._used += cost
+        ref._on_completed(lambda result: self._on_done((batch, result)))
+
+    def _settle_batch(self, batch: _Batch, result: Any) -> None:
+        failed = isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception))
+        self._probing.discard(batch.payload)
+        if not failed:
+            replies, seconds = result
+            per_token = seconds / len(batch.ids)
+            old = self._per_token.get(batch.payload)
+            self._per_token[batch.payload] = per_token if old is None else 0.7 * old + 0.3 * per_token
+        for i, seq in enumerate(batch.ids):
+            entry = self._pop(seq)
+            if entry is None:  # stopped meanwhile
+                continue
+            task = entry[0]
+            if failed:
+                self._failed(task, self._error_of(task, result))
+                continue
+            ok, value = decode_reply(task.operation_type, replies[i])
+            if ok:
+                self._finish_ok(task, value, None)
+            else:
+                self._failed(task, value)
+
+    # -- completion ------------------------------------------------------------------------
+
     def _settle(self) -> None:
         while self._done:
             seq, result = self._done.popleft()
+            if type(seq) is _Batch:
+                self._settle_batch(seq, result)
+                continue
             entry = self._pop(seq)
             if entry is None:  # stopped meanwhile
                 continue
@@ -163,6 +360,11 @@ class RayLane(ClusterLane):
 
     def _cancel(self, handles: list[Any], force: bool) -> None:
         for ref in handles:
+            if type(ref) is _Batch:
+                ref.left -= 1
+                if ref.left > 0:  # its other tokens still run (see the module docs)
+                    continue
+                ref = ref.ref
             try:
                 self._ray.cancel(ref, force=force)
             except Exception:

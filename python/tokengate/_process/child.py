@@ -90,16 +90,24 @@ def _run_task(funcs: dict[int, Any], payloads: dict[int, Any], seq: int, fkey: i
     except BaseException as exc:
         return _reply_error(seq, exc)
     try:
+        return _call_reply(seq, fn, args, kwargs, "a process-lane worker")
+    finally:
+        _flush_std_streams()
+
+
+def _call_reply(seq: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> bytes:
+    """Calls ``fn`` and encodes what it returned or raised as the reply for ``seq``
+    (decoded by :func:`tokengate._process.replies.decode_reply`); ``where`` names the kind
+    of worker in the note a decorated call made there gets."""
+    try:
         value = fn(*args, **kwargs)
     except BaseException as exc:
-        if isinstance(exc, NotStartedError) and hasattr(exc, "add_note") and "process-lane worker" not in str(exc):
+        if isinstance(exc, NotStartedError) and hasattr(exc, "add_note") and where not in str(exc):
             exc.add_note(
-                f"tokengate: this call ran inside a process-lane worker (pid {os.getpid()}), where no "
+                f"tokengate: this call ran inside {where} (pid {os.getpid()}), where no "
                 "coordinator runs; call the plain function (fn.__wrapped__) there"
             )
         return _reply_error(seq, exc)
-    finally:
-        _flush_std_streams()
     try:
         if type(value) in _PLAIN:
             return _REPLY.pack(seq, _OK) + pickle.dumps(value, _PROTO)

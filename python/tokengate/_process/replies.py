@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .payload import UnpicklableError, _RemoteTraceback
 from .state import _LaneState
@@ -27,6 +27,26 @@ from .wire import _OK, _READY, _REPLY, _SKIPPED, _frame_need, _frames
 
 if TYPE_CHECKING:
     from .workers import _Worker
+
+
+def decode_reply(op: str, data: bytes) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, exception)`` from a token's reply (made by
+    :func:`.child._call_reply`); the exception carries the worker's traceback as its
+    ``__cause__``, and a reply that cannot be unpickled becomes an :class:`UnpicklableError`."""
+    kind = _REPLY.unpack_from(data)[1]
+    try:
+        payload = pickle.loads(memoryview(data)[_REPLY.size :])
+    except BaseException as exc:
+        return False, UnpicklableError(f"{op}: the worker's reply could not be unpickled: {exc!r}")
+    if kind == _OK:
+        return True, payload
+    value, tb = payload
+    if tb:
+        try:
+            value.__cause__ = _RemoteTraceback(tb)
+        except Exception:
+            pass
+    return False, value
 
 
 class _Replies(_LaneState):
@@ -85,18 +105,8 @@ class _Replies(_LaneState):
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
             self._requeue(item, w.pid)
             return
-        try:
-            payload = pickle.loads(memoryview(data)[_REPLY.size :])
-        except BaseException as exc:
-            self._fail(item, UnpicklableError(f"{item.pf._op}: the worker's reply could not be unpickled: {exc!r}"))
-            return
-        if kind == _OK:
-            self._finish_ok(item, payload)
-            return
-        value, tb = payload
-        if tb:
-            try:
-                value.__cause__ = _RemoteTraceback(tb)
-            except Exception:
-                pass
-        self._fail(item, value)
+        ok, value = decode_reply(item.pf._op, data)
+        if ok:
+            self._finish_ok(item, value)
+        else:
+            self._fail(item, value)
