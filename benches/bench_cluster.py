@@ -11,7 +11,9 @@ coordinator uses it through ``cluster="ray"``. Each round, in alternating order:
   pure=False)``, then ``client.gather``; Ray: ``noop.remote(i)``, then
   ``ray.get`` of the list);
 * **tokengate**: ``--tokens`` calls of a ``cluster: True`` no-op (weight heavy:
-  one CPU each on Ray, as ``ray.remote``'s default), then ``tokengate.gather``.
+  one CPU each on Ray, as ``ray.remote``'s default), then ``tokengate.gather``;
+* Ray only, **tokengate, no batches**: the same with the lane's batching of short
+  tokens turned off (``RayLane.batch_seconds = 0``), each token its own Ray task.
 
 The cost per task is the round's wall time over ``--tokens``; the table shows
 the median (p50) over rounds and the ratio tokengate / direct (goal <= 1.25x).
@@ -90,10 +92,11 @@ def main() -> None:
     n = args.tokens
     direct: list[float] = []
     lane: list[float] = []
+    unbatched: list[float] = []
     rt_direct: list[float] = []
     rt_lane: list[float] = []
     try:
-        with OperationsCoordinator(max_workers=2, cluster=target):
+        with OperationsCoordinator(max_workers=2, cluster=target) as coord:
             # Warm up both paths (functions shipped, pools and workers started).
             many(50)
             tokengate.gather([noop_token(i) for i in range(50)], timeout=120)
@@ -109,10 +112,21 @@ def main() -> None:
                 assert tokengate.gather(toks, timeout=600) == list(range(n))
                 lane.append((time.perf_counter() - t0) / n)
 
+            def run_unbatched() -> None:
+                cluster_lane = coord._cluster_lane
+                cluster_lane.batch_seconds = 0.0
+                try:
+                    t0 = time.perf_counter()
+                    toks = [noop_token(i) for i in range(n)]
+                    assert tokengate.gather(toks, timeout=600) == list(range(n))
+                    unbatched.append((time.perf_counter() - t0) / n)
+                finally:
+                    del cluster_lane.batch_seconds
+
+            runs = [run_direct, run_lane] + ([run_unbatched] if args.cluster == "ray" else [])
             for r in range(args.rounds):
-                first, second = (run_direct, run_lane) if r % 2 == 0 else (run_lane, run_direct)
-                first()
-                second()
+                for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
+                    run()
             for i in range(args.round_trips):
                 t0 = time.perf_counter()
                 one(i)
@@ -153,9 +167,22 @@ def main() -> None:
             "reference",
         ),
     ]
+    if unbatched:
+        ub_ratio = statistics.median(unbatched) / p50_direct
+        rows.insert(
+            2,
+            (
+                "the same, no batches (each token its own Ray task), per task (p50)",
+                f"{statistics.median(unbatched) * 1e6:.0f} us",
+                f"{ub_ratio:.2f}x",
+                f"{verdict(ub_ratio <= 1.25)} goal <= 1.25x",
+            ),
+        )
     print(table(rows, ("measure", "time", "ratio", "note")))
     print("per-round per-task us, direct:", " ".join(f"{v * 1e6:.0f}" for v in direct))
     print("per-round per-task us, lane:  ", " ".join(f"{v * 1e6:.0f}" for v in lane))
+    if unbatched:
+        print("per-round per-task us, lane, no batches:", " ".join(f"{v * 1e6:.0f}" for v in unbatched))
     print(f"CPU busy before the run: {busy:.2f}")
     dump(
         args.json,
@@ -164,6 +191,7 @@ def main() -> None:
             "cluster": args.cluster,
             "direct_s": direct,
             "lane_s": lane,
+            "lane_unbatched_s": unbatched,
             "ratio": ratio,
             "rt_ratio": rt_ratio,
         },

@@ -385,8 +385,9 @@ def test_timeout_kills_the_process(lane: OperationsCoordinator, tmp_path: Path) 
     assert t.state == "timeout"
     assert lane.get_stats()["tokens"]["executing"] == 0
     assert _wait_gone([pid]) == []
-    stats = lane.get_stats()["lanes"]["process"]
-    assert stats["timeouts"] == 1 and stats["replaced"] >= 1
+    # The pid is gone once reaped; the lane counts the replacement just after that.
+    assert wait_until(lambda: lane.get_stats()["lanes"]["process"]["replaced"] >= 1, 10.0)
+    assert lane.get_stats()["lanes"]["process"]["timeouts"] == 1
 
     @task_token_guard(tags=PROC)
     def after() -> int:
