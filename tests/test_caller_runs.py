@@ -204,7 +204,7 @@ def test_a_paused_operation_is_not_run_by_its_caller(env: Env) -> None:
 
 
 def test_the_core_limit_holds_for_callers() -> None:
-    # One core slot with one unit: the blocker holds it, so the caller may not run its token.
+    # One core with one unit: the blocker holds it, so the caller may not run its token.
     with Env(max_workers=1) as env:
         # the blocker stands in for a token that uses its core: its units are not lent
         ev = hold_only_worker(env, workers_per_core=1, blocking_aware=False)

@@ -155,29 +155,40 @@ def test_tokens_start_in_priority_order(coord: OperationsCoordinator) -> None:
     assert mean[4] + 30 < mean[0], mean
 
 
+def backlog(coord: OperationsCoordinator, op: str, submit: Any) -> list[Any]:
+    """The tokens ``submit()`` made, released at once (the lane finds them all queued)."""
+    coord.pause_operation(op)
+    try:
+        return list(submit())
+    finally:
+        coord.resume_operation(op)
+
+
 def test_short_tokens_go_in_batches(coord: OperationsCoordinator) -> None:
-    toks = [square(i) for i in range(600)]
+    toks = backlog(coord, "cl_square", lambda: [square(i) for i in range(600)])
     assert [t.result(timeout=WAIT) for t in toks] == [i * i for i in range(600)]
     assert lane_stats(coord)["batched"] >= 300  # a backlog of short tokens: most go several to a Ray task
     # A body's exception from a batch keeps the worker's traceback as its cause.
-    errors = [t.exception(timeout=WAIT) for t in [fail(i) for i in range(300)]]
+    toks = backlog(coord, "cl_fail", lambda: [fail(i) for i in range(300)])
+    errors = [t.exception(timeout=WAIT) for t in toks]
     assert [str(e) for e in errors] == [f"bad {i}" for i in range(300)]
     assert all(isinstance(e, ValueError) for e in errors)
     assert all("raise ValueError" in str(e.__cause__) for e in errors)
     stats = lane_stats(coord)
-    assert stats["failed"] == 300 and stats["completed"] == 600
+    assert stats["failed"] == 300 and stats["completed"] == 600 and stats["batched"] >= 450
 
 
 def test_what_cannot_go_in_a_batch_goes_alone(coord: OperationsCoordinator) -> None:
-    tokengate.gather([square(i) for i in range(300)], timeout=WAIT)  # the lane has measured square
+    tokengate.gather(backlog(coord, "cl_square", lambda: [square(i) for i in range(300)]), timeout=WAIT)
     before = lane_stats(coord)["batched"]
+    assert before > 0  # the lane has measured square
     # Ray resolves an ObjectRef only at a call's top level: these must not be batched.
     ref = ray.put(7)
-    assert tokengate.gather([square(ref) for _ in range(200)], timeout=WAIT) == [49] * 200
+    toks = backlog(coord, "cl_square", lambda: [square(ref) for _ in range(200)])
+    assert tokengate.gather(toks, timeout=WAIT) == [49] * 200
     # Tokens with a deadline keep their own Ray task (a deadline cancels it).
-    assert tokengate.gather([square.options(timeout=30.0)(i) for i in range(200)], timeout=WAIT) == [
-        i * i for i in range(200)
-    ]
+    toks = backlog(coord, "cl_square", lambda: [square.options(timeout=30.0)(i) for i in range(200)])
+    assert tokengate.gather(toks, timeout=WAIT) == [i * i for i in range(200)]
     assert lane_stats(coord)["batched"] == before
     # An input batched before a call linked it reaches that call as its value.
     assert tokengate.gather([square(square(i)) for i in range(300)], timeout=WAIT) == [i**4 for i in range(300)]
@@ -185,10 +196,26 @@ def test_what_cannot_go_in_a_batch_goes_alone(coord: OperationsCoordinator) -> N
     assert wait_until(lambda: lane._kept == {} and lane._wanted == {} and lane._links == {}, 5.0)
 
 
-def test_killing_some_tokens_of_batches_spares_the_others(coord: OperationsCoordinator) -> None:
-    tokengate.gather([square(i) for i in range(300)], timeout=WAIT)
-    toks = [square(i) for i in range(600)]
-    killed = {i for i in range(0, 600, 7) if toks[i].kill("test")}
+def test_killing_some_tokens_of_a_batch_spares_the_others(coord: OperationsCoordinator) -> None:
+    from tokengate._cluster.ray_lane import _Batch
+
+    tokengate.gather(backlog(coord, "cl_square", lambda: [square(i) for i in range(300)]), timeout=WAIT)
+    lane = coord._cluster_lane
+    seen: dict[int, Any] = {}
+
+    def batches_in_flight() -> bool:
+        try:
+            handles = [h for _, h, _ in list(lane._inflight.values())]
+        except RuntimeError:  # the dispatcher changed it meanwhile
+            return False
+        seen.update((id(h), h) for h in handles if type(h) is _Batch and len(h.ids) > 2)
+        return len(seen) >= 3
+
+    toks = backlog(coord, "cl_square", lambda: [square(i) for i in range(3000)])
+    assert wait_until(batches_in_flight, 30.0, interval=0.0005)
+    by_id = {t.token_id: i for i, t in enumerate(toks)}
+    # The first token of each of these batches, while the others of it may still run.
+    killed = {by_id[b.ids[0]] for b in seen.values() if toks[by_id[b.ids[0]]].kill("test")}
     for i, tok in enumerate(toks):
         if i in killed:
             with pytest.raises(TaskKilledError):

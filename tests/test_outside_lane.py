@@ -121,12 +121,16 @@ def test_fail_can_end_a_token_killed_without_retry(lane: Any) -> None:
 def test_requeue_puts_a_task_back_at_its_place(lane: Any) -> None:
     _, ln = lane
     first = submit(ln, 1)
+    admitted = first.admitted_at
     (task,), _ = take_all(ln, 1)
     later = submit(ln, 2)
+    assert first.started_at is not None
     assert ln.requeue(task) == 1 and ln.requeue(task) == 0  # once only
+    assert first.started_at is None and first.state == "admitted"
     tasks, _ = take_all(ln)
     assert [t.id for t in tasks] == [first.token_id, later.token_id]
     assert tasks[0].requeues == 1 and tasks[0].attempt == 1  # going back unstarted is no attempt
+    assert first.admitted_at == admitted  # it waited in the queue all along
     for t in tasks:
         ln.finish(t, 0)
     assert first.result(timeout=WAIT) == 0 and ln.pending == 0

@@ -233,7 +233,7 @@ def test_undecorated_sleep_reaches_the_task_count_and_the_report_says_why_a_cap_
     # core; a sleep lends its core's share, so 8 sleeps on 8 workers all run at once.
     report = prove_concurrency(time.sleep, [0.05] * 8, workers=8)
     assert report.weight == "medium"
-    assert report.weight_cap >= 2 and report.weight_cap % 2 == 0  # 2 per core slot
+    assert report.weight_cap >= 2 and report.weight_cap % 2 == 0  # 2 per core
     assert report.peak_in_flight >= 6, report.summary()
     report.assert_speedup(at_least=6)
     if report.weight_cap < 8:

@@ -1,6 +1,6 @@
 """The ``weight`` tag as per-core capacity.
 
-Each core slot has ``workers_per_core`` units (4): light = 1 unit, medium = 2,
+Each core has ``workers_per_core`` units (4): light = 1 unit, medium = 2,
 heavy = the whole core. So a heavy token has its core to itself and never more
 heavy tokens run at once than there are cores; medium tokens share a core two
 ways. Concurrency is measured with a lock-protected counter inside bodies that

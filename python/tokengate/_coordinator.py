@@ -474,7 +474,7 @@ class OperationsCoordinator:
         return {} if engine is None else engine.sticky_snapshot()
 
     def domain_snapshot(self) -> dict[str, tuple[int | None, int]]:
-        """Open lead domains: seed -> (core slot, tokens pending). Empty once leads and children resolved."""
+        """Open lead domains: seed -> (core, tokens pending). Empty once leads and children resolved."""
         engine = self._engine
         return {} if engine is None else engine.domain_snapshot()
 

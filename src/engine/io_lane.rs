@@ -243,7 +243,7 @@ impl<J: Send + 'static> Lane<J> {
     }
 
     /// Removes every job not yet started (ready or queued).
-    pub fn drain(&self) -> Vec<J> {
+    pub fn take_unstarted(&self) -> Vec<J> {
         let mut st = self.shared.state.lock();
         let mut out = Vec::new();
         let ready: Vec<(usize, J)> = st.ready.drain(..).collect();
@@ -494,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn drain_returns_unstarted_jobs() {
+    fn take_unstarted_returns_jobs_that_did_not_start() {
         let l = lane(&[1], Duration::from_secs(1));
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         l.submit(0, Box::new(move || gate_rx.recv().unwrap())).map_err(|_| "refused").unwrap();
@@ -502,7 +502,7 @@ mod tests {
         for _ in 0..5 {
             l.submit(0, Box::new(|| ())).map_err(|_| "refused").unwrap();
         }
-        assert_eq!(l.drain().len(), 5);
+        assert_eq!(l.take_unstarted().len(), 5);
         gate_tx.send(()).unwrap();
         l.shutdown();
         assert!(l.join(Some(Duration::from_secs(5))));

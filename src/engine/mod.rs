@@ -2,7 +2,7 @@
 //!
 //! * [`pool`]: the work-stealing pool (crossbeam-deque, parking_lot sleep/wake,
 //!   per-core capacity, core pinning, the blocking monitor).
-//! * [`token`]: the token state machine ([`token::TokenCore`]).
+//! * [`token`]: the token state machine ([`token::TokenCell`]).
 //! * [`io_lane`]: the elastic I/O lane, one tier per storage speed.
 //! * [`outside`]: the queues of lanes that run tokens outside the engine's
 //!   threads (worker processes, a cluster): the lane takes, runs and reports.

@@ -263,7 +263,7 @@ impl<J> OutsideQueue<J> {
     }
 
     /// Hands back every queued job (a drain, or a stop that cancels).
-    pub fn drain(&self) -> Vec<J> {
+    pub fn take_unstarted(&self) -> Vec<J> {
         let heap = std::mem::take(&mut self.state.lock().heap);
         heap.into_sorted_vec().into_iter().rev().map(|q| q.job).collect()
     }
@@ -271,7 +271,7 @@ impl<J> OutsideQueue<J> {
     /// No more pushes; hands back what was queued.
     pub fn close(&self) -> Vec<J> {
         self.state.lock().closed = true;
-        self.drain()
+        self.take_unstarted()
     }
 
     pub fn is_closed(&self) -> bool {

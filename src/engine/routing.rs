@@ -14,9 +14,10 @@
 //!
 //! # Lead domains
 //!
-//! A token tagged `external_calls` is a lead. Its domain (seed -> core slot,
+//! A token tagged `external_calls` is a lead. Its domain (seed -> core,
 //! pending count) is created when the lead is made (pending 1); the lead's
-//! core slot is recorded when it starts. A decorated call made while a lead
+//! core (an index in the pool's cores, `Pool::core_of`) is recorded when it
+//! starts. A decorated call made while a lead
 //! (or one of its children) runs on this thread joins the domain
 //! (pending + 1, same seed) and is pinned, round-robin, to a worker of the
 //! lead's core. The domain is removed when pending falls to 0, i.e. once the
@@ -124,7 +125,8 @@ impl StickyTable {
 /// One lead's domain.
 #[derive(Debug)]
 struct Domain {
-    slot: Option<usize>,
+    /// The pool core the lead started on (None until it starts).
+    core: Option<usize>,
     pending: usize,
     next: usize,
 }
@@ -138,26 +140,26 @@ pub struct DomainTable {
 impl DomainTable {
     /// Opens the domain of a new lead (pending 1).
     pub fn open(&self, seed: Arc<str>) {
-        self.map.lock().insert(seed, Domain { slot: None, pending: 1, next: 0 });
+        self.map.lock().insert(seed, Domain { core: None, pending: 1, next: 0 });
     }
 
-    /// Records the core slot the lead started on.
-    pub fn set_slot(&self, seed: &str, slot: usize) {
+    /// Records the core the lead started on.
+    pub fn set_core(&self, seed: &str, core: usize) {
         if let Some(d) = self.map.lock().get_mut(seed) {
-            d.slot = Some(slot);
+            d.core = Some(core);
         }
     }
 
     /// Adds a child; returns the worker to pin it to (round-robin over
-    /// `workers_of(slot)`), or None if the domain is gone or has no core yet.
+    /// `workers_of(core)`), or None if the domain is gone or has no core yet.
     pub fn join(&self, seed: &str, workers_of: impl Fn(usize) -> Vec<usize>, avoid: Option<usize>) -> Option<Option<usize>> {
         let mut map = self.map.lock();
         let d = map.get_mut(seed)?;
         d.pending += 1;
-        let Some(slot) = d.slot else {
+        let Some(core) = d.core else {
             return Some(None);
         };
-        let mut workers = workers_of(slot);
+        let mut workers = workers_of(core);
         if workers.len() > 1 {
             workers.retain(|&w| Some(w) != avoid);
         }
@@ -183,9 +185,9 @@ impl DomainTable {
         }
     }
 
-    /// seed -> (core slot, pending), for monitoring and tests.
+    /// seed -> (core, pending), for monitoring and tests.
     pub fn snapshot(&self) -> Vec<(String, Option<usize>, usize)> {
-        let mut v: Vec<_> = self.map.lock().iter().map(|(k, d)| (k.to_string(), d.slot, d.pending)).collect();
+        let mut v: Vec<_> = self.map.lock().iter().map(|(k, d)| (k.to_string(), d.core, d.pending)).collect();
         v.sort();
         v
     }

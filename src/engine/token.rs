@@ -1,5 +1,10 @@
 //! The token state machine, independent of what a token carries.
 //!
+//! [`TokenCell`] holds one token's state, timestamps and placement (the
+//! worker and the CPU core it started on), and the lock-protected `slot`
+//! where the binding layer keeps what the token carries (its outcome,
+//! listeners, bookkeeping).
+//!
 //! # States
 //!
 //! * `CREATED`: made by a call, not yet handed to the scheduler.
@@ -167,7 +172,7 @@ pub fn ns_to_unix(ns: u64) -> f64 {
     (ns as i64 - 1 + offset) as f64 / 1e9
 }
 
-/// Index of each timestamp in [`TokenCore::time`].
+/// Index of each timestamp in [`TokenCell::time`].
 #[derive(Debug, Clone, Copy)]
 #[repr(usize)]
 pub enum Stamp {
@@ -183,7 +188,7 @@ pub enum Stamp {
 
 pub(crate) const NO_WORKER: u32 = u32::MAX;
 
-/// How long `TokenCore::wait` spins before it parks.
+/// How long `TokenCell::wait` spins before it parks.
 const WAIT_SPIN: Duration = Duration::from_micros(20);
 
 std::thread_local! {
@@ -204,7 +209,7 @@ const RESOLVING: u8 = u8::MAX;
 
 /// State, timestamps and the lock-protected slot `S` of one token.
 #[derive(Debug)]
-pub struct TokenCore<S> {
+pub struct TokenCell<S> {
     state: AtomicU8,
     /// The state a resolver started from, reported while `state == RESOLVING`.
     resolving_from: AtomicU8,
@@ -213,16 +218,17 @@ pub struct TokenCore<S> {
     awaited: AtomicBool,
     waiters: AtomicU32,
     worker: AtomicU32,
+    /// The CPU core of the worker that started the body (`NO_WORKER`: not pinned, or not started).
     core: AtomicU32,
     times: [AtomicU64; 4],
     slot: Mutex<S>,
     cv: Condvar,
 }
 
-impl<S> TokenCore<S> {
+impl<S> TokenCell<S> {
     /// A new token in `CREATED`, stamped now.
     pub fn new(slot: S) -> Self {
-        TokenCore {
+        TokenCell {
             state: AtomicU8::new(TokenState::Created as u8),
             resolving_from: AtomicU8::new(TokenState::Created as u8),
             cancel_requested: AtomicBool::new(false),
@@ -309,6 +315,20 @@ impl<S> TokenCore<S> {
         let ok = self.advance(|s| matches!(s, TokenState::Created | TokenState::Waiting), TokenState::Admitted);
         if ok {
             self.times[Stamp::Admitted as usize].store(t, Ordering::Release);
+        }
+        ok
+    }
+
+    /// `WAITING` -> `ADMITTED` for a token that was taken and handed back
+    /// before it ran (an outside lane's requeue): it keeps its first
+    /// admission stamp and loses its start and its worker, so its times read
+    /// as if it had waited in the queue all along.
+    pub fn readmit_unstarted(&self) -> bool {
+        let ok = self.advance(|s| s == TokenState::Waiting, TokenState::Admitted);
+        if ok {
+            self.times[Stamp::Started as usize].store(0, Ordering::Release);
+            self.worker.store(NO_WORKER, Ordering::Release);
+            self.core.store(NO_WORKER, Ordering::Release);
         }
         ok
     }
@@ -490,7 +510,7 @@ mod tests {
 
     #[test]
     fn happy_path_stamps_and_resolves_once() {
-        let t = TokenCore::new(None::<u32>);
+        let t = TokenCell::new(None::<u32>);
         assert_eq!(t.state(), TokenState::Created);
         assert!(t.admit());
         assert!(t.start(3, Some(1)));
@@ -504,7 +524,7 @@ mod tests {
 
     #[test]
     fn cancelled_token_never_starts() {
-        let t = TokenCore::new(());
+        let t = TokenCell::new(());
         t.admit();
         assert!(t.resolve(TokenState::is_pending, TokenState::Cancelled, |_| ()).is_some());
         assert!(!t.start(0, None));
@@ -513,7 +533,7 @@ mod tests {
 
     #[test]
     fn started_token_cannot_be_cancelled() {
-        let t = TokenCore::new(());
+        let t = TokenCell::new(());
         assert!(t.start(0, None));
         assert!(t.resolve(TokenState::is_pending, TokenState::Cancelled, |_| ()).is_none());
         assert_eq!(t.state(), TokenState::Executing);
@@ -522,7 +542,7 @@ mod tests {
     #[test]
     fn cancel_races_start_exactly_one_wins() {
         for _ in 0..2000 {
-            let t = Arc::new(TokenCore::new(()));
+            let t = Arc::new(TokenCell::new(()));
             t.admit();
             let t2 = t.clone();
             let h = std::thread::spawn(move || t2.start(0, None));
@@ -534,7 +554,7 @@ mod tests {
 
     #[test]
     fn wait_times_out_then_sees_completion() {
-        let t = Arc::new(TokenCore::new(()));
+        let t = Arc::new(TokenCell::new(()));
         assert!(!t.wait(Some(Duration::from_millis(20))));
         let t2 = t.clone();
         let h = std::thread::spawn(move || {

@@ -21,7 +21,7 @@ impl EngineShared {
             let _parked = lg.parked.lock();
             lg.admission_paused.store(true, Ordering::SeqCst);
         }
-        lg.live_tokens(None).iter().filter(|t| t.core.state().is_pending()).count()
+        lg.live_tokens(None).iter().filter(|t| t.cell.state().is_pending()).count()
     }
 
     /// Lets held tokens go; returns how many were released.
@@ -43,7 +43,7 @@ impl EngineShared {
             let _parked = state.parked.lock();
             state.paused.store(true, Ordering::SeqCst);
         }
-        self.ledger.live_tokens(Some(op)).iter().filter(|t| t.core.state().is_pending()).count()
+        self.ledger.live_tokens(Some(op)).iter().filter(|t| t.cell.state().is_pending()).count()
     }
 
     /// Releases the tokens of `op` held by `pause_operation`; returns how many.
@@ -69,9 +69,9 @@ impl EngineShared {
         }
         // Forget the parked jobs of tokens just cancelled.
         if let Some(state) = self.ledger.find_op(op) {
-            state.parked.lock().retain(|j| !j.token().core.is_done());
+            state.parked.lock().retain(|j| !j.token().cell.is_done());
         }
-        self.ledger.parked.lock().retain(|j| !j.token().core.is_done());
+        self.ledger.parked.lock().retain(|j| !j.token().cell.is_done());
         n
     }
 

@@ -168,20 +168,20 @@ impl Backend for EngineBackend {
             })?),
         };
         let mut tokens = engine.ledger.live_tokens(query.op.as_deref());
-        tokens.retain(|t| state.is_none_or(|s| t.core.state() == s));
+        tokens.retain(|t| state.is_none_or(|s| t.cell.state() == s));
         tokens.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
         tokens.truncate(query.limit);
         let now = now_ns();
         let rows = tokens
             .iter()
             .map(|t| {
-                let created = t.core.time(Stamp::Created);
-                let started = t.core.time(Stamp::Started);
-                let (worker, core) = t.core.placement();
+                let created = t.cell.time(Stamp::Created);
+                let started = t.cell.time(Stamp::Started);
+                let (worker, core) = t.cell.placement();
                 json!({
                     "token_id": t.id,
                     "operation": &*t.op().name,
-                    "state": t.core.state().as_str(),
+                    "state": t.cell.state().as_str(),
                     "priority": t.priority,
                     "created_at": created.map(ns_to_unix),
                     "started_at": started.map(ns_to_unix),

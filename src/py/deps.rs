@@ -60,7 +60,7 @@ pub(crate) fn input_tokens(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, 
 impl DepWait {
     /// Parks `job` until `inputs` resolve (dispatching it at once if they all have).
     pub(crate) fn start(py: Python<'_>, job: PyJob, inputs: &[Arc<TokenInner>], engine: &Arc<EngineShared>) {
-        job.token().core.hold();
+        job.token().cell.hold();
         let wait =
             Arc::new(DepWait { remaining: AtomicUsize::new(inputs.len() + 1), job: Mutex::new(Some(job)), engine: Arc::downgrade(engine) });
         for input in inputs {
@@ -80,7 +80,7 @@ impl DepWait {
             return;
         };
         let token = job.token().clone();
-        if token.core.is_done() {
+        if token.cell.is_done() {
             job.forget_call();
             return;
         }
@@ -93,7 +93,7 @@ impl DepWait {
             },
             Err((input, cause)) => {
                 job.forget_call();
-                let err = exceptions::dependency_failed(py, input.id, &input.op().name, input.core.state(), cause);
+                let err = exceptions::dependency_failed(py, input.id, &input.op().name, input.cell.state(), cause);
                 token.resolve(py, |_| true, TokenState::Failed, Some(Outcome::Error(err)));
             }
         }

@@ -179,9 +179,9 @@ impl Engine {
     /// Cancels every token still queued; returns how many.
     fn drain(&self, py: Python<'_>) -> PyResult<usize> {
         check_not_forked()?;
-        let mut n = cancel_jobs(py, self.shared.pool.drain());
+        let mut n = cancel_jobs(py, self.shared.pool.take_unstarted());
         for lane in self.shared.ledger.outside.all() {
-            n += cancel_jobs(py, lane.drain());
+            n += cancel_jobs(py, lane.take_unstarted());
         }
         Ok(n)
     }
@@ -286,8 +286,8 @@ impl Engine {
     /// Cancels every token that has not started; returns how many.
     fn drain_pool(&self, py: Python<'_>) -> PyResult<usize> {
         check_not_forked()?;
-        Ok(cancel_jobs(py, self.shared.pool.drain())
-            + cancel_jobs(py, self.shared.io.drain())
+        Ok(cancel_jobs(py, self.shared.pool.take_unstarted())
+            + cancel_jobs(py, self.shared.io.take_unstarted())
             + self.shared.cancel_parked(py, None)
             + self.shared.cancel_unstarted(py))
     }
@@ -346,11 +346,11 @@ impl Engine {
         Ok(d)
     }
 
-    /// Lead domains open: seed -> (core slot or None, tokens pending).
+    /// Lead domains open: seed -> (core or None, tokens pending).
     fn domain_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (k, slot, n) in self.shared.domains.snapshot() {
-            d.set_item(k, (slot, n))?;
+        for (k, core, n) in self.shared.domains.snapshot() {
+            d.set_item(k, (core, n))?;
         }
         Ok(d)
     }

@@ -7,7 +7,8 @@
 //! 1. The caller takes the engine out of the registry (`registry::deactivate`:
 //!    new calls fail with `NotStartedError`, or go to another running
 //!    engine); `stop` marks the engine stopping.
-//! 2. `cancel_pending`: drain the run queues and resolve those tokens as cancelled.
+//! 2. `cancel_pending`: take the jobs that did not start out of the run queues
+//!    (`take_unstarted`) and resolve their tokens as cancelled.
 //! 3. `wait`: wait, detached, until every submitted token has resolved (or
 //!    the timeout passes).
 //! 4. Shut the pool down and join the workers (detached, so running tasks
@@ -164,7 +165,7 @@ impl EngineShared {
         if self.ledger.admission_paused.load(Ordering::Relaxed) {
             let mut parked = self.ledger.parked.lock();
             if self.ledger.admission_paused.load(Ordering::SeqCst) {
-                job.token().core.hold();
+                job.token().cell.hold();
                 parked.push_back(job);
                 return Ok(());
             }
@@ -173,13 +174,13 @@ impl EngineShared {
             let op = job.token().op().clone();
             let mut parked = op.parked.lock();
             if op.paused.load(Ordering::SeqCst) {
-                job.token().core.hold();
+                job.token().cell.hold();
                 parked.push_back(job);
                 return Ok(());
             }
         }
         let token = job.token();
-        token.core.admit();
+        token.cell.admit();
         let (lane, pinned, priority) = (token.lane, token.pinned(), token.priority);
         if let LaneKind::Outside(index) = lane {
             return self.push_outside(py, usize::from(index), job);
@@ -230,7 +231,7 @@ impl EngineShared {
     pub(crate) fn release_parked(&self, py: Python<'_>, jobs: VecDeque<PyJob>) -> usize {
         let mut n = 0;
         for job in jobs {
-            if job.token().core.is_done() {
+            if job.token().cell.is_done() {
                 continue; // cancelled or killed while parked
             }
             if self.dispatch(py, job).is_ok() {
@@ -271,7 +272,7 @@ impl EngineShared {
                     }
                 }
                 TimerItem::Retry(mut job) => {
-                    if job.token().core.is_done() {
+                    if job.token().cell.is_done() {
                         job.forget_call(); // cancelled or killed while it waited
                     } else {
                         let _ = self.dispatch(py, job);
@@ -337,8 +338,8 @@ impl EngineShared {
     /// Sets the cooperative cancel flag of every running token (its body sees
     /// `current_token().cancel_requested`); returns how many.
     pub(crate) fn request_cancel_running(&self) -> usize {
-        let running = self.ledger.live_tokens(None).into_iter().filter(|t| t.core.state() == TokenState::Executing);
-        running.map(|t| t.core.request_cancel()).count()
+        let running = self.ledger.live_tokens(None).into_iter().filter(|t| t.cell.state() == TokenState::Executing);
+        running.map(|t| t.cell.request_cancel()).count()
     }
 
     /// Cancels every job held by a pause; returns how many.
@@ -353,7 +354,7 @@ impl EngineShared {
                 }
             }
         }
-        let jobs: Vec<PyJob> = jobs.into_iter().filter(|j| !j.token().core.is_done()).collect();
+        let jobs: Vec<PyJob> = jobs.into_iter().filter(|j| !j.token().cell.is_done()).collect();
         cancel_jobs(py, jobs)
     }
 
@@ -367,10 +368,10 @@ impl EngineShared {
         }
         self.cancel_parked(py, None);
         if cancel_pending {
-            cancel_jobs(py, self.pool.drain());
-            cancel_jobs(py, self.io.drain());
+            cancel_jobs(py, self.pool.take_unstarted());
+            cancel_jobs(py, self.io.take_unstarted());
             for lane in self.ledger.outside.all() {
-                cancel_jobs(py, lane.drain());
+                cancel_jobs(py, lane.take_unstarted());
             }
             self.cancel_unstarted(py);
             self.request_cancel_running();
@@ -420,8 +421,8 @@ impl EngineShared {
             // timeout): nobody will run it. With wait=False the workers
             // still drain the queues (as ThreadPoolExecutor.shutdown(wait=False)
             // does); anything left when the engine is dropped is cancelled then.
-            cancel_jobs(py, self.pool.drain());
-            cancel_jobs(py, self.io.drain());
+            cancel_jobs(py, self.pool.take_unstarted());
+            cancel_jobs(py, self.io.take_unstarted());
         }
         self.cancel_parked(py, None);
         Ok(joined)

@@ -17,7 +17,7 @@ use super::exceptions::{self, BindError};
 use super::thread::running_token;
 use super::token::{call_thread_listener, LaneKind, Listener, Outcome, Slot, TokenInner};
 use crate::engine::sync::{AtomicBool, Mutex, Ordering};
-use crate::engine::token::{now_ns, ns_to_unix, Stamp, TokenCore, TokenState};
+use crate::engine::token::{now_ns, ns_to_unix, Stamp, TokenCell, TokenState};
 
 /// The handle a decorated call returns. See `tokengate/_tokengate.pyi`.
 #[pyclass(frozen, weakref, name = "TaskToken", module = "tokengate._tokengate")]
@@ -26,8 +26,8 @@ pub(crate) struct TaskToken {
     pub(crate) inner: Arc<TokenInner>,
 }
 
-fn stamp(core: &TokenCore<Slot>, which: Stamp) -> Option<f64> {
-    core.time(which).map(ns_to_unix)
+fn stamp(cell: &TokenCell<Slot>, which: Stamp) -> Option<f64> {
+    cell.time(which).map(ns_to_unix)
 }
 
 fn span(from: Option<u64>, to: Option<u64>) -> Option<f64> {
@@ -67,21 +67,21 @@ impl TaskToken {
         };
         match outcome {
             Ok(_) => Ok(None),
-            Err(e) if self.inner.core.state() == TokenState::Cancelled => Err(e),
+            Err(e) if self.inner.cell.state() == TokenState::Cancelled => Err(e),
             Err(e) => Ok(Some(e.into_value(py).into_any())),
         }
     }
 
     fn done(&self) -> bool {
-        self.inner.core.is_done()
+        self.inner.cell.is_done()
     }
 
     fn running(&self) -> bool {
-        self.inner.core.state() == TokenState::Executing
+        self.inner.cell.state() == TokenState::Executing
     }
 
     fn cancelled(&self) -> bool {
-        self.inner.core.state() == TokenState::Cancelled
+        self.inner.cell.state() == TokenState::Cancelled
     }
 
     /// Cancels the token if it has not started. On a thread running an
@@ -94,7 +94,7 @@ impl TaskToken {
         if self.inner.cancel(py, msg) {
             return true;
         }
-        match self.inner.core.state() {
+        match self.inner.cell.state() {
             TokenState::Executing => matches!(aio::running_loop(py), Ok(Some(_))) && self.inner.cancel_running(py, msg),
             // A failed attempt went back to the queue for a retry meanwhile.
             s if s.is_pending() => self.inner.cancel(py, msg),
@@ -111,7 +111,7 @@ impl TaskToken {
     /// Raises `TaskCancelledError`-style `concurrent.futures.CancelledError`
     /// inside a task whose token was asked to stop (cancel, kill, timeout).
     fn check_cancelled(&self, py: Python<'_>) -> PyResult<()> {
-        if self.inner.core.cancel_requested() {
+        if self.inner.cell.cancel_requested() {
             return Err(BindError::Cancelled.into_pyerr(py));
         }
         Ok(())
@@ -155,7 +155,7 @@ impl TaskToken {
 
     /// The original's name for "was this token killed".
     fn is_killed(&self) -> bool {
-        self.inner.core.state() == TokenState::Killed
+        self.inner.cell.state() == TokenState::Killed
     }
 
     #[pyo3(signature = (func, *, context=None))]
@@ -179,7 +179,7 @@ impl TaskToken {
 
     #[getter]
     fn state(&self) -> &'static str {
-        self.inner.core.state().as_str()
+        self.inner.cell.state().as_str()
     }
 
     #[getter]
@@ -199,79 +199,79 @@ impl TaskToken {
 
     #[getter]
     fn created_at(&self) -> Option<f64> {
-        stamp(&self.inner.core, Stamp::Created)
+        stamp(&self.inner.cell, Stamp::Created)
     }
 
     #[getter]
     fn admitted_at(&self) -> Option<f64> {
-        stamp(&self.inner.core, Stamp::Admitted)
+        stamp(&self.inner.cell, Stamp::Admitted)
     }
 
     #[getter]
     fn started_at(&self) -> Option<f64> {
-        stamp(&self.inner.core, Stamp::Started)
+        stamp(&self.inner.cell, Stamp::Started)
     }
 
     #[getter]
     fn finished_at(&self) -> Option<f64> {
-        stamp(&self.inner.core, Stamp::Finished)
+        stamp(&self.inner.cell, Stamp::Finished)
     }
 
     /// Seconds from creation to start (to now while it waits; None if it never started).
     fn wait_time(&self) -> Option<f64> {
-        let core = &self.inner.core;
-        match core.time(Stamp::Started) {
-            Some(started) => span(core.time(Stamp::Created), Some(started)),
-            None if core.is_done() => None,
-            None => span(core.time(Stamp::Created), None),
+        let cell = &self.inner.cell;
+        match cell.time(Stamp::Started) {
+            Some(started) => span(cell.time(Stamp::Created), Some(started)),
+            None if cell.is_done() => None,
+            None => span(cell.time(Stamp::Created), None),
         }
     }
 
     /// Seconds from start to finish (to now while it runs; None if it never started).
     fn execution_time(&self) -> Option<f64> {
-        let core = &self.inner.core;
-        span(core.time(Stamp::Started), core.time(Stamp::Finished))
+        let cell = &self.inner.cell;
+        span(cell.time(Stamp::Started), cell.time(Stamp::Finished))
     }
 
     #[getter]
     fn worker_id(&self) -> Option<u32> {
-        self.inner.core.placement().0
+        self.inner.cell.placement().0
     }
 
     #[getter]
     fn core_id(&self) -> Option<u32> {
-        self.inner.core.placement().1
+        self.inner.cell.placement().1
     }
 
     /// True once someone asked the running task to stop (cancel, kill, timeout).
     #[getter]
     fn cancel_requested(&self) -> bool {
-        self.inner.core.cancel_requested()
+        self.inner.cell.cancel_requested()
     }
 
     /// Everything about the token as a dict.
     fn get_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        let core = &self.inner.core;
+        let cell = &self.inner.cell;
         d.set_item("token_id", self.inner.id)?;
-        d.set_item("state", core.state().as_str())?;
+        d.set_item("state", cell.state().as_str())?;
         d.set_item("operation_type", self.inner.spec().operation_type.bind(py))?;
         d.set_item("tags", self.inner.spec().tags_dict(py)?)?;
         d.set_item("created_at", self.created_at())?;
         d.set_item("admitted_at", self.admitted_at())?;
         d.set_item("started_at", self.started_at())?;
         d.set_item("finished_at", self.finished_at())?;
-        d.set_item("age", span(core.time(Stamp::Created), None))?;
+        d.set_item("age", span(cell.time(Stamp::Created), None))?;
         d.set_item("wait_time", self.wait_time())?;
         d.set_item("execution_time", self.execution_time())?;
         d.set_item("worker_id", self.worker_id())?;
         d.set_item("core_id", self.core_id())?;
-        d.set_item("killed", core.state() == TokenState::Killed)?;
-        d.set_item("cancel_requested", core.cancel_requested())?;
+        d.set_item("killed", cell.state() == TokenState::Killed)?;
+        d.set_item("cancel_requested", cell.cancel_requested())?;
         d.set_item("priority", self.inner.priority)?;
         d.set_item("lane", self.lane())?;
         d.set_item("conductor_seed", self.inner.route.seed())?;
-        let has_result = matches!(core.lock().outcome, Some(Outcome::Value(_)));
+        let has_result = matches!(cell.lock().outcome, Some(Outcome::Value(_)));
         d.set_item("has_result", has_result)?;
         Ok(d)
     }
@@ -280,7 +280,7 @@ impl TaskToken {
     /// it was cancelled or killed first (then it must not run).
     #[pyo3(signature = (worker_id=None))]
     fn _start(&self, worker_id: Option<u32>) -> bool {
-        let started = self.inner.core.start(worker_id.unwrap_or(u32::MAX - 1), None);
+        let started = self.inner.cell.start(worker_id.unwrap_or(u32::MAX - 1), None);
         if started && self.inner.lane == LaneKind::Process {
             self.inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
         }
@@ -322,7 +322,7 @@ impl TaskToken {
     /// The message of `cancel(msg)` (asyncio reads it on cancelled futures).
     #[getter]
     fn _cancel_message(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        if self.inner.core.state() != TokenState::Cancelled {
+        if self.inner.cell.state() != TokenState::Cancelled {
             return None;
         }
         let slot = self.inner.read_slot().ok()?;
@@ -397,9 +397,9 @@ impl TokenAwait {
         // A short task is often done within microseconds: wait that long
         // (detached) rather than suspend the task and pay a loop wake-up.
         let epoch = idle_epoch();
-        if inner.core.is_done()
+        if inner.cell.is_done()
             || py.detach(|| {
-                let done = inner.core.spin_until_done(AWAIT_SPIN);
+                let done = inner.cell.spin_until_done(AWAIT_SPIN);
                 if done {
                     settle_after_wait(epoch);
                 }
@@ -485,14 +485,14 @@ impl TokenAwait {
         let py = slf.py();
         let me = slf.get();
         let inner = &me.token.get().inner;
-        if inner.core.is_done() || me.cancelled.load(Ordering::Acquire) {
+        if inner.cell.is_done() || me.cancelled.load(Ordering::Acquire) {
             return false;
         }
         let msg = msg.filter(|m| !m.is_none());
         *me.message.lock() = msg.as_ref().map(|m| m.clone().unbind());
         inner.cancel(py, msg.as_ref());
         me.cancelled.store(true, Ordering::Release);
-        if inner.core.state() == TokenState::Cancelled {
+        if inner.cell.state() == TokenState::Cancelled {
             return true; // resolving the token delivered the wake-up already
         }
         for listener in inner.take_listeners_for(slf.as_any()) {
@@ -506,11 +506,11 @@ impl TokenAwait {
     }
 
     fn cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.core.state() == TokenState::Cancelled
+        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.cell.state() == TokenState::Cancelled
     }
 
     fn done(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.core.is_done()
+        self.cancelled.load(Ordering::Acquire) || self.token.get().inner.cell.is_done()
     }
 
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
@@ -518,7 +518,7 @@ impl TokenAwait {
             return Err(self.cancelled_error(py));
         }
         let inner = &self.token.get().inner;
-        if !inner.core.is_done() {
+        if !inner.cell.is_done() {
             return Err(py.import("asyncio")?.getattr("InvalidStateError")?.call1(("Result is not ready.",)).map(PyErr::from_value)?);
         }
         inner.outcome(py, true)

@@ -73,7 +73,7 @@ impl OutsideLane {
     /// pause, or resolved while queued (then it is no longer taken).
     fn start(&self, py: Python<'_>, q: crate::engine::outside::Queued<PyJob>) -> Option<LaneTask> {
         let id = q.id;
-        let started = park_if_paused(py, q.job).and_then(PyJob::claim).filter(|(inner, _)| inner.core.start(OUTSIDE_WORKER, None));
+        let started = park_if_paused(py, q.job).and_then(PyJob::claim).filter(|(inner, _)| inner.cell.start(OUTSIDE_WORKER, None));
         let Some((inner, call)) = started else {
             self.queue.release(id);
             return None;
@@ -158,9 +158,9 @@ impl OutsideLane {
         let Some(call) = self.settle(task) else {
             return Ok(false);
         };
-        if retry && to == TokenState::Failed && task.inner.core.state() == TokenState::Executing {
+        if retry && to == TokenState::Failed && task.inner.cell.state() == TokenState::Executing {
             let engine = self.engine()?;
-            let started = task.inner.core.time(crate::engine::token::Stamp::Started).unwrap_or(0);
+            let started = task.inner.cell.time(crate::engine::token::Stamp::Started).unwrap_or(0);
             let elapsed = crate::engine::token::now_ns().saturating_sub(started);
             if try_retry(py, &task.inner, call, &engine) {
                 // The attempt's run counts here (its last one counts at resolution).
@@ -182,14 +182,14 @@ impl OutsideLane {
             return 0;
         };
         let inner = &task.inner;
-        if !inner.core.requeue() {
+        if !inner.cell.requeue() {
             self.queue.release(inner.id);
             return 0;
         }
         // It never ran: this take was no attempt, and a pause holds it again.
         inner.attempts.store(inner.attempts.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
         inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
-        inner.core.admit();
+        inner.cell.readmit_unstarted();
         let job = PyJob::new(inner.clone(), call);
         match self.queue.requeue(task.key, inner.id, job) {
             Ok(n) => n,
@@ -208,7 +208,7 @@ impl OutsideLane {
 
     /// Cancels the queued tokens (the lane stays open). Returns how many.
     fn cancel_queued(&self, py: Python<'_>) -> usize {
-        cancel_jobs(py, self.queue.drain())
+        cancel_jobs(py, self.queue.take_unstarted())
     }
 
     /// The descriptor that turns readable when `take` has something new
@@ -318,7 +318,7 @@ impl LaneTask {
 
     /// Records which of the lane's workers runs it (the token's `worker_id`).
     fn set_worker(&self, worker_id: u32) {
-        self.inner.core.set_worker(worker_id);
+        self.inner.cell.set_worker(worker_id);
     }
 
     /// The operation's name.

@@ -109,7 +109,7 @@ pub(crate) fn park_if_paused(py: Python<'_>, mut job: PyJob) -> Option<PyJob> {
         let queue = if token.ledger().admission_paused.load(Ordering::Relaxed) { &token.ledger().parked } else { &token.op().parked };
         let mut parked = queue.lock();
         let still = token.ledger().admission_paused.load(Ordering::SeqCst) || token.op().paused.load(Ordering::SeqCst);
-        if still && !job.is_spent() && token.core.hold() {
+        if still && !job.is_spent() && token.cell.hold() {
             parked.push_back(job);
             return None;
         }
@@ -136,19 +136,19 @@ pub(crate) fn execute(py: Python<'_>, job: PyJob, info: &WorkerInfo, engine: &We
 /// is the worker running it, None for a caller outside the pool.
 pub(crate) fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info: Option<&WorkerInfo>, engine: &Weak<EngineShared>) {
     let (worker, core) = info.map_or((crate::engine::token::NO_WORKER, None), |i| (i.index as u32, i.core.map(|c| c as u32)));
-    if !token.core.start(worker, core) {
+    if !token.cell.start(worker, core) {
         return; // cancelled, killed or timed out before it started: never run it
     }
     if token.is_lead {
         if let (Some(seed), Some(engine), Some(info)) = (token.route.seed(), engine.upgrade(), info) {
-            engine.domains.set_slot(seed, engine.pool.slot_of(info.index));
+            engine.domains.set_core(seed, engine.pool.core_of(info.index));
         }
     }
     // Only the thread that started the token writes it (a retry starts it again later).
     token.attempts.store(token.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     token.ledger().running_delta(1);
     let retry_call = (token.retries_left.load(Ordering::Relaxed) > 0).then(|| call.clone_ref(py));
-    let t0 = token.core.time(crate::engine::token::Stamp::Started).unwrap_or_else(now_ns);
+    let t0 = token.cell.time(crate::engine::token::Stamp::Started).unwrap_or_else(now_ns);
     // The handle moves into CURRENT_TOKEN for the call and back out after it (no extra count).
     // A pool worker running a token of an operation whose runs block lends
     // the token's units before the body (see `BlockingHistory`).
@@ -199,7 +199,7 @@ pub(crate) fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info:
     };
     // An attempt that outlived its deadline (or was killed) is not a success;
     // one whose token asyncio cancelled meanwhile counts as it ended.
-    let succeeded = state == TokenState::Completed && !matches!(token.core.state(), TokenState::Timeout | TokenState::Killed);
+    let succeeded = state == TokenState::Completed && !matches!(token.cell.state(), TokenState::Timeout | TokenState::Killed);
     token.op().record_run(succeeded, elapsed);
     if state == TokenState::Failed && !panicked {
         if let (Some(call), Some(engine)) = (retry_call, engine.upgrade()) {
@@ -208,7 +208,7 @@ pub(crate) fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info:
             }
         }
     }
-    if token.core.state() == TokenState::Timeout {
+    if token.cell.state() == TokenState::Timeout {
         let deadline = token.deadline_ns.load(Ordering::Relaxed);
         if deadline != 0 {
             token.ledger().note_overrun(now_ns().saturating_sub(deadline));
@@ -260,7 +260,7 @@ fn end_forked_child(py: Python<'_>, result: &std::thread::Result<PyResult<Py<PyA
 /// (or the token was resolved meanwhile).
 pub(crate) fn try_retry(py: Python<'_>, token: &Arc<TokenInner>, call: Call, engine: &Arc<EngineShared>) -> bool {
     let left = token.retries_left.load(Ordering::Relaxed);
-    if left == 0 || !token.core.requeue() {
+    if left == 0 || !token.cell.requeue() {
         return false;
     }
     token.retries_left.store(left - 1, Ordering::Relaxed);

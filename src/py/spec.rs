@@ -298,7 +298,7 @@ impl OperationSpec {
         if let Some(parent) = running_token() {
             if let Some(seed) = parent.route.seed() {
                 let here = crate::engine::pool::current_worker().map(|(_, i)| i);
-                let joined = engine.domains.join(seed, |slot| engine.pool.workers_of_slot(slot), here);
+                let joined = engine.domains.join(seed, |core| engine.pool.workers_of_core(core), here);
                 if let Some(pinned) = joined {
                     return Ok(Placement { route: Route::domain(engine.domains.clone(), seed.into()), pinned, ..Placement::default() });
                 }
@@ -527,7 +527,7 @@ impl OperationSpec {
         let inner = TokenInner::new(next_token_id(), binding, &self.shared.defaults, placement, None);
         engine.ledger.record_submitted(inner.op());
         engine.ledger.register(&inner);
-        inner.core.admit();
+        inner.cell.admit();
         Py::new(py, TaskToken { inner })
     }
 

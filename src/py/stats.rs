@@ -54,10 +54,10 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
     pool.set_item("lends", p.lends)?;
     pool.set_item("spares", p.spares)?;
     pool.set_item("spares_peak", p.spares_peak)?;
-    pool.set_item("draining_cores", p.draining)?;
+    pool.set_item("reserved_cores", p.reserved)?;
     pool.set_item("deferred", p.deferred)?;
     pool.set_item("inbox", p.inbox)?;
-    pool.set_item("core_slots", sh.pool.core_slots())?;
+    pool.set_item("core_slots", sh.pool.cores())?;
     pool.set_item("active_per_core", sh.pool.active_per_core().min(sh.workers_per_core as u32))?;
     out.set_item("pool", pool)?;
 
@@ -68,7 +68,7 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
     admission.set_item("peak_pending", lg.pending.peak())?;
     admission.set_item("blocked_callers", lg.pending.waiting())?;
     admission.set_item("rejected", lg.pending.rejected())?;
-    admission.set_item("parked", lg.parked.lock().iter().filter(|j| !j.token().core.is_done()).count())?;
+    admission.set_item("parked", lg.parked.lock().iter().filter(|j| !j.token().cell.is_done()).count())?;
     out.set_item("admission", admission)?;
 
     let timeouts = PyDict::new(py);
@@ -128,7 +128,7 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
         d.set_item("peak_pending", op.limit.peak())?;
         d.set_item("rejected", op.limit.rejected())?;
         d.set_item("paused", op.paused.load(Ordering::Relaxed))?;
-        d.set_item("parked", op.parked.lock().iter().filter(|j| !j.token().core.is_done()).count())?;
+        d.set_item("parked", op.parked.lock().iter().filter(|j| !j.token().cell.is_done()).count())?;
         d.set_item("blocked", op.blocked.load(Ordering::Relaxed))?;
         d.set_item("health", health_dict(py, &op)?)?;
         ops.set_item(&*op.name, d)?;

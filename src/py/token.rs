@@ -5,7 +5,7 @@
 //! `TokenInner` is owned by its Python handle (`handle::TaskToken`), by the
 //! job in a run queue, by listeners and by the ledger's registry (weakly). Its
 //! outcome and listeners live in the lock-protected slot of the engine's
-//! [`TokenCore`] (see `crate::engine::token` for the state protocol).
+//! [`TokenCell`] (see `crate::engine::token` for the state protocol).
 //!
 //! # Resolution
 //!
@@ -32,9 +32,10 @@
 //! queue until a worker pops it and drops it ("spent"). A retry puts the call
 //! back under a new attempt number with a new job; a job takes only its own
 //! attempt's call, so a spent job of an earlier attempt never runs a later
-//! one. If a job is dropped while its call is still there (the pool was
-//! drained or dropped), its token resolves as cancelled: no token is ever
-//! left pending; a drained spent job is only dropped (its token runs).
+//! one. If a job is dropped while its call is still there (a drain or a
+//! stop took it out of its queue, or the pool was dropped), its token
+//! resolves as cancelled: no token is ever left pending; a spent job taken
+//! out so is only dropped (its token runs).
 
 use std::sync::Arc;
 
@@ -49,7 +50,7 @@ use crate::engine::ledger::Booked;
 use crate::engine::pool::{Job, Weight};
 use crate::engine::routing::Route;
 use crate::engine::sync::{AtomicU32, AtomicU64, Ordering};
-use crate::engine::token::{TokenCore, TokenState};
+use crate::engine::token::{TokenCell, TokenState};
 
 /// The books of one engine, over this layer's tokens and jobs.
 pub(crate) type Ledger = crate::engine::ledger::Ledger<TokenInner, PyJob>;
@@ -119,7 +120,7 @@ impl Listeners {
 /// The shared part of a token.
 #[derive(Debug)]
 pub(crate) struct TokenInner {
-    pub(crate) core: TokenCore<Slot>,
+    pub(crate) cell: TokenCell<Slot>,
     pub(crate) id: u64,
     /// Its operation, on its engine (spec, ledger and operation state).
     bind: Arc<Binding>,
@@ -210,8 +211,8 @@ impl Booked for TokenInner {
         self.id
     }
 
-    fn core(&self) -> &TokenCore<Slot> {
-        &self.core
+    fn cell(&self) -> &TokenCell<Slot> {
+        &self.cell
     }
 
     fn registry_slot(&self) -> &AtomicU64 {
@@ -234,7 +235,7 @@ impl TokenInner {
             pinned: placement.pinned.map_or(NOT_PINNED, |w| u32::try_from(w).expect("a worker index fits in 32 bits")),
             lane: placement.lane,
             is_lead: placement.is_lead,
-            core: TokenCore::new(Slot::default()),
+            cell: TokenCell::new(Slot::default()),
             id,
             bind,
             priority: opts.priority,
@@ -316,10 +317,10 @@ impl TokenInner {
         finished_ns: Option<u64>,
     ) -> Option<Vec<Listener>> {
         // The books are kept before the terminal state is published.
-        let listeners = self.core.resolve_at(allowed, to, finished_ns, |slot| {
-            // The state it leaves is still visible here (see `TokenCore::resolve_at`).
+        let listeners = self.cell.resolve_at(allowed, to, finished_ns, |slot| {
+            // The state it leaves is still visible here (see `TokenCell::resolve_at`).
             let elsewhere = self.lane.runs_elsewhere();
-            if elsewhere && self.core.state() == TokenState::Executing {
+            if elsewhere && self.cell.state() == TokenState::Executing {
                 self.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
             }
             if let LaneKind::Outside(index) = self.lane {
@@ -366,7 +367,7 @@ impl TokenInner {
     /// of `cancel(msg)`), and a body's `StopIteration` arrives as a
     /// `RuntimeError` (see `exceptions::for_await`).
     pub(crate) fn outcome(&self, py: Python<'_>, asyncio: bool) -> PyResult<Py<PyAny>> {
-        let state = self.core.state();
+        let state = self.cell.state();
         if state == TokenState::Cancelled && !asyncio {
             return Err(BindError::Cancelled.into_pyerr(py));
         }
@@ -385,10 +386,10 @@ impl TokenInner {
     /// The slot, to read the outcome of a resolved token.
     pub(crate) fn read_slot(&self) -> Result<crate::engine::sync::MutexGuard<'_, Slot>, BindError> {
         if check_not_forked().is_ok() {
-            Ok(self.core.lock())
+            Ok(self.cell.lock())
         } else {
             // Forked: a parent thread may have held the slot at the fork (resolving this token).
-            self.core.try_lock().ok_or(BindError::Forked)
+            self.cell.try_lock().ok_or(BindError::Forked)
         }
     }
 
@@ -396,19 +397,19 @@ impl TokenInner {
     /// running body sees its cancel flag and its result is dropped.
     pub(crate) fn kill(&self, py: Python<'_>, reason: &str) -> PyResult<bool> {
         let value = exceptions::killed_value(py, reason)?;
-        self.core.request_cancel();
+        self.cell.request_cancel();
         Ok(self.resolve(py, |_| true, TokenState::Killed, Some(Outcome::Error(value))))
     }
 
     /// The deadline passed: a queued token never runs; a running one's
     /// waiters get `TaskTimeoutError` now and its body sees the cancel flag.
     pub(crate) fn expire(&self, py: Python<'_>) {
-        let was = self.core.state();
+        let was = self.cell.state();
         if was.is_terminal() {
             return;
         }
         let value = exceptions::timeout_value(py, self.id, &self.op().name);
-        self.core.request_cancel();
+        self.cell.request_cancel();
         if self.resolve(py, |_| true, TokenState::Timeout, Some(Outcome::Error(value))) {
             let counter = if was == TokenState::Executing { &self.ledger().timeouts_running } else { &self.ledger().timeouts_queued };
             counter.fetch_add(1, Ordering::Relaxed);
@@ -428,10 +429,10 @@ impl TokenInner {
         if self.resolve(py, TokenState::is_pending, TokenState::Cancelled, cancel_note(msg)) {
             return true;
         }
-        match self.core.state() {
+        match self.cell.state() {
             TokenState::Cancelled => true,
             TokenState::Executing => {
-                self.core.request_cancel();
+                self.cell.request_cancel();
                 false
             }
             _ => false,
@@ -445,7 +446,7 @@ impl TokenInner {
     /// after `kill`. (Awaiting the token directly goes through
     /// `TokenAwait`, whose cancel ends only that await.)
     pub(crate) fn cancel_running(&self, py: Python<'_>, msg: Option<&Bound<'_, PyAny>>) -> bool {
-        self.core.request_cancel();
+        self.cell.request_cancel();
         self.resolve(py, |s| s == TokenState::Executing, TokenState::Cancelled, cancel_note(msg))
     }
 
@@ -467,8 +468,8 @@ impl TokenInner {
             None => Listener::Thread { func: func.unbind(), arg },
         };
         {
-            let mut slot = self.core.lock();
-            if !self.core.is_done() {
+            let mut slot = self.cell.lock();
+            if !self.cell.is_done() {
                 slot.listeners.push(listener);
                 return Ok(());
             }
@@ -484,8 +485,8 @@ impl TokenInner {
     /// Registers `listener` (a dependent token's wait, a `wait_all` countdown)
     /// unless the token is done already: then false, and nothing is kept.
     pub(crate) fn add_if_pending(&self, listener: Listener) -> bool {
-        let mut slot = self.core.lock();
-        if self.core.is_done() {
+        let mut slot = self.cell.lock();
+        if self.cell.is_done() {
             return false;
         }
         slot.listeners.push(listener);
@@ -494,7 +495,7 @@ impl TokenInner {
 
     /// Takes out the listeners registered with `arg` (by identity).
     pub(crate) fn take_listeners_for(&self, arg: &Bound<'_, PyAny>) -> Vec<Listener> {
-        self.core.lock().listeners.take_where(|l| match l {
+        self.cell.lock().listeners.take_where(|l| match l {
             Listener::Thread { arg: a, .. } => a.as_ptr() == arg.as_ptr(),
             Listener::Loop { delivery, .. } => delivery.arg.as_ptr() == arg.as_ptr(),
             Listener::Waiter(_) => false,
@@ -503,7 +504,7 @@ impl TokenInner {
 
     /// Removes every listener whose function equals `func`; returns how many.
     pub(crate) fn remove_listener(&self, py: Python<'_>, func: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let removed: Vec<Listener> = self.core.lock().listeners.take_where(|l| {
+        let removed: Vec<Listener> = self.cell.lock().listeners.take_where(|l| {
             let f = match l {
                 Listener::Thread { func, .. } => func,
                 Listener::Loop { delivery, .. } => &delivery.func,
@@ -623,7 +624,7 @@ impl Job for PyJob {
     }
 
     fn submitted_ns(&self) -> Option<u64> {
-        self.token().core.time(crate::engine::token::Stamp::Created)
+        self.token().cell.time(crate::engine::token::Stamp::Created)
     }
 
     /// A caller that submits and then waits (`f(x).result()`, `await f(x)`)
@@ -631,7 +632,7 @@ impl Job for PyJob {
     /// before that would block on the interpreter and need a thread wake-up
     /// (~10 us). Waiting up to `ATTACH_DELAY` for the wait to begin avoids it.
     fn before_idle_run(&self) {
-        self.token().core.spin_until_awaited(super::attach::ATTACH_DELAY);
+        self.token().cell.spin_until_awaited(super::attach::ATTACH_DELAY);
     }
 
     /// A waiter took the call and runs (or ran) the token itself
@@ -654,8 +655,9 @@ impl Drop for PyJob {
     }
 }
 
-/// Resolves drained jobs as cancelled. A job whose call a waiter already
-/// took (that waiter runs the token) is only dropped.
+/// Resolves jobs taken out of their queues before they started
+/// (`take_unstarted`) as cancelled. A job whose call a waiter already took
+/// (that waiter runs the token) is only dropped.
 pub(crate) fn cancel_jobs(py: Python<'_>, jobs: Vec<PyJob>) -> usize {
     let mut n = 0;
     for mut job in jobs {

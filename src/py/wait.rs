@@ -51,7 +51,7 @@ use crate::engine::token::TokenState;
 impl TokenInner {
     /// Blocks (detached, Ctrl-C aware) until done; Err(TimeoutError) after `timeout`.
     pub(crate) fn wait(self: &Arc<Self>, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        if self.core.is_done() {
+        if self.cell.is_done() {
             return Ok(());
         }
         check_not_forked()?;
@@ -65,13 +65,13 @@ impl TokenInner {
             return if help_until_done(py, self, timeout)? { Ok(()) } else { Err(BindError::WaitTimeout.into_pyerr(py)) };
         }
         // Nobody started it and the caller waits for as long as it takes: it runs the token itself.
-        if timeout.is_none() && run_on_caller(py, self) && self.core.is_done() {
+        if timeout.is_none() && run_on_caller(py, self) && self.cell.is_done() {
             return Ok(());
         }
         let _lent = LentUnits::lend();
         let epoch = idle_epoch();
         let done = wait_detached(py, timeout, |step| {
-            let done = self.core.wait(Some(step));
+            let done = self.cell.wait(Some(step));
             if done {
                 settle_after_wait(epoch);
             }
@@ -118,17 +118,17 @@ const MAX_HELP_DEPTH: u32 = 200;
 fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Duration>) -> PyResult<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let Some((engine, info)) = WORKER.with(|w| w.borrow().as_ref().map(|(e, i)| (e.upgrade(), *i))) else {
-        return Ok(token.core.wait(timeout));
+        return Ok(token.cell.wait(timeout));
     };
     let Some(engine) = engine else {
-        return Ok(token.core.wait(timeout));
+        return Ok(token.cell.wait(timeout));
     };
     let weak = Arc::downgrade(&engine);
     let depth = HELP_DEPTH.with(|d| d.get());
     let started = Instant::now();
     let mut last_signal_check = started;
     loop {
-        if token.core.is_done() {
+        if token.cell.is_done() {
             return Ok(true);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -136,7 +136,7 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
         }
         let stalled = started.elapsed() >= STALL_LIMIT;
         // The awaited token itself, if it still waits in a queue and may run here.
-        let runnable_here = token.core.state() == TokenState::Admitted
+        let runnable_here = token.cell.state() == TokenState::Admitted
             && token.lane == LaneKind::Cpu
             && token.pinned().is_none_or(|w| w == info.index)
             && (depth < MAX_HELP_DEPTH || stalled);
@@ -175,11 +175,11 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
                 };
                 drop(back);
                 let step = Duration::from_millis(1);
-                py.detach(|| token.core.wait(Some(step)));
+                py.detach(|| token.cell.wait(Some(step)));
             }
             (None, _) => {
                 let step = Duration::from_millis(2);
-                py.detach(|| token.core.wait(Some(step)));
+                py.detach(|| token.cell.wait(Some(step)));
             }
         }
         if last_signal_check.elapsed() >= Duration::from_millis(50) {
@@ -216,7 +216,7 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
 /// worker that later pops the spent job drops it without taking the
 /// interpreter (`Job::is_spent`).
 fn run_on_caller(py: Python<'_>, token: &Arc<TokenInner>) -> bool {
-    if token.core.state() != TokenState::Admitted
+    if token.cell.state() != TokenState::Admitted
         || token.lane != LaneKind::Cpu
         || token.pinned().is_some()
         || token.is_lead
@@ -371,7 +371,7 @@ pub(crate) fn wait_all<'a>(py: Python<'_>, tokens: impl Iterator<Item = &'a Toke
     check_not_forked()?;
     let countdown = Arc::new(Countdown::new());
     for inner in tokens {
-        if inner.core.is_done() {
+        if inner.cell.is_done() {
             continue;
         }
         // Counted before it is registered: a resolution right after the

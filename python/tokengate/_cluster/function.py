@@ -65,15 +65,17 @@ def run_batch(calls: list[tuple[RemoteCall, tuple[Any, ...], dict[str, Any]]], w
     from .._process.child import _call_reply, _reply_error
 
     replies: list[bytes] = []
-    began = time.perf_counter()
+    took = 0.0  # the calls' own time: loading a function the first time is not the function's
     for seq, (call, args, kwargs) in enumerate(calls):
         try:
             fn = call.function()
         except BaseException as exc:
             replies.append(_reply_error(seq, exc))
             continue
+        began = time.perf_counter()
         replies.append(_call_reply(seq, fn, args, kwargs, where))
-    return replies, time.perf_counter() - began
+        took += time.perf_counter() - began
+    return replies, took
 
 
 class ClusterFunction(ProcessFunction):

@@ -415,14 +415,18 @@ class ClusterLane:
         lost.__cause__ = cause
         return lost
 
-    def _failed(self, task: Any, exc: BaseException) -> None:
-        if isinstance(exc, WorkerLostError):
+    def _failed(self, task: Any, exc: BaseException, retry: bool = True, note_lost: bool = True) -> None:
+        """Reports a failed attempt (retried while the token has ``retries`` left, unless not
+        ``retry``). A :class:`WorkerLostError` counts a lost worker unless not ``note_lost``
+        (the other tokens of a batch lost with the same worker)."""
+        lost = isinstance(exc, WorkerLostError)
+        if lost and note_lost:
             self.outside.note_lost()
         with self._lock:
-            if isinstance(exc, WorkerLostError):
+            if lost:
                 self._counts["lost"] += 1
-            self._counts["retries" if task.retries_left > 0 else "failed"] += 1
-        self.outside.fail(task, exc)
+            self._counts["retries" if retry and task.retries_left > 0 else "failed"] += 1
+        self.outside.fail(task, exc, retry=retry)
 
     def _stop(self, stopped: list[int]) -> None:
         handles = []

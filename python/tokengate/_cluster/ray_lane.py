@@ -52,10 +52,13 @@
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from typing import Any
 
+from .._process.payload import UnpicklableError
 from .._process.replies import decode_reply
+from ..exceptions import WorkerLostError
 from .connect import connect_ray, disconnect_ray, ray_module
 from .function import run_batch
 from .lane import _INPUT_KEY, ClusterLane
@@ -251,7 +254,13 @@ class RayLane(ClusterLane):
             batch = open_batches[key] = [task]
             sizes[key] = size
             units.append(batch)
-        self._take_factor = factor
+        # Next time, take as many tokens per unit of room as the largest batch wanted, so that
+        # batches grow to their size; where some went alone, as many as this take put in one
+        # Ray task on average (few go back to the queue).
+        if any(len(unit) == 1 for unit in units):
+            self._take_factor = max(1, min(_BATCH_MAX, -(-len(tasks) // len(units))))
+        else:
+            self._take_factor = factor
         for key, batch in open_batches.items():
             if len(batch) == 1:  # a measuring pair that found no second token
                 self._probing.discard(key[0])
@@ -284,11 +293,10 @@ class RayLane(ClusterLane):
                     num_cpus=cost, name=op, max_retries=0, retry_exceptions=False
                 )
             ref = fn.remote([(task.func, task.args, task.kwargs) for task in tasks], "a Ray worker")
-        except Exception as exc:  # pickling, or the connection is closed
-            with self._lock:
-                self._counts["failed"] += len(tasks)
+        except Exception:  # pickling, or the connection is closed: each goes alone, and fails alone
+            self._not_batched(tasks[0].func.payload)
             for task in tasks:
-                self.outside.fail(task, exc, retry=False)
+                self.outside.requeue(task)
             return
         with self._lock:
             self._counts["batched"] += len(tasks)
@@ -299,27 +307,49 @@ class RayLane(ClusterLane):
         self._used += cost
         ref._on_completed(lambda result: self._on_done((batch, result)))
 
+    def _not_batched(self, payload: Any) -> None:
+        """This function's tokens go alone until it is measured again (after ``_PROBE_EVERY``)."""
+        self._probing.discard(payload)
+        self._per_token[payload] = math.inf
+
     def _settle_batch(self, batch: _Batch, result: Any) -> None:
-        failed = isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception))
         self._probing.discard(batch.payload)
-        if not failed:
-            replies, seconds = result
-            per_token = seconds / len(batch.ids)
-            old = self._per_token.get(batch.payload)
-            self._per_token[batch.payload] = per_token if old is None else 0.7 * old + 0.3 * per_token
+        if isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception)):
+            self._batch_failed(batch, result)
+            return
+        replies, seconds = result
+        per_token = seconds / len(batch.ids)
+        old = self._per_token.get(batch.payload)
+        self._per_token[batch.payload] = per_token if old is None else 0.7 * old + 0.3 * per_token
         for i, seq in enumerate(batch.ids):
             entry = self._pop(seq)
             if entry is None:  # stopped meanwhile
                 continue
             task = entry[0]
-            if failed:
-                self._failed(task, self._error_of(task, result))
-                continue
             ok, value = decode_reply(task.operation_type, replies[i])
             if ok:
                 self._finish_ok(task, value, None)
+            else:  # as on the process lane, a value that cannot be pickled is not retried
+                self._failed(task, value, retry=not isinstance(value, UnpicklableError))
+
+    def _batch_failed(self, batch: _Batch, error: BaseException) -> None:
+        """The batch's Ray task failed as a whole. Lost with its worker or node: each of its
+        tokens is a lost token (the engine's ``retries`` decide; the worker counts once).
+        Otherwise no body ran (its arguments did not reach the worker, say): each token goes
+        back to the queue, to go alone. Either way the function is no longer batched for a while."""
+        self._not_batched(batch.payload)
+        noted = False
+        for seq in batch.ids:
+            entry = self._pop(seq)
+            if entry is None:
+                continue
+            task = entry[0]
+            exc = self._error_of(task, error)
+            if isinstance(exc, WorkerLostError):
+                self._failed(task, exc, note_lost=not noted)
+                noted = True
             else:
-                self._failed(task, value)
+                self.outside.requeue(task)
 
     # -- completion ------------------------------------------------------------------------
 

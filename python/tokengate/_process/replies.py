@@ -67,7 +67,7 @@ class _Replies(_LaneState):
         for frame in _frames(w.rbuf):
             self._handle(w, frame)
 
-    def _drain(self, w: _Worker) -> None:
+    def _read_replies(self, w: _Worker) -> None:
         """Handles every reply already in ``w``'s socket, without waiting (the socket is
         non-blocking; after the process exited this is what it sent before it died)."""
         fd = w.conn.fileno() if not w.conn.closed else -1

@@ -194,7 +194,7 @@ class _LaneState:
         return int(self.outside.stats()["queued"])
 
     # The parts of the lane call into each other: these five are defined by dispatch
-    # (_stop_item, _stopped), replies (_drain) and worker processes (_replace, _died).
+    # (_stop_item, _stopped), replies (_read_replies) and worker processes (_replace, _died).
 
     def _stopped(self, seq: int) -> None:  # pragma: no cover - see _Dispatch
         raise NotImplementedError
@@ -202,7 +202,7 @@ class _LaneState:
     def _stop_item(self, w: _Worker, item: _Item) -> None:  # pragma: no cover - see _Dispatch
         raise NotImplementedError
 
-    def _drain(self, w: _Worker) -> None:  # pragma: no cover - see _Replies
+    def _read_replies(self, w: _Worker) -> None:  # pragma: no cover - see _Replies
         raise NotImplementedError
 
     def _replace(self, w: _Worker, killed: bool = False) -> None:  # pragma: no cover - see _Processes

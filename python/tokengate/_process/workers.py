@@ -208,7 +208,7 @@ class _Processes(_LaneState):
     def _salvage(self, w: _Worker) -> _Item | None:
         """After ``w``'s process exited: handles the replies it sent, then puts the tokens
         it never started back in the queue. Returns the one it was running (None if none)."""
-        self._drain(w)
+        self._read_replies(w)
         running = w.board.running()
         victim = None
         for item in list(w.items):

@@ -39,7 +39,7 @@ use crossbeam_utils::CachePadded;
 use super::admission::Limit;
 use super::metrics::{OpMetrics, Outcome, RunCounts};
 use super::sync::{AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
-use super::token::{now_ns, Stamp, TokenCore, TokenState};
+use super::token::{now_ns, Stamp, TokenCell, TokenState};
 use registry::RegistryShard;
 
 mod registry;
@@ -108,12 +108,12 @@ impl Health {
 
 /// What the books need to know of a token (the binding layer's token type).
 pub trait Booked: Send + Sync {
-    /// What its core's lock protects.
+    /// What its cell's lock protects (the token's `slot`).
     type Slot;
     /// Its id, unique in the process.
     fn id(&self) -> u64;
     /// Its state, stamps and placement.
-    fn core(&self) -> &TokenCore<Self::Slot>;
+    fn cell(&self) -> &TokenCell<Self::Slot>;
     /// Where the registry holds it: shard << 32 | slot (`u64::MAX`: not registered).
     fn registry_slot(&self) -> &AtomicU64;
     /// The name of its operation.
@@ -401,7 +401,7 @@ impl<T: Booked, J> Ledger<T, J> {
             // last handle dropped under the lock could resolve its token, which
             // takes this lock.
             let all: Vec<Arc<T>> = shard.lock().handles().filter_map(Weak::upgrade).collect();
-            all.into_iter().find(|t| t.id() == id && !t.core().is_done())
+            all.into_iter().find(|t| t.id() == id && !t.cell().is_done())
         })
     }
 
@@ -411,7 +411,7 @@ impl<T: Booked, J> Ledger<T, J> {
         for shard in &self.registry {
             // Upgraded under the lock, filtered (and the rest dropped) after it.
             let all: Vec<Arc<T>> = shard.lock().handles().filter_map(Weak::upgrade).collect();
-            out.extend(all.into_iter().filter(|t| !t.core().is_done() && op.is_none_or(|o| t.op_name() == o)));
+            out.extend(all.into_iter().filter(|t| !t.cell().is_done() && op.is_none_or(|o| t.op_name() == o)));
         }
         out
     }
@@ -454,10 +454,10 @@ impl<T: Booked, J> Ledger<T, J> {
             op.health.timeouts.fetch_add(1, Ordering::Relaxed);
         }
         let outcome = Outcome::of(state);
-        let core = token.core();
-        let created = core.time(Stamp::Created);
-        let started = core.time(Stamp::Started);
-        let finished = core.time(Stamp::Finished);
+        let cell = token.cell();
+        let created = cell.time(Stamp::Created);
+        let started = cell.time(Stamp::Started);
+        let finished = cell.time(Stamp::Finished);
         let queue_wait = started.zip(created).map(|(s, c)| s.saturating_sub(c));
         op.metrics.resolved(outcome, queue_wait);
         if ran_elsewhere {
@@ -466,7 +466,7 @@ impl<T: Booked, J> Ledger<T, J> {
             }
         }
         if self.recent_cap > 0 {
-            let (worker_id, core_id) = core.placement();
+            let (worker_id, core_id) = cell.placement();
             let record = Record {
                 token_id: token.id(),
                 op_index: op.index,

@@ -8,7 +8,7 @@ use super::*;
 struct Tok {
     id: u64,
     op: Arc<str>,
-    core: TokenCore<()>,
+    cell: TokenCell<()>,
     slot: AtomicU64,
 }
 
@@ -19,8 +19,8 @@ impl Booked for Tok {
         self.id
     }
 
-    fn core(&self) -> &TokenCore<()> {
-        &self.core
+    fn cell(&self) -> &TokenCell<()> {
+        &self.cell
     }
 
     fn registry_slot(&self) -> &AtomicU64 {
@@ -33,7 +33,7 @@ impl Booked for Tok {
 }
 
 fn token(id: u64, op: &str) -> Arc<Tok> {
-    Arc::new(Tok { id, op: op.into(), core: TokenCore::new(()), slot: AtomicU64::new(u64::MAX) })
+    Arc::new(Tok { id, op: op.into(), cell: TokenCell::new(()), slot: AtomicU64::new(u64::MAX) })
 }
 
 #[test]
@@ -44,7 +44,7 @@ fn the_registry_holds_unresolved_tokens_and_the_history_their_ends() {
     for t in &tokens {
         ledger.record_submitted(if &*t.op == "a" { &a } else { &b });
         ledger.register(t);
-        assert!(t.core.admit());
+        assert!(t.cell.admit());
     }
     assert_eq!(ledger.live_tokens(None).len(), 4);
     assert_eq!(ledger.live_tokens(Some("b")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 4]);
@@ -52,8 +52,8 @@ fn the_registry_holds_unresolved_tokens_and_the_history_their_ends() {
     assert_eq!(ledger.unresolved(), 4);
 
     let done = &tokens[2];
-    assert!(done.core.start(0, None));
-    done.core.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(done, &a, TokenState::Completed, false, None));
+    assert!(done.cell.start(0, None));
+    done.cell.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(done, &a, TokenState::Completed, false, None));
     assert!(ledger.lookup(3).is_none(), "a resolved token leaves the registry");
     assert_eq!(ledger.live_tokens(Some("a")).iter().map(|t| t.id).collect::<Vec<_>>(), vec![1]);
     assert_eq!(ledger.unresolved(), 3);
@@ -75,7 +75,7 @@ fn a_drained_burst_gives_its_registry_back_and_counts_down_its_frees() {
     let shard = &ledger.registry[thread_shard()];
     assert!(shard.lock().slots.capacity() >= SHRINK_AT);
     for t in &tokens {
-        t.core.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(t, &op, TokenState::Completed, false, None));
+        t.cell.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(t, &op, TokenState::Completed, false, None));
     }
     let emptied = shard.lock();
     assert_eq!((emptied.slots.capacity(), emptied.free.capacity()), (0, 0), "an emptied large shard is freed");
@@ -95,7 +95,7 @@ fn a_drained_burst_gives_its_registry_back_and_counts_down_its_frees() {
         ledger.register(t);
     }
     for t in &few {
-        t.core.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(t, &op, TokenState::Completed, false, None));
+        t.cell.resolve_at(|_| true, TokenState::Completed, None, |_| ledger.on_resolved(t, &op, TokenState::Completed, false, None));
     }
     assert!(shard.lock().slots.capacity() >= 10);
     assert_eq!(ledger.to_free.load(std::sync::atomic::Ordering::Relaxed), 0);
@@ -109,9 +109,9 @@ fn a_run_elsewhere_counts_toward_health_at_resolution() {
         let t = token(id, "p");
         ledger.record_submitted(&op);
         ledger.register(&t);
-        t.core.admit();
-        t.core.start(0, None);
-        t.core.resolve_at(|_| true, TokenState::Failed, None, |_| ledger.on_resolved(&t, &op, TokenState::Failed, true, None));
+        t.cell.admit();
+        t.cell.start(0, None);
+        t.cell.resolve_at(|_| true, TokenState::Failed, None, |_| ledger.on_resolved(&t, &op, TokenState::Failed, true, None));
     }
     assert_eq!(op.health_counts().runs, 6);
     assert_eq!(op.health_class(), "problematic");

@@ -36,7 +36,7 @@
 //!
 //! # Protocol: the run word
 //!
-//! Each worker has one `RunSlot`, whose word packs the run number (bumped at
+//! Each worker has one `RunCell`, whose word packs the run number (bumped at
 //! every job), the state (`IDLE`, `RUNNING`, `LENT`) and the units the job holds.
 //!
 //! * The worker stores a `RUNNING` word once it has taken the job's units
@@ -48,7 +48,7 @@
 //!   (`Shared::retake`), and gives them back if the CAS fails (the run ended).
 //! * So for every run, whoever moves the word out of `RUNNING` gives the
 //!   units back, exactly once. The lender counts the loan on the core
-//!   (`CoreSlot::lend`) before its CAS (and uncounts it if the CAS fails);
+//!   (`CoreBudget::lend`) before its CAS (and uncounts it if the CAS fails);
 //!   whoever ends the loan (a retake, or the worker's `end`) uncounts it.
 //! * Only units are lent. A heavy job stays its core's heavy job while lent
 //!   (`heavy_running`, kept by the worker from start to end), so no other
@@ -127,15 +127,15 @@ impl Run {
 
 /// What one worker runs now (see the protocol).
 #[derive(Debug)]
-pub(crate) struct RunSlot {
+pub(crate) struct RunCell {
     word: crossbeam_utils::CachePadded<AtomicU64>,
     /// The worker thread's kernel id (0 until it started).
     pub(crate) tid: AtomicU64,
 }
 
-impl RunSlot {
+impl RunCell {
     pub(crate) fn new() -> Self {
-        RunSlot { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0) }
+        RunCell { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0) }
     }
 
     pub(crate) fn load(&self) -> Run {
@@ -196,24 +196,24 @@ mod tests {
 
     #[test]
     fn units_go_back_exactly_once() {
-        let slot = RunSlot::new();
-        slot.begin(2);
-        let seen = slot.load();
+        let cell = RunCell::new();
+        cell.begin(2);
+        let seen = cell.load();
         // lent first: the worker's end must not give them back again
-        assert!(slot.try_lend(seen));
-        assert!(!slot.try_lend(seen));
-        assert!(!slot.end());
+        assert!(cell.try_lend(seen));
+        assert!(!cell.try_lend(seen));
+        assert!(!cell.end());
         // a retake that races the end of the run fails
-        assert!(!slot.try_retake(seen));
+        assert!(!cell.try_retake(seen));
         // not lent: the worker gives them back
-        slot.begin(2);
-        assert_eq!(slot.load().run, seen.run + 1);
-        assert!(slot.end());
+        cell.begin(2);
+        assert_eq!(cell.load().run, seen.run + 1);
+        assert!(cell.end());
         // lent, retaken, then the worker gives them back
-        slot.begin(1);
-        let seen = slot.load();
-        assert!(slot.try_lend(seen));
-        assert!(slot.try_retake(slot.load()));
-        assert!(slot.end());
+        cell.begin(1);
+        let seen = cell.load();
+        assert!(cell.try_lend(seen));
+        assert!(cell.try_retake(cell.load()));
+        assert!(cell.end());
     }
 }

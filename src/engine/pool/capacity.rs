@@ -1,6 +1,6 @@
 //! Per-core capacity: what a token's weight means.
 //!
-//! Every core slot (the workers pinned to one core) has a budget of
+//! Every core (the workers pinned to one core) has a budget of
 //! `workers_per_core` units (4 by default; fewer while the adaptive pattern
 //! keeps fewer workers per core active). A light
 //! token takes 1 unit, a medium token 2 (at most the budget), a heavy token
@@ -10,18 +10,19 @@
 //!
 //! # Protocol
 //!
-//! * A worker takes units on its own core slot (CAS on `used`) before it
+//! * A worker takes units on its own core (CAS on `used`) before it
 //!   runs a job, and gives them back after. A job whose units do not fit
 //!   goes to the pool's `deferred` queue; workers look there first, and take
 //!   a deferred job only when it fits their core.
 //! * Anti-starvation for heavy jobs: when a heavy job is deferred, the least
-//!   loaded core that is not draining starts **draining** (at most half of
-//!   the cores at once): its workers start no new light or medium job, so its
-//!   `used` falls to 0 and one of them takes the heavy job, which clears the
-//!   flag (as does a deferred heavy job it finds already run by a waiter).
-//!   A heavy job that starts anywhere else first (another core emptied
-//!   sooner) clears every core's flag unless another heavy job is still
-//!   deferred: a core drains for a heavy job that waits, never for good.
+//!   loaded core that is not yet reserved is **reserved** for a heavy job
+//!   (`CoreBudget::reserved`; at most half of the cores at once): its
+//!   workers start no new light or medium job, so its `used` falls to 0 and
+//!   one of them takes the heavy job, which ends the reservation (as does a
+//!   deferred heavy job it finds already run by a waiter). A heavy job that
+//!   starts anywhere else first (another core emptied sooner) ends every
+//!   core's reservation unless another heavy job is still deferred: a core
+//!   is reserved for a heavy job that waits, never for good.
 //!   Light and medium jobs keep flowing on the other cores.
 //! * Jobs pinned to a worker (its inbox: sticky anchors, lead domains) must
 //!   run there; they take their units even past the budget.
@@ -63,29 +64,31 @@ impl Weight {
     }
 }
 
-/// The capacity of one core slot.
+/// The capacity of one core: its budget of units, the units in use, and
+/// whether it is reserved for a heavy job.
 #[derive(Debug)]
-pub(crate) struct CoreSlot {
+pub(crate) struct CoreBudget {
     used: AtomicU32,
     units: u32,
-    pub(crate) draining: AtomicBool,
+    /// Reserved for a heavy job: its workers start no new light or medium job.
+    pub(crate) reserved: AtomicBool,
     heavy_running: AtomicU32,
     /// Jobs of this core that are blocked, their units lent (`blocking.rs`).
     lent: AtomicU32,
 }
 
-impl CoreSlot {
+impl CoreBudget {
     pub(crate) fn new(units: u32) -> Self {
-        CoreSlot {
+        CoreBudget {
             used: AtomicU32::new(0),
             units,
-            draining: AtomicBool::new(false),
+            reserved: AtomicBool::new(false),
             heavy_running: AtomicU32::new(0),
             lent: AtomicU32::new(0),
         }
     }
 
-    /// Units this slot offers when `active` workers per core are active.
+    /// Units this core offers when `active` workers per core are active.
     pub(crate) fn budget(&self, active: u32) -> u32 {
         self.units.min(active).max(1)
     }
@@ -164,7 +167,7 @@ mod tests {
 
     #[test]
     fn heavy_needs_an_empty_core() {
-        let c = CoreSlot::new(4);
+        let c = CoreBudget::new(4);
         assert!(c.try_acquire(1, 4));
         assert!(!c.try_acquire(4, 4));
         c.release(1);

@@ -27,7 +27,7 @@ pub struct PoolConfig {
     pub spin_rounds: u32,
     /// A prioritized job waiting this long gains one priority level.
     pub aging: std::time::Duration,
-    /// Cores the workers are spread over (worker `i` -> core slot `i % cores`).
+    /// Cores the workers are spread over (worker `i` -> core `i % cores`).
     pub cores: usize,
     /// Capacity units of each core (`workers_per_core`): light tokens take 1,
     /// medium 2, heavy all of them.

@@ -77,11 +77,11 @@ fn a_job_pinned_to_a_worker_wakes_that_worker() {
 /// the units go back to the core exactly once and no loan stays counted.
 #[test]
 fn a_loan_racing_the_end_of_a_run_settles_exactly_once() {
-    use super::blocking::{RunSlot, RUNNING};
-    use super::capacity::CoreSlot;
+    use super::blocking::{RunCell, RUNNING};
+    use super::capacity::CoreBudget;
     loom::model(|| {
-        let core = Arc::new(CoreSlot::new(2));
-        let run = Arc::new(RunSlot::new());
+        let core = Arc::new(CoreBudget::new(2));
+        let run = Arc::new(RunCell::new());
         // the worker took 2 units and began its run
         assert!(core.try_acquire(2, 2));
         run.begin(2);

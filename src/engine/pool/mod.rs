@@ -21,7 +21,11 @@
 //!   has waited one `aging` interval longer than the heap's top.
 //! * Idle workers spin briefly, then park; see `sleep.rs` for the wake-up
 //!   protocol (a burst of submissions wakes at most one sleeper).
-//! * Worker `i` is pinned to core `i mod n` when `pin_cores` is set.
+//! * Worker `i` belongs to core `i mod n` (`Pool::core_of`), and is pinned
+//!   to that CPU core when `pin_cores` is set. Each core has a `CoreBudget`
+//!   of units its jobs share, and may be reserved for a heavy job (see
+//!   `capacity.rs`); what a worker runs now is in its `RunCell` (see
+//!   `blocking.rs`).
 //!
 //! # Who may touch what
 //!
@@ -41,8 +45,8 @@
 //!    timeout passes first (a job that never returns), the threads are left
 //!    to exit on their own.
 //! 4. Jobs submitted after the last worker looked (a submit racing step 1)
-//!    stay in the queues; `drain()` hands them back so the embedder can
-//!    resolve them. Dropping the pool drops them.
+//!    stay in the queues; `take_unstarted()` hands them back so the
+//!    embedder can resolve them. Dropping the pool drops them.
 
 mod blocking;
 mod capacity;
@@ -68,8 +72,8 @@ pub use worker::{current_worker, held_units, Host, WorkerHooks, WorkerInfo, Work
 
 use crate::engine::error::Error;
 use crate::engine::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
-use blocking::RunSlot;
-use capacity::CoreSlot;
+use blocking::RunCell;
+use capacity::CoreBudget;
 use shared::{ExitGuard, PrioEntry, PrioQueues, Shared};
 use sleep::Sleep;
 
@@ -79,7 +83,8 @@ static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 #[derive(Debug)]
 #[must_use = "give the units back with Pool::release_outside"]
 pub struct OutsideUnits {
-    slot: usize,
+    /// The core whose units these are (an index in the pool's cores).
+    core: usize,
     weight: Weight,
     units: u32,
 }
@@ -105,12 +110,12 @@ pub struct PoolStats {
     pub wakes: u64,
     /// Panics that escaped `WorkerHooks::execute` (each was caught).
     pub panics: u64,
-    /// Units in use on each core slot.
+    /// Units in use on each core.
     pub core_units: Vec<u32>,
-    /// Heavy jobs running on each core slot.
+    /// Heavy jobs running on each core.
     pub core_heavy: Vec<u32>,
-    /// Core slots draining for a heavy job.
-    pub draining: usize,
+    /// Cores reserved for a heavy job (they start no new light or medium job).
+    pub reserved: usize,
     /// Jobs waiting for room on a core.
     pub deferred: usize,
     /// Jobs pinned to each worker, not yet started.
@@ -135,10 +140,10 @@ pub struct Pool<J: Job> {
     pid: u32,
 }
 
-/// Core slots for `workers` workers on `cores` cores (worker `i` -> slot `i % n`), `units` each.
-fn core_slots(workers: usize, cores: usize, units: u32) -> Vec<CoreSlot> {
+/// Core budgets for `workers` workers on `cores` cores (worker `i` -> core `i % n`), `units` each.
+fn core_budgets(workers: usize, cores: usize, units: u32) -> Vec<CoreBudget> {
     let n = cores.clamp(1, workers.max(1));
-    (0..n).map(|_| CoreSlot::new(units)).collect()
+    (0..n).map(|_| CoreBudget::new(units)).collect()
 }
 
 impl<J: Job> std::fmt::Debug for Pool<J> {
@@ -170,15 +175,15 @@ impl<J: Job> Pool<J> {
             prio: Mutex::new(PrioQueues::new()),
             prio_len: AtomicUsize::new(0),
             fifo_head_ns: AtomicU64::new(0),
-            cores: core_slots(config.workers, config.cores, config.units_per_core),
+            cores: core_budgets(config.workers, config.cores, config.units_per_core),
             active_per_core: AtomicU32::new(u32::MAX),
             deferred: Mutex::new(std::collections::VecDeque::new()),
             deferred_len: AtomicUsize::new(0),
-            draining: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
             inboxes: (0..config.workers).map(|_| Injector::new()).collect(),
             heavy_peak: AtomicUsize::new(0),
             heavy_now: AtomicUsize::new(0),
-            runs: (0..threads).map(|_| RunSlot::new()).collect(),
+            runs: (0..threads).map(|_| RunCell::new()).collect(),
             lends: AtomicU64::new(0),
             monitor_parked: AtomicBool::new(false),
             monitor_thread: Mutex::new(None),
@@ -195,12 +200,12 @@ impl<J: Job> Pool<J> {
             config,
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
-        let n_slots = shared.cores.len();
+        let n_cores = shared.cores.len();
         let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())), pid: std::process::id() };
         for (index, local) in locals.into_iter().enumerate() {
             let shared = shared.clone();
             let host = host.clone();
-            let core = topology.as_ref().map(|t| t.core_ids[(index % n_slots) % t.core_ids.len()]);
+            let core = topology.as_ref().map(|t| t.core_ids[(index % n_cores) % t.core_ids.len()]);
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{index}", shared.config.thread_name))
                 .stack_size(shared.config.stack_size)
@@ -319,20 +324,20 @@ impl<J: Job> Pool<J> {
         Ok(())
     }
 
-    /// Number of core slots (distinct cores the workers are spread over).
-    pub fn core_slots(&self) -> usize {
+    /// Number of cores the workers are spread over.
+    pub fn cores(&self) -> usize {
         self.shared.cores.len()
     }
 
-    /// The worker indices of core slot `slot`.
-    pub fn workers_of_slot(&self, slot: usize) -> Vec<usize> {
+    /// The worker indices of core `core` (an index below `cores()`).
+    pub fn workers_of_core(&self, core: usize) -> Vec<usize> {
         let n = self.shared.cores.len();
-        (0..self.shared.config.workers).filter(|i| i % n == slot).collect()
+        (0..self.shared.config.workers).filter(|i| i % n == core).collect()
     }
 
-    /// The core slot of worker `index`.
-    pub fn slot_of(&self, index: usize) -> usize {
-        self.shared.slot_of(index)
+    /// The core of worker `index` (an index below `cores()`).
+    pub fn core_of(&self, index: usize) -> usize {
+        self.shared.core_of(index)
     }
 
     /// Sets how many workers per core take shared work (the adaptive
@@ -407,8 +412,8 @@ impl<J: Job> Pool<J> {
 
     /// Units a job of `weight` takes on worker `index`'s core.
     pub fn units_of(&self, index: usize, weight: Weight) -> u32 {
-        let slot = &self.shared.cores[self.shared.slot_of(index)];
-        weight.units(slot.budget(self.shared.active_per_core.load(Ordering::Relaxed)))
+        let core = &self.shared.cores[self.shared.core_of(index)];
+        weight.units(core.budget(self.shared.active_per_core.load(Ordering::Relaxed)))
     }
 
     /// A heavy job run inline by worker `index`, whose waiting jobs hold
@@ -416,15 +421,15 @@ impl<J: Job> Pool<J> {
     /// `stalled`, when no other heavy job runs there (the waiting jobs are
     /// blocked, so it still has the core's work to itself). Returns the units.
     pub fn inline_heavy(&self, index: usize, held: u32, stalled: bool) -> Option<u32> {
-        let slot = &self.shared.cores[self.shared.slot_of(index)];
-        if !stalled && slot.used() > held {
+        let core = &self.shared.cores[self.shared.core_of(index)];
+        if !stalled && core.used() > held {
             return None;
         }
-        if !slot.try_heavy_alone() {
+        if !core.try_heavy_alone() {
             return None;
         }
-        let units = Weight::Heavy.units(slot.budget(self.shared.active_per_core.load(Ordering::Relaxed)));
-        slot.force_acquire(units);
+        let units = Weight::Heavy.units(core.budget(self.shared.active_per_core.load(Ordering::Relaxed)));
+        core.force_acquire(units);
         let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
         self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
         Some(units)
@@ -432,19 +437,20 @@ impl<J: Job> Pool<J> {
 
     /// Gives back what `inline_heavy` took.
     pub fn inline_release(&self, index: usize, weight: Weight, units: u32) {
-        let slot = &self.shared.cores[self.shared.slot_of(index)];
+        let core = &self.shared.cores[self.shared.core_of(index)];
         if weight == Weight::Heavy {
-            slot.heavy_finished();
+            core.heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
-        slot.release(units);
+        core.release(units);
     }
 
     /// Core units for a job of `weight` that a thread outside the pool runs
     /// (a caller that waits on a token no worker has started runs it
-    /// itself): the first core slot, not draining, where the units fit, as a
-    /// worker would take them. None while jobs wait deferred for room (they
-    /// go first), once shutdown has begun, or when no core has room.
+    /// itself): the first core, not reserved for a heavy job, where the
+    /// units fit, as a worker would take them. None while jobs wait deferred
+    /// for room (they go first), once shutdown has begun, or when no core has
+    /// room.
     pub fn try_acquire_outside(&self, weight: Weight) -> Option<OutsideUnits> {
         if self.shared.terminate.load(Ordering::Relaxed) || self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
             return None;
@@ -452,17 +458,17 @@ impl<J: Job> Pool<J> {
         self.acquire_on_any_core(weight)
     }
 
-    /// The units of `weight` on the first core slot, not draining, where they fit.
+    /// The units of `weight` on the first core, not reserved for a heavy job, where they fit.
     fn acquire_on_any_core(&self, weight: Weight) -> Option<OutsideUnits> {
         let active = self.shared.active_per_core.load(Ordering::Relaxed);
-        for (slot_index, slot) in self.shared.cores.iter().enumerate() {
-            if slot.draining.load(Ordering::Acquire) {
+        for (core_index, core) in self.shared.cores.iter().enumerate() {
+            if core.reserved.load(Ordering::Acquire) {
                 continue;
             }
-            let budget = slot.budget(active);
+            let budget = core.budget(active);
             let units = weight.units(budget);
-            if slot.try_acquire(units, budget) {
-                let taken = OutsideUnits { slot: slot_index, weight, units };
+            if core.try_acquire(units, budget) {
+                let taken = OutsideUnits { core: core_index, weight, units };
                 self.heavy_count(&taken, true);
                 return Some(taken);
             }
@@ -475,14 +481,14 @@ impl<J: Job> Pool<J> {
     /// job may have found no room while the units were out).
     pub fn release_outside(&self, taken: &OutsideUnits) {
         self.heavy_count(taken, false);
-        self.shared.cores[taken.slot].release(taken.units);
+        self.shared.cores[taken.core].release(taken.units);
         if self.shared.deferred_len.load(Ordering::SeqCst) > 0 || self.shared.has_work() {
             self.shared.notify_work();
         }
     }
 
     /// Takes units given back with `release_outside` again: on any core
-    /// slot where they fit now (deferred jobs do not go first: their holder
+    /// where they fit now (deferred jobs do not go first: their holder
     /// was running before them), else past the budget on a core where no
     /// heavy job runs (as a pinned job would), so that a heavy job keeps its
     /// core to itself. False when every core runs a heavy job.
@@ -491,10 +497,10 @@ impl<J: Job> Pool<J> {
             *taken = units;
             return true;
         }
-        let free_of_heavy = self.shared.cores.iter().position(|c| c.heavy_running() == 0 && !c.draining.load(Ordering::Acquire));
+        let free_of_heavy = self.shared.cores.iter().position(|c| c.heavy_running() == 0 && !c.reserved.load(Ordering::Acquire));
         match free_of_heavy {
-            Some(slot) => {
-                taken.slot = slot;
+            Some(core) => {
+                taken.core = core;
                 self.force_retake_outside(taken);
                 true
             }
@@ -505,7 +511,7 @@ impl<J: Job> Pool<J> {
     /// Takes released units back on their core past the budget (their
     /// holder must go on; `try_retake_outside` found no room for too long).
     pub fn force_retake_outside(&self, taken: &OutsideUnits) {
-        self.shared.cores[taken.slot].force_acquire(taken.units);
+        self.shared.cores[taken.core].force_acquire(taken.units);
         self.heavy_count(taken, true);
     }
 
@@ -513,19 +519,19 @@ impl<J: Job> Pool<J> {
         if taken.weight != Weight::Heavy {
             return;
         }
-        let slot = &self.shared.cores[taken.slot];
+        let core = &self.shared.cores[taken.core];
         if start {
-            slot.heavy_started();
+            core.heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
         } else {
-            slot.heavy_finished();
+            core.heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// Removes every queued job (not yet started) and returns them.
-    pub fn drain(&self) -> Vec<J> {
+    pub fn take_unstarted(&self) -> Vec<J> {
         let mut out: Vec<J> = {
             let mut heap = self.shared.prio.lock();
             let jobs = std::iter::from_fn(|| heap.pop()).map(|e| e.job).collect();
@@ -630,9 +636,9 @@ impl<J: Job> Pool<J> {
             queued_local: self.shared.stealers.iter().map(Stealer::len).collect(),
             wakes: self.shared.sleep.wakes(),
             panics: self.shared.panics.load(Ordering::Relaxed),
-            core_units: self.shared.cores.iter().map(CoreSlot::used).collect(),
-            core_heavy: self.shared.cores.iter().map(CoreSlot::heavy_running).collect(),
-            draining: self.shared.draining.load(Ordering::Relaxed),
+            core_units: self.shared.cores.iter().map(CoreBudget::used).collect(),
+            core_heavy: self.shared.cores.iter().map(CoreBudget::heavy_running).collect(),
+            reserved: self.shared.reserved.load(Ordering::Relaxed),
             deferred: self.shared.deferred_len.load(Ordering::Relaxed),
             inbox: self.shared.inboxes.iter().map(Injector::len).collect(),
             heavy_peak: self.shared.heavy_peak.load(Ordering::Relaxed),
@@ -657,7 +663,7 @@ impl<J: Job> Drop for Pool<J> {
     }
 }
 
-/// Either kind of queue a drain empties.
+/// Either kind of queue `take_unstarted` empties.
 enum StealFrom<'a, J> {
     Stealer(&'a Stealer<J>),
     Injector(&'a Injector<J>),

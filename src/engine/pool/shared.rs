@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_deque::{Injector, Stealer};
 
-use super::blocking::{current_tid, Run, RunSlot};
-use super::capacity::{CoreSlot, Weight};
+use super::blocking::{current_tid, Run, RunCell};
+use super::capacity::{CoreBudget, Weight};
 use super::config::PoolConfig;
 use super::job::Job;
 use super::sleep::Sleep;
@@ -37,20 +37,21 @@ pub(crate) struct Shared<J> {
     pub(super) prio_len: AtomicUsize,
     /// Estimated submission time of the oldest job in the FIFO queues.
     pub(super) fifo_head_ns: AtomicU64,
-    /// One core slot per core in use; worker `i` belongs to slot `i % cores.len()`.
-    pub(super) cores: Vec<CoreSlot>,
+    /// One budget per core in use; worker `i` belongs to core `i % cores.len()`.
+    pub(super) cores: Vec<CoreBudget>,
     /// Active workers per core (the adaptive pattern); workers of a higher rank only run their inbox.
     pub(super) active_per_core: AtomicU32,
     /// Jobs whose weight did not fit the core of the worker that found them.
     pub(super) deferred: Mutex<std::collections::VecDeque<(J, Weight)>>,
     pub(super) deferred_len: AtomicUsize,
-    pub(super) draining: AtomicUsize,
+    /// Cores reserved for a heavy job now (`CoreBudget::reserved` set).
+    pub(super) reserved: AtomicUsize,
     /// Per-worker queues of jobs that must run on that worker (not stealable).
     pub(super) inboxes: Vec<Injector<J>>,
     pub(super) heavy_peak: AtomicUsize,
     pub(super) heavy_now: AtomicUsize,
     /// What each worker runs now (see `blocking.rs`).
-    pub(super) runs: Vec<RunSlot>,
+    pub(super) runs: Vec<RunCell>,
     /// Runs whose units were lent so far (blocked jobs).
     pub(super) lends: AtomicU64,
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
@@ -154,7 +155,8 @@ impl<J: Job> Shared<J> {
         self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
-    pub(super) fn slot_of(&self, worker: usize) -> usize {
+    /// The core of `worker` (its index in `cores`).
+    pub(super) fn core_of(&self, worker: usize) -> usize {
         worker % self.cores.len()
     }
 
@@ -162,7 +164,7 @@ impl<J: Job> Shared<J> {
     /// of a core whose job is blocked (its units lent) makes room in the
     /// pattern for one more of that core.
     pub(super) fn is_active(&self, index: usize) -> bool {
-        let lent = self.cores[self.slot_of(index)].lent();
+        let lent = self.cores[self.core_of(index)].lent();
         (index / self.cores.len()) < (self.active_per_core.load(Ordering::Relaxed).saturating_add(lent)) as usize
     }
 
@@ -174,15 +176,15 @@ impl<J: Job> Shared<J> {
     /// (`heavy_running`), so no other heavy job starts there meanwhile, and a
     /// heavy job keeps its core's CPU to itself once it runs again.
     pub(crate) fn lend(shared: &Arc<Self>, index: usize, seen: Run) -> bool {
-        let slot = &shared.cores[shared.slot_of(index)];
+        let core = &shared.cores[shared.core_of(index)];
         // Counted before the word moves: a worker ending the run at once
         // settles the loan (`end_loan`) and must not find the count at 0.
-        slot.lend();
+        core.lend();
         if !shared.runs[index].try_lend(seen) {
-            slot.end_loan();
+            core.end_loan();
             return false;
         }
-        slot.release(seen.units);
+        core.release(seen.units);
         shared.lends.fetch_add(1, Ordering::Relaxed);
         shared.notify_work();
         Self::ensure_taker(shared);
@@ -250,15 +252,15 @@ impl<J: Job> Shared<J> {
     /// units back, past the budget if need be (nothing is pre-empted; the
     /// core starts nothing new until it has room). False when the run ended.
     pub(crate) fn retake(&self, index: usize, seen: Run) -> bool {
-        let slot = &self.cores[self.slot_of(index)];
-        slot.force_acquire(seen.units);
+        let core = &self.cores[self.core_of(index)];
+        core.force_acquire(seen.units);
         if self.runs[index].try_retake(seen) {
-            slot.end_loan();
+            core.end_loan();
             return true;
         }
         // The run ended while lent: the worker settled the loan, nothing is
         // owed. Meanwhile the core looked full: wake a worker for queued work.
-        slot.release(seen.units);
+        core.release(seen.units);
         if self.has_work() {
             self.notify_work();
         }
@@ -286,29 +288,29 @@ impl<J: Job> Shared<J> {
         if !self.is_active(index) {
             return false;
         }
-        let slot = &self.cores[self.slot_of(index)];
-        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
-        let used = slot.used();
-        if slot.draining.load(Ordering::Relaxed) {
+        let core = &self.cores[self.core_of(index)];
+        let budget = core.budget(self.active_per_core.load(Ordering::Relaxed));
+        let used = core.used();
+        if core.reserved.load(Ordering::Relaxed) {
             return used == 0 && self.deferred_len.load(Ordering::SeqCst) > 0;
         }
         used < budget
     }
 
-    /// `core` stops draining (if it was).
-    pub(super) fn end_draining(&self, core: &CoreSlot) {
-        if core.draining.swap(false, Ordering::AcqRel) {
-            self.draining.fetch_sub(1, Ordering::AcqRel);
+    /// `core` is no longer reserved for a heavy job (if it was).
+    pub(super) fn end_reservation(&self, core: &CoreBudget) {
+        if core.reserved.swap(false, Ordering::AcqRel) {
+            self.reserved.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    /// A heavy job started on `core` or turned out spent there: `core`
-    /// stops draining, and so does every other core unless a heavy job is
-    /// still deferred (a core drains for a heavy job that waits, not for one
-    /// that found room, whichever core it found it on).
-    pub(crate) fn heavy_job_settled(&self, core: &CoreSlot) {
-        self.end_draining(core);
-        if self.draining.load(Ordering::Acquire) == 0 {
+    /// A heavy job started on `core` or turned out spent there: `core`'s
+    /// reservation ends, and so does every other core's unless a heavy job is
+    /// still deferred (a core is reserved for a heavy job that waits, not for
+    /// one that found room, whichever core it found it on).
+    pub(crate) fn heavy_job_settled(&self, core: &CoreBudget) {
+        self.end_reservation(core);
+        if self.reserved.load(Ordering::Acquire) == 0 {
             return;
         }
         let deferred = self.deferred.lock();
@@ -316,7 +318,7 @@ impl<J: Job> Shared<J> {
             return;
         }
         for core in &self.cores {
-            self.end_draining(core);
+            self.end_reservation(core);
         }
         drop(deferred);
         if self.has_work() {
@@ -346,11 +348,11 @@ impl<J: Job> Shared<J> {
         if !self.is_active(index) {
             return false;
         }
-        let slot = &self.cores[self.slot_of(index)];
-        let budget = slot.budget(self.active_per_core.load(Ordering::Relaxed));
-        let room = slot.used() < budget;
-        (room && !slot.draining.load(Ordering::Relaxed) && self.has_work())
-            || (self.deferred_len.load(Ordering::SeqCst) > 0 && (room || slot.used() == 0))
+        let core = &self.cores[self.core_of(index)];
+        let budget = core.budget(self.active_per_core.load(Ordering::Relaxed));
+        let room = core.used() < budget;
+        (room && !core.reserved.load(Ordering::Relaxed) && self.has_work())
+            || (self.deferred_len.load(Ordering::SeqCst) > 0 && (room || core.used() == 0))
     }
 
     pub(super) fn now_ns(&self) -> i128 {

@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crossbeam_deque::{Steal, Worker};
 
-use super::capacity::{CoreSlot, Weight};
+use super::capacity::{CoreBudget, Weight};
 use super::job::Job;
 use super::shared::Shared;
 use super::sleep::Woke;
@@ -110,17 +110,18 @@ impl<J: Job> WorkerLoop<J> {
         CURRENT.with(|c| c.set(None));
     }
 
-    fn slot(&self) -> &CoreSlot {
-        &self.shared.cores[self.shared.slot_of(self.info.index)]
+    /// The budget of this worker's core.
+    fn core(&self) -> &CoreBudget {
+        &self.shared.cores[self.shared.core_of(self.info.index)]
     }
 
     fn budget(&self) -> u32 {
-        self.slot().budget(self.shared.active_per_core.load(Ordering::Relaxed))
+        self.core().budget(self.shared.active_per_core.load(Ordering::Relaxed))
     }
 
     /// Takes core units for `found` and runs it, or defers it when it does not fit.
     fn execute(&mut self, hooks: &mut dyn WorkerHooks<J>, found: Found<J>) {
-        // A heavy job a waiter already ran must not hold its core (nor keep cores draining).
+        // A heavy job a waiter already ran must not hold its core (nor keep cores reserved for it).
         let found = if found.weight == Weight::Heavy {
             match self.unless_spent(found) {
                 Some(found) => found,
@@ -136,7 +137,7 @@ impl<J: Job> WorkerLoop<J> {
             None => {
                 let u = weight.units(budget);
                 // A heavy job lent while blocked still counts as its core's heavy job.
-                if (weight == Weight::Heavy && self.slot().heavy_running() > 0) || !self.slot().try_acquire(u, budget) {
+                if (weight == Weight::Heavy && self.core().heavy_running() > 0) || !self.core().try_acquire(u, budget) {
                     self.defer(job, weight);
                     return;
                 }
@@ -145,11 +146,11 @@ impl<J: Job> WorkerLoop<J> {
         };
         let heavy = weight == Weight::Heavy;
         if heavy {
-            self.slot().heavy_started();
+            self.core().heavy_started();
             let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
             self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
-            // Its core drained for it, or another core did and it found room here first.
-            self.shared.heavy_job_settled(self.slot());
+            // Its core was reserved for it, or another core was and it found room here first.
+            self.shared.heavy_job_settled(self.core());
         }
         let info = self.info;
         HELD.with(|h| h.set(units));
@@ -162,14 +163,14 @@ impl<J: Job> WorkerLoop<J> {
         HELD.with(|h| h.set(0));
         let held = run.end();
         if heavy {
-            self.slot().heavy_finished();
+            self.core().heavy_finished();
             self.shared.heavy_now.fetch_sub(1, Ordering::AcqRel);
         }
         if held {
-            self.slot().release(units);
+            self.core().release(units);
         } else {
             // The job blocked and its units were lent: the lender gave them back already.
-            self.slot().end_loan();
+            self.core().end_loan();
         }
         if !self.shared.is_active(self.info.index) && self.shared.has_work() {
             // A worker that a loan made active, now outside the pattern: it
@@ -188,34 +189,34 @@ impl<J: Job> WorkerLoop<J> {
             return Some(found);
         }
         if let Some(units) = found.units {
-            self.slot().release(units);
-            // A deferred heavy job ends the draining when it starts; one a
-            // waiter already ran ends it here, or a core would go on draining for it.
+            self.core().release(units);
+            // A deferred heavy job ends the reservation when it starts; one a
+            // waiter already ran ends it here, or a core would stay reserved for it.
             if found.weight == Weight::Heavy {
-                self.shared.heavy_job_settled(self.slot());
+                self.shared.heavy_job_settled(self.core());
             }
         }
         None
     }
 
-    /// Parks a job whose units did not fit this core; a heavy one makes a core drain.
+    /// Parks a job whose units did not fit this core; a heavy one has a core reserved for it.
     fn defer(&mut self, job: J, weight: Weight) {
         {
             let mut deferred = self.shared.deferred.lock();
             deferred.push_back((job, weight));
             self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
             let cores = self.shared.cores.len();
-            if weight == Weight::Heavy && self.shared.draining.load(Ordering::Acquire) < cores.div_ceil(2) {
+            if weight == Weight::Heavy && self.shared.reserved.load(Ordering::Acquire) < cores.div_ceil(2) {
                 // Not a core whose heavy job is blocked: it could not take this one.
                 let target = self
                     .shared
                     .cores
                     .iter()
-                    .filter(|c| !c.draining.load(Ordering::Acquire) && c.heavy_running() == 0)
+                    .filter(|c| !c.reserved.load(Ordering::Acquire) && c.heavy_running() == 0)
                     .min_by_key(|c| c.used());
                 if let Some(core) = target {
-                    if !core.draining.swap(true, Ordering::AcqRel) {
-                        self.shared.draining.fetch_add(1, Ordering::AcqRel);
+                    if !core.reserved.swap(true, Ordering::AcqRel) {
+                        self.shared.reserved.fetch_add(1, Ordering::AcqRel);
                     }
                 }
             }
@@ -229,17 +230,17 @@ impl<J: Job> WorkerLoop<J> {
         if self.shared.deferred_len.load(Ordering::SeqCst) == 0 {
             return None;
         }
-        let slot = self.slot();
+        let core = self.core();
         let budget = self.budget();
-        let draining = slot.draining.load(Ordering::Acquire);
+        let reserved = core.reserved.load(Ordering::Acquire);
         let mut deferred = self.shared.deferred.lock();
-        let heavy_here = slot.heavy_running() > 0;
+        let heavy_here = core.heavy_running() > 0;
         let fits =
-            |w: Weight| (!draining || w == Weight::Heavy) && !(w == Weight::Heavy && heavy_here) && slot.used() + w.units(budget) <= budget;
+            |w: Weight| (!reserved || w == Weight::Heavy) && !(w == Weight::Heavy && heavy_here) && core.used() + w.units(budget) <= budget;
         let pos = deferred.iter().position(|(_, w)| fits(*w))?;
         let weight = deferred[pos].1;
         let units = weight.units(budget);
-        if !slot.try_acquire(units, budget) {
+        if !core.try_acquire(units, budget) {
             return None;
         }
         let (job, _) = deferred.remove(pos)?;
@@ -254,15 +255,15 @@ impl<J: Job> WorkerLoop<J> {
 
     /// Inbox, deferred jobs that fit, the urgent part of the priority heap,
     /// local deque, a batch from the injector, the other workers, then the
-    /// rest of the heap. A draining core or an inactive worker takes only
-    /// its inbox (and, draining, a deferred heavy job).
+    /// rest of the heap. A core reserved for a heavy job, or an inactive
+    /// worker, takes only its inbox (and, reserved, a deferred heavy job).
     fn find_work(&mut self) -> Option<Found<J>> {
         while let Some(inbox) = self.shared.inboxes.get(self.info.index) {
             match inbox.steal() {
                 Steal::Success(job) => {
                     let weight = job.weight();
                     let units = weight.units(self.budget());
-                    self.slot().force_acquire(units);
+                    self.core().force_acquire(units);
                     return Some(Found { job, weight, units: Some(units) });
                 }
                 Steal::Empty => break,
@@ -275,7 +276,7 @@ impl<J: Job> WorkerLoop<J> {
         if let Some(found) = self.take_deferred() {
             return Some(found);
         }
-        if self.slot().draining.load(Ordering::Acquire) || self.slot().used() >= self.budget() {
+        if self.core().reserved.load(Ordering::Acquire) || self.core().used() >= self.budget() {
             return None;
         }
         if let Some(job) = self.shared.take_prio(true) {

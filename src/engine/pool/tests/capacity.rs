@@ -21,7 +21,7 @@ fn weighted_pool(workers: usize, cores: usize) -> Pool<Weighted> {
     weighted_pool_of(workers, cores, PoolConfig::new(workers).units_per_core)
 }
 
-/// `workers` unpinned workers over `cores` core slots of `units` units each.
+/// `workers` unpinned workers over `cores` cores of `units` units each.
 fn weighted_pool_of(workers: usize, cores: usize, units: u32) -> Pool<Weighted> {
     let mut config = PoolConfig::new(workers);
     config.pin_cores = false;
@@ -239,7 +239,7 @@ fn prio_queues_pop_by_key_then_submission_order() {
 
 #[test]
 fn units_taken_outside_the_pool_count_against_the_core() {
-    // One core slot with 2 units: a light job taken outside leaves room for
+    // One core with 2 units: a light job taken outside leaves room for
     // one more light unit, not for a medium job (2 units) until it is given back.
     let p = weighted_pool_of(1, 1, 2);
     let light = p.try_acquire_outside(Weight::Light).expect("an idle core has room");
@@ -324,12 +324,13 @@ fn an_idle_worker_drops_spent_jobs_without_running_them() {
 }
 
 #[test]
-fn a_spent_heavy_job_ends_the_draining_of_its_core() {
+fn a_spent_heavy_job_ends_the_reservation_of_its_core() {
     // One core of two units. A unit held outside the pool leaves no room for
-    // a heavy job: it is deferred and the core drains. A waiter runs the
-    // heavy job (it is marked spent); once the unit is back, an idle worker
-    // drops the spent job, and the core must take light work again (it used
-    // to drain for good: only a heavy job that started ended the draining).
+    // a heavy job: it is deferred and the core is reserved for it. A waiter
+    // runs the heavy job (it is marked spent); once the unit is back, an idle
+    // worker drops the spent job, and the core must take light work again (it
+    // used to stay reserved for good: only a heavy job that started ended the
+    // reservation).
     let mut config = PoolConfig::new(2);
     config.pin_cores = false;
     config.cores = 1;
@@ -349,10 +350,10 @@ fn a_spent_heavy_job_ends_the_draining_of_its_core() {
     .map_err(|(e, _)| e)
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while p.stats().draining == 0 && Instant::now() < deadline {
+    while p.stats().reserved == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!((p.stats().draining, p.stats().deferred), (1, 1), "the heavy job waits deferred, its core drains");
+    assert_eq!((p.stats().reserved, p.stats().deferred), (1, 1), "the heavy job waits deferred, its core reserved for it");
     spent.store(true, Ordering::SeqCst);
     p.release_outside(&held);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -363,19 +364,19 @@ fn a_spent_heavy_job_ends_the_draining_of_its_core() {
     let (tx, rx) = mpsc::channel::<()>();
     let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
     p.submit(Markable(Weight::Light, never, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("the core went on draining for a heavy job a waiter ran");
-    assert_eq!(p.stats().draining, 0);
+    rx.recv_timeout(Duration::from_secs(5)).expect("the core stayed reserved for a heavy job a waiter ran");
+    assert_eq!(p.stats().reserved, 0);
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
 
 #[test]
-fn a_heavy_job_that_starts_on_another_core_ends_the_draining() {
+fn a_heavy_job_that_starts_on_another_core_ends_the_reservation() {
     // Two cores of two units, two workers each, all four running a light job
     // held at a gate. A heavy job then waits deferred and the core of the
-    // first worker that looks for work drains for it. The other core
-    // empties first and runs the heavy job: the drained core must take
-    // light work again (it used to stay draining until a heavy job started
+    // first worker that looks for work is reserved for it. The other core
+    // empties first and runs the heavy job: the reserved core must take
+    // light work again (it used to stay reserved until a heavy job started
     // on it, leaving it idle while light work queued).
     let p = weighted_pool_of(4, 2, 2);
     let (started_tx, started) = mpsc::channel::<(usize, usize)>();
@@ -414,25 +415,25 @@ fn a_heavy_job_that_starts_on_another_core_ends_the_draining() {
     let first = 0;
     gates[first].send(()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (p.stats().draining, p.stats().deferred) != (1, 1) && Instant::now() < deadline {
+    while (p.stats().reserved, p.stats().deferred) != (1, 1) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!((p.stats().draining, p.stats().deferred), (1, 1), "the heavy job waits deferred, a core drains");
-    let drained = p.shared.cores.iter().position(|c| c.draining.load(Ordering::Acquire)).unwrap();
+    assert_eq!((p.stats().reserved, p.stats().deferred), (1, 1), "the heavy job waits deferred, a core reserved for it");
+    let reserved = p.shared.cores.iter().position(|c| c.reserved.load(Ordering::Acquire)).unwrap();
     // Empty the other core: the heavy job runs there.
-    for i in (0..4).filter(|&i| i != first && core_of[i] != drained) {
+    for i in (0..4).filter(|&i| i != first && core_of[i] != reserved) {
         gates[i].send(()).unwrap();
     }
     let heavy_core = heavy_started.recv_timeout(Duration::from_secs(5)).expect("the heavy job starts");
-    assert_ne!(heavy_core, drained, "the heavy job ran on the core that emptied first");
-    for i in (0..4).filter(|&i| i != first && core_of[i] == drained) {
+    assert_ne!(heavy_core, reserved, "the heavy job ran on the core that emptied first");
+    for i in (0..4).filter(|&i| i != first && core_of[i] == reserved) {
         gates[i].send(()).unwrap();
     }
     // The heavy job holds its core: light work can only run on the other one.
     let (tx, rx) = mpsc::channel::<()>();
     p.submit(Weighted(Weight::Light, Box::new(move |_| tx.send(()).unwrap()))).map_err(|(e, _)| e).unwrap();
-    rx.recv_timeout(Duration::from_secs(5)).expect("the drained core went on draining after the heavy job started elsewhere");
-    assert_eq!(p.stats().draining, 0);
+    rx.recv_timeout(Duration::from_secs(5)).expect("the reserved core stayed reserved after the heavy job started elsewhere");
+    assert_eq!(p.stats().reserved, 0);
     heavy_gate_tx.send(()).unwrap();
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
@@ -440,7 +441,7 @@ fn a_heavy_job_that_starts_on_another_core_ends_the_draining() {
 
 #[test]
 fn units_given_back_by_a_caller_wake_a_worker_for_work_queued_while_the_core_was_full() {
-    // One core slot of one unit, held outside the pool: a light job finds no
+    // One core of one unit, held outside the pool: a light job finds no
     // worker with room (none is woken for it) and waits queued; giving the
     // unit back must wake one.
     let p = weighted_pool_of(2, 1, 1);

@@ -166,12 +166,12 @@ fn shutdown_runs_queued_work_then_refuses_new() {
     }
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(10))));
-    assert_eq!(done.load(Ordering::SeqCst) + p.drain().len(), 1000);
+    assert_eq!(done.load(Ordering::SeqCst) + p.take_unstarted().len(), 1000);
     assert!(matches!(p.submit(Box::new(|_| ())), Err((Error::ShutDown, _))));
 }
 
 #[test]
-fn drain_returns_jobs_that_did_not_start() {
+fn take_unstarted_returns_jobs_that_did_not_start() {
     let p = pool(1);
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
     p.submit(Box::new(move |_| {
@@ -183,7 +183,7 @@ fn drain_returns_jobs_that_did_not_start() {
     for _ in 0..10 {
         p.submit(Box::new(|_| ())).map_err(|(e, _)| e).unwrap();
     }
-    assert_eq!(p.drain().len(), 10);
+    assert_eq!(p.take_unstarted().len(), 10);
     gate_tx.send(()).unwrap();
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
