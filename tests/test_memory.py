@@ -1,4 +1,4 @@
-"""Memory of pending tokens: what one costs, and that a drained burst gives its memory back.
+"""Memory of pending tokens: what one costs, and that a resolved burst gives its memory back.
 
 Each test runs a child interpreter, so that its RSS is its own. benches/bench_memory.py measures
 the same at 1,000,000 tokens beside ThreadPoolExecutor.
@@ -72,10 +72,10 @@ def measure(n: int, mode: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("mode", ["held", "forgotten"])
-def test_a_pending_token_is_small_and_a_drained_burst_gives_its_memory_back(mode: str) -> None:
+def test_a_pending_token_is_small_and_a_resolved_burst_gives_its_memory_back(mode: str) -> None:
     """``held``: the caller holds every token until all resolved, then drops them (memory goes back
     once nearly all are freed); ``forgotten``: the caller keeps none, so each is freed as it
-    resolves (memory goes back when the burst drains)."""
+    resolves (memory goes back when the burst has resolved)."""
     n = 300_000
     m = measure(n, mode)
     grown = m["peak"] - m["base"]

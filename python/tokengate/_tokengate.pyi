@@ -18,7 +18,7 @@ __all__ = [
     "Engine",
     "GuardedFunction",
     "LaneTask",
-    "LoopDrain",
+    "LoopDeliveries",
     "OperationSpec",
     "OutsideLane",
     "TaskToken",
@@ -368,7 +368,7 @@ class DashboardServer:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
 
 @final
-class LoopDrain:
+class LoopDeliveries:
     def __call__(self, *args: object, **kwargs: object) -> None: ...
 
 def after_fork_in_child() -> None: ...

@@ -5,7 +5,7 @@
 //! million pending tokens resolves, nearly all of their memory is free but
 //! stays resident (measured: 350 MB kept of 440 MB). `release_free_memory`
 //! asks glibc to release every free page (`malloc_trim`, about 10 ms for
-//! such a heap). The ledger asks for it when a large burst drains (the
+//! such a heap). The ledger asks for it when a large burst has resolved (the
 //! tokens that were dropped as they finished are free then: the resolving
 //! thread runs it once out of the token's lock, `release_if_requested`), and
 //! again once nearly all the burst's tokens are freed, for callers that held

@@ -5,11 +5,11 @@
 //! Each event loop that awaits tokens has one `LoopQueue` (found through a
 //! per-thread cache: a loop runs on one thread). A resolving worker pushes a
 //! `Delivery` (`func(arg)`, in `context`) onto the queue. Only the push that
-//! finds the queue empty schedules the loop's `LoopDrain` with
-//! `call_soon_threadsafe` (the one cross-thread wake); the drain runs on the
+//! finds the queue empty schedules the loop's `LoopDeliveries` with
+//! `call_soon_threadsafe` (the one cross-thread wake); it runs on the
 //! loop thread, swaps the whole queue out and calls every delivery. A push
-//! that races a running drain either lands in the batch being swapped out or
-//! finds the queue empty afterwards and schedules the next drain, so nothing
+//! that races a running batch either lands in the batch being swapped out or
+//! finds the queue empty afterwards and schedules the next run, so nothing
 //! is stranded.
 //!
 //! asyncio's own callbacks (a `Task` wake-up, `gather`'s bookkeeping) re-check
@@ -17,10 +17,10 @@
 //! the meantime is harmless.
 //!
 //! A delivery that raises `SystemExit` or `KeyboardInterrupt` ends the
-//! drain with that exception, as asyncio's own callbacks do (it stops the
+//! batch with that exception, as asyncio's own callbacks do (it stops the
 //! loop); the rest of the batch goes back to the front of the queue and a
-//! drain is scheduled for it. Other exceptions go to the loop's exception
-//! handler and the drain goes on.
+//! run is scheduled for it. Other exceptions go to the loop's exception
+//! handler and the batch goes on.
 //!
 //! A closed loop is never called: `schedule` checks `is_closed()` first and
 //! treats the `RuntimeError` of a loop closing in between the same way; in
@@ -50,7 +50,7 @@ pub(crate) struct Delivery {
 pub(crate) struct LoopQueue {
     event_loop: Py<PyAny>,
     pending: Mutex<Vec<Delivery>>,
-    drain: PyOnceLock<Py<PyAny>>,
+    runner: PyOnceLock<Py<PyAny>>,
 }
 
 impl std::fmt::Debug for LoopQueue {
@@ -86,7 +86,7 @@ pub(crate) fn queue_for(py: Python<'_>, event_loop: &Bound<'_, PyAny>) -> Arc<Lo
                 return q.clone();
             }
         }
-        let q = Arc::new(LoopQueue { event_loop: event_loop.clone().unbind(), pending: Mutex::new(Vec::new()), drain: PyOnceLock::new() });
+        let q = Arc::new(LoopQueue { event_loop: event_loop.clone().unbind(), pending: Mutex::new(Vec::new()), runner: PyOnceLock::new() });
         *cache = Some(q.clone());
         q
     })
@@ -100,7 +100,7 @@ impl LoopQueue {
         }
     }
 
-    /// Like `push`, from the loop's own thread: the drain is scheduled with
+    /// Like `push`, from the loop's own thread: the batch's run is scheduled with
     /// `call_soon`, which needs no cross-thread wake.
     pub(crate) fn push_local(self: &Arc<Self>, py: Python<'_>, d: Delivery) {
         if self.enqueue(d) {
@@ -108,7 +108,7 @@ impl LoopQueue {
         }
     }
 
-    /// Queues `d`; true when the queue was empty (the caller schedules a drain).
+    /// Queues `d`; true when the queue was empty (the caller schedules a run of the batch).
     fn enqueue(&self, d: Delivery) -> bool {
         let mut pending = self.pending.lock();
         let was_empty = pending.is_empty();
@@ -117,7 +117,7 @@ impl LoopQueue {
     }
 
     /// Puts undelivered `rest` back ahead of what was queued since, and
-    /// schedules a drain if none is due (on the loop thread).
+    /// schedules a run of the batch if none is due (on the loop thread).
     fn requeue_front(self: &Arc<Self>, py: Python<'_>, rest: Vec<Delivery>) {
         if rest.is_empty() {
             return;
@@ -138,10 +138,11 @@ impl LoopQueue {
         let event_loop = self.event_loop.bind(py);
         let closed = event_loop.call_method0("is_closed").and_then(|c| c.is_truthy()).unwrap_or(true);
         if !closed {
-            let drain = self.drain.get_or_try_init(py, || Py::new(py, LoopDrain { queue: Arc::downgrade(self) }).map(|d| d.into_any()));
-            if let Ok(drain) = drain {
+            let runner =
+                self.runner.get_or_try_init(py, || Py::new(py, LoopDeliveries { queue: Arc::downgrade(self) }).map(|d| d.into_any()));
+            if let Ok(runner) = runner {
                 let method = if threadsafe { pyo3::intern!(py, "call_soon_threadsafe") } else { pyo3::intern!(py, "call_soon") };
-                if event_loop.call_method1(method, (drain.clone_ref(py),)).is_ok() {
+                if event_loop.call_method1(method, (runner.clone_ref(py),)).is_ok() {
                     if threadsafe {
                         LOOP_WAKES.fetch_add(1, Ordering::Relaxed);
                     }
@@ -156,14 +157,14 @@ impl LoopQueue {
 }
 
 /// Runs on the loop thread: delivers every queued completion.
-#[pyclass(frozen, name = "LoopDrain", module = "tokengate._tokengate")]
+#[pyclass(frozen, name = "LoopDeliveries", module = "tokengate._tokengate")]
 #[derive(Debug)]
-pub(crate) struct LoopDrain {
+pub(crate) struct LoopDeliveries {
     queue: Weak<LoopQueue>,
 }
 
 #[pymethods]
-impl LoopDrain {
+impl LoopDeliveries {
     fn __call__(&self, py: Python<'_>) -> PyResult<()> {
         let Some(queue) = self.queue.upgrade() else {
             return Ok(());
@@ -186,7 +187,7 @@ impl LoopDrain {
                     // not delivered yet goes back to the front of the queue,
                     // for the loop's next round (asyncio.run's cleanup runs one).
                     let rest: Vec<Delivery> = batch.collect();
-                    // Counted again when the next drain delivers them.
+                    // Counted again when the next run delivers them.
                     LOOP_DELIVERIES.fetch_sub(rest.len() as u64, Ordering::Relaxed);
                     queue.requeue_front(py, rest);
                     return Err(err);

@@ -66,7 +66,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<spec::GuardedFunction>()?;
     m.add_class::<handle::TaskToken>()?;
     m.add_class::<handle::TokenAwait>()?;
-    m.add_class::<asyncio::LoopDrain>()?;
+    m.add_class::<asyncio::LoopDeliveries>()?;
     m.add_class::<dashboard::DashboardServer>()?;
     m.add_class::<outside::OutsideLane>()?;
     m.add_class::<outside::LaneTask>()?;

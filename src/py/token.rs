@@ -333,7 +333,7 @@ impl TokenInner {
             self.ledger().on_resolved(self, self.op(), to, elsewhere, error);
             slot.listeners.take()
         });
-        // A drained burst's memory goes back to the OS here, out of the token's lock.
+        // A resolved burst's memory goes back to the OS here, out of the token's lock.
         crate::engine::memory::release_if_requested();
         listeners
     }

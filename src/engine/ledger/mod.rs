@@ -296,7 +296,7 @@ pub struct Ledger<T, J> {
     pub overrun_max_ns: AtomicU64,
     pub overruns: AtomicU64,
     ops: Mutex<OpTable<J>>,
-    /// Tokens of drained large bursts not yet freed (see `on_token_freed`).
+    /// Tokens of resolved large bursts not yet freed (see `on_token_freed`).
     to_free: CachePadded<std::sync::atomic::AtomicI64>,
     registry: Vec<CachePadded<Mutex<RegistryShard<T>>>>,
     recent: Vec<CachePadded<Mutex<VecDeque<Record>>>>,
@@ -369,8 +369,8 @@ impl<T: Booked, J> Ledger<T, J> {
     fn unregister(&self, token: &T) {
         let at = token.registry_slot().load(Ordering::Relaxed);
         if at != u64::MAX {
-            let drained = self.registry[(at >> 32) as usize].lock().remove(at as u32, token);
-            if let Some(burst) = drained {
+            let resolved = self.registry[(at >> 32) as usize].lock().remove(at as u32, token);
+            if let Some(burst) = resolved {
                 // Counted down as tokens are freed; a few may live on in their callers.
                 let expected = burst - (burst / 256).max(256);
                 self.to_free.fetch_add(expected as i64, std::sync::atomic::Ordering::Relaxed);
@@ -381,9 +381,9 @@ impl<T: Booked, J> Ledger<T, J> {
     }
 
     /// A token of this ledger was freed (its last handle dropped). Once
-    /// nearly as many tokens as a drained large burst held are freed, the allocator's
+    /// nearly as many tokens as a resolved large burst held are freed, the allocator's
     /// free pages go back to the OS (`memory::release_free_memory`): their
-    /// memory is free only then, not when the burst drained (its caller
+    /// memory is free only then, not when the burst resolved (its caller
     /// may still hold the tokens). Outside such a countdown a token pays
     /// one load of a line nobody writes.
     pub fn on_token_freed(&self) {

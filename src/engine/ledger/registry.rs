@@ -3,7 +3,7 @@
 //! be found by id (`kill_token`) and listed, without keeping it alive.
 //!
 //! A shard that grew large for a burst of pending tokens gives its vectors
-//! back when the burst drains, and tells the ledger how large it was (see
+//! back when the burst has resolved, and tells the ledger how large it was (see
 //! `Ledger::on_token_freed`).
 
 use std::sync::Weak;
@@ -43,7 +43,7 @@ impl<T> RegistryShard<T> {
     }
 
     /// Frees the slot. When that empties a large shard (a burst of pending
-    /// tokens has drained), its vectors are given back and the burst's size
+    /// tokens has resolved), its vectors are given back and the burst's size
     /// is returned.
     pub(super) fn remove(&mut self, index: u32, token: &T) -> Option<usize> {
         let slot = self.slots.get_mut(index as usize)?;

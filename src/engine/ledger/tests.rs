@@ -65,7 +65,7 @@ fn the_registry_holds_unresolved_tokens_and_the_history_their_ends() {
 }
 
 #[test]
-fn a_drained_burst_gives_its_registry_back_and_counts_down_its_frees() {
+fn a_resolved_burst_gives_its_registry_back_and_counts_down_its_frees() {
     let ledger: Ledger<Tok, ()> = Ledger::new(0, 0, false, true);
     let op = ledger.op("burst");
     let tokens: Vec<Arc<Tok>> = (0..SHRINK_AT as u64).map(|i| token(i, "burst")).collect();
