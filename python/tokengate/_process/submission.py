@@ -65,5 +65,6 @@ class _Submission(_LaneState):
             probe=probe,
         )
         if token is not None:
-            self._count("submitted")
+            with self._lock:  # callers of any thread
+                self._counts["submitted"] += 1
         return token
