@@ -66,16 +66,18 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 # -- process counters -------------------------------------------------------------------------
 
 
-#: gRPC's own threads (their kernel names, cut at 15 characters).
-_GRPC_THREADS = ("event_engine", "grpc_global_tim", "default-executo")
+#: Threads of a process connected to Ray that Ray starts when it needs them (their kernel
+#: names, cut at 15 characters): gRPC's pool and timer, and the core worker's I/O thread
+#: (started lazily, by a first ray.put for one).
+_RAY_THREADS = ("event_engine", "grpc_global_tim", "default-executo", "worker.io")
 
 
 def os_thread_count() -> int:
     """Threads of this process according to the kernel (Python and Rust threads alike), but
-    not gRPC's pool and timer (in a process connected to Ray): they come and go on their own."""
+    not Ray's own (in a process connected to Ray): they come and go on their own."""
     if "ray" not in sys.modules:
         return len(os.listdir("/proc/self/task"))
-    return sum(name not in _GRPC_THREADS for name in os_thread_names())
+    return sum(name not in _RAY_THREADS for name in os_thread_names())
 
 
 def os_thread_names() -> list[str]:

@@ -201,6 +201,12 @@ impl<J> OutsideQueue<J> {
         self.state.lock().requeues.get(&id).copied().unwrap_or(0)
     }
 
+    /// Drops the requeue count of token `id` (it resolved while it was being
+    /// handed back, so `on_resolved` may have run before the count was made).
+    pub fn forget_requeues(&self, id: u64) {
+        self.state.lock().requeues.remove(&id);
+    }
+
     /// The lane resolves (or hands back) token `id` itself: no stop notice for it.
     pub fn release(&self, id: u64) -> bool {
         self.state.lock().taken.remove(&id)

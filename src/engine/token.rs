@@ -319,18 +319,17 @@ impl<S> TokenCell<S> {
         ok
     }
 
-    /// `WAITING` -> `ADMITTED` for a token that was taken and handed back
-    /// before it ran (an outside lane's requeue): it keeps its first
-    /// admission stamp and loses its start and its worker, so its times read
-    /// as if it had waited in the queue all along.
-    pub fn readmit_unstarted(&self) -> bool {
-        let ok = self.advance(|s| s == TokenState::Waiting, TokenState::Admitted);
-        if ok {
-            self.times[Stamp::Started as usize].store(0, Ordering::Release);
-            self.worker.store(NO_WORKER, Ordering::Release);
-            self.core.store(NO_WORKER, Ordering::Release);
-        }
-        ok
+    /// `EXECUTING` -> `ADMITTED` for a token that was taken and is handed back
+    /// before its body ran (an outside lane's requeue). Its start and worker
+    /// are cleared first (the body never ran, whether or not the token was
+    /// resolved meanwhile), and it keeps its first admission stamp, so its
+    /// times read as if it had waited in the queue all along. False when it
+    /// was resolved first.
+    pub fn hand_back(&self) -> bool {
+        self.times[Stamp::Started as usize].store(0, Ordering::Release);
+        self.worker.store(NO_WORKER, Ordering::Release);
+        self.core.store(NO_WORKER, Ordering::Release);
+        self.advance(|s| s == TokenState::Executing, TokenState::Admitted)
     }
 
     /// Records which worker runs the token (an outside lane places a token

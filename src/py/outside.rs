@@ -182,17 +182,24 @@ impl OutsideLane {
             return 0;
         };
         let inner = &task.inner;
-        if !inner.cell.requeue() {
+        if !inner.cell.hand_back() {
             self.queue.release(inner.id);
             return 0;
         }
         // It never ran: this take was no attempt, and a pause holds it again.
         inner.attempts.store(inner.attempts.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
         inner.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
-        inner.cell.readmit_unstarted();
         let job = PyJob::new(inner.clone(), call);
         match self.queue.requeue(task.key, inner.id, job) {
-            Ok(n) => n,
+            Ok(n) => {
+                if inner.cell.is_done() {
+                    // Resolved since it was handed back (a kill, its deadline): the job
+                    // put back is skipped when taken; its count goes now, not with it.
+                    self.queue.forget_requeues(inner.id);
+                    return 0;
+                }
+                n
+            }
             Err(mut job) => {
                 job.forget_call();
                 job.token().resolve(py, |_| true, TokenState::Cancelled, None);

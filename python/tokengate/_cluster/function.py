@@ -60,12 +60,13 @@ class RemoteCall:
 def run_batch(calls: list[tuple[RemoteCall, tuple[Any, ...], dict[str, Any]]], where: str) -> tuple[list[bytes], float]:
     """What a cluster worker runs for a batch of short calls, one after another: each
     call's reply (a value or an exception with its traceback, encoded as the process
-    lane's; see :func:`tokengate._process.replies.decode_reply`), and the seconds they took
-    together. ``where`` names the worker in the note a decorated call made there gets."""
+    lane's; see :func:`tokengate._process.replies.decode_reply`), and the mean seconds of
+    a call that ran. ``where`` names the worker in the note a decorated call made there gets."""
     from .._process.child import _call_reply, _reply_error
 
     replies: list[bytes] = []
     took = 0.0  # the calls' own time: loading a function the first time is not the function's
+    ran = 0
     for seq, (call, args, kwargs) in enumerate(calls):
         try:
             fn = call.function()
@@ -75,7 +76,8 @@ def run_batch(calls: list[tuple[RemoteCall, tuple[Any, ...], dict[str, Any]]], w
         began = time.perf_counter()
         replies.append(_call_reply(seq, fn, args, kwargs, where))
         took += time.perf_counter() - began
-    return replies, took
+        ran += 1
+    return replies, took / max(1, ran)
 
 
 class ClusterFunction(ProcessFunction):

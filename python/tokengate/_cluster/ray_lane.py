@@ -52,6 +52,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import threading
 from typing import Any
@@ -62,6 +63,8 @@ from ..exceptions import WorkerLostError
 from .connect import connect_ray, disconnect_ray, ray_module
 from .function import run_batch
 from .lane import _INPUT_KEY, ClusterLane
+
+_log = logging.getLogger("tokengate.cluster")
 
 #: num_cpus of a token, by its operation's weight.
 _CPUS = {"light": 0.25, "medium": 0.5, "heavy": 1.0}
@@ -225,21 +228,22 @@ class RayLane(ClusterLane):
             self._probing.add(payload)
             return 2
         k = int(self.batch_seconds / max(per_token, 1e-7))
-        if k >= 2:
-            return min(k, _BATCH_MAX)
+        return min(k, _BATCH_MAX) if k >= 2 else 1
+
+    def _sent_alone(self, payload: Any) -> None:
+        """A token of this (measured, slow) function went alone: after ``_PROBE_EVERY`` of
+        them it is measured again."""
         alone = self._alone[payload] = self._alone.get(payload, 0) + 1
-        if alone >= _PROBE_EVERY:
+        if alone >= _PROBE_EVERY and payload in self._per_token:
             del self._per_token[payload]
             self._alone[payload] = 0
-        return 1
 
     def _send_grouped(self, tasks: list[Any], room: float, n: int) -> None:
         """Sends ``tasks`` as batches and single tokens, in the engine's order, while the room
         lasts (at most ``n`` Ray tasks); what does not fit goes back to the queue."""
-        units: list[list[Any]] = []
+        units: list[tuple[Any, list[Any]]] = []
         open_batches: dict[Any, list[Any]] = {}
         sizes: dict[Any, int] = {}
-        factor = 1
         for task in tasks:
             key = self._batch_key(task)
             batch = None if key is None else open_batches.get(key)
@@ -248,43 +252,51 @@ class RayLane(ClusterLane):
                 continue
             size = 1 if key is None else self._batch_size(key[0])
             if size == 1:
-                units.append([task])
+                units.append((key, [task]))
                 continue
-            factor = max(factor, size)
             batch = open_batches[key] = [task]
             sizes[key] = size
-            units.append(batch)
-        # Next time, take as many tokens per unit of room as the largest batch wanted, so that
-        # batches grow to their size; where some went alone, as many as this take put in one
-        # Ray task on average (few go back to the queue).
-        if any(len(unit) == 1 for unit in units):
-            self._take_factor = max(1, min(_BATCH_MAX, -(-len(tasks) // len(units))))
-        else:
-            self._take_factor = factor
+            units.append((key, batch))
         for key, batch in open_batches.items():
             if len(batch) == 1:  # a measuring pair that found no second token
                 self._probing.discard(key[0])
-        for unit in units:
+        sent_units = sent_tokens = 0
+        full = True
+        for key, unit in units:
             cost = self._cost(unit[0])
-            if len(unit) > 1 and n > 0 and cost <= room + 1e-9:
+            if n > 0 and cost <= room + 1e-9:
+                if len(unit) > 1:
+                    if not self._send_batch(unit, cost):
+                        continue  # handed back, to go alone
+                    full = full and len(unit) == sizes[key]
+                else:
+                    self._send(unit[0])
+                    if key is not None and key[0] in self._per_token:
+                        self._sent_alone(key[0])
                 n -= 1
                 room -= cost
-                self._send_batch(unit, cost)
+                sent_units += 1
+                sent_tokens += len(unit)
                 continue
+            full = False
             if len(unit) > 1:  # no room for it: its tokens go back (a measuring pair is free again)
                 self._probing.discard(unit[0].func.payload)
             for task in unit:
-                if n > 0 and self._cost(task) <= room + 1e-9:
-                    n -= 1
-                    room -= self._cost(task)
-                    self._send(task)
-                else:
-                    self.outside.requeue(task)
+                self.outside.requeue(task)
+        # Next time, take as many tokens per unit of room as the Ray tasks sent carried; when
+        # every one was a full batch and nothing went back, as many as the largest batch
+        # wants (so that batches grow to their size).
+        if full and sent_units and all(len(unit) > 1 for _, unit in units):
+            self._take_factor = max(sizes.values())
+        else:
+            self._take_factor = max(1, min(_BATCH_MAX, -(-sent_tokens // max(1, sent_units))))
         if len(self._per_token) > _VARIANTS_MAX:
             self._per_token.clear()
             self._alone.clear()
 
-    def _send_batch(self, tasks: list[Any], cost: float) -> None:
+    def _send_batch(self, tasks: list[Any], cost: float) -> bool:
+        """Sends one batch; False when it could not be sent (its tokens went back to the
+        queue, and its function goes alone for a while)."""
         op = tasks[0].operation_type
         fn = self._batch_fns.get((op, cost))
         try:
@@ -294,10 +306,11 @@ class RayLane(ClusterLane):
                 )
             ref = fn.remote([(task.func, task.args, task.kwargs) for task in tasks], "a Ray worker")
         except Exception:  # pickling, or the connection is closed: each goes alone, and fails alone
+            _log.debug("a batch of %d %s tokens could not be sent; they go alone", len(tasks), op, exc_info=True)
             self._not_batched(tasks[0].func.payload)
             for task in tasks:
                 self.outside.requeue(task)
-            return
+            return False
         with self._lock:
             self._counts["batched"] += len(tasks)
         batch = _Batch(ref, [task.id for task in tasks], tasks[0].func.payload)
@@ -306,19 +319,21 @@ class RayLane(ClusterLane):
             self._inflight[task.id] = (task, batch, share)
         self._used += cost
         ref._on_completed(lambda result: self._on_done((batch, result)))
+        return True
 
     def _not_batched(self, payload: Any) -> None:
         """This function's tokens go alone until it is measured again (after ``_PROBE_EVERY``)."""
         self._probing.discard(payload)
         self._per_token[payload] = math.inf
+        self._alone[payload] = 0
+        self._take_factor = 1
 
     def _settle_batch(self, batch: _Batch, result: Any) -> None:
         self._probing.discard(batch.payload)
         if isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception)):
             self._batch_failed(batch, result)
             return
-        replies, seconds = result
-        per_token = seconds / len(batch.ids)
+        replies, per_token = result
         old = self._per_token.get(batch.payload)
         self._per_token[batch.payload] = per_token if old is None else 0.7 * old + 0.3 * per_token
         for i, seq in enumerate(batch.ids):
@@ -336,14 +351,14 @@ class RayLane(ClusterLane):
         """The batch's Ray task failed as a whole. Lost with its worker or node: each of its
         tokens is a lost token (the engine's ``retries`` decide; the worker counts once).
         Otherwise no body ran (its arguments did not reach the worker, say): each token goes
-        back to the queue, to go alone. Either way the function is no longer batched for a while."""
+        back to the queue, to go alone. Either way the function is no longer batched for a
+        while, unless every token of the batch was stopped (its Ray task was cancelled for them)."""
+        entries = [entry for entry in map(self._pop, batch.ids) if entry is not None]
+        if not entries:
+            return
         self._not_batched(batch.payload)
         noted = False
-        for seq in batch.ids:
-            entry = self._pop(seq)
-            if entry is None:
-                continue
-            task = entry[0]
+        for task, _ in entries:
             exc = self._error_of(task, error)
             if isinstance(exc, WorkerLostError):
                 self._failed(task, exc, note_lost=not noted)
