@@ -72,6 +72,11 @@ _INPUT_KEY = "__tokengate_input_{}__"
 _log = logging.getLogger("tokengate.cluster")
 
 
+def has_links(kwargs: dict[str, Any]) -> bool:
+    """Whether a call's keyword arguments carry linked input tokens (see :meth:`ClusterLane.link_inputs`)."""
+    return _INPUT_KEY.format(0) in kwargs
+
+
 class _Input:
     """Stands for linked input ``index`` (token ``token_id``) in a cluster call's arguments."""
 
@@ -243,7 +248,7 @@ class ClusterLane:
         """The call's arguments with linked inputs replaced: a kept handle (first send
         only), or the value the engine filled in."""
         args, kwargs = task.args, task.kwargs
-        if _INPUT_KEY.format(0) not in kwargs:
+        if not has_links(kwargs):
             return args, kwargs
         kwargs = dict(kwargs)
         values: list[Any] = []

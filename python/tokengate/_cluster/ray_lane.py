@@ -62,7 +62,7 @@ from .._process.replies import decode_reply
 from ..exceptions import WorkerLostError
 from .connect import connect_ray, disconnect_ray, ray_module
 from .function import run_batch
-from .lane import _INPUT_KEY, ClusterLane
+from .lane import ClusterLane, has_links
 
 _log = logging.getLogger("tokengate.cluster")
 
@@ -175,34 +175,42 @@ class RayLane(ClusterLane):
 
     def _send_call(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], cost: float) -> Any:
         call = task.func
-        key = (call.payload, task.operation_type, cost)
-        fn = self._variants.get(key)
-        if fn is None:
-            if len(self._variants) >= _VARIANTS_MAX:
-                self._variants.clear()
-            fn = self._variants[key] = self._ray.remote(_bound(call)).options(
-                num_cpus=cost, name=task.operation_type, max_retries=0, retry_exceptions=False
-            )
+        fn = self._remote(self._variants, (call.payload, task.operation_type, cost), lambda: _bound(call))
         ref = fn.remote(*args, **kwargs)
         seq = task.id
         ref._on_completed(lambda result, seq=seq: self._on_done((seq, result)))
         return ref
 
+    def _remote(self, cache: dict[Any, Any], key: Any, make: Any) -> Any:
+        """The remote function cached under ``key`` (its last two parts: operation, num_cpus),
+        made from ``make()`` on first use; Ray must not retry it (see the module docs)."""
+        fn = cache.get(key)
+        if fn is None:
+            if len(cache) >= _VARIANTS_MAX:
+                cache.clear()
+            op, cost = key[-2:]
+            fn = cache[key] = self._ray.remote(make()).options(
+                num_cpus=cost, name=op, max_retries=0, retry_exceptions=False
+            )
+        return fn
+
+    def _is_failure(self, result: Any) -> bool:
+        """Whether what Ray handed the callback is a failure of the task, not its value: only
+        Ray's own errors (a body may return an exception object); through a Ray client, any
+        exception (the connection reports its own errors there)."""
+        return isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception))
+
     # -- batches ---------------------------------------------------------------------------
 
     def _take_and_send(self) -> bool:
-        if not self.batch_seconds:
-            return super()._take_and_send()
         room = self._room()
         n = max(0, int(room + 1e-9))
-        waiting = n > 0 and self.outside.pending > len(self._inflight) + n
-        tasks, stopped = self.outside.take(n * self._take_factor if waiting else n)
+        if not self.batch_seconds or n == 0 or self.outside.pending <= len(self._inflight) + n:
+            return super()._take_and_send()  # no more waiting than the room lets out: each alone
+        tasks, stopped = self.outside.take(n * self._take_factor)
         if stopped:
             self._stop(stopped)
-        if not waiting:
-            for task in tasks:
-                self._send(task)
-        elif tasks:
+        if tasks:
             self._send_grouped(tasks, room, n)
         return bool(tasks or stopped)
 
@@ -212,7 +220,7 @@ class RayLane(ClusterLane):
             return None
         kwargs = task.kwargs
         refs = self._ref_types
-        if kwargs and (_INPUT_KEY.format(0) in kwargs or any(isinstance(v, refs) for v in kwargs.values())):
+        if kwargs and (has_links(kwargs) or any(isinstance(v, refs) for v in kwargs.values())):
             return None
         if any(isinstance(a, refs) for a in task.args):
             return None
@@ -298,12 +306,8 @@ class RayLane(ClusterLane):
         """Sends one batch; False when it could not be sent (its tokens went back to the
         queue, and its function goes alone for a while)."""
         op = tasks[0].operation_type
-        fn = self._batch_fns.get((op, cost))
         try:
-            if fn is None:
-                fn = self._batch_fns[(op, cost)] = self._ray.remote(run_batch).options(
-                    num_cpus=cost, name=op, max_retries=0, retry_exceptions=False
-                )
+            fn = self._remote(self._batch_fns, (op, cost), lambda: run_batch)
             ref = fn.remote([(task.func, task.args, task.kwargs) for task in tasks], "a Ray worker")
         except Exception:  # pickling, or the connection is closed: each goes alone, and fails alone
             _log.debug("a batch of %d %s tokens could not be sent; they go alone", len(tasks), op, exc_info=True)
@@ -330,7 +334,7 @@ class RayLane(ClusterLane):
 
     def _settle_batch(self, batch: _Batch, result: Any) -> None:
         self._probing.discard(batch.payload)
-        if isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception)):
+        if self._is_failure(result):
             self._batch_failed(batch, result)
             return
         replies, per_token = result
@@ -378,9 +382,7 @@ class RayLane(ClusterLane):
             if entry is None:  # stopped meanwhile
                 continue
             task, ref = entry
-            # A body may return an exception object: only Ray's own errors mean it failed
-            # (through a Ray client, any exception: the connection reports its own errors there).
-            if isinstance(result, self._ray_error) or (self._client_mode and isinstance(result, Exception)):
+            if self._is_failure(result):
                 self._failed(task, self._error_of(task, result))
             else:
                 self._finish_ok(task, result, ref)
