@@ -29,7 +29,13 @@ pub fn current() -> Option<usize> {
     }
 }
 
-const SLOTS: usize = 256;
+/// Per-CPU counters are kept for this many CPUs (CPU numbers wrap around).
+pub const SLOTS: usize = 256;
+
+/// This thread's CPU as a counter slot (`current() % SLOTS`).
+pub fn current_slot() -> Option<usize> {
+    current().map(|c| c % SLOTS)
+}
 
 static PARKED: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
 
@@ -40,7 +46,7 @@ pub struct Parked(Option<usize>);
 impl Parked {
     /// Counts the calling thread as parked on its CPU.
     pub fn here() -> Parked {
-        let slot = current().map(|c| c % SLOTS);
+        let slot = current_slot();
         if let Some(s) = slot {
             PARKED[s].fetch_add(1, Ordering::Relaxed);
         }
@@ -58,7 +64,7 @@ impl Drop for Parked {
 
 /// Whether a waiter is parked on the calling thread's CPU.
 pub fn waiter_parked_here() -> bool {
-    current().is_some_and(|c| PARKED[c % SLOTS].load(Ordering::Relaxed) > 0)
+    current_slot().is_some_and(|s| PARKED[s].load(Ordering::Relaxed) > 0)
 }
 
 #[cfg(all(test, not(loom)))]

@@ -15,7 +15,7 @@ fn idle_worker(sleep: &Sleep, index: usize, work: &AtomicUsize, stop: &AtomicBoo
             return;
         }
         if sleep.sleep(index, false, || work.load(SeqCst) > 0 || stop.load(SeqCst)) {
-            sleep.end_spin();
+            sleep.end_spin(index);
         }
     }
 }

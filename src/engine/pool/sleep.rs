@@ -26,6 +26,11 @@
 //!   `sleepers`; `fence(SeqCst)`; re-check the queues. If work appeared, it
 //!   takes itself off the list again (unless a waker already did). Else it
 //!   waits until `notified`.
+//!   A spinner on the submitter's own CPU does not count: it cannot run
+//!   while the submitter does, and on a busy machine (a CPU-bound process
+//!   on the other CPU) the two can share one CPU for a long time, each hand-
+//!   off then waiting for the submitter to block. Such a submitter wakes a
+//!   sleeper that last ran on another CPU instead (`Placement`).
 //! * **Chain wake**: a spinner that finds a job leaves the spinning phase and,
 //!   if more work is visible, calls `notify_work` itself, so wake-ups spread
 //!   one worker at a time while work remains.
@@ -35,6 +40,11 @@
 //! state is read (the store-buffer pattern), so at least one of them sees the
 //! other: either the submitter sees the sleeper (and wakes it) or the sleeper
 //! sees the job (and does not sleep).
+//!
+//! Placement is a hint, kept with relaxed atomics beside the counts: a wrong
+//! reading can only add a wake-up (a spinner elsewhere would have found the
+//! job) or skip one that a spinner on this CPU makes up for once the
+//! submitter blocks, as before.
 //!
 //! Shutdown: `wake_all` pops every sleeper, as `wake_one` does, after the
 //! terminate flag is set; a worker checks the flag before it parks.
@@ -47,6 +57,7 @@
 
 use std::time::Instant;
 
+use crate::engine::cpu;
 use crate::engine::sync::{fence, AtomicU64, Condvar, Mutex, Ordering};
 
 const SPINNER: u64 = 1;
@@ -85,6 +96,58 @@ pub(crate) struct Sleep {
     idle: Mutex<Vec<usize>>,
     slots: Vec<Slot>,
     wakes: AtomicU64,
+    placement: Placement,
+}
+
+/// Where idle workers run: the CPU each spinner counts on and the spinners
+/// per CPU, and the CPU each worker last ran on before it parked. A hint
+/// (std atomics, relaxed: see the protocol), so the loom models see none of it.
+#[derive(Debug)]
+struct Placement {
+    /// Per worker: 1 + the CPU slot it is counted as spinning on, or 0.
+    spin_slot: Box<[std::sync::atomic::AtomicU32]>,
+    /// Per worker: 1 + the CPU slot it parked on, or 0 (not known).
+    park_slot: Box<[std::sync::atomic::AtomicU32]>,
+    /// Per CPU slot: spinners counted there.
+    spinning_on: Box<[std::sync::atomic::AtomicU32]>,
+}
+
+impl Placement {
+    fn new(workers: usize) -> Self {
+        let zeros = |n: usize| (0..n).map(|_| std::sync::atomic::AtomicU32::new(0)).collect();
+        Placement { spin_slot: zeros(workers), park_slot: zeros(workers), spinning_on: zeros(cpu::SLOTS) }
+    }
+
+    /// Worker `index` spins from here on, on the CPU it runs on now.
+    fn spin_here(&self, index: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(slot) = cpu::current_slot() {
+            self.spinning_on[slot].fetch_add(1, Relaxed);
+            self.spin_slot[index].store(slot as u32 + 1, Relaxed);
+        }
+    }
+
+    /// Worker `index` no longer spins.
+    fn spin_ends(&self, index: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slot = self.spin_slot[index].swap(0, Relaxed);
+        if slot != 0 {
+            self.spinning_on[slot as usize - 1].fetch_sub(1, Relaxed);
+        }
+    }
+
+    fn parks_here(&self, index: usize) {
+        let slot = cpu::current_slot().map_or(0, |s| s as u32 + 1);
+        self.park_slot[index].store(slot, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn parked_on(&self, index: usize, slot: usize) -> bool {
+        self.park_slot[index].load(std::sync::atomic::Ordering::Relaxed) == slot as u32 + 1
+    }
+
+    fn spinning_on(&self, slot: usize) -> u64 {
+        u64::from(self.spinning_on[slot].load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl Sleep {
@@ -95,25 +158,30 @@ impl Sleep {
             idle: Mutex::new(Vec::with_capacity(workers)),
             slots: (0..workers).map(|_| Slot::default()).collect(),
             wakes: AtomicU64::new(0),
+            placement: Placement::new(workers),
         }
     }
 
-    /// Enters the spinning phase if fewer than `max_spinners` workers spin.
-    pub(crate) fn try_begin_spin(&self) -> bool {
+    /// Worker `index` enters the spinning phase if fewer than `max_spinners` workers spin.
+    pub(crate) fn try_begin_spin(&self, index: usize) -> bool {
         let mut cur = self.counts.load(Ordering::Relaxed);
         loop {
             if spinners(cur) >= self.max_spinners {
                 return false;
             }
             match self.counts.compare_exchange_weak(cur, cur + SPINNER, Ordering::SeqCst, Ordering::Relaxed) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.placement.spin_here(index);
+                    return true;
+                }
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    /// Leaves the spinning phase (the worker found a job or is exiting).
-    pub(crate) fn end_spin(&self) {
+    /// Worker `index` leaves the spinning phase (it found a job or is exiting).
+    pub(crate) fn end_spin(&self, index: usize) {
+        self.placement.spin_ends(index);
         self.counts.fetch_sub(SPINNER, Ordering::SeqCst);
     }
 
@@ -125,16 +193,32 @@ impl Sleep {
     pub(crate) fn notify_work(&self, can_take: impl Fn(usize) -> bool) {
         fence(Ordering::SeqCst);
         let counts = self.counts.load(Ordering::SeqCst);
-        if spinners(counts) == 0 && sleepers(counts) > 0 {
-            self.wake_one(can_take);
+        if sleepers(counts) == 0 {
+            return;
+        }
+        let here = cpu::current_slot();
+        if spinners(counts) == 0 {
+            self.wake_one(&can_take, here, false);
+        } else if let Some(here) = here {
+            // Spinners that share this CPU are not running: wake one elsewhere.
+            if spinners(counts) <= self.placement.spinning_on(here) {
+                self.wake_one(&can_take, Some(here), true);
+            }
         }
     }
 
-    /// Wakes the most recently parked worker that `can_take` work, handing it the spinning role.
-    fn wake_one(&self, can_take: impl Fn(usize) -> bool) {
+    /// Wakes the most recently parked worker that `can_take` work, handing it
+    /// the spinning role: one that parked on a CPU other than `here` if there
+    /// is one, else (unless `elsewhere_only`) any.
+    fn wake_one(&self, can_take: &impl Fn(usize) -> bool, here: Option<usize>, elsewhere_only: bool) {
         let index = {
             let mut idle = self.idle.lock();
-            let Some(pos) = idle.iter().rposition(|&i| can_take(i)) else {
+            let elsewhere = |i: usize| can_take(i) && here.is_none_or(|h| !self.placement.parked_on(i, h));
+            let found = match idle.iter().rposition(|&i| elsewhere(i)) {
+                None if !elsewhere_only => idle.iter().rposition(|&i| can_take(i)),
+                found => found,
+            };
+            let Some(pos) = found else {
                 return;
             };
             let index = idle.remove(pos);
@@ -212,6 +296,10 @@ impl Sleep {
     ) -> Woke {
         let slot = &self.slots[index];
         *slot.notified.lock() = false;
+        if was_spinning {
+            self.placement.spin_ends(index);
+        }
+        self.placement.parks_here(index);
         {
             let mut idle = self.idle.lock();
             idle.push(index);
@@ -246,6 +334,8 @@ impl Sleep {
                 }
             }
         }
+        // Woken as a spinner: count it where it runs now.
+        self.placement.spin_here(index);
         Woke::Signalled
     }
 
@@ -270,5 +360,88 @@ impl Sleep {
     pub(crate) fn counts(&self) -> (u64, u64) {
         let c = self.counts.load(Ordering::Relaxed);
         (spinners(c), sleepers(c))
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Pins the calling thread to `cpu`; false where that is not possible.
+    fn pin(cpu: usize) -> bool {
+        core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) && cpu::current() == Some(cpu)
+    }
+
+    /// Two CPUs this process may run on, or None (the test then has nothing to show).
+    fn two_cpus() -> Option<(usize, usize)> {
+        let ids = core_affinity::get_core_ids()?;
+        (ids.len() >= 2).then(|| (ids[0].id, ids[1].id))
+    }
+
+    /// A worker pinned to `cpu` parks (as worker `index`); the handle returns whether it was signalled.
+    fn park_on(sleep: &Arc<Sleep>, index: usize, cpu: usize) -> std::thread::JoinHandle<bool> {
+        let handle = std::thread::spawn({
+            let sleep = sleep.clone();
+            move || {
+                assert!(pin(cpu));
+                let deadline = Instant::now() + Duration::from_secs(2);
+                sleep.sleep_until(index, false, || false, Some(deadline)) == Woke::Signalled
+            }
+        });
+        while sleep.counts().1 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        handle
+    }
+
+    #[test]
+    fn a_spinner_on_the_submitters_cpu_does_not_silence_the_wake_up() {
+        let Some((here, there)) = two_cpus() else { return };
+        let sleep = Arc::new(Sleep::new(2, 1));
+        let parked = park_on(&sleep, 1, there);
+        std::thread::spawn({
+            let sleep = sleep.clone();
+            move || {
+                assert!(pin(here));
+                // Worker 0 spins on this CPU: it cannot run while the submitter does.
+                assert!(sleep.try_begin_spin(0));
+                sleep.notify_work(|_| true);
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(parked.join().unwrap(), "the worker parked on the other CPU was woken");
+        assert_eq!(sleep.wakes(), 1);
+        assert_eq!(sleep.counts(), (2, 0), "the woken worker is counted as a spinner");
+    }
+
+    #[test]
+    fn a_spinner_on_another_cpu_silences_the_wake_up() {
+        let Some((here, there)) = two_cpus() else { return };
+        let sleep = Arc::new(Sleep::new(2, 1));
+        let parked = park_on(&sleep, 1, here);
+        let spinner = {
+            let sleep = sleep.clone();
+            std::thread::spawn(move || {
+                assert!(pin(there));
+                assert!(sleep.try_begin_spin(0));
+            })
+        };
+        spinner.join().unwrap();
+        std::thread::spawn({
+            let sleep = sleep.clone();
+            move || {
+                assert!(pin(here));
+                sleep.notify_work(|_| true);
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(sleep.wakes(), 0, "the spinner elsewhere finds the work");
+        assert!(!parked.join().unwrap(), "the parked worker slept on until its deadline");
+        sleep.end_spin(0);
+        assert_eq!(sleep.counts(), (0, 0));
     }
 }

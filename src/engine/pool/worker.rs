@@ -332,7 +332,7 @@ impl<J: Job> WorkerLoop<J> {
         let index = self.info.index;
         // Only a worker that could take shared work spins for it (a spinner
         // silences the submitters' wake-ups).
-        let mut spinning = shared.can_take_shared(index) && sleep.try_begin_spin();
+        let mut spinning = shared.can_take_shared(index) && sleep.try_begin_spin(index);
         loop {
             let rounds = if spinning { self.shared.config.spin_rounds } else { 1 };
             let spin_start = std::time::Instant::now();
@@ -344,7 +344,7 @@ impl<J: Job> WorkerLoop<J> {
                         continue;
                     };
                     if spinning {
-                        sleep.end_spin();
+                        sleep.end_spin(index);
                         spinning = false;
                     }
                     if self.shared.has_work() {
@@ -359,7 +359,7 @@ impl<J: Job> WorkerLoop<J> {
                 }
                 if self.shared.terminate.load(Ordering::SeqCst) && !self.shared.has_work_for(index) {
                     if spinning {
-                        sleep.end_spin();
+                        sleep.end_spin(index);
                     }
                     return None;
                 }
@@ -375,7 +375,7 @@ impl<J: Job> WorkerLoop<J> {
             if spinning {
                 // Hand the search over before parking: a submitter may have
                 // skipped its wake-up because this worker was spinning.
-                sleep.end_spin();
+                sleep.end_spin(index);
                 spinning = false;
                 if shared.has_work() {
                     shared.notify_work();
