@@ -57,6 +57,8 @@
 
 use std::time::Instant;
 
+use crossbeam_utils::CachePadded;
+
 use crate::engine::cpu;
 use crate::engine::sync::{fence, AtomicU64, Condvar, Mutex, Ordering};
 
@@ -108,14 +110,17 @@ struct Placement {
     spin_slot: Box<[std::sync::atomic::AtomicU32]>,
     /// Per worker: 1 + the CPU slot it parked on, or 0 (not known).
     park_slot: Box<[std::sync::atomic::AtomicU32]>,
-    /// Per CPU slot: spinners counted there.
-    spinning_on: Box<[std::sync::atomic::AtomicU32]>,
+    /// Per CPU slot: spinners counted there. One cache line each: a
+    /// submitter reads its own CPU's count at most submissions, which a
+    /// spinner's count on another CPU must not evict.
+    spinning_on: Box<[CachePadded<std::sync::atomic::AtomicU32>]>,
 }
 
 impl Placement {
     fn new(workers: usize) -> Self {
         let zeros = |n: usize| (0..n).map(|_| std::sync::atomic::AtomicU32::new(0)).collect();
-        Placement { spin_slot: zeros(workers), park_slot: zeros(workers), spinning_on: zeros(cpu::SLOTS) }
+        let spinning_on = (0..cpu::SLOTS).map(|_| CachePadded::new(std::sync::atomic::AtomicU32::new(0))).collect();
+        Placement { spin_slot: zeros(workers), park_slot: zeros(workers), spinning_on }
     }
 
     /// Worker `index` spins from here on, on the CPU it runs on now.
