@@ -209,6 +209,25 @@ def test_blocking_tokens_are_not_capped_by_cpu_units_on_the_default_coordinator(
         assert pool["spares_peak"] <= c.blocking_threads
 
 
+def test_a_fresh_burst_of_blocking_calls_starts_together_ahead_of_later_work() -> None:
+    # A fresh coordinator has no history of the operation: the monitor finds the first runs
+    # blocked, each loan counts toward starting the next runs lent, and spares start in
+    # doubling waves. Before, spares came one generation per few monitor ticks (200 sleeps
+    # started over 200-300 ms, and CPU tokens submitted after them ran first).
+    sleep_op = task_token_guard(operation_type="blocking_fresh_burst")(nap)
+    spin_op = task_token_guard(operation_type="blocking_fresh_burst_cpu")(spin)
+    with running_coordinator() as c:
+        sleeps = [sleep_op(0.4) for _ in range(200)]
+        later = [spin_op(2_000) for _ in range(400)]
+        tokengate.gather(later + sleeps, timeout=WAIT)
+        starts = sorted(t.started_at for t in sleeps)
+        pool = c.get_stats()["pool"]
+        span = starts[-1] - starts[0]
+        # Well before the first sleep ends (0.4 s): every sleep had a thread by then.
+        assert span < 0.15, f"the 200 sleeps started over {span * 1000:.0f} ms ({pool})"
+        assert pool["spares_peak"] <= c.blocking_threads
+
+
 def test_spares_stay_within_blocking_threads_and_retire_when_idle() -> None:
     with running_coordinator(blocking_threads=4) as c:
         workers = c.get_stats()["pool"]["workers"]

@@ -24,7 +24,7 @@ use super::thread::running_token;
 use super::token::{cancel_jobs, Ledger};
 use crate::engine::io_lane::Lane;
 use crate::engine::outside::{OutsideQueue, MAX_OUTSIDE_LANES};
-use crate::engine::pool::{Pool, PoolConfig, Topology};
+use crate::engine::pool::{LendHook, Pool, PoolConfig, Topology};
 use crate::engine::routing::{DomainTable, StickyTable};
 use crate::engine::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::engine::timer::Timer;
@@ -105,9 +105,16 @@ impl Engine {
         config.blocking_monitor = blocking_monitor;
         config.gil_window = gil_window;
         config.spare_threads = spare_threads;
+        let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
+        // The monitor's loans count in each operation's blocking history.
+        let me_for_lends = me.clone();
+        config.on_lend = Some(LendHook(Arc::new(move |op| {
+            if let Some(engine) = me_for_lends.get().and_then(Weak::upgrade) {
+                engine.ledger.note_lent(op);
+            }
+        })));
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
-        let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
         let me_for_timer = me.clone();
         let timer = Timer::new(format!("{thread_name}-timer"), move |items: Vec<TimerItem>| {
             let engine = me_for_timer.get().and_then(Weak::upgrade);

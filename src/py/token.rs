@@ -627,6 +627,10 @@ impl Job for PyJob {
         self.token().cell.time(crate::engine::token::Stamp::Created)
     }
 
+    fn class(&self) -> u32 {
+        self.token().op().index()
+    }
+
     /// A caller that submits and then waits (`f(x).result()`, `await f(x)`)
     /// holds the interpreter until its wait begins; a worker that attached
     /// before that would block on the interpreter and need a thread wake-up

@@ -140,8 +140,11 @@ pub struct OpState<J> {
 }
 
 /// Whether an operation's runs usually block: a score from 0 to `MAX`, up by
-/// `UP` for each run of over `LONG_RUN_NS` that ended blocked (its units lent),
-/// down by `DOWN` for each that ended using the CPU. At `THRESHOLD` or more,
+/// `UP` for each run the blocking monitor finds blocked (it lends its
+/// units), and for each run of over `LONG_RUN_NS` that ended blocked (lent),
+/// down by `DOWN` for each that ended using the CPU. Counting the loans as
+/// they happen lets a burst of calls that block start lent after its first
+/// few loans, instead of after its first runs end. At `THRESHOLD` or more,
 /// its runs start with their units lent (see `blocking.rs` in the pool): a
 /// blocking operation then never holds a core's units while it waits, and
 /// the monitor takes them back for a run that turns out to compute.
@@ -165,7 +168,8 @@ impl BlockingHistory {
         self.0.load(Ordering::Relaxed) >= Self::THRESHOLD
     }
 
-    /// A run of over `LONG_RUN_NS` ended, blocked (lent) or not.
+    /// A run of over `LONG_RUN_NS` ended, blocked (lent) or not; or the
+    /// monitor found a run blocked (`blocked`, see `Ledger::note_lent`).
     pub fn record(&self, blocked: bool) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(if blocked { (v + Self::UP).min(Self::MAX) } else { v.saturating_sub(Self::DOWN) })
@@ -174,6 +178,11 @@ impl BlockingHistory {
 }
 
 impl<J> OpState<J> {
+    /// Its index in the ledger's table (see `Ledger::note_lent`).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// A run of the body ended (once per attempt), `succeeded` or not, after `ns`.
     pub fn record_run(&self, succeeded: bool, ns: u64) {
         self.metrics.ran(succeeded, ns);
@@ -340,6 +349,14 @@ impl<T: Booked, J> Ledger<T, J> {
         ops.by_name.insert(op.name.clone(), op.clone());
         ops.by_index.push(op.clone());
         op
+    }
+
+    /// The blocking monitor found a run of the operation with `index` blocked.
+    pub fn note_lent(&self, index: u32) {
+        let op = self.ops.lock().by_index.get(index as usize).cloned();
+        if let Some(op) = op {
+            op.blocking.record(true);
+        }
     }
 
     /// The name of the operation with `index` (see `Record::op_index`).

@@ -60,12 +60,25 @@
 //! Only the worker writes `IDLE` and `RUNNING` words of a new run; only the
 //! monitor writes `LENT` words and the `RUNNING` word that ends a loan.
 //!
+//! # After a loan
+//!
+//! * The worker's deque: its queued jobs left the global queue before
+//!   anything in it now, and the blocked worker cannot run them, so other
+//!   workers take them first (`WorkerLoop::steal_from_blocked`).
+//! * Threads: queued work that no worker searches for starts spare
+//!   workers, in doubling waves while loans follow each other
+//!   (`Shared::ensure_taker`).
+//! * The embedder hears of it (`PoolConfig::on_lend`, with the run's
+//!   `Job::class`): the Python binding counts it in the operation's blocking
+//!   history, so a burst of calls that block starts lent after a few loans.
+//!
 //! # Shutdown
 //!
 //! The monitor holds the pool's `Shared` and exits when the pool terminates
 //! and every worker has exited (it checks at each tick and when woken).
 
-use crate::engine::sync::{AtomicU64, Ordering};
+use super::job::NO_CLASS;
+use crate::engine::sync::{AtomicU32, AtomicU64, Ordering};
 
 pub(crate) const IDLE: u64 = 0;
 pub(crate) const RUNNING: u64 = 1;
@@ -131,11 +144,23 @@ pub(crate) struct RunCell {
     word: crossbeam_utils::CachePadded<AtomicU64>,
     /// The worker thread's kernel id (0 until it started).
     pub(crate) tid: AtomicU64,
+    /// `Job::class` of the run (written by the worker before `begin`).
+    class: AtomicU32,
 }
 
 impl RunCell {
     pub(crate) fn new() -> Self {
-        RunCell { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0) }
+        RunCell { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0), class: AtomicU32::new(NO_CLASS) }
+    }
+
+    /// The next run's `Job::class` (the worker, before `begin`).
+    pub(crate) fn set_class(&self, class: u32) {
+        self.class.store(class, Ordering::Relaxed);
+    }
+
+    /// The `Job::class` of the current run.
+    pub(crate) fn class(&self) -> u32 {
+        self.class.load(Ordering::Relaxed)
     }
 
     pub(crate) fn load(&self) -> Run {

@@ -43,6 +43,19 @@ pub struct PoolConfig {
     pub spare_threads: usize,
     /// How long an idle spare worker waits for work before it exits.
     pub spare_idle: std::time::Duration,
+    /// Told the `Job::class` of each run the blocking monitor finds blocked
+    /// (the Python binding keeps each operation's blocking history with it).
+    pub on_lend: Option<LendHook>,
+}
+
+/// See `PoolConfig::on_lend`; called on the monitor's thread.
+#[derive(Clone)]
+pub struct LendHook(pub std::sync::Arc<dyn Fn(u32) + Send + Sync>);
+
+impl std::fmt::Debug for LendHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LendHook")
+    }
 }
 
 impl PoolConfig {
@@ -62,6 +75,7 @@ impl PoolConfig {
             gil_window: None,
             spare_threads: 0,
             spare_idle: std::time::Duration::from_secs(5),
+            on_lend: None,
         }
     }
 

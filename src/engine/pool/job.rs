@@ -3,10 +3,20 @@
 use super::capacity::Weight;
 
 /// What the pool needs to know about a job.
+/// `Job::class` of a job in no group.
+pub const NO_CLASS: u32 = u32::MAX;
+
 pub trait Job: Send + 'static {
     /// How much of a core it needs (see `capacity.rs`).
     fn weight(&self) -> Weight {
         Weight::Light
+    }
+
+    /// The embedder's group of this job (the Python binding: its operation),
+    /// reported to `PoolConfig::on_lend` when the monitor finds a run of it
+    /// blocked. `NO_CLASS`: none.
+    fn class(&self) -> u32 {
+        NO_CLASS
     }
 
     /// When it was submitted (`crate::engine::token::now_ns` units), if known: lets

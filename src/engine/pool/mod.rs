@@ -65,8 +65,8 @@ use std::time::{Duration, Instant};
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
 
 pub use capacity::Weight;
-pub use config::{PoolConfig, MAX_WORKERS, MIN_STACK_SIZE};
-pub use job::Job;
+pub use config::{LendHook, PoolConfig, MAX_WORKERS, MIN_STACK_SIZE};
+pub use job::{Job, NO_CLASS};
 pub use topology::Topology;
 pub use worker::{current_worker, held_units, Host, WorkerHooks, WorkerInfo, WorkerLoop};
 
@@ -196,6 +196,8 @@ impl<J: Job> Pool<J> {
             },
             spare_free: Mutex::new((config.workers..threads).rev().collect()),
             spares_peak: AtomicUsize::new(0),
+            spare_ramp: AtomicU32::new(0),
+            spare_ramp_at: AtomicU64::new(0),
             spare_handles: Mutex::new(Vec::new()),
             config,
         });

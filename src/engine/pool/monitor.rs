@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use super::blocking::{
     Run, BUSY_NS, DEEP_IDLE, GIL_RECHECK, IDLE_POLL, LENT, LENT_EVERY, MAX_TICK, OPEN_WATCHES, PARK_LIMIT, READS_PER_TICK, RUNNING, TICK,
 };
-use super::job::Job;
+use super::job::{Job, NO_CLASS};
 use super::shared::Shared;
 use crate::engine::sync::{Arc, Ordering};
 
@@ -172,7 +172,13 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
             }
             reads += 1;
             match watch.kernel(gil) {
-                Some(Kernel::Blocked) if Shared::lend(shared, index, now) => eventful = true,
+                Some(Kernel::Blocked) if Shared::lend(shared, index, now) => {
+                    eventful = true;
+                    let class = shared.runs[index].class();
+                    if let (Some(hook), true) = (&shared.config.on_lend, class != NO_CLASS) {
+                        (hook.0)(class);
+                    }
+                }
                 // Waiting for the GIL stays so for a while: look again in a few ticks.
                 Some(Kernel::GilWait) => watch.gil_until = tick + GIL_RECHECK,
                 _ => {}

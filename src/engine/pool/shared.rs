@@ -14,6 +14,11 @@ use super::job::Job;
 use super::sleep::Sleep;
 use crate::engine::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
+/// Lends this close together count as one run of lends (see `Shared::ensure_taker`).
+const RAMP_WINDOW_NS: u64 = 10_000_000;
+/// The most spares one lend starts.
+const RAMP_MAX: u32 = 64;
+
 /// Runs the loop of spare worker `index` of a pool on the calling thread.
 pub(super) type RunSpare<J> = Box<dyn Fn(&Arc<Shared<J>>, usize) + Send + Sync>;
 
@@ -63,6 +68,9 @@ pub(crate) struct Shared<J> {
     /// Indices `workers..workers + spare_threads` free for a spare worker.
     pub(super) spare_free: Mutex<Vec<usize>>,
     pub(super) spares_peak: AtomicUsize,
+    /// Spares the last start for a lend began, and when (see `ensure_taker`).
+    pub(super) spare_ramp: AtomicU32,
+    pub(super) spare_ramp_at: AtomicU64,
     /// Join handles of spare workers (finished ones are dropped as new ones start).
     pub(super) spare_handles: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -192,17 +200,45 @@ impl<J: Job> Shared<J> {
     }
 
     /// Work is queued and no worker is searching for it (none was woken: all
-    /// are running, blocked, or cannot take it): start a spare worker, if the
-    /// pool may. Called by the monitor after a lend.
+    /// are running, blocked, or cannot take it): start spare workers, if the
+    /// pool may. Called after a lend.
+    ///
+    /// Lends in a row (each within `RAMP_WINDOW_NS` of the one before)
+    /// double the spares started, up to `RAMP_MAX`, and never more than the
+    /// jobs queued. A burst of jobs that block (I/O calls, sleeps) queued
+    /// ahead of other work then finds threads within a few monitor ticks,
+    /// where one spare per lend would take a tick or two for each.
     pub(super) fn ensure_taker(shared: &Arc<Self>) {
         if shared.config.spare_threads == 0 || shared.terminate.load(Ordering::SeqCst) {
             return;
         }
-        let queued = shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0;
-        if !queued || shared.sleep.counts().0 > 0 {
+        let queued = shared.queued_jobs();
+        if queued == 0 {
             return;
         }
-        Self::spawn_spare(shared);
+        let now = crate::engine::token::now_ns();
+        let last = shared.spare_ramp_at.swap(now, Ordering::Relaxed);
+        let ramp = if last != 0 && now.saturating_sub(last) <= RAMP_WINDOW_NS {
+            shared.spare_ramp.load(Ordering::Relaxed).saturating_mul(2).clamp(1, RAMP_MAX)
+        } else {
+            1
+        };
+        shared.spare_ramp.store(ramp, Ordering::Relaxed);
+        // Workers searching now take some of the queued jobs themselves.
+        let searching = shared.sleep.counts().0 as usize;
+        for _ in 0..(ramp as usize).saturating_sub(searching).min(queued) {
+            if !Self::spawn_spare(shared) {
+                break;
+            }
+        }
+    }
+
+    /// Jobs waiting in the queues (global, priority, deferred and the workers' deques).
+    fn queued_jobs(&self) -> usize {
+        self.injector.len()
+            + self.prio_len.load(Ordering::SeqCst)
+            + self.deferred_len.load(Ordering::SeqCst)
+            + self.stealers.iter().map(Stealer::len).sum::<usize>()
     }
 
     /// Starts a spare worker on a free index (none free: false). It has no

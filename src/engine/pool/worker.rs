@@ -155,6 +155,7 @@ impl<J: Job> WorkerLoop<J> {
         let info = self.info;
         HELD.with(|h| h.set(units));
         let run = &self.shared.runs[info.index];
+        run.set_class(job.class());
         run.begin(units);
         self.shared.wake_monitor();
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
@@ -286,6 +287,9 @@ impl<J: Job> WorkerLoop<J> {
             self.shared.note_fifo_pop(&job);
             return Some(Self::fresh(job));
         }
+        if let Some(job) = self.steal_from_blocked() {
+            return Some(Self::fresh(job));
+        }
         loop {
             let stolen = match &self.local {
                 Some(local) => self.shared.injector.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
@@ -323,6 +327,28 @@ impl<J: Job> WorkerLoop<J> {
             }
         }
         self.shared.take_prio(false).map(Self::fresh)
+    }
+
+    /// A job from the deque of a worker whose own job is blocked (its units
+    /// lent): that worker cannot run them, and they left the global queue
+    /// before anything in it now, so they go first (one at a time).
+    fn steal_from_blocked(&self) -> Option<J> {
+        if self.shared.cores.iter().all(|c| c.lent() == 0) {
+            return None;
+        }
+        for (index, victim) in self.shared.stealers.iter().enumerate() {
+            if index == self.info.index || self.shared.runs[index].load().state != super::blocking::LENT {
+                continue;
+            }
+            loop {
+                match victim.steal() {
+                    Steal::Success(job) => return Some(job),
+                    Steal::Empty => break,
+                    Steal::Retry => {}
+                }
+            }
+        }
+        None
     }
 
     /// Spins, then parks, until a job is found (Some) or the pool terminates (None).
