@@ -95,6 +95,8 @@ def test_get_stats_schema(env: Env) -> None:
     assert set(s["admission"]) >= ADMISSION_KEYS
     assert set(s["timeouts"]) >= TIMEOUT_KEYS
     assert {"sl_ok", "sl_fail"} <= set(s["operations"])
+    # the cores the workers are spread over, one budget of units each
+    assert s["pool"]["cores"] == len(s["pool"]["core_units"]) >= 1
     for op in s["operations"].values():
         assert set(op) >= OP_KEYS
         assert set(op["health"]) >= HEALTH_KEYS

@@ -57,7 +57,7 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
     pool.set_item("reserved_cores", p.reserved)?;
     pool.set_item("deferred", p.deferred)?;
     pool.set_item("inbox", p.inbox)?;
-    pool.set_item("core_slots", sh.pool.cores())?;
+    pool.set_item("cores", sh.pool.cores())?;
     pool.set_item("active_per_core", sh.pool.active_per_core().min(sh.workers_per_core as u32))?;
     out.set_item("pool", pool)?;
 
