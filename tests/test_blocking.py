@@ -260,8 +260,9 @@ def _spin_for(seconds: float) -> None:
 def heavy_sleep_then_spin(tracker: dict[str, Any]) -> None:
     time.sleep(0.02)  # blocked: its units are lent meanwhile
     me = tokengate.current_token()
-    assert me is not None
-    core = me.core_id
+    assert me is not None and me.worker_id is not None
+    # The core whose units it holds: worker i (spares included, which are not pinned) -> core i mod cores.
+    core = me.worker_id % tracker["cores"]
     with tracker["lock"]:
         tracker["now"][core] = tracker["now"].get(core, 0) + 1
         tracker["peak"][core] = max(tracker["peak"].get(core, 0), tracker["now"][core])
@@ -275,6 +276,7 @@ def test_a_heavy_token_keeps_its_core_to_itself_after_a_loan() -> None:
     # token starts there meanwhile, so their CPU phases never overlap on one core.
     tracker: dict[str, Any] = {"lock": threading.Lock(), "now": {}, "peak": {}}
     with running_coordinator() as c:
+        tracker["cores"] = c.get_stats()["pool"]["cores"]
         tokens = [heavy_sleep_then_spin(tracker) for _ in range(16)]
         assert tokengate.gather(tokens, timeout=WAIT)
         assert max(tracker["peak"].values()) == 1, tracker["peak"]

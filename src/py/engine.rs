@@ -105,16 +105,17 @@ impl Engine {
         config.blocking_monitor = blocking_monitor;
         config.gil_window = gil_window;
         config.spare_threads = spare_threads;
-        let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
+        let ledger = Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs));
         // The monitor's loans count in each operation's blocking history.
-        let me_for_lends = me.clone();
+        let ledger_for_lends = Arc::downgrade(&ledger);
         config.on_lend = Some(LendHook(Arc::new(move |op| {
-            if let Some(engine) = me_for_lends.get().and_then(Weak::upgrade) {
-                engine.ledger.note_lent(op);
+            if let Some(ledger) = ledger_for_lends.upgrade() {
+                ledger.note_lent(op);
             }
         })));
         let host = Arc::new(PyHost::default());
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
+        let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
         let me_for_timer = me.clone();
         let timer = Timer::new(format!("{thread_name}-timer"), move |items: Vec<TimerItem>| {
             let engine = me_for_timer.get().and_then(Weak::upgrade);
@@ -141,7 +142,7 @@ impl Engine {
                 armed: AtomicBool::new(false),
             },
             pool,
-            ledger: Arc::new(Ledger::new(max_pending, history_size, auto_block, caller_runs)),
+            ledger,
             stopping: AtomicBool::new(false),
             released: AtomicBool::new(false),
             pid: std::process::id(),

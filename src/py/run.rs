@@ -178,8 +178,10 @@ pub(crate) fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info:
     token.ledger().running_delta(-1);
     if token.op().blocking.is_long(elapsed) {
         if let Some(i) = info {
-            if let Some(e) = pool_of(i) {
-                token.op().blocking.record(e.pool.is_lent(i.index));
+            // A long run that ended lent was counted when the monitor lent
+            // it (or started lent); one that ended holding its units computed.
+            if pool_of(i).is_some_and(|e| !e.pool.is_lent(i.index)) {
+                token.op().blocking.record(false);
             }
         }
     }

@@ -140,11 +140,11 @@ pub struct OpState<J> {
 }
 
 /// Whether an operation's runs usually block: a score from 0 to `MAX`, up by
-/// `UP` for each run the blocking monitor finds blocked (it lends its
-/// units), and for each run of over `LONG_RUN_NS` that ended blocked (lent),
-/// down by `DOWN` for each that ended using the CPU. Counting the loans as
-/// they happen lets a burst of calls that block start lent after its first
-/// few loans, instead of after its first runs end. At `THRESHOLD` or more,
+/// `UP` each time the blocking monitor finds one of its runs blocked (it
+/// lends the run's units), down by `DOWN` for each run of over
+/// `LONG_RUN_NS` that ended holding its units (it computed). Counting the
+/// loans as they happen lets a burst of calls that block start lent after
+/// its first four loans, instead of after its first runs end. At `THRESHOLD` or more,
 /// its runs start with their units lent (see `blocking.rs` in the pool): a
 /// blocking operation then never holds a core's units while it waits, and
 /// the monitor takes them back for a run that turns out to compute.
@@ -168,8 +168,8 @@ impl BlockingHistory {
         self.0.load(Ordering::Relaxed) >= Self::THRESHOLD
     }
 
-    /// A run of over `LONG_RUN_NS` ended, blocked (lent) or not; or the
-    /// monitor found a run blocked (`blocked`, see `Ledger::note_lent`).
+    /// The monitor found a run blocked (`blocked`, see `Ledger::note_lent`),
+    /// or a run of over `LONG_RUN_NS` ended holding its units (not `blocked`).
     pub fn record(&self, blocked: bool) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(if blocked { (v + Self::UP).min(Self::MAX) } else { v.saturating_sub(Self::DOWN) })

@@ -155,12 +155,12 @@ impl RunCell {
 
     /// The next run's `Job::class` (the worker, before `begin`).
     pub(crate) fn set_class(&self, class: u32) {
-        self.class.store(class, Ordering::Relaxed);
+        self.class.store(class, Ordering::Release);
     }
 
     /// The `Job::class` of the current run.
     pub(crate) fn class(&self) -> u32 {
-        self.class.load(Ordering::Relaxed)
+        self.class.load(Ordering::Acquire)
     }
 
     pub(crate) fn load(&self) -> Run {

@@ -2,10 +2,10 @@
 
 use super::capacity::Weight;
 
-/// What the pool needs to know about a job.
 /// `Job::class` of a job in no group.
 pub const NO_CLASS: u32 = u32::MAX;
 
+/// What the pool needs to know about a job.
 pub trait Job: Send + 'static {
     /// How much of a core it needs (see `capacity.rs`).
     fn weight(&self) -> Weight {

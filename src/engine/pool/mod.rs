@@ -198,6 +198,7 @@ impl<J: Job> Pool<J> {
             spares_peak: AtomicUsize::new(0),
             spare_ramp: AtomicU32::new(0),
             spare_ramp_at: AtomicU64::new(0),
+            spares_starting: AtomicUsize::new(0),
             spare_handles: Mutex::new(Vec::new()),
             config,
         });
@@ -617,7 +618,11 @@ impl<J: Job> Pool<J> {
     /// takes them back if the job computes. False when nothing was lent.
     pub fn lend_current(&self, index: usize) -> bool {
         let seen = self.shared.runs[index].load();
-        seen.state == blocking::RUNNING && Shared::lend(&self.shared, index, seen)
+        let lent = seen.state == blocking::RUNNING && Shared::lend(&self.shared, index, seen);
+        if lent {
+            Shared::ensure_taker(&self.shared, false);
+        }
+        lent
     }
 
     /// True while the job worker `index` runs has its units lent.

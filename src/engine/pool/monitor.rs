@@ -172,11 +172,16 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
             }
             reads += 1;
             match watch.kernel(gil) {
-                Some(Kernel::Blocked) if Shared::lend(shared, index, now) => {
-                    eventful = true;
+                Some(Kernel::Blocked) => {
+                    // Read before the lend: a class written for a later run
+                    // comes after this run's end, so the lend then fails.
                     let class = shared.runs[index].class();
-                    if let (Some(hook), true) = (&shared.config.on_lend, class != NO_CLASS) {
-                        (hook.0)(class);
+                    if Shared::lend(shared, index, now) {
+                        eventful = true;
+                        if let (Some(hook), true) = (&shared.config.on_lend, class != NO_CLASS) {
+                            (hook.0)(class);
+                        }
+                        Shared::ensure_taker(shared, true);
                     }
                 }
                 // Waiting for the GIL stays so for a while: look again in a few ticks.

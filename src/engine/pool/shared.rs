@@ -71,6 +71,8 @@ pub(crate) struct Shared<J> {
     /// Spares the last start for a lend began, and when (see `ensure_taker`).
     pub(super) spare_ramp: AtomicU32,
     pub(super) spare_ramp_at: AtomicU64,
+    /// Spares started that have not looked for work yet.
+    pub(super) spares_starting: AtomicUsize,
     /// Join handles of spare workers (finished ones are dropped as new ones start).
     pub(super) spare_handles: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -195,38 +197,43 @@ impl<J: Job> Shared<J> {
         core.release(seen.units);
         shared.lends.fetch_add(1, Ordering::Relaxed);
         shared.notify_work();
-        Self::ensure_taker(shared);
         true
     }
 
-    /// Work is queued and no worker is searching for it (none was woken: all
-    /// are running, blocked, or cannot take it): start spare workers, if the
-    /// pool may. Called after a lend.
-    ///
-    /// Lends in a row (each within `RAMP_WINDOW_NS` of the one before)
-    /// double the spares started, up to `RAMP_MAX`, and never more than the
-    /// jobs queued. A burst of jobs that block (I/O calls, sleeps) queued
-    /// ahead of other work then finds threads within a few monitor ticks,
-    /// where one spare per lend would take a tick or two for each.
-    pub(super) fn ensure_taker(shared: &Arc<Self>) {
+    /// After a lend: queued work that no worker searches for (nor a spare
+    /// started for it and not yet searching) gets spare workers, if the pool
+    /// may. `ramp` (the monitor's loans): loans that follow each other
+    /// (each within `RAMP_WINDOW_NS` of the one before) double the spares
+    /// started, up to `RAMP_MAX`, so a burst of jobs that block (I/O calls,
+    /// sleeps) queued ahead of other work finds threads within a few monitor
+    /// ticks, where one spare per loan would take a tick or two for each.
+    /// Otherwise (a run that starts lent, on a thread that holds the
+    /// interpreter) at most one spare starts: that spare's own run, if it
+    /// starts lent too, starts the next.
+    pub(super) fn ensure_taker(shared: &Arc<Self>, ramp: bool) {
         if shared.config.spare_threads == 0 || shared.terminate.load(Ordering::SeqCst) {
             return;
         }
         let queued = shared.queued_jobs();
-        if queued == 0 {
+        let takers = shared.sleep.counts().0 as usize + shared.spares_starting.load(Ordering::Acquire);
+        let wanted = queued.saturating_sub(takers);
+        if wanted == 0 {
             return;
         }
-        let now = crate::engine::token::now_ns();
-        let last = shared.spare_ramp_at.swap(now, Ordering::Relaxed);
-        let ramp = if last != 0 && now.saturating_sub(last) <= RAMP_WINDOW_NS {
-            shared.spare_ramp.load(Ordering::Relaxed).saturating_mul(2).clamp(1, RAMP_MAX)
+        let n = if ramp {
+            let now = crate::engine::token::now_ns();
+            let last = shared.spare_ramp_at.swap(now, Ordering::Relaxed);
+            let n = if last != 0 && now.saturating_sub(last) <= RAMP_WINDOW_NS {
+                shared.spare_ramp.load(Ordering::Relaxed).saturating_mul(2).clamp(1, RAMP_MAX)
+            } else {
+                1
+            };
+            shared.spare_ramp.store(n, Ordering::Relaxed);
+            n as usize
         } else {
             1
         };
-        shared.spare_ramp.store(ramp, Ordering::Relaxed);
-        // Workers searching now take some of the queued jobs themselves.
-        let searching = shared.sleep.counts().0 as usize;
-        for _ in 0..(ramp as usize).saturating_sub(searching).min(queued) {
+        for _ in 0..n.min(wanted) {
             if !Self::spawn_spare(shared) {
                 break;
             }
@@ -249,6 +256,7 @@ impl<J: Job> Shared<J> {
             return false;
         };
         *this.alive.lock() += 1;
+        this.spares_starting.fetch_add(1, Ordering::AcqRel);
         this.spares_peak.fetch_max(this.spares(), Ordering::Relaxed);
         let shared = this.clone();
         let spawned = std::thread::Builder::new()
@@ -270,6 +278,7 @@ impl<J: Job> Shared<J> {
                 true
             }
             Err(_) => {
+                this.spares_starting.fetch_sub(1, Ordering::AcqRel);
                 this.spare_free.lock().push(index);
                 let mut alive = this.alive.lock();
                 *alive -= 1;

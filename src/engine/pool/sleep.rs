@@ -11,13 +11,21 @@
 //! `sleepers` in the high 32 bits) so that a phase change is one atomic step.
 //!
 //! * **Submitter** (`notify_work`): push the job, then `fence(SeqCst)`, then
-//!   read the counts. If a worker is spinning it will find the job: do
-//!   nothing. Otherwise, if one sleeps, wake exactly one, among those that
-//!   can take shared work now (inside the active pattern, room on its core).
-//!   If none can, the work waits for a running worker: it looks for more
-//!   work as soon as its job ends and its units are free. A burst of
-//!   submissions therefore wakes at most one sleeper: the woken worker is
-//!   counted as a spinner at once, which silences the rest of the burst.
+//!   read the counts. If a worker is spinning on another CPU it will find
+//!   the job: do nothing. Otherwise, if one sleeps, wake exactly one, among
+//!   those that can take shared work now (inside the active pattern, room on
+//!   its core), preferring one that parked on another CPU. If none can, the
+//!   work waits for a running worker: it looks for more work as soon as its
+//!   job ends and its units are free. A burst of submissions therefore wakes
+//!   at most one sleeper (one more while every spinner counts on the
+//!   submitter's CPU): the woken worker is counted as a spinner at once,
+//!   which silences the rest of the burst.
+//!
+//!   A spinner on the submitter's own CPU does not count: it cannot run
+//!   while the submitter does, and on a busy machine (a CPU-bound process
+//!   on the other CPU) the two can share one CPU for a long time, each hand-
+//!   off then waiting for the submitter to block. Such a submitter wakes a
+//!   sleeper that parked on another CPU instead (`Placement`).
 //! * **Waker** (`wake_one`): under the `idle` lock pop one sleeper and move
 //!   one unit from `sleepers` to `spinners` (the woken worker inherits the
 //!   spinning role), then set its slot's `notified` flag and signal it.
@@ -26,11 +34,6 @@
 //!   `sleepers`; `fence(SeqCst)`; re-check the queues. If work appeared, it
 //!   takes itself off the list again (unless a waker already did). Else it
 //!   waits until `notified`.
-//!   A spinner on the submitter's own CPU does not count: it cannot run
-//!   while the submitter does, and on a busy machine (a CPU-bound process
-//!   on the other CPU) the two can share one CPU for a long time, each hand-
-//!   off then waiting for the submitter to block. Such a submitter wakes a
-//!   sleeper that last ran on another CPU instead (`Placement`).
 //! * **Chain wake**: a spinner that finds a job leaves the spinning phase and,
 //!   if more work is visible, calls `notify_work` itself, so wake-ups spread
 //!   one worker at a time while work remains.
@@ -191,7 +194,7 @@ impl Sleep {
     }
 
     /// Called after new work was published: wakes one sleeper that
-    /// `can_take` it, if nobody spins. (A worker that could not take the
+    /// `can_take` it, if nobody spins on another CPU (see the protocol). (A worker that could not take the
     /// work, because its core is full or it is outside the active pattern,
     /// would go back to sleep and the wake-up would be lost.)
     #[inline]

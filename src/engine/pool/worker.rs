@@ -91,6 +91,10 @@ impl<J: Job> WorkerLoop<J> {
     /// Runs jobs until the pool terminates and no work is left.
     pub fn run(mut self, hooks: &mut dyn WorkerHooks<J>) {
         CURRENT.with(|c| c.set(Some((self.info.pool_id, self.info.index))));
+        if self.local.is_none() {
+            // A spare about to look for work: no longer counted as starting (see `Shared::ensure_taker`).
+            self.shared.spares_starting.fetch_sub(1, Ordering::AcqRel);
+        }
         loop {
             if let Some(found) = self.find_work() {
                 self.execute(hooks, found);
@@ -342,7 +346,10 @@ impl<J: Job> WorkerLoop<J> {
             }
             loop {
                 match victim.steal() {
-                    Steal::Success(job) => return Some(job),
+                    Steal::Success(job) => {
+                        self.shared.note_fifo_pop(&job);
+                        return Some(job);
+                    }
                     Steal::Empty => break,
                     Steal::Retry => {}
                 }

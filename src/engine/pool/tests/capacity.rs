@@ -537,3 +537,53 @@ fn spare_workers_start_for_blocked_jobs_and_retire() {
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn loans_start_no_more_spares_than_jobs_wait() {
+    // Eight workers block at once (one monitor tick lends them all); eight jobs wait behind
+    // them. The loans come microseconds apart, before any spare runs: spares started and
+    // not yet looking count as takers, so at most one spare per waiting job starts (28-44
+    // did, before they were counted).
+    let mut config = PoolConfig::new(8);
+    config.pin_cores = false;
+    config.cores = 1;
+    config.units_per_core = 8;
+    config.blocking_monitor = true;
+    config.spare_threads = 200;
+    config.spare_idle = Duration::from_millis(200);
+    let p: Pool<Job> = Pool::start(&config, Arc::new(ClosureHost)).unwrap();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let all_blocked = Arc::new(std::sync::Barrier::new(9));
+    for _ in 0..8 {
+        let (barrier, done) = (all_blocked.clone(), done_tx.clone());
+        p.submit(Box::new(move |_| {
+            barrier.wait();
+            std::thread::sleep(Duration::from_millis(300));
+            done.send(()).unwrap();
+        }))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    all_blocked.wait();
+    for _ in 0..8 {
+        let done = done_tx.clone();
+        p.submit(Box::new(move |_| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(30) {
+                std::hint::spin_loop();
+            }
+            done.send(()).unwrap();
+        }))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    for _ in 0..16 {
+        done_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    }
+    let stats = p.stats();
+    assert!(stats.lends >= 8, "the blocked jobs were lent: {stats:?}");
+    assert!(stats.spares_peak <= 9, "at most one spare per waiting job (and one that raced): {stats:?}");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
