@@ -178,8 +178,9 @@ pub(crate) fn run_call(py: Python<'_>, token: Arc<TokenInner>, call: Call, info:
     token.ledger().running_delta(-1);
     if token.op().blocking.is_long(elapsed) {
         if let Some(i) = info {
-            // A long run that ended lent was counted when the monitor lent
-            // it (or started lent); one that ended holding its units computed.
+            // A long run that ended lent was counted when the monitor lent it
+            // (one that started lent leaves the score as it is); one that
+            // ended holding its units computed.
             if pool_of(i).is_some_and(|e| !e.pool.is_lent(i.index)) {
                 token.op().blocking.record(false);
             }

@@ -58,19 +58,24 @@
 //!   in) wakes a worker for queued work, since it takes none itself.
 //!
 //! Only the worker writes `IDLE` and `RUNNING` words of a new run; only the
-//! monitor writes `LENT` words and the `RUNNING` word that ends a loan.
+//! monitor writes the `RUNNING` word that ends a loan. `LENT` words come
+//! from the monitor, or from the worker itself before a body that starts
+//! lent (`Pool::lend_current`, the same CAS and the same rule).
 //!
 //! # After a loan
 //!
 //! * The worker's deque: its queued jobs left the global queue before
 //!   anything in it now, and the blocked worker cannot run them, so other
 //!   workers take them first (`WorkerLoop::steal_from_blocked`).
-//! * Threads: queued work that no worker searches for starts spare
-//!   workers, in doubling waves while loans follow each other
-//!   (`Shared::ensure_taker`).
-//! * The embedder hears of it (`PoolConfig::on_lend`, with the run's
-//!   `Job::class`): the Python binding counts it in the operation's blocking
-//!   history, so a burst of calls that block starts lent after a few loans.
+//! * Threads: queued work that no spinning worker nor starting spare will
+//!   take starts spare workers (`Shared::ensure_taker`): in doubling waves
+//!   while the monitor's loans follow each other; one at most for a run
+//!   that starts lent (that spare's own run, if it starts lent, starts the
+//!   next).
+//! * The monitor's loans only: the embedder hears of each
+//!   (`PoolConfig::on_lend`, with the run's `Job::class`), and the Python
+//!   binding counts it in the operation's blocking history, so a burst of
+//!   calls that block starts lent after four loans.
 //!
 //! # Shutdown
 //!
