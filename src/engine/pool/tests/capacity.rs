@@ -462,10 +462,16 @@ fn units_given_back_by_a_caller_wake_a_worker_for_work_queued_while_the_core_was
 /// monitor the first job would wait for the second for ever).
 #[cfg(target_os = "linux")]
 fn blocking_pool(workers: usize, spares: usize) -> Pool<Job> {
+    blocking_pool_of(workers, 1, spares)
+}
+
+/// `blocking_pool` with `units` units on its one core.
+#[cfg(target_os = "linux")]
+fn blocking_pool_of(workers: usize, units: u32, spares: usize) -> Pool<Job> {
     let mut config = PoolConfig::new(workers);
     config.pin_cores = false;
     config.cores = 1;
-    config.units_per_core = 1;
+    config.units_per_core = units;
     config.blocking_monitor = true;
     config.spare_threads = spares;
     config.spare_idle = Duration::from_millis(200);
@@ -545,14 +551,7 @@ fn loans_start_no_more_spares_than_jobs_wait() {
     // them. The loans come microseconds apart, before any spare runs: spares started and
     // not yet looking count as takers, so at most one spare per waiting job starts (28-44
     // did, before they were counted).
-    let mut config = PoolConfig::new(8);
-    config.pin_cores = false;
-    config.cores = 1;
-    config.units_per_core = 8;
-    config.blocking_monitor = true;
-    config.spare_threads = 200;
-    config.spare_idle = Duration::from_millis(200);
-    let p: Pool<Job> = Pool::start(&config, Arc::new(ClosureHost)).unwrap();
+    let p = blocking_pool_of(8, 8, 200);
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let all_blocked = Arc::new(std::sync::Barrier::new(9));
     for _ in 0..8 {
