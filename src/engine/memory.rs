@@ -9,9 +9,21 @@
 //! tokens that were dropped as they finished are free then: the resolving
 //! thread runs it once out of the token's lock, `release_if_requested`), and
 //! again once nearly all the burst's tokens are freed, for callers that held
-//! them (`Ledger::on_token_freed`). Elsewhere it does nothing.
+//! them (`Ledger::on_token_freed`), and a last time `SETTLE` later, run by a
+//! pool's monitor thread (`release_if_due`): the caller frees what held the
+//! tokens (a list of a million handles, say) only after the last of them.
+//! Elsewhere it does nothing.
 
 #![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How long after a burst's tokens were freed the deferred release runs.
+pub const SETTLE: Duration = Duration::from_millis(50);
+
+/// When the deferred release is due (`token::now_ns`), 0 when none is.
+static RELEASE_AT: AtomicU64 = AtomicU64::new(0);
 
 std::thread_local! {
     static REQUESTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -27,6 +39,21 @@ pub fn request_release() {
 #[inline]
 pub fn release_if_requested() {
     if REQUESTED.with(|r| r.replace(false)) {
+        release_free_memory();
+    }
+}
+
+/// Asks for `release_free_memory` in `SETTLE`, on the next monitor tick after that.
+pub fn release_soon() {
+    let at = crate::engine::token::now_ns() + SETTLE.as_nanos() as u64;
+    RELEASE_AT.store(at, Ordering::Relaxed);
+}
+
+/// Runs the deferred release once it is due (a pool's monitor calls it each
+/// tick). One relaxed load while none is due.
+pub fn release_if_due() {
+    let at = RELEASE_AT.load(Ordering::Relaxed);
+    if at != 0 && crate::engine::token::now_ns() >= at && RELEASE_AT.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
         release_free_memory();
     }
 }

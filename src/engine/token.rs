@@ -443,6 +443,13 @@ impl<S> TokenCell<S> {
     /// Blocks until the token is done or `timeout` passes; true when done.
     /// Spins briefly first, so a fast completion costs no sleep.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.wait_spinning(timeout, true)
+    }
+
+    /// `wait`, spinning first only when `spin`: a token that another process
+    /// runs ends after a round trip of a hundred microseconds or more, and a
+    /// waiter spinning for it takes a CPU from that process.
+    pub fn wait_spinning(&self, timeout: Option<Duration>, spin: bool) -> bool {
         if self.is_done() {
             return true;
         }
@@ -454,7 +461,7 @@ impl<S> TokenCell<S> {
         // whose pause is slow) added its own delay to a round trip, by as
         // much as a tenth, and made it depend on code layout.
         let start = Instant::now();
-        for round in 0..u32::MAX {
+        for round in 0..if spin { u32::MAX } else { 0 } {
             for _ in 0..(1u32 << round.min(4)) {
                 std::hint::spin_loop();
             }

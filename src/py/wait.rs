@@ -70,9 +70,13 @@ impl TokenInner {
         }
         let _lent = LentUnits::lend();
         let epoch = idle_epoch();
+        // A token of an outside lane (another process, a cluster) is resolved by
+        // a thread of this process that holds the interpreter: neither spinning
+        // for it nor for a pool worker to go idle pays.
+        let near = !matches!(self.lane, LaneKind::Outside(_));
         let done = wait_detached(py, timeout, |step| {
-            let done = self.cell.wait(Some(step));
-            if done {
+            let done = self.cell.wait_spinning(Some(step), near);
+            if done && near {
                 settle_after_wait(epoch);
             }
             done

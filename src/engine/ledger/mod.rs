@@ -399,15 +399,17 @@ impl<T: Booked, J> Ledger<T, J> {
 
     /// A token of this ledger was freed (its last handle dropped). Once
     /// nearly as many tokens as a resolved large burst held are freed, the allocator's
-    /// free pages go back to the OS (`memory::release_free_memory`): their
-    /// memory is free only then, not when the burst resolved (its caller
-    /// may still hold the tokens). Outside such a countdown a token pays
-    /// one load of a line nobody writes.
+    /// free pages go back to the OS (`memory::release_free_memory`), and
+    /// again shortly after (`memory::release_soon`), once what held the tokens
+    /// is freed too: their memory is free only then, not when the burst
+    /// resolved (its caller may still hold the tokens). Outside such a
+    /// countdown a token pays one load of a line nobody writes.
     pub fn on_token_freed(&self) {
         if self.to_free.load(std::sync::atomic::Ordering::Relaxed) > 0
             && self.to_free.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1
         {
             crate::engine::memory::release_free_memory();
+            crate::engine::memory::release_soon();
         }
     }
 

@@ -5,6 +5,13 @@
 //! A shard that grew large for a burst of pending tokens gives its vectors
 //! back when the burst has resolved, and tells the ledger how large it was (see
 //! `Ledger::on_token_freed`).
+//!
+//! Only the submitting thread grows a shard's vectors. `remove` runs on the
+//! resolving thread, often a pool worker, and glibc keeps for good the memory
+//! a worker's own arena grew to (`malloc_trim` does not shrink such an arena's
+//! heap): so in a large shard `remove` lists a freed slot only while the free
+//! list has room, and `insert` finds the others by a scan once they are half
+//! the shard.
 
 use std::sync::Weak;
 
@@ -13,6 +20,7 @@ use std::sync::Weak;
 pub(super) struct RegistryShard<T> {
     /// A token's slot holds a weak handle on it (one word: its id is read through it).
     pub(super) slots: Vec<Option<Weak<T>>>,
+    /// Empty slots to reuse; in a large shard not every empty slot is listed.
     pub(super) free: Vec<u32>,
     /// Slots that hold a token.
     live: usize,
@@ -29,6 +37,12 @@ pub(super) const SHRINK_AT: usize = 1 << 16;
 
 impl<T> RegistryShard<T> {
     pub(super) fn insert(&mut self, token: Weak<T>) -> u32 {
+        if self.free.is_empty() && self.slots.len() >= SHRINK_AT && (self.slots.len() - self.live) * 2 >= self.slots.len() {
+            // Every empty slot is unlisted, and they are at least half the
+            // shard: one scan lists them (amortized over the inserts they take).
+            let empty = self.slots.iter().enumerate().rev().filter(|(_, s)| s.is_none());
+            self.free.extend(empty.map(|(i, _)| i as u32));
+        }
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
@@ -58,7 +72,9 @@ impl<T> RegistryShard<T> {
             self.free = Vec::new();
             return Some(burst);
         }
-        self.free.push(index);
+        if self.slots.len() < SHRINK_AT || self.free.len() < self.free.capacity() {
+            self.free.push(index);
+        }
         None
     }
 

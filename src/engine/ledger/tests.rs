@@ -1,6 +1,6 @@
 //! The ledger's tests.
 
-use super::registry::SHRINK_AT;
+use super::registry::{RegistryShard, SHRINK_AT};
 use super::*;
 
 /// A token as the books see it.
@@ -99,6 +99,28 @@ fn a_resolved_burst_gives_its_registry_back_and_counts_down_its_frees() {
     }
     assert!(shard.lock().slots.capacity() >= 10);
     assert_eq!(ledger.to_free.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_large_shard_lists_freed_slots_without_growing_and_reuses_every_hole() {
+    let mut shard = RegistryShard::<Tok>::default();
+    let tokens: Vec<Arc<Tok>> = (0..2 * SHRINK_AT as u64).map(|i| token(i, "t")).collect();
+    let indices: Vec<u32> = tokens.iter().map(|t| shard.insert(Arc::downgrade(t))).collect();
+    let kept = *indices.last().unwrap();
+    let capacity = shard.free.capacity();
+    for (t, &i) in tokens.iter().zip(&indices).take(tokens.len() - 1) {
+        assert_eq!(shard.remove(i, t), None, "one token still lives: no burst ended");
+    }
+    assert_eq!(shard.free.capacity(), capacity, "remove (a resolving thread) grew the free list");
+    let len = shard.slots.len();
+    let more: Vec<Arc<Tok>> = (0..len as u64 - 1).map(|i| token(i, "t")).collect();
+    let mut taken = std::collections::HashSet::new();
+    for t in &more {
+        let i = shard.insert(Arc::downgrade(t));
+        assert!(i != kept && taken.insert(i), "slot {i} handed out while in use");
+    }
+    assert_eq!(shard.slots.len(), len, "every hole is reused before the shard grows");
+    assert!(shard.slots.iter().all(Option::is_some));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The blocking monitor's thread: it samples the kernel state of busy
 //! workers' threads and lends or retakes their core units (the protocol is
-//! in `blocking.rs`).
+//! in `blocking.rs`). Each tick it also runs a memory release that came due
+//! (`memory::release_if_due`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -115,6 +116,7 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
             return;
         }
         tick = tick.wrapping_add(1);
+        crate::engine::memory::release_if_due();
         let mut any = false;
         // Something to follow closely: a loan made or ended.
         let mut eventful = false;
