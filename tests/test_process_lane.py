@@ -833,6 +833,44 @@ def test_crash_fails_only_the_running_token_not_the_ones_queued_behind(
     assert stats["crashed"] == 1 and stats["completed"] >= 32
 
 
+@task_token_guard(operation_type="note_then", tags=PROC)
+def note_then(path: str, i: int, hold: float = 0.0, code: int | None = None) -> int:
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    if hold:
+        time.sleep(hold)
+        if code is not None:
+            os._exit(code)
+    return i
+
+
+@pytest.mark.parametrize("end", ["kill", "crash"])
+def test_replies_staged_in_a_worker_that_dies_are_not_lost(
+    ahead: OperationsCoordinator, tmp_path: Path, end: str
+) -> None:
+    """Short tokens' replies wait on the board while the worker runs on; when it is killed
+    or crashes, they are read from there: each of those tokens resolves with its value and
+    runs once (not again elsewhere, as a token it never started would)."""
+    log = tmp_path / "log"
+    assert [note_then(str(tmp_path / "warm"), i).result(timeout=30) for i in range(5)] == list(range(5))
+    ahead.pause_operation("note_then")
+    short = [note_then(str(log), i) for i in range(3)]
+    last = note_then(str(log), 99, 30.0 if end == "kill" else 0.5, None if end == "kill" else 7)
+    ahead.resume_operation("note_then")
+    assert wait_until(lambda: log.exists() and "99" in log.read_text().split(), 10)
+    assert not any(t.done() for t in short), "the short tokens' replies were not staged: this tests nothing"
+    if end == "kill":
+        assert last.kill("stop it")
+        with pytest.raises(TaskKilledError):
+            last.result(timeout=10)
+    else:
+        with pytest.raises(WorkerCrashedError):
+            last.result(timeout=30)
+    assert tokengate.gather(short, timeout=30) == [0, 1, 2]
+    assert log.read_text().split() == ["0", "1", "2", "99"], "a token whose reply was staged ran again"
+    assert ahead.get_stats()["lanes"]["process"]["completed"] >= 5 + 3 + 30
+
+
 def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_path: Path) -> None:
     """Tokens of 10 ms or more are not sent ahead: priorities and cancel() reach every queued one."""
     hold_then(str(tmp_path / "w"), 0.05).result(timeout=30)

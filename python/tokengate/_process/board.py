@@ -5,7 +5,10 @@ knows. That is what makes the lane crash-safe and killable: after a process
 died, the word names the one token that fails; a token killed or past its
 deadline while it runs has its process SIGKILLed, and one still queued in a
 process is listed on the board, skipped there and never run. The worker also
-publishes its resident set size there for recycling (``process_max_rss``).
+publishes its resident set size there for recycling (``process_max_rss``),
+and stages the replies of short tokens there before it sends them in one
+write (see :mod:`.child`): replies staged when the process died are read
+from the board, so a kill or a crash loses none of them.
 :class:`_Board` gives the layout and how both sides decide under a lock.
 """
 
@@ -16,6 +19,14 @@ import mmap
 import os
 import tempfile
 from typing import Any
+
+#: Bytes of the area where a worker stages replies before it sends them (see :mod:`.child`).
+STAGE = 1 << 18
+
+
+def _size(n: int) -> int:
+    """Bytes of a board with ``n`` list words."""
+    return 8 * (n + 4) + STAGE
 
 
 class _Board:
@@ -28,8 +39,11 @@ class _Board:
     resident set size in bytes, written by the worker after each token and
     before its reply (only with ``process_max_rss``; 0: not measured), read by
     the supervisor as it handles the reply (no lock: one aligned word, and the
-    reply orders the write before the read). Both sides decide under a POSIX
-    record lock on the shared file:
+    reply orders the write before the read). Word n+3 counts the bytes staged
+    in the area that follows the words (:data:`STAGE` bytes): whole reply frames,
+    written and counted by the worker only, read by the supervisor only once the
+    process is dead. Both sides decide under a POSIX record lock on the shared
+    file:
 
     * the worker, before it starts a token: skip it if it is listed, else
       publish it in word 0;
@@ -42,13 +56,16 @@ class _Board:
     word 0 tells which token it was running.
     """
 
-    __slots__ = ("fd", "map", "n", "words")
+    __slots__ = ("fd", "map", "n", "stage", "words")
 
     def __init__(self, fd: int, n: int) -> None:
         self.fd = fd
         self.n = n
-        self.map = mmap.mmap(fd, 8 * (n + 3))
-        self.words = memoryview(self.map).cast("q")
+        self.map = mmap.mmap(fd, _size(n))
+        view = memoryview(self.map)
+        self.words = view[: 8 * (n + 4)].cast("q")
+        self.stage = view[8 * (n + 4) :]
+        view.release()
 
     @classmethod
     def create(cls, n: int) -> _Board:
@@ -58,7 +75,7 @@ class _Board:
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
         try:
-            os.ftruncate(fd, 8 * (n + 3))
+            os.ftruncate(fd, _size(n))
             return cls(fd, n)
         except BaseException:
             os.close(fd)
@@ -72,6 +89,11 @@ class _Board:
     def rss(self) -> int:
         """The worker's resident set size (bytes) after its latest token (0: not measured)."""
         return int(self.words[self.n + 2])
+
+    def staged(self) -> bytes:
+        """The reply frames the worker staged and had not sent (read once it is dead)."""
+        n = int(self.words[self.n + 3])
+        return bytes(self.stage[:n]) if 0 < n <= STAGE else b""
 
     # worker side
     def begin(self, seq: int) -> bool:
@@ -135,6 +157,7 @@ class _Board:
             return
         try:
             self.words.release()
+            self.stage.release()
             self.map.close()
         except (BufferError, ValueError):
             pass

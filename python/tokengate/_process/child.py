@@ -2,10 +2,18 @@
 :data:`.workers._BOOT`) and how it runs one token.
 
 * A worker runs the tokens sent to it one after another, in the order they
-  were sent. Each message is a batch; each token gets its own reply as soon
-  as it ends (see :mod:`.wire`). Before it starts a token it asks its board
+  were sent. Each message is a batch; each token gets its own reply (see
+  :mod:`.wire`). Before it starts a token it asks its board
   (:class:`~tokengate._process.board._Board`): a listed token is skipped,
   any other is published as running.
+* Replies of short tokens go out together (:class:`_Outbox`): a reply is
+  staged on the board, and the staged replies are sent in one write before
+  the worker waits for more work, before it starts a token of a function
+  whose calls are not known to take under :data:`_SHORT_CALL`, and once the
+  oldest has waited :data:`_STAGE_AGE`. One write and one wake-up of the
+  supervisor then serve many tokens. A staged reply is never lost: the
+  supervisor reads the stage of a process that died. (A short function whose
+  call turns out long holds the replies staged before it until it ends.)
 * It loads each function once (by reference or by value, see
   :mod:`.payload`) and caches it.
 * With ``process_max_rss`` it publishes its resident set size on its board
@@ -26,14 +34,72 @@ import sys
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
+from time import monotonic, perf_counter
 from typing import Any
 
 from ..exceptions import NotStartedError
 from . import wrapper
-from .board import _Board
+from .board import STAGE, _Board
 from .payload import _PLAIN, _PROTO, RemoteError, UnpicklableError, _dumps, _resolve_qualname, _type_name
-from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED
+from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED, _header
 from .wrapper import _WorkerStub
+
+#: Staged replies are sent once the oldest has waited this long (checked between tokens).
+_STAGE_AGE = 0.002
+#: A function whose calls take less than this (moving average) runs with earlier replies staged.
+_SHORT_CALL = 0.001
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Outbox:
+    """Replies on their way to the supervisor: staged on the board, sent together
+    (see the module docs). Word ``n + 3`` of the board counts the staged bytes."""
+
+    __slots__ = ("board", "fd", "since", "used")
+
+    def __init__(self, board: _Board, fd: int) -> None:
+        self.board = board
+        self.fd = fd
+        self.used = 0
+        self.since = 0.0
+
+    def put(self, reply: bytes) -> None:
+        """Stages ``reply`` (sends the stage first when it is full; a reply larger
+        than the stage goes straight out)."""
+        head = _header(len(reply))
+        end = self.used + len(head) + len(reply)
+        if end > STAGE:
+            self.flush()
+            if len(head) + len(reply) > STAGE:
+                _write_all(self.fd, head)
+                _write_all(self.fd, reply)
+                return
+            end = len(head) + len(reply)
+        if not self.used:
+            self.since = monotonic()
+        stage = self.board.stage
+        mid = self.used + len(head)
+        stage[self.used : mid] = head
+        stage[mid:end] = reply
+        self.used = end
+        self.board.words[self.board.n + 3] = end
+
+    def due(self, call: float | None) -> bool:
+        """Whether to send the staged replies before a call that takes ``call``
+        seconds on average (None: not measured yet)."""
+        return bool(self.used) and (call is None or call >= _SHORT_CALL or monotonic() - self.since >= _STAGE_AGE)
+
+    def flush(self) -> None:
+        """Sends the staged replies (then the stage is empty)."""
+        if self.used:
+            _write_all(self.fd, self.board.stage[: self.used])
+            self.used = 0
+            self.board.words[self.board.n + 3] = 0
 
 
 def _set_parent_death_signal(ppid: int) -> None:
@@ -152,7 +218,7 @@ def _rss_reader() -> Any:
 
 def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int = 0) -> None:
     """Entry point of a worker process: run the tokens sent over the socket, in order,
-    until EOF. Each message is a batch; each token gets its own reply as soon as it ends.
+    until EOF. Each message is a batch; each token gets its own reply (see :class:`_Outbox`).
     ``measure_rss``: publish the RSS on the board after each token (``process_max_rss``).
     EOF is also how a retired worker is told to exit (the lane sends it nothing more
     and closes its socket only once every token it was sent has answered)."""
@@ -167,11 +233,14 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int 
     payloads: dict[int, Any] = {}
     local: deque[tuple[int, int, Any, bytes]] = deque()
     rss = _rss_reader() if measure_rss else None
+    out = _Outbox(board, fd)
+    calls: dict[int, float] = {}  # function key -> moving average seconds per call
     code = 0
     try:
         conn.send_bytes(_REPLY.pack(-1, _READY) + pickle.dumps(os.getpid(), _PROTO))
         while True:
             if not local:
+                out.flush()
                 try:
                     msg = conn.recv_bytes()
                 except (EOFError, OSError):
@@ -181,16 +250,22 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int 
                         payloads[fkey] = fpayload  # kept even if this token is skipped
                     local.append((seq, fkey, fpayload, args_payload))
             seq, fkey, _, args_payload = local.popleft()
+            call = calls.get(fkey)
+            if out.due(call):
+                out.flush()
             if not board.begin(seq):
-                conn.send_bytes(_REPLY.pack(seq, _SKIPPED))
+                out.put(_REPLY.pack(seq, _SKIPPED))
                 continue
+            began = perf_counter()
             reply = _run_task(funcs, payloads, seq, fkey, args_payload)
+            took = perf_counter() - began
+            calls[fkey] = took if call is None else 0.8 * call + 0.2 * took
             if rss is not None:
                 try:
                     board.set_rss(rss())
                 except Exception:  # a token closed the fd, say: never lose the reply for it
                     pass
-            conn.send_bytes(reply)
+            out.put(reply)
             board.end()
     except (EOFError, OSError):
         pass

@@ -1,8 +1,9 @@
 """Replies: what the supervisor does with what a worker sends back.
 
-* Each token's reply is sent the moment it ends; the supervisor handles every
-  reply that has arrived each time it wakes. A reply also updates the
-  worker's moving average time per token (see :mod:`.dispatch`) and, with
+* A worker sends replies as its tokens end, short tokens' together (see
+  :mod:`.child`); the supervisor handles every reply that has arrived each
+  time it wakes. Replies also update the worker's moving average time per
+  token, the time since the last ones shared among them (see :mod:`.dispatch`), and, with
   ``process_max_rss``, compares the RSS the worker published on its board
   with the ceiling (see :mod:`.recycling`).
 * A token whose function raised is reported failed: the engine retries it
@@ -64,12 +65,16 @@ class _Replies(_LaneState):
             self._died(w)
             return
         w.rbuf += data
-        for frame in _frames(w.rbuf):
-            self._handle(w, frame)
+        frames = _frames(w.rbuf)
+        if frames:
+            now = time.monotonic()
+            took = (now - w.mark) / len(frames)
+            for frame in frames:
+                self._handle(w, frame, now, took)
 
     def _read_replies(self, w: _Worker) -> None:
-        """Handles every reply already in ``w``'s socket, without waiting (the socket is
-        non-blocking; after the process exited this is what it sent before it died)."""
+        """After ``w``'s process exited: handles every reply it sent (what its socket
+        holds, read without waiting), then those it had staged on its board and not sent."""
         fd = w.conn.fileno() if not w.conn.closed else -1
         while fd >= 0:
             try:
@@ -81,8 +86,17 @@ class _Replies(_LaneState):
             w.rbuf += data
         for frame in _frames(w.rbuf):
             self._handle(w, frame)
+        # A frame cut off when the process died was staged whole (or was a reply too
+        # large to stage, lost with the token that was running).
+        w.rbuf.clear()
+        unanswered = {item.seq for item in w.items}
+        for frame in _frames(bytearray(w.board.staged())):
+            if _REPLY.unpack_from(frame)[0] in unanswered:  # not read from the socket already
+                self._handle(w, frame)
 
-    def _handle(self, w: _Worker, data: bytes) -> None:
+    def _handle(self, w: _Worker, data: bytes, now: float = 0.0, took: float | None = None) -> None:
+        """Handles one reply; ``took``: the token's share of the time since the last replies
+        (measured here when None)."""
         seq, kind = _REPLY.unpack_from(data)
         if kind == _READY:
             w.ready = True
@@ -98,8 +112,9 @@ class _Replies(_LaneState):
         if item is None:
             return  # a token that was killed meanwhile
         self._finish_item(w, item)
-        now = time.monotonic()
-        took = now - w.mark
+        if took is None:
+            now = time.monotonic()
+            took = now - w.mark
         w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
         w.mark = now
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens

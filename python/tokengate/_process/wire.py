@@ -12,8 +12,9 @@ which never blocks on a worker, writes frames from the worker's outbox
   pickled list of ``(seq, function key, function payload or None, pickled
   (args, kwargs))``; the function's payload comes with the first token of
   that function the worker receives (see :mod:`.payload`).
-* **Worker to supervisor**: one message per token, sent the moment it ends:
-  :data:`_REPLY` (the token's seq and a kind), then what the kind carries:
+* **Worker to supervisor**: one message per token (several sent in one write,
+  see :class:`~tokengate._process.child._Outbox`): :data:`_REPLY` (the
+  token's seq and a kind), then what the kind carries:
   ``_READY`` (seq -1, sent once when the worker has started: its pickled
   pid), ``_OK`` (the pickled value), ``_ERROR`` (the pickled (exception,
   traceback)) or ``_SKIPPED`` (nothing: the token was listed on the board to

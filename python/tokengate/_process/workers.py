@@ -206,8 +206,9 @@ class _Processes(_LaneState):
             return w.proc.wait()
 
     def _salvage(self, w: _Worker) -> _Item | None:
-        """After ``w``'s process exited: handles the replies it sent, then puts the tokens
-        it never started back in the queue. Returns the one it was running (None if none)."""
+        """After ``w``'s process exited: handles the replies it sent and those it had staged
+        on its board, then puts the tokens it never started back in the queue. Returns the
+        one it was running (None if none)."""
         self._read_replies(w)
         running = w.board.running()
         victim = None
