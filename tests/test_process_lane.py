@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -834,11 +835,21 @@ def test_crash_fails_only_the_running_token_not_the_ones_queued_behind(
 
 
 @task_token_guard(operation_type="note_then", tags=PROC)
-def note_then(path: str, i: int, hold: float = 0.0, code: int | None = None) -> int:
+def note_then(path: str, i: int, hold: float = 0.0, code: int | None = None, grip: bool = False) -> int:
+    """Appends ``i`` to ``path``; with ``hold``, then sleeps that long, or with ``grip`` keeps
+    the interpreter that long (its switch interval raised: the worker's flusher thread cannot
+    run); with ``code``, then exits with it."""
+    if grip:
+        sys.setswitchinterval(100.0)
     with open(path, "a") as f:
         f.write(f"{i}\n")
     if hold:
-        time.sleep(hold)
+        end = time.monotonic() + hold
+        if grip:
+            while time.monotonic() < end:
+                pass
+        else:
+            time.sleep(hold)
         if code is not None:
             os._exit(code)
     return i
@@ -848,27 +859,82 @@ def note_then(path: str, i: int, hold: float = 0.0, code: int | None = None) -> 
 def test_replies_staged_in_a_worker_that_dies_are_not_lost(
     ahead: OperationsCoordinator, tmp_path: Path, end: str
 ) -> None:
-    """Short tokens' replies wait on the board while the worker runs on; when it is killed
-    or crashes, they are read from there: each of those tokens resolves with its value and
-    runs once (not again elsewhere, as a token it never started would)."""
+    """Short tokens' replies wait on the board while the worker runs on (a call that keeps the
+    interpreter holds back the flusher); when it is killed or crashes, they are read from there:
+    each of those tokens resolves with its value and runs once (not again elsewhere, as a token
+    it never started would)."""
+    staged = 0
+    for attempt in range(3):  # a worker stalled for 2 ms between tokens sends them before: again
+        log = tmp_path / f"log{attempt}"
+        warm = [note_then(str(tmp_path / "warm"), i, grip=True) for i in range(5)]
+        assert tokengate.gather(warm, timeout=30) == list(range(5))  # the worker knows: short calls
+        ahead.pause_operation("note_then")
+        short = [note_then(str(log), i, grip=True) for i in range(3)]
+        last = note_then(str(log), 99, 30.0 if end == "kill" else 0.5, None if end == "kill" else 7, grip=True)
+        ahead.resume_operation("note_then")
+        assert wait_until(lambda log=log: log.exists() and "99" in log.read_text().split(), 10)
+        staged += not any(t.done() for t in short)
+        if end == "kill":
+            assert last.kill("stop it")
+            with pytest.raises(TaskKilledError):
+                last.result(timeout=10)
+        else:
+            with pytest.raises(WorkerCrashedError):
+                last.result(timeout=30)
+        assert tokengate.gather(short, timeout=30) == [0, 1, 2]
+        assert log.read_text().split() == ["0", "1", "2", "99"], "a token whose reply was staged ran again"
+        if staged:
+            break
+    assert staged, "the short tokens' replies were never staged when the worker died: this tested nothing"
+
+
+def test_a_reply_is_not_held_back_by_a_long_call_after_it(ahead: OperationsCoordinator, tmp_path: Path) -> None:
+    """A function known to be short whose next call runs long: the replies staged before that
+    call still go out at once (the worker's flusher thread), so those tokens do not run into
+    their deadlines, and a kill of one of them finds it done."""
     log = tmp_path / "log"
-    assert [note_then(str(tmp_path / "warm"), i).result(timeout=30) for i in range(5)] == list(range(5))
+    assert tokengate.gather([note_then(str(log), i) for i in range(5)], timeout=30) == list(range(5))
     ahead.pause_operation("note_then")
-    short = [note_then(str(log), i) for i in range(3)]
-    last = note_then(str(log), 99, 30.0 if end == "kill" else 0.5, None if end == "kill" else 7)
+    short = [note_then.options(timeout=1.0)(str(log), 100 + i) for i in range(2)]  # type: ignore[attr-defined]
+    last = note_then(str(log), 99, 3.0)
     ahead.resume_operation("note_then")
-    assert wait_until(lambda: log.exists() and "99" in log.read_text().split(), 10)
-    assert not any(t.done() for t in short), "the short tokens' replies were not staged: this tests nothing"
-    if end == "kill":
-        assert last.kill("stop it")
-        with pytest.raises(TaskKilledError):
-            last.result(timeout=10)
-    else:
-        with pytest.raises(WorkerCrashedError):
-            last.result(timeout=30)
-    assert tokengate.gather(short, timeout=30) == [0, 1, 2]
-    assert log.read_text().split() == ["0", "1", "2", "99"], "a token whose reply was staged ran again"
-    assert ahead.get_stats()["lanes"]["process"]["completed"] >= 5 + 3 + 30
+    t0 = time.monotonic()
+    assert tokengate.gather(short, timeout=10) == [100, 101]
+    assert time.monotonic() - t0 < 0.9, "the replies waited for the long call"
+    assert not short[0].kill("too late"), "a finished token was killed"
+    assert last.result(timeout=30) == 99
+
+
+def test_staged_frames_tell_which_reached_the_socket() -> None:
+    """The board counts the frames a worker sent before its staged ones: after a death, the
+    supervisor skips the staged frames it already read from the socket."""
+    from tokengate._process.board import _Board
+    from tokengate._process.child import _Outbox
+    from tokengate._process.wire import _frames
+
+    board = _Board.create(4)
+    a, b = socket.socketpair()
+    try:
+        out = _Outbox(board, a.fileno(), sent=1, flusher=False)
+        for reply in (b"r1", b"r2"):
+            out.put(reply)
+        out.flush()
+        out.put(b"r3")
+        out.put(b"r4")
+        got = _frames(bytearray(b.recv(1 << 16)))
+        assert got == [b"r1", b"r2"]
+        before, data = board.staged()
+        assert before == 3 and _frames(bytearray(data)) == [b"r3", b"r4"]
+        received = 1 + len(got)  # the ready message, then r1 and r2
+        assert _frames(bytearray(data))[max(0, received - before) :] == [b"r3", b"r4"]
+        assert _frames(bytearray(data))[max(0, received + 1 - before) :] == [b"r4"]  # r3 had reached it
+        out.flush()
+        assert _frames(bytearray(b.recv(1 << 16))) == [b"r3", b"r4"]
+        assert board.staged() == (5, b"")
+    finally:
+        a.close()
+        b.close()
+        board.close()
 
 
 def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_path: Path) -> None:

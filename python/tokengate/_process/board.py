@@ -26,7 +26,7 @@ STAGE = 1 << 18
 
 def _size(n: int) -> int:
     """Bytes of a board with ``n`` list words."""
-    return 8 * (n + 4) + STAGE
+    return 8 * (n + 5) + STAGE
 
 
 class _Board:
@@ -40,10 +40,11 @@ class _Board:
     before its reply (only with ``process_max_rss``; 0: not measured), read by
     the supervisor as it handles the reply (no lock: one aligned word, and the
     reply orders the write before the read). Word n+3 counts the bytes staged
-    in the area that follows the words (:data:`STAGE` bytes): whole reply frames,
-    written and counted by the worker only, read by the supervisor only once the
-    process is dead. Both sides decide under a POSIX record lock on the shared
-    file:
+    in the area that follows the words (:data:`STAGE` bytes): whole reply frames;
+    word n+4 counts the frames the worker had sent before the first staged one.
+    The worker alone writes both and the stage, the supervisor reads them only
+    once the process is dead. Both sides decide under a POSIX record lock on the
+    shared file:
 
     * the worker, before it starts a token: skip it if it is listed, else
       publish it in word 0;
@@ -52,8 +53,9 @@ class _Board:
       next token), else list it (so it never starts).
 
     A token is therefore either running and killed with its process, or
-    skipped and never run; no other token is harmed. After a process died,
-    word 0 tells which token it was running.
+    skipped and never run, or already run (its reply on its way: staged or in
+    the socket; the supervisor then drops that reply); no other token is
+    harmed. After a process died, word 0 tells which token it was running.
     """
 
     __slots__ = ("fd", "map", "n", "stage", "words")
@@ -63,8 +65,8 @@ class _Board:
         self.n = n
         self.map = mmap.mmap(fd, _size(n))
         view = memoryview(self.map)
-        self.words = view[: 8 * (n + 4)].cast("q")
-        self.stage = view[8 * (n + 4) :]
+        self.words = view[: 8 * (n + 5)].cast("q")
+        self.stage = view[8 * (n + 5) :]
         view.release()
 
     @classmethod
@@ -90,10 +92,11 @@ class _Board:
         """The worker's resident set size (bytes) after its latest token (0: not measured)."""
         return int(self.words[self.n + 2])
 
-    def staged(self) -> bytes:
-        """The reply frames the worker staged and had not sent (read once it is dead)."""
+    def staged(self) -> tuple[int, bytes]:
+        """How many frames the worker had sent before its staged ones, and the reply
+        frames it staged and had not sent (read once it is dead)."""
         n = int(self.words[self.n + 3])
-        return bytes(self.stage[:n]) if 0 < n <= STAGE else b""
+        return int(self.words[self.n + 4]), bytes(self.stage[:n]) if 0 < n <= STAGE else b""
 
     # worker side
     def begin(self, seq: int) -> bool:

@@ -10,10 +10,10 @@
   staged on the board, and the staged replies are sent in one write before
   the worker waits for more work, before it starts a token of a function
   whose calls are not known to take under :data:`_SHORT_CALL`, and once the
-  oldest has waited :data:`_STAGE_AGE`. One write and one wake-up of the
-  supervisor then serve many tokens. A staged reply is never lost: the
-  supervisor reads the stage of a process that died. (A short function whose
-  call turns out long holds the replies staged before it until it ends.)
+  oldest has waited :data:`_STAGE_AGE` (between tokens, or from a flusher
+  thread while a call runs on). One write and one wake-up of the supervisor
+  then serve many tokens. A staged reply is never lost: the supervisor reads
+  the stage of a process that died.
 * It loads each function once (by reference or by value, see
   :mod:`.payload`) and caches it.
 * With ``process_max_rss`` it publishes its resident set size on its board
@@ -31,6 +31,8 @@ import os
 import pickle
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
@@ -48,6 +50,10 @@ from .wrapper import _WorkerStub
 _STAGE_AGE = 0.002
 #: A function whose calls take less than this (moving average) runs with earlier replies staged.
 _SHORT_CALL = 0.001
+#: The flusher thread looks this often (see :class:`_Outbox`) ...
+_FLUSH_TICK = 0.020
+#: ... and parks once nothing was staged for this long.
+_FLUSH_PARK = 1.0
 
 
 def _write_all(fd: int, data: Any) -> None:
@@ -58,48 +64,99 @@ def _write_all(fd: int, data: Any) -> None:
 
 class _Outbox:
     """Replies on their way to the supervisor: staged on the board, sent together
-    (see the module docs). Word ``n + 3`` of the board counts the staged bytes."""
+    (see the module docs). Word ``n + 3`` of the board counts the staged bytes,
+    word ``n + 4`` how many frames this worker had sent before the first staged one
+    (so the supervisor can tell which staged frames it already read from the socket).
 
-    __slots__ = ("board", "fd", "since", "used")
+    The main thread stages and sends between tokens; a flusher thread sends what
+    waited :data:`_STAGE_AGE` while a call runs on (it needs the interpreter: a call
+    that holds it, in C code, holds the staged replies until it releases it). Both
+    stage and send under one lock."""
 
-    def __init__(self, board: _Board, fd: int) -> None:
+    __slots__ = ("board", "fd", "frames", "lock", "sent", "since", "ticking", "used", "wake")
+
+    def __init__(self, board: _Board, fd: int, sent: int, flusher: bool = True) -> None:
         self.board = board
         self.fd = fd
         self.used = 0
+        self.frames = 0
         self.since = 0.0
+        #: Frames written to the socket so far.
+        self.sent = sent
+        board.words[board.n + 4] = sent
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.ticking = False
+        if flusher:
+            threading.Thread(target=self._flusher, name="tokengate-replies", daemon=True).start()
 
     def put(self, reply: bytes) -> None:
         """Stages ``reply`` (sends the stage first when it is full; a reply larger
         than the stage goes straight out)."""
         head = _header(len(reply))
-        end = self.used + len(head) + len(reply)
-        if end > STAGE:
-            self.flush()
-            if len(head) + len(reply) > STAGE:
-                _write_all(self.fd, head)
-                _write_all(self.fd, reply)
-                return
-            end = len(head) + len(reply)
-        if not self.used:
-            self.since = monotonic()
-        stage = self.board.stage
-        mid = self.used + len(head)
-        stage[self.used : mid] = head
-        stage[mid:end] = reply
-        self.used = end
-        self.board.words[self.board.n + 3] = end
+        size = len(head) + len(reply)
+        with self.lock:
+            if self.used + size > STAGE:
+                self._send_staged()
+                if size > STAGE:
+                    _write_all(self.fd, head)
+                    _write_all(self.fd, reply)
+                    self.sent += 1
+                    self.board.words[self.board.n + 4] = self.sent
+                    return
+            start = self.used
+            if not start:
+                self.since = monotonic()
+                if not self.ticking:
+                    self.ticking = True
+                    self.wake.set()
+            stage = self.board.stage
+            stage[start : start + len(head)] = head
+            stage[start + len(head) : start + size] = reply
+            self.used = start + size
+            self.frames += 1
+            self.board.words[self.board.n + 3] = self.used
 
     def due(self, call: float | None) -> bool:
         """Whether to send the staged replies before a call that takes ``call``
-        seconds on average (None: not measured yet)."""
+        seconds on average (None: not measured yet). Read without the lock: a stale
+        answer costs at most one needless ``flush``."""
         return bool(self.used) and (call is None or call >= _SHORT_CALL or monotonic() - self.since >= _STAGE_AGE)
 
     def flush(self) -> None:
         """Sends the staged replies (then the stage is empty)."""
-        if self.used:
-            _write_all(self.fd, self.board.stage[: self.used])
+        with self.lock:
+            self._send_staged()
+
+    def _send_staged(self) -> None:
+        used = self.used
+        if used:
+            _write_all(self.fd, self.board.stage[:used])
+            self.sent += self.frames
+            self.frames = 0
             self.used = 0
+            # In this order: a death between the two leaves an empty stage, never
+            # staged frames counted as sent before themselves.
             self.board.words[self.board.n + 3] = 0
+            self.board.words[self.board.n + 4] = self.sent
+
+    def _flusher(self) -> None:
+        """Every :data:`_FLUSH_TICK`, sends the replies that waited :data:`_STAGE_AGE`;
+        parks once none was staged for :data:`_FLUSH_PARK` (``put`` wakes it). It runs
+        seldom, and stays awake between batches: each run takes the interpreter from
+        the call in progress, and a wake-up per batch cost the workers about 4 %."""
+        while True:
+            self.wake.wait()
+            while True:
+                time.sleep(_FLUSH_TICK)
+                with self.lock:
+                    if self.used:
+                        if monotonic() - self.since >= _STAGE_AGE:
+                            self._send_staged()
+                    elif monotonic() - self.since >= _FLUSH_PARK:
+                        self.ticking = False
+                        self.wake.clear()
+                        break
 
 
 def _set_parent_death_signal(ppid: int) -> None:
@@ -233,7 +290,7 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int 
     payloads: dict[int, Any] = {}
     local: deque[tuple[int, int, Any, bytes]] = deque()
     rss = _rss_reader() if measure_rss else None
-    out = _Outbox(board, fd)
+    out = _Outbox(board, fd, sent=1)  # after the ready message
     calls: dict[int, float] = {}  # function key -> moving average seconds per call
     code = 0
     try:

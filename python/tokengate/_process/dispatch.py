@@ -136,7 +136,7 @@ class _Dispatch(_LaneState):
         self._finish_item(w, item)
         w.skips.add(item.seq)
         if w.left is not None:
-            w.left += 1  # it never runs there: its unit of the budget comes back
+            w.left += 1  # it never runs there: its unit comes back (taken again if it had run, see _handle)
 
     def _flush(self, w: _Worker) -> bool:
         """Writes what the socket takes of ``w``'s outbox (never blocks: a worker busy with

@@ -10,7 +10,8 @@ or repeats a token:
 
 - a process is never sent more tokens than it has left: sending ahead
   stops at its budget (each token sent uses one unit; one listed on its
-  board to be skipped gives its unit back, it never runs there);
+  board to be skipped gives its unit back, it never runs there, and takes it
+  again if its reply shows it had run already);
 - a *retiring* process (budget used up, or RSS above the ceiling) is sent
   nothing more and runs what it holds. Once every token sent to it has
   answered (nothing in flight, nothing to skip, nothing in its outbox),

@@ -56,7 +56,7 @@ class _Replies(_LaneState):
     def _read(self, w: _Worker) -> None:
         """Reads what the socket holds (one read) and handles every whole reply in it."""
         try:
-            data = os.read(w.conn.fileno(), min(max(1 << 16, _frame_need(w.rbuf)), 1 << 22))
+            data = os.read(w.conn.fileno(), min(max(1 << 18, _frame_need(w.rbuf)), 1 << 22))
         except BlockingIOError:
             return
         except OSError:
@@ -67,6 +67,7 @@ class _Replies(_LaneState):
         w.rbuf += data
         frames = _frames(w.rbuf)
         if frames:
+            w.received += len(frames)
             now = time.monotonic()
             took = (now - w.mark) / len(frames)
             for frame in frames:
@@ -84,15 +85,17 @@ class _Replies(_LaneState):
             if not data:
                 break
             w.rbuf += data
-        for frame in _frames(w.rbuf):
+        frames = _frames(w.rbuf)
+        w.received += len(frames)
+        for frame in frames:
             self._handle(w, frame)
         # A frame cut off when the process died was staged whole (or was a reply too
         # large to stage, lost with the token that was running).
         w.rbuf.clear()
-        unanswered = {item.seq for item in w.items}
-        for frame in _frames(bytearray(w.board.staged())):
-            if _REPLY.unpack_from(frame)[0] in unanswered:  # not read from the socket already
-                self._handle(w, frame)
+        before, data = w.board.staged()
+        # The first staged frames may have reached the socket before the process died.
+        for frame in _frames(bytearray(data))[max(0, w.received - before) :]:
+            self._handle(w, frame)
 
     def _handle(self, w: _Worker, data: bytes, now: float = 0.0, took: float | None = None) -> None:
         """Handles one reply; ``took``: the token's share of the time since the last replies
@@ -105,6 +108,12 @@ class _Replies(_LaneState):
         if seq in w.skips:
             w.skips.discard(seq)
             w.board.unlist(seq)
+            if kind != _SKIPPED and w.left is not None:
+                # It was stopped after it ran (its reply was on its way): the unit of
+                # the budget given back for it (see ``_stop_item``) is taken again.
+                w.left -= 1
+                if w.left <= 0:
+                    self._retiring.add(w)
         elif self.max_rss is not None and not w.over_rss and w.board.rss() > self.max_rss:
             w.over_rss = True  # a token ended with the process above the ceiling: it retires
             self._retiring.add(w)

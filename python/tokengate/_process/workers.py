@@ -57,6 +57,7 @@ class _Worker:
         "proc",
         "rbuf",
         "ready",
+        "received",
         "retired_at",
         "skips",
         "slot",
@@ -79,6 +80,8 @@ class _Worker:
         self.skips: set[int] = set()
         self.funcs: set[int] = set()
         self.rbuf = bytearray()
+        #: Whole messages read from its socket (see ``_Board.staged``).
+        self.received = 0
         #: Bytes the socket did not take yet (the supervisor never blocks on a worker).
         self.outbox = bytearray()
         self.spawned_at = time.monotonic()
