@@ -56,7 +56,7 @@ class _Replies(_LaneState):
     def _read(self, w: _Worker) -> None:
         """Reads what the socket holds (one read) and handles every whole reply in it."""
         try:
-            data = os.read(w.conn.fileno(), min(max(1 << 18, _frame_need(w.rbuf)), 1 << 22))
+            data = os.read(w.conn.fileno(), min(max(1 << 16, _frame_need(w.rbuf)), 1 << 22))
         except BlockingIOError:
             return
         except OSError:
