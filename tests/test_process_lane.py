@@ -937,6 +937,27 @@ def test_staged_frames_tell_which_reached_the_socket() -> None:
         board.close()
 
 
+def test_room_is_never_negative_and_none_for_a_worker_silent_in_a_long_call() -> None:
+    """How many tokens the supervisor sends a worker: none once its budget is spent, even when
+    a token stopped after it ran takes its unit back late (left < 0 took a negative count from
+    the queue and stopped the lane), and none while it holds a token it has not answered for
+    10 ms (what it would be sent would wait behind that call)."""
+    from types import SimpleNamespace
+
+    from tokengate._process.dispatch import _Dispatch
+
+    lane = SimpleNamespace(prefetch=64)
+    w = SimpleNamespace(ready=True, over_rss=False, avg=1e-4, load=0, left=-1, mark=time.monotonic())
+    room = _Dispatch._room
+    assert room(lane, w) == 0  # type: ignore[arg-type]
+    w.left = None
+    assert room(lane, w) == 64  # type: ignore[arg-type]
+    w.load, w.mark = 1, time.monotonic() - 0.05
+    assert room(lane, w) == 0  # type: ignore[arg-type]
+    w.mark = time.monotonic()
+    assert room(lane, w) == 63  # type: ignore[arg-type]
+
+
 def test_long_tokens_are_sent_one_at_a_time(lane1: OperationsCoordinator, tmp_path: Path) -> None:
     """Tokens of 10 ms or more are not sent ahead: priorities and cancel() reach every queued one."""
     hold_then(str(tmp_path / "w"), 0.05).result(timeout=30)

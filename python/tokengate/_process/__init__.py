@@ -16,7 +16,8 @@ Design
   retry back-offs and the worker processes, and waits on one selector over
   the workers' sockets, their pidfds and a wake-up pipe (:mod:`.lane`).
 * **Sending ahead**: short tokens go to a process in batches, so it never
-  waits for the supervisor between them (:mod:`.dispatch`).
+  waits for the supervisor between them (:mod:`.dispatch`); their replies
+  come back together, staged on the process's board (:mod:`.child`).
 * **Per-process supervision**: a shared word per process says which token it
   runs now (:mod:`.board`), so a worker that dies fails only that token, and
   a token killed or past its deadline really stops (:mod:`.workers`).

@@ -39,7 +39,8 @@ class _Board:
     resident set size in bytes, written by the worker after each token and
     before its reply (only with ``process_max_rss``; 0: not measured), read by
     the supervisor as it handles the reply (no lock: one aligned word, and the
-    reply orders the write before the read). Word n+3 counts the bytes staged
+    reply orders the write before the read; with replies sent together, it may
+    read the size after a later token). Word n+3 counts the bytes staged
     in the area that follows the words (:data:`STAGE` bytes): whole reply frames;
     word n+4 counts the frames the worker had sent before the first staged one.
     The worker alone writes both and the stage, the supervisor reads them only
@@ -112,8 +113,9 @@ class _Board:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def end(self) -> None:
-        """The token finished and its reply was sent (a kill that reads the stale word
-        meanwhile only replaces an idle process)."""
+        """The token finished and its reply was staged or sent (a kill that reads the
+        stale word meanwhile replaces the process; the reply, read from the socket or
+        the stage, is the token's end, and what the process held goes back to the queue)."""
         self.words[0] = 0
 
     def set_rss(self, value: int) -> None:

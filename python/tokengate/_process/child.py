@@ -10,10 +10,12 @@
   staged on the board, and the staged replies are sent in one write before
   the worker waits for more work, before it starts a token of a function
   whose calls are not known to take under :data:`_SHORT_CALL`, and once the
-  oldest has waited :data:`_STAGE_AGE` (between tokens, or from a flusher
-  thread while a call runs on). One write and one wake-up of the supervisor
-  then serve many tokens. A staged reply is never lost: the supervisor reads
-  the stage of a process that died.
+  oldest has waited :data:`_STAGE_AGE`: between tokens, and while a call runs
+  on, from a flusher thread that looks every :data:`_FLUSH_TICK` (it needs the
+  interpreter: a pure-Python call lends it within a switch interval, one in C
+  code that keeps it holds the staged replies until it returns). One write and
+  one wake-up of the supervisor then serve many tokens. A staged reply is never
+  lost: the supervisor reads the stage of a process that died.
 * It loads each function once (by reference or by value, see
   :mod:`.payload`) and caches it.
 * With ``process_max_rss`` it publishes its resident set size on its board
@@ -46,7 +48,7 @@ from .payload import _PLAIN, _PROTO, RemoteError, UnpicklableError, _dumps, _res
 from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED, _header
 from .wrapper import _WorkerStub
 
-#: Staged replies are sent once the oldest has waited this long (checked between tokens).
+#: Staged replies are sent once the oldest has waited this long (checked between tokens and by the flusher).
 _STAGE_AGE = 0.002
 #: A function whose calls take less than this (moving average) runs with earlier replies staged.
 _SHORT_CALL = 0.001
@@ -69,11 +71,11 @@ class _Outbox:
     (so the supervisor can tell which staged frames it already read from the socket).
 
     The main thread stages and sends between tokens; a flusher thread sends what
-    waited :data:`_STAGE_AGE` while a call runs on (it needs the interpreter: a call
-    that holds it, in C code, holds the staged replies until it releases it). Both
-    stage and send under one lock."""
+    waited :data:`_STAGE_AGE` while a call runs on. Both stage and send under one
+    lock. Where the thread cannot start (a limit on threads), every reply is sent
+    at once, as it is staged."""
 
-    __slots__ = ("board", "fd", "frames", "lock", "sent", "since", "ticking", "used", "wake")
+    __slots__ = ("board", "direct", "fd", "frames", "lock", "sent", "since", "ticking", "used", "wake")
 
     def __init__(self, board: _Board, fd: int, sent: int, flusher: bool = True) -> None:
         self.board = board
@@ -87,8 +89,12 @@ class _Outbox:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.ticking = False
+        self.direct = False
         if flusher:
-            threading.Thread(target=self._flusher, name="tokengate-replies", daemon=True).start()
+            try:
+                threading.Thread(target=self._flusher, name="tokengate-replies", daemon=True).start()
+            except RuntimeError:  # "can't start new thread"
+                self.direct = True
 
     def put(self, reply: bytes) -> None:
         """Stages ``reply`` (sends the stage first when it is full; a reply larger
@@ -116,6 +122,8 @@ class _Outbox:
             self.used = start + size
             self.frames += 1
             self.board.words[self.board.n + 3] = self.used
+            if self.direct:
+                self._send_staged()
 
     def due(self, call: float | None) -> bool:
         """Whether to send the staged replies before a call that takes ``call``
@@ -145,18 +153,21 @@ class _Outbox:
         parks once none was staged for :data:`_FLUSH_PARK` (``put`` wakes it). It runs
         seldom, and stays awake between batches: each run takes the interpreter from
         the call in progress, and a wake-up per batch cost the workers about 4 %."""
-        while True:
-            self.wake.wait()
+        try:
             while True:
-                time.sleep(_FLUSH_TICK)
-                with self.lock:
-                    if self.used:
-                        if monotonic() - self.since >= _STAGE_AGE:
-                            self._send_staged()
-                    elif monotonic() - self.since >= _FLUSH_PARK:
-                        self.ticking = False
-                        self.wake.clear()
-                        break
+                self.wake.wait()
+                while True:
+                    time.sleep(_FLUSH_TICK)
+                    with self.lock:
+                        if self.used:
+                            if monotonic() - self.since >= _STAGE_AGE:
+                                self._send_staged()
+                        elif monotonic() - self.since >= _FLUSH_PARK:
+                            self.ticking = False
+                            self.wake.clear()
+                            break
+        except OSError:  # the supervisor closed the socket: the worker is ending
+            pass
 
 
 def _set_parent_death_signal(ppid: int) -> None:

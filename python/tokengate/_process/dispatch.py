@@ -50,14 +50,19 @@ class _Dispatch(_LaneState):
         priorities and ``cancel()`` act on everything queued. Shorter tokens are
         sent ahead, enough for about 10 ms of work, at most ``prefetch``; a worker
         is topped up once half of that is done (fewer, larger messages). Never more
-        than the tokens it has left before it retires; nothing to a retiring one."""
+        than the tokens it has left before it retires; nothing to a retiring one.
+        Nothing either to one that holds tokens and has not answered for 10 ms: a
+        call there runs long, and what it holds waits behind it."""
         if w is None or not w.ready or w.over_rss:
             return 0
         depth = 1 if w.avg is None else max(1, min(self.prefetch, 1 + int(_PREFETCH_WORK_S / max(w.avg, 1e-6))))
         load = w.load
         room = depth - load if load <= depth // 2 else 0
+        if room and load and time.monotonic() - w.mark > _PREFETCH_WORK_S:
+            return 0
         left = w.left
-        return room if left is None or room <= left else left
+        # A token stopped after it ran takes back its unit late (see _handle): left may be < 0.
+        return room if left is None or room <= left else max(0, left)
 
     def _dispatch(self) -> bool:
         """Takes what the workers have room for from the engine's queue (and the stop
