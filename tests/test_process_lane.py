@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -855,6 +856,11 @@ def note_then(path: str, i: int, hold: float = 0.0, code: int | None = None, gri
     return i
 
 
+@pytest.mark.skipif(
+    bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+    reason="without a GIL no call holds back the worker's flusher thread: whether replies are still staged "
+    "when it dies is up to timing (test_staged_frames_tell_which_reached_the_socket covers the stage there)",
+)
 @pytest.mark.parametrize("end", ["kill", "crash"])
 def test_replies_staged_in_a_worker_that_dies_are_not_lost(
     ahead: OperationsCoordinator, tmp_path: Path, end: str
