@@ -460,16 +460,18 @@ impl<S> TokenCell<S> {
         // coarser backoff (up to 128 hints, several microseconds on cores
         // whose pause is slow) added its own delay to a round trip, by as
         // much as a tenth, and made it depend on code layout.
-        let start = Instant::now();
-        for round in 0..if spin { u32::MAX } else { 0 } {
-            for _ in 0..(1u32 << round.min(4)) {
-                std::hint::spin_loop();
-            }
-            if self.is_done() {
-                return true;
-            }
-            if round >= 7 && start.elapsed() >= WAIT_SPIN {
-                break;
+        if spin {
+            let start = Instant::now();
+            for round in 0..u32::MAX {
+                for _ in 0..(1u32 << round.min(4)) {
+                    std::hint::spin_loop();
+                }
+                if self.is_done() {
+                    return true;
+                }
+                if round >= 7 && start.elapsed() >= WAIT_SPIN {
+                    break;
+                }
             }
         }
         let deadline = timeout.map(|t| Instant::now() + t);

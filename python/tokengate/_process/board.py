@@ -24,9 +24,14 @@ from typing import Any
 STAGE = 1 << 18
 
 
+def _words(n: int) -> int:
+    """Words of a board with ``n`` list words (the stage follows them)."""
+    return n + 5
+
+
 def _size(n: int) -> int:
     """Bytes of a board with ``n`` list words."""
-    return 8 * (n + 5) + STAGE
+    return 8 * _words(n) + STAGE
 
 
 class _Board:
@@ -66,8 +71,8 @@ class _Board:
         self.n = n
         self.map = mmap.mmap(fd, _size(n))
         view = memoryview(self.map)
-        self.words = view[: 8 * (n + 5)].cast("q")
-        self.stage = view[8 * (n + 5) :]
+        self.words = view[: 8 * _words(n)].cast("q")
+        self.stage = view[8 * _words(n) :]
         view.release()
 
     @classmethod
@@ -100,6 +105,17 @@ class _Board:
         return int(self.words[self.n + 4]), bytes(self.stage[:n]) if 0 < n <= STAGE else b""
 
     # worker side
+    def set_staged(self, used: int) -> None:
+        """The stage now holds ``used`` bytes of whole frames."""
+        self.words[self.n + 3] = used
+
+    def set_sent(self, sent: int) -> None:
+        """The stage was sent and is empty; ``sent`` frames went out in all. In this order:
+        a death between the two leaves an empty stage, never staged frames counted as sent
+        before themselves."""
+        self.words[self.n + 3] = 0
+        self.words[self.n + 4] = sent
+
     def begin(self, seq: int) -> bool:
         """Publishes ``seq`` as running, unless the supervisor listed it: then False."""
         words = self.words

@@ -66,9 +66,9 @@ def _write_all(fd: int, data: Any) -> None:
 
 class _Outbox:
     """Replies on their way to the supervisor: staged on the board, sent together
-    (see the module docs). Word ``n + 3`` of the board counts the staged bytes,
-    word ``n + 4`` how many frames this worker had sent before the first staged one
-    (so the supervisor can tell which staged frames it already read from the socket).
+    (see the module docs). The board also counts the staged bytes and the frames
+    sent before the first staged one (so the supervisor can tell which staged frames
+    it already read from the socket, see ``_Board.staged``).
 
     The main thread stages and sends between tokens; a flusher thread sends what
     waited :data:`_STAGE_AGE` while a call runs on. Both stage and send under one
@@ -85,7 +85,7 @@ class _Outbox:
         self.since = 0.0
         #: Frames written to the socket so far.
         self.sent = sent
-        board.words[board.n + 4] = sent
+        board.set_sent(sent)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.ticking = False
@@ -108,7 +108,7 @@ class _Outbox:
                     _write_all(self.fd, head)
                     _write_all(self.fd, reply)
                     self.sent += 1
-                    self.board.words[self.board.n + 4] = self.sent
+                    self.board.set_sent(self.sent)
                     return
             start = self.used
             if not start:
@@ -121,7 +121,7 @@ class _Outbox:
             stage[start + len(head) : start + size] = reply
             self.used = start + size
             self.frames += 1
-            self.board.words[self.board.n + 3] = self.used
+            self.board.set_staged(self.used)
             if self.direct:
                 self._send_staged()
 
@@ -143,10 +143,7 @@ class _Outbox:
             self.sent += self.frames
             self.frames = 0
             self.used = 0
-            # In this order: a death between the two leaves an empty stage, never
-            # staged frames counted as sent before themselves.
-            self.board.words[self.board.n + 3] = 0
-            self.board.words[self.board.n + 4] = self.sent
+            self.board.set_sent(self.sent)
 
     def _flusher(self) -> None:
         """Every :data:`_FLUSH_TICK`, sends the replies that waited :data:`_STAGE_AGE`;

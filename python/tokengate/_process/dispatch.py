@@ -68,8 +68,9 @@ class _Dispatch(_LaneState):
         """Takes what the workers have room for from the engine's queue (and the stop
         notices of taken tokens resolved from outside), pickles it and sends it. True
         when it took anything: the caller looks again before it sleeps."""
-        workers = [w for w in self._workers if w is not None and self._room(w)]
-        room = [self._room(w) for w in workers]
+        rooms = [(w, self._room(w)) for w in self._workers if w is not None]
+        workers = [w for w, n in rooms if n]
+        room = [n for _, n in rooms if n]
         tasks, stopped = self.outside.take(sum(room))
         for seq in stopped:
             self._stopped(seq)

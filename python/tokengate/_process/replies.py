@@ -69,9 +69,12 @@ class _Replies(_LaneState):
         if frames:
             w.received += len(frames)
             now = time.monotonic()
-            took = (now - w.mark) / len(frames)
-            for frame in frames:
-                self._handle(w, frame, now, took)
+            took = (now - w.mark) / len(frames)  # each one's share of the time since the last ones
+            ended = sum(self._handle(w, frame) for frame in frames)
+            if ended:
+                for _ in range(ended):
+                    w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
+                w.mark = now
 
     def _read_replies(self, w: _Worker) -> None:
         """After ``w``'s process exited: handles every reply it sent (what its socket
@@ -97,14 +100,14 @@ class _Replies(_LaneState):
         for frame in _frames(bytearray(data))[max(0, w.received - before) :]:
             self._handle(w, frame)
 
-    def _handle(self, w: _Worker, data: bytes, now: float = 0.0, took: float | None = None) -> None:
-        """Handles one reply; ``took``: the token's share of the time since the last replies
-        (measured here when None)."""
+    def _handle(self, w: _Worker, data: bytes) -> bool:
+        """Handles one reply; True when it ended a token sent to ``w`` (it counts in the
+        worker's time per token, see ``_read``)."""
         seq, kind = _REPLY.unpack_from(data)
         if kind == _READY:
             w.ready = True
             self._startup_failures = 0
-            return
+            return False
         if seq in w.skips:
             w.skips.discard(seq)
             w.board.unlist(seq)
@@ -119,18 +122,14 @@ class _Replies(_LaneState):
             self._retiring.add(w)
         item = next((it for it in w.items if it.seq == seq), None)
         if item is None:
-            return  # a token that was killed meanwhile
+            return False  # a token that was killed meanwhile
         self._finish_item(w, item)
-        if took is None:
-            now = time.monotonic()
-            took = now - w.mark
-        w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
-        w.mark = now
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
             self._requeue(item, w.pid)
-            return
+            return True
         ok, value = decode_reply(item.pf._op, data)
         if ok:
             self._finish_ok(item, value)
         else:
             self._fail(item, value)
+        return True
