@@ -315,3 +315,50 @@ def test_queued_work_runs_when_a_loan_ends_under_a_reduced_pattern() -> None:
         assert last.result(timeout=5) == 3, c.get_stats()["pool"]
     finally:
         c.stop(timeout=WAIT)
+
+
+def _square_sum(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def _overlap(spans: list[tuple[float, float]]) -> float:
+    """The fraction of the time from the first start to the last end during which two or
+    more of ``spans`` were in progress at once."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    inside, last, both = 0, events[0][0], 0.0
+    for t, step in events:
+        if inside >= 2:
+            both += t - last
+        inside += step
+        last = t
+    return both / (events[-1][0] - events[0][0])
+
+
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)() is False, reason="no GIL: pure-Python tokens run in parallel"
+)
+def test_pure_python_tokens_run_back_to_back_once_they_wait_for_the_gil() -> None:
+    """Under the GIL a second pure-Python token in progress only waits for the interpreter,
+    and each waiter makes CPython switch threads more often (see
+    src/engine/pool/contention.rs). Once the monitor sees that, one worker runs the queue:
+    with eight workers, tokens were in progress two or more at once nearly all the time
+    before; now only while the monitor looks again after a quiet spell."""
+    spans: list[tuple[float, float]] = []
+
+    @task_token_guard(operation_type="blocking_test.gil_bound")
+    def work(n: int) -> int:
+        t0 = time.perf_counter()
+        out = _square_sum(n)
+        spans.append((t0, time.perf_counter()))
+        return out
+
+    with OperationsCoordinator(max_workers=8):
+        values = tokengate.gather([work(2_000) for _ in range(6_000)], timeout=WAIT)
+    assert values == [_square_sum(2_000)] * 6_000
+    spans.sort()
+    later = spans[len(spans) // 4 :]  # the monitor's first looks are behind
+    overlap = _overlap(later)
+    assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"

@@ -51,6 +51,7 @@
 mod blocking;
 mod capacity;
 mod config;
+mod contention;
 mod job;
 #[cfg(all(target_os = "linux", not(loom)))]
 mod monitor;
@@ -185,6 +186,7 @@ impl<J: Job> Pool<J> {
             heavy_now: AtomicUsize::new(0),
             runs: (0..threads).map(|_| RunCell::new()).collect(),
             lends: AtomicU64::new(0),
+            gil_bound: AtomicBool::new(false),
             monitor_parked: AtomicBool::new(false),
             monitor_thread: Mutex::new(None),
             run_spare: {

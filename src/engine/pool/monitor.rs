@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use super::blocking::{
     Run, BUSY_NS, DEEP_IDLE, GIL_RECHECK, IDLE_POLL, LENT, LENT_EVERY, MAX_TICK, OPEN_WATCHES, PARK_LIMIT, READS_PER_TICK, RUNNING, TICK,
 };
+use super::contention::GilWatch;
 use super::job::{Job, NO_CLASS};
 use super::shared::Shared;
 use crate::engine::sync::{Arc, Ordering};
@@ -111,6 +112,7 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
     let mut tick: usize = 0;
     let mut cursor = 0;
     let mut interval = TICK;
+    let mut gil_watch = GilWatch::default();
     loop {
         if shared.terminate.load(Ordering::SeqCst) && *shared.alive.lock() == 0 {
             return;
@@ -189,6 +191,15 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
                 // Waiting for the GIL stays so for a while: look again in a few ticks.
                 Some(Kernel::GilWait) => watch.gil_until = tick + GIL_RECHECK,
                 _ => {}
+            }
+        }
+        if gil.is_some() && gil_watch.sample_due() {
+            // Any job, however young: a thread waiting for the GIL mid-job is a contender.
+            let running: Vec<usize> = (0..n).filter(|&i| shared.runs[i].load().state == RUNNING).collect();
+            let contended =
+                running.len() >= 2 && running.iter().any(|&i| watches[i].tid != 0 && watches[i].kernel(gil) == Some(Kernel::GilWait));
+            if gil_watch.after_sample(shared, contended) {
+                eventful = true; // held-back workers were woken: see a new contender soon
             }
         }
         // Round robin: the next tick starts where the reads ran out.

@@ -59,6 +59,8 @@ pub(crate) struct Shared<J> {
     pub(super) runs: Vec<RunCell>,
     /// Runs whose units were lent so far (blocked jobs).
     pub(super) lends: AtomicU64,
+    /// Running jobs wait for the GIL: workers start no more beside them (see `contention.rs`).
+    pub(super) gil_bound: AtomicBool,
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
     pub(super) monitor_parked: AtomicBool,
     pub(super) monitor_thread: Mutex<Option<std::thread::Thread>>,
@@ -330,7 +332,7 @@ impl<J: Job> Shared<J> {
 
     /// Whether worker `index` could take shared (not pinned) work now.
     pub(crate) fn can_take_shared(&self, index: usize) -> bool {
-        if !self.is_active(index) {
+        if !self.is_active(index) || self.holds_back_for_gil(index) {
             return false;
         }
         let core = &self.cores[self.core_of(index)];
@@ -390,7 +392,7 @@ impl<J: Job> Shared<J> {
         if self.inboxes.get(index).is_some_and(|inbox| !inbox.is_empty()) {
             return true;
         }
-        if !self.is_active(index) {
+        if !self.is_active(index) || self.holds_back_for_gil(index) {
             return false;
         }
         let core = &self.cores[self.core_of(index)];

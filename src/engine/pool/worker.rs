@@ -275,7 +275,7 @@ impl<J: Job> WorkerLoop<J> {
                 Steal::Retry => {}
             }
         }
-        if !self.shared.is_active(self.info.index) {
+        if !self.shared.is_active(self.info.index) || self.shared.holds_back_for_gil(self.info.index) {
             return None;
         }
         if let Some(found) = self.take_deferred() {
