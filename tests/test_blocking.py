@@ -362,3 +362,31 @@ def test_pure_python_tokens_run_back_to_back_once_they_wait_for_the_gil() -> Non
     later = spans[len(spans) // 4 :]  # the monitor's first looks are behind
     overlap = _overlap(later)
     assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"
+
+
+def test_tokens_polling_for_a_queued_token_do_not_hold_it_back() -> None:
+    """Two pure-Python tokens that poll a flag wait for the GIL in turn, which turns the
+    GIL-bound mode on; the token that sets the flag, queued after them, must still start
+    (a job older than 20 ms holds no worker back), or all three would wait for ever."""
+    flag = threading.Event()
+
+    @task_token_guard(operation_type="blocking_test.poller")
+    def poll() -> bool:
+        t0 = time.perf_counter()
+        while not flag.is_set():
+            if time.perf_counter() - t0 > WAIT:
+                raise TimeoutError("the setter never ran")
+        return True
+
+    @task_token_guard(operation_type="blocking_test.setter")
+    def set_flag() -> bool:
+        flag.set()
+        return True
+
+    with OperationsCoordinator(max_workers=8):
+        pollers = [poll(), poll()]
+        time.sleep(0.2)  # the monitor sees them wait for the GIL in turn
+        setter = set_flag()
+        # Waiting on the pollers first: a caller waiting on the setter would run it itself.
+        assert [p.result(timeout=WAIT) for p in pollers] == [True, True]
+        assert setter.result(timeout=WAIT)

@@ -151,11 +151,18 @@ pub(crate) struct RunCell {
     pub(crate) tid: AtomicU64,
     /// `Job::class` of the run (written by the worker before `begin`).
     class: AtomicU32,
+    /// When the run began (`token::now_ns`; see `contention.rs`).
+    began: AtomicU64,
 }
 
 impl RunCell {
     pub(crate) fn new() -> Self {
-        RunCell { word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)), tid: AtomicU64::new(0), class: AtomicU32::new(NO_CLASS) }
+        RunCell {
+            word: crossbeam_utils::CachePadded::new(AtomicU64::new(0)),
+            tid: AtomicU64::new(0),
+            class: AtomicU32::new(NO_CLASS),
+            began: AtomicU64::new(0),
+        }
     }
 
     /// The next run's `Job::class` (the worker, before `begin`).
@@ -168,12 +175,18 @@ impl RunCell {
         self.class.load(Ordering::Acquire)
     }
 
+    /// When the current (or last) run began, in `token::now_ns` time.
+    pub(crate) fn began_ns(&self) -> u64 {
+        self.began.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn load(&self) -> Run {
         Run::unpack(self.word.load(Ordering::SeqCst))
     }
 
     /// The worker starts a job holding `units` (SeqCst: see `monitor::park`).
     pub(crate) fn begin(&self, units: u32) {
+        self.began.store(crate::engine::token::now_ns(), Ordering::Relaxed);
         let run = Run::unpack(self.word.load(Ordering::Relaxed)).run.wrapping_add(1);
         self.word.store(Run { run, state: RUNNING, units }.pack(), Ordering::SeqCst);
     }

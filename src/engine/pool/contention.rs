@@ -1,4 +1,4 @@
-//! One worker at a time while jobs wait for the GIL.
+//! Fewer workers while short jobs wait for the GIL.
 //!
 //! Under the GIL one thread runs Python at a time. When the running jobs need
 //! the interpreter more than anything else (pure-Python CPU work), every job
@@ -11,30 +11,43 @@
 //!
 //! # Protocol
 //!
-//! * Every `GIL_SAMPLE` while two or more workers run a job, the blocking
-//!   monitor reads their kernel state (`monitor.rs`); one found waiting for
-//!   the GIL, at any age of its job, turns the pool's GIL-bound mode on
+//! * At each monitor tick (1 to 16 ms apart, see `blocking.rs`), at most
+//!   every `GIL_SAMPLE`, while two or more workers run a job, the monitor
+//!   reads their kernel state (`monitor.rs`); one found waiting for the GIL,
+//!   at any age of its job, turns the pool's GIL-bound mode on
 //!   (`Shared::gil_bound`). It goes off once none was found for `GIL_QUIET`.
 //! * While it is on, a worker takes no new shared work
-//!   (`Shared::holds_back_for_gil`) when another worker runs a job, unless
-//!   some core has lent units (work that blocks is about, and threads are what
-//!   it needs) or the pool terminates. It parks; its inbox still runs. The
-//!   workers that run a job go on with the queue as each job ends, so the
-//!   workers drop to one that runs the queued jobs back to back, and nothing
-//!   is left without a taker.
-//! * When the mode goes off, the monitor wakes a held-back worker
-//!   (`notify_work`) if work is queued, and looks closely again: jobs that
-//!   release the GIL (I/O, hashing of large buffers, NumPy) get their threads
-//!   back within `GIL_QUIET`, and GIL-bound ones turn the mode on again within
-//!   a few ticks. A loan and new submissions wake workers as before.
+//!   (`Shared::holds_back_for_gil`) when another worker runs a job that began
+//!   less than `GIL_YOUNG` ago, unless some core has lent units (work that
+//!   blocks is about, and threads are what it needs) or the pool terminates.
+//!   It parks (its inbox still runs). The workers that run a job go on with
+//!   the queue as each job ends, taking the jobs left in held-back workers'
+//!   deques before the global queue (they left it first), so with short jobs
+//!   the workers drop to about one that runs the queue back to back.
+//! * A job that runs longer than `GIL_YOUNG` holds no one back: the queue
+//!   never waits behind a long job, and a job that waits for queued work (a
+//!   loop polling a flag another token sets) cannot hang the pool.
+//! * At each sample while the mode is on, and when it goes off, the monitor
+//!   wakes a worker that may take work (`notify_work`: held back no more,
+//!   since its runner's job grew old or the mode ended) if work is queued; when
+//!   the mode goes off it also ticks fast again. So jobs that release
+//!   the GIL (I/O, hashing of large buffers, NumPy) get their threads back
+//!   within `GIL_QUIET` plus a tick, and GIL-bound ones turn the mode on again
+//!   within a few ticks. A loan wakes workers as before; a submission wakes
+//!   no held-back worker.
+//! * Until then, jobs that release the GIL and run beside young GIL-bound
+//!   ones run one at a time: the price of the mode for mixed work.
 //! * Without a GIL the mode stays off: the monitor samples only when the
 //!   interpreter has one (`PoolConfig::gil_window`).
 
+use super::blocking::RUNNING;
 use super::job::Job;
 use super::shared::Shared;
 use crate::engine::sync::Ordering;
 
-/// How often the monitor samples the running workers for a GIL wait.
+/// A job that began less than this long ago holds new work back in the GIL-bound mode.
+const GIL_YOUNG_NS: u64 = 20_000_000;
+/// The monitor samples the running workers for a GIL wait at most this often.
 #[cfg(all(target_os = "linux", not(loom)))]
 const GIL_SAMPLE: std::time::Duration = std::time::Duration::from_millis(4);
 /// The GIL-bound mode ends once no worker was found waiting for the GIL for this long.
@@ -43,12 +56,17 @@ const GIL_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl<J: Job> Shared<J> {
     /// Whether worker `index` starts no new shared job now: the jobs that run
-    /// wait for the GIL, and a new one would only wait beside them.
+    /// wait for the GIL, and another worker's short job will end soon, its
+    /// worker then taking the next one.
     pub(super) fn holds_back_for_gil(&self, index: usize) -> bool {
-        self.gil_bound.load(Ordering::Relaxed)
-            && !self.terminate.load(Ordering::Relaxed)
-            && self.cores.iter().all(|c| c.lent() == 0)
-            && self.runs.iter().enumerate().any(|(i, r)| i != index && r.load().state == super::blocking::RUNNING)
+        if !self.gil_bound.load(Ordering::Relaxed) || self.terminate.load(Ordering::Relaxed) || self.cores.iter().any(|c| c.lent() > 0) {
+            return false;
+        }
+        let now = crate::engine::token::now_ns();
+        self.runs
+            .iter()
+            .enumerate()
+            .any(|(i, r)| i != index && r.load().state == RUNNING && now.saturating_sub(r.began_ns()) < GIL_YOUNG_NS)
     }
 }
 
@@ -79,23 +97,22 @@ impl GilWatch {
     }
 
     /// After a sample (`contended`: a running worker waited for the GIL); true
-    /// when the mode went off and a held-back worker was woken.
+    /// when the mode went off. While the mode is on, and when it goes off, a
+    /// held-back worker that may take work now (its runner's job grew old) is
+    /// woken if work is queued.
     pub(super) fn after_sample<J: Job>(&mut self, shared: &Shared<J>, contended: bool) -> bool {
+        let mut ended = false;
         if contended {
             self.last_wait = Some(std::time::Instant::now());
             shared.gil_bound.store(true, Ordering::Relaxed);
-            return false;
+        } else if self.last_wait.is_some_and(|at| at.elapsed() >= GIL_QUIET) {
+            self.last_wait = None;
+            shared.gil_bound.store(false, Ordering::Relaxed);
+            ended = true;
         }
-        match self.last_wait {
-            Some(at) if at.elapsed() >= GIL_QUIET => {
-                self.last_wait = None;
-                shared.gil_bound.store(false, Ordering::Relaxed);
-                if shared.has_work() {
-                    shared.notify_work();
-                }
-                true
-            }
-            _ => false,
+        if (ended || self.last_wait.is_some()) && (shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0) {
+            shared.notify_work();
         }
+        ended
     }
 }

@@ -26,6 +26,8 @@
 //!   of units its jobs share, and may be reserved for a heavy job (see
 //!   `capacity.rs`); what a worker runs now is in its `RunCell` (see
 //!   `blocking.rs`).
+//! * While short jobs wait for the GIL, workers start no new ones beside
+//!   them (see `contention.rs`).
 //!
 //! # Who may touch what
 //!

@@ -59,7 +59,7 @@ pub(crate) struct Shared<J> {
     pub(super) runs: Vec<RunCell>,
     /// Runs whose units were lent so far (blocked jobs).
     pub(super) lends: AtomicU64,
-    /// Running jobs wait for the GIL: workers start no more beside them (see `contention.rs`).
+    /// Running jobs wait for the GIL: workers start no more beside young ones (see `contention.rs`).
     pub(super) gil_bound: AtomicBool,
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
     pub(super) monitor_parked: AtomicBool,

@@ -294,6 +294,13 @@ impl<J: Job> WorkerLoop<J> {
         if let Some(job) = self.steal_from_blocked() {
             return Some(Self::fresh(job));
         }
+        // Jobs in the deques of workers held back for the GIL left the global
+        // queue first (see `contention.rs`): they go first.
+        if self.shared.gil_bound.load(Ordering::Relaxed) {
+            if let Some(job) = self.steal_from_others() {
+                return Some(job);
+            }
+        }
         loop {
             let stolen = match &self.local {
                 Some(local) => self.shared.injector.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
@@ -308,6 +315,14 @@ impl<J: Job> WorkerLoop<J> {
                 Steal::Retry => {}
             }
         }
+        if let Some(job) = self.steal_from_others() {
+            return Some(job);
+        }
+        self.shared.take_prio(false).map(Self::fresh)
+    }
+
+    /// A job (with a batch behind it, into this worker's deque) from another worker's deque.
+    fn steal_from_others(&self) -> Option<Found<J>> {
         let n = self.shared.stealers.len();
         // A spare (index past the stealers) looks at every worker's deque.
         let first = if self.local.is_some() { 1 } else { 0 };
@@ -330,7 +345,7 @@ impl<J: Job> WorkerLoop<J> {
                 }
             }
         }
-        self.shared.take_prio(false).map(Self::fresh)
+        None
     }
 
     /// A job from the deque of a worker whose own job is blocked (its units
