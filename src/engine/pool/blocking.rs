@@ -151,7 +151,7 @@ pub(crate) struct RunCell {
     pub(crate) tid: AtomicU64,
     /// `Job::class` of the run (written by the worker before `begin`).
     class: AtomicU32,
-    /// When the run began (`token::now_ns`; see `contention.rs`).
+    /// When the run began (`token::now_ns`), stamped only where the monitor samples for the GIL (see `contention.rs`).
     began: AtomicU64,
 }
 
@@ -175,7 +175,12 @@ impl RunCell {
         self.class.load(Ordering::Acquire)
     }
 
-    /// When the current (or last) run began, in `token::now_ns` time.
+    /// Stamps the next run's start (`token::now_ns`), before `begin` (see `contention.rs`).
+    pub(crate) fn stamp_began(&self, now_ns: u64) {
+        self.began.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// When the current (or last) run began, if stamped (see `stamp_began`).
     pub(crate) fn began_ns(&self) -> u64 {
         self.began.load(Ordering::Relaxed)
     }
@@ -186,7 +191,6 @@ impl RunCell {
 
     /// The worker starts a job holding `units` (SeqCst: see `monitor::park`).
     pub(crate) fn begin(&self, units: u32) {
-        self.began.store(crate::engine::token::now_ns(), Ordering::Relaxed);
         let run = Run::unpack(self.word.load(Ordering::Relaxed)).run.wrapping_add(1);
         self.word.store(Run { run, state: RUNNING, units }.pack(), Ordering::SeqCst);
     }

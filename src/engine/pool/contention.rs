@@ -5,9 +5,10 @@
 //! beyond the first only waits for the GIL, and CPython hands it round among
 //! the waiting threads: each waiter asks for it after a switch interval of its
 //! own, so k waiters switch about k times as often, and each switch moves the
-//! interpreter to another core. Measured on the proof's waves (2 cores, 8,192
-//! pure-Python tokens, against a plain loop): 0.97-1.01x with one worker,
-//! 0.89-0.92x with two, 0.85-0.90x with the default eight.
+//! interpreter to another core. Measured on 8,192 of the proof's wave tokens
+//! (2 cores, pure Python, against a plain loop) before this mode existed:
+//! 0.97-1.01x with one worker, 0.89-0.92x with two, 0.82-0.90x with the
+//! default eight.
 //!
 //! # Protocol
 //!
@@ -19,14 +20,19 @@
 //! * While it is on, a worker takes no new shared work
 //!   (`Shared::holds_back_for_gil`) when another worker runs a job that began
 //!   less than `GIL_YOUNG` ago, unless some core has lent units (work that
-//!   blocks is about, and threads are what it needs) or the pool terminates.
+//!   blocks is about, and threads are what it needs), a job waits in the
+//!   deferred queue (it goes first, wherever it fits) or the pool terminates.
 //!   It parks (its inbox still runs). The workers that run a job go on with
-//!   the queue as each job ends, taking the jobs left in held-back workers'
-//!   deques before the global queue (they left it first), so with short jobs
-//!   the workers drop to about one that runs the queue back to back.
-//! * A job that runs longer than `GIL_YOUNG` holds no one back: the queue
-//!   never waits behind a long job, and a job that waits for queued work (a
-//!   loop polling a flag another token sets) cannot hang the pool.
+//!   the queue as each job ends, taking what other workers' deques hold
+//!   before the global queue (a held-back worker's batch left it first), so
+//!   with short jobs the workers drop to about one that runs the queue back
+//!   to back. With one runner the monitor finds no GIL wait, so the mode ends
+//!   after `GIL_QUIET`, workers come back, and the next find turns it on
+//!   again: an on/off cycle of about 50-70 ms.
+//! * A job that runs longer than `GIL_YOUNG` holds no one back: behind a
+//!   long job the queue waits at most `GIL_YOUNG` plus a monitor tick, and a
+//!   job that waits for queued work (a loop polling a flag another token
+//!   sets) cannot hang the pool.
 //! * At each sample while the mode is on, and when it goes off, the monitor
 //!   wakes a worker that may take work (`notify_work`: held back no more,
 //!   since its runner's job grew old or the mode ended) if work is queued; when
@@ -37,6 +43,8 @@
 //!   no held-back worker.
 //! * Until then, jobs that release the GIL and run beside young GIL-bound
 //!   ones run one at a time: the price of the mode for mixed work.
+//! * `began` is stamped only where the monitor samples (`gil_window` set):
+//!   elsewhere the mode never turns on and the stamp is never read.
 //! * Without a GIL the mode stays off: the monitor samples only when the
 //!   interpreter has one (`PoolConfig::gil_window`).
 
@@ -59,7 +67,11 @@ impl<J: Job> Shared<J> {
     /// wait for the GIL, and another worker's short job will end soon, its
     /// worker then taking the next one.
     pub(super) fn holds_back_for_gil(&self, index: usize) -> bool {
-        if !self.gil_bound.load(Ordering::Relaxed) || self.terminate.load(Ordering::Relaxed) || self.cores.iter().any(|c| c.lent() > 0) {
+        if !self.gil_bound.load(Ordering::Relaxed)
+            || self.terminate.load(Ordering::Relaxed)
+            || self.deferred_len.load(Ordering::SeqCst) > 0
+            || self.cores.iter().any(|c| c.lent() > 0)
+        {
             return false;
         }
         let now = crate::engine::token::now_ns();

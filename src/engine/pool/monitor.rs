@@ -115,6 +115,7 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
     let mut gil_watch = GilWatch::default();
     loop {
         if shared.terminate.load(Ordering::SeqCst) && *shared.alive.lock() == 0 {
+            shared.gil_bound.store(false, Ordering::Relaxed);
             return;
         }
         tick = tick.wrapping_add(1);

@@ -384,6 +384,9 @@ impl<J: Job> Shared<J> {
 
     /// Wakes one parked worker that can take shared work, if none is searching.
     pub(crate) fn notify_work(&self) {
+        if self.holds_back_for_gil(usize::MAX) {
+            return; // every sleeper is held back (a sleeper runs no job): ask none of them
+        }
         self.sleep.notify_work(|i| self.can_take_shared(i));
     }
 

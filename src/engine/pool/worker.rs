@@ -91,12 +91,18 @@ impl<J: Job> WorkerLoop<J> {
     /// Runs jobs until the pool terminates and no work is left.
     pub fn run(mut self, hooks: &mut dyn WorkerHooks<J>) {
         CURRENT.with(|c| c.set(Some((self.info.pool_id, self.info.index))));
-        if self.local.is_none() {
-            // A spare about to look for work: no longer counted as starting (see `Shared::ensure_taker`).
-            self.shared.spares_starting.fetch_sub(1, Ordering::AcqRel);
-        }
+        let mut starting = self.local.is_none();
         loop {
-            if let Some(found) = self.find_work() {
+            let found = self.find_work();
+            if starting {
+                // A spare that looked for work no longer counts as starting (see
+                // `Shared::ensure_taker`). Only after the look: a job it took has
+                // left the queue by then, so that job never counts as waiting with
+                // no taker (which started one spare too many).
+                self.shared.spares_starting.fetch_sub(1, Ordering::AcqRel);
+                starting = false;
+            }
+            if let Some(found) = found {
                 self.execute(hooks, found);
                 continue;
             }
@@ -160,6 +166,9 @@ impl<J: Job> WorkerLoop<J> {
         HELD.with(|h| h.set(units));
         let run = &self.shared.runs[info.index];
         run.set_class(job.class());
+        if self.shared.config.gil_window.is_some() {
+            run.stamp_began(crate::engine::token::now_ns());
+        }
         run.begin(units);
         self.shared.wake_monitor();
         if catch_unwind(AssertUnwindSafe(|| hooks.execute(job, &info))).is_err() {
