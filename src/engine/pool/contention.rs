@@ -17,18 +17,21 @@
 //!   reads their kernel state (`monitor.rs`); one found waiting for the GIL,
 //!   at any age of its job, turns the pool's GIL-bound mode on
 //!   (`Shared::gil_bound`). It goes off once none was found for `GIL_QUIET`.
-//! * While it is on, a worker takes no new shared work
-//!   (`Shared::holds_back_for_gil`) when another worker runs a job that began
+//! * The monitor names a runner: a running worker it did not find waiting
+//!   for the GIL (`Shared::gil_runner`), kept while it runs a job. While the
+//!   mode is on, every other worker takes no new shared work
+//!   (`Shared::holds_back_for_gil`) while the runner runs a job that began
 //!   less than `GIL_YOUNG` ago, unless some core has lent units (work that
 //!   blocks is about, and threads are what it needs), a job waits in the
 //!   deferred queue (it goes first, wherever it fits) or the pool terminates.
-//!   It parks (its inbox still runs). The workers that run a job go on with
-//!   the queue as each job ends, taking what other workers' deques hold
-//!   before the global queue (a held-back worker's batch left it first), so
-//!   with short jobs the workers drop to about one that runs the queue back
-//!   to back. With one runner the monitor finds no GIL wait, so the mode ends
-//!   after `GIL_QUIET`, workers come back, and the next find turns it on
-//!   again: an on/off cycle of about 50-70 ms.
+//!   It parks (its inbox still runs). Workers in the middle of a job finish
+//!   it, then hold back; the runner goes on with the queue, taking what other
+//!   workers' deques hold before the global queue (a held-back worker's batch
+//!   left it first), so with short jobs one worker runs the queue back to
+//!   back. The check is a few loads (one while the mode is off): it runs for
+//!   every job a worker looks for. With one runner the monitor finds no GIL
+//!   wait, so the mode ends after `GIL_QUIET`, workers come back, and the
+//!   next find turns it on again: an on/off cycle of about 50-70 ms.
 //! * A job that runs longer than `GIL_YOUNG` holds no one back: behind a
 //!   long job the queue waits at most `GIL_YOUNG` plus a monitor tick, and a
 //!   job that waits for queued work (a loop polling a flag another token
@@ -67,18 +70,18 @@ impl<J: Job> Shared<J> {
     /// wait for the GIL, and another worker's short job will end soon, its
     /// worker then taking the next one.
     pub(super) fn holds_back_for_gil(&self, index: usize) -> bool {
-        if !self.gil_bound.load(Ordering::Relaxed)
-            || self.terminate.load(Ordering::Relaxed)
-            || self.deferred_len.load(Ordering::SeqCst) > 0
-            || self.cores.iter().any(|c| c.lent() > 0)
+        if !self.gil_bound.load(Ordering::Relaxed) {
+            return false;
+        }
+        let runner = self.gil_runner.load(Ordering::Relaxed);
+        let Some(cell) = self.runs.get(runner).filter(|_| runner != index) else {
+            return false;
+        };
+        if self.terminate.load(Ordering::Relaxed) || self.deferred_len.load(Ordering::SeqCst) > 0 || self.cores.iter().any(|c| c.lent() > 0)
         {
             return false;
         }
-        let now = crate::engine::token::now_ns();
-        self.runs
-            .iter()
-            .enumerate()
-            .any(|(i, r)| i != index && r.load().state == RUNNING && now.saturating_sub(r.began_ns()) < GIL_YOUNG_NS)
+        cell.load().state == RUNNING && crate::engine::token::now_ns().saturating_sub(cell.began_ns()) < GIL_YOUNG_NS
     }
 }
 
@@ -108,18 +111,27 @@ impl GilWatch {
         due
     }
 
-    /// After a sample (`contended`: a running worker waited for the GIL); true
-    /// when the mode went off. While the mode is on, and when it goes off, a
-    /// held-back worker that may take work now (its runner's job grew old) is
-    /// woken if work is queued.
-    pub(super) fn after_sample<J: Job>(&mut self, shared: &Shared<J>, contended: bool) -> bool {
+    /// After a sample (`contended`: a running worker waited for the GIL;
+    /// `candidate`: a running worker not found waiting, else any running one);
+    /// true when the mode went off. The runner stays the same while it runs a
+    /// job. While the mode is on, and when it goes off, a held-back worker that
+    /// may take work now (the runner's job grew old) is woken if work is queued.
+    pub(super) fn after_sample<J: Job>(&mut self, shared: &Shared<J>, contended: bool, candidate: Option<usize>) -> bool {
         let mut ended = false;
+        if contended || self.last_wait.is_some() {
+            let runner = shared.gil_runner.load(Ordering::Relaxed);
+            let runs = shared.runs.get(runner).is_some_and(|r| r.load().state == RUNNING);
+            if let (false, Some(c)) = (runs, candidate) {
+                shared.gil_runner.store(c, Ordering::Relaxed);
+            }
+        }
         if contended {
             self.last_wait = Some(std::time::Instant::now());
             shared.gil_bound.store(true, Ordering::Relaxed);
         } else if self.last_wait.is_some_and(|at| at.elapsed() >= GIL_QUIET) {
             self.last_wait = None;
             shared.gil_bound.store(false, Ordering::Relaxed);
+            shared.gil_runner.store(usize::MAX, Ordering::Relaxed);
             ended = true;
         }
         if (ended || self.last_wait.is_some()) && (shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0) {

@@ -197,9 +197,17 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
         if gil.is_some() && gil_watch.sample_due() {
             // Any job, however young: a thread waiting for the GIL mid-job is a contender.
             let running: Vec<usize> = (0..n).filter(|&i| shared.runs[i].load().state == RUNNING).collect();
-            let contended =
-                running.len() >= 2 && running.iter().any(|&i| watches[i].tid != 0 && watches[i].kernel(gil) == Some(Kernel::GilWait));
-            if gil_watch.after_sample(shared, contended) {
+            let (mut contended, mut holder) = (false, None);
+            if running.len() >= 2 {
+                for &i in running.iter().filter(|&&i| watches[i].tid != 0).take(READS_PER_TICK) {
+                    if watches[i].kernel(gil) == Some(Kernel::GilWait) {
+                        contended = true;
+                    } else {
+                        holder.get_or_insert(i);
+                    }
+                }
+            }
+            if gil_watch.after_sample(shared, contended, holder.or_else(|| running.first().copied())) {
                 eventful = true; // held-back workers were woken: see a new contender soon
             }
         }

@@ -61,6 +61,8 @@ pub(crate) struct Shared<J> {
     pub(super) lends: AtomicU64,
     /// Running jobs wait for the GIL: workers start no more beside young ones (see `contention.rs`).
     pub(super) gil_bound: AtomicBool,
+    /// The worker that goes on with the queue in the GIL-bound mode (`usize::MAX`: none).
+    pub(super) gil_runner: AtomicUsize,
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
     pub(super) monitor_parked: AtomicBool,
     pub(super) monitor_thread: Mutex<Option<std::thread::Thread>>,
