@@ -26,7 +26,7 @@ import os
 import pickle
 import selectors
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .payload import _PROTO, UnpicklableError, _dump_args
 from .state import _Item, _LaneState
@@ -39,6 +39,23 @@ if TYPE_CHECKING:
 #: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
 #: that submits a burst does not leave its processes idle.
 _PREFETCH_WORK_S = 0.010
+
+
+#: The states a token ends in.
+_ENDED = frozenset({"completed", "failed", "killed", "timeout", "cancelled"})
+
+
+def _end_state(token: Any) -> str:
+    """The state a token resolved from outside ends in. The engine sends the stop notice
+    while it resolves the token, just before it publishes the state: on a free-threaded
+    build the supervisor can read the state in between (a timed-out token then read
+    "executing", and the lane did not count the timeout), so it waits for it, briefly."""
+    state = str(token.state)
+    deadline = time.monotonic() + 0.1
+    while state not in _ENDED and time.monotonic() < deadline:
+        time.sleep(0)
+        state = str(token.state)
+    return state
 
 
 class _Dispatch(_LaneState):
@@ -99,7 +116,7 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        state = item.token.state
+        state = _end_state(item.token)
         if state in ("timeout", "killed"):
             self._count("timeouts" if state == "timeout" else "killed")
         w = item.worker

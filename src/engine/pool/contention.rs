@@ -17,8 +17,8 @@
 //!   reads their kernel state (`monitor.rs`); one found waiting for the GIL,
 //!   at any age of its job, turns the pool's GIL-bound mode on
 //!   (`Shared::gil_bound`). It goes off once none was found for `GIL_QUIET`.
-//! * The monitor names a runner: a running worker it did not find waiting
-//!   for the GIL (`Shared::gil_runner`), kept while it runs a job. While the
+//! * The monitor names a runner: a running worker it found on a CPU
+//!   (`Shared::gil_runner`), kept while it runs a young job. While the
 //!   mode is on, every other worker takes no new shared work
 //!   (`Shared::holds_back_for_gil`) while the runner runs a job that began
 //!   less than `GIL_YOUNG` ago, unless some core has lent units (work that
@@ -81,8 +81,13 @@ impl<J: Job> Shared<J> {
         {
             return false;
         }
-        cell.load().state == RUNNING && crate::engine::token::now_ns().saturating_sub(cell.began_ns()) < GIL_YOUNG_NS
+        cell.load().state == RUNNING && young(cell.began_ns())
     }
+}
+
+/// Whether a job that began at `began_ns` (`token::now_ns`) is young: it holds workers back.
+fn young(began_ns: u64) -> bool {
+    crate::engine::token::now_ns().saturating_sub(began_ns) < GIL_YOUNG_NS
 }
 
 /// The monitor's side of the GIL-bound mode.
@@ -112,16 +117,18 @@ impl GilWatch {
     }
 
     /// After a sample (`contended`: a running worker waited for the GIL;
-    /// `candidate`: a running worker not found waiting, else any running one);
+    /// `candidate`: a running worker found on a CPU, else any running one);
     /// true when the mode went off. The runner stays the same while it runs a
-    /// job. While the mode is on, and when it goes off, a held-back worker that
+    /// young job. While the mode is on, and when it goes off, a held-back worker that
     /// may take work now (the runner's job grew old) is woken if work is queued.
     pub(super) fn after_sample<J: Job>(&mut self, shared: &Shared<J>, contended: bool, candidate: Option<usize>) -> bool {
         let mut ended = false;
         if contended || self.last_wait.is_some() {
+            // Kept while it runs a young job: a runner in a long job holds no one back,
+            // and the short jobs beside it need a runner of their own.
             let runner = shared.gil_runner.load(Ordering::Relaxed);
-            let runs = shared.runs.get(runner).is_some_and(|r| r.load().state == RUNNING);
-            if let (false, Some(c)) = (runs, candidate) {
+            let keep = shared.runs.get(runner).is_some_and(|r| r.load().state == RUNNING && young(r.began_ns()));
+            if let (false, Some(c)) = (keep, candidate) {
                 shared.gil_runner.store(c, Ordering::Relaxed);
             }
         }

@@ -200,10 +200,16 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
             let (mut contended, mut holder) = (false, None);
             if running.len() >= 2 {
                 for &i in running.iter().filter(|&&i| watches[i].tid != 0).take(READS_PER_TICK) {
-                    if watches[i].kernel(gil) == Some(Kernel::GilWait) {
-                        contended = true;
-                    } else {
-                        holder.get_or_insert(i);
+                    match watches[i].kernel(gil) {
+                        Some(Kernel::GilWait) => contended = true,
+                        // The runner: a worker on a CPU (not one blocked in I/O, nor one not read).
+                        Some(Kernel::Running) => {
+                            holder.get_or_insert(i);
+                        }
+                        _ => {}
+                    }
+                    if contended && holder.is_some() {
+                        break;
                     }
                 }
             }
