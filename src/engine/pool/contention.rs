@@ -141,7 +141,7 @@ impl GilWatch {
             shared.gil_runner.store(usize::MAX, Ordering::Relaxed);
             ended = true;
         }
-        if (ended || self.last_wait.is_some()) && (shared.has_work() || shared.deferred_len.load(Ordering::SeqCst) > 0) {
+        if (ended || self.last_wait.is_some()) && shared.queued_jobs() > 0 {
             shared.notify_work();
         }
         ended

@@ -245,7 +245,7 @@ impl<J: Job> Shared<J> {
     }
 
     /// Jobs waiting in the queues (global, priority, deferred and the workers' deques).
-    fn queued_jobs(&self) -> usize {
+    pub(super) fn queued_jobs(&self) -> usize {
         self.injector.len()
             + self.prio_len.load(Ordering::SeqCst)
             + self.deferred_len.load(Ordering::SeqCst)
