@@ -252,6 +252,28 @@ def test_unpicklable_result_fails_only_that_token(lane: OperationsCoordinator) -
     assert lane.get_stats()["lanes"]["process"]["crashed"] == 0
 
 
+def test_results_that_only_cloudpickle_carries_come_back(lane: OperationsCoordinator) -> None:
+    """Results go through plain pickle first; what it cannot pickle by name (a lambda, an
+    instance of a class the worker received by value) goes by value."""
+
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    @task_token_guard(tags=PROC)
+    def make(kind: str) -> object:
+        if kind == "lambda":
+            return lambda y: y + 1
+        if kind == "instance":
+            return [Point(3), Point(4)]
+        return [1, "two", 3.0, None, (4, b"5")]
+
+    assert make("lambda").result(timeout=30)(41) == 42
+    points = make("instance").result(timeout=30)
+    assert [type(p).__name__ for p in points] == ["Point", "Point"] and [p.x for p in points] == [3, 4]
+    assert make("plain").result(timeout=30) == [1, "two", 3.0, None, (4, b"5")]
+
+
 # CPython's ExecutorDeadlockTest cases (Lib/test/test_concurrent_futures/test_deadlock.py),
 # rewritten for the process lane: pickling breaks, or a process dies, at each step of a
 # token's trip. Each fails (or crashes) that token within 30 s and the lane goes on.
@@ -772,6 +794,43 @@ def _b_queued_behind_a(coord: OperationsCoordinator, tmp: Path, hold_s: float, b
     b = (mark.options(timeout=b_timeout) if b_timeout else mark)(str(tmp / "b"))
     _sent_ahead(coord, 2)
     return a, b
+
+
+@task_token_guard(tags=PROC)
+def nap_here(s: float) -> int:
+    time.sleep(s)
+    return os.getpid()
+
+
+def test_a_token_goes_to_the_process_holding_the_fewest_first() -> None:
+    from tokengate._process.dispatch import _assign
+
+    # One process measured short tokens (room 63), the other nothing yet (room 1): both idle.
+    assert _assign([0, 0], [63, 1], 2) == [0, 1]
+    assert _assign([1, 0], [3, 1], 3) == [1, 0, 0]
+    assert _assign([0, 0, 0], [2, 2, 2], 6) == [0, 1, 2, 0, 1, 2]
+    assert _assign([5, 0], [10, 4], 6) == [1, 1, 1, 1, 0, 0]  # a full one takes no more
+    assert _assign([0], [0], 0) == []
+
+
+def test_long_tokens_after_short_ones_go_to_an_idle_process_first(lane: OperationsCoordinator) -> None:
+    """Tokens measured short give a process a deep prefetch, tokens measured longer a shallow
+    one: two long tokens must still run side by side, one per process."""
+    from tokengate._process.wrapper import lane_for
+
+    assert tokengate.gather([quick(i) for i in range(8)], timeout=30) == list(range(8))
+    workers = lane_for(lane)._workers
+    assert support.wait_until(lambda: all(w is not None and w.ready for w in workers), 10)
+    for short in (0, 1):
+        # The measured time per token, as short tokens leave it (the lane is idle: its
+        # supervisor changes it only when a reply comes): a deep prefetch for one process.
+        for w in workers:
+            w.avg = 0.0001 if w.slot == short else 0.004
+        t0 = time.monotonic()
+        pids = tokengate.gather([nap_here(0.4), nap_here(0.4)], timeout=30)
+        took = time.monotonic() - t0
+        assert pids[0] != pids[1], "both long tokens were sent to one process"
+        assert took < 0.75, f"two 0.4 s tokens on two processes took {took:.2f} s"
 
 
 def test_prefetch_must_be_a_positive_int() -> None:

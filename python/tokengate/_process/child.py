@@ -240,9 +240,17 @@ def _call_reply(seq: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             )
         return _reply_error(seq, exc)
     try:
-        if type(value) in _PLAIN:
-            return _REPLY.pack(seq, _OK) + pickle.dumps(value, _PROTO)
-        return _REPLY.pack(seq, _OK) + _dumps(value)
+        try:
+            data = pickle.dumps(value, _PROTO)
+        except Exception:
+            if type(value) in _PLAIN:
+                raise
+            # What plain pickle cannot reach by name (a class or function the worker got by
+            # value, say) goes by value. Plain pickle first: what it can pickle it pickles as
+            # loky's pickler would, without the ~11 us loky's pickler takes to set up for each
+            # call (a list of 550 ints: 5 us against 17).
+            data = _dumps(value)
+        return _REPLY.pack(seq, _OK) + data
     except BaseException as exc:
         name = getattr(fn, "__qualname__", None) or repr(fn)
         err = UnpicklableError(

@@ -7,7 +7,10 @@
 * **Serialization.** Functions, arguments and results that plain pickle
   cannot handle go through loky's pickler (cloudpickle with loky's
   reducers), so functions defined in ``__main__``, inside other functions,
-  or lambdas work; arguments and results of plain types go through pickle.
+  or lambdas work. Arguments of plain types go through pickle. Results go
+  through pickle first and through loky's pickler only where pickle fails:
+  what pickle pickles it pickles as loky's pickler would (by name), without
+  the ~11 us loky's pickler takes to set up for each call.
 * **Pickling errors.** Arguments are pickled in the calling thread; one that
   cannot be pickled fails *that token* with :class:`UnpicklableError` (a
   ``TypeError`` and ``pickle.PicklingError``) naming the argument and its type.
