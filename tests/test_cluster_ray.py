@@ -73,7 +73,13 @@ def marked_pids(path: Path) -> set[int]:
 def all_gone(pids: set[int]) -> bool:
     import psutil
 
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # gone, also between a check and the read of its status
+            return False
+
+    return not any(map(running, pids))
 
 
 def test_tokens_run_on_the_cluster_nodes(coord: OperationsCoordinator, ray_nodes: RayNodes) -> None:

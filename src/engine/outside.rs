@@ -25,7 +25,9 @@
 //! * A token that resolves while taken: if the lane itself resolved it, it
 //!   unmarked it first (`release`); otherwise (kill, deadline, a drain) the
 //!   resolution leaves a stop notice (`stopped`) for the taker, which stops
-//!   the remote work.
+//!   the remote work. The books (`on_resolved`) are kept before the token's
+//!   terminal state is published, the notice (`notify_resolved`) is left
+//!   after it: a taker reads the state the token ended in.
 //! * Waking: whenever a push or a stop notice finds `asleep` set (the taker
 //!   found nothing at its last take), one byte goes down the wake socket; the
 //!   taker waits on the other end (a selector, or `wait_readable`).
@@ -212,15 +214,24 @@ impl<J> OutsideQueue<J> {
         self.state.lock().taken.remove(&id)
     }
 
-    /// Token `id` of this lane resolved. If the lane held it (and did not
-    /// release it first), its taker is told to stop it.
+    /// Token `id` of this lane resolves: its books, kept before its terminal state
+    /// is published (a waiter woken by the state finds the lane's `pending` count
+    /// and requeue count already settled).
     pub fn on_resolved(&self, id: u64) {
         self.pending.fetch_sub(1, Ordering::Relaxed);
+        let mut st = self.state.lock();
+        if !st.requeues.is_empty() {
+            st.requeues.remove(&id);
+        }
+    }
+
+    /// Token `id` resolved and its terminal state is published. If the lane held it
+    /// (and did not release it first), its taker is told to stop it: a stop notice
+    /// (see `take`). Sent after the state is published, so the taker reads the state the
+    /// token ended in (timeout, killed), never the one it left.
+    pub fn notify_resolved(&self, id: u64) {
         let wake = {
             let mut st = self.state.lock();
-            if !st.requeues.is_empty() {
-                st.requeues.remove(&id);
-            }
             if !st.taken.remove(&id) {
                 return;
             }
@@ -348,9 +359,11 @@ mod tests {
         let t = q.take(2);
         assert_eq!(t.jobs.len(), 2);
         assert!(q.release(1));
-        q.on_resolved(1); // resolved by the lane
-        q.on_resolved(2); // resolved from outside while taken
-        q.on_resolved(3); // still queued
+        for id in 1..=3 {
+            q.on_resolved(id);
+            q.notify_resolved(id);
+        }
+        // 1 was resolved by the lane, 2 from outside while taken, 3 while still queued.
         let t = q.take(0);
         assert_eq!(t.stopped, vec![2]);
         assert_eq!(q.pending(), 0);

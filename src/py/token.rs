@@ -47,6 +47,7 @@ use super::exceptions::{self, BindError};
 use super::lifecycle::check_not_forked;
 use super::operation::{CallOptions, SpecShared};
 use crate::engine::ledger::Booked;
+use crate::engine::outside::OutsideQueue;
 use crate::engine::pool::{Job, Weight};
 use crate::engine::routing::Route;
 use crate::engine::sync::{AtomicU32, AtomicU64, Ordering};
@@ -262,6 +263,14 @@ impl TokenInner {
         &self.bind.ledger
     }
 
+    /// The outside lane (worker processes, a cluster) its token runs on, if any.
+    fn outside_lane(&self) -> Option<&Arc<OutsideQueue<PyJob>>> {
+        match self.lane {
+            LaneKind::Outside(index) => self.ledger().outside.get(usize::from(index)),
+            _ => None,
+        }
+    }
+
     /// Its operation's state on its engine.
     #[inline]
     pub(crate) fn op(&self) -> &Arc<OpState> {
@@ -323,16 +332,19 @@ impl TokenInner {
             if elsewhere && self.cell.state() == TokenState::Executing {
                 self.ledger().process_running.fetch_sub(1, Ordering::Relaxed);
             }
-            if let LaneKind::Outside(index) = self.lane {
-                if let Some(lane) = self.ledger().outside.get(usize::from(index)) {
-                    lane.on_resolved(self.id);
-                }
+            if let Some(lane) = self.outside_lane() {
+                lane.on_resolved(self.id);
             }
             slot.outcome = outcome;
             self.route.release();
             self.ledger().on_resolved(self, self.op(), to, elsewhere, error);
             slot.listeners.take()
         });
+        if listeners.is_some() {
+            if let Some(lane) = self.outside_lane() {
+                lane.notify_resolved(self.id);
+            }
+        }
         // A resolved burst's memory goes back to the OS here, out of the token's lock.
         crate::engine::memory::release_if_requested();
         listeners

@@ -30,7 +30,7 @@ import os
 import pickle
 import selectors
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .payload import _PROTO, UnpicklableError, _dump_args
 from .state import _Item, _LaneState
@@ -43,23 +43,6 @@ if TYPE_CHECKING:
 #: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
 #: that submits a burst does not leave its processes idle.
 _PREFETCH_WORK_S = 0.010
-
-
-#: The states a token ends in.
-_ENDED = frozenset({"completed", "failed", "killed", "timeout", "cancelled"})
-
-
-def _end_state(token: Any) -> str:
-    """The state a token resolved from outside ends in. The engine sends the stop notice
-    while it resolves the token, just before it publishes the state: on a free-threaded
-    build the supervisor can read the state in between (a timed-out token then read
-    "executing", and the lane did not count the timeout), so it waits for it, briefly."""
-    state = str(token.state)
-    deadline = time.monotonic() + 0.1
-    while state not in _ENDED and time.monotonic() < deadline:
-        time.sleep(0)
-        state = str(token.state)
-    return state
 
 
 def _assign(held: list[int], room: list[int], n: int) -> list[int]:
@@ -138,7 +121,7 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        state = _end_state(item.token)
+        state = str(item.token.state)  # published before the stop notice was sent
         if state in ("timeout", "killed"):
             self._count("timeouts" if state == "timeout" else "killed")
         w = item.worker
