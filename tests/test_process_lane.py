@@ -818,12 +818,22 @@ def test_long_tokens_after_short_ones_go_to_an_idle_process_first(lane: Operatio
     one: two long tokens must still run side by side, one per process."""
     from tokengate._process.wrapper import lane_for
 
-    assert tokengate.gather([quick(i) for i in range(8)], timeout=30) == list(range(8))
     workers = lane_for(lane)._workers
+    seen: set[int] = set()
+
+    def both_ran() -> bool:
+        seen.update(tokengate.gather([nap_here(0.01) for _ in range(4)], timeout=30))
+        return len(seen) == 2
+
+    # Both processes ready and loaded with this module (its import must not count below).
+    assert support.wait_until(both_ran, 30)
     assert support.wait_until(lambda: all(w is not None and w.ready for w in workers), 10)
     for short in (0, 1):
-        # The measured time per token, as short tokens leave it (the lane is idle: its
-        # supervisor changes it only when a reply comes): a deep prefetch for one process.
+        # The lane idle (its supervisor sets the measured time per token after it
+        # resolved the tokens of a reply: wait for that too) ...
+        assert support.wait_until(lambda: lane.get_stats()["lanes"]["process"]["in_flight"] == 0, 10)
+        time.sleep(0.1)
+        # ... then the measured times short tokens leave: a deep prefetch for one process.
         for w in workers:
             w.avg = 0.0001 if w.slot == short else 0.004
         t0 = time.monotonic()
@@ -968,6 +978,27 @@ def test_a_reply_is_not_held_back_by_a_long_call_after_it(ahead: OperationsCoord
     assert time.monotonic() - t0 < 0.9, "the replies waited for the long call"
     assert not short[0].kill("too late"), "a finished token was killed"
     assert last.result(timeout=30) == 99
+
+
+def test_replies_are_cut_whole_from_reads_of_any_size() -> None:
+    """The supervisor cuts replies off reads that end anywhere: inside a length prefix,
+    inside a message, between two; empty messages and ones of 70 KB among them."""
+    import random
+
+    from tokengate._process.wire import _header, _take_frames
+
+    rng = random.Random(7)
+    msgs = [bytes([i % 251]) * rng.choice([0, 1, 5, 100, 70_000]) for i in range(200)]
+    stream = b"".join(_header(len(m)) + m for m in msgs)
+    for _ in range(30):
+        rbuf = bytearray()
+        got: list[bytes] = []
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice([1, 3, 4, 7, 100, 5000, 100_000])
+            got += [bytes(v) for v in _take_frames(rbuf, stream[pos : pos + n])]
+            pos += n
+        assert got == msgs and not rbuf
 
 
 def test_staged_frames_tell_which_reached_the_socket() -> None:

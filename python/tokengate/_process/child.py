@@ -44,7 +44,7 @@ from typing import Any
 from ..exceptions import NotStartedError
 from . import wrapper
 from .board import STAGE, _Board
-from .payload import _PLAIN, _PROTO, RemoteError, UnpicklableError, _dumps, _resolve_qualname, _type_name
+from .payload import _PROTO, RemoteError, UnpicklableError, _dumps, _dumps_result, _resolve_qualname, _type_name
 from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED, _header
 from .wrapper import _WorkerStub
 
@@ -240,16 +240,7 @@ def _call_reply(seq: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             )
         return _reply_error(seq, exc)
     try:
-        try:
-            data = pickle.dumps(value, _PROTO)
-        except Exception:
-            if type(value) in _PLAIN:
-                raise
-            # What plain pickle cannot reach by name (a class or function the worker got by
-            # value, say) goes by value. Plain pickle first: what it can pickle it pickles as
-            # loky's pickler would, without the ~11 us loky's pickler takes to set up for each
-            # call (a list of 550 ints: 5 us against 17).
-            data = _dumps(value)
+        data = _dumps_result(value)
         return _REPLY.pack(seq, _OK) + data
     except BaseException as exc:
         name = getattr(fn, "__qualname__", None) or repr(fn)

@@ -96,8 +96,6 @@ class _Dispatch(_LaneState):
         room = [n for _, n in rooms if n]
         tasks, stopped = self.outside.take(sum(room))
         order = iter(_assign([w.load for w in workers], room, len(tasks)))
-        for seq in stopped:
-            self._stopped(seq)
         batches: dict[int, list[_Item]] = {}
         for task in tasks:
             item = _Item(task)
@@ -112,6 +110,10 @@ class _Dispatch(_LaneState):
             batches.setdefault(next(order), []).append(item)
         for k, items in batches.items():
             self._send(workers[k], items)
+        # Stops last: stopping a running token replaces its process, which must not happen
+        # to a process chosen above before it was sent its tokens.
+        for seq in stopped:
+            self._stopped(seq)
         return bool(tasks or stopped)
 
     def _stopped(self, seq: int) -> None:

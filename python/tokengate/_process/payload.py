@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,39 @@ def _cloud_dumps(obj: object) -> bytes:
 
 def _dumps(obj: object) -> bytes:
     return _cloud_dumps(obj)
+
+
+_by_name: Any = None
+_by_name_sizes = (-1, -1)
+
+
+def _dumps_result(obj: object) -> bytes:
+    """A result, pickled as loky's pickler would, faster: pickle with loky's reducers
+    first (functions and classes by name), cloudpickle's by-value pickling only where
+    that fails (a function or class the worker received by value, a lambda). Setting
+    up loky's pickler takes about 11 us a call; this one under 1 us."""
+    global _by_name, _by_name_sizes
+    if type(obj) in _PLAIN:
+        return pickle.dumps(obj, _PROTO)
+    import copyreg
+
+    from loky.backend import reduction
+
+    sizes = (len(copyreg.dispatch_table), len(reduction._dispatch_table))
+    if sizes != _by_name_sizes:  # first use, or a reducer was registered since
+
+        class _ByName(pickle.Pickler):
+            # The standard reducers and loky's, as loky's pickler has them (a dict: the
+            # C pickler looks types up in it without calling back into Python).
+            dispatch_table = {**copyreg.dispatch_table, **reduction._dispatch_table}  # noqa: RUF012
+
+        _by_name, _by_name_sizes = _ByName, sizes
+    buf = io.BytesIO()
+    try:
+        _by_name(buf, _PROTO).dump(obj)
+    except Exception:
+        return _cloud_dumps(obj)
+    return buf.getvalue()
 
 
 def _type_name(obj: object) -> str:

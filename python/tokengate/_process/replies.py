@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from .payload import UnpicklableError, _RemoteTraceback
 from .state import _LaneState
-from .wire import _OK, _READY, _REPLY, _SKIPPED, _frame_need, _frames
+from .wire import _OK, _READY, _REPLY, _SKIPPED, _frame_need, _frames, _take_frames
 
 if TYPE_CHECKING:
     from .workers import _Worker
 
 
-def decode_reply(op: str, data: bytes) -> tuple[bool, Any]:
+def decode_reply(op: str, data: bytes | memoryview) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` from a token's reply (made by
     :func:`.child._call_reply`); the exception carries the worker's traceback as its
     ``__cause__``, and a reply that cannot be unpickled becomes an :class:`UnpicklableError`."""
@@ -64,16 +64,18 @@ class _Replies(_LaneState):
         if not data:
             self._died(w)
             return
-        w.rbuf += data
-        frames = _frames(w.rbuf)
+        frames = _take_frames(w.rbuf, data)
         if frames:
             w.received += len(frames)
             now = time.monotonic()
             took = (now - w.mark) / len(frames)  # each one's share of the time since the last ones
-            ended = sum(self._handle(w, frame) for frame in frames)
+            handle = self._handle
+            ended = 0
+            for frame in frames:
+                ended += handle(w, frame)
             if ended:
-                for _ in range(ended):
-                    w.avg = took if w.avg is None else 0.8 * w.avg + 0.2 * took
+                # ``ended`` steps of the moving average toward ``took`` (each: 0.8 old + 0.2 new).
+                w.avg = took if w.avg is None else took + (w.avg - took) * 0.8**ended
                 w.mark = now
 
     def _read_replies(self, w: _Worker) -> None:
@@ -100,7 +102,7 @@ class _Replies(_LaneState):
         for frame in _frames(bytearray(data))[max(0, w.received - before) :]:
             self._handle(w, frame)
 
-    def _handle(self, w: _Worker, data: bytes) -> bool:
+    def _handle(self, w: _Worker, data: bytes | memoryview) -> bool:
         """Handles one reply; True when it ended a token sent to ``w`` (it counts in the
         worker's time per token, see ``_read``)."""
         seq, kind = _REPLY.unpack_from(data)
@@ -120,10 +122,16 @@ class _Replies(_LaneState):
         elif self.max_rss is not None and not w.over_rss and w.board.rss() > self.max_rss:
             w.over_rss = True  # a token ended with the process above the ceiling: it retires
             self._retiring.add(w)
-        item = next((it for it in w.items if it.seq == seq), None)
-        if item is None:
-            return False  # a token that was killed meanwhile
-        self._finish_item(w, item)
+        items = w.items
+        if items and items[0].seq == seq:  # replies come in the order the tokens were sent
+            item = items.popleft()
+            item.worker = None
+        else:
+            found = next((it for it in items if it.seq == seq), None)
+            if found is None:
+                return False  # a token that was killed meanwhile
+            item = found
+            self._finish_item(w, item)
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
             self._requeue(item, w.pid)
             return True

@@ -52,18 +52,29 @@ class _Submission(_LaneState):
                 func, args, kwargs = (pf, _dump_args(pf._op, args, kwargs)), (), {}
             except UnpicklableError:
                 pass  # pickled again when taken, where the error fails the token
-        token: TaskToken[Any] | None = pf.spec.submit_to(
-            self.outside,
-            args,
-            kwargs,
-            func=func,
-            priority=priority,
-            timeout=timeout,
-            retries=retries,
-            block=block,
-            admission_timeout=admission_timeout,
-            probe=probe,
-        )
+        token: TaskToken[Any] | None
+        if (
+            priority is None
+            and timeout is None
+            and retries is None
+            and block
+            and admission_timeout is None
+            and not probe
+        ):
+            token = pf.spec.submit_to(self.outside, args, kwargs, func=func)  # the defaults: fewer to parse
+        else:
+            token = pf.spec.submit_to(
+                self.outside,
+                args,
+                kwargs,
+                func=func,
+                priority=priority,
+                timeout=timeout,
+                retries=retries,
+                block=block,
+                admission_timeout=admission_timeout,
+                probe=probe,
+            )
         if token is not None:
             with self._lock:  # callers of any thread
                 self._counts["submitted"] += 1

@@ -37,24 +37,48 @@ def _header(n: int) -> bytes:
     return _LEN.pack(n) if n < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(n)
 
 
-def _frames(buf: bytearray) -> list[bytes]:
-    """Cuts the whole messages (multiprocessing's ``send_bytes`` framing) off the front of ``buf``."""
+def _cut(data: bytes | bytearray) -> tuple[list[memoryview], int]:
+    """The whole messages at the front of ``data`` (multiprocessing's ``send_bytes``
+    framing), as views into it, and how many bytes they take with their headers.
+    ``data`` must not change while the views live (pass bytes)."""
     out = []
     pos = 0
-    while len(buf) - pos >= 4:
-        (n,) = _LEN.unpack_from(buf, pos)
+    end = len(data)
+    view = memoryview(data)
+    while end - pos >= 4:
+        (n,) = _LEN.unpack_from(data, pos)
         head = 4
         if n == -1:
-            if len(buf) - pos < 12:
+            if end - pos < 12:
                 break
-            (n,) = _LEN64.unpack_from(buf, pos + 4)
+            (n,) = _LEN64.unpack_from(data, pos + 4)
             head = 12
-        if len(buf) - pos - head < n:
+        if end - pos - head < n:
             break
-        out.append(bytes(buf[pos + head : pos + head + n]))
+        out.append(view[pos + head : pos + head + n])
         pos += head + n
-    del buf[:pos]
-    return out
+    return out, pos
+
+
+def _frames(buf: bytearray) -> list[bytes]:
+    """Cuts the whole messages (multiprocessing's ``send_bytes`` framing) off the front of ``buf``."""
+    views, used = _cut(bytes(buf))
+    del buf[:used]
+    return [v.tobytes() for v in views]
+
+
+def _take_frames(rbuf: bytearray, data: bytes) -> list[memoryview]:
+    """The whole messages of ``rbuf`` (what is left of earlier reads) followed by ``data``
+    (just read), as views; what is left of a message cut off stays in ``rbuf``. With
+    ``rbuf`` empty, the common case, ``data`` is not copied."""
+    if rbuf:
+        rbuf += data
+        data = bytes(rbuf)
+        rbuf.clear()
+    views, used = _cut(data)
+    if used < len(data):
+        rbuf += memoryview(data)[used:]
+    return views
 
 
 def _frame_need(buf: bytearray) -> int:

@@ -77,8 +77,7 @@ impl<J: Job> Shared<J> {
         let Some(cell) = self.runs.get(runner).filter(|_| runner != index) else {
             return false;
         };
-        if self.terminate.load(Ordering::Relaxed) || self.deferred_len.load(Ordering::SeqCst) > 0 || self.cores.iter().any(|c| c.lent() > 0)
-        {
+        if self.terminate.load(Ordering::Relaxed) || self.deferred_len.load(Ordering::SeqCst) > 0 || self.any_lent() {
             return false;
         }
         cell.load().state == RUNNING && young(cell.began_ns())

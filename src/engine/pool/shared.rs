@@ -244,6 +244,11 @@ impl<J: Job> Shared<J> {
         }
     }
 
+    /// Whether any core has units lent: a job of its blocked (see `blocking.rs`).
+    pub(super) fn any_lent(&self) -> bool {
+        self.cores.iter().any(|c| c.lent() > 0)
+    }
+
     /// Jobs waiting in the queues (global, priority, deferred and the workers' deques).
     pub(super) fn queued_jobs(&self) -> usize {
         self.injector.len()

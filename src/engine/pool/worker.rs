@@ -361,7 +361,7 @@ impl<J: Job> WorkerLoop<J> {
     /// lent): that worker cannot run them, and they left the global queue
     /// before anything in it now, so they go first (one at a time).
     fn steal_from_blocked(&self) -> Option<J> {
-        if self.shared.cores.iter().all(|c| c.lent() == 0) {
+        if !self.shared.any_lent() {
             return None;
         }
         for (index, victim) in self.shared.stealers.iter().enumerate() {
