@@ -270,7 +270,7 @@ def test_results_that_only_cloudpickle_carries_come_back(lane: OperationsCoordin
 
     assert make("lambda").result(timeout=30)(41) == 42
     points = make("instance").result(timeout=30)
-    assert [type(p).__name__ for p in points] == ["Point", "Point"] and [p.x for p in points] == [3, 4]
+    assert all(type(p) is Point for p in points) and [p.x for p in points] == [3, 4]
     assert make("plain").result(timeout=30) == [1, "two", 3.0, None, (4, b"5")]
 
 
@@ -802,6 +802,44 @@ def nap_here(s: float) -> int:
     return os.getpid()
 
 
+@task_token_guard(tags=PROC)
+def nap_and_mark(path: str, i: int, s: float) -> int:
+    time.sleep(s)
+    with open(path, "a") as f:  # one short append per run: the runs can be counted
+        f.write(f"{i}\n")
+    return i
+
+
+def _both_processes_warm(coord: OperationsCoordinator) -> list[Any]:
+    """Both processes of the lane ready, this module loaded in each; their workers."""
+    from tokengate._process.wrapper import lane_for
+
+    workers = lane_for(coord)._workers
+    seen: set[int] = set()
+
+    def both_ran() -> bool:
+        seen.update(tokengate.gather([nap_here(0.01) for _ in range(4)], timeout=30))
+        return len(seen) == 2
+
+    assert support.wait_until(both_ran, 30)
+    assert support.wait_until(lambda: all(w is not None and w.ready for w in workers), 10)
+    return workers
+
+
+def _idle_with_short_measured_times(coord: OperationsCoordinator, workers: list[Any], times: dict[int, float]) -> None:
+    """Waits until the lane is idle (its supervisor sets a process's measured time per
+    token after it resolved the tokens of a reply: that too), then sets those times."""
+    assert support.wait_until(lambda: coord.get_stats()["lanes"]["process"]["in_flight"] == 0, 10)
+
+    def settled() -> bool:
+        for w in workers:
+            w.avg = times[w.slot]
+        time.sleep(0.05)
+        return all(w.avg == times[w.slot] for w in workers)
+
+    assert support.wait_until(settled, 10)
+
+
 def test_a_token_goes_to_the_process_holding_the_fewest_first() -> None:
     from tokengate._process.dispatch import _assign
 
@@ -816,31 +854,34 @@ def test_a_token_goes_to_the_process_holding_the_fewest_first() -> None:
 def test_long_tokens_after_short_ones_go_to_an_idle_process_first(lane: OperationsCoordinator) -> None:
     """Tokens measured short give a process a deep prefetch, tokens measured longer a shallow
     one: two long tokens must still run side by side, one per process."""
-    from tokengate._process.wrapper import lane_for
-
-    workers = lane_for(lane)._workers
-    seen: set[int] = set()
-
-    def both_ran() -> bool:
-        seen.update(tokengate.gather([nap_here(0.01) for _ in range(4)], timeout=30))
-        return len(seen) == 2
-
-    # Both processes ready and loaded with this module (its import must not count below).
-    assert support.wait_until(both_ran, 30)
-    assert support.wait_until(lambda: all(w is not None and w.ready for w in workers), 10)
+    workers = _both_processes_warm(lane)  # this module's import must not count below
     for short in (0, 1):
-        # The lane idle (its supervisor sets the measured time per token after it
-        # resolved the tokens of a reply: wait for that too) ...
-        assert support.wait_until(lambda: lane.get_stats()["lanes"]["process"]["in_flight"] == 0, 10)
-        time.sleep(0.1)
-        # ... then the measured times short tokens leave: a deep prefetch for one process.
-        for w in workers:
-            w.avg = 0.0001 if w.slot == short else 0.004
+        # The measured times short tokens leave: a deep prefetch for one process.
+        _idle_with_short_measured_times(lane, workers, {short: 0.0001, 1 - short: 0.004})
         t0 = time.monotonic()
         pids = tokengate.gather([nap_here(0.4), nap_here(0.4)], timeout=30)
         took = time.monotonic() - t0
         assert pids[0] != pids[1], "both long tokens were sent to one process"
         assert took < 0.75, f"two 0.4 s tokens on two processes took {took:.2f} s"
+
+
+def test_tokens_waiting_behind_a_long_call_go_to_an_idle_process(lane: OperationsCoordinator, tmp_path: Path) -> None:
+    """Short tokens sent ahead to a process behind a long call are taken back for the idle
+    process: they finish long before the long call does, and each runs exactly once."""
+    workers = _both_processes_warm(lane)
+    _idle_with_short_measured_times(lane, workers, {0: 0.0001, 1: 0.0001})  # deep prefetch for both
+    marks = tmp_path / "marks"
+    t0 = time.monotonic()
+    long = nap_here(2.0)
+    shorts = [nap_and_mark(str(marks), i, 0.01) for i in range(20)]
+    assert tokengate.gather(shorts, timeout=30) == list(range(20))
+    took = time.monotonic() - t0
+    assert took < 1.2, f"20 short tokens took {took:.2f} s beside a 2 s one: some waited behind it"
+    assert not long.done()
+    assert sorted(int(x) for x in marks.read_text().split()) == list(range(20))  # each ran once
+    assert long.result(timeout=30) > 0
+    assert sorted(int(x) for x in marks.read_text().split()) == list(range(20))
+    assert lane.get_stats()["lanes"]["process"]["taken_back"] >= 1
 
 
 def test_prefetch_must_be_a_positive_int() -> None:
@@ -992,13 +1033,14 @@ def test_replies_are_cut_whole_from_reads_of_any_size() -> None:
     stream = b"".join(_header(len(m)) + m for m in msgs)
     for _ in range(30):
         rbuf = bytearray()
-        got: list[bytes] = []
         pos = 0
+        views: list[memoryview] = []
         while pos < len(stream):
             n = rng.choice([1, 3, 4, 7, 100, 5000, 100_000])
-            got += [bytes(v) for v in _take_frames(rbuf, stream[pos : pos + n])]
+            views += _take_frames(rbuf, stream[pos : pos + n])
             pos += n
-        assert got == msgs and not rbuf
+        # Read only now: a view into the buffer of later reads would have changed.
+        assert [bytes(v) for v in views] == msgs and not rbuf
 
 
 def test_staged_frames_tell_which_reached_the_socket() -> None:

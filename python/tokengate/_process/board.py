@@ -56,7 +56,10 @@ class _Board:
       publish it in word 0;
     * the supervisor, to stop a token it sent: if word 0 names it, SIGKILL the
       process *while holding the lock* (so the worker cannot move on to its
-      next token), else list it (so it never starts).
+      next token), else list it (so it never starts);
+    * the supervisor, to take back tokens waiting behind a long call: only while
+      word 0 names a token, list the ones sent after it (they have not started,
+      and now never will there).
 
     A token is therefore either running and killed with its process, or
     skipped and never run, or already run (its reply on its way: staged or in
@@ -156,6 +159,30 @@ class _Board:
                     return False
             kill()  # pragma: no cover - the lane never has more tokens out than words
             return True
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def take_back(self, seqs: list[int], limit: int) -> list[int]:
+        """Lists to be skipped up to ``limit`` of ``seqs`` (tokens sent to the worker, in
+        the order it runs them) that come after the one it runs now, and returns them:
+        none of them has started, and the worker will skip them. Nothing while it runs
+        none of ``seqs`` (between two tokens it may be about to start any of them)."""
+        words = self.words
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            running = int(words[0]) - 1
+            if running not in seqs:
+                return []
+            free = (i for i in range(2, self.n + 2) if words[i] == 0)
+            out = []
+            for seq in seqs[seqs.index(running) + 1 :][:limit]:
+                i = next(free, None)
+                if i is None:  # pragma: no cover - a worker never holds more tokens than words
+                    break
+                words[i] = seq + 1
+                words[1] += 1
+                out.append(seq)
+            return out
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 

@@ -8,11 +8,16 @@
   and at most ``OperationsCoordinator(process_prefetch=64)``, sent in batches,
   so the process never waits for the supervisor between tokens and one
   message carries many. (A long token among short ones can therefore be sent
-  ahead too, and hold the ones behind it.) The supervisor never blocks on a
+  ahead too; see the next point.) The supervisor never blocks on a
   worker's socket: what the socket does not take waits in the worker's outbox
   until the selector says it can take more. A token sent to a
   process counts as running (ProcessPoolExecutor's call queue does the same):
   ``cancel()`` no longer stops it, ``kill()`` and deadlines still do.
+* **Taken back.** When the queue is empty, a process holds tokens and has not
+  answered for 10 ms (a long call runs there), and another process is idle, the
+  tokens waiting behind that call are taken back and sent to the idle one
+  (:meth:`_Dispatch._take_back`): the board lists them to be skipped, only while
+  the call before them runs, so none of them runs twice.
 * **Which process.** Each token goes to the process holding the fewest tokens,
   then to the one with the most room (:func:`_assign`): an idle process is
   never passed over for one that is busy.
@@ -115,6 +120,48 @@ class _Dispatch(_LaneState):
         for seq in stopped:
             self._stopped(seq)
         return bool(tasks or stopped)
+
+    def _take_back(self, now: float) -> float | None:
+        """Tokens sent ahead to a process and waiting behind a long call go to idle
+        processes: a process that holds tokens and has not answered for
+        :data:`_PREFETCH_WORK_S` gives back those sent after the one it runs (through its
+        board, so none of them runs twice), as many as the idle processes have room for.
+        Called when the queue is empty. Returns when to look again (a busy process may
+        pass that mark), or None."""
+        rooms = [(w, self._room(w)) for w in self._workers if w is not None and not w.load]
+        idle = [(w, n) for w, n in rooms if n]
+        if not idle:
+            return None
+        room = sum(n for _, n in idle)
+        later: float | None = None
+        taken: list[_Item] = []
+        for v in self._workers:
+            if v is None or len(v.items) < 2 or len(taken) >= room:
+                continue
+            due = v.mark + _PREFETCH_WORK_S
+            if now < due:
+                later = due if later is None else min(later, due)
+                continue
+            seqs = v.board.take_back([it.seq for it in v.items], room - len(taken))
+            if not seqs:
+                continue
+            back = set(seqs)
+            for item in [it for it in v.items if it.seq in back]:
+                self._finish_item(v, item)
+                v.skips.add(item.seq)  # its _SKIPPED reply frees the board's word
+                if v.left is not None:
+                    v.left += 1  # it never runs there
+                taken.append(item)
+        if taken:
+            self._counts["taken_back"] += len(taken)
+            workers = [w for w, _ in idle]
+            order = _assign([0] * len(idle), [n for _, n in idle], len(taken))
+            batches: dict[int, list[_Item]] = {}
+            for item, k in zip(taken, order):
+                batches.setdefault(k, []).append(item)
+            for k, items in batches.items():
+                self._send(workers[k], items)
+        return later
 
     def _stopped(self, seq: int) -> None:
         """A taken token was resolved from outside (``kill()``, its deadline, a drain): its

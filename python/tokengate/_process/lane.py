@@ -152,6 +152,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
             self._respawn(now)
             if self._dispatch():
                 continue  # took something: look again before sleeping
+            look = self._take_back(time.monotonic())
             with self._lock:
                 if self._closing and self._idle():
                     self._exited = True
@@ -161,6 +162,8 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 wait_s = 1.0
                 if any(t > 0 for t in self._respawn_at):
                     wait_s = min(wait_s, max(0.0, min(t for t in self._respawn_at if t > 0) - time.monotonic()))
+                if look is not None:
+                    wait_s = min(wait_s, max(0.0, look - time.monotonic()))
                 self._sleeping = True
             ready = self._sel.select(wait_s)
             with self._lock:

@@ -73,7 +73,7 @@ def _dumps(obj: object) -> bytes:
 
 
 _by_name: Any = None
-_by_name_sizes = (-1, -1)
+_by_name_tables: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
 
 
 def _dumps_result(obj: object) -> bytes:
@@ -81,22 +81,24 @@ def _dumps_result(obj: object) -> bytes:
     first (functions and classes by name), cloudpickle's by-value pickling only where
     that fails (a function or class the worker received by value, a lambda). Setting
     up loky's pickler takes about 11 us a call; this one under 1 us."""
-    global _by_name, _by_name_sizes
+    global _by_name, _by_name_tables
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, _PROTO)
     import copyreg
 
     from loky.backend import reduction
 
-    sizes = (len(copyreg.dispatch_table), len(reduction._dispatch_table))
-    if sizes != _by_name_sizes:  # first use, or a reducer was registered since
+    std, loky = _by_name_tables
+    if _by_name is None or copyreg.dispatch_table != std or reduction._dispatch_table != loky:
+        # First use, or a reducer was registered, replaced or removed since.
+        std, loky = dict(copyreg.dispatch_table), dict(reduction._dispatch_table)
 
         class _ByName(pickle.Pickler):
             # The standard reducers and loky's, as loky's pickler has them (a dict: the
             # C pickler looks types up in it without calling back into Python).
-            dispatch_table = {**copyreg.dispatch_table, **reduction._dispatch_table}  # noqa: RUF012
+            dispatch_table = {**std, **loky}  # noqa: RUF012
 
-        _by_name, _by_name_sizes = _ByName, sizes
+        _by_name, _by_name_tables = _ByName, (std, loky)
     buf = io.BytesIO()
     try:
         _by_name(buf, _PROTO).dump(obj)

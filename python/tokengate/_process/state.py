@@ -116,6 +116,8 @@ class _LaneState:
             "unpicklable": 0,
             "recycled": 0,
             "recycled_rss": 0,
+            # Tokens taken back from a process busy with a long call (see .dispatch).
+            "taken_back": 0,
         }
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
