@@ -13,6 +13,10 @@ Measures, in one run, on ``--workers`` processes (default 2):
   latency, p50 and mean), and a burst of ``--burst`` calls then waiting for
   all (per-token cost), for the lane and for ProcessPoolExecutor (spawn
   context, same worker count); ratio = lane / ProcessPoolExecutor.
+* Short tokens beside a long one: after a burst of no-ops (the lane then sends
+  ahead deeply), one 1 s sleep and 20 sleeps of 10 ms at once; the time until
+  the 20 are done (a process free of the long one can run them all in 0.2 s),
+  for the lane and for ProcessPoolExecutor.
 
 The machine may be shared: ``busy_before`` is the CPU load seen before the run.
 """
@@ -50,8 +54,14 @@ def noop() -> None:
     return None
 
 
+def nap(s: float) -> float:
+    time.sleep(s)
+    return s
+
+
 lane_spin = task_token_guard(operation_type="bench_proc_spin", tags={"process_pool": True})(spin)
 lane_noop = task_token_guard(operation_type="bench_proc_noop", tags={"process_pool": True})(noop)
+lane_nap = task_token_guard(operation_type="bench_proc_nap", tags={"process_pool": True})(nap)
 
 
 def calibrate(ms: float) -> int:
@@ -137,6 +147,31 @@ def main() -> None:
         for _ in range(3):
             lane_b.append(timed(lane_burst) / args.burst * 1e6)
             ppe_b.append(timed(ppe_burst) / args.burst * 1e6)
+
+        def lane_beside() -> float:
+            tokengate.gather([lane_noop() for _ in range(64)], timeout=60)
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            long = lane_nap(1.0)
+            tokengate.gather([lane_nap(0.01) for _ in range(20)], timeout=60)
+            took = time.perf_counter() - t0
+            long.result(timeout=60)
+            return took
+
+        def ppe_beside() -> float:
+            futures_wait([ppe.submit(noop) for _ in range(64)])
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            long = ppe.submit(nap, 1.0)
+            futures_wait([ppe.submit(nap, 0.01) for _ in range(20)])
+            took = time.perf_counter() - t0
+            long.result()
+            return took
+
+        lane_bs, ppe_bs = [], []
+        for _ in range(2):
+            lane_bs.append(lane_beside())
+            ppe_bs.append(ppe_beside())
         lane_stats = coord.get_stats()["lanes"]["process"]
     finally:
         coord.stop()
@@ -179,6 +214,13 @@ def main() -> None:
             "",
         ),
         (f"no-op burst of {args.burst}, ProcessPoolExecutor, per token", f"{med(ppe_b):.0f} us", "1.00x", ""),
+        (
+            "20 x 10 ms beside a 1 s token, lane",
+            f"{med(lane_bs):.2f} s",
+            f"{med(lane_bs) / med(ppe_bs):.2f}x PPE",
+            "0.2 s: none waits behind the long one",
+        ),
+        ("20 x 10 ms beside a 1 s token, ProcessPoolExecutor", f"{med(ppe_bs):.2f} s", "1.00x", ""),
     ]
     print(f"machine: {info}")
     print(
@@ -203,6 +245,8 @@ def main() -> None:
             "ppe_round_trip_us": ppe_rt,
             "lane_burst_us": lane_b,
             "ppe_burst_us": ppe_b,
+            "lane_beside_long_s": lane_bs,
+            "ppe_beside_long_s": ppe_bs,
             "lane_stats": lane_stats,
         },
     )
