@@ -142,13 +142,15 @@ class _Dispatch(_LaneState):
             if now < due:
                 later = due if later is None else min(later, due)
                 continue
-            seqs = v.board.take_back([it.seq for it in v.items], room - len(taken))
-            if not seqs:
+            wires = v.board.take_back([it.wire for it in v.items], room - len(taken))
+            if not wires:
+                # Between two tokens (or the one it runs answered meanwhile): look again soon.
+                later = now + 0.002 if later is None else min(later, now + 0.002)
                 continue
-            back = set(seqs)
-            for item in [it for it in v.items if it.seq in back]:
+            back = set(wires)
+            for item in [it for it in v.items if it.wire in back]:
                 self._finish_item(v, item)
-                v.skips.add(item.seq)  # its _SKIPPED reply frees the board's word
+                v.skips.add(item.wire)  # its _SKIPPED reply frees the board's word
                 if v.left is not None:
                     v.left += 1  # it never runs there
                 taken.append(item)
@@ -181,11 +183,13 @@ class _Dispatch(_LaneState):
         """One message with every token for ``w``; each counts as running from now on (as
         in ProcessPoolExecutor's call queue: ``cancel()`` no longer stops it, ``kill()`` does)."""
         batch = []
+        wires = self._wires
         for item in items:
             pf = item.pf
             fpayload = None if pf._fkey in w.funcs else pf._payload
             w.funcs.add(pf._fkey)
-            batch.append((item.seq, pf._fkey, fpayload, item.args))
+            item.wire = next(wires)
+            batch.append((item.wire, pf._fkey, fpayload, item.args))
             w.items.append(item)
             item.worker = w
             item.task.set_worker(w.slot)
@@ -207,11 +211,11 @@ class _Dispatch(_LaneState):
         now, else have the worker skip it (see :class:`_Board`)."""
         if item not in w.items or self._workers[w.slot] is not w:
             return
-        if w.board.stop(item.seq, w.proc.kill):
+        if w.board.stop(item.wire, w.proc.kill):
             self._replace(w, killed=True)
             return
         self._finish_item(w, item)
-        w.skips.add(item.seq)
+        w.skips.add(item.wire)
         if w.left is not None:
             w.left += 1  # it never runs there: its unit comes back (taken again if it had run, see _handle)
 

@@ -68,12 +68,13 @@ class _Replies(_LaneState):
         if frames:
             w.received += len(frames)
             now = time.monotonic()
-            took = (now - w.mark) / len(frames)  # each one's share of the time since the last ones
             handle = self._handle
             ended = 0
             for frame in frames:
                 ended += handle(w, frame)
             if ended:
+                # Each token's share of the time since the last ones (skipped tokens take none).
+                took = (now - w.mark) / ended
                 # ``ended`` steps of the moving average toward ``took`` (each: 0.8 old + 0.2 new).
                 w.avg = took if w.avg is None else took + (w.avg - took) * 0.8**ended
                 w.mark = now
@@ -105,14 +106,14 @@ class _Replies(_LaneState):
     def _handle(self, w: _Worker, data: bytes | memoryview) -> bool:
         """Handles one reply; True when it ended a token sent to ``w`` (it counts in the
         worker's time per token, see ``_read``)."""
-        seq, kind = _REPLY.unpack_from(data)
+        wire, kind = _REPLY.unpack_from(data)
         if kind == _READY:
             w.ready = True
             self._startup_failures = 0
             return False
-        if seq in w.skips:
-            w.skips.discard(seq)
-            w.board.unlist(seq)
+        if wire in w.skips:
+            w.skips.discard(wire)
+            w.board.unlist(wire)
             if kind != _SKIPPED and w.left is not None:
                 # It was stopped after it ran (its reply was on its way): the unit of
                 # the budget given back for it (see ``_stop_item``) is taken again.
@@ -123,11 +124,11 @@ class _Replies(_LaneState):
             w.over_rss = True  # a token ended with the process above the ceiling: it retires
             self._retiring.add(w)
         items = w.items
-        if items and items[0].seq == seq:  # replies come in the order the tokens were sent
+        if items and items[0].wire == wire:  # replies come in the order the tokens were sent
             item = items.popleft()
             item.worker = None
         else:
-            found = next((it for it in items if it.seq == seq), None)
+            found = next((it for it in items if it.wire == wire), None)
             if found is None:
                 return False  # a token that was killed meanwhile
             item = found

@@ -22,6 +22,7 @@ them).
 
 from __future__ import annotations
 
+import itertools
 import os
 import selectors
 import threading
@@ -43,13 +44,16 @@ class _Item:
     """One process token the lane took from the engine's queue (see
     :class:`~tokengate._tokengate.OutsideLane`), until it reports how it ended."""
 
-    __slots__ = ("args", "done", "pf", "seq", "task", "token", "worker")
+    __slots__ = ("args", "done", "pf", "seq", "task", "token", "wire", "worker")
 
     def __init__(self, task: Any) -> None:
         self.task = task
         self.token = task.token
-        #: The token id: its number on the wire.
+        #: The token id (stop notices name it).
         self.seq: int = task.id
+        #: Its number on the wire, new each time it is sent to a process (see ``_Dispatch._send``):
+        #: a reply, a board entry or a skip of an earlier sending never matches a later one.
+        self.wire = -1
         func = task.func
         # (function, pickled arguments) when the caller pickled them (see .submission).
         self.pf: ProcessFunction = func[0] if type(func) is tuple else func
@@ -103,6 +107,7 @@ class _LaneState:
         self._cancel_pending = False
         self._abort = False
         self._exited = False
+        self._wires = itertools.count()  # wire numbers (see _Item.wire)
         self._counts = {
             "submitted": 0,
             "completed": 0,

@@ -216,7 +216,7 @@ class _Processes(_LaneState):
         running = w.board.running()
         victim = None
         for item in list(w.items):
-            if item.seq == running:
+            if item.wire == running:
                 self._finish_item(w, item)
                 victim = item
             else:
