@@ -37,7 +37,8 @@ def _size(n: int) -> int:
 class _Board:
     """Memory the supervisor shares with one worker process, so that a kill is exact.
 
-    Word 0 holds ``seq + 1`` of the token the worker runs now (0: none); only
+    A token is named by its number on the wire (``seq``, new at each sending: see
+    ``_Item.wire``). Word 0 holds ``seq + 1`` of the token the worker runs now (0: none); only
     the worker writes it. Word 1 counts the listed tokens, words 2..n+1 hold
     ``seq + 1`` of tokens already sent to the worker that must not start (0:
     free); only the supervisor writes those. Word n+2 holds the worker's
@@ -162,17 +163,17 @@ class _Board:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
-    def take_back(self, seqs: list[int], limit: int) -> list[int]:
+    def take_back(self, seqs: list[int], limit: int) -> list[int] | None:
         """Lists to be skipped up to ``limit`` of ``seqs`` (tokens sent to the worker, in
         the order it runs them) that come after the one it runs now, and returns them:
-        none of them has started, and the worker will skip them. Nothing while it runs
+        none of them has started, and the worker will skip them. None while it runs
         none of ``seqs`` (between two tokens it may be about to start any of them)."""
         words = self.words
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             running = int(words[0]) - 1
             if running not in seqs:
-                return []
+                return None
             free = (i for i in range(2, self.n + 2) if words[i] == 0)
             out = []
             for seq in seqs[seqs.index(running) + 1 :][:limit]:

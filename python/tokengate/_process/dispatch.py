@@ -143,10 +143,12 @@ class _Dispatch(_LaneState):
                 later = due if later is None else min(later, due)
                 continue
             wires = v.board.take_back([it.wire for it in v.items], room - len(taken))
-            if not wires:
+            if wires is None:
                 # Between two tokens (or the one it runs answered meanwhile): look again soon.
                 later = now + 0.002 if later is None else min(later, now + 0.002)
                 continue
+            if not wires:
+                continue  # nothing waits behind the call it runs (what came before, answered)
             back = set(wires)
             for item in [it for it in v.items if it.wire in back]:
                 self._finish_item(v, item)

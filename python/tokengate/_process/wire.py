@@ -10,7 +10,8 @@ which never blocks on a worker, writes frames from the worker's outbox
 
 * **Supervisor to worker**: one message per batch of tokens sent ahead, the
   pickled list of ``(seq, function key, function payload or None, pickled
-  (args, kwargs))``; the function's payload comes with the first token of
+  (args, kwargs))``, ``seq`` being the token's number on the wire, new at each
+  sending (``_Item.wire``); the function's payload comes with the first token of
   that function the worker receives (see :mod:`.payload`).
 * **Worker to supervisor**: one message per token (several sent in one write,
   see :class:`~tokengate._process.child._Outbox`): :data:`_REPLY` (the
