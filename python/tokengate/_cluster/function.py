@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from .._process.payload import _dump_args, _function_payload
+from .._process.submission import submit_outside
 from .._process.wrapper import ProcessFunction, _current_coordinator
 from .._tokengate import TaskToken
 from ..exceptions import NotStartedError, ShutdownError
@@ -126,17 +127,18 @@ class ClusterFunction(ProcessFunction):
         if has_tokens:
             args, kwargs, links = lane.link_inputs(args, kwargs)
         try:
-            token: TaskToken[Any] | None = self.spec.submit_to(
+            token = submit_outside(
+                self.spec,
                 lane.outside,
                 args,
                 kwargs,
-                func=remote,
-                priority=priority,
-                timeout=timeout,
-                retries=retries,
-                block=block,
-                admission_timeout=admission_timeout,
-                probe=probe,
+                remote,
+                priority,
+                timeout,
+                retries,
+                block,
+                admission_timeout,
+                probe,
             )
         except BaseException:
             lane.release(links)

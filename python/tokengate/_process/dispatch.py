@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import pickle
 import selectors
@@ -100,8 +101,7 @@ class _Dispatch(_LaneState):
         workers = [w for w, n in rooms if n]
         room = [n for _, n in rooms if n]
         tasks, stopped = self.outside.take(sum(room))
-        order = iter(_assign([w.load for w in workers], room, len(tasks)))
-        batches: dict[int, list[_Item]] = {}
+        ready: list[_Item] = []
         for task in tasks:
             item = _Item(task)
             self._running[item.seq] = item
@@ -112,9 +112,8 @@ class _Dispatch(_LaneState):
                 except UnpicklableError as exc:
                     self._fail(item, exc)
                     continue
-            batches.setdefault(next(order), []).append(item)
-        for k, items in batches.items():
-            self._send(workers[k], items)
+            ready.append(item)
+        self._spread(workers, room, ready)
         # Stops last: stopping a running token replaces its process, which must not happen
         # to a process chosen above before it was sent its tokens.
         for seq in stopped:
@@ -133,19 +132,19 @@ class _Dispatch(_LaneState):
         if not idle:
             return None
         room = sum(n for _, n in idle)
-        later: float | None = None
+        later = math.inf
         taken: list[_Item] = []
         for v in self._workers:
             if v is None or len(v.items) < 2 or len(taken) >= room:
                 continue
             due = v.mark + _PREFETCH_WORK_S
             if now < due:
-                later = due if later is None else min(later, due)
+                later = min(later, due)
                 continue
             wires = v.board.take_back([it.wire for it in v.items], room - len(taken))
             if wires is None:
                 # Between two tokens (or the one it runs answered meanwhile): look again soon.
-                later = now + 0.002 if later is None else min(later, now + 0.002)
+                later = min(later, now + 0.002)
                 continue
             if not wires:
                 continue  # nothing waits behind the call it runs (what came before, answered)
@@ -158,14 +157,18 @@ class _Dispatch(_LaneState):
                 taken.append(item)
         if taken:
             self._counts["taken_back"] += len(taken)
-            workers = [w for w, _ in idle]
-            order = _assign([0] * len(idle), [n for _, n in idle], len(taken))
-            batches: dict[int, list[_Item]] = {}
-            for item, k in zip(taken, order):
-                batches.setdefault(k, []).append(item)
-            for k, items in batches.items():
-                self._send(workers[k], items)
-        return later
+            self._spread([w for w, _ in idle], [n for _, n in idle], taken)
+        return None if later == math.inf else later
+
+    def _spread(self, workers: list[_Worker], room: list[int], items: list[_Item]) -> None:
+        """Sends ``items`` to ``workers`` (``room[k]``: how many more worker ``k`` takes;
+        ``len(items) <= sum(room)``), each to the one holding the fewest first (:func:`_assign`),
+        in one message per worker."""
+        batches: dict[int, list[_Item]] = {}
+        for item, k in zip(items, _assign([w.load for w in workers], room, len(items))):
+            batches.setdefault(k, []).append(item)
+        for k, batch in batches.items():
+            self._send(workers[k], batch)
 
     def _stopped(self, seq: int) -> None:
         """A taken token was resolved from outside (``kill()``, its deadline, a drain): its
@@ -174,7 +177,7 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        state = str(item.token.state)  # published before the stop notice was sent
+        state = item.token.state  # published before the stop notice was sent
         if state in ("timeout", "killed"):
             self._count("timeouts" if state == "timeout" else "killed")
         w = item.worker

@@ -20,7 +20,7 @@ token alone (:class:`UnpicklableError`, naming the argument).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._tokengate import TaskToken
 from .payload import UnpicklableError, _dump_args
@@ -28,6 +28,41 @@ from .state import _LaneState
 
 if TYPE_CHECKING:
     from .wrapper import ProcessFunction
+
+
+def submit_outside(
+    spec: Any,
+    outside: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    func: Any,
+    priority: int | None,
+    timeout: float | None,
+    retries: int | None,
+    block: bool,
+    admission_timeout: float | None,
+    probe: bool,
+) -> TaskToken[Any] | None:
+    """Queues a token of ``spec`` on the outside lane ``outside`` (a process or cluster
+    lane), the lane receiving ``func``: ``OperationSpec.submit_to`` with the options given.
+    With every option at its default it is passed none of them (fewer to parse)."""
+    if priority is None and timeout is None and retries is None and block and admission_timeout is None and not probe:
+        return cast("TaskToken[Any] | None", spec.submit_to(outside, args, kwargs, func=func))
+    return cast(
+        "TaskToken[Any] | None",
+        spec.submit_to(
+            outside,
+            args,
+            kwargs,
+            func=func,
+            priority=priority,
+            timeout=timeout,
+            retries=retries,
+            block=block,
+            admission_timeout=admission_timeout,
+            probe=probe,
+        ),
+    )
 
 
 class _Submission(_LaneState):
@@ -52,29 +87,9 @@ class _Submission(_LaneState):
                 func, args, kwargs = (pf, _dump_args(pf._op, args, kwargs)), (), {}
             except UnpicklableError:
                 pass  # pickled again when taken, where the error fails the token
-        token: TaskToken[Any] | None
-        if (
-            priority is None
-            and timeout is None
-            and retries is None
-            and block
-            and admission_timeout is None
-            and not probe
-        ):
-            token = pf.spec.submit_to(self.outside, args, kwargs, func=func)  # the defaults: fewer to parse
-        else:
-            token = pf.spec.submit_to(
-                self.outside,
-                args,
-                kwargs,
-                func=func,
-                priority=priority,
-                timeout=timeout,
-                retries=retries,
-                block=block,
-                admission_timeout=admission_timeout,
-                probe=probe,
-            )
+        token = submit_outside(
+            pf.spec, self.outside, args, kwargs, func, priority, timeout, retries, block, admission_timeout, probe
+        )
         if token is not None:
             with self._lock:  # callers of any thread
                 self._counts["submitted"] += 1
