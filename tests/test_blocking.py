@@ -190,10 +190,12 @@ def test_lend_and_retake_cycles_leave_no_units_held() -> None:
         assert pool["lends"] > 0
 
 
-@task_token_guard(operation_type="blocking_nap")
-def nap(seconds: float) -> float:
+def _sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+nap = task_token_guard(operation_type="blocking_nap")(_sleep)
 
 
 def test_blocking_tokens_are_not_capped_by_cpu_units_on_the_default_coordinator() -> None:
@@ -214,8 +216,8 @@ def test_a_fresh_burst_of_blocking_calls_starts_together_ahead_of_later_work() -
     # blocked, each loan counts toward starting the next runs lent, and spares start in
     # doubling waves. Before, spares came one generation per few monitor ticks (200 sleeps
     # started over 200-300 ms, and CPU tokens submitted after them ran first).
-    sleep_op = task_token_guard(operation_type="blocking_fresh_burst")(nap)
-    spin_op = task_token_guard(operation_type="blocking_fresh_burst_cpu")(spin)
+    sleep_op = task_token_guard(operation_type="blocking_fresh_burst")(_sleep)
+    spin_op = task_token_guard(operation_type="blocking_fresh_burst_cpu")(_square_sum)
     with running_coordinator() as c:
         sleeps = [sleep_op(0.4) for _ in range(200)]
         later = [spin_op(2_000) for _ in range(400)]
@@ -390,3 +392,68 @@ def test_tokens_polling_for_a_queued_token_do_not_hold_it_back() -> None:
         # Waiting on the pollers first: a caller waiting on the setter would run it itself.
         assert [p.result(timeout=WAIT) for p in pollers] == [True, True]
         assert setter.result(timeout=WAIT)
+
+
+def test_spares_start_only_for_blocked_tokens() -> None:
+    """A spare takes the place of a thread whose token blocked: with 20 blocked sleeps and
+    CPU tokens queued behind them, at most about 20 spares start. Before, each loan started
+    up to 64 at once for whatever was queued, and 20 sleeps ahead of CPU work started all
+    256 the coordinator allows; the extra threads only contended for the interpreter."""
+    sleep_op = task_token_guard(operation_type="blocking_spares_per_block")(_sleep)
+    spin_op = task_token_guard(operation_type="blocking_spares_per_block_cpu")(_square_sum)
+    with running_coordinator() as c:
+        sleeps = [sleep_op(0.3) for _ in range(20)]
+        later = [spin_op(2_000) for _ in range(2_000)]
+        tokengate.gather(sleeps + later, timeout=WAIT)
+        pool = c.get_stats()["pool"]
+    # A few over 20 when lenders race for the last places.
+    assert 0 < pool["spares_peak"] <= 24, pool
+
+
+def test_idle_spares_take_no_work_once_nothing_blocks() -> None:
+    """Spares outlive the loans that started them (they retire after 5 s idle), but take
+    shared work only while some token is blocked: afterwards the workers run the queue, and
+    the interpreter is not handed round dozens of threads."""
+    spin_op = task_token_guard(operation_type="blocking_idle_spares_cpu")(_square_sum)
+    with running_coordinator() as c:
+        workers = c.get_stats()["pool"]["workers"]
+        tokengate.gather([nap(0.05) for _ in range(100)], timeout=WAIT)
+        assert c.get_stats()["pool"]["spares"] > 0
+        assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 0, WAIT)
+        tokens = [spin_op(2_000) for _ in range(3_000)]
+        tokengate.gather(tokens, timeout=WAIT)
+        ran_on = {t.worker_id for t in tokens}
+    assert all(w is not None and w < workers for w in ran_on), sorted(ran_on, key=str)
+
+
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)() is False, reason="no GIL: pure-Python tokens run in parallel"
+)
+def test_pure_python_tokens_run_back_to_back_beside_a_blocked_token() -> None:
+    """A token blocked in a long wait has its units lent and its own thread: it needs no
+    other. The pure-Python tokens queued beside it still run one worker at a time once they
+    wait for the GIL. Before, any lent units turned that mode off, and the CPU tokens
+    submitted beside 200 sleeps ran at 0.74-0.80x a plain loop."""
+    spans: list[tuple[float, float]] = []
+
+    @task_token_guard(operation_type="blocking_test.gil_bound_beside")
+    def work(n: int) -> int:
+        t0 = time.perf_counter()
+        out = _square_sum(n)
+        spans.append((t0, time.perf_counter()))
+        return out
+
+    released = threading.Event()
+    wait_op = task_token_guard(operation_type="blocking_test.long_wait")(released.wait)
+    with OperationsCoordinator(max_workers=8) as c:
+        waiter = wait_op(WAIT)
+        assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 1, WAIT)
+        values = tokengate.gather([work(2_000) for _ in range(6_000)], timeout=WAIT)
+        assert c.get_stats()["pool"]["blocked"] == 1  # still waiting: the test says nothing otherwise
+        released.set()
+        assert waiter.result(timeout=WAIT) is True
+    assert values == [_square_sum(2_000)] * 6_000
+    spans.sort()
+    later = spans[len(spans) // 4 :]
+    overlap = _overlap(later)
+    assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"

@@ -15,7 +15,7 @@
 //! # Telling blocked from busy
 //!
 //! Each tick (1 ms while anything changes, up to `MAX_TICK` while only busy
-//! or long-blocked jobs run, `IDLE_POLL` while no job runs; the monitor
+//! or long-blocked jobs run, from one tick up to `IDLE_POLL` while no job runs; the monitor
 //! parks once none has run for `DEEP_IDLE`, and the next job to begin wakes
 //! it), for every
 //! worker whose job was already running two ticks before (short jobs cost no
@@ -71,7 +71,9 @@
 //!   take starts spare workers (`Shared::ensure_taker`): in doubling waves
 //!   while the monitor's loans follow each other; one at most for a run
 //!   that starts lent (that spare's own run, if it starts lent, starts the
-//!   next).
+//!   next). A wave starts no more spares than lent jobs lack one (at
+//!   least one): each takes the place of a thread whose job blocked. A
+//!   spare takes shared work only while some job is lent (`Shared::is_active`).
 //! * The monitor's loans only: the embedder hears of each
 //!   (`PoolConfig::on_lend`, with the run's `Job::class`), and the Python
 //!   binding counts it in the operation's blocking history, so a burst of

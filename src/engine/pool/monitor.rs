@@ -224,6 +224,7 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
                 eventful = true; // work again after an idle spell: look closely
             }
         } else {
+            let fresh = idle_since.is_none();
             let since = *idle_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() >= DEEP_IDLE {
                 park(shared);
@@ -232,9 +233,13 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
                 interval = TICK;
                 continue;
             }
-            // Idle for a short while: look every IDLE_POLL (a burst of short jobs
-            // then never has to wake the monitor from the hot path).
-            std::thread::sleep(IDLE_POLL);
+            // Idle for a short while: look again after one tick, then twice as
+            // long each time up to IDLE_POLL. A burst of short jobs never has to
+            // wake the monitor from the hot path, and a burst of blocking jobs
+            // right after an idle spell (or a pool's start) is seen within a few
+            // ticks, not only at the next IDLE_POLL.
+            interval = if fresh { TICK } else { (interval * 2).min(IDLE_POLL) };
+            std::thread::sleep(interval);
             continue;
         }
         // A steady state (only busy or long-blocked jobs) is looked at less often.

@@ -176,8 +176,14 @@ impl<J: Job> Shared<J> {
 
     /// True when worker `index` is inside the active pattern. Every worker
     /// of a core whose job is blocked (its units lent) makes room in the
-    /// pattern for one more of that core.
+    /// pattern for one more of that core. A spare worker takes shared work
+    /// only while some job is blocked (what it was started for): otherwise
+    /// the workers have the units to themselves, and idle spares woken with
+    /// them would only hand the interpreter round more threads.
     pub(super) fn is_active(&self, index: usize) -> bool {
+        if index >= self.config.workers {
+            return self.any_lent();
+        }
         let lent = self.cores[self.core_of(index)].lent();
         (index / self.cores.len()) < (self.active_per_core.load(Ordering::Relaxed).saturating_add(lent)) as usize
     }
@@ -210,7 +216,8 @@ impl<J: Job> Shared<J> {
     /// (each within `RAMP_WINDOW_NS` of the one before) double the spares
     /// started, up to `RAMP_MAX`, so a burst of jobs that block (I/O calls,
     /// sleeps) queued ahead of other work finds threads within a few monitor
-    /// ticks, where one spare per loan would take a tick or two for each.
+    /// ticks, where one spare per loan would take a tick or two for each;
+    /// but no more than blocked jobs lack a spare (see below).
     /// Otherwise (a run that starts lent, on a thread that holds the
     /// interpreter) at most one spare starts: that spare's own run, if it
     /// starts lent too, starts the next.
@@ -237,6 +244,13 @@ impl<J: Job> Shared<J> {
         } else {
             1
         };
+        // A wave never starts more spares than blocked jobs lack one: each
+        // spare takes the place of a thread whose job blocked, and spares
+        // beyond would only contend for the interpreter (200 sleeps ahead of
+        // CPU work started all 256 allowed). At least one, as for a single
+        // lend: an idle spare alive may sit on a core with no room.
+        let blocked: usize = shared.cores.iter().map(|c| c.lent() as usize).sum();
+        let n = n.min(blocked.saturating_sub(shared.spares())).max(1);
         for _ in 0..n.min(wanted) {
             if !Self::spawn_spare(shared) {
                 break;

@@ -443,6 +443,12 @@ impl<J: Job> WorkerLoop<J> {
                 spinning = sleep.sleep(index, spinning, work_or_end);
                 continue;
             }
+            if !shared.is_active(index) && shared.has_work() {
+                // A spare that the end of the last loan left outside the
+                // pattern hands queued work over (the units its last job
+                // gave back) before it parks.
+                shared.notify_work();
+            }
             // A spare retires after `spare_idle` without work.
             let deadline = std::time::Instant::now() + shared.config.spare_idle;
             match sleep.sleep_until(index, spinning, work_or_end, Some(deadline)) {
