@@ -339,6 +339,25 @@ def _overlap(spans: list[tuple[float, float]]) -> float:
     return both / (events[-1][0] - events[0][0])
 
 
+def _overlap_of_square_sums(operation_type: str, n: int = 6_000) -> float:
+    """Runs ``n`` pure-Python tokens on the running coordinator; the fraction of the time
+    two or more were in progress at once, after the first quarter (the monitor's first
+    looks are behind it)."""
+    spans: list[tuple[float, float]] = []
+
+    @task_token_guard(operation_type=operation_type)
+    def work(k: int) -> int:
+        t0 = time.perf_counter()
+        out = _square_sum(k)
+        spans.append((t0, time.perf_counter()))
+        return out
+
+    values = tokengate.gather([work(2_000) for _ in range(n)], timeout=WAIT)
+    assert values == [_square_sum(2_000)] * n
+    spans.sort()
+    return _overlap(spans[n // 4 :])
+
+
 @pytest.mark.skipif(
     getattr(sys, "_is_gil_enabled", lambda: True)() is False, reason="no GIL: pure-Python tokens run in parallel"
 )
@@ -348,21 +367,8 @@ def test_pure_python_tokens_run_back_to_back_once_they_wait_for_the_gil() -> Non
     src/engine/pool/contention.rs). Once the monitor sees that, one worker runs the queue:
     with eight workers, tokens were in progress two or more at once nearly all the time
     before; now only while the monitor looks again after a quiet spell."""
-    spans: list[tuple[float, float]] = []
-
-    @task_token_guard(operation_type="blocking_test.gil_bound")
-    def work(n: int) -> int:
-        t0 = time.perf_counter()
-        out = _square_sum(n)
-        spans.append((t0, time.perf_counter()))
-        return out
-
     with OperationsCoordinator(max_workers=8):
-        values = tokengate.gather([work(2_000) for _ in range(6_000)], timeout=WAIT)
-    assert values == [_square_sum(2_000)] * 6_000
-    spans.sort()
-    later = spans[len(spans) // 4 :]  # the monitor's first looks are behind
-    overlap = _overlap(later)
+        overlap = _overlap_of_square_sums("blocking_test.gil_bound")
     assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"
 
 
@@ -434,26 +440,13 @@ def test_pure_python_tokens_run_back_to_back_beside_a_blocked_token() -> None:
     other. The pure-Python tokens queued beside it still run one worker at a time once they
     wait for the GIL. Before, any lent units turned that mode off, and the CPU tokens
     submitted beside 200 sleeps ran at 0.74-0.80x a plain loop."""
-    spans: list[tuple[float, float]] = []
-
-    @task_token_guard(operation_type="blocking_test.gil_bound_beside")
-    def work(n: int) -> int:
-        t0 = time.perf_counter()
-        out = _square_sum(n)
-        spans.append((t0, time.perf_counter()))
-        return out
-
     released = threading.Event()
     wait_op = task_token_guard(operation_type="blocking_test.long_wait")(released.wait)
     with OperationsCoordinator(max_workers=8) as c:
         waiter = wait_op(WAIT)
         assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 1, WAIT)
-        values = tokengate.gather([work(2_000) for _ in range(6_000)], timeout=WAIT)
+        overlap = _overlap_of_square_sums("blocking_test.gil_bound_beside")
         assert c.get_stats()["pool"]["blocked"] == 1  # still waiting: the test says nothing otherwise
         released.set()
         assert waiter.result(timeout=WAIT) is True
-    assert values == [_square_sum(2_000)] * 6_000
-    spans.sort()
-    later = spans[len(spans) // 4 :]
-    overlap = _overlap(later)
     assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"
