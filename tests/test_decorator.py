@@ -67,6 +67,33 @@ def test_generators_rejected_at_decoration(target: Any) -> None:
         task_token_guard(tags={"weight": "light"})(target)
 
 
+def _plain(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param(None, id="threads"),
+        pytest.param({"process_pool": True}, id="process-lane"),
+        pytest.param({"sticky_anchor": "k"}, id="sticky"),
+        pytest.param({"cluster": True}, id="cluster"),
+    ],
+)
+def test_a_guarded_function_is_not_guarded_again(tags: Any) -> None:
+    # Its call returns a token: each token of the outer function would resolve to another
+    # token (a test of this suite once did this by accident and measured nothing).
+    inner = task_token_guard(operation_type="inner", tags=tags)(_plain)
+    with pytest.raises(
+        TypeError, match=r"already a @task_token_guard function \(operation_type 'inner'\).*__wrapped__"
+    ):
+        task_token_guard(operation_type="outer")(inner)
+    with pytest.raises(TypeError, match="already a @task_token_guard function"):
+        task_token_guard(inner)
+    outer = task_token_guard(operation_type="outer")(inner.__wrapped__)
+    assert outer.operation_type == "outer"
+
+
 @pytest.mark.parametrize("target", [5, "not callable", None, object()], ids=["int", "str", "None", "object"])
 def test_non_callable_rejected(target: Any) -> None:
     with pytest.raises(TypeError):

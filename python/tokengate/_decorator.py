@@ -125,6 +125,17 @@ def _is_generator_callable(fn: object) -> bool:
 def _check_function(fn: Any) -> None:
     if not callable(fn):
         raise TypeError(f"@task_token_guard needs a callable, not {type(fn).__name__}")
+    try:
+        guarded = isinstance(getattr(fn, "spec", None), _tokengate.OperationSpec)
+    except Exception:  # an object whose attribute lookup raises: not one of ours
+        guarded = False
+    if guarded:
+        raise TypeError(
+            f"@task_token_guard cannot decorate {fn!r}: it is already a @task_token_guard function "
+            f"(operation_type {getattr(fn, 'operation_type', None)!r}), whose call returns a token, so every "
+            "token of the new one would resolve to another token. Decorate the plain function "
+            "(its __wrapped__) instead."
+        )
     if _is_async_callable(fn):
         raise TypeError(
             f"@task_token_guard cannot decorate {fn!r}: it is asynchronous (async def). "
