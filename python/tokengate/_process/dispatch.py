@@ -177,7 +177,7 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        state = item.token.state  # published before the stop notice was sent
+        state = item.task.token.state  # published before the stop notice was sent
         if state in ("timeout", "killed"):
             self._count("timeouts" if state == "timeout" else "killed")
         w = item.worker

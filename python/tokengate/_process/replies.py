@@ -34,9 +34,10 @@ def decode_reply(op: str, data: bytes | memoryview) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` from a token's reply (made by
     :func:`.child._call_reply`); the exception carries the worker's traceback as its
     ``__cause__``, and a reply that cannot be unpickled becomes an :class:`UnpicklableError`."""
-    kind = _REPLY.unpack_from(data)[1]
+    view = data if type(data) is memoryview else memoryview(data)
+    kind = view[_REPLY.size - 1]  # the byte after the seq
     try:
-        payload = pickle.loads(memoryview(data)[_REPLY.size :])
+        payload = pickle.loads(view[_REPLY.size :])
     except BaseException as exc:
         return False, UnpicklableError(f"{op}: the worker's reply could not be unpickled: {exc!r}")
     if kind == _OK:

@@ -44,11 +44,11 @@ class _Item:
     """One process token the lane took from the engine's queue (see
     :class:`~tokengate._tokengate.OutsideLane`), until it reports how it ended."""
 
-    __slots__ = ("args", "done", "pf", "seq", "task", "token", "wire", "worker")
+    __slots__ = ("args", "done", "pf", "seq", "task", "wire", "worker")
 
     def __init__(self, task: Any) -> None:
+        #: The engine's task (``task.token`` is the token; read where needed, not per token).
         self.task = task
-        self.token = task.token
         #: The token id (stop notices name it).
         self.seq: int = task.id
         #: Its number on the wire, new each time it is sent to a process (see ``_Dispatch._send``):
@@ -176,7 +176,7 @@ class _LaneState:
         item.done = True
         self._running.pop(item.seq, None)
         retry = retry and state == "failed" and not isinstance(exc, UnpicklableError)
-        if not item.token.done():  # counted first: a waiter woken by the error sees it
+        if not item.task.token.done():  # counted first: a waiter woken by the error sees it
             if retry and item.task.retries_left > 0:
                 self._count("retries")
             else:
@@ -188,9 +188,10 @@ class _LaneState:
     def _finish_ok(self, item: _Item, value: Any) -> None:
         item.done = True
         self._running.pop(item.seq, None)
-        if not item.token.done():  # counted first: a waiter woken by the result sees it
-            self._count("completed")
-        self.outside.finish(item.task, value)
+        counts = self._counts
+        counts["completed"] += 1  # counted first: a waiter woken by the result sees it
+        if not self.outside.finish(item.task, value):
+            counts["completed"] -= 1  # it had ended already (killed, timed out)
 
     def _count(self, key: str) -> None:
         """Counts an event of the supervisor thread. It alone writes these counts (callers

@@ -251,7 +251,7 @@ class _Processes(_LaneState):
         item = self._salvage(w)
         self._close(w)
         self._set_worker(w.slot, None)
-        if item is not None and not item.token.done():
+        if item is not None and not item.task.token.done():
             why = f"signal {-code}" if code < 0 else f"exit code {code}"
             try:
                 if code < 0:
