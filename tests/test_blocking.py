@@ -403,8 +403,8 @@ def test_tokens_polling_for_a_queued_token_do_not_hold_it_back() -> None:
 def test_spares_start_only_for_blocked_tokens() -> None:
     """A spare takes the place of a thread whose token blocked: with 20 blocked sleeps and
     CPU tokens queued behind them, at most about 20 spares start. Before, each loan started
-    up to 64 at once for whatever was queued, and 20 sleeps ahead of CPU work started all
-    256 the coordinator allows; the extra threads only contended for the interpreter."""
+    up to 64 at once for whatever was queued: 20 sleeps ahead of CPU work started 63-139
+    (200 sleeps, all 256 allowed); the extra threads only contended for the interpreter."""
     sleep_op = task_token_guard(operation_type="blocking_spares_per_block")(_sleep)
     spin_op = task_token_guard(operation_type="blocking_spares_per_block_cpu")(_square_sum)
     with running_coordinator() as c:
@@ -428,8 +428,10 @@ def test_idle_spares_take_no_work_once_nothing_blocks() -> None:
         assert wait_until(lambda: c.get_stats()["pool"]["blocked"] == 0, WAIT)
         tokens = [spin_op(2_000) for _ in range(3_000)]
         tokengate.gather(tokens, timeout=WAIT)
-        ran_on = {t.worker_id for t in tokens}
-    assert all(w is not None and w < workers for w in ran_on), sorted(ran_on, key=str)
+    on_spares = sum(1 for t in tokens if t.worker_id is None or t.worker_id >= workers)
+    # Before, 2,992-3,000 of them ran on spares (22-79 threads); a stray loan meanwhile (a
+    # thread descheduled in a system call for two monitor ticks) may let a few in.
+    assert on_spares <= 150, f"{on_spares} of 3000 ran on spares"
 
 
 @pytest.mark.skipif(

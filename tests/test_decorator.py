@@ -90,8 +90,26 @@ def test_a_guarded_function_is_not_guarded_again(tags: Any) -> None:
         task_token_guard(operation_type="outer")(inner)
     with pytest.raises(TypeError, match="already a @task_token_guard function"):
         task_token_guard(inner)
+    for through in (functools.partial(inner, 1), inner.options(priority=2)):
+        with pytest.raises(TypeError, match="already a @task_token_guard function"):
+            task_token_guard(operation_type="outer")(through)
     outer = task_token_guard(operation_type="outer")(inner.__wrapped__)
     assert outer.operation_type == "outer"
+
+
+def test_a_plain_function_wrapping_a_guarded_one_can_be_guarded() -> None:
+    # functools.wraps copies the guarded function's attributes (its spec too) onto the
+    # helper, which is still a plain function: its calls wait for the inner token.
+    inner = task_token_guard(operation_type="inner_wrapped")(_plain)
+
+    @task_token_guard(operation_type="outer_wrapper")
+    @functools.wraps(inner)
+    def helper(x: int) -> int:
+        return inner(x).result(timeout=10)  # type: ignore[no-any-return]
+
+    assert helper.operation_type == "outer_wrapper"
+    with OperationsCoordinator():
+        assert helper(7).result(timeout=10) == 7
 
 
 @pytest.mark.parametrize("target", [5, "not callable", None, object()], ids=["int", "str", "None", "object"])

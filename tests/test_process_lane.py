@@ -905,16 +905,48 @@ def test_a_reply_to_an_earlier_sending_never_matches_a_later_one() -> None:
     replies._retiring = set()
     replies._running = {}
     replies._counts = {"completed": 0}
-    replies.outside = SimpleNamespace(finish=lambda task, value: finished.append(value))
+    replies.outside = SimpleNamespace(finish=lambda task, value: finished.append(value) or True)
     unlisted: list[int] = []
     w = SimpleNamespace(skips={7}, board=SimpleNamespace(unlist=unlisted.append), left=None, items=deque())
     token = SimpleNamespace(done=lambda: False)
-    item = SimpleNamespace(seq=5, wire=8, pf=SimpleNamespace(_op="op"), task=None, token=token, done=False, worker=w)
+    task = SimpleNamespace(token=token)
+    item = SimpleNamespace(seq=5, wire=8, pf=SimpleNamespace(_op="op"), task=task, done=False, worker=w)
     w.items.append(item)
     assert replies._handle(w, _REPLY.pack(7, _SKIPPED)) is False  # the first sending, skipped
     assert unlisted == [7] and list(w.items) == [item] and not finished
     assert replies._handle(w, _REPLY.pack(8, _OK) + pickle.dumps(42)) is True
     assert finished == [42] and not w.items
+
+
+def test_a_reply_that_comes_after_a_kill_counts_the_kill_once() -> None:
+    """A token killed (or timed out) while its reply was on its way: the reply finds the
+    token ended, and the stop notice then finds the item done. The kill is counted once,
+    by whichever comes first; before, a reply that came first left it uncounted."""
+    import pickle
+    from collections import deque
+    from types import SimpleNamespace
+
+    from tokengate._process.dispatch import _Dispatch
+    from tokengate._process.replies import _Replies
+    from tokengate._process.wire import _OK, _REPLY
+
+    class Lane(_Replies, _Dispatch):
+        pass
+
+    for state, key in (("killed", "killed"), ("timeout", "timeouts")):
+        lane = object.__new__(Lane)
+        lane.max_rss = None
+        lane._retiring = set()
+        lane._counts = {"completed": 0, "killed": 0, "timeouts": 0}
+        lane.outside = SimpleNamespace(finish=lambda task, value: False)  # the token had ended
+        w = SimpleNamespace(skips=set(), board=None, left=None, items=deque())
+        task = SimpleNamespace(token=SimpleNamespace(state=state, done=lambda: True))
+        item = SimpleNamespace(seq=5, wire=8, pf=SimpleNamespace(_op="op"), task=task, done=False, worker=w)
+        lane._running = {5: item}
+        w.items.append(item)
+        assert lane._handle(w, _REPLY.pack(8, _OK) + pickle.dumps(42)) is True
+        lane._stopped(5)  # the stop notice, after the reply
+        assert lane._counts == {"completed": 0, "killed": 0, "timeouts": 0, key: 1}
 
 
 def test_prefetch_must_be_a_positive_int() -> None:

@@ -125,16 +125,13 @@ def _is_generator_callable(fn: object) -> bool:
 def _check_function(fn: Any) -> None:
     if not callable(fn):
         raise TypeError(f"@task_token_guard needs a callable, not {type(fn).__name__}")
-    try:
-        guarded = isinstance(getattr(fn, "spec", None), _tokengate.OperationSpec)
-    except Exception:  # an object whose attribute lookup raises: not one of ours
-        guarded = False
-    if guarded:
+    guarded = _guarded_function(fn)
+    if guarded is not None:
         raise TypeError(
             f"@task_token_guard cannot decorate {fn!r}: it is already a @task_token_guard function "
-            f"(operation_type {getattr(fn, 'operation_type', None)!r}), whose call returns a token, so every "
-            "token of the new one would resolve to another token. Decorate the plain function "
-            "(its __wrapped__) instead."
+            f"(operation_type {guarded.operation_type!r}), whose call returns a token, so every token "
+            "of the new one would resolve to another token. Decorate the plain function "
+            f"(its __wrapped__: {guarded.func!r}) instead."
         )
     if _is_async_callable(fn):
         raise TypeError(
@@ -146,6 +143,29 @@ def _check_function(fn: Any) -> None:
             f"@task_token_guard cannot decorate {fn!r}: it is a generator function, whose body would run "
             "lazily on the consumer's thread, not on a worker. Return a list instead."
         )
+
+
+def _guarded_function(fn: Any) -> Any:
+    """The spec of ``fn`` when it is a decorated function (or one called through
+    ``functools.partial``, a bound method or ``.options(...)``), else None. A plain function that merely carries
+    a decorated function's attributes (``functools.wraps(decorated)`` copies them) is not
+    one: a decorated function's spec guards the very function it wraps."""
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if isinstance(inner, types.MethodType):
+        inner = inner.__func__
+    if isinstance(inner, CallWith):
+        inner = getattr(inner._submit, "__self__", inner._submit)
+    if isinstance(inner, _tokengate.OperationSpec):  # .options(...) of a thread-lane function
+        return inner
+    try:
+        spec = getattr(inner, "spec", None)
+        if isinstance(spec, _tokengate.OperationSpec) and spec.func is getattr(inner, "__wrapped__", None):
+            return spec
+    except Exception:  # an object whose attribute lookup raises: not one of ours
+        return None
+    return None
 
 
 def _arity(fn: Callable[..., Any], name: str) -> tuple[int, int | None, bool, Callable[..., None] | None]:

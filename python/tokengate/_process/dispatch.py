@@ -177,9 +177,7 @@ class _Dispatch(_LaneState):
         if item is None or item.done:
             return
         item.done = True
-        state = item.task.token.state  # published before the stop notice was sent
-        if state in ("timeout", "killed"):
-            self._count("timeouts" if state == "timeout" else "killed")
+        self._count_stopped(item)  # its state was published before the stop notice was sent
         w = item.worker
         if w is not None:
             self._stop_item(w, item)

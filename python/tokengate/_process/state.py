@@ -183,6 +183,8 @@ class _LaneState:
                 self._count({"failed": "failed", "killed": "killed"}[state])
                 if isinstance(exc, UnpicklableError):
                     self._count("unpicklable")
+        else:
+            self._count_stopped(item)
         self.outside.fail(item.task, exc, retry=retry, state=state)
 
     def _finish_ok(self, item: _Item, value: Any) -> None:
@@ -191,7 +193,16 @@ class _LaneState:
         counts = self._counts
         counts["completed"] += 1  # counted first: a waiter woken by the result sees it
         if not self.outside.finish(item.task, value):
-            counts["completed"] -= 1  # it had ended already (killed, timed out)
+            counts["completed"] -= 1
+            self._count_stopped(item)
+
+    def _count_stopped(self, item: _Item) -> None:
+        """Counts how ``item``'s token was stopped from outside (killed, or its deadline
+        passed), if it was: once, by its stop notice (``_Dispatch._stopped``), or by its
+        process's reply when that came first (the notice then finds the item done)."""
+        state = item.task.token.state
+        if state in ("timeout", "killed"):
+            self._count("timeouts" if state == "timeout" else "killed")
 
     def _count(self, key: str) -> None:
         """Counts an event of the supervisor thread. It alone writes these counts (callers

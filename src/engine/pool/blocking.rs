@@ -68,12 +68,10 @@
 //!   anything in it now, and the blocked worker cannot run them, so other
 //!   workers take them first (`WorkerLoop::steal_from_blocked`).
 //! * Threads: queued work that no spinning worker nor starting spare will
-//!   take starts spare workers (`Shared::ensure_taker`): in doubling waves
-//!   while the monitor's loans follow each other; one at most for a run
-//!   that starts lent (that spare's own run, if it starts lent, starts the
-//!   next). A wave starts no more spares than lent jobs lack one (at
-//!   least one): each takes the place of a thread whose job blocked. A
-//!   spare takes shared work only while some job is lent (`Shared::is_active`).
+//!   take starts spare workers (`Shared::ensure_taker`): one for each lent
+//!   job that lacks one, and at least one; a spare's own run, if it starts
+//!   lent, starts the next. A spare takes shared work only while some job
+//!   is lent (`Shared::is_active`).
 //! * The monitor's loans only: the embedder hears of each
 //!   (`PoolConfig::on_lend`, with the run's `Job::class`), and the Python
 //!   binding counts it in the operation's blocking history, so a burst of

@@ -201,8 +201,6 @@ impl<J: Job> Pool<J> {
             },
             spare_free: Mutex::new((config.workers..threads).rev().collect()),
             spares_peak: AtomicUsize::new(0),
-            spare_ramp: AtomicU32::new(0),
-            spare_ramp_at: AtomicU64::new(0),
             spares_starting: AtomicUsize::new(0),
             spare_handles: Mutex::new(Vec::new()),
             config,
@@ -625,7 +623,7 @@ impl<J: Job> Pool<J> {
         let seen = self.shared.runs[index].load();
         let lent = seen.state == blocking::RUNNING && Shared::lend(&self.shared, index, seen);
         if lent {
-            Shared::ensure_taker(&self.shared, false);
+            Shared::ensure_taker(&self.shared);
         }
         lent
     }

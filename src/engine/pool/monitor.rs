@@ -186,7 +186,7 @@ fn run<J: Job>(shared: &Arc<Shared<J>>, mut watches: Vec<Watch>) {
                         if let (Some(hook), true) = (&shared.config.on_lend, class != NO_CLASS) {
                             (hook.0)(class);
                         }
-                        Shared::ensure_taker(shared, true);
+                        Shared::ensure_taker(shared);
                     }
                 }
                 // Waiting for the GIL stays so for a while: look again in a few ticks.

@@ -14,11 +14,6 @@ use super::job::Job;
 use super::sleep::Sleep;
 use crate::engine::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
-/// Lends this close together count as one run of lends (see `Shared::ensure_taker`).
-const RAMP_WINDOW_NS: u64 = 10_000_000;
-/// The most spares one lend starts.
-const RAMP_MAX: u32 = 64;
-
 /// Runs the loop of spare worker `index` of a pool on the calling thread.
 pub(super) type RunSpare<J> = Box<dyn Fn(&Arc<Shared<J>>, usize) + Send + Sync>;
 
@@ -72,9 +67,6 @@ pub(crate) struct Shared<J> {
     /// Indices `workers..workers + spare_threads` free for a spare worker.
     pub(super) spare_free: Mutex<Vec<usize>>,
     pub(super) spares_peak: AtomicUsize,
-    /// Spares the last start for a lend began, and when (see `ensure_taker`).
-    pub(super) spare_ramp: AtomicU32,
-    pub(super) spare_ramp_at: AtomicU64,
     /// Spares started that have not looked for work yet.
     pub(super) spares_starting: AtomicUsize,
     /// Join handles of spare workers (finished ones are dropped as new ones start).
@@ -169,6 +161,11 @@ impl<J: Job> Shared<J> {
         self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
+    /// Queued work, or a job deferred until units fit (see `WorkerLoop::defer`).
+    pub(super) fn has_work_or_deferred(&self) -> bool {
+        self.has_work() || self.deferred_len.load(Ordering::SeqCst) > 0
+    }
+
     /// The core of `worker` (its index in `cores`).
     pub(super) fn core_of(&self, worker: usize) -> usize {
         worker % self.cores.len()
@@ -212,16 +209,15 @@ impl<J: Job> Shared<J> {
 
     /// After a lend: queued work that no worker searches for (nor a spare
     /// started for it and not yet searching) gets spare workers, if the pool
-    /// may. `ramp` (the monitor's loans): loans that follow each other
-    /// (each within `RAMP_WINDOW_NS` of the one before) double the spares
-    /// started, up to `RAMP_MAX`, so a burst of jobs that block (I/O calls,
-    /// sleeps) queued ahead of other work finds threads within a few monitor
-    /// ticks, where one spare per loan would take a tick or two for each;
-    /// but no more than blocked jobs lack a spare (see below).
-    /// Otherwise (a run that starts lent, on a thread that holds the
-    /// interpreter) at most one spare starts: that spare's own run, if it
-    /// starts lent too, starts the next.
-    pub(super) fn ensure_taker(shared: &Arc<Self>, ramp: bool) {
+    /// may: one for each blocked job that lacks one (lent jobs, less the
+    /// spares alive), and at least one. Each spare takes the place of a thread
+    /// whose job blocked; spares beyond would only contend for the interpreter
+    /// (when each monitor loan started up to 64 for whatever was queued, 200
+    /// sleeps ahead of CPU work started all 256 allowed). At least one, since
+    /// an idle spare alive may sit on a core with no room. A spare's own run
+    /// that starts lent starts the next, so a burst of jobs known to block
+    /// finds threads in chains, one per blocked worker.
+    pub(super) fn ensure_taker(shared: &Arc<Self>) {
         if shared.config.spare_threads == 0 || shared.terminate.load(Ordering::SeqCst) {
             return;
         }
@@ -231,26 +227,8 @@ impl<J: Job> Shared<J> {
         if wanted == 0 {
             return;
         }
-        let n = if ramp {
-            let now = crate::engine::token::now_ns();
-            let last = shared.spare_ramp_at.swap(now, Ordering::Relaxed);
-            let n = if last != 0 && now.saturating_sub(last) <= RAMP_WINDOW_NS {
-                shared.spare_ramp.load(Ordering::Relaxed).saturating_mul(2).clamp(1, RAMP_MAX)
-            } else {
-                1
-            };
-            shared.spare_ramp.store(n, Ordering::Relaxed);
-            n as usize
-        } else {
-            1
-        };
-        // A wave never starts more spares than blocked jobs lack one: each
-        // spare takes the place of a thread whose job blocked, and spares
-        // beyond would only contend for the interpreter (200 sleeps ahead of
-        // CPU work started all 256 allowed). At least one, as for a single
-        // lend: an idle spare alive may sit on a core with no room.
         let blocked: usize = shared.cores.iter().map(|c| c.lent() as usize).sum();
-        let n = n.min(blocked.saturating_sub(shared.spares())).max(1);
+        let n = blocked.saturating_sub(shared.spares()).max(1);
         for _ in 0..n.min(wanted) {
             if !Self::spawn_spare(shared) {
                 break;

@@ -186,9 +186,10 @@ impl<J: Job> WorkerLoop<J> {
             // The job blocked and its units were lent: the lender gave them back already.
             self.core().end_loan();
         }
-        if !self.shared.is_active(self.info.index) && self.shared.has_work() {
+        if !self.shared.is_active(self.info.index) && self.shared.has_work_or_deferred() {
             // A worker that a loan made active, now outside the pattern: it
-            // takes no shared work, so a worker that can must look.
+            // takes no shared work, so a worker that can must look (a deferred
+            // job too: the units this one gave back may be what it waits for).
             self.shared.notify_work();
         }
     }
@@ -443,7 +444,7 @@ impl<J: Job> WorkerLoop<J> {
                 spinning = sleep.sleep(index, spinning, work_or_end);
                 continue;
             }
-            if !shared.is_active(index) && shared.has_work() {
+            if !shared.is_active(index) && shared.has_work_or_deferred() {
                 // A spare that the end of the last loan left outside the
                 // pattern hands queued work over (the units its last job
                 // gave back) before it parks.
