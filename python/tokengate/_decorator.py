@@ -147,9 +147,10 @@ def _check_function(fn: Any) -> None:
 
 def _guarded_function(fn: Any) -> Any:
     """The spec of ``fn`` when it is a decorated function (or one called through
-    ``functools.partial``, a bound method or ``.options(...)``), else None. A plain function that merely carries
-    a decorated function's attributes (``functools.wraps(decorated)`` copies them) is not
-    one: a decorated function's spec guards the very function it wraps."""
+    ``functools.partial``, a bound method or ``.options(...)``), else None. A plain
+    function that merely carries a decorated function's attributes
+    (``functools.wraps(decorated)`` copies them) is not one: a decorated function's spec
+    guards the very function it wraps."""
     inner = fn
     while isinstance(inner, functools.partial):
         inner = inner.func

@@ -161,9 +161,13 @@ impl<J: Job> Shared<J> {
         self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
     }
 
-    /// Queued work, or a job deferred until units fit (see `WorkerLoop::defer`).
-    pub(super) fn has_work_or_deferred(&self) -> bool {
-        self.has_work() || self.deferred_len.load(Ordering::SeqCst) > 0
+    /// Worker `index`, outside the active pattern (it takes no shared work),
+    /// wakes one that can take the queued work, or a deferred job (the units
+    /// its last job gave back may be what that job waits for).
+    pub(super) fn hand_over_if_inactive(&self, index: usize) {
+        if !self.is_active(index) && (self.has_work() || self.deferred_len.load(Ordering::SeqCst) > 0) {
+            self.notify_work();
+        }
     }
 
     /// The core of `worker` (its index in `cores`).

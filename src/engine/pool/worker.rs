@@ -186,12 +186,8 @@ impl<J: Job> WorkerLoop<J> {
             // The job blocked and its units were lent: the lender gave them back already.
             self.core().end_loan();
         }
-        if !self.shared.is_active(self.info.index) && self.shared.has_work_or_deferred() {
-            // A worker that a loan made active, now outside the pattern: it
-            // takes no shared work, so a worker that can must look (a deferred
-            // job too: the units this one gave back may be what it waits for).
-            self.shared.notify_work();
-        }
+        // A worker that a loan made active may be outside the pattern now.
+        self.shared.hand_over_if_inactive(self.info.index);
     }
 
     /// The job, unless its work was done elsewhere (`Job::is_spent`): then it
@@ -444,12 +440,9 @@ impl<J: Job> WorkerLoop<J> {
                 spinning = sleep.sleep(index, spinning, work_or_end);
                 continue;
             }
-            if !shared.is_active(index) && shared.has_work_or_deferred() {
-                // A spare that the end of the last loan left outside the
-                // pattern hands queued work over (the units its last job
-                // gave back) before it parks.
-                shared.notify_work();
-            }
+            // A spare that the end of the last loan left outside the pattern,
+            // before it parks.
+            shared.hand_over_if_inactive(index);
             // A spare retires after `spare_idle` without work.
             let deadline = std::time::Instant::now() + shared.config.spare_idle;
             match sleep.sleep_until(index, spinning, work_or_end, Some(deadline)) {
