@@ -14,10 +14,14 @@
 //! * [`routing`]: sticky keys and lead domains (which worker a token must run on).
 //! * [`metrics`]: per-operation counters and histograms, and their Prometheus text.
 //! * [`memory`]: handing freed memory back to the OS after a large burst.
+//! * [`board`]: the memory the process lane shares with each worker process
+//!   (which token it runs, which it must skip), and [`reply_stage`]: how a worker
+//!   stages and sends its replies; [`wire`]: the framing of its socket.
 //! * [`error`]: the engine's errors (the binding layer maps them to Python's).
 //! * `sync`: the one place atomics and locks come from (loom's under `--cfg loom`).
 
 pub mod admission;
+pub mod board;
 pub mod cpu;
 pub mod error;
 pub mod io_lane;
@@ -26,7 +30,9 @@ pub mod memory;
 pub mod metrics;
 pub mod outside;
 pub mod pool;
+pub mod reply_stage;
 pub mod routing;
 pub(crate) mod sync;
 pub mod timer;
 pub mod token;
+pub mod wire;

@@ -193,3 +193,9 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
+
+/// An I/O error of the process lane's wire (a worker's socket, its board) as the
+/// matching `OSError` subclass (`BrokenPipeError`, ...).
+pub(crate) fn os_error(e: std::io::Error) -> PyErr {
+    PyErr::from(e)
+}

@@ -4,10 +4,11 @@
 //! this list; `scripts/check-module-graph.py` checks there is no circle):
 //!
 //! * leaves: `exceptions` (the one mapping from errors to Python exceptions),
-//!   `ffi` (the only `unsafe` code: direct C-API calls for the context copy
-//!   and run), `log`, `attach` (at most one worker queues on the GIL; the
-//!   hand-over spins), `asyncio` (per-loop completion queues), `lifecycle`
-//!   (fork and interpreter exit), `durations`, `detached` (the blocking loop
+//!   `ffi` (direct C-API calls for the context copy and run), `log`, `attach`
+//!   (at most one worker queues on the GIL; the hand-over spins), `asyncio`
+//!   (per-loop completion queues), `lifecycle` (fork and interpreter exit),
+//!   `process_lane` (the process lane's board, a worker's reply stage, the
+//!   supervisor's reply reader), `durations`, `detached` (the blocking loop
 //!   that polls for Ctrl-C), `call` (the call a token stands for),
 //!   `operation` (what a decorated function's tokens share).
 //! * `token`: a token's shared part, its resolution and listeners, its job.
@@ -48,6 +49,7 @@ mod log;
 mod metrics;
 mod operation;
 mod outside;
+mod process_lane;
 mod registry;
 mod run;
 mod spec;
@@ -70,6 +72,9 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dashboard::DashboardServer>()?;
     m.add_class::<outside::OutsideLane>()?;
     m.add_class::<outside::LaneTask>()?;
+    m.add_class::<process_lane::ProcessBoard>()?;
+    m.add_class::<process_lane::ReplyOutbox>()?;
+    m.add_class::<process_lane::ReplyReader>()?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;

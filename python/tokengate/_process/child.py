@@ -6,16 +6,14 @@
   :mod:`.wire`). Before it starts a token it asks its board
   (:class:`~tokengate._process.board._Board`): a listed token is skipped,
   any other is published as running.
-* Replies of short tokens go out together (:class:`_Outbox`): a reply is
-  staged on the board, and the staged replies are sent in one write before
-  the worker waits for more work, before it starts a token of a function
-  whose calls are not known to take under :data:`_SHORT_CALL`, and once the
-  oldest has waited :data:`_STAGE_AGE`: between tokens, and while a call runs
-  on, from a flusher thread that looks every :data:`_FLUSH_TICK` (it needs the
-  interpreter: a pure-Python call lends it within a switch interval, one in C
-  code that keeps it holds the staged replies until it returns). One write and
-  one wake-up of the supervisor then serve many tokens. A staged reply is never
-  lost: the supervisor reads the stage of a process that died.
+* Replies of short tokens go out together: a reply is staged on the board,
+  and the staged replies are sent in one write before the worker waits for
+  more work, before it starts a token of a function whose calls are not known
+  to take under :data:`_SHORT_CALL`, and once the oldest has waited 2 ms:
+  between tokens, and while a call runs on, from a flusher thread of Rust's
+  that needs no interpreter (``ReplyOutbox``, ``src/engine/reply_stage.rs``).
+  One write and one wake-up of the supervisor then serve many tokens. A staged
+  reply is never lost: the supervisor reads the stage of a process that died.
 * It loads each function once (by reference or by value, see
   :mod:`.payload`) and caches it.
 * With ``process_max_rss`` it publishes its resident set size on its board
@@ -33,138 +31,21 @@ import os
 import pickle
 import signal
 import sys
-import threading
-import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
-from time import monotonic, perf_counter
+from time import perf_counter
 from typing import Any
 
+from .._tokengate import ProcessBoard, ReplyOutbox
 from ..exceptions import NotStartedError
 from . import wrapper
-from .board import STAGE, _Board
 from .payload import _PROTO, RemoteError, UnpicklableError, _dumps, _dumps_result, _resolve_qualname, _type_name
-from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED, _header
+from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED
 from .wrapper import _WorkerStub
 
-#: Staged replies are sent once the oldest has waited this long (checked between tokens and by the flusher).
-_STAGE_AGE = 0.002
 #: A function whose calls take less than this (moving average) runs with earlier replies staged.
 _SHORT_CALL = 0.001
-#: The flusher thread looks this often (see :class:`_Outbox`) ...
-_FLUSH_TICK = 0.020
-#: ... and parks once nothing was staged for this long.
-_FLUSH_PARK = 1.0
-
-
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _Outbox:
-    """Replies on their way to the supervisor: staged on the board, sent together
-    (see the module docs). The board also counts the staged bytes and the frames
-    sent before the first staged one (so the supervisor can tell which staged frames
-    it already read from the socket, see ``_Board.staged``).
-
-    The main thread stages and sends between tokens; a flusher thread sends what
-    waited :data:`_STAGE_AGE` while a call runs on. Both stage and send under one
-    lock. Where the thread cannot start (a limit on threads), every reply is sent
-    at once, as it is staged."""
-
-    __slots__ = ("board", "direct", "fd", "frames", "lock", "sent", "since", "ticking", "used", "wake")
-
-    def __init__(self, board: _Board, fd: int, sent: int, flusher: bool = True) -> None:
-        self.board = board
-        self.fd = fd
-        self.used = 0
-        self.frames = 0
-        self.since = 0.0
-        #: Frames written to the socket so far.
-        self.sent = sent
-        board.set_sent(sent)
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.ticking = False
-        self.direct = False
-        if flusher:
-            try:
-                threading.Thread(target=self._flusher, name="tokengate-replies", daemon=True).start()
-            except RuntimeError:  # "can't start new thread"
-                self.direct = True
-
-    def put(self, reply: bytes) -> None:
-        """Stages ``reply`` (sends the stage first when it is full; a reply larger
-        than the stage goes straight out)."""
-        head = _header(len(reply))
-        size = len(head) + len(reply)
-        with self.lock:
-            if self.used + size > STAGE:
-                self._send_staged()
-                if size > STAGE:
-                    _write_all(self.fd, head)
-                    _write_all(self.fd, reply)
-                    self.sent += 1
-                    self.board.set_sent(self.sent)
-                    return
-            start = self.used
-            if not start:
-                self.since = monotonic()
-                if not self.ticking:
-                    self.ticking = True
-                    self.wake.set()
-            stage = self.board.stage
-            stage[start : start + len(head)] = head
-            stage[start + len(head) : start + size] = reply
-            self.used = start + size
-            self.frames += 1
-            self.board.set_staged(self.used)
-            if self.direct:
-                self._send_staged()
-
-    def due(self, call: float | None) -> bool:
-        """Whether to send the staged replies before a call that takes ``call``
-        seconds on average (None: not measured yet). Read without the lock: a stale
-        answer costs at most one needless ``flush``."""
-        return bool(self.used) and (call is None or call >= _SHORT_CALL or monotonic() - self.since >= _STAGE_AGE)
-
-    def flush(self) -> None:
-        """Sends the staged replies (then the stage is empty)."""
-        with self.lock:
-            self._send_staged()
-
-    def _send_staged(self) -> None:
-        used = self.used
-        if used:
-            _write_all(self.fd, self.board.stage[:used])
-            self.sent += self.frames
-            self.frames = 0
-            self.used = 0
-            self.board.set_sent(self.sent)
-
-    def _flusher(self) -> None:
-        """Every :data:`_FLUSH_TICK`, sends the replies that waited :data:`_STAGE_AGE`;
-        parks once none was staged for :data:`_FLUSH_PARK` (``put`` wakes it). It runs
-        seldom, and stays awake between batches: each run takes the interpreter from
-        the call in progress, and a wake-up per batch cost the workers about 4 %."""
-        try:
-            while True:
-                self.wake.wait()
-                while True:
-                    time.sleep(_FLUSH_TICK)
-                    with self.lock:
-                        if self.used:
-                            if monotonic() - self.since >= _STAGE_AGE:
-                                self._send_staged()
-                        elif monotonic() - self.since >= _FLUSH_PARK:
-                            self.ticking = False
-                            self.wake.clear()
-                            break
-        except OSError:  # the supervisor closed the socket: the worker is ending
-            pass
 
 
 def _set_parent_death_signal(ppid: int) -> None:
@@ -282,7 +163,7 @@ def _rss_reader() -> Any:
 
 def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int = 0) -> None:
     """Entry point of a worker process: run the tokens sent over the socket, in order,
-    until EOF. Each message is a batch; each token gets its own reply (see :class:`_Outbox`).
+    until EOF. Each message is a batch; each token gets its own reply (see the module docs).
     ``measure_rss``: publish the RSS on the board after each token (``process_max_rss``).
     EOF is also how a retired worker is told to exit (the lane sends it nothing more
     and closes its socket only once every token it was sent has answered)."""
@@ -292,12 +173,12 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int 
     os.set_inheritable(fd, False)
     os.set_inheritable(board_fd, False)
     conn = Connection(fd)
-    board = _Board(board_fd, slots)
+    board = ProcessBoard(board_fd, slots)
     funcs: dict[int, Any] = {}
     payloads: dict[int, Any] = {}
     local: deque[tuple[int, int, Any, bytes]] = deque()
     rss = _rss_reader() if measure_rss else None
-    out = _Outbox(board, fd, sent=1)  # after the ready message
+    out = ReplyOutbox(board, fd, 1)  # after the ready message
     calls: dict[int, float] = {}  # function key -> moving average seconds per call
     code = 0
     try:
@@ -315,7 +196,7 @@ def _child_main(fd: int, ppid: int, board_fd: int, slots: int, measure_rss: int 
                     local.append((seq, fkey, fpayload, args_payload))
             seq, fkey, _, args_payload = local.popleft()
             call = calls.get(fkey)
-            if out.due(call):
+            if out.due(call, _SHORT_CALL):
                 out.flush()
             if not board.begin(seq):
                 out.put(_REPLY.pack(seq, _SKIPPED))

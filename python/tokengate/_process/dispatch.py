@@ -215,7 +215,7 @@ class _Dispatch(_LaneState):
         if item not in w.items or self._workers[w.slot] is not w:
             return
         if w.board.stop(item.wire, w.proc.kill):
-            self._replace(w, killed=True)
+            self._replace(w, item)
             return
         self._finish_item(w, item)
         w.skips.add(item.wire)

@@ -17,32 +17,37 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._tokengate import ReplyReader
 from .payload import UnpicklableError, _RemoteTraceback
 from .state import _LaneState
-from .wire import _OK, _READY, _REPLY, _SKIPPED, _frame_need, _frames, _take_frames
+from .wire import _OK, _READY, _REPLY, _SKIPPED
 
 if TYPE_CHECKING:
     from .workers import _Worker
 
 
 def decode_reply(op: str, data: bytes | memoryview) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)`` from a token's reply (made by
-    :func:`.child._call_reply`); the exception carries the worker's traceback as its
-    ``__cause__``, and a reply that cannot be unpickled becomes an :class:`UnpicklableError`."""
+    """``(True, value)`` or ``(False, exception)`` from a whole reply (made by
+    :func:`.child._call_reply`: :data:`_REPLY`, then the payload); see :func:`decode_payload`."""
     view = data if type(data) is memoryview else memoryview(data)
-    kind = view[_REPLY.size - 1]  # the byte after the seq
+    return decode_payload(op, view[_REPLY.size - 1], view[_REPLY.size :])
+
+
+def decode_payload(op: str, kind: int, payload: bytes | memoryview) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, exception)`` from a reply's kind and payload; the
+    exception carries the worker's traceback as its ``__cause__``, and a payload that
+    cannot be unpickled becomes an :class:`UnpicklableError`."""
     try:
-        payload = pickle.loads(view[_REPLY.size :])
+        value = pickle.loads(payload)
     except BaseException as exc:
         return False, UnpicklableError(f"{op}: the worker's reply could not be unpickled: {exc!r}")
     if kind == _OK:
-        return True, payload
-    value, tb = payload
+        return True, value
+    value, tb = value
     if tb:
         try:
             value.__cause__ = _RemoteTraceback(tb)
@@ -56,23 +61,17 @@ class _Replies(_LaneState):
 
     def _read(self, w: _Worker) -> None:
         """Reads what the socket holds (one read) and handles every whole reply in it."""
-        try:
-            data = os.read(w.conn.fileno(), min(max(1 << 16, _frame_need(w.rbuf)), 1 << 22))
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        replies = w.replies.read(w.conn.fileno())
+        if replies is None:
             self._died(w)
             return
-        frames = _take_frames(w.rbuf, data)
-        if frames:
-            w.received += len(frames)
+        if replies:
+            w.received += len(replies)
             now = time.monotonic()
             handle = self._handle
             ended = 0
-            for frame in frames:
-                ended += handle(w, frame)
+            for wire, kind, payload in replies:
+                ended += handle(w, wire, kind, payload)
             if ended:
                 # Each token's share of the time since the last ones (skipped tokens take none).
                 took = (now - w.mark) / ended
@@ -83,31 +82,20 @@ class _Replies(_LaneState):
     def _read_replies(self, w: _Worker) -> None:
         """After ``w``'s process exited: handles every reply it sent (what its socket
         holds, read without waiting), then those it had staged on its board and not sent."""
-        fd = w.conn.fileno() if not w.conn.closed else -1
-        while fd >= 0:
-            try:
-                data = os.read(fd, 1 << 20)
-            except OSError:  # BlockingIOError: nothing more now
-                break
-            if not data:
-                break
-            w.rbuf += data
-        frames = _frames(w.rbuf)
-        w.received += len(frames)
-        for frame in frames:
-            self._handle(w, frame)
-        # A frame cut off when the process died was staged whole (or was a reply too
+        replies = w.replies.drain(w.conn.fileno()) if not w.conn.closed else []
+        w.received += len(replies)
+        for wire, kind, payload in replies:
+            self._handle(w, wire, kind, payload)
+        # A reply cut off when the process died was staged whole (or was a reply too
         # large to stage, lost with the token that was running).
-        w.rbuf.clear()
         before, data = w.board.staged()
-        # The first staged frames may have reached the socket before the process died.
-        for frame in _frames(bytearray(data))[max(0, w.received - before) :]:
-            self._handle(w, frame)
+        # The first staged replies may have reached the socket before the process died.
+        for wire, kind, payload in ReplyReader().feed(data)[max(0, w.received - before) :]:
+            self._handle(w, wire, kind, payload)
 
-    def _handle(self, w: _Worker, data: bytes | memoryview) -> bool:
+    def _handle(self, w: _Worker, wire: int, kind: int, payload: bytes) -> bool:
         """Handles one reply; True when it ended a token sent to ``w`` (it counts in the
         worker's time per token, see ``_read``)."""
-        wire, kind = _REPLY.unpack_from(data)
         if kind == _READY:
             w.ready = True
             self._startup_failures = 0
@@ -137,7 +125,7 @@ class _Replies(_LaneState):
         if kind == _SKIPPED:  # pragma: no cover - the worker skips only listed tokens
             self._requeue(item, w.pid)
             return True
-        ok, value = decode_reply(item.pf._op, data)
+        ok, value = decode_payload(item.pf._op, kind, payload)
         if ok:
             self._finish_ok(item, value)
         else:

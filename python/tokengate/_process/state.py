@@ -226,7 +226,7 @@ class _LaneState:
     def _read_replies(self, w: _Worker) -> None:  # pragma: no cover - see _Replies
         raise NotImplementedError
 
-    def _replace(self, w: _Worker, killed: bool = False) -> None:  # pragma: no cover - see _Processes
+    def _replace(self, w: _Worker, stopped: _Item) -> None:  # pragma: no cover - see _Processes
         raise NotImplementedError
 
     def _died(self, w: _Worker) -> None:  # pragma: no cover - see _Processes

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 
+from .._tokengate import ReplyReader
 from ..exceptions import WorkerCrashedError
 from .board import _Board
 from .state import _Item, _LaneState
@@ -55,9 +56,9 @@ class _Worker:
         "pid",
         "pidfd",
         "proc",
-        "rbuf",
         "ready",
         "received",
+        "replies",
         "retired_at",
         "skips",
         "slot",
@@ -79,7 +80,8 @@ class _Worker:
         #: Seqs listed on the board to be skipped, until their reply arrives.
         self.skips: set[int] = set()
         self.funcs: set[int] = set()
-        self.rbuf = bytearray()
+        #: Cuts its replies off what its socket gives (in Rust: ``src/engine/wire.rs``).
+        self.replies = ReplyReader()
         #: Whole messages read from its socket (see ``_Board.staged``).
         self.received = 0
         #: Bytes the socket did not take yet (the supervisor never blocks on a worker).
@@ -208,12 +210,14 @@ class _Processes(_LaneState):
                 pass
             return w.proc.wait()
 
-    def _salvage(self, w: _Worker) -> _Item | None:
+    def _salvage(self, w: _Worker, stopped: _Item | None = None) -> _Item | None:
         """After ``w``'s process exited: handles the replies it sent and those it had staged
         on its board, then puts the tokens it never started back in the queue. Returns the
-        one it was running (None if none)."""
+        one it was running (None if none): ``stopped`` when the supervisor killed it for
+        that token (the board may then name a token published and never started, see
+        :class:`~tokengate._process.board._Board`), else the one the board names."""
         self._read_replies(w)
-        running = w.board.running()
+        running = stopped.wire if stopped is not None else w.board.running()
         victim = None
         for item in list(w.items):
             if item.wire == running:
@@ -224,17 +228,13 @@ class _Processes(_LaneState):
         w.items.clear()
         return victim
 
-    def _replace(self, w: _Worker, killed: bool = False) -> None:
-        """SIGKILLs a worker whose running token was killed or timed out (``killed``: that
-        was done already) and starts another; tokens it had not started go back to the queue."""
-        if not killed:
-            try:
-                w.proc.kill()
-            except OSError:
-                pass
+    def _replace(self, w: _Worker, stopped: _Item) -> None:
+        """Reaps a worker SIGKILLed because its running token ``stopped`` was killed or
+        timed out (reported already), and starts another; tokens it had not started go
+        back to the queue."""
         self._reap(w, 5.0)
-        victim = self._salvage(w)
-        if victim is not None:  # the token it ran was killed or timed out: reported already
+        victim = self._salvage(w, stopped)
+        if victim is not None:
             victim.done = True
             self._running.pop(victim.seq, None)
         self._close(w)

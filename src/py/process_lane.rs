@@ -1,0 +1,232 @@
+//! The process lane's board, reply stage and reply reader, for Python: thin
+//! faces of [`crate::engine::board`] (its module docs give the protocol),
+//! [`crate::engine::reply_stage`] and [`crate::engine::wire`]. The supervisor
+//! and each worker process map the same board file; every fd passed stays the
+//! caller's (used during the call, never closed here).
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::exceptions::os_error;
+use crate::engine::board::{self, Board};
+use crate::engine::reply_stage::ReplyStage;
+use crate::engine::wire::FrameBuf;
+
+/// A file of the caller's, borrowed for this call (a copy of the descriptor).
+fn file_of(fd: RawFd) -> PyResult<File> {
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("not a file descriptor: {fd}")));
+    }
+    // SAFETY: the caller passes a descriptor it holds open for this call; it is only
+    // duplicated here (F_DUPFD_CLOEXEC), never closed or used past the call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(File::from(borrowed.try_clone_to_owned().map_err(os_error)?))
+}
+
+/// The caller's open descriptor `fd` as a file for this call, which must never close it
+/// (the caller wraps it in `ManuallyDrop`).
+fn borrowed_file(fd: RawFd) -> PyResult<File> {
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("not a file descriptor: {fd}")));
+    }
+    // SAFETY: the caller passes a descriptor it holds open for this call; every caller
+    // of this function wraps the file in ManuallyDrop, so it is never closed here.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The memory the supervisor shares with one worker process (see `_process/board.py`).
+#[pyclass(frozen, module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub struct ProcessBoard {
+    board: Arc<Board>,
+}
+
+#[pymethods]
+impl ProcessBoard {
+    /// Maps the board of `n` list words held by file descriptor `fd` (at least
+    /// `ProcessBoard.size(n)` bytes).
+    #[new]
+    fn new(fd: RawFd, n: usize) -> PyResult<Self> {
+        let file = file_of(fd)?;
+        Ok(ProcessBoard { board: Arc::new(Board::map(&file, n).map_err(os_error)?) })
+    }
+
+    /// Bytes of a board with `n` list words.
+    #[staticmethod]
+    fn size(n: usize) -> usize {
+        board::size(n)
+    }
+
+    /// Bytes of the area where a worker stages its replies.
+    #[classattr]
+    const STAGE: usize = board::STAGE;
+
+    /// (worker) Publishes `seq` as running, unless it is listed: then False.
+    fn begin(&self, seq: i64) -> bool {
+        self.board.begin(seq)
+    }
+
+    /// (worker) The token that began ended; its reply was staged or sent.
+    fn end(&self) {
+        self.board.end()
+    }
+
+    /// (worker) Publishes the resident set size, before the reply of the token that ended.
+    fn set_rss(&self, bytes: i64) {
+        self.board.set_rss(bytes)
+    }
+
+    /// Seq of the token the worker was running (read after it died), or None.
+    fn running(&self) -> Option<i64> {
+        self.board.running()
+    }
+
+    /// The worker's resident set size after its latest token (0: not measured).
+    fn rss(&self) -> i64 {
+        self.board.rss()
+    }
+
+    /// How many frames the worker had sent before its staged ones, and the reply frames
+    /// it staged and had not sent (read once it is dead).
+    fn staged<'py>(&self, py: Python<'py>) -> (i64, Bound<'py, PyBytes>) {
+        let (before, data) = self.board.staged();
+        (before, PyBytes::new(py, &data))
+    }
+
+    /// Stops token `seq`: True if it was running (`kill()` was called, while the worker
+    /// cannot start another), False if it is listed to be skipped.
+    fn stop(&self, seq: i64, kill: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.board.stop(seq, || kill.call0().map(drop))
+    }
+
+    /// Lists up to `limit` of `seqs` sent after the running one (None while it runs none
+    /// of them) and returns them: the worker skips them.
+    fn take_back(&self, seqs: Vec<i64>, limit: usize) -> Option<Vec<i64>> {
+        self.board.take_back(&seqs, limit)
+    }
+
+    /// Frees the list word of a listed token (its reply arrived).
+    fn unlist(&self, seq: i64) {
+        self.board.unlist(seq)
+    }
+}
+
+/// A worker's outgoing replies: staged on its board, sent together (see
+/// `crate::engine::reply_stage`).
+#[pyclass(frozen, module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub struct ReplyOutbox {
+    stage: ReplyStage,
+}
+
+#[pymethods]
+impl ReplyOutbox {
+    /// Stages replies on `board` and writes them to socket `fd` (left open, the
+    /// caller's), `sent` frames having gone out on it already. `flusher`: a thread that
+    /// sends what waited while a call runs on (without it every reply goes out at once).
+    #[new]
+    #[pyo3(signature = (board, fd, sent, flusher = true))]
+    fn new(board: &ProcessBoard, fd: RawFd, sent: i64, flusher: bool) -> PyResult<Self> {
+        let socket = file_of(fd)?;
+        Ok(ReplyOutbox { stage: ReplyStage::new(board.board.clone(), socket, sent, flusher) })
+    }
+
+    /// Stages `reply` (a whole message: seq, kind and payload) as one frame.
+    fn put(&self, py: Python<'_>, reply: &[u8]) -> PyResult<()> {
+        py.detach(|| self.stage.put(reply)).map_err(os_error)
+    }
+
+    /// Whether to send the staged replies before a call that takes `call` seconds on
+    /// average (None: not measured), calls under `short` running with replies staged.
+    fn due(&self, call: Option<f64>, short: f64) -> bool {
+        self.stage.due(call, short)
+    }
+
+    /// Sends the staged replies.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.stage.flush()).map_err(os_error)
+    }
+}
+
+/// The supervisor's side of one worker's socket: reads replies and cuts them into
+/// `(wire, kind, payload)` (see `_process/wire.py` for what a reply holds).
+#[pyclass(module = "tokengate._tokengate")]
+#[derive(Debug, Default)]
+pub struct ReplyReader {
+    buf: FrameBuf,
+}
+
+/// A reply as Python gets it (see [`reply_tuple`]).
+type Reply<'py> = (i64, u8, Bound<'py, PyBytes>);
+
+/// A reply's `(wire, kind, payload)`: its first 9 bytes are the token's number on the
+/// wire (8 bytes, big-endian) and its kind; a shorter message reads as `(-1, 255, b"")`.
+fn reply_tuple<'py>(py: Python<'py>, msg: &[u8]) -> Reply<'py> {
+    match msg.get(..9) {
+        Some(head) => (i64::from_be_bytes(head[..8].try_into().expect("8 bytes")), head[8], PyBytes::new(py, &msg[9..])),
+        None => (-1, 255, PyBytes::new(py, b"")),
+    }
+}
+
+impl ReplyReader {
+    fn cut<'py>(&mut self, py: Python<'py>) -> Vec<Reply<'py>> {
+        let mut out = Vec::new();
+        self.buf.cut(|msg| out.push(reply_tuple(py, msg)));
+        out
+    }
+}
+
+#[pymethods]
+impl ReplyReader {
+    #[new]
+    fn new() -> Self {
+        ReplyReader::default()
+    }
+
+    /// One read of socket `fd` (non-blocking), and the whole replies it completed:
+    /// `[]` when nothing was there, None at end of file or on an error (the worker is gone).
+    fn read<'py>(&mut self, py: Python<'py>, fd: RawFd) -> PyResult<Option<Vec<Reply<'py>>>> {
+        let socket = ManuallyDrop::new(borrowed_file(fd)?);
+        match py.detach(|| self.buf.read_from(&*socket)) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(self.cut(py))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Some(Vec::new())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Some(Vec::new())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Every reply socket `fd` still holds (read without waiting, after the worker
+    /// died); a reply cut off by its death is dropped.
+    fn drain<'py>(&mut self, py: Python<'py>, fd: RawFd) -> PyResult<Vec<Reply<'py>>> {
+        let socket = ManuallyDrop::new(borrowed_file(fd)?);
+        loop {
+            match py.detach(|| self.buf.read_from(&*socket)) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let out = self.cut(py);
+        self.buf.clear();
+        Ok(out)
+    }
+
+    /// Appends `data` (bytes read elsewhere) and returns the whole replies it completed.
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Vec<Reply<'py>> {
+        self.buf.extend(data);
+        self.cut(py)
+    }
+
+    /// Bytes held: the start of a reply cut off by the end of a read.
+    #[getter]
+    fn held(&self) -> usize {
+        self.buf.held()
+    }
+}
