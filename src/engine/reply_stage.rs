@@ -207,27 +207,28 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    fn frames(mut data: &[u8]) -> Vec<Vec<u8>> {
+    fn frames(data: &[u8]) -> Vec<Vec<u8>> {
+        let mut buf = crate::engine::wire::FrameBuf::default();
+        buf.extend(data);
         let mut out = Vec::new();
-        while data.len() >= 4 {
-            let n = i32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
-            out.push(data[4..4 + n].to_vec());
-            data = &data[4 + n..];
-        }
+        buf.cut(|m| out.push(m.to_vec()));
         out
     }
 
-    fn board_file(n: usize) -> File {
-        crate::engine::board::tests::tempfile_of(size(n))
+    /// A stage on a fresh board of 4 list words, writing to one end of a socket pair: the
+    /// stage, the supervisor's mapping of the board, and the other end.
+    fn stage_on_a_pair(flusher: bool) -> (ReplyStage, Board, UnixStream) {
+        let file = crate::engine::board::tests::tempfile_of(size(4));
+        let board = Arc::new(Board::map(&file, 4).unwrap());
+        let supervisor = Board::map(&file, 4).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, flusher);
+        (stage, supervisor, b)
     }
 
     #[test]
     fn staged_frames_tell_which_reached_the_socket() {
-        let file = board_file(4);
-        let board = Arc::new(Board::map(&file, 4).unwrap());
-        let supervisor = Board::map(&file, 4).unwrap();
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, false);
+        let (stage, supervisor, mut b) = stage_on_a_pair(false);
         stage.put(b"r1").unwrap();
         stage.put(b"r2").unwrap();
         stage.flush().unwrap();
@@ -245,11 +246,7 @@ mod tests {
 
     #[test]
     fn the_flusher_sends_what_waited() {
-        let file = board_file(4);
-        let board = Arc::new(Board::map(&file, 4).unwrap());
-        let supervisor = Board::map(&file, 4).unwrap();
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, true);
+        let (stage, supervisor, mut b) = stage_on_a_pair(true);
         stage.put(b"r1").unwrap();
         stage.put(b"r2").unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -266,10 +263,7 @@ mod tests {
 
     #[test]
     fn due_before_a_long_call_or_once_the_oldest_waited() {
-        let file = board_file(4);
-        let board = Arc::new(Board::map(&file, 4).unwrap());
-        let (a, _b) = UnixStream::pair().unwrap();
-        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, false);
+        let (stage, _supervisor, _b) = stage_on_a_pair(false);
         assert!(!stage.due(None, 0.001));
         stage.shared.state.lock().used = 1; // as if staged (not sent: no flusher here)
         stage.shared.state.lock().since = Instant::now();
