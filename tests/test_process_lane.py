@@ -1176,6 +1176,30 @@ def test_a_token_sent_again_is_not_skipped_for_its_earlier_sending() -> None:
         board.close()
 
 
+def test_a_board_refuses_sizes_it_cannot_hold_and_a_second_stage() -> None:
+    """Bad sizes are refused before anything is mapped (a size that overflows, a file too
+    short, which would crash on first use), and a board has one reply stage."""
+    from tokengate._process.board import _Board
+    from tokengate._tokengate import ProcessBoard, ReplyOutbox
+
+    with pytest.raises(ValueError, match="at most"):
+        ProcessBoard.size(2**61)
+    board = _Board.create(4)
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="at most"):
+            ProcessBoard(board.fd, 2**61)
+        with pytest.raises(OSError, match="fewer than"):
+            ProcessBoard(board.fd, 5000)  # the file holds a board of 4 words
+        ReplyOutbox(board.shared, a.fileno(), 1, flusher=False)
+        with pytest.raises(ValueError, match="reply stage already"):
+            ReplyOutbox(board.shared, a.fileno(), 1, flusher=False)
+    finally:
+        a.close()
+        b.close()
+        board.close()
+
+
 def test_staged_frames_tell_which_reached_the_socket() -> None:
     """The board counts the frames a worker sent before its staged ones: after a death, the
     supervisor skips the staged frames it already read from the socket."""

@@ -42,9 +42,11 @@
 //! * **a kill is exact**: a section that reads `x + 1` in word 0 and SIGKILLs the
 //!   process keeps the worker from starting any later token: the worker may
 //!   end `x` and publish its next token, but not run it before the section
-//!   ends, and the process is dead by then. After the death, word 0 may name
-//!   that next token, which never ran: the supervisor, which knows the token
-//!   it stopped, puts the others back in its queue;
+//!   ends, and a section that killed never ends for that board (its count stays
+//!   in word n+5: `kill(2)` may return before the signal lands, and the worker
+//!   waits until it does). After the death, word 0 may name that next token,
+//!   which never ran: the supervisor, which knows the token it stopped, puts
+//!   the others back in its queue;
 //! * **a listed token never starts**: a section lists only tokens that are not
 //!   in word 0 when it reads it; one the worker publishes later is seen listed;
 //! * **taking back is exact**: a section lists tokens sent after the one word 0
@@ -58,14 +60,15 @@
 //! them only once the worker is dead (then every store the worker made is
 //! visible), except the resident set size, one word read as a reply arrives.
 //!
-//! A supervisor that dies in a section leaves word n+5 set: its workers die
-//! with it (they are told by the parent-death signal or by EOF).
+//! A supervisor process that dies in a section leaves word n+5 set: a worker
+//! waiting in `begin` then sees its parent change (it looks once a second) and
+//! gives up ([`Orphaned`]); on Linux the parent-death signal kills it first.
 
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
 use std::time::Duration;
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -74,18 +77,53 @@ use parking_lot::Mutex;
 /// Bytes of the area where a worker stages replies before it sends them.
 pub const STAGE: usize = 1 << 18;
 
+/// The most list words a board may have (so that its size never overflows).
+pub const MAX_LIST: usize = 1 << 20;
+
 const RUNNING: usize = 0;
 const LISTED: usize = 1;
 const LIST: usize = 2;
 
-/// Words of a board with `n` list words.
+/// Words of a board with `n` list words (`n <= MAX_LIST`).
 pub const fn words(n: usize) -> usize {
     n + 6
 }
 
-/// Bytes of a board with `n` list words (the words, then the stage).
-pub const fn size(n: usize) -> usize {
-    8 * words(n) + STAGE
+/// Bytes of a board with `n` list words (the words, then the stage); None above [`MAX_LIST`].
+pub const fn size(n: usize) -> Option<usize> {
+    if n > MAX_LIST {
+        return None;
+    }
+    Some(8 * words(n) + STAGE)
+}
+
+/// How [`Board::stop`] stopped a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// It was running: the process was killed.
+    Killed,
+    /// It had not started: it is listed, and the worker will skip it.
+    Listed,
+    /// It had not started, but no list word was free, so the process was killed: the
+    /// token that was running there (if any) died with it. The lane never sends a
+    /// worker more tokens than it has list words.
+    KilledForRoom,
+}
+
+/// The supervisor's process died while the worker waited in [`Board::begin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Orphaned;
+
+/// This process's parent (the supervisor's process, for a worker).
+fn parent_pid() -> u32 {
+    #[cfg(unix)]
+    {
+        std::os::unix::process::parent_id()
+    }
+    #[cfg(not(unix))]
+    {
+        0
+    }
 }
 
 /// One mapping of a board (see the module docs); each side maps it once.
@@ -95,17 +133,23 @@ pub struct Board {
     n: usize,
     /// Sections of this process, one at a time (the supervisor's side).
     sections: Mutex<()>,
+    /// A reply stage of this process uses the stage (one at most).
+    stage_taken: AtomicBool,
 }
 
-/// A supervisor section in progress: counted in word n+5 until it drops.
+/// A supervisor section in progress: counted in word n+5 until it drops, unless it
+/// killed the worker (see the module docs).
 struct Section<'a> {
     board: &'a Board,
+    killed: bool,
     _one: parking_lot::MutexGuard<'a, ()>,
 }
 
 impl Drop for Section<'_> {
     fn drop(&mut self) {
-        self.board.word(self.board.n + 5).fetch_sub(1, SeqCst);
+        if !self.killed {
+            self.board.word(self.board.n + 5).fetch_sub(1, SeqCst);
+        }
     }
 }
 
@@ -113,8 +157,18 @@ impl Board {
     /// Maps the board of `n` list words that `file` holds (at least [`size`]`(n)`
     /// bytes, zeroed when created).
     pub fn map(file: &File, n: usize) -> io::Result<Board> {
-        let map = MmapOptions::new().len(size(n)).map_raw(file)?;
-        Ok(Board { map, n, sections: Mutex::new(()) })
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        let len = size(n).ok_or_else(|| invalid(format!("a board holds at most {MAX_LIST} list words, not {n}")))?;
+        if file.metadata()?.len() < len as u64 {
+            return Err(invalid(format!("the board's file holds fewer than the {len} bytes of {n} list words")));
+        }
+        let map = MmapOptions::new().len(len).map_raw(file)?;
+        Ok(Board { map, n, sections: Mutex::new(()), stage_taken: AtomicBool::new(false) })
+    }
+
+    /// Claims the stage for this process's one reply stage (false if it was claimed).
+    pub(crate) fn take_stage(&self) -> bool {
+        !self.stage_taken.swap(true, SeqCst)
     }
 
     /// How many tokens can be listed at once.
@@ -124,7 +178,8 @@ impl Board {
 
     fn word(&self, i: usize) -> &AtomicI64 {
         assert!(i < words(self.n), "board word {i} out of range");
-        // SAFETY: the mapping is `size(n)` bytes long and page-aligned, so word `i`
+        // SAFETY: the mapping is `size(n)` bytes long (checked when mapped, as the file's
+        // length, with n <= MAX_LIST so that it does not overflow) and page-aligned, so word `i`
         // (checked above) lies inside it at an 8-byte-aligned address; it stays mapped
         // while `self` lives, which bounds the returned reference. Both processes touch
         // the words only through atomics (the stage, which follows, is never read as
@@ -141,25 +196,38 @@ impl Board {
     // -- the worker's side ---------------------------------------------------------
 
     /// Publishes `seq` as running, unless the supervisor listed it: then false, and
-    /// the worker skips it. Waits (briefly, yielding) while a section is in progress.
-    pub fn begin(&self, seq: i64) -> bool {
+    /// the worker skips it. Waits (briefly, yielding) while a section is in progress;
+    /// [`Orphaned`] if the supervisor's process died meanwhile.
+    pub fn begin(&self, seq: i64) -> Result<bool, Orphaned> {
         let running = self.word(RUNNING);
         running.store(seq + 1, SeqCst);
         let busy = self.word(self.n + 5);
         let mut spins = 0u32;
+        let mut parent = None;
+        let mut since = None;
         while busy.load(SeqCst) != 0 {
-            spins += 1;
+            spins = spins.saturating_add(1);
             if spins < 64 {
                 std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+            let began = *since.get_or_insert_with(std::time::Instant::now);
+            if began.elapsed() >= Duration::from_secs(1) {
+                // A section takes microseconds, or a kill that lands at once: look
+                // whether the parent is still ours, once a second.
+                let now = parent_pid();
+                if *parent.get_or_insert(now) != now {
+                    return Err(Orphaned);
+                }
+                since = Some(std::time::Instant::now());
             }
         }
         if self.word(LISTED).load(SeqCst) != 0 && self.listed(seq) {
             running.store(0, SeqCst);
-            return false;
+            return Ok(false);
         }
-        true
+        Ok(true)
     }
 
     /// The token that began ended, and its reply was staged or sent.
@@ -195,7 +263,7 @@ impl Board {
     fn section(&self) -> Section<'_> {
         let one = self.sections.lock();
         self.word(self.n + 5).fetch_add(1, SeqCst);
-        Section { board: self, _one: one }
+        Section { board: self, killed: false, _one: one }
     }
 
     /// Takes a free list word for `seq` (false when none is free).
@@ -230,10 +298,13 @@ impl Board {
         let before = self.word(self.n + 4).load(SeqCst);
         let data = match usize::try_from(used) {
             Ok(used) if used > 0 && used <= STAGE => {
+                let mut out = vec![0u8; used];
                 // SAFETY: `used` bytes of the stage lie inside the mapping (checked
-                // against STAGE), and the worker that wrote them is dead: nothing writes
-                // them while they are copied.
-                unsafe { std::slice::from_raw_parts(self.stage_ptr(), used) }.to_vec()
+                // against STAGE) and `out` holds as many; the regions do not overlap.
+                // Raw copies, no reference: a caller that asks while the worker lives
+                // (the lane asks once it is dead) gets torn bytes, never undefined behaviour.
+                unsafe { std::ptr::copy_nonoverlapping(self.stage_ptr(), out.as_mut_ptr(), used) };
+                out
             }
             _ => Vec::new(),
         };
@@ -241,16 +312,21 @@ impl Board {
     }
 
     /// Stops token `seq`: if the worker runs it, calls `kill` inside the section (the
-    /// worker cannot start another before it ends) and returns true; else lists it, so
-    /// that it never starts, and returns false. With no list word free (the lane never
-    /// sends more tokens than there are words) it kills too.
-    pub fn stop<E>(&self, seq: i64, kill: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
-        let _section = self.section();
-        if self.word(RUNNING).load(SeqCst) == seq + 1 || !self.list(seq) {
-            kill()?;
-            return Ok(true);
-        }
-        Ok(false)
+    /// worker cannot start another before the kill lands) and returns [`Stop::Killed`];
+    /// else lists it, so that it never starts ([`Stop::Listed`]). With no list word free
+    /// it kills too ([`Stop::KilledForRoom`]).
+    pub fn stop<E>(&self, seq: i64, kill: impl FnOnce() -> Result<(), E>) -> Result<Stop, E> {
+        let mut section = self.section();
+        let how = if self.word(RUNNING).load(SeqCst) == seq + 1 {
+            Stop::Killed
+        } else if self.list(seq) {
+            return Ok(Stop::Listed);
+        } else {
+            Stop::KilledForRoom
+        };
+        kill()?;
+        section.killed = true;
+        Ok(how)
     }
 
     /// Lists up to `limit` of `seqs` (tokens sent to the worker, in the order it runs
@@ -289,7 +365,7 @@ pub(crate) mod tests {
     use std::sync::Arc;
 
     fn pair(n: usize) -> (Board, Board, File) {
-        let file = tempfile_of(size(n));
+        let file = tempfile_of(size(n).unwrap());
         (Board::map(&file, n).unwrap(), Board::map(&file, n).unwrap(), file)
     }
 
@@ -304,13 +380,13 @@ pub(crate) mod tests {
     #[test]
     fn a_listed_token_is_skipped_and_one_sent_again_runs() {
         let (worker, supervisor, _f) = pair(4);
-        assert!(worker.begin(6));
+        assert_eq!(worker.begin(6), Ok(true));
         assert_eq!(supervisor.take_back(&[5, 6, 7, 8], 4), Some(vec![7, 8]));
         assert_eq!(supervisor.take_back(&[9], 4), None);
         worker.end();
-        assert!(!worker.begin(7));
+        assert_eq!(worker.begin(7), Ok(false));
         assert_eq!(supervisor.running(), None);
-        assert!(worker.begin(10));
+        assert_eq!(worker.begin(10), Ok(true));
         assert_eq!(supervisor.running(), Some(10));
         worker.end();
         assert_eq!(supervisor.take_back(&[10, 11], 4), None);
@@ -322,20 +398,23 @@ pub(crate) mod tests {
     #[test]
     fn stop_kills_the_running_token_and_lists_any_other() {
         let (worker, supervisor, _f) = pair(2);
-        assert!(worker.begin(1));
+        assert_eq!(worker.begin(1), Ok(true));
         let killed = std::cell::Cell::new(0);
         let kill = || -> Result<(), ()> {
             killed.set(killed.get() + 1);
             Ok(())
         };
-        assert_eq!(supervisor.stop(1, kill), Ok(true));
-        assert_eq!(supervisor.stop(2, kill), Ok(false));
+        assert_eq!(supervisor.stop(1, kill), Ok(Stop::Killed));
+        assert_eq!(supervisor.word(supervisor.n + 5).load(SeqCst), 1, "a section that killed stays counted");
+        supervisor.word(supervisor.n + 5).store(0, SeqCst); // as if the worker were replaced
+        assert_eq!(supervisor.stop(2, kill), Ok(Stop::Listed));
         assert_eq!(killed.get(), 1);
         worker.end();
-        assert!(!worker.begin(2));
+        assert_eq!(worker.begin(2), Ok(false));
         // Two words: the third listing finds none free and kills.
-        assert_eq!(supervisor.stop(3, kill), Ok(false));
-        assert_eq!(supervisor.stop(4, kill), Ok(true));
+        assert_eq!(supervisor.stop(3, kill), Ok(Stop::Listed));
+        assert_eq!(supervisor.stop(4, kill), Ok(Stop::KilledForRoom));
+        supervisor.word(supervisor.n + 5).store(0, SeqCst);
         assert_eq!(killed.get(), 2);
         assert_eq!(supervisor.stop(5, || Err("no")), Err("no"));
         assert_eq!(supervisor.word(supervisor.n + 5).load(SeqCst), 0, "a failed kill ends its section");
@@ -362,7 +441,7 @@ pub(crate) mod tests {
             std::thread::spawn(move || {
                 for seq in 0..TOTAL {
                     let asked = clock.fetch_add(1, SeqCst);
-                    if worker.begin(seq as i64) {
+                    if worker.begin(seq as i64) == Ok(true) {
                         current.store(seq as i64, SeqCst);
                         if asked > listed_at[seq].load(SeqCst) {
                             violations.fetch_add(1, SeqCst);
@@ -397,7 +476,7 @@ pub(crate) mod tests {
                 });
                 continue;
             }
-            let hit = supervisor
+            let how = supervisor
                 .stop::<()>(seq, || {
                     // A kill takes time: the worker must not move on meanwhile.
                     std::thread::sleep(Duration::from_micros(100));
@@ -406,8 +485,15 @@ pub(crate) mod tests {
                     Ok(())
                 })
                 .unwrap();
-            if hit {
+            if how == Stop::Killed {
                 kills += 1;
+                // The signal may land after kill(2) returned: until then the worker must
+                // still not start a later token.
+                std::thread::sleep(Duration::from_micros(100));
+                let now = current.load(SeqCst);
+                assert!(now == seq || now == -1, "after the kill of {seq} the worker ran {now}");
+                // The kill "landed": here the worker goes on, as a new process would.
+                supervisor.word(supervisor.n + 5).fetch_sub(1, SeqCst);
             } else {
                 listed_at[seq as usize].store(clock.fetch_add(1, SeqCst), SeqCst);
                 pending.push(seq);

@@ -76,8 +76,9 @@ impl Shared {
             return Ok(());
         }
         // SAFETY: the first `used` bytes of the stage (used <= STAGE) hold frames this
-        // process copied there under the state lock, which we hold: nothing writes them
-        // while they are read, and the supervisor reads the stage only once we are dead.
+        // process copied there under the state lock, which we hold; this stage is the only
+        // one of the board (`take_stage`), so nothing writes them while they are read, and
+        // the supervisor only copies them out (raw reads, once we are dead).
         let staged = unsafe { std::slice::from_raw_parts(self.board.stage_ptr(), st.used) };
         (&self.socket).write_all(staged)?;
         st.sent += st.frames;
@@ -116,7 +117,10 @@ impl ReplyStage {
     /// Stages replies on `board` and sends them on `socket`; `sent` frames went out
     /// on it already. `flusher`: start the flusher thread (where it cannot start, each
     /// reply is sent as it is put; without it, staged replies wait for [`Self::flush`]).
-    pub fn new(board: Arc<Board>, socket: File, sent: i64, flusher: bool) -> ReplyStage {
+    pub fn new(board: Arc<Board>, socket: File, sent: i64, flusher: bool) -> io::Result<ReplyStage> {
+        if !board.take_stage() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "this board's stage has a reply stage already"));
+        }
         board.set_sent(sent);
         let shared = Arc::new(Shared {
             board,
@@ -128,18 +132,32 @@ impl ReplyStage {
             let s = shared.clone();
             std::thread::Builder::new().name("tokengate-replies".into()).spawn(move || s.flusher()).is_err()
         };
-        ReplyStage { shared, direct }
+        Ok(ReplyStage { shared, direct })
     }
 
     /// Stages `reply` as one frame (first sending the stage when the frame does not
     /// fit; a frame larger than the stage goes straight out).
     pub fn put(&self, reply: &[u8]) -> io::Result<()> {
+        let mut st = self.shared.state.lock();
+        self.put_locked(&mut st, reply)
+    }
+
+    /// Stages `reply` if that needs neither a write nor a wait for the flusher (which
+    /// may be writing): None when it does, and then nothing was staged (call [`Self::put`]).
+    pub fn try_put(&self, reply: &[u8]) -> Option<io::Result<()>> {
+        let mut st = self.shared.state.try_lock()?;
+        if self.direct || st.used + header(reply.len()).1 + reply.len() > STAGE {
+            return None;
+        }
+        Some(self.put_locked(&mut st, reply))
+    }
+
+    fn put_locked(&self, st: &mut State, reply: &[u8]) -> io::Result<()> {
         let (head, hlen) = header(reply.len());
         let size = hlen + reply.len();
         let sh = &*self.shared;
-        let mut st = sh.state.lock();
         if st.used + size > STAGE {
-            sh.send_staged(&mut st)?;
+            sh.send_staged(st)?;
             if size > STAGE {
                 (&sh.socket).write_all(&head[..hlen])?;
                 (&sh.socket).write_all(reply)?;
@@ -150,9 +168,10 @@ impl ReplyStage {
         }
         let start = st.used;
         // SAFETY: `start + size <= STAGE` (checked above, the stage being empty when it
-        // was not), so both copies stay inside the stage; we hold the state lock, the
-        // only way this process writes the stage, and the supervisor reads it only once
-        // we are dead. Sources are a local array and a slice that cannot overlap it.
+        // was not), so both copies stay inside the stage; we hold the state lock, and
+        // this stage is the only one of the board (`take_stage`), so nothing else of
+        // this process writes the stage; the supervisor reads it only once we are dead.
+        // Sources are a local array and a slice that cannot overlap it.
         unsafe {
             let at = sh.board.stage_ptr().add(start);
             std::ptr::copy_nonoverlapping(head.as_ptr(), at, hlen);
@@ -169,7 +188,7 @@ impl ReplyStage {
             }
         }
         if self.direct {
-            sh.send_staged(&mut st)?;
+            sh.send_staged(st)?;
         }
         Ok(())
     }
@@ -177,8 +196,11 @@ impl ReplyStage {
     /// Whether to send the staged replies before a call that takes `call` seconds on
     /// average (None: not measured yet): yes when some are staged and the call is not
     /// known to be shorter than `short`, or the oldest waited [`STAGE_AGE`].
+    /// False while the flusher holds the state (it is sending the staged replies).
     pub fn due(&self, call: Option<f64>, short: f64) -> bool {
-        let st = self.shared.state.lock();
+        let Some(st) = self.shared.state.try_lock() else {
+            return false;
+        };
         st.used > 0
             && match call {
                 None => true,
@@ -218,11 +240,11 @@ mod tests {
     /// A stage on a fresh board of 4 list words, writing to one end of a socket pair: the
     /// stage, the supervisor's mapping of the board, and the other end.
     fn stage_on_a_pair(flusher: bool) -> (ReplyStage, Board, UnixStream) {
-        let file = crate::engine::board::tests::tempfile_of(size(4));
+        let file = crate::engine::board::tests::tempfile_of(size(4).unwrap());
         let board = Arc::new(Board::map(&file, 4).unwrap());
         let supervisor = Board::map(&file, 4).unwrap();
         let (a, b) = UnixStream::pair().unwrap();
-        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, flusher);
+        let stage = ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(a)), 1, flusher).unwrap();
         (stage, supervisor, b)
     }
 
@@ -259,6 +281,20 @@ mod tests {
         assert_eq!(got, vec![b"r1".to_vec(), b"r2".to_vec()]);
         assert_eq!(supervisor.staged(), (3, Vec::new()));
         assert!(!stage.due(None, 0.001));
+    }
+
+    #[test]
+    fn a_board_has_one_stage() {
+        let (_stage, supervisor, _b) = stage_on_a_pair(false);
+        let (a, _c) = UnixStream::pair().unwrap();
+        let second = ReplyStage::new(Arc::new(supervisor), File::from(std::os::fd::OwnedFd::from(a)), 1, false);
+        assert!(second.is_ok(), "another mapping (another process) has its own claim");
+        let file = crate::engine::board::tests::tempfile_of(size(4).unwrap());
+        let board = Arc::new(Board::map(&file, 4).unwrap());
+        let (a, _d) = UnixStream::pair().unwrap();
+        let (e, _f) = UnixStream::pair().unwrap();
+        assert!(ReplyStage::new(board.clone(), File::from(std::os::fd::OwnedFd::from(a)), 1, false).is_ok());
+        assert!(ReplyStage::new(board, File::from(std::os::fd::OwnedFd::from(e)), 1, false).is_err());
     }
 
     #[test]

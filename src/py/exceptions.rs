@@ -199,3 +199,9 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub(crate) fn os_error(e: std::io::Error) -> PyErr {
     PyErr::from(e)
 }
+
+/// A process-lane worker whose supervisor's process died while it waited on its board:
+/// an `EOFError`, as when its socket closes (the worker then exits).
+pub(crate) fn orphaned_error() -> PyErr {
+    pyo3::exceptions::PyEOFError::new_err("the process lane's supervisor is gone (its process died)")
+}

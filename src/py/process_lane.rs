@@ -14,8 +14,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::exceptions::os_error;
-use crate::engine::board::{self, Board};
+use super::exceptions::{orphaned_error, os_error};
+use crate::engine::board::{self, Board, Stop};
 use crate::engine::reply_stage::ReplyStage;
 use crate::engine::wire::FrameBuf;
 
@@ -54,23 +54,27 @@ impl ProcessBoard {
     /// `ProcessBoard.size(n)` bytes).
     #[new]
     fn new(fd: RawFd, n: usize) -> PyResult<Self> {
+        Self::size(n)?;
         let file = file_of(fd)?;
         Ok(ProcessBoard { board: Arc::new(Board::map(&file, n).map_err(os_error)?) })
     }
 
     /// Bytes of a board with `n` list words.
     #[staticmethod]
-    fn size(n: usize) -> usize {
-        board::size(n)
+    fn size(n: usize) -> PyResult<usize> {
+        board::size(n).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!("a process-lane board holds at most {} list words, not {n}", board::MAX_LIST))
+        })
     }
 
     /// Bytes of the area where a worker stages its replies.
     #[classattr]
     const STAGE: usize = board::STAGE;
 
-    /// (worker) Publishes `seq` as running, unless it is listed: then False.
-    fn begin(&self, seq: i64) -> bool {
-        self.board.begin(seq)
+    /// (worker) Publishes `seq` as running, unless it is listed: then False. EOFError if
+    /// the supervisor's process died while it waited.
+    fn begin(&self, seq: i64) -> PyResult<bool> {
+        self.board.begin(seq).map_err(|_| orphaned_error())
     }
 
     /// (worker) The token that began ended; its reply was staged or sent.
@@ -100,10 +104,15 @@ impl ProcessBoard {
         (before, PyBytes::new(py, &data))
     }
 
-    /// Stops token `seq`: True if it was running (`kill()` was called, while the worker
-    /// cannot start another), False if it is listed to be skipped.
-    fn stop(&self, seq: i64, kill: &Bound<'_, PyAny>) -> PyResult<bool> {
-        self.board.stop(seq, || kill.call0().map(drop))
+    /// Stops token `seq`: 1 if it was running (`kill()` was called, and the worker cannot
+    /// start another), 0 if it is listed to be skipped, 2 if no list word was free and
+    /// `kill()` was called (the token running there died with the process).
+    fn stop(&self, seq: i64, kill: &Bound<'_, PyAny>) -> PyResult<u8> {
+        Ok(match self.board.stop(seq, || kill.call0().map(drop))? {
+            Stop::Listed => 0,
+            Stop::Killed => 1,
+            Stop::KilledForRoom => 2,
+        })
     }
 
     /// Lists up to `limit` of `seqs` sent after the running one (None while it runs none
@@ -135,12 +144,20 @@ impl ReplyOutbox {
     #[pyo3(signature = (board, fd, sent, flusher = true))]
     fn new(board: &ProcessBoard, fd: RawFd, sent: i64, flusher: bool) -> PyResult<Self> {
         let socket = file_of(fd)?;
-        Ok(ReplyOutbox { stage: ReplyStage::new(board.board.clone(), socket, sent, flusher) })
+        let stage = ReplyStage::new(board.board.clone(), socket, sent, flusher)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        Ok(ReplyOutbox { stage })
     }
 
-    /// Stages `reply` (a whole message: seq, kind and payload) as one frame.
+    /// Stages `reply` (a whole message: seq, kind and payload) as one frame. A copy keeps
+    /// the GIL (letting it go would hand it to any other thread of the worker for a switch
+    /// interval); a write, or a wait for the flusher, lets it go.
     fn put(&self, py: Python<'_>, reply: &[u8]) -> PyResult<()> {
-        py.detach(|| self.stage.put(reply)).map_err(os_error)
+        match self.stage.try_put(reply) {
+            Some(done) => done,
+            None => py.detach(|| self.stage.put(reply)),
+        }
+        .map_err(os_error)
     }
 
     /// Whether to send the staged replies before a call that takes `call` seconds on
@@ -209,8 +226,10 @@ impl ReplyReader {
         let socket = ManuallyDrop::new(borrowed_file(fd)?);
         loop {
             match py.detach(|| self.buf.read_from(&*socket)) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break, // WouldBlock: nothing more
             }
         }
         let out = self.cut(py);

@@ -25,6 +25,8 @@ from .._tokengate import ProcessBoard
 
 #: Bytes of the area where a worker stages replies before it sends them (see :mod:`.child`).
 STAGE = ProcessBoard.STAGE
+#: What :meth:`_Board.stop` did.
+LISTED, KILLED, KILLED_FOR_ROOM = 0, 1, 2
 
 
 class _Board:
@@ -92,9 +94,12 @@ class _Board:
         self.shared.end()
 
     # supervisor side
-    def stop(self, seq: int, kill: Any) -> bool:
-        """Stops token ``seq``: True if it was running (``kill()`` was called before the
-        worker could start another), False if it is listed to be skipped."""
+    def stop(self, seq: int, kill: Any) -> int:
+        """Stops token ``seq``: :data:`KILLED` if it was running (``kill()`` was called, and
+        the worker cannot start another), :data:`LISTED` if it is listed to be skipped,
+        :data:`KILLED_FOR_ROOM` if no list word was free and ``kill()`` was called (the
+        token running there died with the process; the lane never sends a worker more
+        tokens than it has words)."""
         return self.shared.stop(seq, kill)
 
     def take_back(self, seqs: list[int], limit: int) -> list[int] | None:

@@ -38,6 +38,7 @@ import selectors
 import time
 from typing import TYPE_CHECKING
 
+from .board import KILLED, KILLED_FOR_ROOM
 from .payload import _PROTO, UnpicklableError, _dump_args
 from .state import _Item, _LaneState
 from .wire import _header
@@ -214,10 +215,13 @@ class _Dispatch(_LaneState):
         now, else have the worker skip it (see :class:`_Board`)."""
         if item not in w.items or self._workers[w.slot] is not w:
             return
-        if w.board.stop(item.wire, w.proc.kill):
+        how = w.board.stop(item.wire, w.proc.kill)
+        if how == KILLED:
             self._replace(w, item)
             return
         self._finish_item(w, item)
+        if how == KILLED_FOR_ROOM:  # pragma: no cover - never more tokens sent than list words
+            return  # its death is a crash of the token running there (_died, when it is seen)
         w.skips.add(item.wire)
         if w.left is not None:
             w.left += 1  # it never runs there: its unit comes back (taken again if it had run, see _handle)
