@@ -61,8 +61,10 @@
 //! visible), except the resident set size, one word read as a reply arrives.
 //!
 //! A supervisor process that dies in a section leaves word n+5 set: a worker
-//! waiting in `begin` then sees its parent change (it looks once a second) and
-//! gives up ([`Orphaned`]); on Linux the parent-death signal kills it first.
+//! waiting in `begin` then sees that its parent is no longer the one it had
+//! when it mapped the board (it looks when a wait grows long, then once a
+//! second) and gives up ([`Orphaned`]); on Linux the parent-death signal kills
+//! it first.
 
 #![allow(unsafe_code)]
 
@@ -135,6 +137,8 @@ pub struct Board {
     sections: Mutex<()>,
     /// A reply stage of this process uses the stage (one at most).
     stage_taken: AtomicBool,
+    /// This process's parent when it mapped the board (for a worker: the supervisor's).
+    parent: u32,
 }
 
 /// A supervisor section in progress: counted in word n+5 until it drops, unless it
@@ -163,7 +167,7 @@ impl Board {
             return Err(invalid(format!("the board's file holds fewer than the {len} bytes of {n} list words")));
         }
         let map = MmapOptions::new().len(len).map_raw(file)?;
-        Ok(Board { map, n, sections: Mutex::new(()), stage_taken: AtomicBool::new(false) })
+        Ok(Board { map, n, sections: Mutex::new(()), stage_taken: AtomicBool::new(false), parent: parent_pid() })
     }
 
     /// Claims the stage for this process's one reply stage (false if it was claimed).
@@ -203,25 +207,23 @@ impl Board {
         running.store(seq + 1, SeqCst);
         let busy = self.word(self.n + 5);
         let mut spins = 0u32;
-        let mut parent = None;
-        let mut since = None;
+        let mut looked = None;
         while busy.load(SeqCst) != 0 {
             spins = spins.saturating_add(1);
             if spins < 64 {
                 std::thread::yield_now();
                 continue;
             }
-            std::thread::sleep(Duration::from_micros(50));
-            let began = *since.get_or_insert_with(std::time::Instant::now);
-            if began.elapsed() >= Duration::from_secs(1) {
-                // A section takes microseconds, or a kill that lands at once: look
-                // whether the parent is still ours, once a second.
-                let now = parent_pid();
-                if *parent.get_or_insert(now) != now {
+            // A section takes microseconds, or a kill that lands at once: at the first
+            // long wait, then once a second, look whether the parent is still the one
+            // that was there when the board was mapped.
+            if looked.is_none_or(|at: std::time::Instant| at.elapsed() >= Duration::from_secs(1)) {
+                if parent_pid() != self.parent {
                     return Err(Orphaned);
                 }
-                since = Some(std::time::Instant::now());
+                looked = Some(std::time::Instant::now());
             }
+            std::thread::sleep(Duration::from_micros(50));
         }
         if self.word(LISTED).load(SeqCst) != 0 && self.listed(seq) {
             running.store(0, SeqCst);
@@ -393,6 +395,15 @@ pub(crate) mod tests {
         supervisor.unlist(7);
         supervisor.unlist(8);
         assert_eq!(supervisor.word(LISTED).load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_worker_whose_supervisor_died_in_a_section_gives_up() {
+        let file = tempfile_of(size(2).unwrap());
+        let mut worker = Board::map(&file, 2).unwrap();
+        worker.word(worker.n + 5).store(1, SeqCst); // a section that never ends
+        worker.parent = worker.parent.wrapping_add(1); // as if reparented since the mapping
+        assert_eq!(worker.begin(1), Err(Orphaned));
     }
 
     #[test]

@@ -221,7 +221,10 @@ class _Dispatch(_LaneState):
             return
         self._finish_item(w, item)
         if how == KILLED_FOR_ROOM:  # pragma: no cover - never more tokens sent than list words
-            return  # its death is a crash of the token running there (_died, when it is seen)
+            # Its death is seen as a crash (_died): the token the board names fails, even
+            # one published and not started. Unreachable: a worker holds at most prefetch
+            # tokens, and its board has prefetch list words.
+            return
         w.skips.add(item.wire)
         if w.left is not None:
             w.left += 1  # it never runs there: its unit comes back (taken again if it had run, see _handle)
