@@ -51,14 +51,16 @@ Modules, one per mechanism, from the caller to the worker
 * :mod:`.payload`: pickling functions, arguments, results and errors
   (:class:`UnpicklableError`, :class:`RemoteError`);
 * :mod:`.wire`: the messages between the supervisor and a worker, and their
-  framing;
+  framing (cut and written in Rust: ``src/engine/wire.rs``);
 * :mod:`.state`: a token in the lane and the state the lane's parts share;
 * :mod:`.submission`: admission, tokens as arguments, and queueing, in the
   caller's thread;
 * :mod:`.dispatch`: sending queued tokens to the workers, and stopping one
   sent already;
 * :mod:`.replies`: handling the workers' replies, retries and deadlines;
-* :mod:`.board`: the memory shared with each worker that makes a kill exact;
+* :mod:`.board`: the memory shared with each worker that makes a kill exact
+  (its protocol in Rust: ``src/engine/board.rs``; a worker's reply stage:
+  ``src/engine/reply_stage.rs``);
 * :mod:`.workers`: starting worker processes, their deaths and replacements;
 * :mod:`.recycling`: retiring worker processes and reaping the retired;
 * :mod:`.lane`: :class:`ProcessLane`, its supervisor loop, stopping, and
