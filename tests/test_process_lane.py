@@ -1164,13 +1164,13 @@ def test_a_token_sent_again_is_not_skipped_for_its_earlier_sending() -> None:
 
     board = _Board.create(4)
     try:
-        assert board.begin(6)  # runs the long call ...
+        assert board.shared.begin(6)  # runs the long call ...
         assert board.take_back([5, 6, 7, 8], 4) == [7, 8]  # ... these two wait behind it
         assert board.take_back([9], 4) is None  # not sent before the running one
-        board.end()
-        assert not board.begin(7)  # the first sending of a token: skipped
-        assert board.begin(10)  # the same token sent again, under a new number: runs
-        board.end()
+        board.shared.end()
+        assert not board.shared.begin(7)  # the first sending of a token: skipped
+        assert board.shared.begin(10)  # the same token sent again, under a new number: runs
+        board.shared.end()
         assert board.take_back([10, 11], 4) is None  # between two tokens: nothing taken
     finally:
         board.close()

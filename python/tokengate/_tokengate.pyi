@@ -4,7 +4,7 @@ extension in CI (scripts/gates.sh), and tests/test_stubs.py checks that every na
 from collections.abc import Callable, Generator, Mapping, Sequence
 from contextvars import Context
 from types import GenericAlias
-from typing import Any, ClassVar, Generic, Literal, TypeVar, final
+from typing import Any, Generic, Literal, TypeVar, final
 
 from typing_extensions import TypeAlias
 
@@ -325,7 +325,6 @@ class ProcessBoard:
     """The memory the process lane's supervisor shares with one worker process
     (``src/engine/board.rs``): which token it runs, which it must skip, its staged replies."""
 
-    STAGE: ClassVar[int]
     def __new__(cls, fd: int, n: int) -> ProcessBoard: ...
     @staticmethod
     def size(n: int) -> int: ...

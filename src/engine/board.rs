@@ -12,7 +12,7 @@
 //! | 1 | how many list words are taken | supervisor |
 //! | 2 ..= n + 1 | the list: `seq + 1` of tokens sent to the worker that must not start (0: free) | supervisor |
 //! | n + 2 | the worker's resident set size in bytes (0: not measured) | worker |
-//! | n + 3 | bytes of whole reply frames staged (see [`crate::engine::reply_stage`]) | worker |
+//! | n + 3 | bytes of whole reply frames staged (by the worker's reply stage) | worker |
 //! | n + 4 | frames the worker had sent before the first staged one | worker |
 //! | n + 5 | supervisor sections in progress | supervisor |
 //!
@@ -175,11 +175,6 @@ impl Board {
         !self.stage_taken.swap(true, SeqCst)
     }
 
-    /// How many tokens can be listed at once.
-    pub fn list_words(&self) -> usize {
-        self.n
-    }
-
     fn word(&self, i: usize) -> &AtomicI64 {
         assert!(i < words(self.n), "board word {i} out of range");
         // SAFETY: the mapping is `size(n)` bytes long (checked when mapped, as the file's
@@ -191,7 +186,7 @@ impl Board {
         unsafe { &*(self.map.as_mut_ptr().add(8 * i) as *const AtomicI64) }
     }
 
-    /// The stage's first byte (see [`crate::engine::reply_stage`] for who may touch it).
+    /// The stage's first byte (the worker's reply stage says who may touch it).
     pub(crate) fn stage_ptr(&self) -> *mut u8 {
         // SAFETY: the stage starts `8 * words(n)` bytes into a mapping of `size(n)` bytes.
         unsafe { self.map.as_mut_ptr().add(8 * words(self.n)) }

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::mem::ManuallyDrop;
-use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -19,26 +19,19 @@ use crate::engine::board::{self, Board, Stop};
 use crate::engine::reply_stage::ReplyStage;
 use crate::engine::wire::FrameBuf;
 
-/// A file of the caller's, borrowed for this call (a copy of the descriptor).
-fn file_of(fd: RawFd) -> PyResult<File> {
+/// The caller's open descriptor `fd` as a file for this call, never closed here.
+fn borrowed_file(fd: RawFd) -> PyResult<ManuallyDrop<File>> {
     if fd < 0 {
         return Err(pyo3::exceptions::PyValueError::new_err(format!("not a file descriptor: {fd}")));
     }
-    // SAFETY: the caller passes a descriptor it holds open for this call; it is only
-    // duplicated here (F_DUPFD_CLOEXEC), never closed or used past the call.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    Ok(File::from(borrowed.try_clone_to_owned().map_err(os_error)?))
+    // SAFETY: the caller passes a descriptor it holds open for this call; the file is
+    // wrapped in ManuallyDrop, so dropping it does not close the descriptor.
+    Ok(ManuallyDrop::new(unsafe { File::from_raw_fd(fd) }))
 }
 
-/// The caller's open descriptor `fd` as a file for this call, which must never close it
-/// (the caller wraps it in `ManuallyDrop`).
-fn borrowed_file(fd: RawFd) -> PyResult<File> {
-    if fd < 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!("not a file descriptor: {fd}")));
-    }
-    // SAFETY: the caller passes a descriptor it holds open for this call; every caller
-    // of this function wraps the file in ManuallyDrop, so it is never closed here.
-    Ok(unsafe { File::from_raw_fd(fd) })
+/// A file of its own on the caller's descriptor `fd` (a copy: F_DUPFD_CLOEXEC).
+fn file_of(fd: RawFd) -> PyResult<File> {
+    borrowed_file(fd)?.try_clone().map_err(os_error)
 }
 
 /// The memory the supervisor shares with one worker process (see `_process/board.py`).
@@ -66,10 +59,6 @@ impl ProcessBoard {
             pyo3::exceptions::PyValueError::new_err(format!("a process-lane board holds at most {} list words, not {n}", board::MAX_LIST))
         })
     }
-
-    /// Bytes of the area where a worker stages its replies.
-    #[classattr]
-    const STAGE: usize = board::STAGE;
 
     /// (worker) Publishes `seq` as running, unless it is listed: then False. EOFError if
     /// the supervisor's process died while it waited.
@@ -210,7 +199,7 @@ impl ReplyReader {
     /// One read of socket `fd` (non-blocking), and the whole replies it completed:
     /// `[]` when nothing was there, None at end of file or on an error (the worker is gone).
     fn read<'py>(&mut self, py: Python<'py>, fd: RawFd) -> PyResult<Option<Vec<Reply<'py>>>> {
-        let socket = ManuallyDrop::new(borrowed_file(fd)?);
+        let socket = borrowed_file(fd)?;
         match py.detach(|| self.buf.read_from(&*socket)) {
             Ok(0) => Ok(None),
             Ok(_) => Ok(Some(self.cut(py))),
@@ -223,7 +212,7 @@ impl ReplyReader {
     /// Every reply socket `fd` still holds (read without waiting, after the worker
     /// died); a reply cut off by its death is dropped.
     fn drain<'py>(&mut self, py: Python<'py>, fd: RawFd) -> PyResult<Vec<Reply<'py>>> {
-        let socket = ManuallyDrop::new(borrowed_file(fd)?);
+        let socket = borrowed_file(fd)?;
         loop {
             match py.detach(|| self.buf.read_from(&*socket)) {
                 Ok(0) => break,

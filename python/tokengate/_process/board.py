@@ -23,8 +23,6 @@ from typing import Any
 
 from .._tokengate import ProcessBoard
 
-#: Bytes of the area where a worker stages replies before it sends them (see :mod:`.child`).
-STAGE = ProcessBoard.STAGE
 #: What :meth:`_Board.stop` did.
 LISTED, KILLED, KILLED_FOR_ROOM = 0, 1, 2
 
@@ -36,7 +34,7 @@ class _Board:
     each sending: see ``_Item.wire``). In short:
 
     * the worker, before it starts a token, publishes it as running, then skips it
-      if the supervisor listed it (:meth:`begin`);
+      if the supervisor listed it (``shared.begin``, in the worker);
     * the supervisor, to stop a token it sent: if the worker runs it, SIGKILLs the
       process before the worker can start another, else lists it (:meth:`stop`);
     * the supervisor, to take back tokens waiting behind a long call: only while the
@@ -83,15 +81,6 @@ class _Board:
         """How many frames the worker had sent before its staged ones, and the reply
         frames it staged and had not sent (read once it is dead)."""
         return self.shared.staged()
-
-    # worker side
-    def begin(self, seq: int) -> bool:
-        """Publishes ``seq`` as running, unless the supervisor listed it: then False."""
-        return self.shared.begin(seq)
-
-    def end(self) -> None:
-        """The token finished and its reply was staged or sent."""
-        self.shared.end()
 
     # supervisor side
     def stop(self, seq: int, kill: Any) -> int:
