@@ -63,7 +63,7 @@ def test_takes_in_priority_order_and_finishes(lane: Any) -> None:
         assert ln.finish(t, t.func(*t.args))
         assert not ln.finish(t, 0)  # once only
     assert [t.result(timeout=WAIT) for t in toks] == [10, 20, 30, 40]
-    assert ln.pending == 0 and ln.stats() == {"queued": 0, "taken": 0, "pending": 0}
+    assert ln.pending == 0 and ln.stats() == {"queued": 0, "taken": 0, "pending": 0, "submitted": 4}
 
 
 def test_kill_and_deadline_of_taken_tokens_come_back_as_stop_notices(lane: Any) -> None:

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,18 @@ def test_runs_in_another_process_local_and_module_functions(lane: OperationsCoor
     assert stats["tokens"]["completed"] >= 4
     proc = stats["lanes"]["process"]
     assert proc["workers"] == 2 and proc["completed"] >= 4 and proc["crashed"] == 0
+
+
+def test_every_way_of_calling_is_submitted_and_counted(lane: OperationsCoordinator) -> None:
+    h = task_token_guard(tags=PROC)(abs)
+    assert h(0).result(timeout=30) == 0  # the lane starts
+    before = lane.get_stats()["lanes"]["process"]["submitted"]
+    toks = [h(-1), h(-2.5), h.options(priority=2)(-3), h.try_submit(-4), h(h(-5))]  # plain, options, a token argument
+    assert [t.result(timeout=30) if t is not None else None for t in toks] == [1, 2.5, 3, 4, 5]
+    assert list(h.map([-6, -7])) == [6, 7]
+    # A plain call with an argument that is not a plain value (pickled with cloudpickle).
+    assert h(Fraction(-1, 3)).result(timeout=30) == Fraction(1, 3)
+    assert lane.get_stats()["lanes"]["process"]["submitted"] - before == 9
 
 
 def test_a_waiting_thread_never_runs_a_process_token_itself(lane: OperationsCoordinator) -> None:

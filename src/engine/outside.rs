@@ -92,6 +92,8 @@ pub struct OutsideQueue<J> {
     name: String,
     state: Mutex<State<J>>,
     pending: AtomicI64,
+    /// Tokens ever placed on the lane.
+    placed: AtomicU64,
     /// Workers the lane lost while they ran its tokens (`note_lost`).
     lost: AtomicU64,
     /// Workers (threads, processes) the lane has now, as it reports them.
@@ -125,6 +127,7 @@ impl<J> OutsideQueue<J> {
                 closed: false,
             }),
             pending: AtomicI64::new(0),
+            placed: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             workers: AtomicU64::new(0),
             wake_tx,
@@ -246,6 +249,12 @@ impl<J> OutsideQueue<J> {
     /// A token was placed on this lane (it will resolve exactly once).
     pub fn on_placed(&self) {
         self.pending.fetch_add(1, Ordering::Relaxed);
+        self.placed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens ever placed on the lane (its `submitted` count).
+    pub fn placed(&self) -> u64 {
+        self.placed.load(Ordering::Relaxed)
     }
 
     /// Tokens placed on the lane and not resolved.

@@ -260,13 +260,14 @@ impl OutsideLane {
         self.queue.set_workers(n);
     }
 
-    /// `{"queued": n, "taken": n, "pending": n}`.
+    /// `{"queued": n, "taken": n, "pending": n, "submitted": n}` (submitted: tokens ever placed on the lane).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (queued, taken) = self.queue.counts();
         let d = PyDict::new(py);
         d.set_item("queued", queued)?;
         d.set_item("taken", taken)?;
         d.set_item("pending", self.queue.pending())?;
+        d.set_item("submitted", self.queue.placed())?;
         Ok(d)
     }
 }

@@ -87,6 +87,9 @@ class ClusterFunction(ProcessFunction):
 
     _remote: RemoteCall | None = None
 
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        return cast("TaskToken[Any]", self._submit(args, kwargs))  # block=True: a token, or it raises
+
     def __repr__(self) -> str:
         return f"<cluster function {self._name} operation_type={self._op!r}>"
 

@@ -165,6 +165,10 @@ class _Dispatch(_LaneState):
         """Sends ``items`` to ``workers`` (``room[k]``: how many more worker ``k`` takes;
         ``len(items) <= sum(room)``), each to the one holding the fewest first (:func:`_assign`),
         in one message per worker."""
+        if len(workers) == 1:  # one process has room (the usual top-up): it takes them all
+            if items:
+                self._send(workers[0], items)
+            return
         batches: dict[int, list[_Item]] = {}
         for item, k in zip(items, _assign([w.load for w in workers], room, len(items))):
             batches.setdefault(k, []).append(item)
@@ -188,15 +192,22 @@ class _Dispatch(_LaneState):
         in ProcessPoolExecutor's call queue: ``cancel()`` no longer stops it, ``kill()`` does)."""
         batch = []
         wires = self._wires
+        funcs = w.funcs
+        queued = w.items.append
+        slot = w.slot
         for item in items:
             pf = item.pf
-            fpayload = None if pf._fkey in w.funcs else pf._payload
-            w.funcs.add(pf._fkey)
-            item.wire = next(wires)
-            batch.append((item.wire, pf._fkey, fpayload, item.args))
-            w.items.append(item)
+            fkey = pf._fkey
+            if fkey in funcs:
+                fpayload = None
+            else:
+                fpayload = pf._payload
+                funcs.add(fkey)
+            item.wire = wire = next(wires)
+            batch.append((wire, fkey, fpayload, item.args))
+            queued(item)
             item.worker = w
-            item.task.set_worker(w.slot)
+            item.task.set_worker(slot)
         if w.load == len(items):  # it was idle: its first token begins now
             w.mark = time.monotonic()
         if w.left is not None:

@@ -105,7 +105,8 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
     def stats(self) -> dict[str, Any]:
         with self._lock:
             workers = [w for w in self._workers if w is not None]
-            out: dict[str, Any] = dict(self._counts)
+            queue = self.outside.stats()
+            out: dict[str, Any] = {"submitted": queue["submitted"], **self._counts}
             out.update(
                 workers=self.size,
                 alive=len(workers),
@@ -115,7 +116,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 prefetch=self.prefetch,
                 max_tasks_per_child=self.max_tasks_per_child,
                 max_rss=self.max_rss,
-                queued=self._queued(),
+                queued=queue["queued"],
                 pids=[w.pid for w in workers],
                 closing=self._closing,
             )

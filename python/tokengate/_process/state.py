@@ -108,8 +108,8 @@ class _LaneState:
         self._abort = False
         self._exited = False
         self._wires = itertools.count()  # wire numbers (see _Item.wire)
+        #: The supervisor's counts (``submitted`` is the engine's: ``outside.stats()``).
         self._counts = {
-            "submitted": 0,
             "completed": 0,
             "failed": 0,
             "crashed": 0,
@@ -205,9 +205,8 @@ class _LaneState:
             self._count("timeouts" if state == "timeout" else "killed")
 
     def _count(self, key: str) -> None:
-        """Counts an event of the supervisor thread. It alone writes these counts (callers
-        count ``submitted`` under ``_lock``): no lock, which the callers' threads would
-        contend for once per token."""
+        """Counts an event of the supervisor thread. It alone writes these counts: no lock
+        (tokens submitted are counted by the engine, see ``outside.stats()``)."""
         self._counts[key] += 1
 
     def _queued(self) -> int:

@@ -78,7 +78,11 @@ class ProcessFunction:
         self.submit_async = CallWith(self._submit).submit_async
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
-        return cast("TaskToken[Any]", self._submit(args, kwargs))  # block=True: a token, or it raises
+        # The common call, every option at its default: the steps of _submit, fewer layers.
+        if _IN_WORKER:
+            raise NotStartedError(_in_worker_message(self._name))
+        self._check_arity(args, kwargs)
+        return _lane_now().submit_plain(self, args, kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         return self if obj is None else types.MethodType(self, obj)
@@ -119,15 +123,7 @@ class ProcessFunction:
         if _IN_WORKER:
             raise NotStartedError(_in_worker_message(self._name))
         self._check_arity(args, kwargs)
-        coordinator = _current_coordinator()
-        if coordinator is None:
-            raise NotStartedError(
-                "no OperationsCoordinator is running: start one (coordinator.start(), "
-                "`with OperationsCoordinator():` or `async with OperationsCoordinator():`) "
-                "before calling a @task_token_guard function"
-            )
-        lane = lane_for(coordinator)
-        return lane.submit(self, args, kwargs, priority, timeout, retries, block, admission_timeout, probe)
+        return _lane_now().submit(self, args, kwargs, priority, timeout, retries, block, admission_timeout, probe)
 
 
 def _in_worker_message(name: str) -> str:
@@ -207,6 +203,18 @@ def _current_coordinator() -> Any:
                 best, best_id = c, pool_id
     _newest = (starts, None, -1) if best is None else (starts, weakref.ref(best), best_id)
     return best
+
+
+def _lane_now() -> ProcessLane:
+    """The process lane of the newest running coordinator (made on first use)."""
+    coordinator = _current_coordinator()
+    if coordinator is None:
+        raise NotStartedError(
+            "no OperationsCoordinator is running: start one (coordinator.start(), "
+            "`with OperationsCoordinator():` or `async with OperationsCoordinator():`) "
+            "before calling a @task_token_guard function"
+        )
+    return lane_for(coordinator)
 
 
 _lane_lock = threading.Lock()
