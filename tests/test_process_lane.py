@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -1123,14 +1124,50 @@ def test_a_reply_is_not_held_back_by_a_long_call_after_it(
         assert last.result(timeout=30) == 99
 
 
+def test_batches_wait_in_the_outbox_while_the_socket_is_full_and_arrive_whole() -> None:
+    """The supervisor never blocks on a worker's socket: what a full socket does not take
+    waits in the outbox, and later flushes send it; the worker reads every batch whole,
+    in order. A worker gone makes the flush raise."""
+    from multiprocessing.connection import Connection
+
+    from tokengate._tokengate import BatchOutbox
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    out = BatchOutbox()
+    batches = [bytes([i]) * (i * 50_000) for i in range(1, 12)]  # 3.3 MB in all: more than the socket holds
+    try:
+        for data in batches:
+            out.push(data)
+        assert not out.flush(a.fileno()) and len(out) > 0  # full: the rest waits
+        reader = Connection(b.detach())
+        got: list[bytes] = []
+        th = threading.Thread(target=lambda: got.extend(reader.recv_bytes() for _ in batches))
+        th.start()  # the worker's side: a blocking reader
+        deadline = time.monotonic() + 30
+        while not out.flush(a.fileno()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        th.join(30)
+        assert got == batches and len(out) == 0
+        reader.close()
+        out.push(b"late")
+        with pytest.raises(OSError):
+            out.flush(a.fileno())
+    finally:
+        a.close()
+
+
 def test_replies_are_cut_whole_from_reads_of_any_size() -> None:
     """The supervisor cuts replies off reads that end anywhere: inside a length prefix,
     inside a message, between two; empty payloads and ones of 70 KB among them, and one
     message too short to be a reply."""
     import random
 
-    from tokengate._process.wire import _OK, _REPLY, _header
+    from tokengate._process.wire import _OK, _REPLY
     from tokengate._tokengate import ReplyReader
+
+    def _header(n: int) -> bytes:  # multiprocessing's send_bytes framing
+        return struct.pack("!i", n)
 
     rng = random.Random(7)
     payloads = [bytes([i % 251]) * rng.choice([0, 1, 5, 100, 70_000]) for i in range(200)]

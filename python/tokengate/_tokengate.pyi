@@ -14,6 +14,7 @@ _T_co = TypeVar("_T_co", covariant=True)
 __all__ = [
     "MAX_SECONDS",
     "MAX_WORKERS",
+    "BatchOutbox",
     "DashboardServer",
     "Engine",
     "GuardedFunction",
@@ -357,6 +358,15 @@ class ReplyReader:
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]: ...
     @property
     def held(self) -> int: ...
+
+@final
+class BatchOutbox:
+    """The supervisor's outbox to one worker's socket: framed batches, written without blocking."""
+
+    def __new__(cls) -> BatchOutbox: ...
+    def push(self, data: bytes) -> None: ...
+    def flush(self, fd: int) -> bool: ...
+    def __len__(self) -> int: ...
 
 @final
 class LaneTask:

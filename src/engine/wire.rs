@@ -5,9 +5,10 @@
 //! for a message of 2 GiB or more), then the bytes. [`header`] makes the
 //! prefix; [`FrameBuf`] holds what was read from a socket and cuts the whole
 //! messages off its front, keeping a message cut off by the end of a read for
-//! the next one.
+//! the next one; [`FrameOutbox`] holds framed messages for a socket that must
+//! never block its writer, and writes what the socket takes.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 /// The length prefix of an `n`-byte message: the bytes, and how many of them are used.
 pub fn header(n: usize) -> ([u8; 12], usize) {
@@ -108,6 +109,58 @@ impl FrameBuf {
     }
 }
 
+/// Framed messages waiting for a socket that must never block its writer (the
+/// supervisor's side of a worker's socket: a worker busy with a long token may leave
+/// it full). One owner: no lock.
+#[derive(Debug, Default)]
+pub struct FrameOutbox {
+    /// `data[start..]` is still to be written.
+    data: Vec<u8>,
+    start: usize,
+}
+
+/// An emptied outbox keeps at most this much room.
+const OUTBOX_KEEP: usize = 1 << 22;
+
+impl FrameOutbox {
+    /// Frames `msg` after what waits.
+    pub fn push(&mut self, msg: &[u8]) {
+        if self.start > 0 && self.start >= self.data.len() / 2 {
+            self.data.drain(..self.start); // most of it went: move the rest to the front
+            self.start = 0;
+        }
+        let (head, n) = header(msg.len());
+        self.data.extend_from_slice(&head[..n]);
+        self.data.extend_from_slice(msg);
+    }
+
+    /// Bytes still to be written.
+    pub fn pending(&self) -> usize {
+        self.data.len() - self.start
+    }
+
+    /// Writes what `sink` takes: `Ok(true)` when nothing is left, `Ok(false)` when the
+    /// sink would block with bytes left (an interrupted write is retried); any other
+    /// error is returned.
+    pub fn write_to(&mut self, mut sink: impl Write) -> io::Result<bool> {
+        while self.start < self.data.len() {
+            match sink.write(&self.data[self.start..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        self.data.clear();
+        self.start = 0;
+        if self.data.capacity() > OUTBOX_KEEP {
+            self.data = Vec::new(); // a large batch went: give its room back
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +204,52 @@ mod tests {
         buf.cut(|m| got.push(m.len()));
         assert_eq!(got, vec![200_000]);
         assert_eq!(header(0x8000_0000).1, 12);
+    }
+
+    /// A sink that takes at most `room` bytes, then would block (or fails with `err`).
+    struct Sink {
+        got: Vec<u8>,
+        room: usize,
+        err: Option<io::ErrorKind>,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(kind) = self.err.take() {
+                return Err(kind.into());
+            }
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_outbox_writes_what_the_socket_takes_and_keeps_the_rest_in_order() {
+        let msgs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; usize::from(i) * 37]).collect();
+        let mut out = FrameOutbox::default();
+        let mut sink = Sink { got: Vec::new(), room: 0, err: Some(io::ErrorKind::Interrupted) };
+        for (k, m) in msgs.iter().enumerate() {
+            out.push(m);
+            sink.room += 301; // the socket takes a little at a time
+            let done = out.write_to(&mut sink).unwrap();
+            assert_eq!(done, out.pending() == 0, "after message {k}");
+        }
+        while out.pending() > 0 {
+            sink.room += 1000;
+            out.write_to(&mut sink).unwrap();
+        }
+        assert_eq!(sink.got, framed(&msgs), "every message whole, in order (the interrupted write retried)");
+        let mut broken = Sink { got: Vec::new(), room: 10, err: Some(io::ErrorKind::BrokenPipe) };
+        out.push(b"x");
+        assert_eq!(out.write_to(&mut broken).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(out.pending(), 5, "a failed write loses nothing");
     }
 }

@@ -75,6 +75,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<process_lane::ProcessBoard>()?;
     m.add_class::<process_lane::ReplyOutbox>()?;
     m.add_class::<process_lane::ReplyReader>()?;
+    m.add_class::<process_lane::BatchOutbox>()?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;

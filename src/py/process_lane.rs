@@ -17,7 +17,7 @@ use pyo3::types::PyBytes;
 use super::exceptions::{orphaned_error, os_error};
 use crate::engine::board::{self, Board, Stop};
 use crate::engine::reply_stage::ReplyStage;
-use crate::engine::wire::FrameBuf;
+use crate::engine::wire::{FrameBuf, FrameOutbox};
 
 /// The caller's open descriptor `fd` as a file for this call, never closed here.
 fn borrowed_file(fd: RawFd) -> PyResult<ManuallyDrop<File>> {
@@ -236,5 +236,38 @@ impl ReplyReader {
     #[getter]
     fn held(&self) -> usize {
         self.buf.held()
+    }
+}
+
+/// The supervisor's outbox to one worker's socket: batches of tokens, framed, written
+/// without blocking; what the socket does not take waits for the next `flush`.
+#[pyclass(module = "tokengate._tokengate")]
+#[derive(Debug, Default)]
+pub struct BatchOutbox {
+    out: FrameOutbox,
+}
+
+#[pymethods]
+impl BatchOutbox {
+    #[new]
+    fn new() -> Self {
+        BatchOutbox::default()
+    }
+
+    /// Frames `data` (one message) after what waits.
+    fn push(&mut self, data: &[u8]) {
+        self.out.push(data);
+    }
+
+    /// Writes what socket `fd` takes (non-blocking): True when nothing is left, False
+    /// when the socket is full; OSError when the worker is gone.
+    fn flush(&mut self, py: Python<'_>, fd: RawFd) -> PyResult<bool> {
+        let socket = borrowed_file(fd)?;
+        py.detach(|| self.out.write_to(&*socket)).map_err(os_error)
+    }
+
+    /// Bytes still to be written.
+    fn __len__(&self) -> usize {
+        self.out.pending()
     }
 }

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 import pickle
 import selectors
 import time
@@ -41,7 +40,6 @@ from typing import TYPE_CHECKING
 from .board import KILLED, KILLED_FOR_ROOM
 from .payload import _PROTO, UnpicklableError, _dump_args
 from .state import _Item, _LaneState
-from .wire import _header
 
 if TYPE_CHECKING:
     from .workers import _Worker
@@ -214,12 +212,8 @@ class _Dispatch(_LaneState):
             w.left -= len(items)  # _room never gives more than it has left
             if w.left <= 0:
                 self._retiring.add(w)
-        data = pickle.dumps(batch, _PROTO)
-        w.outbox += _header(len(data))
-        w.outbox += data
-        if not self._flush(w):
-            return
-        # One killed while we were sending comes back as a stop notice at the next take.
+        w.outbox.push(pickle.dumps(batch, _PROTO))
+        self._flush(w)  # a process gone meanwhile is seen there (a killed token comes back as a stop notice)
 
     def _stop_item(self, w: _Worker, item: _Item) -> None:
         """A token sent to ``w`` was killed or timed out: SIGKILL its process if it runs
@@ -246,15 +240,11 @@ class _Dispatch(_LaneState):
         False when the worker is gone."""
         fd = w.conn.fileno()
         try:
-            while w.outbox:
-                n = os.write(fd, w.outbox[: 1 << 20])
-                del w.outbox[:n]
-        except BlockingIOError:
-            pass
+            empty = w.outbox.flush(fd)
         except OSError:
             self._died(w)
             return False
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.outbox else 0)
+        events = selectors.EVENT_READ | (0 if empty else selectors.EVENT_WRITE)
         try:
             if self._sel.get_key(fd).events != events:
                 self._sel.modify(fd, events, ("conn", w))

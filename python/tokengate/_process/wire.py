@@ -6,9 +6,9 @@ framing: a 4-byte big-endian signed length (or -1 and an 8-byte length, for a
 message of 2 GiB or more), then the bytes. The worker reads with a blocking
 :class:`~multiprocessing.connection.Connection` and writes through its reply
 stage (``ReplyOutbox``, see :mod:`.child`); the supervisor, which never blocks
-on a worker, writes frames from the worker's outbox
-(:func:`_header`) and cuts the replies off what it reads (``ReplyReader``, in
-Rust: ``src/engine/wire.rs``, which also frames the worker's replies).
+on a worker, frames its batches in the worker's outbox and writes what the
+socket takes (``BatchOutbox``), and cuts the replies off what it reads
+(``ReplyReader``). The framing is Rust's: ``src/engine/wire.rs``.
 
 * **Supervisor to worker**: one message per batch of tokens sent ahead, the
   pickled list of ``(seq, function key, function payload or None, pickled
@@ -31,10 +31,3 @@ import struct
 #: A worker's reply: the token's seq and what follows (a pickled value, or (exception, traceback)).
 _REPLY = struct.Struct("!qB")
 _READY, _OK, _ERROR, _SKIPPED = range(4)
-_LEN = struct.Struct("!i")
-_LEN64 = struct.Struct("!Q")
-
-
-def _header(n: int) -> bytes:
-    """The length prefix of an ``n``-byte message (``send_bytes`` framing)."""
-    return _LEN.pack(n) if n < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(n)

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 
-from .._tokengate import ReplyReader
+from .._tokengate import BatchOutbox, ReplyReader
 from ..exceptions import WorkerCrashedError
 from .board import _Board
 from .state import _Item, _LaneState
@@ -84,8 +84,9 @@ class _Worker:
         self.replies = ReplyReader()
         #: Whole messages read from its socket (see ``_Board.staged``).
         self.received = 0
-        #: Bytes the socket did not take yet (the supervisor never blocks on a worker).
-        self.outbox = bytearray()
+        #: Batches the socket did not take yet (the supervisor never blocks on a worker; in
+        #: Rust: ``src/engine/wire.rs``).
+        self.outbox = BatchOutbox()
         self.spawned_at = time.monotonic()
         #: When the worker began its current token, as the supervisor sees it.
         self.mark = 0.0
