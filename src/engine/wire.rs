@@ -119,8 +119,8 @@ pub struct FrameOutbox {
     start: usize,
 }
 
-/// An emptied outbox keeps at most this much room.
-const OUTBOX_KEEP: usize = 1 << 22;
+/// An emptied outbox keeps at most this much room (a batch is usually a few KiB).
+const OUTBOX_KEEP: usize = 1 << 18;
 
 impl FrameOutbox {
     /// Frames `msg` after what waits.

@@ -1,4 +1,4 @@
-//! The process lane's board, reply stage and reply reader, for Python: thin
+//! The process lane's board, reply stage, reply reader and batch outbox, for Python: thin
 //! faces of [`crate::engine::board`] (its module docs give the protocol),
 //! [`crate::engine::reply_stage`] and [`crate::engine::wire`]. The supervisor
 //! and each worker process map the same board file; every fd passed stays the

@@ -137,7 +137,6 @@ class ClusterExecutor(_cf.Executor):
             return future
         token = _SPEC.submit_to(self._lane.outside, args, kwargs, func=remote)
         assert token is not None  # a blocking submit returns a token or raises
-        self._lane.submitted()
         future._token = token
         with self._lock:
             self._pending[future] = None

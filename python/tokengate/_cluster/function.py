@@ -151,7 +151,6 @@ class ClusterFunction(ProcessFunction):
             return None
         if links:
             lane.linked(token, links)
-        lane.submitted()
         return token
 
 

@@ -133,7 +133,6 @@ class ClusterLane:
         self._abort = False
         self._exited = threading.Event()
         self._counts = {
-            "submitted": 0,
             "completed": 0,
             "failed": 0,
             "retries": 0,
@@ -192,10 +191,6 @@ class ClusterLane:
         raise NotImplementedError
 
     # -- control --------------------------------------------------------------------------
-
-    def submitted(self) -> None:
-        with self._lock:
-            self._counts["submitted"] += 1
 
     def link_inputs(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
