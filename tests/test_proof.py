@@ -116,6 +116,7 @@ def test_waves_tiny_and_goals() -> None:
     assert all(g["status"] in ("PASS", "MISS") for g in goals[:4])
     assert [g["status"] for g in goals[4:]] == ["SKIP", "SKIP", "SKIP"]  # no bursts run
     assert goals[1]["goal"] == 5.0 and goals[3]["goal"] == 5.0
+    assert goals[2]["goal"] == (1.6 if wv["process_workers"] >= 2 else 0.9)  # parallel processes: 1.6x
 
 
 def test_run_proof_in_process_prints_report() -> None:

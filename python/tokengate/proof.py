@@ -1001,11 +1001,15 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
         if "process_vs_loop" in r:
+            processes = waves.get("process_workers") or 1
+            # Two or more processes run the waves in parallel: 1.6x a plain loop on 2 cores
+            # (two plain forked processes splitting the work evenly reach 1.9-2x); one process, 0.9x.
+            target = 1.6 if processes >= 2 else 0.9
             detail = (
-                f"process lane ({waves.get('process_workers')} processes) {t['process']['tok_s']:,.0f} tok/s, "
+                f"process lane ({processes} processes) {t['process']['tok_s']:,.0f} tok/s, "
                 f"loop {t['loop']['tok_s']:,.0f} tok/s"
             )
-            goals.append(_goal("waves, process lane, vs plain loop", r["process_vs_loop"], ">=", 0.9, "x", detail))
+            goals.append(_goal("waves, process lane, vs plain loop", r["process_vs_loop"], ">=", target, "x", detail))
             goals.append(
                 _goal(
                     "waves, process lane, vs the original",
