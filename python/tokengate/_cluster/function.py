@@ -88,7 +88,9 @@ class ClusterFunction(ProcessFunction):
     _remote: RemoteCall | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
-        return cast("TaskToken[Any]", self._submit(args, kwargs))  # block=True: a token, or it raises
+        # ProcessFunction.__call__ goes straight to the process lane, past _submit: a cluster
+        # call takes _submit, which finds the cluster lane. block=True: a token, or it raises.
+        return cast("TaskToken[Any]", self._submit(args, kwargs))
 
     def __repr__(self) -> str:
         return f"<cluster function {self._name} operation_type={self._op!r}>"
