@@ -10,6 +10,8 @@ outside (kill, deadline) comes back as a stop notice.
 from __future__ import annotations
 
 import select
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -207,6 +209,61 @@ def test_wake_fd_turns_readable_when_work_arrives(lane: Any) -> None:
     assert select.select([ln.wake_fd], [], [], 0)[0] == []
     tasks, _ = take_all(ln)
     ln.finish(tasks[0], 0)
+
+
+def test_wait_returns_when_the_fd_turns_readable_or_after_the_timeout(lane: Any) -> None:
+    _, ln = lane
+    assert ln.take(4) == ([], [])  # found nothing: the next push wakes
+    t0 = time.monotonic()
+    assert ln.wait(ln.wake_fd, 0.05) is False
+    assert time.monotonic() - t0 >= 0.045
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout must be"):
+            ln.wait(ln.wake_fd, bad)
+    pusher = threading.Timer(0.05, lambda: submit(ln, 1))
+    pusher.start()
+    t0 = time.monotonic()
+    assert ln.wait(ln.wake_fd, 20) is True  # the push from the other thread, not the timeout
+    assert time.monotonic() - t0 < 10
+    pusher.join()
+    ln.clear_wake()
+    tasks, _ = take_all(ln)
+    ln.finish(tasks[0], 0)
+
+
+def test_a_submitting_thread_steps_aside_for_the_taker_once_it_woke(lane: Any) -> None:
+    """A thread that keeps the interpreter while it submits a burst lets the lane's taker,
+    woken by the burst, run: it does not wait for CPython's switch interval (set to 1 s
+    here) or for the end of the burst (0.6 s)."""
+    _, ln = lane
+    assert ln.take(4) == ([], [])  # found nothing: the next push wakes the taker
+    resumed: list[float] = []
+
+    def taker() -> None:
+        ln.wait(ln.wake_fd, 20)
+        resumed.append(time.monotonic())  # needs the interpreter
+
+    old = sys.getswitchinterval()
+    t = threading.Thread(target=taker)
+    t.start()
+    time.sleep(0.1)  # the taker waits
+    sys.setswitchinterval(1.0)
+    try:
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 0.6:
+            submit(ln, n)
+            n += 1
+            sum(range(3000))  # pure Python between submits: the interpreter stays held
+    finally:
+        sys.setswitchinterval(old)
+    t.join(20)
+    assert resumed, "the taker never woke"
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    assert resumed[0] - t0 < 0.3, (
+        f"the taker ran {resumed[0] - t0:.2f} s into a 0.6 s burst of {n} submits; threads: {others}"
+    )
+    assert ln.stats()["queued"] == n
 
 
 def test_close_cancels_the_queue_and_refuses_more(lane: Any) -> None:

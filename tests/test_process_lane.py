@@ -903,6 +903,113 @@ def test_tokens_waiting_behind_a_long_call_go_to_an_idle_process(lane: Operation
     assert lane.get_stats()["lanes"]["process"]["taken_back"] >= 1
 
 
+class _FakeBoard:
+    """A board whose worker runs the first of the tokens it holds."""
+
+    def __init__(self) -> None:
+        self.listed: list[int] = []
+
+    def take_back(self, seqs: list[int], limit: int) -> list[int]:
+        out = seqs[1 : 1 + limit]
+        self.listed += out
+        return out
+
+
+def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any, Any, list[Any]]:
+    """A dispatcher over two fake workers: ``idle`` holds nothing, ``busy`` holds ``held``
+    tokens (it runs the first), measured at ``avg`` s a token, last answered ``answered_s``
+    ago; and the list of the tokens it sends."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from tokengate._process.dispatch import _Dispatch
+
+    sent: list[Any] = []
+
+    class Lane(_Dispatch):
+        def _room(self, w: Any) -> int:
+            return 64 - w.load
+
+        def _spread(self, workers: list[Any], room: list[int], items: list[Any]) -> None:
+            sent.extend(items)
+
+    lane = Lane.__new__(Lane)
+    now = time.monotonic()
+
+    def worker(slot: int, n: int) -> Any:
+        items = deque(SimpleNamespace(wire=slot * 1000 + i, worker=None) for i in range(n))
+        return SimpleNamespace(
+            slot=slot, items=items, load=n, mark=now - answered_s, avg=avg, board=_FakeBoard(), skips=set(), left=None
+        )
+
+    idle, busy = worker(0, 0), worker(1, held)
+    lane._workers = [idle, busy]
+    lane._counts = {"taken_back": 0}
+    return lane, idle, busy, sent
+
+
+def test_the_last_tokens_of_a_burst_are_shared_with_an_idle_process() -> None:
+    """The queue is empty, one process idle, the other holds tokens waiting behind the one
+    it runs: half of those go to the idle process (they finish side by side, not one after
+    the other), listed on the board so that the busy one skips them."""
+    lane, _, busy, sent = _balancing_lane(held=21, avg=0.001, answered_s=0.001)
+    lane._take_back(time.monotonic())
+    assert [it.wire for it in sent] == list(range(1001, 1011))  # 10 of the 20 waiting
+    assert busy.board.listed == [it.wire for it in sent] and busy.skips == set(busy.board.listed)
+    assert [it.wire for it in busy.items] == [1000, *range(1011, 1021)]
+    assert lane._counts["taken_back"] == 10
+    # Tokens that hold too little work to be worth a round stay.
+    lane, _, busy, sent = _balancing_lane(held=21, avg=0.00001, answered_s=0.001)
+    lane._take_back(time.monotonic())
+    assert sent == [] and len(busy.items) == 21
+    # Behind a long call (no answer for 10 ms or more): all of them, as the idle process takes.
+    lane, _, busy, sent = _balancing_lane(held=21, avg=0.00001, answered_s=0.05)
+    lane._take_back(time.monotonic())
+    assert len(sent) == 20 and [it.wire for it in busy.items] == [1000]
+
+
+def test_bursts_of_short_tokens_run_each_token_once_with_tokens_taken_back(
+    lane: OperationsCoordinator, tmp_path: Path
+) -> None:
+    """Bursts whose last tokens are shared out at the end: every token still runs once."""
+    _both_processes_warm(lane)
+    marks = tmp_path / "marks"
+    n = 0
+    for _ in range(10):
+        toks = [nap_and_mark(str(marks), n + i, 0.002) for i in range(60)]
+        assert tokengate.gather(toks, timeout=60) == list(range(n, n + 60))
+        n += 60
+        if lane.get_stats()["lanes"]["process"]["taken_back"]:
+            break
+    assert lane.get_stats()["lanes"]["process"]["taken_back"] >= 1
+    assert sorted(int(x) for x in marks.read_text().split()) == list(range(n))
+
+
+@task_token_guard(tags=PROC)
+def started_at() -> float:
+    return time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+
+
+def test_a_burst_s_first_tokens_start_while_it_is_submitted(lane: OperationsCoordinator) -> None:
+    """A thread that keeps the interpreter while it submits a burst of process tokens
+    lets the lane's supervisor send the first ones at once: the processes do not wait for
+    CPython's switch interval (1 s here) or for the end of the burst (0.6 s)."""
+    _both_processes_warm(lane)
+    assert tokengate.gather([started_at() for _ in range(4)], timeout=30)
+    old = sys.getswitchinterval()
+    toks = []
+    sys.setswitchinterval(1.0)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.6:
+            toks.append(started_at())
+            sum(range(3000))  # pure Python between submits: the interpreter stays held
+    finally:
+        sys.setswitchinterval(old)
+    first = min(tokengate.gather(toks, timeout=60))
+    assert first - t0 < 0.3, f"the first of {len(toks)} tokens started {first - t0:.2f} s into a 0.6 s burst"
+
+
 def test_a_reply_to_an_earlier_sending_never_matches_a_later_one() -> None:
     """A token taken back from a process and later sent to it again: the skip of its first
     sending (listed, its reply still to come) must not touch the second."""

@@ -30,14 +30,18 @@
 //!   after it: a taker reads the state the token ended in.
 //! * Waking: whenever a push or a stop notice finds `asleep` set (the taker
 //!   found nothing at its last take), one byte goes down the wake socket; the
-//!   taker waits on the other end (a selector, or `wait_readable`).
+//!   taker waits on the other end (a selector, or [`wait_readable`] on one
+//!   that gathers it with the lane's other descriptors).
 //! * `close()`: no more pushes; the queue is handed back (its tokens are
 //!   cancelled by the caller).
 //! * `pending` counts tokens placed on the lane and not resolved (queued,
 //!   taken, parked, waiting for inputs or a retry): the lane is idle at 0.
 
+#![allow(unsafe_code)]
+
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -342,6 +346,19 @@ impl<J> OutsideLanes<J> {
     }
 }
 
+/// Waits until descriptor `fd` is readable (an epoll descriptor is, once one of
+/// its descriptors has an event), at most `timeout_ms` (negative: no limit).
+/// True when it is (or a signal cut the wait short: the caller looks and
+/// finds nothing), false after the timeout.
+pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `pfd` is one valid, initialised pollfd that lives across the call, and the
+    // count passed is 1; poll only writes its `revents`. A closed or bad `fd` is reported
+    // in `revents` (POLLNVAL), not undefined behaviour.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    n != 0
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -407,5 +424,16 @@ mod tests {
         }
         assert_eq!(lanes.add(std::sync::Arc::new(OutsideQueue::new("x").unwrap())), None);
         assert_eq!(lanes.all().count(), MAX_OUTSIDE_LANES);
+    }
+
+    #[test]
+    fn wait_readable_sees_a_wake_up_and_times_out() {
+        use std::os::fd::AsRawFd;
+        let q: OutsideQueue<u32> = OutsideQueue::new("x").unwrap();
+        let fd = q.wake_socket().as_raw_fd();
+        assert!(!wait_readable(fd, 10), "nothing queued: the wait times out");
+        assert!(q.take(1).jobs.is_empty()); // asleep: the next push wakes
+        q.push(0, 1, 7).unwrap();
+        assert!(wait_readable(fd, 1000));
     }
 }

@@ -210,7 +210,7 @@ impl Engine {
             .add(queue.clone())
             .ok_or_else(|| BindError::Runtime(format!("an engine has at most {MAX_OUTSIDE_LANES} outside lanes")))?;
         let index = u16::try_from(index).expect("MAX_OUTSIDE_LANES fits in 16 bits");
-        Ok(OutsideLane { index, queue, engine: Arc::downgrade(&self.shared) })
+        Ok(OutsideLane { index, queue, engine: Arc::downgrade(&self.shared), handoff: Default::default() })
     }
 
     #[getter]

@@ -17,9 +17,32 @@
 //!   first): it goes back to its old place in the queue.
 //! * A taken token resolved from outside (kill, deadline) comes back in a
 //!   later `take`'s list of stopped ids: the lane stops the remote work.
+//!
+//! # Handing the interpreter to the taker
+//!
+//! A taker that waits with `wait` needs the interpreter again once it wakes.
+//! A thread that submits a burst holds it meanwhile, and CPython takes it from
+//! that thread only after its switch interval (5 ms): the lane's processes
+//! would sit idle for as long. So:
+//!
+//! * `wait` (the taker, interpreter released) marks `wanted` with the number
+//!   of the wake-up once its descriptor turns readable, and clears it once
+//!   the taker holds the interpreter again.
+//! * A submit to the lane that finds `wanted` set, for a wake-up no submitter
+//!   stepped aside for yet (`served`), with [`HANDOFF_BATCH`] tokens or more
+//!   queued, releases the interpreter and waits,
+//!   yielding its core, until the taker cleared `wanted` or
+//!   [`HANDOFF_WAIT`] passed. Then it takes the interpreter back, after the
+//!   taker's round (the taker releases it in its next `wait`).
+//! * One submitter at a time steps aside for a wake-up, never while it holds
+//!   a lock of the engine's. When the taker did not get the interpreter in
+//!   time (another thread took it first, or the taker got no core), that
+//!   submitter lost [`HANDOFF_WAIT`] and the next submit tries again; a
+//!   handoff that succeeded is not repeated for the same wake-up.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -30,12 +53,33 @@ use super::engine_shared::EngineShared;
 use super::handle::TaskToken;
 use super::run::{park_if_paused, try_retry};
 use super::token::{cancel_jobs, Outcome, PyJob, TokenInner};
-use crate::engine::outside::OutsideQueue;
-use crate::engine::sync::{Mutex, Ordering};
+use crate::engine::outside::{wait_readable, OutsideQueue};
+use crate::engine::sync::{AtomicU64, Mutex, Ordering};
 use crate::engine::token::TokenState;
 
 /// The worker id an outside token reports while it runs.
 const OUTSIDE_WORKER: u32 = u32::MAX - 1;
+
+/// The longest a submitting thread steps aside for the lane's taker (see the
+/// module docs): a wake-up across cores takes some tens of microseconds.
+const HANDOFF_WAIT: Duration = Duration::from_micros(500);
+
+/// A submitter steps aside only once this many tokens are queued: enough for a
+/// batch to each process, where stepping aside at once would send the first
+/// token alone and leave the rest for later.
+const HANDOFF_BATCH: usize = 16;
+
+/// The interpreter's hand-off from a submitting thread to the lane's taker
+/// (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Handoff {
+    /// Nonzero while the taker, woken, waits for the interpreter: the number of that wake-up.
+    wanted: AtomicU64,
+    /// The last wake-up a submitter stepped aside for.
+    served: AtomicU64,
+    /// The taker's wake-ups so far.
+    wakes: AtomicU64,
+}
 
 /// One outside lane of a running engine. Made by `Engine.add_outside_lane`.
 #[pyclass(frozen, name = "OutsideLane", module = "tokengate._tokengate")]
@@ -44,6 +88,7 @@ pub(crate) struct OutsideLane {
     pub(crate) index: u16,
     pub(crate) queue: Arc<OutsideQueue<PyJob>>,
     pub(crate) engine: Weak<EngineShared>,
+    pub(crate) handoff: Handoff,
 }
 
 /// One token the lane took: its call, until the lane reports how it ended.
@@ -81,6 +126,35 @@ impl OutsideLane {
         inner.attempts.store(inner.attempts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         inner.ledger().process_running.fetch_add(1, Ordering::Relaxed);
         Some(LaneTask { inner, call: Mutex::new(Some(call)), key: q.key, queue: self.queue.clone() })
+    }
+
+    /// Called by a thread that just queued a token here: when the lane's taker
+    /// woke and waits for the interpreter, steps aside for it once (see the
+    /// module docs).
+    pub(crate) fn step_aside(&self, py: Python<'_>) {
+        let h = &self.handoff;
+        let wake = h.wanted.load(Ordering::Acquire);
+        if wake == 0 || h.served.load(Ordering::Relaxed) == wake || self.queue.counts().0 < HANDOFF_BATCH {
+            return;
+        }
+        if h.served.swap(wake, Ordering::AcqRel) == wake {
+            return;
+        }
+        let handed = py.detach(|| {
+            let until = Instant::now() + HANDOFF_WAIT;
+            while h.wanted.load(Ordering::Acquire) == wake {
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            true
+        });
+        if !handed {
+            // Another thread took the interpreter first (or the taker got no core in
+            // time): the next submit tries again.
+            let _ = h.served.compare_exchange(wake, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 
     fn engine(&self) -> PyResult<Arc<EngineShared>> {
@@ -223,6 +297,32 @@ impl OutsideLane {
     #[getter]
     fn wake_fd(&self) -> i32 {
         self.queue.wake_socket().as_raw_fd()
+    }
+
+    /// Waits, the interpreter released, until descriptor `fd` is readable (the
+    /// taker's selector, which gathers `wake_fd` and the lane's own) or
+    /// `timeout` seconds pass (None: no limit). True when it is readable (or
+    /// a signal cut the wait short), False after the timeout. A thread that
+    /// submits to the lane meanwhile steps aside for the taker once it woke
+    /// (see the module docs).
+    #[pyo3(signature = (fd, timeout=None))]
+    fn wait(&self, py: Python<'_>, fd: i32, timeout: Option<f64>) -> PyResult<bool> {
+        let ms = match timeout {
+            None => -1,
+            // Rounded up, as selectors do: a wait never ends before its time.
+            Some(t) if t >= 0.0 && t.is_finite() => (t * 1e3).ceil().min(f64::from(i32::MAX)) as i32,
+            Some(t) => return Err(PyValueError::new_err(format!("timeout must be a finite number >= 0 or None, got {t}"))),
+        };
+        let h = &self.handoff;
+        let ready = py.detach(|| {
+            let ready = wait_readable(fd, ms);
+            if ready {
+                h.wanted.store(h.wakes.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Release);
+            }
+            ready
+        });
+        h.wanted.store(0, Ordering::Release);
+        Ok(ready)
     }
 
     /// Reads every pending wake-up byte.

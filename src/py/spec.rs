@@ -487,7 +487,9 @@ impl OperationSpec {
             return Err(BindError::ShutDown.into());
         }
         let func = func.unwrap_or_else(|| self.shared.func.clone_ref(py));
-        self.enqueue(py, &engine, func, args, kwargs, &opts, how, None, Some(lane))
+        let token = self.enqueue(py, &engine, func, args, kwargs, &opts, how, None, Some(lane))?;
+        lane.step_aside(py);
+        Ok(token)
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on

@@ -13,11 +13,13 @@
   until the selector says it can take more. A token sent to a
   process counts as running (ProcessPoolExecutor's call queue does the same):
   ``cancel()`` no longer stops it, ``kill()`` and deadlines still do.
-* **Taken back.** When the queue is empty, a process holds tokens and has not
-  answered for 10 ms (a long call runs there), and another process is idle, the
-  tokens waiting behind that call are taken back and sent to the idle one
-  (:meth:`_Dispatch._take_back`): the board lists them to be skipped, only while
-  the call before them runs, so none of them runs twice.
+* **Taken back.** When the queue is empty and a process is idle while another
+  holds tokens waiting behind the one it runs, some of those are taken back and
+  sent to the idle one (:meth:`_Dispatch._take_back`): all of them once that
+  process has not answered for 10 ms (a long call runs there), else half, so
+  that at the end of a burst the processes finish the last tokens side by side,
+  not one after the other. The board lists them to be skipped, only while the
+  call before them runs, so none of them runs twice.
 * **Which process.** Each token goes to the process holding the fewest tokens,
   then to the one with the most room (:func:`_assign`): an idle process is
   never passed over for one that is busy.
@@ -48,6 +50,10 @@ if TYPE_CHECKING:
 #: CPython's default switch interval, so a supervisor kept waiting for the GIL by a thread
 #: that submits a burst does not leave its processes idle.
 _PREFETCH_WORK_S = 0.010
+
+#: Half the tokens waiting in a busy process go to an idle one when they hold at least this
+#: much work (seconds, by the process's measured time per token): less is not worth a round.
+_BALANCE_S = 0.0005
 
 
 def _assign(held: list[int], room: list[int], n: int) -> list[int]:
@@ -120,12 +126,12 @@ class _Dispatch(_LaneState):
         return bool(tasks or stopped)
 
     def _take_back(self, now: float) -> float | None:
-        """Tokens sent ahead to a process and waiting behind a long call go to idle
-        processes: a process that holds tokens and has not answered for
-        :data:`_PREFETCH_WORK_S` gives back those sent after the one it runs (through its
-        board, so none of them runs twice), as many as the idle processes have room for.
-        Called when the queue is empty. Returns when to look again (a busy process may
-        pass that mark), or None."""
+        """Tokens sent ahead to a process and waiting behind the call it runs go to idle
+        processes, as many as those have room for: all of them once the process has not
+        answered for :data:`_PREFETCH_WORK_S` (a long call), else half of them, when they
+        hold :data:`_BALANCE_S` of work or more (the processes then finish together). Through
+        its board, so none of them runs twice. Called when the queue is empty. Returns when
+        to look again (a busy process may pass that mark), or None."""
         rooms = [(w, self._room(w)) for w in self._workers if w is not None and not w.load]
         idle = [(w, n) for w, n in rooms if n]
         if not idle:
@@ -136,14 +142,18 @@ class _Dispatch(_LaneState):
         for v in self._workers:
             if v is None or len(v.items) < 2 or len(taken) >= room:
                 continue
+            want = room - len(taken)
             due = v.mark + _PREFETCH_WORK_S
             if now < due:
                 later = min(later, due)
-                continue
-            wires = v.board.take_back([it.wire for it in v.items], room - len(taken))
+                # No long call (yet): half of those waiting, when that is worth a round.
+                want = min(want, (len(v.items) - 1) // 2)
+                if not want or v.avg is None or want * v.avg < _BALANCE_S:
+                    continue
+            wires = v.board.take_back([it.wire for it in v.items], want)
             if wires is None:
                 # Between two tokens (or the one it runs answered meanwhile): look again soon.
-                later = min(later, now + 0.002)
+                later = min(later, now + 0.0005)
                 continue
             if not wires:
                 continue  # nothing waits behind the call it runs (what came before, answered)

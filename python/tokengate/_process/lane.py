@@ -9,7 +9,10 @@ that feeds them.
   processes and the wire. It waits on one selector over the workers' sockets,
   their pidfds, the engine queue's wake-up socket and its own wake-up pipe,
   so crashes, results, submissions, kills and deadlines all wake it at once;
-  it takes tokens when a process has room.
+  it takes tokens when a process has room. A thread submitting a burst
+  steps aside for it once it woke (see :meth:`OutsideLane.wait
+  <tokengate._tokengate.OutsideLane.wait>`), so the processes get their
+  first tokens while the burst is still being submitted.
 * **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
   cancels them), then closes every worker and reaps it, with the retired
   processes that are still exiting (SIGKILLed after 2 s); when ``timeout``
@@ -166,7 +169,10 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 if look is not None:
                     wait_s = min(wait_s, max(0.0, look - time.monotonic()))
                 self._sleeping = True
-            ready = self._sel.select(wait_s)
+            # Waits in the engine (OutsideLane.wait), not in select(): a thread that submits
+            # to the lane meanwhile then hands the interpreter over once this thread woke,
+            # instead of keeping it for CPython's switch interval while the processes idle.
+            ready = self._sel.select(0) if self.outside.wait(self._sel.fileno(), wait_s) else []
             with self._lock:
                 self._sleeping = False
             for key, mask in ready:
