@@ -71,13 +71,19 @@ class _Replies(_LaneState):
             ended = 0
             items = w.items
             plain = self.max_rss is None
+            loads = pickle.loads
             for wire, kind, payload in replies:
                 # The usual reply, a result of the token at the front with no skip listed
                 # and no RSS ceiling to check, in fewer steps; _handle takes every reply.
                 if kind == _OK and plain and items and items[0].wire == wire and not w.skips:
                     item = items.popleft()
                     item.worker = None
-                    self._ended(item, kind, payload)
+                    try:
+                        value = loads(payload)
+                    except BaseException:
+                        self._ended(item, kind, payload)  # fails it, naming the error
+                    else:
+                        self._finish_ok(item, value)
                     ended += 1
                 else:
                     ended += self._handle(w, wire, kind, payload)
