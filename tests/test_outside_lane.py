@@ -211,21 +211,32 @@ def test_wake_fd_turns_readable_when_work_arrives(lane: Any) -> None:
     ln.finish(tasks[0], 0)
 
 
-def test_wait_returns_when_the_fd_turns_readable_or_after_the_timeout(lane: Any) -> None:
+def test_wait_events_returns_the_events_or_nothing_after_the_timeout(lane: Any) -> None:
     _, ln = lane
-    assert ln.take(4) == ([], [])  # found nothing: the next push wakes
-    t0 = time.monotonic()
-    assert ln.wait(ln.wake_fd, 0.05) is False
-    assert time.monotonic() - t0 >= 0.045
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="timeout must be"):
-            ln.wait(ln.wake_fd, bad)
-    pusher = threading.Timer(0.05, lambda: submit(ln, 1))
-    pusher.start()
-    t0 = time.monotonic()
-    assert ln.wait(ln.wake_fd, 20) is True  # the push from the other thread, not the timeout
-    assert time.monotonic() - t0 < 10
-    pusher.join()
+    ep = select.epoll()
+    try:
+        ep.register(ln.wake_fd, select.EPOLLIN)
+        assert ln.take(4) == ([], [])  # found nothing: the next push wakes
+        t0 = time.monotonic()
+        assert ln.wait_events(ep.fileno(), 0.05) == []
+        assert time.monotonic() - t0 >= 0.045
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="timeout must be"):
+                ln.wait_events(ep.fileno(), bad)
+        with pytest.raises(ValueError, match="not a file descriptor"):
+            ln.wait_events(-1, 0)
+        pusher = threading.Timer(0.05, lambda: submit(ln, 1))
+        pusher.start()
+        t0 = time.monotonic()
+        # The push from the other thread, not the timeout.
+        assert ln.wait_events(ep.fileno(), 20) == [(ln.wake_fd, select.EPOLLIN)]
+        assert time.monotonic() - t0 < 10
+        pusher.join()
+        epfd = ep.fileno()
+    finally:
+        ep.close()
+    with pytest.raises(OSError):
+        ln.wait_events(epfd, 0)  # closed: an error, not an event
     ln.clear_wake()
     tasks, _ = take_all(ln)
     ln.finish(tasks[0], 0)
@@ -238,9 +249,11 @@ def test_a_submitting_thread_steps_aside_for_the_taker_once_it_woke(lane: Any) -
     _, ln = lane
     assert ln.take(4) == ([], [])  # found nothing: the next push wakes the taker
     resumed: list[float] = []
+    ep = select.epoll()
+    ep.register(ln.wake_fd, select.EPOLLIN)
 
     def taker() -> None:
-        ln.wait(ln.wake_fd, 20)
+        ln.wait_events(ep.fileno(), 20)
         resumed.append(time.monotonic())  # needs the interpreter
 
     old = sys.getswitchinterval()
@@ -258,6 +271,7 @@ def test_a_submitting_thread_steps_aside_for_the_taker_once_it_woke(lane: Any) -
     finally:
         sys.setswitchinterval(old)
     t.join(20)
+    ep.close()
     assert resumed, "the taker never woke"
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     assert resumed[0] - t0 < 0.3, (

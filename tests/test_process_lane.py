@@ -915,10 +915,10 @@ class _FakeBoard:
         return out
 
 
-def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any, Any, list[Any]]:
-    """A dispatcher over two fake workers: ``idle`` holds nothing, ``busy`` holds ``held``
+def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any, list[Any], float]:
+    """A dispatcher over two fake workers, one idle and ``busy``, which holds ``held``
     tokens (it runs the first), measured at ``avg`` s a token, last answered ``answered_s``
-    ago; and the list of the tokens it sends."""
+    before the time returned; and the list of the tokens it sends."""
     from collections import deque
     from types import SimpleNamespace
 
@@ -945,26 +945,26 @@ def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any,
     idle, busy = worker(0, 0), worker(1, held)
     lane._workers = [idle, busy]
     lane._counts = {"taken_back": 0}
-    return lane, idle, busy, sent
+    return lane, busy, sent, now
 
 
 def test_the_last_tokens_of_a_burst_are_shared_with_an_idle_process() -> None:
     """The queue is empty, one process idle, the other holds tokens waiting behind the one
     it runs: half of those go to the idle process (they finish side by side, not one after
     the other), listed on the board so that the busy one skips them."""
-    lane, _, busy, sent = _balancing_lane(held=21, avg=0.001, answered_s=0.001)
-    lane._take_back(time.monotonic())
+    lane, busy, sent, now = _balancing_lane(held=21, avg=0.001, answered_s=0.001)
+    lane._take_back(now)
     assert [it.wire for it in sent] == list(range(1001, 1011))  # 10 of the 20 waiting
     assert busy.board.listed == [it.wire for it in sent] and busy.skips == set(busy.board.listed)
     assert [it.wire for it in busy.items] == [1000, *range(1011, 1021)]
     assert lane._counts["taken_back"] == 10
     # Tokens that hold too little work to be worth a round stay.
-    lane, _, busy, sent = _balancing_lane(held=21, avg=0.00001, answered_s=0.001)
-    lane._take_back(time.monotonic())
+    lane, busy, sent, now = _balancing_lane(held=21, avg=0.00001, answered_s=0.001)
+    lane._take_back(now)
     assert sent == [] and len(busy.items) == 21
     # Behind a long call (no answer for 10 ms or more): all of them, as the idle process takes.
-    lane, _, busy, sent = _balancing_lane(held=21, avg=0.00001, answered_s=0.05)
-    lane._take_back(time.monotonic())
+    lane, busy, sent, now = _balancing_lane(held=21, avg=0.00001, answered_s=0.05)
+    lane._take_back(now)
     assert len(sent) == 20 and [it.wire for it in busy.items] == [1000]
 
 
@@ -975,10 +975,10 @@ def test_bursts_of_short_tokens_run_each_token_once_with_tokens_taken_back(
     _both_processes_warm(lane)
     marks = tmp_path / "marks"
     n = 0
-    for _ in range(10):
-        toks = [nap_and_mark(str(marks), n + i, 0.002) for i in range(60)]
-        assert tokengate.gather(toks, timeout=60) == list(range(n, n + 60))
-        n += 60
+    for _ in range(20):
+        toks = [nap_and_mark(str(marks), n + i, 0.0005) for i in range(200)]
+        assert tokengate.gather(toks, timeout=60) == list(range(n, n + 200))
+        n += 200
         if lane.get_stats()["lanes"]["process"]["taken_back"]:
             break
     assert lane.get_stats()["lanes"]["process"]["taken_back"] >= 1
@@ -996,6 +996,7 @@ def test_a_burst_s_first_tokens_start_while_it_is_submitted(lane: OperationsCoor
     CPython's switch interval (1 s here) or for the end of the burst (0.6 s)."""
     _both_processes_warm(lane)
     assert tokengate.gather([started_at() for _ in range(4)], timeout=30)
+    time.sleep(0.1)  # the supervisor finished its round and waits
     old = sys.getswitchinterval()
     toks = []
     sys.setswitchinterval(1.0)

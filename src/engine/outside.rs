@@ -30,8 +30,8 @@
 //!   after it: a taker reads the state the token ended in.
 //! * Waking: whenever a push or a stop notice finds `asleep` set (the taker
 //!   found nothing at its last take), one byte goes down the wake socket; the
-//!   taker waits on the other end (a selector, or [`wait_readable`] on one
-//!   that gathers it with the lane's other descriptors).
+//!   taker waits on the other end (a selector, or [`epoll_events`] on an
+//!   epoll instance that gathers it with the lane's other descriptors).
 //! * `close()`: no more pushes; the queue is handed back (its tokens are
 //!   cancelled by the caller).
 //! * `pending` counts tokens placed on the lane and not resolved (queued,
@@ -346,17 +346,32 @@ impl<J> OutsideLanes<J> {
     }
 }
 
-/// Waits until descriptor `fd` is readable (an epoll descriptor is, once one of
-/// its descriptors has an event), at most `timeout_ms` (negative: no limit).
-/// True when it is (or a signal cut the wait short: the caller looks and
-/// finds nothing), false after the timeout.
-pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: `pfd` is one valid, initialised pollfd that lives across the call, and the
-    // count passed is 1; poll only writes its `revents`. A closed or bad `fd` is reported
-    // in `revents` (POLLNVAL), not undefined behaviour.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n != 0
+/// Waits until the epoll instance `epfd` has events, at most `timeout_ms`
+/// (negative: no limit), and appends them to `out` as `(fd, events)` (the
+/// lane registers each descriptor by its number), at most `max` of them.
+/// A signal that cuts the wait short appends nothing.
+pub fn epoll_events(epfd: RawFd, timeout_ms: i32, max: usize, out: &mut Vec<(i32, u32)>) -> std::io::Result<()> {
+    let max = max.clamp(1, 1024);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; max];
+    // SAFETY: `events` holds `max` initialised entries that live across the call, and
+    // `max` (at most 1024) is passed as their count: the kernel writes at most that many.
+    // A bad `epfd` is an error return (EBADF, EINVAL), not undefined behaviour.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), max as i32, timeout_ms) };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        return if err.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(err) };
+    }
+    for ev in &events[..n as usize] {
+        // The lane registers descriptors by number (`select.epoll` puts it in the data
+        // union's `fd`, its first four bytes).
+        let data = ev.u64;
+        #[cfg(target_endian = "little")]
+        let fd = data as u32 as i32;
+        #[cfg(target_endian = "big")]
+        let fd = (data >> 32) as u32 as i32;
+        out.push((fd, ev.events));
+    }
+    Ok(())
 }
 
 #[cfg(all(test, not(loom)))]
@@ -427,13 +442,26 @@ mod tests {
     }
 
     #[test]
-    fn wait_readable_sees_a_wake_up_and_times_out() {
+    fn epoll_events_sees_a_wake_up_and_times_out() {
         use std::os::fd::AsRawFd;
         let q: OutsideQueue<u32> = OutsideQueue::new("x").unwrap();
         let fd = q.wake_socket().as_raw_fd();
-        assert!(!wait_readable(fd, 10), "nothing queued: the wait times out");
+        // SAFETY (test): a new epoll instance, closed below; the event names `fd` by number.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0);
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        // SAFETY (test): `ev` is a valid event for the call; `epfd` and `fd` are open.
+        assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
+        let mut out = Vec::new();
+        epoll_events(epfd, 10, 8, &mut out).unwrap();
+        assert!(out.is_empty(), "nothing queued: the wait times out");
         assert!(q.take(1).jobs.is_empty()); // asleep: the next push wakes
         q.push(0, 1, 7).unwrap();
-        assert!(wait_readable(fd, 1000));
+        epoll_events(epfd, 1000, 8, &mut out).unwrap();
+        assert_eq!(out, vec![(fd, libc::EPOLLIN as u32)]);
+        // SAFETY (test): `epfd` is this test's own, closed once.
+        unsafe { libc::close(epfd) };
+        let err = epoll_events(epfd, 0, 8, &mut out).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     }
 }

@@ -20,20 +20,21 @@
 //!
 //! # Handing the interpreter to the taker
 //!
-//! A taker that waits with `wait` needs the interpreter again once it wakes.
+//! A taker that waits with `wait_events` needs the interpreter again once it wakes.
 //! A thread that submits a burst holds it meanwhile, and CPython takes it from
 //! that thread only after its switch interval (5 ms): the lane's processes
 //! would sit idle for as long. So:
 //!
-//! * `wait` (the taker, interpreter released) marks `wanted` with the number
-//!   of the wake-up once its descriptor turns readable, and clears it once
-//!   the taker holds the interpreter again.
+//! * `wait_events` (the taker, interpreter released) marks `wanted` with the
+//!   number of the wake-up once its epoll instance has events, and clears it
+//!   once the taker holds the interpreter again; the events come back with
+//!   it (no second system call that would let go of the interpreter).
 //! * A submit to the lane that finds `wanted` set, for a wake-up no submitter
 //!   stepped aside for yet (`served`), with [`HANDOFF_BATCH`] tokens or more
 //!   queued, releases the interpreter and waits,
 //!   yielding its core, until the taker cleared `wanted` or
 //!   [`HANDOFF_WAIT`] passed. Then it takes the interpreter back, after the
-//!   taker's round (the taker releases it in its next `wait`).
+//!   taker's round (the taker releases it in its next `wait_events`).
 //! * One submitter at a time steps aside for a wake-up, never while it holds
 //!   a lock of the engine's. When the taker did not get the interpreter in
 //!   time (another thread took it first, or the taker got no core), that
@@ -53,12 +54,15 @@ use super::engine_shared::EngineShared;
 use super::handle::TaskToken;
 use super::run::{park_if_paused, try_retry};
 use super::token::{cancel_jobs, Outcome, PyJob, TokenInner};
-use crate::engine::outside::{wait_readable, OutsideQueue};
+use crate::engine::outside::{epoll_events, OutsideQueue};
 use crate::engine::sync::{AtomicU64, Mutex, Ordering};
 use crate::engine::token::TokenState;
 
 /// The worker id an outside token reports while it runs.
 const OUTSIDE_WORKER: u32 = u32::MAX - 1;
+
+/// Most events one `wait_events` returns.
+const WAIT_EVENTS: usize = 64;
 
 /// The longest a submitting thread steps aside for the lane's taker (see the
 /// module docs): a wake-up across cores takes some tens of microseconds.
@@ -134,10 +138,11 @@ impl OutsideLane {
     pub(crate) fn step_aside(&self, py: Python<'_>) {
         let h = &self.handoff;
         let wake = h.wanted.load(Ordering::Acquire);
-        if wake == 0 || h.served.load(Ordering::Relaxed) == wake || self.queue.counts().0 < HANDOFF_BATCH {
+        if wake == 0 || h.served.load(Ordering::Relaxed) >= wake || self.queue.counts().0 < HANDOFF_BATCH {
             return;
         }
-        if h.served.swap(wake, Ordering::AcqRel) == wake {
+        // Wake-ups only grow: one submitter serves each (and `served` never goes back).
+        if h.served.fetch_max(wake, Ordering::AcqRel) >= wake {
             return;
         }
         let handed = py.detach(|| {
@@ -299,14 +304,19 @@ impl OutsideLane {
         self.queue.wake_socket().as_raw_fd()
     }
 
-    /// Waits, the interpreter released, until descriptor `fd` is readable (the
-    /// taker's selector, which gathers `wake_fd` and the lane's own) or
-    /// `timeout` seconds pass (None: no limit). True when it is readable (or
-    /// a signal cut the wait short), False after the timeout. A thread that
-    /// submits to the lane meanwhile steps aside for the taker once it woke
-    /// (see the module docs).
-    #[pyo3(signature = (fd, timeout=None))]
-    fn wait(&self, py: Python<'_>, fd: i32, timeout: Option<f64>) -> PyResult<bool> {
+    /// Waits, the interpreter released, until the epoll instance `epfd` (the
+    /// taker's selector, which gathers `wake_fd` and the lane's own descriptors,
+    /// registered by number) has events, or `timeout` seconds pass (None: no
+    /// limit), and returns them as `(fd, events)` pairs (at most 64; `[]` after
+    /// the timeout or when a signal cut the wait short). They are fetched
+    /// before the interpreter is taken back: the taker needs no second system
+    /// call that would let go of it. A thread that submits to the lane
+    /// meanwhile steps aside for the taker once it woke (see the module docs).
+    #[pyo3(signature = (epfd, timeout=None))]
+    fn wait_events(&self, py: Python<'_>, epfd: i32, timeout: Option<f64>) -> PyResult<Vec<(i32, u32)>> {
+        if epfd < 0 {
+            return Err(PyValueError::new_err(format!("not a file descriptor: {epfd}")));
+        }
         let ms = match timeout {
             None => -1,
             // Rounded up, as selectors do: a wait never ends before its time.
@@ -314,15 +324,17 @@ impl OutsideLane {
             Some(t) => return Err(PyValueError::new_err(format!("timeout must be a finite number >= 0 or None, got {t}"))),
         };
         let h = &self.handoff;
-        let ready = py.detach(|| {
-            let ready = wait_readable(fd, ms);
-            if ready {
+        let mut out = Vec::new();
+        let res = py.detach(|| {
+            let res = epoll_events(epfd, ms, WAIT_EVENTS, &mut out);
+            if !out.is_empty() {
                 h.wanted.store(h.wakes.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Release);
             }
-            ready
+            res
         });
         h.wanted.store(0, Ordering::Release);
-        Ok(ready)
+        res.map_err(crate::py::exceptions::os_error)?;
+        Ok(out)
     }
 
     /// Reads every pending wake-up byte.

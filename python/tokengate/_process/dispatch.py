@@ -16,7 +16,8 @@
 * **Taken back.** When the queue is empty and a process is idle while another
   holds tokens waiting behind the one it runs, some of those are taken back and
   sent to the idle one (:meth:`_Dispatch._take_back`): all of them once that
-  process has not answered for 10 ms (a long call runs there), else half, so
+  process has not answered for 10 ms (a long call runs there), else half
+  (rounded up), so
   that at the end of a burst the processes finish the last tokens side by side,
   not one after the other. The board lists them to be skipped, only while the
   call before them runs, so none of them runs twice.
@@ -128,7 +129,7 @@ class _Dispatch(_LaneState):
     def _take_back(self, now: float) -> float | None:
         """Tokens sent ahead to a process and waiting behind the call it runs go to idle
         processes, as many as those have room for: all of them once the process has not
-        answered for :data:`_PREFETCH_WORK_S` (a long call), else half of them, when they
+        answered for :data:`_PREFETCH_WORK_S` (a long call), else half of them (rounded up), when they
         hold :data:`_BALANCE_S` of work or more (the processes then finish together). Through
         its board, so none of them runs twice. Called when the queue is empty. Returns when
         to look again (a busy process may pass that mark), or None."""
@@ -146,14 +147,15 @@ class _Dispatch(_LaneState):
             due = v.mark + _PREFETCH_WORK_S
             if now < due:
                 later = min(later, due)
-                # No long call (yet): half of those waiting, when that is worth a round.
-                want = min(want, (len(v.items) - 1) // 2)
+                # No long call (yet): half of those waiting (rounded up: one waiting goes to
+                # the idle process, which runs it beside the call), when worth a round.
+                want = min(want, len(v.items) // 2)
                 if not want or v.avg is None or want * v.avg < _BALANCE_S:
                     continue
             wires = v.board.take_back([it.wire for it in v.items], want)
             if wires is None:
                 # Between two tokens (or the one it runs answered meanwhile): look again soon.
-                later = min(later, now + 0.0005)
+                later = min(later, now + 0.002)
                 continue
             if not wires:
                 continue  # nothing waits behind the call it runs (what came before, answered)

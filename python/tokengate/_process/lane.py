@@ -10,9 +10,8 @@ that feeds them.
   their pidfds, the engine queue's wake-up socket and its own wake-up pipe,
   so crashes, results, submissions, kills and deadlines all wake it at once;
   it takes tokens when a process has room. A thread submitting a burst
-  steps aside for it once it woke (see :meth:`OutsideLane.wait
-  <tokengate._tokengate.OutsideLane.wait>`), so the processes get their
-  first tokens while the burst is still being submitted.
+  steps aside for it once it woke (see :meth:`ProcessLane._wait`), so the
+  processes get their first tokens while the burst is still being submitted.
 * **Stopping.** ``stop()`` lets queued process tokens run (``cancel_pending``
   cancels them), then closes every worker and reaps it, with the retired
   processes that are still exiting (SIGKILLed after 2 s); when ``timeout``
@@ -29,6 +28,7 @@ that feeds them.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import threading
 import time
@@ -169,10 +169,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                 if look is not None:
                     wait_s = min(wait_s, max(0.0, look - time.monotonic()))
                 self._sleeping = True
-            # Waits in the engine (OutsideLane.wait), not in select(): a thread that submits
-            # to the lane meanwhile then hands the interpreter over once this thread woke,
-            # instead of keeping it for CPython's switch interval while the processes idle.
-            ready = self._sel.select(0) if self.outside.wait(self._sel.fileno(), wait_s) else []
+            ready = self._wait(wait_s)
             with self._lock:
                 self._sleeping = False
             for key, mask in ready:
@@ -201,6 +198,27 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
                     self._died(w)
             if not ready:
                 self._poll_exits()
+
+    def _wait(self, wait_s: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """The selector's events, waiting at most ``wait_s``, as ``select()`` gives them. On
+        Linux the wait is the engine's (``OutsideLane.wait_events`` on the epoll instance): a
+        thread that submits to the lane meanwhile hands the interpreter over once this thread
+        woke, instead of keeping it for CPython's switch interval while the processes idle."""
+        if not isinstance(self._sel, selectors.EpollSelector):  # pragma: no cover - not Linux
+            return self._sel.select(wait_s)
+        keys = self._sel.get_map()
+        ready = []
+        for fd, ev in self.outside.wait_events(self._sel.fileno(), wait_s):
+            key = keys.get(fd)
+            if key is None:
+                continue  # unregistered meanwhile
+            # As EpollSelector.select reads them (an error or hang-up wakes both directions).
+            mask = (selectors.EVENT_WRITE if ev & ~select.EPOLLIN else 0) | (
+                selectors.EVENT_READ if ev & ~select.EPOLLOUT else 0
+            )
+            if mask & key.events:
+                ready.append((key, mask & key.events))
+        return ready
 
     def _idle(self) -> bool:
         """Nothing of this lane is left: no token taken and unreported, none queued,

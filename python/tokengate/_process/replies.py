@@ -37,6 +37,11 @@ def decode_reply(op: str, data: bytes | memoryview) -> tuple[bool, Any]:
     return decode_payload(op, view[_REPLY.size - 1], view[_REPLY.size :])
 
 
+def _unreadable(op: str, exc: BaseException) -> UnpicklableError:
+    """The error of a token whose reply could not be unpickled (``exc``)."""
+    return UnpicklableError(f"{op}: the worker's reply could not be unpickled: {exc!r}")
+
+
 def decode_payload(op: str, kind: int, payload: bytes | memoryview) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception)`` from a reply's kind and payload; the
     exception carries the worker's traceback as its ``__cause__``, and a payload that
@@ -44,7 +49,7 @@ def decode_payload(op: str, kind: int, payload: bytes | memoryview) -> tuple[boo
     try:
         value = pickle.loads(payload)
     except BaseException as exc:
-        return False, UnpicklableError(f"{op}: the worker's reply could not be unpickled: {exc!r}")
+        return False, _unreadable(op, exc)
     if kind == _OK:
         return True, value
     value, tb = value
@@ -80,8 +85,8 @@ class _Replies(_LaneState):
                     item.worker = None
                     try:
                         value = loads(payload)
-                    except BaseException:
-                        self._ended(item, kind, payload)  # fails it, naming the error
+                    except BaseException as exc:
+                        self._fail(item, _unreadable(item.pf._op, exc))
                     else:
                         self._finish_ok(item, value)
                     ended += 1
