@@ -446,11 +446,11 @@ mod tests {
         use std::os::fd::AsRawFd;
         let q: OutsideQueue<u32> = OutsideQueue::new("x").unwrap();
         let fd = q.wake_socket().as_raw_fd();
-        // SAFETY (test): a new epoll instance, closed below; the event names `fd` by number.
+        // SAFETY: (test) a new epoll instance, closed below; the event names `fd` by number.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         assert!(epfd >= 0);
         let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
-        // SAFETY (test): `ev` is a valid event for the call; `epfd` and `fd` are open.
+        // SAFETY: (test) `ev` is a valid event for the call; `epfd` and `fd` are open.
         assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
         let mut out = Vec::new();
         epoll_events(epfd, 10, 8, &mut out).unwrap();
@@ -459,7 +459,7 @@ mod tests {
         q.push(0, 1, 7).unwrap();
         epoll_events(epfd, 1000, 8, &mut out).unwrap();
         assert_eq!(out, vec![(fd, libc::EPOLLIN as u32)]);
-        // SAFETY (test): `epfd` is this test's own, closed once.
+        // SAFETY: (test) `epfd` is this test's own, closed once.
         unsafe { libc::close(epfd) };
         let err = epoll_events(epfd, 0, 8, &mut out).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
