@@ -346,17 +346,19 @@ impl<J> OutsideLanes<J> {
     }
 }
 
+/// Most events one [`epoll_events`] returns.
+pub const EPOLL_EVENTS: usize = 64;
+
 /// Waits until the epoll instance `epfd` has events, at most `timeout_ms`
 /// (negative: no limit), and appends them to `out` as `(fd, events)` (the
-/// lane registers each descriptor by its number), at most `max` of them.
+/// lane registers each descriptor by its number), at most [`EPOLL_EVENTS`].
 /// A signal that cuts the wait short appends nothing.
-pub fn epoll_events(epfd: RawFd, timeout_ms: i32, max: usize, out: &mut Vec<(i32, u32)>) -> std::io::Result<()> {
-    let max = max.clamp(1, 1024);
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; max];
-    // SAFETY: `events` holds `max` initialised entries that live across the call, and
-    // `max` (at most 1024) is passed as their count: the kernel writes at most that many.
-    // A bad `epfd` is an error return (EBADF, EINVAL), not undefined behaviour.
-    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), max as i32, timeout_ms) };
+pub fn epoll_events(epfd: RawFd, timeout_ms: i32, out: &mut Vec<(i32, u32)>) -> std::io::Result<()> {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS];
+    // SAFETY: `events` holds `EPOLL_EVENTS` initialised entries that live across the call,
+    // and that count is passed: the kernel writes at most that many. A bad `epfd` is an
+    // error return (EBADF, EINVAL), not undefined behaviour.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), EPOLL_EVENTS as i32, timeout_ms) };
     if n < 0 {
         let err = std::io::Error::last_os_error();
         return if err.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(err) };
@@ -453,15 +455,15 @@ mod tests {
         // SAFETY: (test) `ev` is a valid event for the call; `epfd` and `fd` are open.
         assert_eq!(unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) }, 0);
         let mut out = Vec::new();
-        epoll_events(epfd, 10, 8, &mut out).unwrap();
+        epoll_events(epfd, 10, &mut out).unwrap();
         assert!(out.is_empty(), "nothing queued: the wait times out");
         assert!(q.take(1).jobs.is_empty()); // asleep: the next push wakes
         q.push(0, 1, 7).unwrap();
-        epoll_events(epfd, 1000, 8, &mut out).unwrap();
+        epoll_events(epfd, 1000, &mut out).unwrap();
         assert_eq!(out, vec![(fd, libc::EPOLLIN as u32)]);
         // SAFETY: (test) `epfd` is this test's own, closed once.
         unsafe { libc::close(epfd) };
-        let err = epoll_events(epfd, 0, 8, &mut out).unwrap_err();
+        let err = epoll_events(epfd, 0, &mut out).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     }
 }

@@ -61,9 +61,6 @@ use crate::engine::token::TokenState;
 /// The worker id an outside token reports while it runs.
 const OUTSIDE_WORKER: u32 = u32::MAX - 1;
 
-/// Most events one `wait_events` returns.
-const WAIT_EVENTS: usize = 64;
-
 /// The longest a submitting thread steps aside for the lane's taker (see the
 /// module docs): a wake-up across cores takes some tens of microseconds.
 const HANDOFF_WAIT: Duration = Duration::from_micros(500);
@@ -307,7 +304,7 @@ impl OutsideLane {
     /// Waits, the interpreter released, until the epoll instance `epfd` (the
     /// taker's selector, which gathers `wake_fd` and the lane's own descriptors,
     /// registered by number) has events, or `timeout` seconds pass (None: no
-    /// limit), and returns them as `(fd, events)` pairs (at most 64; `[]` after
+    /// limit), and returns them as `(fd, events)` pairs (at most `EPOLL_EVENTS`, 64; `[]` after
     /// the timeout or when a signal cut the wait short). They are fetched
     /// before the interpreter is taken back: the taker needs no second system
     /// call that would let go of it. A thread that submits to the lane
@@ -326,7 +323,7 @@ impl OutsideLane {
         let h = &self.handoff;
         let mut out = Vec::new();
         let res = py.detach(|| {
-            let res = epoll_events(epfd, ms, WAIT_EVENTS, &mut out);
+            let res = epoll_events(epfd, ms, &mut out);
             if !out.is_empty() {
                 h.wanted.store(h.wakes.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Release);
             }
