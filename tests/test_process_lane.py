@@ -904,21 +904,28 @@ def test_tokens_waiting_behind_a_long_call_go_to_an_idle_process(lane: Operation
 
 
 class _FakeBoard:
-    """A board whose worker runs the first of the tokens it holds."""
+    """A board whose worker runs the token at ``running_at`` of those it holds (the ones
+    before it ended, their replies unread), sharing as the real board does."""
 
-    def __init__(self) -> None:
+    def __init__(self, running_at: int = 0) -> None:
         self.listed: list[int] = []
+        self.running_at = running_at
 
-    def take_back(self, seqs: list[int], limit: int) -> list[int]:
-        out = seqs[1 : 1 + limit]
+    def take_back(self, seqs: list[int], limit: int, share_from: int | None = None) -> list[int]:
+        waiting = seqs[self.running_at + 1 :]
+        if share_from is not None:
+            limit = min(limit, (len(waiting) + 1) // 2)
+            if limit < max(1, share_from):
+                return []
+        out = waiting[:limit]
         self.listed += out
         return out
 
 
-def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any, list[Any], float]:
+def _balancing_lane(held: int, avg: float, answered_s: float, running_at: int = 0) -> tuple[Any, Any, list[Any], float]:
     """A dispatcher over two fake workers, one idle and ``busy``, which holds ``held``
-    tokens (it runs the first), measured at ``avg`` s a token, last answered ``answered_s``
-    before the time returned; and the list of the tokens it sends."""
+    tokens (it runs the one at ``running_at``), measured at ``avg`` s a token, last answered
+    ``answered_s`` before the time returned; and the list of the tokens it sends."""
     from collections import deque
     from types import SimpleNamespace
 
@@ -939,7 +946,14 @@ def _balancing_lane(held: int, avg: float, answered_s: float) -> tuple[Any, Any,
     def worker(slot: int, n: int) -> Any:
         items = deque(SimpleNamespace(wire=slot * 1000 + i, worker=None) for i in range(n))
         return SimpleNamespace(
-            slot=slot, items=items, load=n, mark=now - answered_s, avg=avg, board=_FakeBoard(), skips=set(), left=None
+            slot=slot,
+            items=items,
+            load=n,
+            mark=now - answered_s,
+            avg=avg,
+            board=_FakeBoard(running_at),
+            skips=set(),
+            left=None,
         )
 
     idle, busy = worker(0, 0), worker(1, held)
@@ -966,6 +980,14 @@ def test_the_last_tokens_of_a_burst_are_shared_with_an_idle_process() -> None:
     lane, busy, sent, now = _balancing_lane(held=21, avg=0.00001, answered_s=0.05)
     lane._take_back(now)
     assert len(sent) == 20 and [it.wire for it in busy.items] == [1000]
+    # Two replies not read yet: half of the 18 that really wait, not half of all 21.
+    lane, busy, sent, now = _balancing_lane(held=21, avg=0.001, answered_s=0.001, running_at=2)
+    lane._take_back(now)
+    assert [it.wire for it in sent] == list(range(1003, 1012))
+    # Half of those waiting is too little work to be worth a round: none.
+    lane, busy, sent, now = _balancing_lane(held=21, avg=0.0001, answered_s=0.001, running_at=16)
+    lane._take_back(now)
+    assert sent == [] and busy.board.listed == []
 
 
 def test_bursts_of_short_tokens_run_each_token_once_with_tokens_taken_back(

@@ -330,12 +330,28 @@ impl Board {
     /// them) that come after the one it runs now, and returns them: none of them has
     /// started, and the worker will skip them. None while it runs none of `seqs`
     /// (between two tokens it may be about to start any of them).
-    pub fn take_back(&self, seqs: &[i64], limit: usize) -> Option<Vec<i64>> {
+    ///
+    /// With `share_from` set, only half of the tokens waiting behind the running one
+    /// (rounded up) may go, and none unless that comes to `share_from` tokens or more:
+    /// counted here, where the running one is known (the tokens before it in `seqs`
+    /// ended, their replies not read yet).
+    pub fn take_back(&self, seqs: &[i64], limit: usize, share_from: Option<usize>) -> Option<Vec<i64>> {
         let _section = self.section();
         let running = self.word(RUNNING).load(SeqCst) - 1;
         let at = seqs.iter().position(|&s| s == running)?;
+        let waiting = &seqs[at + 1..];
+        let limit = match share_from {
+            None => limit,
+            Some(least) => {
+                let half = limit.min(waiting.len().div_ceil(2));
+                if half < least.max(1) {
+                    return Some(Vec::new());
+                }
+                half
+            }
+        };
         let mut out = Vec::new();
-        for &seq in seqs[at + 1..].iter().take(limit) {
+        for &seq in waiting.iter().take(limit) {
             if !self.list(seq) {
                 break;
             }
@@ -378,18 +394,37 @@ pub(crate) mod tests {
     fn a_listed_token_is_skipped_and_one_sent_again_runs() {
         let (worker, supervisor, _f) = pair(4);
         assert_eq!(worker.begin(6), Ok(true));
-        assert_eq!(supervisor.take_back(&[5, 6, 7, 8], 4), Some(vec![7, 8]));
-        assert_eq!(supervisor.take_back(&[9], 4), None);
+        assert_eq!(supervisor.take_back(&[5, 6, 7, 8], 4, None), Some(vec![7, 8]));
+        assert_eq!(supervisor.take_back(&[9], 4, None), None);
         worker.end();
         assert_eq!(worker.begin(7), Ok(false));
         assert_eq!(supervisor.running(), None);
         assert_eq!(worker.begin(10), Ok(true));
         assert_eq!(supervisor.running(), Some(10));
         worker.end();
-        assert_eq!(supervisor.take_back(&[10, 11], 4), None);
+        assert_eq!(supervisor.take_back(&[10, 11], 4, None), None);
         supervisor.unlist(7);
         supervisor.unlist(8);
         assert_eq!(supervisor.word(LISTED).load(SeqCst), 0);
+    }
+
+    #[test]
+    fn sharing_takes_half_of_those_waiting_behind_the_running_one() {
+        let (worker, supervisor, _f) = pair(8);
+        assert_eq!(worker.begin(3), Ok(true));
+        // 1 and 2 ended (replies unread), 3 runs, 4..=8 wait: 3 of those 5 go, not half of 8.
+        assert_eq!(supervisor.take_back(&[1, 2, 3, 4, 5, 6, 7, 8], 8, Some(1)), Some(vec![4, 5, 6]));
+        for seq in [4, 5, 6] {
+            supervisor.unlist(seq);
+        }
+        // Fewer than `share_from` would go: none is listed.
+        assert_eq!(supervisor.take_back(&[3, 4, 5, 6, 7, 8], 8, Some(4)), Some(vec![]));
+        assert_eq!(supervisor.word(LISTED).load(SeqCst), 0);
+        // The idle side's room caps it too.
+        assert_eq!(supervisor.take_back(&[3, 4, 5, 6, 7, 8], 2, Some(1)), Some(vec![4, 5]));
+        // Nothing waits: none, whatever `share_from` says.
+        assert_eq!(supervisor.take_back(&[3], 8, Some(0)), Some(vec![]));
+        worker.end();
     }
 
     #[test]

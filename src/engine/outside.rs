@@ -28,8 +28,12 @@
 //!   the remote work. The books (`on_resolved`) are kept before the token's
 //!   terminal state is published, the notice (`notify_resolved`) is left
 //!   after it: a taker reads the state the token ended in.
-//! * Waking: whenever a push or a stop notice finds `asleep` set (the taker
-//!   found nothing at its last take), one byte goes down the wake socket; the
+//! * Waking: whenever a push finds `asleep` set (the taker found nothing at
+//!   its last take, with room for some), or a stop notice finds `asleep` or
+//!   `stops_only` set (a take of nothing that had no room: the taker looks
+//!   again when its own events give it room, so a push need not wake it,
+//!   but a stop must, since the work to stop may run for long), one byte
+//!   goes down the wake socket and both flags clear; the
 //!   taker waits on the other end (a selector, or [`epoll_events`] on an
 //!   epoll instance that gathers it with the lane's other descriptors).
 //! * `close()`: no more pushes; the queue is handed back (its tokens are
@@ -86,8 +90,19 @@ struct State<J> {
     stopped: Vec<u64>,
     /// Times each token went back to the queue unstarted (`requeue`), until it resolves.
     requeues: HashMap<u64, u32>,
+    /// The taker found nothing at its last take, with room: a push or a stop notice wakes it.
     asleep: bool,
+    /// The taker's last take had no room and found nothing: only a stop notice wakes it.
+    stops_only: bool,
     closed: bool,
+}
+
+impl<J> State<J> {
+    /// Whether queued work must wake the taker now (see the module docs). `asleep` and
+    /// `stops_only` are never both set, so waking clears both.
+    fn wake_for_jobs(&mut self) -> bool {
+        std::mem::replace(&mut self.asleep, false)
+    }
 }
 
 /// The queue of one outside lane.
@@ -128,6 +143,7 @@ impl<J> OutsideQueue<J> {
                 stopped: Vec::new(),
                 requeues: HashMap::new(),
                 asleep: false,
+                stops_only: false,
                 closed: false,
             }),
             pending: AtomicI64::new(0),
@@ -161,7 +177,7 @@ impl<J> OutsideQueue<J> {
                 return Err(job);
             }
             st.heap.push(Queued { key, id, job });
-            std::mem::replace(&mut st.asleep, false)
+            st.wake_for_jobs()
         };
         if wake {
             self.wake();
@@ -170,7 +186,9 @@ impl<J> OutsideQueue<J> {
     }
 
     /// Up to `max` jobs, largest key first, and the stop notices. When it
-    /// finds neither, the next push or notice wakes the taker.
+    /// finds neither, the next notice wakes the taker, and so does the next
+    /// push if `max` was not 0 (a taker with no room looks again once its own
+    /// events give it room).
     pub fn take(&self, max: usize) -> Taken<J> {
         let mut st = self.state.lock();
         let mut jobs = Vec::with_capacity(max.min(st.heap.len()));
@@ -180,7 +198,9 @@ impl<J> OutsideQueue<J> {
             jobs.push(q);
         }
         let stopped = std::mem::take(&mut st.stopped);
-        st.asleep = jobs.is_empty() && stopped.is_empty();
+        let found_nothing = jobs.is_empty() && stopped.is_empty();
+        st.asleep = found_nothing && max > 0;
+        st.stops_only = found_nothing && max == 0;
         Taken { jobs, stopped }
     }
 
@@ -197,7 +217,8 @@ impl<J> OutsideQueue<J> {
             st.heap.push(Queued { key, id, job });
             let n = st.requeues.entry(id).or_insert(0);
             *n += 1;
-            (*n, std::mem::replace(&mut st.asleep, false))
+            let n = *n;
+            (n, st.wake_for_jobs())
         };
         if wake {
             self.wake();
@@ -243,7 +264,10 @@ impl<J> OutsideQueue<J> {
                 return;
             }
             st.stopped.push(id);
-            std::mem::replace(&mut st.asleep, false)
+            let wake = st.asleep || st.stops_only;
+            st.asleep = false;
+            st.stops_only = false;
+            wake
         };
         if wake {
             self.wake();
@@ -423,6 +447,23 @@ mod tests {
         assert_eq!(q.take(4).jobs.len(), 2);
         q.push(0, 3, ()).unwrap(); // the taker is awake: no byte
         assert!(q.wake_socket().read(&mut buf).is_err());
+    }
+
+    #[test]
+    fn a_taker_with_no_room_is_woken_by_stops_only() {
+        let q = OutsideQueue::new("t").unwrap();
+        let mut buf = [0u8; 8];
+        q.push(0, 1, ()).unwrap();
+        assert_eq!(q.take(1).jobs.len(), 1); // token 1 is taken
+        assert!(q.take(0).jobs.is_empty()); // no room: asleep for stop notices only
+        q.push(0, 2, ()).unwrap();
+        assert!(q.wake_socket().read(&mut buf).is_err(), "a push does not wake a taker with no room");
+        q.notify_resolved(1); // token 1 killed while it runs: its work must stop now
+        assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
+        q.push(0, 3, ()).unwrap(); // woken, not looked yet: no second byte
+        assert!(q.wake_socket().read(&mut buf).is_err());
+        let t = q.take(4);
+        assert_eq!((t.jobs.len(), t.stopped), (2, vec![1]));
     }
 
     #[test]

@@ -50,6 +50,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use super::call::Call;
+use super::durations::timeout_arg;
 use super::engine_shared::EngineShared;
 use super::handle::TaskToken;
 use super::run::{park_if_paused, try_retry};
@@ -314,11 +315,13 @@ impl OutsideLane {
         if epfd < 0 {
             return Err(PyValueError::new_err(format!("not a file descriptor: {epfd}")));
         }
-        let ms = match timeout {
+        // The one rule of every timeout argument (`timeout_arg`): None or infinite waits
+        // for ever, 0 or less does not wait. Rounded up to whole milliseconds, as selectors
+        // do (a wait never ends before its time), and capped at epoll's longest, about 24
+        // days (a longer wait ends with no events, early: callers loop).
+        let ms = match timeout_arg(timeout)? {
             None => -1,
-            // Rounded up, as selectors do: a wait never ends before its time.
-            Some(t) if t >= 0.0 && t.is_finite() => (t * 1e3).ceil().min(f64::from(i32::MAX)) as i32,
-            Some(t) => return Err(PyValueError::new_err(format!("timeout must be a finite number >= 0 or None, got {t}"))),
+            Some(d) => (d.as_secs_f64() * 1e3).ceil().min(f64::from(i32::MAX)) as i32,
         };
         let h = &self.handoff;
         let mut out = Vec::new();

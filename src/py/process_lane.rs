@@ -105,9 +105,11 @@ impl ProcessBoard {
     }
 
     /// Lists up to `limit` of `seqs` sent after the running one (None while it runs none
-    /// of them) and returns them: the worker skips them.
-    fn take_back(&self, seqs: Vec<i64>, limit: usize) -> Option<Vec<i64>> {
-        self.board.take_back(&seqs, limit)
+    /// of them) and returns them: the worker skips them. With `share_from`, at most half
+    /// of those waiting (rounded up), and none unless that comes to `share_from` or more.
+    #[pyo3(signature = (seqs, limit, share_from=None))]
+    fn take_back(&self, seqs: Vec<i64>, limit: usize, share_from: Option<usize>) -> Option<Vec<i64>> {
+        self.board.take_back(&seqs, limit, share_from)
     }
 
     /// Frees the list word of a listed token (its reply arrived).

@@ -91,12 +91,14 @@ class _Board:
         tokens than it has words)."""
         return self.shared.stop(seq, kill)
 
-    def take_back(self, seqs: list[int], limit: int) -> list[int] | None:
+    def take_back(self, seqs: list[int], limit: int, share_from: int | None = None) -> list[int] | None:
         """Lists to be skipped up to ``limit`` of ``seqs`` (tokens sent to the worker, in
         the order it runs them) that come after the one it runs now, and returns them:
         none of them has started, and the worker will skip them. None while it runs
-        none of ``seqs`` (between two tokens it may be about to start any of them)."""
-        return self.shared.take_back(seqs, limit)
+        none of ``seqs`` (between two tokens it may be about to start any of them).
+        With ``share_from``: at most half of those waiting behind the running one (rounded
+        up), and none unless that comes to ``share_from`` or more."""
+        return self.shared.take_back(seqs, limit, share_from)
 
     def unlist(self, seq: int) -> None:
         """Frees the word of a listed token (its reply arrived)."""

@@ -144,15 +144,20 @@ class _Dispatch(_LaneState):
             if v is None or len(v.items) < 2 or len(taken) >= room:
                 continue
             want = room - len(taken)
+            share_from = None
             due = v.mark + _PREFETCH_WORK_S
             if now < due:
                 later = min(later, due)
                 # No long call (yet): half of those waiting (rounded up: one waiting goes to
-                # the idle process, which runs it beside the call), when worth a round.
-                want = min(want, len(v.items) // 2)
-                if not want or v.avg is None or want * v.avg < _BALANCE_S:
+                # the idle process, which runs it beside the call), when they hold enough
+                # work to be worth a round. The board counts those waiting: tokens before
+                # the running one may have ended, their replies unread.
+                if v.avg is None:
                     continue
-            wires = v.board.take_back([it.wire for it in v.items], want)
+                share_from = max(1, math.ceil(_BALANCE_S / max(v.avg, 1e-9)))
+                if want < share_from:
+                    continue
+            wires = v.board.take_back([it.wire for it in v.items], want, share_from)
             if wires is None:
                 # Between two tokens (or the one it runs answered meanwhile): look again soon.
                 later = min(later, now + 0.002)
