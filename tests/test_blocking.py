@@ -372,6 +372,34 @@ def test_pure_python_tokens_run_back_to_back_once_they_wait_for_the_gil() -> Non
     assert overlap < 0.5, f"two or more tokens in progress {overlap:.0%} of the time"
 
 
+@pytest.mark.skipif(
+    getattr(sys, "_is_gil_enabled", lambda: True)() is False, reason="no GIL: pure-Python tokens run in parallel"
+)
+def test_tokens_that_release_the_gil_run_side_by_side_again_after_pure_python_ones() -> None:
+    """The GIL-bound mode outlives the pure-Python tokens that turned it on only until a
+    probe finds the GIL free: hashing large buffers (hashlib lets the GIL go) runs two or
+    more at once again. A mode that never ended would run them one at a time."""
+    import hashlib
+
+    spans: list[tuple[float, float]] = []
+    data = os.urandom(1 << 22)
+
+    @task_token_guard(operation_type="blocking_test.hash_after_gil_bound")
+    def digest() -> str:
+        t0 = time.perf_counter()
+        out = hashlib.sha256(data).hexdigest()
+        spans.append((t0, time.perf_counter()))
+        return out
+
+    with OperationsCoordinator(max_workers=8):
+        _overlap_of_square_sums("blocking_test.gil_bound_first", n=3_000)
+        values = tokengate.gather([digest() for _ in range(300)], timeout=WAIT)
+    assert len(set(values)) == 1
+    spans.sort()
+    overlap = _overlap(spans[len(spans) // 2 :])
+    assert overlap > 0.5, f"two or more hashes in progress only {overlap:.0%} of the time"
+
+
 def test_tokens_polling_for_a_queued_token_do_not_hold_it_back() -> None:
     """Two pure-Python tokens that poll a flag wait for the GIL in turn, which turns the
     GIL-bound mode on; the token that sets the flag, queued after them, must still start

@@ -33,9 +33,16 @@
 //!   workers' deques hold before the global queue (a held-back worker's batch
 //!   left it first), so with short jobs one worker runs the queue back to
 //!   back. The check is a few loads (one while the mode is off): it runs for
-//!   every job a worker looks for. With one runner the monitor finds no GIL
-//!   wait, so the mode ends after `GIL_QUIET`, workers come back, and the
-//!   next find turns it on again: an on/off cycle of about 50-70 ms.
+//!   every job a worker looks for.
+//! * With one runner the monitor finds no GIL wait. So once none was found
+//!   for `GIL_QUIET`, the monitor lets one more worker run beside the runner
+//!   (a probe: `Shared::gil_probe`, an idle worker it names and wakes). A GIL
+//!   wait found while the two run keeps the mode on, and the probe holds back
+//!   again after its job; none found within `GIL_PROBE` ends the mode. (When
+//!   the mode simply ended after `GIL_QUIET`, every worker came back and the
+//!   next find turned it on again: an on/off cycle of 50-70 ms in which all
+//!   the workers woke, queued on the GIL and parked again, about 800 context
+//!   switches a second on the proof's waves; a probe wakes one.)
 //! * A job that runs longer than `GIL_YOUNG` holds no one back: behind a
 //!   long job the queue waits at most `GIL_YOUNG` plus a monitor tick, and a
 //!   job that waits for queued work (a loop polling a flag another token
@@ -66,9 +73,12 @@ const GIL_YOUNG_NS: u64 = 20_000_000;
 /// The monitor samples the running workers for a GIL wait at most this often.
 #[cfg(all(target_os = "linux", not(loom)))]
 const GIL_SAMPLE: std::time::Duration = std::time::Duration::from_millis(4);
-/// The GIL-bound mode ends once no worker was found waiting for the GIL for this long.
+/// Once no worker was found waiting for the GIL for this long, a probe runs beside the runner.
 #[cfg(all(target_os = "linux", not(loom)))]
 const GIL_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
+/// The mode ends when no GIL wait is found this long after a probe began (a few samples).
+#[cfg(all(target_os = "linux", not(loom)))]
+const GIL_PROBE: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl<J: Job> Shared<J> {
     /// Whether worker `index` starts no new shared job now: the jobs that run
@@ -76,6 +86,11 @@ impl<J: Job> Shared<J> {
     /// worker then taking the next one.
     pub(super) fn holds_back_for_gil(&self, index: usize) -> bool {
         if !self.gil_bound.load(Ordering::Relaxed) {
+            return false;
+        }
+        // The probe runs beside the runner (and with it, not every idle worker is held back).
+        let probe = self.gil_probe.load(Ordering::Relaxed);
+        if probe != usize::MAX && (index == probe || index == usize::MAX) {
             return false;
         }
         let runner = self.gil_runner.load(Ordering::Relaxed);
@@ -100,12 +115,14 @@ fn young(began_ns: u64) -> bool {
 pub(super) struct GilWatch {
     sampled: std::time::Instant,
     last_wait: Option<std::time::Instant>,
+    /// When the probe running now began.
+    probing: Option<std::time::Instant>,
 }
 
 #[cfg(all(target_os = "linux", not(loom)))]
 impl Default for GilWatch {
     fn default() -> Self {
-        GilWatch { sampled: std::time::Instant::now(), last_wait: None }
+        GilWatch { sampled: std::time::Instant::now(), last_wait: None, probing: None }
     }
 }
 
@@ -138,16 +155,37 @@ impl GilWatch {
         }
         if contended {
             self.last_wait = Some(std::time::Instant::now());
+            self.probing = None; // a probe found the GIL contended: it holds back after its job
+            shared.gil_probe.store(usize::MAX, Ordering::Relaxed);
             shared.gil_bound.store(true, Ordering::Relaxed);
         } else if self.last_wait.is_some_and(|at| at.elapsed() >= GIL_QUIET) {
-            self.last_wait = None;
-            shared.gil_bound.store(false, Ordering::Relaxed);
-            shared.gil_runner.store(usize::MAX, Ordering::Relaxed);
-            ended = true;
+            let probe = match self.probing {
+                None => probe_candidate(shared),
+                Some(_) => None,
+            };
+            if let Some(p) = probe {
+                self.probing = Some(std::time::Instant::now());
+                shared.gil_probe.store(p, Ordering::Relaxed);
+            } else if self.probing.is_none_or(|at| at.elapsed() >= GIL_PROBE) {
+                self.last_wait = None;
+                self.probing = None;
+                shared.gil_probe.store(usize::MAX, Ordering::Relaxed);
+                shared.gil_bound.store(false, Ordering::Relaxed);
+                shared.gil_runner.store(usize::MAX, Ordering::Relaxed);
+                ended = true;
+            }
         }
         if (ended || self.last_wait.is_some()) && shared.queued_jobs() > 0 {
             shared.notify_work();
         }
         ended
     }
+}
+
+/// A worker to probe the GIL beside the runner: one of the pool's own (not a spare), in
+/// the active pattern, running no job. None when there is none (then the mode ends).
+#[cfg(all(target_os = "linux", not(loom)))]
+fn probe_candidate<J: Job>(shared: &Shared<J>) -> Option<usize> {
+    let runner = shared.gil_runner.load(Ordering::Relaxed);
+    (0..shared.config.workers).find(|&i| i != runner && shared.is_active(i) && shared.runs[i].load().state != RUNNING)
 }

@@ -190,6 +190,7 @@ impl<J: Job> Pool<J> {
             lends: AtomicU64::new(0),
             gil_bound: AtomicBool::new(false),
             gil_runner: AtomicUsize::new(usize::MAX),
+            gil_probe: AtomicUsize::new(usize::MAX),
             monitor_parked: AtomicBool::new(false),
             monitor_thread: Mutex::new(None),
             run_spare: {

@@ -58,6 +58,8 @@ pub(crate) struct Shared<J> {
     pub(super) gil_bound: AtomicBool,
     /// The worker that goes on with the queue in the GIL-bound mode (`usize::MAX`: none).
     pub(super) gil_runner: AtomicUsize,
+    /// A worker let run beside the runner to see whether the mode still holds (`usize::MAX`: none).
+    pub(super) gil_probe: AtomicUsize,
     /// The blocking monitor parked (no worker ran a job); a worker that begins one wakes it.
     pub(super) monitor_parked: AtomicBool,
     pub(super) monitor_thread: Mutex<Option<std::thread::Thread>>,
