@@ -78,8 +78,9 @@ def gather(
         # One blocking wait for all (woken once, by the last resolution), then
         # results in order from done tokens; on a worker thread, or after a
         # timeout, the loop below waits token by token.
-        _tokengate.wait_all(toks, timeout)
-        return _results(toks, deadline, return_exceptions)
+        done = _tokengate.wait_all(toks, timeout)
+        # All done: no result waits, so no timeout to keep (and no clock read per token).
+        return _results(toks, None if done else deadline, return_exceptions)
     finally:
         if session is not None:
             session.close()
@@ -89,13 +90,18 @@ def _results(toks: list[TaskToken[T]], deadline: float | None, return_exceptions
     results: list[Any] = []
     first_error: BaseException | None = None
     for t in toks:
+        if deadline is not None and not t.done():
+            try:
+                t.exception(timeout=_remaining(deadline))  # waits; the outcome is read below
+            except BaseException:
+                if not t.done():
+                    raise  # the timeout passed, or an interrupt: the wait's end, not the token's
         try:
-            results.append(t.result(timeout=_remaining(deadline)))
-        except FuturesTimeoutError:
-            raise
+            results.append(t.result())
         except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not t.done():
-                raise
+            if not t.done():
+                raise  # an interrupt while waiting without a timeout
+            # The token's own outcome, whatever it is (a TimeoutError too: its deadline passed).
             if first_error is None:
                 first_error = exc
             results.append(exc)
