@@ -109,7 +109,7 @@ def nested_timeouts() -> list[object]:
 
 def test_on_a_worker_gather_returns_a_tokens_own_timeout_error(one_worker: OperationsCoordinator) -> None:
     out = nested_timeouts().result(timeout=30)
-    assert out[0] == 1 and isinstance(out[1], TimeoutError)
+    assert out[0] == 1 and isinstance(out[1], TimeoutError) and str(out[1]) == "the body's own 2"
 
 
 def test_gather_still_raises_its_own_timeout_for_unfinished_tokens(coordinator: OperationsCoordinator) -> None:

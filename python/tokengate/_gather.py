@@ -86,6 +86,20 @@ def gather(
             session.close()
 
 
+def _is_outcome(t: TaskToken[Any], exc: BaseException) -> bool:
+    """Whether ``exc``, raised by ``t.result()``, is the token's outcome: not when the
+    token is not done (the wait ended), nor for an interrupt that is not the token's own
+    exception (it landed while the result was read)."""
+    if not t.done():
+        return False
+    if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    try:
+        return t.exception(timeout=0) is exc
+    except BaseException:
+        return False
+
+
 def _results(toks: list[TaskToken[T]], deadline: float | None, return_exceptions: bool) -> list[T]:
     results: list[Any] = []
     first_error: BaseException | None = None
@@ -93,14 +107,14 @@ def _results(toks: list[TaskToken[T]], deadline: float | None, return_exceptions
         if deadline is not None and not t.done():
             try:
                 t.exception(timeout=_remaining(deadline))  # waits; the outcome is read below
-            except BaseException:
+            except Exception:
                 if not t.done():
-                    raise  # the timeout passed, or an interrupt: the wait's end, not the token's
+                    raise  # the timeout passed: the wait's end, not the token's
         try:
             results.append(t.result())
         except BaseException as exc:
-            if not t.done():
-                raise  # an interrupt while waiting without a timeout
+            if not _is_outcome(t, exc):
+                raise  # an interrupt while waiting (or one that landed meanwhile)
             # The token's own outcome, whatever it is (a TimeoutError too: its deadline passed).
             if first_error is None:
                 first_error = exc

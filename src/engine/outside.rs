@@ -190,6 +190,12 @@ impl<J> OutsideQueue<J> {
     /// push if `max` was not 0 (a taker with no room looks again once its own
     /// events give it room).
     pub fn take(&self, max: usize) -> Taken<J> {
+        self.take_for(max, max > 0)
+    }
+
+    /// `take`, saying whether a push should wake the taker when nothing was found
+    /// (`push_wakes`: a taker whose room depends on what is queued wants to know).
+    pub fn take_for(&self, max: usize, push_wakes: bool) -> Taken<J> {
         let mut st = self.state.lock();
         let mut jobs = Vec::with_capacity(max.min(st.heap.len()));
         while jobs.len() < max {
@@ -199,8 +205,8 @@ impl<J> OutsideQueue<J> {
         }
         let stopped = std::mem::take(&mut st.stopped);
         let found_nothing = jobs.is_empty() && stopped.is_empty();
-        st.asleep = found_nothing && max > 0;
-        st.stops_only = found_nothing && max == 0;
+        st.asleep = found_nothing && push_wakes;
+        st.stops_only = found_nothing && !push_wakes;
         Taken { jobs, stopped }
     }
 
@@ -464,6 +470,10 @@ mod tests {
         assert!(q.wake_socket().read(&mut buf).is_err());
         let t = q.take(4);
         assert_eq!((t.jobs.len(), t.stopped), (2, vec![1]));
+        // A taker whose room depends on what is queued asks to be woken by pushes too.
+        assert!(q.take_for(0, true).jobs.is_empty());
+        q.push(0, 4, ()).unwrap();
+        assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
     }
 
     #[test]

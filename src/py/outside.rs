@@ -185,8 +185,13 @@ fn end_state(state: &str) -> PyResult<TokenState> {
 #[pymethods]
 impl OutsideLane {
     /// Up to `max` queued tokens, started, in priority order; and the ids of
-    /// taken tokens resolved from outside since the last call.
-    fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<(Bound<'py, PyList>, Vec<u64>)> {
+    /// taken tokens resolved from outside since the last call. When it finds
+    /// neither, a stop notice wakes the taker, and so does queued work if
+    /// `push_wakes` (default: when `max` is not 0; a taker with no room looks
+    /// again once its own events give it room).
+    #[pyo3(signature = (max, push_wakes=None))]
+    fn take<'py>(&self, py: Python<'py>, max: usize, push_wakes: Option<bool>) -> PyResult<(Bound<'py, PyList>, Vec<u64>)> {
+        let push_wakes = push_wakes.unwrap_or(max > 0);
         let out = PyList::empty(py);
         let mut stopped = Vec::new();
         // Jobs resolved while queued, or parked by a pause, are skipped: take
@@ -194,7 +199,7 @@ impl OutsideLane {
         // itself arms the wake-up, under its lock).
         loop {
             let want = max - out.len();
-            let taken = self.queue.take(want);
+            let taken = self.queue.take_for(want, push_wakes);
             stopped.extend(taken.stopped);
             if taken.jobs.is_empty() {
                 break;

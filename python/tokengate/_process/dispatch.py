@@ -106,7 +106,9 @@ class _Dispatch(_LaneState):
         rooms = [(w, self._room(w)) for w in self._workers if w is not None]
         workers = [w for w, n in rooms if n]
         room = [n for _, n in rooms if n]
-        tasks, stopped = self.outside.take(sum(room))
+        # A retiring worker's fate may hang on what is queued (see _Recycling._retire_idle):
+        # then queued work wakes this thread even when no worker has room.
+        tasks, stopped = self.outside.take(sum(room), bool(self._retiring) or None)
         ready: list[_Item] = []
         for task in tasks:
             item = _Item(task)

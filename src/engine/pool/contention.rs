@@ -63,7 +63,7 @@
 //! * Without a GIL the mode stays off: the monitor samples only when the
 //!   interpreter has one (`PoolConfig::gil_window`).
 
-use super::blocking::RUNNING;
+use super::blocking::{IDLE, RUNNING};
 use super::job::Job;
 use super::shared::Shared;
 use crate::engine::sync::Ordering;
@@ -183,9 +183,10 @@ impl GilWatch {
 }
 
 /// A worker to probe the GIL beside the runner: one of the pool's own (not a spare), in
-/// the active pattern, running no job. None when there is none (then the mode ends).
+/// the active pattern, idle (a lent one is inside its own blocked job, and no wake-up
+/// reaches it). None when there is none (then the mode ends).
 #[cfg(all(target_os = "linux", not(loom)))]
 fn probe_candidate<J: Job>(shared: &Shared<J>) -> Option<usize> {
     let runner = shared.gil_runner.load(Ordering::Relaxed);
-    (0..shared.config.workers).find(|&i| i != runner && shared.is_active(i) && shared.runs[i].load().state != RUNNING)
+    (0..shared.config.workers).find(|&i| i != runner && shared.is_active(i) && shared.runs[i].load().state == IDLE)
 }
