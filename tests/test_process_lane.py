@@ -1356,6 +1356,26 @@ def test_a_token_sent_again_is_not_skipped_for_its_earlier_sending() -> None:
         board.close()
 
 
+def test_the_board_shares_half_of_those_waiting_behind_the_running_one() -> None:
+    """The real board's sharing (the balancing tests above use a fake that copies the rule):
+    tokens before the running one ended (their replies unread), so half of those after it
+    go, rounded up, and none when that is fewer than ``share_from``."""
+    from tokengate._process.board import _Board
+
+    board = _Board.create(8)
+    try:
+        assert board.shared.begin(3)
+        assert board.take_back([1, 2, 3, 4, 5, 6, 7, 8], 8, 1) == [4, 5, 6]  # 3 of the 5 waiting
+        for seq in (4, 5, 6):
+            board.unlist(seq)
+        assert board.take_back([3, 4, 5, 6, 7, 8], 8, 4) == []  # 3 would go: fewer than 4
+        assert board.take_back([3, 4, 5, 6, 7, 8], 2, 1) == [4, 5]  # the idle side's room
+        assert board.take_back([3], 8, 0) == []  # nothing waits
+        board.shared.end()
+    finally:
+        board.close()
+
+
 def test_a_board_refuses_sizes_it_cannot_hold_and_a_second_stage() -> None:
     """Bad sizes are refused before anything is mapped (a size that overflows, a file too
     short, which would crash on first use), and a board has one reply stage."""
