@@ -28,12 +28,12 @@
 //!   the remote work. The books (`on_resolved`) are kept before the token's
 //!   terminal state is published, the notice (`notify_resolved`) is left
 //!   after it: a taker reads the state the token ended in.
-//! * Waking: whenever a push finds `asleep` set (the taker found nothing at
-//!   its last take, with room for some), or a stop notice finds `asleep` or
-//!   `stops_only` set (a take of nothing that had no room: the taker looks
-//!   again when its own events give it room, so a push need not wake it,
-//!   but a stop must, since the work to stop may run for long), one byte
-//!   goes down the wake socket and both flags clear; the
+//! * Waking: whenever a push finds `asleep` at `ForAll` (the taker found
+//!   nothing at its last take, with room for some), or a stop notice finds it
+//!   at `ForAll` or `ForStops` (a take of nothing that had no room: the taker
+//!   looks again when its own events give it room, so a push need not wake
+//!   it, but a stop must, since the work to stop may run for long), one byte
+//!   goes down the wake socket and `asleep` goes back to `No`; the
 //!   taker waits on the other end (a selector, or [`epoll_events`] on an
 //!   epoll instance that gathers it with the lane's other descriptors).
 //! * `close()`: no more pushes; the queue is handed back (its tokens are
@@ -90,18 +90,29 @@ struct State<J> {
     stopped: Vec<u64>,
     /// Times each token went back to the queue unstarted (`requeue`), until it resolves.
     requeues: HashMap<u64, u32>,
-    /// The taker found nothing at its last take, with room: a push or a stop notice wakes it.
-    asleep: bool,
-    /// The taker's last take had no room and found nothing: only a stop notice wakes it.
-    stops_only: bool,
+    asleep: Asleep,
     closed: bool,
 }
 
-impl<J> State<J> {
-    /// Whether queued work must wake the taker now (see the module docs). `asleep` and
-    /// `stops_only` are never both set, so waking clears both.
-    fn wake_for_jobs(&mut self) -> bool {
-        std::mem::replace(&mut self.asleep, false)
+/// What wakes the taker, which found nothing at its last take (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asleep {
+    /// It is awake (or already woken): nothing needs to.
+    No,
+    /// A push or a stop notice.
+    ForAll,
+    /// A stop notice only: it had no room, and looks again when its own events give it some.
+    ForStops,
+}
+
+impl Asleep {
+    /// Whether a push (or, with `stop`, a stop notice) wakes the taker now; it is awake after.
+    fn wakes(&mut self, stop: bool) -> bool {
+        let wake = *self == Asleep::ForAll || (stop && *self == Asleep::ForStops);
+        if wake {
+            *self = Asleep::No;
+        }
+        wake
     }
 }
 
@@ -142,8 +153,7 @@ impl<J> OutsideQueue<J> {
                 taken: HashSet::new(),
                 stopped: Vec::new(),
                 requeues: HashMap::new(),
-                asleep: false,
-                stops_only: false,
+                asleep: Asleep::No,
                 closed: false,
             }),
             pending: AtomicI64::new(0),
@@ -177,7 +187,7 @@ impl<J> OutsideQueue<J> {
                 return Err(job);
             }
             st.heap.push(Queued { key, id, job });
-            st.wake_for_jobs()
+            st.asleep.wakes(false)
         };
         if wake {
             self.wake();
@@ -187,15 +197,9 @@ impl<J> OutsideQueue<J> {
 
     /// Up to `max` jobs, largest key first, and the stop notices. When it
     /// finds neither, the next notice wakes the taker, and so does the next
-    /// push if `max` was not 0 (a taker with no room looks again once its own
-    /// events give it room).
-    pub fn take(&self, max: usize) -> Taken<J> {
-        self.take_for(max, max > 0)
-    }
-
-    /// `take`, saying whether a push should wake the taker when nothing was found
-    /// (`push_wakes`: a taker whose room depends on what is queued wants to know).
-    pub fn take_for(&self, max: usize, push_wakes: bool) -> Taken<J> {
+    /// push if `push_wakes` (a taker with room; or one whose room depends on
+    /// what is queued: one with no room looks again once its own events give it some).
+    pub fn take(&self, max: usize, push_wakes: bool) -> Taken<J> {
         let mut st = self.state.lock();
         let mut jobs = Vec::with_capacity(max.min(st.heap.len()));
         while jobs.len() < max {
@@ -204,9 +208,11 @@ impl<J> OutsideQueue<J> {
             jobs.push(q);
         }
         let stopped = std::mem::take(&mut st.stopped);
-        let found_nothing = jobs.is_empty() && stopped.is_empty();
-        st.asleep = found_nothing && push_wakes;
-        st.stops_only = found_nothing && !push_wakes;
+        st.asleep = match (jobs.is_empty() && stopped.is_empty(), push_wakes) {
+            (false, _) => Asleep::No,
+            (true, true) => Asleep::ForAll,
+            (true, false) => Asleep::ForStops,
+        };
         Taken { jobs, stopped }
     }
 
@@ -224,7 +230,7 @@ impl<J> OutsideQueue<J> {
             let n = st.requeues.entry(id).or_insert(0);
             *n += 1;
             let n = *n;
-            (n, st.wake_for_jobs())
+            (n, st.asleep.wakes(false))
         };
         if wake {
             self.wake();
@@ -270,10 +276,7 @@ impl<J> OutsideQueue<J> {
                 return;
             }
             st.stopped.push(id);
-            let wake = st.asleep || st.stops_only;
-            st.asleep = false;
-            st.stops_only = false;
-            wake
+            st.asleep.wakes(true)
         };
         if wake {
             self.wake();
@@ -417,7 +420,7 @@ mod tests {
         q.push(0, 1, "a").unwrap();
         q.push(5, 2, "b").unwrap();
         q.push(0, 0, "c").unwrap();
-        let t = q.take(10);
+        let t = q.take(10, true);
         assert_eq!(t.jobs.iter().map(|j| j.job).collect::<Vec<_>>(), ["b", "c", "a"]);
         assert_eq!(q.counts(), (0, 3));
     }
@@ -429,7 +432,7 @@ mod tests {
             q.on_placed();
             q.push(0, id, id).unwrap();
         }
-        let t = q.take(2);
+        let t = q.take(2, true);
         assert_eq!(t.jobs.len(), 2);
         assert!(q.release(1));
         for id in 1..=3 {
@@ -437,7 +440,7 @@ mod tests {
             q.notify_resolved(id);
         }
         // 1 was resolved by the lane, 2 from outside while taken, 3 while still queued.
-        let t = q.take(0);
+        let t = q.take(0, false);
         assert_eq!(t.stopped, vec![2]);
         assert_eq!(q.pending(), 0);
     }
@@ -446,11 +449,11 @@ mod tests {
     fn wakes_a_taker_that_found_nothing_once() {
         let q = OutsideQueue::new("t").unwrap();
         let mut buf = [0u8; 8];
-        assert!(q.take(4).jobs.is_empty());
+        assert!(q.take(4, true).jobs.is_empty());
         q.push(0, 1, ()).unwrap();
         q.push(0, 2, ()).unwrap();
         assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
-        assert_eq!(q.take(4).jobs.len(), 2);
+        assert_eq!(q.take(4, true).jobs.len(), 2);
         q.push(0, 3, ()).unwrap(); // the taker is awake: no byte
         assert!(q.wake_socket().read(&mut buf).is_err());
     }
@@ -460,18 +463,18 @@ mod tests {
         let q = OutsideQueue::new("t").unwrap();
         let mut buf = [0u8; 8];
         q.push(0, 1, ()).unwrap();
-        assert_eq!(q.take(1).jobs.len(), 1); // token 1 is taken
-        assert!(q.take(0).jobs.is_empty()); // no room: asleep for stop notices only
+        assert_eq!(q.take(1, true).jobs.len(), 1); // token 1 is taken
+        assert!(q.take(0, false).jobs.is_empty()); // no room: asleep for stop notices only
         q.push(0, 2, ()).unwrap();
         assert!(q.wake_socket().read(&mut buf).is_err(), "a push does not wake a taker with no room");
         q.notify_resolved(1); // token 1 killed while it runs: its work must stop now
         assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
         q.push(0, 3, ()).unwrap(); // woken, not looked yet: no second byte
         assert!(q.wake_socket().read(&mut buf).is_err());
-        let t = q.take(4);
+        let t = q.take(4, true);
         assert_eq!((t.jobs.len(), t.stopped), (2, vec![1]));
         // A taker whose room depends on what is queued asks to be woken by pushes too.
-        assert!(q.take_for(0, true).jobs.is_empty());
+        assert!(q.take(0, true).jobs.is_empty());
         q.push(0, 4, ()).unwrap();
         assert_eq!(q.wake_socket().read(&mut buf).unwrap(), 1);
     }
@@ -508,7 +511,7 @@ mod tests {
         let mut out = Vec::new();
         epoll_events(epfd, 10, &mut out).unwrap();
         assert!(out.is_empty(), "nothing queued: the wait times out");
-        assert!(q.take(1).jobs.is_empty()); // asleep: the next push wakes
+        assert!(q.take(1, true).jobs.is_empty()); // asleep: the next push wakes
         q.push(0, 1, 7).unwrap();
         epoll_events(epfd, 1000, &mut out).unwrap();
         assert_eq!(out, vec![(fd, libc::EPOLLIN as u32)]);

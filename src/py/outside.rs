@@ -199,7 +199,7 @@ impl OutsideLane {
         // itself arms the wake-up, under its lock).
         loop {
             let want = max - out.len();
-            let taken = self.queue.take_for(want, push_wakes);
+            let taken = self.queue.take(want, push_wakes);
             stopped.extend(taken.stopped);
             if taken.jobs.is_empty() {
                 break;
