@@ -423,3 +423,36 @@ def test_report_option_leaves_the_paths_after_it_to_pytest(pytester: pytest.Pyte
     result = pytester.runpytest_inprocess(*PLUGIN_ARGS, "--tokengate-report", "test_one.py", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*tokengate concurrency reports*", "no prove_concurrency() reports in this run"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="CpuMeter reads /proc")
+def test_cpu_meter_counts_the_cpu_of_its_own_child_processes_as_its_own() -> None:
+    """A proof's own worker processes (the process lane's) are not "other processes": the
+    meter's own share includes the CPU time of this process's live descendants, here a
+    child that keeps a CPU busy, a grandchild under it, and a child already waited for."""
+    import subprocess
+    import sys
+
+    from tokengate.testing import CpuMeter
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    nested = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burn!r}])\n"
+    meter = CpuMeter()
+    assert meter.ok
+    tick = os.sysconf("SC_CLK_TCK")
+    before = meter.snapshot()[2]
+    done = subprocess.run([sys.executable, "-c", burn], check=True)  # waited for: in os.times()
+    assert done.returncode == 0
+    live = [subprocess.Popen([sys.executable, "-c", code]) for code in (burn, nested)]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            own = (meter.snapshot()[2] - before) / tick
+            if own >= 1.0:  # 0.4 s waited for + more than 0.6 s of the live ones
+                break
+            time.sleep(0.05)
+        # (Children that ended and were not waited for stay in /proc until they are.)
+        assert own >= 1.0, f"own CPU seen {own:.2f} s: the live children's time is missing"
+    finally:
+        for p in live:
+            p.wait(30)

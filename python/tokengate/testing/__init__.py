@@ -55,7 +55,8 @@ _report_hooks: list[Callable[[ConcurrencyReport], None]] = []
 
 class CpuMeter:
     """CPU time that other processes used (in CPUs, on average) between two snapshots; Linux only
-    (elsewhere ``ok`` is False and readings are None)."""
+    (elsewhere ``ok`` is False and readings are None). "Other" leaves out this process and its
+    descendants (the process lane's workers, say): their CPU time is the run's own."""
 
     def __init__(self) -> None:
         try:
@@ -66,6 +67,7 @@ class CpuMeter:
             self.ok = False
 
     def snapshot(self) -> tuple[float, float, float]:
+        """(host CPU time, host idle time, CPU time of this process and its descendants), in ticks."""
         with open("/proc/stat", encoding="ascii") as f:
             lines = f.readlines()
         # The first line adds up every CPU of the host, not only those this process may use.
@@ -74,7 +76,9 @@ class CpuMeter:
         total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
         idle = fields[3] + fields[4]
         t = os.times()
-        return total, idle, (t.user + t.system) * self._tick
+        # Children it waited for are in os.times(); live descendants are read from /proc.
+        own = (t.user + t.system + t.children_user + t.children_system) * self._tick
+        return total, idle, own + _descendants_ticks(os.getpid())
 
     def start(self) -> tuple[float, float, float] | None:
         return self.snapshot() if self.ok else None
@@ -89,6 +93,33 @@ class CpuMeter:
             return None
         busy = d_total - (idle - since[1]) - (own - since[2])
         return max(0.0, busy / (d_total / self.host_cpus))
+
+
+def _descendants_ticks(root: int) -> float:
+    """CPU time (ticks) of the live descendants of process ``root``, with that of the
+    children they waited for; 0 where ``/proc`` cannot be read."""
+    parents: dict[int, list[tuple[int, float]]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # After the command: state ppid ...; utime stime cutime cstime are fields 11 to 14.
+        parents.setdefault(int(rest[1]), []).append((int(name), sum(float(x) for x in rest[11:15])))
+    ticks = 0.0
+    todo = [root]
+    while todo:
+        for pid, t in parents.get(todo.pop(), ()):
+            ticks += t
+            todo.append(pid)
+    return ticks
 
 
 def _cpus() -> int:
