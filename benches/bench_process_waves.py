@@ -47,6 +47,8 @@ from tokengate import proof
 #: Frames: an 8-byte little-endian length, then a pickle.
 _LEN = struct.Struct("<q")
 _BATCH = 32
+#: A pipeline worker silent this long is taken for stuck: the bench stops with an error.
+_STALL_S = 60.0
 
 #: The pipeline's worker: reads a share (a pickled list of (operation index, args)), runs it,
 #: writes the results in pickled batches of _BATCH; exits at EOF.
@@ -117,7 +119,10 @@ class Pipeline:
                 left[p.stdout] = len(share)
         results: list[Any] = []
         while left:
-            for key, _ in sel.select():
+            events = sel.select(_STALL_S)
+            if not events:
+                raise RuntimeError(f"no pipeline worker answered for {_STALL_S:.0f} s")
+            for key, _ in events:
                 f = key.fileobj
                 batch = pickle.loads(self._read(f, _LEN.unpack(self._read(f, 8))[0]))
                 results.extend(batch)
@@ -131,9 +136,16 @@ class Pipeline:
     def close(self) -> None:
         for p in self.procs:
             assert p.stdin is not None
-            p.stdin.close()
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
         for p in self.procs:
-            p.wait(10)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:  # stuck writing results nobody reads (after an error)
+                p.kill()
+                p.wait()
 
 
 def main() -> None:
@@ -164,10 +176,19 @@ def main() -> None:
                 "pipeline": lambda: pipeline.run(items),
                 "ProcessPoolExecutor.map": lambda: list(ppe.map(run_item, items, chunksize=64)),
             }
+            # Warm-up (starts the lane's processes), checking every runner's results against the
+            # loop's: a runner that lost work would only look fast. The pipeline's come back in
+            # the order its workers answer.
             warm = items[: min(len(items), 512)]
-            tokengate.gather([ops[k](*a) for k, a in warm])  # starts the lane's processes
-            pipeline.run(warm)
-            list(ppe.map(run_item, warm, chunksize=64))
+            expected = [proof.WAVE_OPERATIONS[k](*a) for k, a in warm]
+            got = {
+                "process lane": tokengate.gather([ops[k](*a) for k, a in warm]),
+                "pipeline": pipeline.run(warm),
+                "ProcessPoolExecutor.map": list(ppe.map(run_item, warm, chunksize=64)),
+            }
+            for name, values in got.items():
+                if sorted(map(repr, values)) != sorted(map(repr, expected)):
+                    raise SystemExit(f"{name} returned other results than the loop")
             for r in range(args.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     t0 = time.perf_counter()

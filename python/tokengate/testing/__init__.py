@@ -56,7 +56,8 @@ _report_hooks: list[Callable[[ConcurrencyReport], None]] = []
 class CpuMeter:
     """CPU time that other processes used (in CPUs, on average) between two snapshots; Linux only
     (elsewhere ``ok`` is False and readings are None). "Other" leaves out this process and its
-    descendants (the process lane's workers, say): their CPU time is the run's own."""
+    descendants (the process lane's workers, say): their CPU time is the run's own. A descendant
+    whose parent exits before it does is adopted by another process and counts as other from then."""
 
     def __init__(self) -> None:
         try:
@@ -75,10 +76,17 @@ class CpuMeter:
         fields = [float(x) for x in lines[0].split()[1:]]
         total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
         idle = fields[3] + fields[4]
-        t = os.times()
-        # Children it waited for are in os.times(); live descendants are read from /proc.
+        # Children it waited for are in os.times(), live descendants are read from /proc. A
+        # child reaped by another thread during the scan (the process lane's supervisor reaps
+        # its retired workers) would be in neither: read again when os.times() moved meanwhile.
+        for _ in range(5):
+            t = os.times()
+            live = _descendants_ticks(os.getpid())
+            after = os.times()
+            if (after.children_user, after.children_system) == (t.children_user, t.children_system):
+                break
         own = (t.user + t.system + t.children_user + t.children_system) * self._tick
-        return total, idle, own + _descendants_ticks(os.getpid())
+        return total, idle, own + live
 
     def start(self) -> tuple[float, float, float] | None:
         return self.snapshot() if self.ok else None
