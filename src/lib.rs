@@ -1,10 +1,10 @@
 //! tokengate: run ordinary Python functions concurrently on a Rust
-//! work-stealing pool.
+//! worker pool.
 //!
 //! Two floors, and arrows point down only (`scripts/check-module-graph.py`
 //! checks it in CI):
 //!
-//! * No Python: [`engine`] (work stealing, tokens, lanes, timers, admission,
+//! * No Python: [`engine`] (the worker pool, tokens, lanes, timers, admission,
 //!   books and metrics) and [`dashboard`] (the HTTP server of the dashboard,
 //!   which asks a backend for what it serves).
 //! * `py` (feature `python`): the PyO3 binding layer, the only code that

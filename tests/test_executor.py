@@ -386,20 +386,56 @@ def test_cancel_futures_keeps_the_calls_free_workers_would_have_taken(make: Any)
     fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
     ex.shutdown(cancel_futures=True)
     ran = [i for i, f in enumerate(fs) if not f.cancelled()]
-    if make is futures.ThreadPoolExecutor:
-        assert ran == [0, 1, 2, 3, 4], ran
+    # Workers take queued calls oldest first, one at a time: those that ran are the first ones.
+    assert ran == list(range(len(ran))), ran
+    if make is futures.ThreadPoolExecutor or getattr(sys, "_is_gil_enabled", lambda: True)():
+        assert len(ran) == 5, ran
     else:
-        # As many run as there are workers, and they are early calls. Which ones may differ from
-        # the stdlib's strict FIFO: workers take queued calls in batches, so on a free-threaded
-        # build call 9 was seen starting before call 4 (the running ones are the ones kept).
-        assert ran[:1] == [0], ran
-        if getattr(sys, "_is_gil_enabled", lambda: True)():
-            assert len(ran) == 5 and ran[-1] < 20, ran
-        else:
-            # Without the GIL a worker may also start a queued call between the shutdown's count
-            # of running calls and its cancels (each worker at most one).
-            assert 5 <= len(ran) <= 10, ran
+        # Without the GIL a worker may also start a queued call between the shutdown's count
+        # of running calls and its cancels (each worker at most one).
+        assert 5 <= len(ran) <= 10, ran
     assert all(f.done() and f.exception() is None for f in fs if not f.cancelled())
+
+
+@pytest.mark.parametrize("make", [Executor, futures.ThreadPoolExecutor], ids=["tokengate", "stdlib"])
+def test_calls_start_in_the_order_they_were_submitted(make: Any) -> None:
+    """Code may rely on ThreadPoolExecutor taking calls oldest first: with 2 workers, waiter i
+    and then its setter submitted in turn never leave both workers waiting (a setter is always
+    taken before the next waiter). Workers that took queued calls in batches left both
+    workers blocked on waiters whose setters sat in their batches: a deadlock (here each wait
+    gives up after a while instead)."""
+    pairs = 20
+    with make(max_workers=2) as ex:
+        events = [threading.Event() for _ in range(pairs)]
+        fs = []
+        for ev in events:
+            fs.append(ex.submit(ev.wait, 5.0))
+            fs.append(ex.submit(ev.set))
+        stuck = [i for i, f in enumerate(fs[0::2]) if f.result(60) is not True]
+    assert not stuck, f"waiters {stuck} were never released: a later call was taken before their setter"
+
+
+def test_undecorated_blocking_tokens_start_in_submission_order() -> None:
+    """The same on a coordinator: OperationsCoordinator(max_workers=2) runs its tokens like
+    ThreadPoolExecutor(2), oldest first."""
+    from tokengate import task_token_guard
+
+    @task_token_guard(operation_type="fifo_wait")
+    def wait(ev: threading.Event) -> bool:
+        return ev.wait(5.0)
+
+    @task_token_guard(operation_type="fifo_set")
+    def release(ev: threading.Event) -> None:
+        ev.set()
+
+    with OperationsCoordinator(max_workers=2):
+        events = [threading.Event() for _ in range(20)]
+        tokens = []
+        for ev in events:
+            tokens.append(wait(ev))
+            tokens.append(release(ev))
+        stuck = [i for i, t in enumerate(tokens[0::2]) if t.result(60) is not True]
+    assert not stuck, f"waiters {stuck} were never released: a later token was taken before their setter"
 
 
 @pytest.mark.parametrize("make", [Executor, futures.ThreadPoolExecutor], ids=["tokengate", "stdlib"])

@@ -1,4 +1,4 @@
-"""tokengate: run ordinary Python functions concurrently on a Rust work-stealing pool.
+"""tokengate: run ordinary Python functions concurrently on a Rust worker pool.
 
 >>> from tokengate import task_token_guard, OperationsCoordinator
 >>> @task_token_guard(operation_type="string_ops", tags={"weight": "light"})

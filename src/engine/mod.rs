@@ -1,7 +1,8 @@
 //! The engine: everything that schedules and books tokens, with no Python.
 //!
-//! * [`pool`]: the work-stealing pool (crossbeam-deque, parking_lot sleep/wake,
-//!   per-core capacity, core pinning, the blocking monitor).
+//! * [`pool`]: the worker pool (a crossbeam-deque injector taken in
+//!   submission order, parking_lot sleep/wake, per-core capacity, core
+//!   pinning, the blocking monitor).
 //! * [`token`]: the token state machine ([`token::TokenCell`]).
 //! * [`io_lane`]: the elastic I/O lane, one tier per storage speed.
 //! * [`outside`]: the queues of lanes that run tokens outside the engine's

@@ -98,7 +98,7 @@ fn snapshot(sh: &EngineShared) -> Value {
     let running = lg.running() + in_processes;
     let io_running: usize = io.tiers.iter().map(|t| t.running).sum();
     let io_queued: usize = io.tiers.iter().map(|t| t.queued).sum();
-    let cpu_queued = pool.queued_global + pool.queued_local.iter().sum::<usize>() + pool.deferred + pool.inbox.iter().sum::<usize>();
+    let cpu_queued = pool.queued_global + pool.deferred + pool.inbox.iter().sum::<usize>();
     let outcome = |o: Outcome| outcomes[o as usize];
     let mut lanes = vec![
         json!({ "lane": "cpu", "workers": pool.alive, "running": lg.running().saturating_sub(io_running as u64), "queued": cpu_queued }),

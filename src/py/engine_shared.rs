@@ -312,7 +312,7 @@ impl EngineShared {
         waits.sort_unstable();
         let p95 = waits.get(waits.len().saturating_sub(1).min(waits.len() * 95 / 100)).map_or(0.0, |&w| w as f64 / 1e9);
         let stats = self.pool.stats();
-        let depth = stats.queued_global + stats.queued_local.iter().sum::<usize>() + stats.deferred;
+        let depth = stats.queued_global + stats.deferred;
         let active_workers = (current as usize * stats.core_units.len()).max(1);
         let utilization = self.ledger.running() as f64 / active_workers as f64;
         let next = if p95 > 1.0 || depth > 2 * active_workers || utilization > 0.8 {

@@ -135,7 +135,7 @@ impl TaskToken {
         self.inner.is_lead
     }
 
-    /// "cpu" (the work-stealing pool), "io" (the elastic I/O lane),
+    /// "cpu" (the worker pool), "io" (the elastic I/O lane),
     /// "process" (the process lane), or the name of another outside lane.
     #[getter]
     fn lane(&self) -> String {

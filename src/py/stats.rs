@@ -42,9 +42,8 @@ pub(crate) fn engine_stats<'py>(py: Python<'py>, sh: &EngineShared) -> PyResult<
     pool.set_item("alive", p.alive)?;
     pool.set_item("spinning", p.spinning)?;
     pool.set_item("sleeping", p.sleeping)?;
-    pool.set_item("queued", p.queued_global + p.queued_local.iter().sum::<usize>())?;
+    pool.set_item("queued", p.queued_global)?;
     pool.set_item("queued_global", p.queued_global)?;
-    pool.set_item("queued_local", p.queued_local)?;
     pool.set_item("wakes", p.wakes)?;
     pool.set_item("panics", p.panics)?;
     pool.set_item("core_units", p.core_units)?;

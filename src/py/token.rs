@@ -167,7 +167,7 @@ const NOT_PINNED: u32 = u32::MAX;
 /// The lane a token runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum LaneKind {
-    /// The CPU work-stealing pool.
+    /// The CPU worker pool.
     #[default]
     Cpu,
     /// The elastic I/O lane, in one storage tier (its index).

@@ -64,9 +64,6 @@
 //!
 //! # After a loan
 //!
-//! * The worker's deque: its queued jobs left the global queue before
-//!   anything in it now, and the blocked worker cannot run them, so other
-//!   workers take them first (`WorkerLoop::steal_from_blocked`).
 //! * Threads: queued work that no spinning worker nor starting spare will
 //!   take starts spare workers (`Shared::ensure_taker`): one for each lent
 //!   job that lacks one, and at least one; a spare's own run, if it starts

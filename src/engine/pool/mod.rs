@@ -1,14 +1,17 @@
-//! The work-stealing pool. Pure Rust: nothing here imports pyo3, so
+//! The worker pool. Pure Rust: nothing here imports pyo3, so
 //! `cargo test --no-default-features` exercises it without an interpreter.
 //!
 //! # Architecture
 //!
 //! * One global [`crossbeam_deque::Injector`] receives jobs submitted from
-//!   any thread.
-//! * Each worker owns a FIFO [`crossbeam_deque::Worker`] deque; others steal
-//!   from it through its `Stealer`. A worker looks for work in its own deque,
-//!   then takes a batch (up to 32) from the injector, then steals a batch
-//!   from the other workers.
+//!   any thread. Workers take from it one job at a time, so jobs start in
+//!   the order they were submitted, as in `ThreadPoolExecutor`: code that
+//!   submits a call before the one that releases it (a waiter, then its
+//!   setter) relies on that. (Workers used to take batches into deques of
+//!   their own, which others stole from: a worker then started later jobs
+//!   while earlier ones sat in the batch of a worker blocked in a call, and
+//!   with every worker so blocked that was a deadlock `ThreadPoolExecutor`
+//!   never has. A take costs the same either way: measured on the bulk path.)
 //! * Jobs submitted with a priority go to shared priority queues instead
 //!   (`PrioQueues`: one FIFO per level, "the heap" below). Their order
 //!   is `priority * aging - enqueue time` (larger first), which ages every
@@ -31,8 +34,7 @@
 //!
 //! # Who may touch what
 //!
-//! * `injector`, `stealers`: any thread (lock-free).
-//! * Each `Worker` deque: only its own worker thread.
+//! * `injector`, `inboxes`: any thread (lock-free).
 //! * `terminate`: written by `shutdown`, read by workers before they park.
 //! * `alive`: decremented by each worker as it exits, under its mutex, and
 //!   waited on by `join`.
@@ -65,7 +67,7 @@ mod worker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+use crossbeam_deque::{Injector, Steal};
 
 pub use capacity::Weight;
 pub use config::{LendHook, PoolConfig, MAX_WORKERS, MIN_STACK_SIZE};
@@ -105,10 +107,8 @@ pub struct PoolStats {
     pub sleeping: u64,
     /// Jobs submitted so far.
     pub submitted: u64,
-    /// Jobs waiting in the injector (approximate).
+    /// Jobs waiting in the shared queues, the injector and the priority heap (approximate).
     pub queued_global: usize,
-    /// Jobs waiting in each worker's deque (approximate).
-    pub queued_local: Vec<usize>,
     /// Times a parked worker was signalled.
     pub wakes: u64,
     /// Panics that escaped `WorkerHooks::execute` (each was caught).
@@ -162,11 +162,9 @@ impl<J: Job> Pool<J> {
     pub fn start<H: Host<J>>(config: &PoolConfig, host: Arc<H>) -> Result<Pool<J>, Error> {
         let config = config.validate()?;
         let threads = config.workers + config.spare_threads;
-        let locals: Vec<Worker<J>> = (0..config.workers).map(|_| Worker::new_fifo()).collect();
         let shared = Arc::new(Shared {
             id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
             injector: Injector::new(),
-            stealers: locals.iter().map(Worker::stealer).collect(),
             sleep: Sleep::new(threads, config.max_spinners),
             terminate: AtomicBool::new(false),
             alive: Mutex::new(config.workers),
@@ -197,7 +195,7 @@ impl<J: Job> Pool<J> {
                 let host = host.clone();
                 Box::new(move |shared: &Arc<Shared<J>>, index| {
                     let info = WorkerInfo { index, core: None, pool_id: shared.id };
-                    host.run_worker(WorkerLoop { info, local: None, shared: shared.clone() });
+                    host.run_worker(WorkerLoop { info, spare: true, shared: shared.clone() });
                 })
             },
             spare_free: Mutex::new((config.workers..threads).rev().collect()),
@@ -208,8 +206,8 @@ impl<J: Job> Pool<J> {
         });
         let topology = if shared.config.pin_cores { Some(Topology::detect()) } else { None };
         let n_cores = shared.cores.len();
-        let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(locals.len())), pid: std::process::id() };
-        for (index, local) in locals.into_iter().enumerate() {
+        let pool = Pool { shared: shared.clone(), handles: Mutex::new(Vec::with_capacity(shared.config.workers)), pid: std::process::id() };
+        for index in 0..shared.config.workers {
             let shared = shared.clone();
             let host = host.clone();
             let core = topology.as_ref().map(|t| t.core_ids[(index % n_cores) % t.core_ids.len()]);
@@ -223,7 +221,7 @@ impl<J: Job> Pool<J> {
                     shared.ready.fetch_add(1, Ordering::AcqRel);
                     let info = WorkerInfo { index, core: pinned, pool_id: shared.id };
                     let exit_guard = ExitGuard(&shared);
-                    host.run_worker(WorkerLoop { info, local: Some(local), shared: shared.clone() });
+                    host.run_worker(WorkerLoop { info, spare: false, shared: shared.clone() });
                     drop(exit_guard);
                 });
             match spawned {
@@ -376,7 +374,7 @@ impl<J: Job> Pool<J> {
         Ok(())
     }
 
-    /// Takes one queued job (priority heap, injector, any worker's deque),
+    /// Takes one queued job (priority heap, then injector),
     /// for a thread that runs it itself (a worker helping while it waits).
     pub fn try_take(&self) -> Option<J> {
         if let Some(inbox) = current_worker().filter(|(id, _)| *id == self.shared.id).and_then(|(_, i)| self.shared.inboxes.get(i)) {
@@ -403,15 +401,6 @@ impl<J: Job> Pool<J> {
                 Steal::Success(job) => return Some(job),
                 Steal::Empty => break,
                 Steal::Retry => {}
-            }
-        }
-        for stealer in &self.shared.stealers {
-            loop {
-                match stealer.steal() {
-                    Steal::Success(job) => return Some(job),
-                    Steal::Empty => break,
-                    Steal::Retry => {}
-                }
             }
         }
         None
@@ -552,7 +541,7 @@ impl<J: Job> Pool<J> {
                 Steal::Retry => {}
             }
         }
-        for queue in self.shared.stealers.iter().map(|s| StealFrom::Stealer(s)).chain(self.shared.inboxes.iter().map(StealFrom::Injector)) {
+        for queue in &self.shared.inboxes {
             loop {
                 match queue.steal() {
                     Steal::Success(job) => out.push(job),
@@ -644,7 +633,6 @@ impl<J: Job> Pool<J> {
             sleeping,
             submitted: self.shared.submitted.load(Ordering::Relaxed),
             queued_global: self.shared.injector.len() + self.shared.prio_len.load(Ordering::Relaxed),
-            queued_local: self.shared.stealers.iter().map(Stealer::len).collect(),
             wakes: self.shared.sleep.wakes(),
             panics: self.shared.panics.load(Ordering::Relaxed),
             core_units: self.shared.cores.iter().map(CoreBudget::used).collect(),
@@ -671,21 +659,6 @@ impl<J: Job> Drop for Pool<J> {
         }
         // Threads hold their own `Arc<Shared>`; telling them to stop is enough.
         self.shutdown();
-    }
-}
-
-/// Either kind of queue `take_unstarted` empties.
-enum StealFrom<'a, J> {
-    Stealer(&'a Stealer<J>),
-    Injector(&'a Injector<J>),
-}
-
-impl<J> StealFrom<'_, J> {
-    fn steal(&self) -> Steal<J> {
-        match self {
-            StealFrom::Stealer(s) => s.steal(),
-            StealFrom::Injector(i) => i.steal(),
-        }
     }
 }
 

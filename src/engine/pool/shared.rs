@@ -5,7 +5,7 @@
 
 use std::thread::JoinHandle;
 
-use crossbeam_deque::{Injector, Stealer};
+use crossbeam_deque::Injector;
 
 use super::blocking::{current_tid, Run, RunCell};
 use super::capacity::{CoreBudget, Weight};
@@ -21,7 +21,6 @@ pub(super) type RunSpare<J> = Box<dyn Fn(&Arc<Shared<J>>, usize) + Send + Sync>;
 pub(crate) struct Shared<J> {
     pub(super) id: u64,
     pub(super) injector: Injector<J>,
-    pub(super) stealers: Vec<Stealer<J>>,
     pub(super) sleep: Sleep,
     pub(super) terminate: AtomicBool,
     pub(super) config: PoolConfig,
@@ -160,7 +159,7 @@ impl<J> PrioQueues<J> {
 
 impl<J: Job> Shared<J> {
     pub(super) fn has_work(&self) -> bool {
-        self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+        self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty()
     }
 
     /// Worker `index`, outside the active pattern (it takes no shared work),
@@ -247,17 +246,13 @@ impl<J: Job> Shared<J> {
         self.cores.iter().any(|c| c.lent() > 0)
     }
 
-    /// Jobs waiting in the queues (global, priority, deferred and the workers' deques).
+    /// Jobs waiting in the queues (global, priority and deferred).
     pub(super) fn queued_jobs(&self) -> usize {
-        self.injector.len()
-            + self.prio_len.load(Ordering::SeqCst)
-            + self.deferred_len.load(Ordering::SeqCst)
-            + self.stealers.iter().map(Stealer::len).sum::<usize>()
+        self.injector.len() + self.prio_len.load(Ordering::SeqCst) + self.deferred_len.load(Ordering::SeqCst)
     }
 
     /// Starts a spare worker on a free index (none free: false). It has no
-    /// deque (it takes one job at a time, so a spare that blocks holds no
-    /// batch), no inbox and no pinning, and exits after `spare_idle` without work.
+    /// inbox and no pinning, and exits after `spare_idle` without work.
     pub(super) fn spawn_spare(this: &Arc<Self>) -> bool {
         let Some(index) = this.spare_free.lock().pop() else {
             return false;
@@ -415,7 +410,7 @@ impl<J: Job> Shared<J> {
     }
 
     pub(super) fn fifo_nonempty(&self) -> bool {
-        !self.injector.is_empty() || self.stealers.iter().any(|s| !s.is_empty())
+        !self.injector.is_empty()
     }
 
     /// Records the submission time of a job just taken from the FIFO queues

@@ -1,6 +1,7 @@
-//! One worker thread's loop: find work (local deque, then the global
-//! injector in batches, then the other workers' deques), run it, and when
-//! there is none, spin briefly and park (see `sleep.rs`).
+//! One worker thread's loop: find work (its inbox, the priority heap, the
+//! global injector one job at a time: see the pool's module docs for why not
+//! in batches), run it, and when there is none, spin briefly and park (see
+//! `sleep.rs`).
 //!
 //! The embedder wraps the loop (`Host::run_worker`) and sees two moments:
 //! `WorkerHooks::execute` for each job and `WorkerHooks::idle` around every
@@ -10,7 +11,7 @@
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crossbeam_deque::{Steal, Worker};
+use crossbeam_deque::Steal;
 
 use super::capacity::{CoreBudget, Weight};
 use super::job::Job;
@@ -60,9 +61,8 @@ pub trait WorkerHooks<J> {
 /// The loop of one worker thread, handed to `Host::run_worker`.
 pub struct WorkerLoop<J> {
     pub(super) info: WorkerInfo,
-    /// The worker's own deque; None for a spare worker (it takes one job at a
-    /// time, so that a spare whose job blocks holds no batch of queued jobs).
-    pub(super) local: Option<Worker<J>>,
+    /// A spare worker (started while others block; it retires when idle), not one of the pool's own.
+    pub(super) spare: bool,
     pub(super) shared: crate::engine::sync::Arc<Shared<J>>,
 }
 
@@ -71,8 +71,6 @@ impl<J> std::fmt::Debug for WorkerLoop<J> {
         f.debug_struct("WorkerLoop").field("info", &self.info).finish_non_exhaustive()
     }
 }
-
-const STEAL_BATCH: usize = 32;
 
 /// A job found by `find_work`, with the core units it already holds (if any).
 struct Found<J> {
@@ -91,7 +89,7 @@ impl<J: Job> WorkerLoop<J> {
     /// Runs jobs until the pool terminates and no work is left.
     pub fn run(mut self, hooks: &mut dyn WorkerHooks<J>) {
         CURRENT.with(|c| c.set(Some((self.info.pool_id, self.info.index))));
-        let mut starting = self.local.is_none();
+        let mut starting = self.spare;
         loop {
             let found = self.find_work();
             if starting {
@@ -265,8 +263,8 @@ impl<J: Job> WorkerLoop<J> {
     }
 
     /// Inbox, deferred jobs that fit, the urgent part of the priority heap,
-    /// local deque, a batch from the injector, the other workers, then the
-    /// rest of the heap. A core reserved for a heavy job, or an inactive
+    /// the injector (one job: jobs start in submission order), then the rest
+    /// of the heap. A core reserved for a heavy job, or an inactive
     /// worker, takes only its inbox (and, reserved, a deferred heavy job).
     fn find_work(&mut self) -> Option<Found<J>> {
         while let Some(inbox) = self.shared.inboxes.get(self.info.index) {
@@ -293,26 +291,8 @@ impl<J: Job> WorkerLoop<J> {
         if let Some(job) = self.shared.take_prio(true) {
             return Some(Self::fresh(job));
         }
-        if let Some(job) = self.local.as_ref().and_then(Worker::pop) {
-            self.shared.note_fifo_pop(&job);
-            return Some(Self::fresh(job));
-        }
-        if let Some(job) = self.steal_from_blocked() {
-            return Some(Self::fresh(job));
-        }
-        // Jobs in the deques of workers held back for the GIL left the global
-        // queue first (see `contention.rs`): they go first.
-        if self.shared.gil_bound.load(Ordering::Relaxed) {
-            if let Some(job) = self.steal_from_others() {
-                return Some(job);
-            }
-        }
         loop {
-            let stolen = match &self.local {
-                Some(local) => self.shared.injector.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
-                None => self.shared.injector.steal(),
-            };
-            match stolen {
+            match self.shared.injector.steal() {
                 Steal::Success(job) => {
                     self.shared.note_fifo_pop(&job);
                     return Some(Self::fresh(job));
@@ -321,62 +301,7 @@ impl<J: Job> WorkerLoop<J> {
                 Steal::Retry => {}
             }
         }
-        if let Some(job) = self.steal_from_others() {
-            return Some(job);
-        }
         self.shared.take_prio(false).map(Self::fresh)
-    }
-
-    /// A job (with a batch behind it, into this worker's deque) from another worker's deque.
-    fn steal_from_others(&self) -> Option<Found<J>> {
-        let n = self.shared.stealers.len();
-        // A spare (index past the stealers) looks at every worker's deque.
-        let first = if self.local.is_some() { 1 } else { 0 };
-        let mut retry = true;
-        while retry {
-            retry = false;
-            for k in first..n {
-                let victim = &self.shared.stealers[(self.info.index + k) % n];
-                let stolen = match &self.local {
-                    Some(local) => victim.steal_batch_with_limit_and_pop(local, STEAL_BATCH),
-                    None => victim.steal(),
-                };
-                match stolen {
-                    Steal::Success(job) => {
-                        self.shared.note_fifo_pop(&job);
-                        return Some(Self::fresh(job));
-                    }
-                    Steal::Empty => {}
-                    Steal::Retry => retry = true,
-                }
-            }
-        }
-        None
-    }
-
-    /// A job from the deque of a worker whose own job is blocked (its units
-    /// lent): that worker cannot run them, and they left the global queue
-    /// before anything in it now, so they go first (one at a time).
-    fn steal_from_blocked(&self) -> Option<J> {
-        if !self.shared.any_lent() {
-            return None;
-        }
-        for (index, victim) in self.shared.stealers.iter().enumerate() {
-            if index == self.info.index || self.shared.runs[index].load().state != super::blocking::LENT {
-                continue;
-            }
-            loop {
-                match victim.steal() {
-                    Steal::Success(job) => {
-                        self.shared.note_fifo_pop(&job);
-                        return Some(job);
-                    }
-                    Steal::Empty => break,
-                    Steal::Retry => {}
-                }
-            }
-        }
-        None
     }
 
     /// Spins, then parks, until a job is found (Some) or the pool terminates (None).
@@ -436,7 +361,7 @@ impl<J: Job> WorkerLoop<J> {
                 }
             }
             let work_or_end = || shared.has_work_for(index) || shared.terminate.load(Ordering::SeqCst);
-            if self.local.is_some() {
+            if !self.spare {
                 spinning = sleep.sleep(index, spinning, work_or_end);
                 continue;
             }
