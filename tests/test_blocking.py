@@ -153,7 +153,7 @@ def test_a_blocked_heavy_token_lends_its_core_and_the_books_balance() -> None:
     with running_coordinator(max_workers=4, workers_per_core=2, pin_workers=False) as c:
         event = threading.Event()
         heavies = [heavy_wait(event) for _ in range(len(c.get_stats()["pool"]["core_units"]))]
-        # A heavy token can sit behind the other in a worker's deque until a worker steals it.
+        # A heavy token that found its core taken waits with the deferred jobs until a core has room.
         assert wait_until(lambda: all(h.running() for h in heavies), limit=WAIT)
         # with every core held by a blocked heavy token, light tokens still run
         assert [light_mark(i).result(timeout=WAIT) for i in range(20)] == list(range(20))

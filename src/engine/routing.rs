@@ -7,7 +7,7 @@
 //! arguments; computed in Python by `tokengate._routing.sticky_key`) to
 //! `(worker, in_flight)`. The first token of a key picks the active worker
 //! with the fewest pinned keys; later tokens of that key go to the same
-//! worker's inbox (never stolen). Each token's resolution decrements
+//! worker's inbox (only that worker takes it). Each token's resolution decrements
 //! `in_flight` (`Route::release`, called exactly once, by the resolution
 //! itself: `TokenInner::resolve*` in `src/py/token.rs`), and the key is removed at zero, whatever the
 //! way the token ended (the original leaked pins of tokens with arguments).

@@ -172,12 +172,12 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
                 HELP_DEPTH.with(|d| d.set(depth));
             }
             (Some(job), None) => {
-                // A heavy job that cannot have this core: back to the queues.
-                let back = match job.token().pinned() {
-                    Some(w) => engine.pool.submit_to(w, job),
-                    None => engine.pool.submit(job),
-                };
-                drop(back);
+                // A heavy job that cannot have this core: a worker whose core has room
+                // takes it, before what is still queued (not the end of the queue).
+                match job.token().pinned() {
+                    Some(w) => drop(engine.pool.submit_to(w, job)),
+                    None => engine.pool.defer(job),
+                }
                 let step = Duration::from_millis(1);
                 py.detach(|| token.cell.wait(Some(step)));
             }

@@ -28,10 +28,11 @@
 //!   the CPU-bound jobs beside them still only wait for the GIL (measured: 200
 //!   sleeps with pure-Python jobs queued behind them, 0.74-0.80x a plain loop
 //!   when lent units turned the mode off).
-//!   It parks (its inbox still runs). Workers in the middle of a job finish
-//!   it, then hold back; the runner goes on with the queue, so with short jobs
-//!   one worker runs the queue back to back. The check is a few loads (one while the mode is off): it runs for
-//!   every job a worker looks for.
+//!   A held-back worker parks (its inbox still runs). Workers in the middle of
+//!   a job finish it, then hold back; the runner goes on with the queue, so
+//!   with short jobs one worker runs the queue back to back. The check is a
+//!   few loads (one while the mode is off): it runs for every job a worker
+//!   looks for.
 //! * With one runner the monitor finds no GIL wait. So once none was found
 //!   for `GIL_QUIET`, the monitor lets one more worker run beside the runner
 //!   (a probe: `Shared::gil_probe`, an idle worker it names and wakes). A GIL

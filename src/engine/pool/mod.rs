@@ -315,7 +315,7 @@ impl<J: Job> Pool<J> {
     }
 
     /// Queues a job that must run on worker `index` (sticky anchors, lead
-    /// domains). It is never stolen; it takes its units past the budget.
+    /// domains). Only that worker takes it; it takes its units past the budget.
     pub fn submit_to(&self, index: usize, job: J) -> Result<(), (Error, J)> {
         if self.shared.terminate.load(Ordering::Relaxed) {
             return Err((Error::ShutDown, job));
@@ -374,8 +374,12 @@ impl<J: Job> Pool<J> {
         Ok(())
     }
 
-    /// Takes one queued job (priority heap, then injector),
-    /// for a thread that runs it itself (a worker helping while it waits).
+    /// Takes one queued job for a thread that runs it itself (a worker helping
+    /// while it waits), in the order a worker would (`find_work`): its inbox,
+    /// a deferred job that is not heavy (a heavy one waits for a core with
+    /// room, which a worker settles), the urgent part of the priority heap, the
+    /// injector, the rest of the heap. One that cannot run there goes back
+    /// with `defer`, not to the end of the queue.
     pub fn try_take(&self) -> Option<J> {
         if let Some(inbox) = current_worker().filter(|(id, _)| *id == self.shared.id).and_then(|(_, i)| self.shared.inboxes.get(i)) {
             loop {
@@ -388,22 +392,35 @@ impl<J: Job> Pool<J> {
         }
         if self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
             let mut deferred = self.shared.deferred.lock();
-            if let Some((job, _)) = deferred.pop_front() {
+            if let Some(pos) = deferred.iter().position(|(_, w)| *w != Weight::Heavy) {
+                let job = deferred.remove(pos).map(|(job, _)| job);
                 self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
-                return Some(job);
+                if job.is_some() {
+                    return job;
+                }
             }
         }
-        if let Some(job) = self.shared.take_prio(false) {
+        if let Some(job) = self.shared.take_prio(true) {
             return Some(job);
         }
         loop {
             match self.shared.injector.steal() {
-                Steal::Success(job) => return Some(job),
+                Steal::Success(job) => {
+                    self.shared.note_fifo_pop(&job);
+                    return Some(job);
+                }
                 Steal::Empty => break,
                 Steal::Retry => {}
             }
         }
-        None
+        self.shared.take_prio(false)
+    }
+
+    /// Hands back a job taken with `try_take` that could not run where it was
+    /// taken: it waits with the deferred jobs, ahead of everything still queued.
+    pub fn defer(&self, job: J) {
+        let weight = job.weight();
+        self.shared.defer(job, weight);
     }
 
     /// Units a job of `weight` takes on worker `index`'s core.

@@ -45,7 +45,7 @@ pub(crate) struct Shared<J> {
     pub(super) deferred_len: AtomicUsize,
     /// Cores reserved for a heavy job now (`CoreBudget::reserved` set).
     pub(super) reserved: AtomicUsize,
-    /// Per-worker queues of jobs that must run on that worker (not stealable).
+    /// Per-worker queues of jobs that must run on that worker (only that worker takes them).
     pub(super) inboxes: Vec<Injector<J>>,
     pub(super) heavy_peak: AtomicUsize,
     pub(super) heavy_now: AtomicUsize,
@@ -74,9 +74,7 @@ pub(crate) struct Shared<J> {
     pub(super) spare_handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// Core units held by a job that runs outside the pool (`Pool::try_acquire_outside`).
-#[derive(Debug)]
-
+/// A job queued with a priority (see `PrioQueues`).
 pub(super) struct PrioEntry<J> {
     pub(super) key: i128,
     pub(super) seq: u64,
@@ -371,6 +369,30 @@ impl<J: Job> Shared<J> {
         if self.has_work() {
             self.notify_work();
         }
+    }
+
+    /// Parks a job taken from the queues whose units did not fit where it was
+    /// found: the first worker whose core has room takes it, before anything
+    /// still queued (it left the queues first). A heavy one has a core reserved
+    /// for it (not one whose heavy job is blocked: that one could not take it).
+    pub(super) fn defer(&self, job: J, weight: Weight) {
+        {
+            let mut deferred = self.deferred.lock();
+            deferred.push_back((job, weight));
+            self.deferred_len.store(deferred.len(), Ordering::SeqCst);
+            let cores = self.cores.len();
+            if weight == Weight::Heavy && self.reserved.load(Ordering::Acquire) < cores.div_ceil(2) {
+                let target =
+                    self.cores.iter().filter(|c| !c.reserved.load(Ordering::Acquire) && c.heavy_running() == 0).min_by_key(|c| c.used());
+                if let Some(core) = target {
+                    if !core.reserved.swap(true, Ordering::AcqRel) {
+                        self.reserved.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+        self.notify_work();
+        self.restore_pattern_if_backlogged();
     }
 
     /// Wakes the blocking monitor if it parked.

@@ -210,28 +210,7 @@ impl<J: Job> WorkerLoop<J> {
 
     /// Parks a job whose units did not fit this core; a heavy one has a core reserved for it.
     fn defer(&mut self, job: J, weight: Weight) {
-        {
-            let mut deferred = self.shared.deferred.lock();
-            deferred.push_back((job, weight));
-            self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
-            let cores = self.shared.cores.len();
-            if weight == Weight::Heavy && self.shared.reserved.load(Ordering::Acquire) < cores.div_ceil(2) {
-                // Not a core whose heavy job is blocked: it could not take this one.
-                let target = self
-                    .shared
-                    .cores
-                    .iter()
-                    .filter(|c| !c.reserved.load(Ordering::Acquire) && c.heavy_running() == 0)
-                    .min_by_key(|c| c.used());
-                if let Some(core) = target {
-                    if !core.reserved.swap(true, Ordering::AcqRel) {
-                        self.shared.reserved.fetch_add(1, Ordering::AcqRel);
-                    }
-                }
-            }
-        }
-        self.shared.notify_work();
-        self.shared.restore_pattern_if_backlogged();
+        self.shared.defer(job, weight);
     }
 
     /// A deferred job that fits this core now, with its units taken.

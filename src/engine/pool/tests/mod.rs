@@ -318,3 +318,40 @@ fn aging_lets_a_low_priority_job_overtake() {
 }
 
 mod capacity;
+
+#[test]
+fn jobs_start_in_submission_order() {
+    // A waiter and then its setter, 20 times, on 2 workers: taken oldest first, a setter
+    // is always taken before the next waiter, so a waiter never waits long. Workers
+    // that took batches left both workers in waiters whose setters sat in a batch.
+    let p = pool(2);
+    let flags: Arc<Vec<(Mutex<bool>, Condvar)>> = Arc::new((0..20).map(|_| (Mutex::new(false), Condvar::new())).collect());
+    let (tx, rx) = mpsc::channel();
+    for i in 0..20 {
+        let (wait_flags, set_flags, tx) = (flags.clone(), flags.clone(), tx.clone());
+        p.submit(Box::new(move |_| {
+            let (flag, cv) = &wait_flags[i];
+            let mut set = flag.lock();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !*set && Instant::now() < deadline {
+                cv.wait_until(&mut set, deadline);
+            }
+            tx.send((i, *set)).unwrap();
+        }))
+        .map_err(|(e, _)| e)
+        .unwrap();
+        p.submit(Box::new(move |_| {
+            let (flag, cv) = &set_flags[i];
+            *flag.lock() = true;
+            cv.notify_all();
+        }))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let mut stuck: Vec<usize> =
+        (0..20).map(|_| rx.recv_timeout(Duration::from_secs(60)).unwrap()).filter(|(_, set)| !set).map(|(i, _)| i).collect();
+    stuck.sort_unstable();
+    assert!(stuck.is_empty(), "waiters {stuck:?} gave up: a later job was taken before their setter");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
