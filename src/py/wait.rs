@@ -174,9 +174,11 @@ fn help_until_done(py: Python<'_>, token: &Arc<TokenInner>, timeout: Option<Dura
             (Some(job), None) => {
                 // A heavy job that cannot have this core: a worker whose core has room
                 // takes it, before what is still queued (not the end of the queue).
-                match job.token().pinned() {
-                    Some(w) => drop(engine.pool.submit_to(w, job)),
-                    None => engine.pool.defer(job),
+                if !Job::is_spent(&job) {
+                    match job.token().pinned() {
+                        Some(w) => drop(engine.pool.submit_to(w, job)),
+                        None => engine.pool.defer(job),
+                    }
                 }
                 let step = Duration::from_millis(1);
                 py.detach(|| token.cell.wait(Some(step)));

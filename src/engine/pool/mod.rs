@@ -376,10 +376,10 @@ impl<J: Job> Pool<J> {
 
     /// Takes one queued job for a thread that runs it itself (a worker helping
     /// while it waits), in the order a worker would (`find_work`): its inbox,
-    /// a deferred job that is not heavy (a heavy one waits for a core with
-    /// room, which a worker settles), the urgent part of the priority heap, the
-    /// injector, the rest of the heap. One that cannot run there goes back
-    /// with `defer`, not to the end of the queue.
+    /// the deferred jobs, the urgent part of the priority heap, the injector,
+    /// the rest of the heap. Unlike a worker it takes them whatever the pattern,
+    /// the GIL-bound mode or a reservation (the caller checks the units). One
+    /// that cannot run there goes back with `defer`, not to the end of the queue.
     pub fn try_take(&self) -> Option<J> {
         if let Some(inbox) = current_worker().filter(|(id, _)| *id == self.shared.id).and_then(|(_, i)| self.shared.inboxes.get(i)) {
             loop {
@@ -392,12 +392,9 @@ impl<J: Job> Pool<J> {
         }
         if self.shared.deferred_len.load(Ordering::SeqCst) > 0 {
             let mut deferred = self.shared.deferred.lock();
-            if let Some(pos) = deferred.iter().position(|(_, w)| *w != Weight::Heavy) {
-                let job = deferred.remove(pos).map(|(job, _)| job);
+            if let Some((job, _)) = deferred.pop_front() {
                 self.shared.deferred_len.store(deferred.len(), Ordering::SeqCst);
-                if job.is_some() {
-                    return job;
-                }
+                return Some(job);
             }
         }
         if let Some(job) = self.shared.take_prio(true) {
@@ -418,6 +415,7 @@ impl<J: Job> Pool<J> {
 
     /// Hands back a job taken with `try_take` that could not run where it was
     /// taken: it waits with the deferred jobs, ahead of everything still queued.
+    /// Not for a job pinned to a worker (`submit_to` that one again).
     pub fn defer(&self, job: J) {
         let weight = job.weight();
         self.shared.defer(job, weight);
@@ -445,6 +443,9 @@ impl<J: Job> Pool<J> {
         core.force_acquire(units);
         let now = self.shared.heavy_now.fetch_add(1, Ordering::AcqRel) + 1;
         self.shared.heavy_peak.fetch_max(now, Ordering::Relaxed);
+        // As when a worker starts one: a core reserved for it (it may have been
+        // deferred) is free again, or it would stay reserved for a job that ran.
+        self.shared.heavy_job_settled(core);
         Some(units)
     }
 

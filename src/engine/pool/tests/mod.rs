@@ -332,7 +332,7 @@ fn jobs_start_in_submission_order() {
         p.submit(Box::new(move |_| {
             let (flag, cv) = &wait_flags[i];
             let mut set = flag.lock();
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(10);
             while !*set && Instant::now() < deadline {
                 cv.wait_until(&mut set, deadline);
             }
@@ -352,6 +352,19 @@ fn jobs_start_in_submission_order() {
         (0..20).map(|_| rx.recv_timeout(Duration::from_secs(60)).unwrap()).filter(|(_, set)| !set).map(|(i, _)| i).collect();
     stuck.sort_unstable();
     assert!(stuck.is_empty(), "waiters {stuck:?} gave up: a later job was taken before their setter");
+    p.shutdown();
+    assert!(p.join(Some(Duration::from_secs(5))));
+}
+
+#[test]
+fn a_deferred_job_runs_on_an_idle_pool() {
+    // What a worker that helps while it waits hands back (`defer`) wakes a sleeping worker.
+    let p = pool(2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(p.stats().sleeping, 2);
+    let (tx, rx) = mpsc::channel();
+    p.defer(Box::new(move |_: &WorkerInfo| tx.send(()).unwrap()));
+    rx.recv_timeout(Duration::from_secs(10)).expect("the deferred job never ran");
     p.shutdown();
     assert!(p.join(Some(Duration::from_secs(5))));
 }
