@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import io
 import logging
 import os
 import subprocess
@@ -570,6 +571,38 @@ def test_thread_names() -> None:
     with Executor(max_workers=2, thread_name_prefix="SpecialPool") as ex:
         names = {ex.submit(_comm_of_current_thread).result(TIMEOUT) for _ in range(10)}
     assert names and all(n.startswith("SpecialPool-") for n in names), names
+
+
+def _python_thread_name() -> str:
+    return threading.current_thread().name
+
+
+def test_python_sees_the_pool_threads_names_and_forgets_them_when_they_end() -> None:
+    """threading.current_thread() and logging's %(threadName)s name a call's thread after its
+    pool, as ThreadPoolExecutor's threads are named (not Dummy-N); a thread that ended leaves
+    no entry in threading's table (spare threads come and go)."""
+    before = {t.ident for t in threading.enumerate()}
+    with Executor(max_workers=2, thread_name_prefix="NamedPool") as ex:
+        names = {ex.submit(_python_thread_name).result(TIMEOUT) for _ in range(10)}
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(threadName)s"))
+        log = logging.getLogger("tokengate-test-thread-names")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            ex.submit(log.info, "hello").result(TIMEOUT)
+        finally:
+            log.removeHandler(handler)
+    assert names and all(n.startswith("NamedPool-") for n in names), names
+    assert stream.getvalue().startswith("NamedPool-"), stream.getvalue()
+    # The executor's threads have ended: none of them is left in threading's table.
+    deadline = time.monotonic() + TIMEOUT
+    while any(t.name.startswith("NamedPool-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("NamedPool-") for t in threading.enumerate()), [
+        t.name for t in threading.enumerate() if t.ident not in before
+    ]
     with Executor(max_workers=1) as ex:
         name = ex.submit(_comm_of_current_thread).result(TIMEOUT)
     assert name.startswith(ex._thread_name_prefix[:15]), (name, ex._thread_name_prefix)

@@ -3,6 +3,13 @@
 //! whole life, and detaches only while it waits for work; a worker re-attaches
 //! through the gate of `attach.rs`. When the interpreter is gone, a thread
 //! drops the jobs it gets (`NoPython`), which cancels their tokens.
+//!
+//! Python sees each thread under its pool's name (`threading.current_thread()`,
+//! logging's `%(threadName)s`), as `ThreadPoolExecutor`'s threads are seen
+//! under theirs, not as `Dummy-N`: `PythonThreadName` names it once attached
+//! and takes it out of `threading`'s table when the thread ends (CPython keeps
+//! the entry of a thread it did not start for as long as the interpreter runs,
+//! and spare workers come and go).
 
 use std::sync::{OnceLock, Weak};
 
@@ -64,6 +71,7 @@ impl LaneHost<PyJob> for IoHost {
         let mut slot = Some(thread);
         let attached = Python::try_attach(|py| {
             if let Some(thread) = slot.take() {
+                let _name = PythonThreadName::set(py);
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 let mut hooks = IoHooks { py, engine };
                 thread.run(&mut hooks);
@@ -92,6 +100,41 @@ impl WorkerHooks<PyJob> for IoHooks<'_> {
     }
 }
 
+/// This thread's name in `threading`, for as long as the value lives (see the
+/// module docs). Every step may fail (an interpreter shutting down, a patched
+/// `threading`): the thread then keeps the name Python gives it.
+struct PythonThreadName<'py> {
+    py: Python<'py>,
+    named: bool,
+}
+
+impl<'py> PythonThreadName<'py> {
+    fn set(py: Python<'py>) -> Self {
+        let named = std::thread::current().name().is_some_and(|name| {
+            py.import("threading").and_then(|t| t.call_method0("current_thread")).and_then(|t| t.setattr("name", name)).is_ok()
+        });
+        PythonThreadName { py, named }
+    }
+}
+
+impl Drop for PythonThreadName<'_> {
+    fn drop(&mut self) {
+        if !self.named {
+            return;
+        }
+        let forget = || -> PyResult<()> {
+            let threading = self.py.import("threading")?;
+            let ident = threading.call_method0("get_ident")?;
+            let lock = threading.getattr("_active_limbo_lock")?;
+            lock.call_method0("acquire")?;
+            let popped = threading.getattr("_active").and_then(|active| active.call_method1("pop", (ident, self.py.None())));
+            lock.call_method0("release")?;
+            popped.map(drop)
+        };
+        let _ = forget();
+    }
+}
+
 /// Used when the interpreter is gone: jobs are dropped (so cancelled).
 struct NoPython;
 
@@ -107,6 +150,7 @@ impl Host<PyJob> for PyHost {
         let attached = Python::try_attach(|py| {
             if let Some(worker) = slot.take() {
                 super::attach::configure(py);
+                let _name = PythonThreadName::set(py);
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 WORKER.with(|w| *w.borrow_mut() = Some((engine.clone(), worker.info())));
                 let mut hooks = PyHooks { py, host: self, engine };
