@@ -571,6 +571,9 @@ def test_thread_names() -> None:
     with Executor(max_workers=2, thread_name_prefix="SpecialPool") as ex:
         names = {ex.submit(_comm_of_current_thread).result(TIMEOUT) for _ in range(10)}
     assert names and all(n.startswith("SpecialPool-") for n in names), names
+    with Executor(max_workers=1) as ex:
+        name = ex.submit(_comm_of_current_thread).result(TIMEOUT)
+    assert name.startswith(ex._thread_name_prefix[:15]), (name, ex._thread_name_prefix)
 
 
 def _python_thread_name() -> str:
@@ -603,9 +606,6 @@ def test_python_sees_the_pool_threads_names_and_forgets_them_when_they_end() -> 
     assert not any(t.name.startswith("NamedPool-") for t in threading.enumerate()), [
         t.name for t in threading.enumerate() if t.ident not in before
     ]
-    with Executor(max_workers=1) as ex:
-        name = ex.submit(_comm_of_current_thread).result(TIMEOUT)
-    assert name.startswith(ex._thread_name_prefix[:15]), (name, ex._thread_name_prefix)
 
 
 # -- the token bridge ---------------------------------------------------------------

@@ -7,9 +7,9 @@
 //! Python sees each thread under its pool's name (`threading.current_thread()`,
 //! logging's `%(threadName)s`), as `ThreadPoolExecutor`'s threads are seen
 //! under theirs, not as `Dummy-N`: `PythonThreadName` names it once attached
-//! and takes it out of `threading`'s table when the thread ends (CPython keeps
-//! the entry of a thread it did not start for as long as the interpreter runs,
-//! and spare workers come and go).
+//! and takes it out of `threading`'s table when the thread ends (CPython before
+//! 3.13 keeps the entry of a thread it did not start for as long as the
+//! interpreter runs, and spare workers come and go).
 
 use std::sync::{OnceLock, Weak};
 
