@@ -400,15 +400,8 @@ impl<J: Job> Pool<J> {
         if let Some(job) = self.shared.take_prio(true) {
             return Some(job);
         }
-        loop {
-            match self.shared.injector.steal() {
-                Steal::Success(job) => {
-                    self.shared.note_fifo_pop(&job);
-                    return Some(job);
-                }
-                Steal::Empty => break,
-                Steal::Retry => {}
-            }
+        if let Some(job) = self.shared.take_fifo() {
+            return Some(job);
         }
         self.shared.take_prio(false)
     }

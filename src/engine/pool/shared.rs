@@ -5,7 +5,7 @@
 
 use std::thread::JoinHandle;
 
-use crossbeam_deque::Injector;
+use crossbeam_deque::{Injector, Steal};
 
 use super::blocking::{current_tid, Run, RunCell};
 use super::capacity::{CoreBudget, Weight};
@@ -157,7 +157,7 @@ impl<J> PrioQueues<J> {
 
 impl<J: Job> Shared<J> {
     pub(super) fn has_work(&self) -> bool {
-        self.prio_len.load(Ordering::SeqCst) > 0 || !self.injector.is_empty()
+        self.prio_len.load(Ordering::SeqCst) > 0 || self.fifo_nonempty()
     }
 
     /// Worker `index`, outside the active pattern (it takes no shared work),
@@ -433,6 +433,20 @@ impl<J: Job> Shared<J> {
 
     pub(super) fn fifo_nonempty(&self) -> bool {
         !self.injector.is_empty()
+    }
+
+    /// The oldest job of the FIFO queue (the injector), its submission time recorded.
+    pub(super) fn take_fifo(&self) -> Option<J> {
+        loop {
+            match self.injector.steal() {
+                Steal::Success(job) => {
+                    self.note_fifo_pop(&job);
+                    return Some(job);
+                }
+                Steal::Empty => return None,
+                Steal::Retry => {}
+            }
+        }
     }
 
     /// Records the submission time of a job just taken from the FIFO queues

@@ -146,7 +146,7 @@ impl<J: Job> WorkerLoop<J> {
                 let u = weight.units(budget);
                 // A heavy job lent while blocked still counts as its core's heavy job.
                 if (weight == Weight::Heavy && self.core().heavy_running() > 0) || !self.core().try_acquire(u, budget) {
-                    self.defer(job, weight);
+                    self.shared.defer(job, weight); // its units did not fit this core
                     return;
                 }
                 u
@@ -208,11 +208,6 @@ impl<J: Job> WorkerLoop<J> {
         None
     }
 
-    /// Parks a job whose units did not fit this core; a heavy one has a core reserved for it.
-    fn defer(&mut self, job: J, weight: Weight) {
-        self.shared.defer(job, weight);
-    }
-
     /// A deferred job that fits this core now, with its units taken.
     fn take_deferred(&self) -> Option<Found<J>> {
         if self.shared.deferred_len.load(Ordering::SeqCst) == 0 {
@@ -270,15 +265,8 @@ impl<J: Job> WorkerLoop<J> {
         if let Some(job) = self.shared.take_prio(true) {
             return Some(Self::fresh(job));
         }
-        loop {
-            match self.shared.injector.steal() {
-                Steal::Success(job) => {
-                    self.shared.note_fifo_pop(&job);
-                    return Some(Self::fresh(job));
-                }
-                Steal::Empty => break,
-                Steal::Retry => {}
-            }
+        if let Some(job) = self.shared.take_fifo() {
+            return Some(Self::fresh(job));
         }
         self.shared.take_prio(false).map(Self::fresh)
     }
