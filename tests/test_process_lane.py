@@ -141,6 +141,57 @@ def test_not_started_raises() -> None:
         f()
 
 
+def test_plain_calls_are_queued_by_the_base_and_the_rest_by_python(
+    lane: OperationsCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow: list[tuple[Any, ...]] = []
+    call_slow = ProcessFunction._call_slow
+
+    def counting(self: ProcessFunction, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        slow.append(args)
+        return call_slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessFunction, "_call_slow", counting)
+
+    @task_token_guard(tags=PROC)
+    def echo(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return args, kwargs
+
+    assert echo(1).result(timeout=30) == ((1,), {})  # the first call makes the function's payload
+    assert len(slow) == 1
+    plain = [None, True, False, 7, -(2**70), 1.5, "text", b"bytes"]
+    tokens = [echo(v, v) for v in plain]
+    assert [t.result(timeout=30) for t in tokens] == [((v, v), {}) for v in plain]
+    assert [type(t.result()[0][0]) for t in tokens] == [type(v) for v in plain]
+    assert len(slow) == 1  # plain values only: queued with no Python frame
+
+    class Sub(int):
+        pass
+
+    others: list[Any] = [[1, 2], (1,), {"a": 1}, Sub(3), Fraction(1, 2)]
+    assert [echo(v).result(timeout=30) for v in others] == [((v,), {}) for v in others]
+    assert echo(1, k=2).result(timeout=30) == ((1,), {"k": 2})
+    assert echo(echo(2)).result(timeout=30) == ((((2,), {}),), {})  # a token as an argument
+    assert len(slow) == 1 + len(others) + 2
+
+
+def test_plain_calls_go_to_the_newest_coordinator_and_back_when_it_stops() -> None:
+    with running_coordinator(max_workers=2, process_workers=1) as old:
+        assert module_level_square(2).result(timeout=30)[1] == 4
+        old_pids = old._process_lane.pids
+        with running_coordinator(max_workers=2, process_workers=1) as new:
+            for x in range(3):  # the first makes the new coordinator's lane, the rest reach it from Rust
+                pid, value = module_level_square(x).result(timeout=30)
+                assert (pid in new._process_lane.pids, value) == (True, x * x)
+            new_pids = new._process_lane.pids
+        assert set(new_pids).isdisjoint(old_pids)
+        for x in range(3):
+            pid, value = module_level_square(x).result(timeout=30)
+            assert (pid in old_pids, value) == (True, x * x)
+    with pytest.raises(tokengate.NotStartedError):
+        module_level_square(5)
+
+
 def test_exception_and_remote_traceback(lane: OperationsCoordinator) -> None:
     @task_token_guard(tags=PROC)
     def boom(x: int) -> None:

@@ -6,7 +6,7 @@ from contextvars import Context
 from types import GenericAlias
 from typing import Any, Generic, Literal, TypeVar, final
 
-from typing_extensions import TypeAlias
+from typing_extensions import Self, TypeAlias, disjoint_base
 
 _T = TypeVar("_T")
 _T_co = TypeVar("_T_co", covariant=True)
@@ -23,6 +23,7 @@ __all__ = [
     "OperationSpec",
     "OutsideLane",
     "ProcessBoard",
+    "ProcessCall",
     "ReplyOutbox",
     "ReplyReader",
     "TaskToken",
@@ -33,6 +34,7 @@ __all__ = [
     "begin_interpreter_shutdown",
     "current_token",
     "loop_stats",
+    "register_process_lane",
     "render_metrics",
     "set_fault_injection",
     "wait_all",
@@ -165,6 +167,19 @@ class GuardedFunction(Generic[_T]):
     def __new__(cls, spec: OperationSpec) -> GuardedFunction[_T]: ...
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[_T]: ...
     def __get__(self, instance: object, owner: type | None = None, /) -> Any: ...
+
+@disjoint_base
+class ProcessCall:
+    """The base of a process-lane function: a call with plain positional arguments is
+    queued on the newest engine's process lane with no Python frame; any other
+    goes to the subclass's ``_call_slow``."""
+
+    def __new__(cls, spec: OperationSpec, func: Callable[..., Any]) -> Self: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]: ...
+    def _enable_fast_calls(self) -> None: ...
+
+def register_process_lane(lane: OutsideLane) -> None:
+    """Plain calls of process-lane functions on ``lane``'s engine go to ``lane``."""
 
 @final
 class OperationSpec:

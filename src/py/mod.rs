@@ -49,6 +49,7 @@ mod log;
 mod metrics;
 mod operation;
 mod outside;
+mod process_call;
 mod process_lane;
 mod registry;
 mod run;
@@ -72,7 +73,9 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dashboard::DashboardServer>()?;
     m.add_class::<outside::OutsideLane>()?;
     m.add_class::<outside::LaneTask>()?;
+    m.add_class::<process_call::ProcessCall>()?;
     m.add_class::<process_lane::ProcessBoard>()?;
+    m.add_function(wrap_pyfunction!(process_call::register_process_lane, m)?)?;
     m.add_class::<process_lane::ReplyOutbox>()?;
     m.add_class::<process_lane::ReplyReader>()?;
     m.add_class::<process_lane::BatchOutbox>()?;

@@ -68,6 +68,13 @@ pub(crate) fn with_current_engine<R>(f: impl FnOnce(&Arc<EngineShared>) -> R) ->
     })
 }
 
+/// The newest running engine that takes decorated calls, wherever the call
+/// is made (the process lane's choice: see `process_call.rs`).
+pub(crate) fn newest_engine() -> Result<Arc<EngineShared>, BindError> {
+    check_accepting()?;
+    ACTIVE.lock().last().cloned().ok_or(BindError::NotStarted)
+}
+
 fn activate(engine: &Arc<EngineShared>) {
     ACTIVE.lock().push(engine.clone());
     GENERATION.fetch_add(1, Ordering::AcqRel);

@@ -314,14 +314,35 @@ impl OperationSpec {
 
     fn check_arity(&self, py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
         let spec = &self.shared;
-        let n = args.len();
-        let fast = spec.fast_arity && kwargs.is_none() && spec.min_pos <= n && n <= spec.max_pos;
-        if !fast {
+        if kwargs.is_some() || !self.arity_is_plain(args.len()) {
             if let Some(binder) = &spec.binder {
                 binder.bind(py).call(args, kwargs)?;
             }
         }
         Ok(())
+    }
+
+    /// `n` positional arguments, and no keywords, need no binding to check.
+    pub(crate) fn arity_is_plain(&self, n: usize) -> bool {
+        let spec = &self.shared;
+        spec.fast_arity && spec.min_pos <= n && n <= spec.max_pos
+    }
+
+    /// Queues a token of this operation on the outside lane `lane` of `engine`,
+    /// the lane receiving `func` and no arguments, with the operation's
+    /// defaults (a caller waits for admission): `submit_to` with every option
+    /// at its default.
+    pub(crate) fn queue_outside(
+        &self,
+        py: Python<'_>,
+        engine: &Arc<EngineShared>,
+        lane: &OutsideLane,
+        func: Py<PyAny>,
+    ) -> PyResult<Option<Py<TaskToken>>> {
+        let token =
+            self.enqueue(py, engine, func, PyTuple::empty(py), None, &self.shared.defaults, Admit::Block(None), None, Some(lane))?;
+        lane.step_aside(py);
+        Ok(token)
     }
 
     fn options(&self, priority: Option<i64>, timeout: Option<f64>, retries: Option<u32>) -> PyResult<CallOptions> {

@@ -28,7 +28,7 @@ import weakref
 from typing import Any, cast
 
 from .._decorator import CallWith, _map
-from .._tokengate import OperationSpec, TaskToken
+from .._tokengate import OperationSpec, ProcessCall, TaskToken, register_process_lane
 from ..exceptions import NotStartedError, ShutdownError
 from .lane import ProcessLane
 from .payload import _function_payload
@@ -41,12 +41,16 @@ _IN_WORKER = False
 # -- the decorated function -----------------------------------------------------------
 
 
-class ProcessFunction:
+class ProcessFunction(ProcessCall):
     """What ``@task_token_guard(tags={"process_pool": True})`` returns: calling it
     returns a token whose body runs in a worker process of the coordinator's
     process lane. Same attributes as the thread wrapper (``__wrapped__``,
     ``operation_type``, ``tags``, ``spec``, ``map``, ``options``, ``try_submit``,
-    ``submit_async``)."""
+    ``submit_async``).
+
+    A call with plain positional arguments only is queued by the Rust base
+    (``ProcessCall``, ``src/py/process_call.rs``) once the function's payload is
+    made and its lane registered; every other call is :meth:`_call_slow`."""
 
     #: Marks the process-lane wrapper (the worker unwraps it).
     _tokengate_process_lane = True
@@ -77,8 +81,8 @@ class ProcessFunction:
         self.try_submit = CallWith(self._submit, block=False)
         self.submit_async = CallWith(self._submit).submit_async
 
-    def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
-        # The common call, every option at its default: the steps of _submit, fewer layers.
+    def _call_slow(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
+        # A call the base did not queue, every option at its default: the steps of _submit.
         if _IN_WORKER:
             raise NotStartedError(_in_worker_message(self._name))
         self._check_arity(args, kwargs)
@@ -100,6 +104,8 @@ class ProcessFunction:
         payload = self._payload
         if payload is None:
             payload = self._payload = _function_payload(self)
+            if not _IN_WORKER:
+                self._enable_fast_calls()
         return payload
 
     def _check_arity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -248,6 +254,7 @@ def lane_for(coordinator: Any) -> ProcessLane:
                 max_rss=coordinator.process_max_rss,
             )
             coordinator._process_lane = lane
+            register_process_lane(lane.outside)  # plain calls reach it with no Python frame
     if not engine.running:
         # stop() began meanwhile and may have missed this lane: shut it down here.
         lane.shutdown(wait=True, timeout=5.0)

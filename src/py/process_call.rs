@@ -1,0 +1,147 @@
+//! A plain call of a process-lane function, queued with no Python frame.
+//!
+//! [`ProcessCall`] is the base class of Python's `ProcessFunction`
+//! (`python/tokengate/_process/wrapper.py`). Its `__call__` queues a call
+//! whose arguments are all positional and of plain types (None, bool, int,
+//! float, str, bytes: values, never tokens) on the newest running engine's
+//! process lane, as `ProcessFunction._call_slow` would: the arguments pickled
+//! here, `pickle.dumps((args, {}), HIGHEST_PROTOCOL)`, and the token queued
+//! with `(function, pickled arguments)` (`OperationSpec::queue_outside`).
+//! Every other call goes to `_call_slow`, which gives the same answer or the
+//! error: keyword arguments, other argument types, a positional count the
+//! arity check must bind, the first calls (until Python marks the function's
+//! payload made: [`ProcessCall::_enable_fast_calls`]), no lane registered for
+//! the engine, a closed lane, no running engine, a worker process.
+//!
+//! # Protocol
+//!
+//! * `LANES` maps an engine to its process lane. Python registers a lane
+//!   ([`register_process_lane`]) once `lane_for` made it for a running
+//!   engine; an engine has at most one, and a lane registered again replaces
+//!   its engine's entry. Entries of engines that are gone, or whose lane
+//!   closed, are dropped at the next registration.
+//! * The engine is the newest of the registry (`registry::newest_engine`),
+//!   the coordinator that `_current_coordinator` picks: decorated calls made
+//!   inside a task of an older coordinator go to the newest one too.
+//! * A lane found closed, or an engine stopping, sends the call to
+//!   `_call_slow`, which raises the error Python gives.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
+
+use super::engine_shared::EngineShared;
+use super::handle::TaskToken;
+use super::outside::OutsideLane;
+use super::registry::newest_engine;
+use super::spec::OperationSpec;
+use crate::engine::sync::Mutex;
+
+/// Each engine's process lane (see the module docs).
+static LANES: Mutex<Vec<(Weak<EngineShared>, Py<OutsideLane>)>> = Mutex::new(Vec::new());
+
+/// `pickle.dumps` and `pickle.HIGHEST_PROTOCOL`.
+static DUMPS: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
+
+/// The base of a process-lane function (see the module docs).
+#[pyclass(subclass, frozen, name = "ProcessCall", module = "tokengate._tokengate")]
+#[derive(Debug)]
+pub(crate) struct ProcessCall {
+    spec: Py<OperationSpec>,
+    /// The function's payload is made: plain calls may be queued here.
+    fast: AtomicBool,
+}
+
+/// A value whose pickle means the same in every process, and that is no token.
+fn is_plain(v: &Bound<'_, PyAny>) -> bool {
+    v.is_none()
+        || v.is_exact_instance_of::<PyInt>()
+        || v.is_exact_instance_of::<PyFloat>()
+        || v.is_exact_instance_of::<PyString>()
+        || v.is_exact_instance_of::<PyBool>()
+        || v.is_exact_instance_of::<PyBytes>()
+}
+
+/// The process lane of `engine`, when one is registered and open.
+fn lane_of(py: Python<'_>, engine: &Arc<EngineShared>) -> Option<Py<OutsideLane>> {
+    let lanes = LANES.lock();
+    let (_, lane) = lanes.iter().find(|(e, _)| std::ptr::eq(e.as_ptr(), Arc::as_ptr(engine)))?;
+    (!lane.get().queue.is_closed()).then(|| lane.clone_ref(py))
+}
+
+impl ProcessCall {
+    /// The token of `func(*args)` queued on the newest engine's process lane, or
+    /// None when this call must take `_call_slow` (see the module docs).
+    fn try_queue(slf: &Bound<'_, Self>, args: &Bound<'_, PyTuple>) -> PyResult<Option<Py<TaskToken>>> {
+        let py = slf.py();
+        let me = slf.get();
+        let spec = me.spec.get();
+        if !me.fast.load(Ordering::Acquire) || !spec.arity_is_plain(args.len()) || !args.iter().all(|a| is_plain(&a)) {
+            return Ok(None);
+        }
+        let Ok(engine) = newest_engine() else { return Ok(None) };
+        if engine.is_stopping() {
+            return Ok(None);
+        }
+        let Some(lane) = lane_of(py, &engine) else { return Ok(None) };
+        let (dumps, proto) = DUMPS.get_or_try_init(py, || -> PyResult<_> {
+            let pickle = py.import("pickle")?;
+            Ok((pickle.getattr("dumps")?.unbind(), pickle.getattr("HIGHEST_PROTOCOL")?.unbind()))
+        })?;
+        let data = dumps.bind(py).call1(((args, PyDict::new(py)), proto.bind(py)))?;
+        let func = PyTuple::new(py, [slf.as_any(), &data])?;
+        spec.queue_outside(py, &engine, lane.get(), func.into_any().unbind())
+    }
+}
+
+#[pymethods]
+impl ProcessCall {
+    #[new]
+    /// `func` is the decorated function (kept by the Python subclass).
+    #[pyo3(signature = (spec, func))]
+    fn new(spec: Py<OperationSpec>, func: Bound<'_, PyAny>) -> Self {
+        let _ = func;
+        ProcessCall { spec, fast: AtomicBool::new(false) }
+    }
+
+    #[pyo3(signature = (*args, **kwargs))]
+    fn __call__(slf: &Bound<'_, Self>, args: Bound<'_, PyTuple>, kwargs: Option<Bound<'_, PyDict>>) -> PyResult<Py<PyAny>> {
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        if kwargs.is_none() {
+            if let Some(token) = Self::try_queue(slf, &args)? {
+                return Ok(token.into_any());
+            }
+        }
+        Ok(slf.call_method(pyo3::intern!(slf.py(), "_call_slow"), args, kwargs.as_ref())?.unbind())
+    }
+
+    /// Plain calls may be queued here from now on (the function's payload is made).
+    fn _enable_fast_calls(&self) {
+        self.fast.store(true, Ordering::Release);
+    }
+}
+
+/// Registers `lane` as its engine's process lane (see the module docs).
+#[pyfunction]
+pub(crate) fn register_process_lane(_py: Python<'_>, lane: Py<OutsideLane>) -> PyResult<()> {
+    let engine = lane.get().engine.clone();
+    if engine.strong_count() == 0 {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err("the engine of this lane is gone"));
+    }
+    let dropped: Vec<(Weak<EngineShared>, Py<OutsideLane>)>;
+    {
+        let mut lanes = LANES.lock();
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut *lanes)
+            .into_iter()
+            .partition(|(e, l)| e.strong_count() > 0 && !l.get().queue.is_closed() && !e.ptr_eq(&engine));
+        *lanes = keep;
+        lanes.push((engine, lane));
+        dropped = gone;
+    }
+    // Released after the lock (the interpreter is held: `_py`).
+    drop(dropped);
+    Ok(())
+}
