@@ -10,6 +10,7 @@ import gc
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -570,7 +571,7 @@ def _comm_of_current_thread() -> str:
 def test_thread_names() -> None:
     with Executor(max_workers=2, thread_name_prefix="SpecialPool") as ex:
         names = {ex.submit(_comm_of_current_thread).result(TIMEOUT) for _ in range(10)}
-    assert names and all(n.startswith("SpecialPool-") for n in names), names
+    assert names and all(n.startswith("SpecialPool_") for n in names), names
     with Executor(max_workers=1) as ex:
         name = ex.submit(_comm_of_current_thread).result(TIMEOUT)
     assert name.startswith(ex._thread_name_prefix[:15]), (name, ex._thread_name_prefix)
@@ -597,13 +598,16 @@ def test_python_sees_the_pool_threads_names_and_forgets_them_when_they_end() -> 
             ex.submit(log.info, "hello").result(TIMEOUT)
         finally:
             log.removeHandler(handler)
-    assert names and all(n.startswith("NamedPool-") for n in names), names
-    assert stream.getvalue().startswith("NamedPool-"), stream.getvalue()
+    # As ThreadPoolExecutor names its threads: the prefix, "_", the thread's number.
+    with futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="NamedPool") as tpe:
+        stdlib_names = {tpe.submit(_python_thread_name).result(TIMEOUT) for _ in range(10)}
+    assert names and all(re.fullmatch(r"NamedPool_[0-9]+", n) for n in names | stdlib_names), (names, stdlib_names)
+    assert re.fullmatch(r"NamedPool_[0-9]+\n", stream.getvalue()), stream.getvalue()
     # The executor's threads have ended: none of them is left in threading's table.
     deadline = time.monotonic() + TIMEOUT
-    while any(t.name.startswith("NamedPool-") for t in threading.enumerate()) and time.monotonic() < deadline:
+    while any(t.name.startswith("NamedPool_") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not any(t.name.startswith("NamedPool-") for t in threading.enumerate()), [
+    assert not any(t.name.startswith("NamedPool_") for t in threading.enumerate()), [
         t.name for t in threading.enumerate() if t.ident not in before
     ]
 

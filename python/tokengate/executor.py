@@ -64,7 +64,7 @@ does not wait (it would wait for itself); it behaves as ``wait=False``.
 
 Differences from ``ThreadPoolExecutor``: each call runs in a copy of the
 submitting thread's :mod:`contextvars` context; ``max_workers`` must be an
-``int``; worker thread names are ``f"{thread_name_prefix}-{i}"`` at the OS level.
+``int``.
 """
 
 from __future__ import annotations
@@ -457,7 +457,8 @@ class Executor(ThreadPoolExecutor):
 
     ``max_workers``: workers of the private coordinator (default: what
     ``ThreadPoolExecutor`` picks, ``min(32, cpu_count + 4)``).
-    ``thread_name_prefix``: its worker threads are named ``f"{prefix}-{i}"``.
+    ``thread_name_prefix``: its worker threads are named ``f"{prefix}_{i}"``, as
+    ``ThreadPoolExecutor``'s are (the OS keeps the first 15 bytes).
     ``initializer(*initargs)``: runs once in each worker thread before its first call.
     ``coordinator``: submit to this running coordinator instead of a private one
     (``shutdown()`` then leaves it running; ``max_workers``, ``thread_name_prefix``,

@@ -105,31 +105,40 @@ impl WorkerHooks<PyJob> for IoHooks<'_> {
 /// `threading`): the thread then keeps the name Python gives it.
 struct PythonThreadName<'py> {
     py: Python<'py>,
-    named: bool,
+    /// The `threading.Thread` object named (None when naming failed).
+    thread: Option<Bound<'py, PyAny>>,
 }
 
 impl<'py> PythonThreadName<'py> {
     fn set(py: Python<'py>) -> Self {
-        let named = std::thread::current().name().is_some_and(|name| {
-            py.import("threading").and_then(|t| t.call_method0("current_thread")).and_then(|t| t.setattr("name", name)).is_ok()
+        let thread = std::thread::current().name().and_then(|name| {
+            let thread = py.import("threading").and_then(|t| t.call_method0("current_thread")).ok()?;
+            thread.setattr("name", name).ok().map(|()| thread)
         });
-        PythonThreadName { py, named }
+        PythonThreadName { py, thread }
     }
 }
 
 impl Drop for PythonThreadName<'_> {
+    /// Takes this thread's entry out of `threading._active`, only if it is still the
+    /// object named (a thread of a forked child may be another by then).
     fn drop(&mut self) {
-        if !self.named {
+        let Some(thread) = self.thread.take() else {
             return;
-        }
+        };
         let forget = || -> PyResult<()> {
             let threading = self.py.import("threading")?;
             let ident = threading.call_method0("get_ident")?;
             let lock = threading.getattr("_active_limbo_lock")?;
             lock.call_method0("acquire")?;
-            let popped = threading.getattr("_active").and_then(|active| active.call_method1("pop", (ident, self.py.None())));
+            let popped = threading.getattr("_active").and_then(|active| {
+                if active.call_method1("get", (&ident,))?.is(&thread) {
+                    active.del_item(&ident)?;
+                }
+                Ok(())
+            });
             lock.call_method0("release")?;
-            popped.map(drop)
+            popped
         };
         let _ = forget();
     }

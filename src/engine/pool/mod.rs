@@ -212,7 +212,7 @@ impl<J: Job> Pool<J> {
             let host = host.clone();
             let core = topology.as_ref().map(|t| t.core_ids[(index % n_cores) % t.core_ids.len()]);
             let spawned = std::thread::Builder::new()
-                .name(format!("{}-{index}", shared.config.thread_name))
+                .name(format!("{}_{index}", shared.config.thread_name))
                 .stack_size(shared.config.stack_size)
                 .spawn(move || {
                     let pinned = core.filter(|&id| core_affinity::set_for_current(core_affinity::CoreId { id }));

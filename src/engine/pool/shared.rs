@@ -260,7 +260,7 @@ impl<J: Job> Shared<J> {
         this.spares_peak.fetch_max(this.spares(), Ordering::Relaxed);
         let shared = this.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("{}-{index}", this.config.thread_name))
+            .name(format!("{}_{index}", this.config.thread_name))
             .stack_size(this.config.stack_size)
             .spawn(move || {
                 shared.runs[index].tid.store(current_tid(), Ordering::Release);
