@@ -25,6 +25,8 @@
 //! * `host`: the threads an engine runs Python on.
 //! * `spec`: `OperationSpec`, whose `submit` is the hot path of every
 //!   decorated call, and `GuardedFunction`.
+//! * `process_call`: `ProcessCall`, the base of a process-lane function, which
+//!   queues its plain calls on the newest engine's process lane.
 //! * `control`: pause, resume, drain and kill (for `Engine` and the dashboard).
 //! * `metrics`: Prometheus text of live engines.
 //! * `dashboard`: what the dashboard server (`crate::dashboard`) reads and does.
@@ -75,10 +77,10 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<outside::LaneTask>()?;
     m.add_class::<process_call::ProcessCall>()?;
     m.add_class::<process_lane::ProcessBoard>()?;
-    m.add_function(wrap_pyfunction!(process_call::register_process_lane, m)?)?;
     m.add_class::<process_lane::ReplyOutbox>()?;
     m.add_class::<process_lane::ReplyReader>()?;
     m.add_class::<process_lane::BatchOutbox>()?;
+    m.add_function(wrap_pyfunction!(process_call::register_process_lane, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;
