@@ -15,7 +15,9 @@ run in the same rounds, in rotating order, by:
   scheduling, no per-token bookkeeping, no balancing: what returning the results costs on
   this machine and nothing else;
 * **ProcessPoolExecutor.map** (spawn, same workers, ``chunksize`` 64): the standard library's
-  batched path.
+  batched path;
+* **process lane map(chunksize=64)**: tokengate's batched path, ``fn.map(items, chunksize=64)``
+  on a process-lane function running one item (one token a chunk, as the line above).
 
 Reports each against the loop (median and range over the rounds), and the process lane
 against the pipeline. The proof's goal (1.6x the loop on 2 cores) sits close to the
@@ -82,6 +84,10 @@ def run_item(item: tuple[int, tuple[Any, ...]]) -> Any:
     """One token of the wave (for ProcessPoolExecutor.map)."""
     k, args = item
     return proof.WAVE_OPERATIONS[k](*args)
+
+
+#: ``run_item`` on the process lane (for its ``map(chunksize=...)``).
+run_item_on_lane = tokengate.task_token_guard(operation_type="bench.run_item", tags={"process_pool": True})(run_item)
 
 
 class Pipeline:
@@ -158,7 +164,7 @@ def main() -> None:
     info = machine()
     items = [proof.wave_args(i) for i in range(args.tokens)]
     ops = proof._PROCESS_WAVE_OPS
-    names = ["loop", "process lane", "pipeline", "ProcessPoolExecutor.map"]
+    names = ["loop", "process lane", "pipeline", "ProcessPoolExecutor.map", "process lane map(chunksize=64)"]
     times: dict[str, list[float]] = {n: [] for n in names}
     pipeline = Pipeline(args.workers)
     try:
@@ -175,6 +181,7 @@ def main() -> None:
                 "process lane": lane,
                 "pipeline": lambda: pipeline.run(items),
                 "ProcessPoolExecutor.map": lambda: list(ppe.map(run_item, items, chunksize=64)),
+                "process lane map(chunksize=64)": lambda: list(run_item_on_lane.map(items, chunksize=64)),
             }
             # Warm-up (starts the lane's processes), checking every runner's results against the
             # loop's: a runner that lost work would only look fast. The pipeline's come back in
@@ -185,6 +192,7 @@ def main() -> None:
                 "process lane": tokengate.gather([ops[k](*a) for k, a in warm]),
                 "pipeline": pipeline.run(warm),
                 "ProcessPoolExecutor.map": list(ppe.map(run_item, warm, chunksize=64)),
+                "process lane map(chunksize=64)": list(run_item_on_lane.map(warm, chunksize=64)),
             }
             for name, values in got.items():
                 if sorted(map(repr, values)) != sorted(map(repr, expected)):

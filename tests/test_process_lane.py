@@ -107,6 +107,90 @@ def test_every_way_of_calling_is_submitted_and_counted(lane: OperationsCoordinat
     assert lane.get_stats()["lanes"]["process"]["submitted"] - before == 9
 
 
+@task_token_guard(tags=PROC)
+def module_level_fails_at_37(x: int) -> int:
+    if x == 37:
+        raise ValueError("thirty-seven")
+    return x
+
+
+def test_map_in_chunks_sends_one_token_a_chunk_in_order(lane: OperationsCoordinator) -> None:
+    def submitted() -> int:
+        return int(lane.get_stats()["lanes"]["process"]["submitted"])
+
+    assert module_level_square(0).result(timeout=30)[1] == 0  # the lane starts
+    pids = set(lane._process_lane.pids)
+    before = submitted()
+    out = list(module_level_square.map(range(1000), chunksize=64))
+    assert [v for _, v in out] == [x * x for x in range(1000)]
+    assert {pid for pid, _ in out} <= pids
+    assert submitted() - before == 16  # ceil(1000 / 64) tokens, as ProcessPoolExecutor.map's chunks
+    # A function sent by value, two iterables (the shortest ends the map), awaited.
+    offset = 5
+
+    @task_token_guard(tags=PROC)
+    def add(a: int, b: int) -> int:
+        return a + b + offset
+
+    assert list(add.map(range(10), range(7), chunksize=3)) == [2 * i + offset for i in range(7)]
+
+    async def main() -> list[int]:
+        return await add.map(range(5), range(5), chunksize=2)
+
+    assert asyncio.run(main()) == [2 * i + offset for i in range(5)]
+    assert submitted() - before == 16 + 3 + 3
+
+
+def test_a_chunk_fails_with_its_calls_exception_after_the_chunks_before_it(lane: OperationsCoordinator) -> None:
+    got: list[int] = []
+    with pytest.raises(ValueError, match="thirty-seven") as info:
+        got.extend(module_level_fails_at_37.map(range(100), chunksize=10, buffer=20))  # keeps what came first
+    assert got == list(range(30))  # as ProcessPoolExecutor.map: the failing call's chunk is lost
+    assert "module_level_fails_at_37" in str(info.value.__cause__)  # the worker's traceback
+    # The map was left: its chunks not started are cancelled, and the lane goes idle.
+    assert wait_until(lambda: lane._process_lane.outside.pending == 0)
+
+
+def test_map_chunksize_is_checked_and_a_chunk_takes_no_tokens(lane: OperationsCoordinator) -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="chunksize must be >= 1"):
+            module_level_square.map([1], chunksize=bad)
+    for wrong in ("2", 2.0, True):
+        with pytest.raises(TypeError, match="chunksize must be an int"):
+            module_level_square.map([1], chunksize=wrong)  # type: ignore[arg-type]
+    h = task_token_guard(tags=PROC)(abs)
+    token = h(-3)
+    with pytest.raises(TypeError, match="cannot take tokens"):
+        list(h.map([1, token], chunksize=2))
+    with pytest.raises(TypeError):  # arity: checked for each call before its chunk is sent
+        list(module_level_square.map([1, 2], [3, 4], chunksize=2))
+    assert list(h.map([token, -4], chunksize=1)) == [3, 4]  # one token a call: a token argument is waited for
+
+
+def test_a_chunked_map_shows_calls_done_not_chunks(lane: OperationsCoordinator) -> None:
+    import io
+    from contextlib import redirect_stderr
+
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        out = list(module_level_square.map(range(200), chunksize=16, progress="force"))
+    assert [v for _, v in out] == [x * x for x in range(200)]
+    assert stderr.getvalue().splitlines()[-1].startswith("module_level_square: 200/200 (100%)"), stderr.getvalue()
+
+
+def test_map_chunksize_is_ignored_on_threads_as_by_thread_pool_executor() -> None:
+    @task_token_guard
+    def own_token(x: int) -> tuple[int, int]:
+        token = tokengate.current_token()
+        assert token is not None
+        return x, token.token_id
+
+    with running_coordinator(max_workers=2):
+        out = list(own_token.map(range(50), chunksize=10))
+    assert [x for x, _ in out] == list(range(50))
+    assert len({tid for _, tid in out}) == 50  # one token a call
+
+
 def test_a_waiting_thread_never_runs_a_process_token_itself(lane: OperationsCoordinator) -> None:
     # Caller runs (tests/test_caller_runs.py) is for thread tokens only.
     out: list[tuple[int, int]] = []

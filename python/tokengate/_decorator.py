@@ -63,13 +63,20 @@ class TokenFunction(Protocol[P, R]):
     @overload
     def __get__(self, instance: object, owner: type | None = None) -> TokenFunction[..., R]: ...
     def map(
-        self, *iterables: Iterable[Any], buffer: int | None = None, progress: ProgressOption = None
+        self,
+        *iterables: Iterable[Any],
+        buffer: int | None = None,
+        progress: ProgressOption = None,
+        chunksize: int = 1,
     ) -> MapResults[R]:
         """``fn.map(xs)``: lazy, bounded, ordered results (iterate, ``async for``, or ``await``).
 
         ``progress``: a progress display of the items done on stderr (``True``: tqdm when
         installed, else a plain line; only on a terminal unless ``"force"``; see
-        :data:`tokengate.ProgressOption`)."""
+        :data:`tokengate.ProgressOption`). ``chunksize``: on the process lane, calls go to
+        the worker processes in chunks of this many, one token each, as with
+        ``ProcessPoolExecutor.map``; elsewhere it is accepted and ignored, as by
+        ``ThreadPoolExecutor.map``."""
 
     @overload
     def options(
@@ -390,8 +397,13 @@ def _map(
     *iterables: Iterable[Any],
     buffer: int | None = None,
     progress: ProgressOption = None,
+    chunksize: int = 1,
 ) -> Any:
     from ._gather import map_tokens
 
     desc = str(getattr(fn, "operation_type", "map")) if progress else "map"
-    return map_tokens(fn, *iterables, buffer=buffer, progress=progress, desc=desc)
+    # A lane that runs a list of calls as one token (the process lane) takes chunks.
+    submit_chunk = getattr(fn, "_submit_chunk", None)
+    return map_tokens(
+        fn, *iterables, buffer=buffer, progress=progress, desc=desc, chunksize=chunksize, submit_chunk=submit_chunk
+    )

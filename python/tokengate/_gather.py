@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -216,6 +217,9 @@ class MapResults(Generic[T]):
     Iterate it (``for r in fn.map(xs)``), iterate it asynchronously
     (``async for r in fn.map(xs)``), or await it for a list
     (``await fn.map(xs)``). It can be consumed once.
+
+    With ``chunked``, each item is a chunk (a list of calls) whose token's value is the
+    list of their results, handed out one by one; progress counts calls.
     """
 
     def __init__(
@@ -227,6 +231,7 @@ class MapResults(Generic[T]):
         progress: ProgressOption = None,
         total: int | Callable[[], int | None] | None = None,
         desc: str = "map",
+        chunked: bool = False,
     ) -> None:
         check_option(progress)
         self._fn = fn
@@ -236,6 +241,7 @@ class MapResults(Generic[T]):
         self._progress = progress
         self._total = total
         self._desc = desc
+        self._chunked = chunked
 
     def _take(self) -> Iterator[Any]:
         if self._used:
@@ -244,6 +250,9 @@ class MapResults(Generic[T]):
         return self._it
 
     def __iter__(self) -> Iterator[T]:
+        if self._chunked:
+            yield from self._iter_chunks()
+            return
         it = self._take()
         window: collections.deque[TaskToken[T]] = collections.deque()
         counter = WindowCounter(window)
@@ -260,10 +269,34 @@ class MapResults(Generic[T]):
             if session is not None:
                 session.close(counter.handed)
 
+    def _iter_chunks(self) -> Iterator[T]:
+        it = self._take()
+        # (token of a chunk, its number of calls): the progress display counts calls.
+        window: collections.deque[tuple[TaskToken[list[T]], int]] = collections.deque()
+        counter = WindowCounter(window, weighted=True)
+        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        try:
+            for chunk in it:
+                window.append((self._fn(chunk), len(chunk)))  # type: ignore[arg-type]
+                if len(window) >= self._buffer:
+                    for value in window.popleft()[0].result():
+                        yield handed(counter, value)
+            while window:
+                for value in window.popleft()[0].result():
+                    yield handed(counter, value)
+        finally:
+            _cancel_unstarted(token for token, _ in window)
+            if session is not None:
+                session.close(counter.handed)
+
     def __aiter__(self) -> AsyncIterator[T]:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[T]:
+        if self._chunked:
+            async for value in self._aiter_chunks():
+                yield value
+            return
         it = self._take()
         window: collections.deque[TaskToken[T]] = collections.deque()
         counter = WindowCounter(window)
@@ -280,11 +313,36 @@ class MapResults(Generic[T]):
             if session is not None:
                 session.close(counter.handed)
 
+    async def _aiter_chunks(self) -> AsyncIterator[T]:
+        it = self._take()
+        window: collections.deque[tuple[TaskToken[list[T]], int]] = collections.deque()
+        counter = WindowCounter(window, weighted=True)
+        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        try:
+            for chunk in it:
+                window.append((self._fn(chunk), len(chunk)))  # type: ignore[arg-type]
+                if len(window) >= self._buffer:
+                    for value in await window.popleft()[0]:
+                        yield handed(counter, value)
+            while window:
+                for value in await window.popleft()[0]:
+                    yield handed(counter, value)
+        finally:
+            _cancel_unstarted(token for token, _ in window)
+            if session is not None:
+                session.close(counter.handed)
+
     async def _collect(self) -> list[T]:
         return [r async for r in self._aiter()]
 
     def __await__(self) -> Generator[Any, None, list[T]]:
         return self._collect().__await__()
+
+
+def _chunks(calls: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    """Lists of ``size`` argument tuples (the last may be shorter), read lazily."""
+    while chunk := list(itertools.islice(calls, size)):
+        yield chunk
 
 
 def map_tokens(
@@ -293,15 +351,25 @@ def map_tokens(
     buffer: int | None = None,
     progress: ProgressOption = None,
     desc: str = "map",
+    chunksize: int = 1,
+    submit_chunk: Callable[[list[tuple[Any, ...]]], TaskToken[list[T]]] | None = None,
 ) -> MapResults[T]:
-    """``fn.map(iterable, ..., buffer=..., progress=...)``: see :class:`MapResults`. With several
-    iterables, ``fn`` takes one item of each, and the shortest ends the map (as ``map`` does).
-    ``progress`` shows the items done on stderr (see :data:`tokengate.ProgressOption`); its
-    total is the shortest iterable's length, when they all have one."""
+    """``fn.map(iterable, ..., buffer=..., progress=..., chunksize=...)``: see :class:`MapResults`.
+    With several iterables, ``fn`` takes one item of each, and the shortest ends the map (as
+    ``map`` does). ``progress`` shows the items done on stderr (see
+    :data:`tokengate.ProgressOption`); its total is the shortest iterable's length, when they
+    all have one. With ``chunksize`` above 1 and a ``submit_chunk`` (the lane's way to run
+    a list of calls as one token), calls go in chunks of ``chunksize``, one token each, and
+    ``buffer`` counts calls (``ceil(buffer / chunksize)`` chunks in flight); without one,
+    ``chunksize`` is accepted and ignored, as by ``ThreadPoolExecutor.map``."""
     if buffer is None:
         buffer = DEFAULT_MAP_BUFFER
     if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer <= 0:
         raise ValueError(f"buffer must be a positive int, got {buffer!r}")
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool):
+        raise TypeError(f"chunksize must be an int, got {chunksize!r}")
+    if chunksize < 1:
+        raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
     if not iterables:
         raise TypeError("map() needs at least one iterable")
     check_option(progress)
@@ -310,6 +378,16 @@ def map_tokens(
         return total_of(iterables)
 
     total = count_items if progress else None
+    if chunksize > 1 and submit_chunk is not None:
+        return MapResults(
+            submit_chunk,  # type: ignore[arg-type]
+            _chunks(zip(*iterables), chunksize),
+            -(-buffer // chunksize),
+            progress=progress,
+            total=total,
+            desc=desc,
+            chunked=True,
+        )
     if len(iterables) == 1:
         return MapResults(fn, iterables[0], buffer, progress=progress, total=total, desc=desc)
 

@@ -243,12 +243,14 @@ def _display(kind: str, stream: TextIO, desc: str, total: int | None) -> _Displa
 
 class WindowCounter:
     """Items done in a map that hands results out in order: those handed out (``handed``, which
-    the consumer adds to) plus the finished ones at the front of the window still in flight."""
+    the consumer adds to) plus the finished ones at the front of the window still in flight.
+    With ``weighted`` (a chunked map), the window holds ``(token, items)`` pairs."""
 
-    __slots__ = ("handed", "window")
+    __slots__ = ("handed", "weighted", "window")
 
-    def __init__(self, window: deque[Any]) -> None:
+    def __init__(self, window: deque[Any], weighted: bool = False) -> None:
         self.window = window
+        self.weighted = weighted
         self.handed = 0
 
     def __call__(self) -> int:
@@ -257,6 +259,8 @@ class WindowCounter:
             ahead = list(itertools.islice(self.window, LOOKAHEAD))
         except RuntimeError:  # the consumer changed the window meanwhile: the next tick counts
             return handed
+        if self.weighted:
+            return handed + sum(int(n) for token, n in ahead if token.done())
         return handed + sum(1 for item in ahead if item.done())
 
 

@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import signal
@@ -61,8 +62,15 @@ def _set_parent_death_signal(ppid: int) -> None:
         os._exit(0)
 
 
+def _run_chunk(fn: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+    """The calls of one chunk of ``fn.map(..., chunksize=n)``, in turn: their results."""
+    return [fn(*args) for args in calls]
+
+
 def _load_function(payload: Any) -> Any:
     kind, a, b = payload
+    if kind == "chunk":  # a chunked map's: the function's own payload
+        return functools.partial(_run_chunk, _load_function(a))
     if kind == "ref":
         import importlib
 

@@ -3,7 +3,9 @@
 * **Functions** importable by name (module-level functions of a real module)
   are sent by reference: the worker imports the module and calls the
   undecorated function (``__wrapped__``); others go by value (cloudpickle).
-  Either way a worker receives a function once and caches it.
+  Either way a worker receives a function once and caches it. The tokens of
+  ``fn.map(..., chunksize=n)`` carry ``("chunk", the function's payload,
+  None)``: the worker runs a list of calls of that function in turn.
 * **Serialization.** Functions, arguments and results that plain pickle
   cannot handle go through loky's pickler (cloudpickle with loky's
   reducers), so functions defined in ``__main__``, inside other functions,

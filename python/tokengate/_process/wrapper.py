@@ -73,6 +73,7 @@ class ProcessFunction(ProcessCall):
         self._retries = retries
         self._fkey = next(_FKEYS)
         self._payload: tuple[str, Any, Any] | None = None
+        self._chunks: _ChunkFunction | None = None  # made by the first chunked map
         self.operation_type = spec.operation_type
         self.tags = spec.tags
         self.spec: OperationSpec = spec
@@ -99,6 +100,24 @@ class ProcessFunction(ProcessCall):
         # calling another decorated function) arrives in a worker as a stub whose
         # call raises a clear error.
         return (_worker_stub, (self._fn, self._op))
+
+    def _submit_chunk(self, calls: list[tuple[Any, ...]]) -> TaskToken[list[Any]]:
+        """One token that runs ``calls`` (argument tuples) one after another in a worker
+        process, whose value is the list of their results: a chunk of
+        ``fn.map(..., chunksize=n)``, as ``ProcessPoolExecutor.map`` sends them. Each call's
+        arguments are checked here; a call that raises fails the chunk with its exception."""
+        for args in calls:
+            if TaskToken in map(type, args):
+                raise TypeError(
+                    f"{self._name}.map(chunksize=...): a chunk cannot take tokens as arguments "
+                    "(they are waited for one call at a time); use chunksize=1"
+                )
+            self._check_arity(args, {})
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = _ChunkFunction(self.spec, self._fn)
+            chunks._of = self
+        return chunks(calls)
 
     def _payload_of(self) -> tuple[str, Any, Any]:
         payload = self._payload
@@ -130,6 +149,24 @@ class ProcessFunction(ProcessCall):
             raise NotStartedError(_in_worker_message(self._name))
         self._check_arity(args, kwargs)
         return _lane_now().submit(self, args, kwargs, priority, timeout, retries, block, admission_timeout, probe)
+
+
+class _ChunkFunction(ProcessFunction):
+    """The tokens of a chunked map of ``pf`` (see :meth:`ProcessFunction._submit_chunk`): the
+    same operation, called with one list of argument tuples; a worker loads ``pf``'s
+    function and runs the calls in turn (:func:`.child._run_chunk`)."""
+
+    #: The function whose map this is (set by ``_submit_chunk``).
+    _of: ProcessFunction
+
+    def _check_arity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        pass  # one list of calls, each checked by _submit_chunk
+
+    def _payload_of(self) -> tuple[str, Any, Any]:
+        payload = self._payload
+        if payload is None:
+            payload = self._payload = ("chunk", self._of._payload_of(), None)
+        return payload
 
 
 def _in_worker_message(name: str) -> str:
