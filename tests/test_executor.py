@@ -283,7 +283,7 @@ def test_initializer_failure(caplog: pytest.LogCaptureFixture) -> None:
 
     ex = Executor(max_workers=2, initializer=init_fail)
     try:
-        with caplog.at_level(logging.CRITICAL, logger="tokengate.executor"):
+        with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
             try:
                 future = ex.submit(int)
             except BrokenThreadPool:
@@ -297,7 +297,7 @@ def test_initializer_failure(caplog: pytest.LogCaptureFixture) -> None:
             assert ex._broken
             with pytest.raises(BrokenThreadPool, match="initializer failed"):
                 ex.submit(int)
-        records = [r for r in caplog.records if r.name == "tokengate.executor"]
+        records = [r for r in caplog.records if r.name == "concurrent.futures"]  # ThreadPoolExecutor's logger
         assert any(r.levelno == logging.CRITICAL and r.getMessage() == "Exception in initializer:" for r in records)
         assert "ValueError: error in initializer" in caplog.text  # logged with its traceback
     finally:
@@ -312,14 +312,14 @@ def test_initializer_failure_fails_every_pending_call(caplog: pytest.LogCaptureF
     ran: list[int] = []
     ex = Executor(max_workers=1, initializer=init_fail)
     try:
-        with caplog.at_level(logging.CRITICAL, logger="tokengate.executor"):
+        with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
             fs = [ex.submit(ran.append, i) for i in range(20)]
             _done, not_done = futures.wait(fs, timeout=TIMEOUT)
         assert not not_done
         for f in fs:
             assert isinstance(f.exception(), BrokenThreadPool)
         assert ran == []
-        assert sum(1 for r in caplog.records if r.name == "tokengate.executor") == 1
+        assert sum(1 for r in caplog.records if r.name == "concurrent.futures") == 1
     finally:
         ex.shutdown()
 
@@ -575,6 +575,28 @@ def test_thread_names() -> None:
     with Executor(max_workers=1) as ex:
         name = ex.submit(_comm_of_current_thread).result(TIMEOUT)
     assert name.startswith(ex._thread_name_prefix[:15]), (name, ex._thread_name_prefix)
+    # No prefix: ThreadPoolExecutor's default names, from its counter.
+    for cls in (Executor, futures.ThreadPoolExecutor):
+        with cls(max_workers=2) as pool:
+            name = pool.submit(_python_thread_name).result(TIMEOUT)
+        assert re.fullmatch(r"ThreadPoolExecutor-[0-9]+_[01]", name), (cls, name)
+
+
+def test_collected_worker_threads_can_be_joined_after_shutdown() -> None:
+    """Code that collects a pool's threads (threading.current_thread() in a call, or
+    threading.enumerate()) and joins them after shutdown works as on ThreadPoolExecutor."""
+    for cls in (Executor, futures.ThreadPoolExecutor):
+        with cls(max_workers=2) as pool:
+            threads = set(pool.map(lambda _: threading.current_thread(), range(20)))
+            assert all(t.is_alive() for t in threads)
+            assert threads <= set(threading.enumerate())
+            assert threads <= pool._threads  # type: ignore[attr-defined]  # what code written for ThreadPoolExecutor reads
+        for t in threads:
+            t.join(TIMEOUT)
+            assert not t.is_alive(), (cls, t)
+        assert not threads & set(threading.enumerate())
+        with cls(max_workers=1) as pool, pytest.raises(RuntimeError, match="cannot join current thread"):
+            pool.submit(lambda: threading.current_thread().join()).result(TIMEOUT)
 
 
 def _python_thread_name() -> str:

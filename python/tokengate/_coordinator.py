@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 from . import _tokengate
+from ._pool_threads import PoolThread, ThreadBook
 from ._tags import STORAGE_TIERS, check_seconds
 from .exceptions import NotStartedError
 
@@ -223,6 +225,8 @@ class OperationsCoordinator:
         self.cluster: Any = check_cluster(cluster)
         self._cluster_lane: Any = None
         self._engine: _tokengate.Engine | None = None
+        #: The running threads of the engine (see ``_pool_threads``).
+        self._thread_book = ThreadBook()
         self._last_engine: _tokengate.Engine | None = None
         self._servers: list[_tokengate.DashboardServer] = []
         self._lock = threading.RLock()
@@ -247,6 +251,7 @@ class OperationsCoordinator:
             if self.is_running:
                 return self
             stack = max(self.stack_size or 0, threading.stack_size())
+            self._thread_book = ThreadBook()
             self._engine = _tokengate.Engine(
                 self.total_workers,
                 workers_per_core=self.workers_per_core,
@@ -267,6 +272,8 @@ class OperationsCoordinator:
                 gil_window=_GIL_WINDOW,
                 # With max_workers, the workers are all the threads there are (as in ThreadPoolExecutor).
                 spare_threads=0 if self.max_workers is not None else self.blocking_threads,
+                # threading sees each thread by its pool's name, joinable; the book lists them.
+                python_thread=functools.partial(PoolThread, book=self._thread_book),
             )
             for op, limit in self.operation_limits.items():
                 self._engine.set_operation_limit(op, limit)

@@ -41,8 +41,8 @@ Initializer
 ``initializer(*initargs)`` runs once in each worker thread, before the first
 call of this executor that the thread runs: a thread-local flag, checked by
 the wrapper around every call, records that it ran. If it raises, the error
-is logged (``logging.getLogger('tokengate.executor').critical('Exception in
-initializer:', exc_info=True)``), the executor becomes broken: every call not
+is logged as ``ThreadPoolExecutor`` logs it (``logging.getLogger('concurrent.futures')
+.critical('Exception in initializer:', exc_info=True)``), the executor becomes broken: every call not
 yet started fails with :class:`BrokenThreadPool`, and later ``submit`` calls
 raise it.
 
@@ -64,7 +64,8 @@ does not wait (it would wait for itself); it behaves as ``wait=False``.
 
 Differences from ``ThreadPoolExecutor``: each call runs in a copy of the
 submitting thread's :mod:`contextvars` context; ``max_workers`` must be an
-``int``.
+``int``; the ``max_workers`` threads start with the executor (``_threads``
+lists those running), not one per call until one is idle.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ __all__ = ["BrokenThreadPool", "Executor"]
 
 _T = TypeVar("_T")
 
-LOGGER = logging.getLogger("tokengate.executor")
+#: ThreadPoolExecutor's logger (``concurrent.futures``), where it reports a failed initializer.
+LOGGER = logging.getLogger("concurrent.futures")
 
 _PENDING = _base.PENDING
 _RUNNING = _base.RUNNING
@@ -513,7 +515,8 @@ class Executor(ThreadPoolExecutor):
             if max_workers is None:
                 max_workers = _default_max_workers()
             _join_unjoined(0)  # forget engines of earlier executors whose workers exited
-            self._thread_name_prefix = thread_name_prefix or f"tgexec-{self._counter()}"
+            # ThreadPoolExecutor's default, from its counter: threads named "ThreadPoolExecutor-0_0".
+            self._thread_name_prefix = thread_name_prefix or f"ThreadPoolExecutor-{self._counter()}"
             coordinator = OperationsCoordinator(
                 max_workers=max_workers,
                 pin_workers=pin_workers,
@@ -541,6 +544,12 @@ class Executor(ThreadPoolExecutor):
     @property
     def _broken(self) -> str | bool:  # type: ignore[override]
         return self._core.broken
+
+    @property
+    def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
+        """The worker threads running now (``threading.Thread`` objects; join() waits for
+        one to end). ThreadPoolExecutor's set also keeps threads that ended."""
+        return set(self._coordinator._thread_book.threads())
 
     @property
     def coordinator(self) -> OperationsCoordinator:

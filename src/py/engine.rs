@@ -59,7 +59,7 @@ impl Engine {
     #[pyo3(signature = (workers, *, workers_per_core, pin_cores=true, stack_size=0, thread_name="tokengate-worker",
                         max_pending=0, history_size=100, auto_block=false, aging=0.5, register=true,
                         storage_limits=None, io_idle_timeout=5.0, convergence=true, convergence_interval=5.0,
-                        caller_runs=true, blocking_monitor=true, gil_window=None, spare_threads=0))]
+                        caller_runs=true, blocking_monitor=true, gil_window=None, spare_threads=0, python_thread=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -81,6 +81,7 @@ impl Engine {
         blocking_monitor: bool,
         gil_window: Option<(usize, usize)>,
         spare_threads: usize,
+        python_thread: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         // Every duration is checked before anything starts.
         let aging = seconds_arg("aging", aging)?;
@@ -113,7 +114,7 @@ impl Engine {
                 ledger.note_lent(op);
             }
         })));
-        let host = Arc::new(PyHost::default());
+        let host = Arc::new(PyHost { engine: OnceLock::new(), python_thread: python_thread.as_ref().map(|f| f.clone_ref(py)) });
         let pool = py.detach(|| Pool::start(&config, host.clone())).map_err(BindError::from)?;
         let me: Arc<OnceLock<Weak<EngineShared>>> = Arc::new(OnceLock::new());
         let me_for_timer = me.clone();
@@ -125,7 +126,7 @@ impl Engine {
             });
             let _ = unhandled;
         });
-        let io_host = Arc::new(IoHost::default());
+        let io_host = Arc::new(IoHost { engine: OnceLock::new(), python_thread });
         let io = Lane::new(format!("{thread_name}-io"), &limits, limits.iter().sum(), io_idle_timeout, stack_size, io_host.clone());
         let workers_total = pool.workers();
         let shared = Arc::new(EngineShared {

@@ -4,12 +4,12 @@
 //! through the gate of `attach.rs`. When the interpreter is gone, a thread
 //! drops the jobs it gets (`NoPython`), which cancels their tokens.
 //!
-//! Python sees each thread under its pool's name (`threading.current_thread()`,
-//! logging's `%(threadName)s`), as `ThreadPoolExecutor`'s threads are seen
-//! under theirs, not as `Dummy-N`: `PythonThreadName` names it once attached
-//! and takes it out of `threading`'s table when the thread ends (CPython before
-//! 3.13 keeps the entry of a thread it did not start for as long as the
-//! interpreter runs, and spare workers come and go).
+//! How Python sees each thread is the Python layer's: given a thread factory
+//! (`Engine(python_thread=...)`, the coordinator's `PoolThread`), a thread
+//! calls `factory(os_thread_name)` on this thread once attached, which enters
+//! the thread in `threading`'s table, and calls `_tokengate_end()` on what it
+//! returned, on this thread, as the thread ends (`PythonThread`). Without one,
+//! `threading` sees the thread as any thread it did not start (`Dummy-N`).
 
 use std::sync::{OnceLock, Weak};
 
@@ -23,9 +23,11 @@ use crate::engine::io_lane::{LaneHost, LaneThread};
 use crate::engine::pool::{Host, WorkerHooks, WorkerInfo, WorkerLoop};
 
 /// Runs the workers of one engine: attached to Python for their whole life.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PyHost {
     pub(crate) engine: OnceLock<Weak<EngineShared>>,
+    /// `threading`'s view of a thread (see the module docs).
+    pub(crate) python_thread: Option<Py<PyAny>>,
 }
 
 struct PyHooks<'a, 'py> {
@@ -61,9 +63,11 @@ impl WorkerHooks<PyJob> for PyHooks<'_, '_> {
 
 /// Runs the threads of an engine's I/O lane (attached for their whole life,
 /// detached while they wait).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct IoHost {
     pub(crate) engine: OnceLock<Weak<EngineShared>>,
+    /// `threading`'s view of a thread (see the module docs).
+    pub(crate) python_thread: Option<Py<PyAny>>,
 }
 
 impl LaneHost<PyJob> for IoHost {
@@ -71,7 +75,7 @@ impl LaneHost<PyJob> for IoHost {
         let mut slot = Some(thread);
         let attached = Python::try_attach(|py| {
             if let Some(thread) = slot.take() {
-                let _name = PythonThreadName::set(py);
+                let _thread = PythonThread::enter(py, self.python_thread.as_ref());
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 let mut hooks = IoHooks { py, engine };
                 thread.run(&mut hooks);
@@ -100,47 +104,25 @@ impl WorkerHooks<PyJob> for IoHooks<'_> {
     }
 }
 
-/// This thread's name in `threading`, for as long as the value lives (see the
-/// module docs). Every step may fail (an interpreter shutting down, a patched
-/// `threading`): the thread then keeps the name Python gives it.
-struct PythonThreadName<'py> {
-    py: Python<'py>,
-    /// The `threading.Thread` object named (None when naming failed).
+/// This thread as `threading` sees it, for as long as the value lives (see the
+/// module docs). A factory that fails leaves the thread as `threading` would
+/// (its error is not raised: the thread still runs jobs).
+struct PythonThread<'py> {
     thread: Option<Bound<'py, PyAny>>,
 }
 
-impl<'py> PythonThreadName<'py> {
-    fn set(py: Python<'py>) -> Self {
-        let thread = std::thread::current().name().and_then(|name| {
-            let thread = py.import("threading").and_then(|t| t.call_method0("current_thread")).ok()?;
-            thread.setattr("name", name).ok().map(|()| thread)
-        });
-        PythonThreadName { py, thread }
+impl<'py> PythonThread<'py> {
+    fn enter(py: Python<'py>, factory: Option<&Py<PyAny>>) -> Self {
+        let thread = factory.and_then(|f| f.bind(py).call1((std::thread::current().name().unwrap_or_default(),)).ok());
+        PythonThread { thread }
     }
 }
 
-impl Drop for PythonThreadName<'_> {
-    /// Takes this thread's entry out of `threading._active`, only if it is still the
-    /// object named (a thread of a forked child may be another by then).
+impl Drop for PythonThread<'_> {
     fn drop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        let forget = || -> PyResult<()> {
-            let threading = self.py.import("threading")?;
-            let ident = threading.call_method0("get_ident")?;
-            let lock = threading.getattr("_active_limbo_lock")?;
-            lock.call_method0("acquire")?;
-            let popped = threading.getattr("_active").and_then(|active| {
-                if active.call_method1("get", (&ident,))?.is(&thread) {
-                    active.del_item(&ident)?;
-                }
-                Ok(())
-            });
-            lock.call_method0("release")?;
-            popped
-        };
-        let _ = forget();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.call_method0(pyo3::intern!(thread.py(), "_tokengate_end"));
+        }
     }
 }
 
@@ -159,7 +141,7 @@ impl Host<PyJob> for PyHost {
         let attached = Python::try_attach(|py| {
             if let Some(worker) = slot.take() {
                 super::attach::configure(py);
-                let _name = PythonThreadName::set(py);
+                let _thread = PythonThread::enter(py, self.python_thread.as_ref());
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 WORKER.with(|w| *w.borrow_mut() = Some((engine.clone(), worker.info())));
                 let mut hooks = PyHooks { py, host: self, engine };
