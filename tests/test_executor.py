@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 import weakref
 from concurrent import futures
 from typing import Any
@@ -591,12 +592,46 @@ def test_collected_worker_threads_can_be_joined_after_shutdown() -> None:
             assert all(t.is_alive() for t in threads)
             assert threads <= set(threading.enumerate())
             assert threads <= pool._threads  # type: ignore[attr-defined]  # what code written for ThreadPoolExecutor reads
+        assert not any(t.daemon for t in threads)  # as ThreadPoolExecutor's (since 3.9)
         for t in threads:
             t.join(TIMEOUT)
             assert not t.is_alive(), (cls, t)
         assert not threads & set(threading.enumerate())
         with cls(max_workers=1) as pool, pytest.raises(RuntimeError, match="cannot join current thread"):
             pool.submit(lambda: threading.current_thread().join()).result(TIMEOUT)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_from_a_worker_thread_sees_its_thread_alive() -> None:
+    """The thread that forks is the child's only thread: alive there (as a ThreadPoolExecutor
+    thread is), whatever became of the pool in the parent."""
+
+    def fork_and_ask() -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            t = threading.current_thread()
+            os._exit(0 if t.is_alive() and t in threading.enumerate() else 1)
+        return os.waitpid(pid, 0)[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork in a threaded process
+        for cls in (Executor, futures.ThreadPoolExecutor):
+            with cls(max_workers=1) as pool:
+                assert pool.submit(fork_and_ask).result(TIMEOUT) == 0, cls
+
+
+def test_a_thread_factory_that_fails_is_reported_and_the_calls_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokengate import _pool_threads
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no thread object")
+
+    reported: list[Any] = []
+    monkeypatch.setattr(_pool_threads.PoolThread, "__init__", broken)
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with Executor(max_workers=2) as ex:
+        assert ex.submit(int, "7").result(TIMEOUT) == 7
+    assert reported and all(isinstance(r.exc_value, RuntimeError) for r in reported), reported
 
 
 def _python_thread_name() -> str:

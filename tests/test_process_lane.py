@@ -141,6 +141,41 @@ def test_map_in_chunks_sends_one_token_a_chunk_in_order(lane: OperationsCoordina
     assert submitted() - before == 16 + 3 + 3
 
 
+@task_token_guard(tags=PROC)
+def module_level_pid_after_5_ms(x: int) -> int:
+    time.sleep(0.005)
+    return os.getpid()
+
+
+@task_token_guard(tags={**PROC, "timeout": 30})
+def module_level_with_timeout(x: int) -> int:
+    return x + 1
+
+
+@task_token_guard(tags={**PROC, "retries": 1})
+def module_level_with_retries(x: int) -> int:
+    return x + 2
+
+
+def test_buffer_counts_chunks_so_a_chunked_map_uses_every_process(lane: OperationsCoordinator) -> None:
+    assert module_level_pid_after_5_ms(0).result(timeout=30)  # the lane starts
+    # 4 chunks of 8 calls, 2 tokens in flight: a chunk for each process (had buffer counted calls,
+    # one chunk at a time would have run, in one process).
+    pids = set(module_level_pid_after_5_ms.map(range(32), chunksize=8, buffer=2))
+    assert pids == set(lane._process_lane.pids), pids
+
+
+def test_an_operation_with_a_timeout_or_retries_keeps_one_token_a_call(lane: OperationsCoordinator) -> None:
+    def submitted() -> int:
+        return int(lane.get_stats()["lanes"]["process"]["submitted"])
+
+    assert module_level_square(0).result(timeout=30)[1] == 0  # the lane starts
+    before = submitted()
+    assert list(module_level_with_timeout.map(range(8), chunksize=4)) == [x + 1 for x in range(8)]
+    assert list(module_level_with_retries.map(range(8), chunksize=4)) == [x + 2 for x in range(8)]
+    assert submitted() - before == 16  # one deadline and one retry a call, as without chunksize
+
+
 def test_a_chunk_fails_with_its_calls_exception_after_the_chunks_before_it(lane: OperationsCoordinator) -> None:
     got: list[int] = []
     with pytest.raises(ValueError, match="thirty-seven") as info:

@@ -75,8 +75,8 @@ class TokenFunction(Protocol[P, R]):
         installed, else a plain line; only on a terminal unless ``"force"``; see
         :data:`tokengate.ProgressOption`). ``chunksize``: on the process lane, calls go to
         the worker processes in chunks of this many, one token each, as with
-        ``ProcessPoolExecutor.map``; elsewhere it is accepted and ignored, as by
-        ``ThreadPoolExecutor.map``."""
+        ``ProcessPoolExecutor.map`` (not for an operation with a ``timeout`` or ``retries``
+        tag); elsewhere it is accepted and ignored, as by ``ThreadPoolExecutor.map``."""
 
     @overload
     def options(
@@ -403,7 +403,8 @@ def _map(
 
     desc = str(getattr(fn, "operation_type", "map")) if progress else "map"
     # A lane that runs a list of calls as one token (the process lane) takes chunks.
-    submit_chunk = getattr(fn, "_submit_chunk", None)
+    chunker = getattr(fn, "_chunk_submitter", None)
+    submit_chunk = chunker() if chunker is not None else None
     return map_tokens(
         fn, *iterables, buffer=buffer, progress=progress, desc=desc, chunksize=chunksize, submit_chunk=submit_chunk
     )

@@ -360,8 +360,8 @@ def map_tokens(
     :data:`tokengate.ProgressOption`); its total is the shortest iterable's length, when they
     all have one. With ``chunksize`` above 1 and a ``submit_chunk`` (the lane's way to run
     a list of calls as one token), calls go in chunks of ``chunksize``, one token each, and
-    ``buffer`` counts calls (``ceil(buffer / chunksize)`` chunks in flight); without one,
-    ``chunksize`` is accepted and ignored, as by ``ThreadPoolExecutor.map``."""
+    ``buffer`` counts tokens, so chunks; without one, ``chunksize`` is accepted and ignored,
+    as by ``ThreadPoolExecutor.map``."""
     if buffer is None:
         buffer = DEFAULT_MAP_BUFFER
     if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer <= 0:
@@ -382,7 +382,7 @@ def map_tokens(
         return MapResults(
             submit_chunk,  # type: ignore[arg-type]
             _chunks(zip(*iterables), chunksize),
-            -(-buffer // chunksize),
+            buffer,
             progress=progress,
             total=total,
             desc=desc,

@@ -5,9 +5,10 @@ did not start them. A thread ``threading`` did not start is a ``_DummyThread``
 named ``Dummy-N``, which ``join()`` refuses, and which CPython before 3.13
 keeps in its table for as long as the interpreter runs. A ``ThreadPoolExecutor``
 thread is named after its pool, and joining it waits for it to end. So the
-engine (``Engine(python_thread=PoolThread)``) calls ``PoolThread(name)`` on
-each of its threads once the thread attaches to the interpreter, and
-``_tokengate_end()`` on that object, on the same thread, as the thread ends.
+engine (``Engine(python_thread=PoolThread)``) calls ``PoolThread(name, kind)``
+(``kind``: ``"worker"`` or ``"io"``) on each of its threads once the thread
+attaches to the interpreter, and ``_tokengate_end()`` on that object, on the
+same thread, as the thread ends.
 
 A ``PoolThread`` is listed by ``threading.enumerate()`` and is
 ``threading.current_thread()`` on its thread (so logging's ``%(threadName)s``
@@ -52,18 +53,23 @@ class ThreadBook:
 class PoolThread(threading._DummyThread):
     """One of the engine's threads as ``threading`` sees it (see the module docs)."""
 
-    def __init__(self, name: str, book: ThreadBook | None = None) -> None:
+    def __init__(self, name: str, kind: str = "worker", book: ThreadBook | None = None) -> None:
         super().__init__()  # enters this thread in threading's table
         if name:
             self.name = name
+        self._daemonic = False  # as a ThreadPoolExecutor thread (nothing joins it at exit: the engine stops it)
         self._tokengate_pid = os.getpid()
         self._tokengate_ended = False
-        self._tokengate_book = book
-        if book is not None:
-            book._enter(self)
+        # The book lists pool workers (what Executor._threads shows), not the I/O lane's threads.
+        self._tokengate_book = book if kind == "worker" else None
+        if self._tokengate_book is not None:
+            self._tokengate_book._enter(self)
 
     def _tokengate_running(self) -> bool:
-        return not self._tokengate_ended and self._tokengate_pid == os.getpid()
+        if self._tokengate_pid != os.getpid():
+            # A forked child: the thread that forked lives on there as its only thread.
+            return self is threading.current_thread()
+        return not self._tokengate_ended
 
     def is_alive(self) -> bool:
         return self._tokengate_running()
@@ -86,6 +92,8 @@ class PoolThread(threading._DummyThread):
         """Called by the engine, on this thread, as it ends: the thread leaves
         ``threading``'s table (if this object is still its entry)."""
         self._tokengate_ended = True
+        if hasattr(self, "_is_stopped"):  # CPython before 3.13: repr() then reads "stopped"
+            self._is_stopped = True
         if self._tokengate_book is not None:
             self._tokengate_book._leave(self)
         with threading._active_limbo_lock:  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ __all__ = [
     "after_fork_in_child",
     "begin_interpreter_shutdown",
     "current_token",
+    "forget_process_lane",
     "loop_stats",
     "register_process_lane",
     "render_metrics",
@@ -181,6 +182,9 @@ class ProcessCall:
 def register_process_lane(lane: OutsideLane) -> None:
     """Plain calls of process-lane functions on ``lane``'s engine go to ``lane``."""
 
+def forget_process_lane(lane: OutsideLane) -> None:
+    """Plain calls no longer reach ``lane`` (its supervisor exited)."""
+
 @final
 class OperationSpec:
     def __new__(
@@ -270,7 +274,7 @@ class Engine:
         blocking_monitor: bool = True,
         gil_window: tuple[int, int] | None = None,
         spare_threads: int = 0,
-        python_thread: Callable[[str], Any] | None = None,
+        python_thread: Callable[[str, str], Any] | None = None,
     ) -> Engine: ...
     def stop(self, wait: bool = True, cancel_pending: bool = False, timeout: float | None = None) -> bool: ...
     def drain(self) -> int: ...

@@ -468,8 +468,6 @@ class Executor(ThreadPoolExecutor):
     ``pin_workers``, ``stack_size``: passed to the private coordinator (workers are not pinned by default).
     """
 
-    _counter = itertools.count().__next__
-
     def __init__(
         self,
         max_workers: int | None = None,
@@ -516,7 +514,7 @@ class Executor(ThreadPoolExecutor):
                 max_workers = _default_max_workers()
             _join_unjoined(0)  # forget engines of earlier executors whose workers exited
             # ThreadPoolExecutor's default, from its counter: threads named "ThreadPoolExecutor-0_0".
-            self._thread_name_prefix = thread_name_prefix or f"ThreadPoolExecutor-{self._counter()}"
+            self._thread_name_prefix = thread_name_prefix or f"ThreadPoolExecutor-{ThreadPoolExecutor._counter()}"  # type: ignore[attr-defined]
             coordinator = OperationsCoordinator(
                 max_workers=max_workers,
                 pin_workers=pin_workers,

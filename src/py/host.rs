@@ -6,7 +6,8 @@
 //!
 //! How Python sees each thread is the Python layer's: given a thread factory
 //! (`Engine(python_thread=...)`, the coordinator's `PoolThread`), a thread
-//! calls `factory(os_thread_name)` on this thread once attached, which enters
+//! calls `factory(os_thread_name, kind)` (`kind`: "worker" or "io") on this
+//! thread once attached, which enters
 //! the thread in `threading`'s table, and calls `_tokengate_end()` on what it
 //! returned, on this thread, as the thread ends (`PythonThread`). Without one,
 //! `threading` sees the thread as any thread it did not start (`Dummy-N`).
@@ -75,7 +76,7 @@ impl LaneHost<PyJob> for IoHost {
         let mut slot = Some(thread);
         let attached = Python::try_attach(|py| {
             if let Some(thread) = slot.take() {
-                let _thread = PythonThread::enter(py, self.python_thread.as_ref());
+                let _thread = PythonThread::enter(py, self.python_thread.as_ref(), "io");
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 let mut hooks = IoHooks { py, engine };
                 thread.run(&mut hooks);
@@ -112,8 +113,17 @@ struct PythonThread<'py> {
 }
 
 impl<'py> PythonThread<'py> {
-    fn enter(py: Python<'py>, factory: Option<&Py<PyAny>>) -> Self {
-        let thread = factory.and_then(|f| f.bind(py).call1((std::thread::current().name().unwrap_or_default(),)).ok());
+    /// `kind`: "worker" (a pool worker) or "io" (an I/O-lane thread).
+    fn enter(py: Python<'py>, factory: Option<&Py<PyAny>>, kind: &str) -> Self {
+        let name = std::thread::current().name().unwrap_or_default().to_owned();
+        let thread = factory.and_then(|f| match f.bind(py).call1((name, kind)) {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                // The thread still runs jobs, as a thread `threading` did not start.
+                e.write_unraisable(py, Some(f.bind(py)));
+                None
+            }
+        });
         PythonThread { thread }
     }
 }
@@ -121,7 +131,9 @@ impl<'py> PythonThread<'py> {
 impl Drop for PythonThread<'_> {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
-            let _ = thread.call_method0(pyo3::intern!(thread.py(), "_tokengate_end"));
+            if let Err(e) = thread.call_method0(pyo3::intern!(thread.py(), "_tokengate_end")) {
+                e.write_unraisable(thread.py(), Some(&thread));
+            }
         }
     }
 }
@@ -141,7 +153,7 @@ impl Host<PyJob> for PyHost {
         let attached = Python::try_attach(|py| {
             if let Some(worker) = slot.take() {
                 super::attach::configure(py);
-                let _thread = PythonThread::enter(py, self.python_thread.as_ref());
+                let _thread = PythonThread::enter(py, self.python_thread.as_ref(), "worker");
                 let engine = self.engine.get().cloned().unwrap_or_default();
                 WORKER.with(|w| *w.borrow_mut() = Some((engine.clone(), worker.info())));
                 let mut hooks = PyHooks { py, host: self, engine };

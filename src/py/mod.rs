@@ -81,6 +81,7 @@ fn _tokengate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<process_lane::ReplyReader>()?;
     m.add_class::<process_lane::BatchOutbox>()?;
     m.add_function(wrap_pyfunction!(process_call::register_process_lane, m)?)?;
+    m.add_function(wrap_pyfunction!(process_call::forget_process_lane, m)?)?;
     m.add_function(wrap_pyfunction!(lifecycle::after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(registry::begin_interpreter_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(registry::active_engine_count, m)?)?;

@@ -17,9 +17,11 @@
 //!
 //! * `LANES` maps an engine to its process lane. Python registers a lane
 //!   ([`register_process_lane`]) once `lane_for` made it for a running
-//!   engine; an engine has at most one, and a lane registered again replaces
-//!   its engine's entry. Entries of engines that are gone, or whose lane
-//!   closed, are dropped at the next registration.
+//!   engine, and forgets it ([`forget_process_lane`]) when the lane's
+//!   supervisor exits (the lane closed: its wake-up socket goes with it); an
+//!   engine has at most one, and a lane registered again replaces its
+//!   engine's entry. Entries of engines that are gone, or whose lane closed,
+//!   are also dropped at each registration.
 //! * The engine is the newest of the registry (`registry::newest_engine`),
 //!   the coordinator that `_current_coordinator` picks: decorated calls made
 //!   inside a task of an older coordinator go to the newest one too.
@@ -93,7 +95,12 @@ impl ProcessCall {
         })?;
         let data = dumps.bind(py).call1(((args, PyDict::new(py)), proto.bind(py)))?;
         let func = PyTuple::new(py, [slf.as_any(), &data])?;
-        spec.queue_outside(py, &engine, lane.get(), func.into_any().unbind())
+        // A blocking admission queues the token or raises: None would be a bug (and the
+        // caller would then queue the call a second time through `_call_slow`).
+        match spec.queue_outside(py, &engine, lane.get(), func.into_any().unbind())? {
+            Some(token) => Ok(Some(token)),
+            None => Err(pyo3::exceptions::PyRuntimeError::new_err("admission refused a blocking call")),
+        }
     }
 }
 
@@ -144,4 +151,19 @@ pub(crate) fn register_process_lane(_py: Python<'_>, lane: Py<OutsideLane>) -> P
     // Released after the lock (the interpreter is held: `_py`).
     drop(dropped);
     Ok(())
+}
+
+/// Forgets `lane` (see the module docs): plain calls no longer reach it.
+#[pyfunction]
+pub(crate) fn forget_process_lane(_py: Python<'_>, lane: &Bound<'_, OutsideLane>) {
+    let target: *const OutsideLane = lane.get();
+    let dropped: Vec<(Weak<EngineShared>, Py<OutsideLane>)>;
+    {
+        let mut lanes = LANES.lock();
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *lanes).into_iter().partition(|(_, l)| std::ptr::eq(l.get(), target));
+        *lanes = keep;
+        dropped = gone;
+    }
+    // Released after the lock (the interpreter is held: `_py`).
+    drop(dropped);
 }

@@ -72,7 +72,9 @@ pub(crate) fn with_current_engine<R>(f: impl FnOnce(&Arc<EngineShared>) -> R) ->
 /// is made (the process lane's choice: see `process_call.rs`).
 pub(crate) fn newest_engine() -> Result<Arc<EngineShared>, BindError> {
     check_accepting()?;
-    ACTIVE.lock().last().cloned().ok_or(BindError::NotStarted)
+    // The highest pool id, as `_current_coordinator` picks: two engines started at once on two
+    // threads may enter `ACTIVE` in the other order.
+    ACTIVE.lock().iter().max_by_key(|e| e.pool.id()).cloned().ok_or(BindError::NotStarted)
 }
 
 fn activate(engine: &Arc<EngineShared>) {

@@ -86,8 +86,10 @@ class ClusterFunction(ProcessFunction):
     token whose body runs on the coordinator's cluster."""
 
     _remote: RemoteCall | None = None
-    #: No chunks: ``fn.map(chunksize=n)`` sends one token per call to a cluster.
-    _submit_chunk = None  # type: ignore[assignment]
+
+    def _chunk_submitter(self) -> None:
+        """No chunks: ``fn.map(chunksize=n)`` sends one token a call to a cluster."""
+        return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> TaskToken[Any]:
         # ProcessFunction.__call__ goes straight to the process lane, past _submit: a cluster

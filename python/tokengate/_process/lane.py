@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from .._exit_hooks import shutdown_at_exit
+from .._tokengate import forget_process_lane
 from ..exceptions import TaskKilledError
 from .dispatch import _Dispatch
 from .recycling import _Recycling
@@ -230,6 +231,7 @@ class ProcessLane(_Submission, _Dispatch, _Replies, _Recycling):
         with self._lock:
             self._exited = True
         self.outside.close()  # queued tokens are cancelled; later ones are refused
+        forget_process_lane(self.outside)  # plain calls no longer reach it (see wrapper.lane_for)
         for item in list(self._running.values()):
             self._fail(item, TaskKilledError("process_lane_stopped"), retry=False, state="killed")
         self._running.clear()

@@ -25,6 +25,7 @@ import os
 import threading
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 from .._decorator import CallWith, _map
@@ -100,6 +101,14 @@ class ProcessFunction(ProcessCall):
         # calling another decorated function) arrives in a worker as a stub whose
         # call raises a clear error.
         return (_worker_stub, (self._fn, self._op))
+
+    def _chunk_submitter(self) -> Callable[[list[tuple[Any, ...]]], TaskToken[list[Any]]] | None:
+        """What ``fn.map(..., chunksize=n)`` sends its chunks through; None (one token a call)
+        when the operation has a ``timeout`` (a chunk would share one deadline) or ``retries``
+        (a retry would run the calls before the failing one again)."""
+        if self._timeout is not None or self._retries:
+            return None
+        return self._submit_chunk
 
     def _submit_chunk(self, calls: list[tuple[Any, ...]]) -> TaskToken[list[Any]]:
         """One token that runs ``calls`` (argument tuples) one after another in a worker
