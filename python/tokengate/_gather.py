@@ -249,14 +249,27 @@ class MapResults(Generic[T]):
         self._used = True
         return self._it
 
+    def _open(self, weighted: bool) -> tuple[Iterator[Any], collections.deque[Any], WindowCounter, Any]:
+        """The input, the window of tokens in flight (with ``weighted``, ``(token, calls)``
+        pairs: the progress display counts calls), its counter and the progress display."""
+        it = self._take()
+        window: collections.deque[Any] = collections.deque()
+        counter = WindowCounter(window, weighted=weighted)
+        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        return it, window, counter, session
+
+    @staticmethod
+    def _close(window: collections.deque[Any], counter: WindowCounter, session: Any) -> None:
+        """A map ended or left early: the tokens not started are cancelled; the display closes."""
+        _cancel_unstarted((token for token, _ in window) if counter.weighted else window)
+        if session is not None:
+            session.close(counter.handed)
+
     def __iter__(self) -> Iterator[T]:
         if self._chunked:
             yield from self._iter_chunks()
             return
-        it = self._take()
-        window: collections.deque[TaskToken[T]] = collections.deque()
-        counter = WindowCounter(window)
-        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        it, window, counter, session = self._open(weighted=False)
         try:
             for item in it:
                 window.append(self._fn(item))
@@ -265,19 +278,13 @@ class MapResults(Generic[T]):
             while window:
                 yield handed(counter, window.popleft().result())
         finally:
-            _cancel_unstarted(window)
-            if session is not None:
-                session.close(counter.handed)
+            self._close(window, counter, session)
 
     def _iter_chunks(self) -> Iterator[T]:
-        it = self._take()
-        # (token of a chunk, its number of calls): the progress display counts calls.
-        window: collections.deque[tuple[TaskToken[list[T]], int]] = collections.deque()
-        counter = WindowCounter(window, weighted=True)
-        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        it, window, counter, session = self._open(weighted=True)
         try:
             for chunk in it:
-                window.append((self._fn(chunk), len(chunk)))  # type: ignore[arg-type]
+                window.append((self._fn(chunk), len(chunk)))
                 if len(window) >= self._buffer:
                     for value in window.popleft()[0].result():
                         yield handed(counter, value)
@@ -285,9 +292,7 @@ class MapResults(Generic[T]):
                 for value in window.popleft()[0].result():
                     yield handed(counter, value)
         finally:
-            _cancel_unstarted(token for token, _ in window)
-            if session is not None:
-                session.close(counter.handed)
+            self._close(window, counter, session)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._aiter()
@@ -297,10 +302,7 @@ class MapResults(Generic[T]):
             async for value in self._aiter_chunks():
                 yield value
             return
-        it = self._take()
-        window: collections.deque[TaskToken[T]] = collections.deque()
-        counter = WindowCounter(window)
-        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        it, window, counter, session = self._open(weighted=False)
         try:
             for item in it:
                 window.append(self._fn(item))
@@ -309,18 +311,13 @@ class MapResults(Generic[T]):
             while window:
                 yield handed(counter, await window.popleft())
         finally:
-            _cancel_unstarted(window)
-            if session is not None:
-                session.close(counter.handed)
+            self._close(window, counter, session)
 
     async def _aiter_chunks(self) -> AsyncIterator[T]:
-        it = self._take()
-        window: collections.deque[tuple[TaskToken[list[T]], int]] = collections.deque()
-        counter = WindowCounter(window, weighted=True)
-        session = start(self._progress, self._desc, self._total, counter) if self._progress else None
+        it, window, counter, session = self._open(weighted=True)
         try:
             for chunk in it:
-                window.append((self._fn(chunk), len(chunk)))  # type: ignore[arg-type]
+                window.append((self._fn(chunk), len(chunk)))
                 if len(window) >= self._buffer:
                     for value in await window.popleft()[0]:
                         yield handed(counter, value)
@@ -328,9 +325,7 @@ class MapResults(Generic[T]):
                 for value in await window.popleft()[0]:
                     yield handed(counter, value)
         finally:
-            _cancel_unstarted(token for token, _ in window)
-            if session is not None:
-                session.close(counter.handed)
+            self._close(window, counter, session)
 
     async def _collect(self) -> list[T]:
         return [r async for r in self._aiter()]
