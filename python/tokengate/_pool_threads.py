@@ -36,7 +36,7 @@ class ThreadBook:
         self._lock = threading.Lock()
         self._threads: set[PoolThread] = set()
 
-    def threads(self) -> set[PoolThread]:
+    def threads(self) -> set[threading.Thread]:
         """A copy of the set of running threads."""
         with self._lock:
             return set(self._threads)

@@ -547,7 +547,7 @@ class Executor(ThreadPoolExecutor):
     def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
         """The worker threads running now (``threading.Thread`` objects; join() waits for
         one to end). ThreadPoolExecutor's set also keeps threads that ended."""
-        return set(self._coordinator._thread_book.threads())
+        return self._coordinator._thread_book.threads()
 
     @property
     def coordinator(self) -> OperationsCoordinator:

@@ -115,8 +115,7 @@ struct PythonThread<'py> {
 impl<'py> PythonThread<'py> {
     /// `kind`: "worker" (a pool worker) or "io" (an I/O-lane thread).
     fn enter(py: Python<'py>, factory: Option<&Py<PyAny>>, kind: &str) -> Self {
-        let name = std::thread::current().name().unwrap_or_default().to_owned();
-        let thread = factory.and_then(|f| match f.bind(py).call1((name, kind)) {
+        let thread = factory.and_then(|f| match f.bind(py).call1((std::thread::current().name().unwrap_or_default(), kind)) {
             Ok(thread) => Some(thread),
             Err(e) => {
                 // The thread still runs jobs, as a thread `threading` did not start.

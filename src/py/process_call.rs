@@ -39,7 +39,7 @@ use super::engine_shared::EngineShared;
 use super::handle::TaskToken;
 use super::outside::OutsideLane;
 use super::registry::newest_engine;
-use super::spec::OperationSpec;
+use super::spec::{Admit, OperationSpec};
 use crate::engine::sync::Mutex;
 
 /// Each engine's process lane (see the module docs).
@@ -97,7 +97,8 @@ impl ProcessCall {
         let func = PyTuple::new(py, [slf.as_any(), &data])?;
         // A blocking admission queues the token or raises: None would be a bug (and the
         // caller would then queue the call a second time through `_call_slow`).
-        match spec.queue_outside(py, &engine, lane.get(), func.into_any().unbind())? {
+        let (args, defaults) = (PyTuple::empty(py), spec.defaults());
+        match spec.queue_outside(py, &engine, lane.get(), func.into_any().unbind(), args, None, defaults, Admit::Block(None))? {
             Some(token) => Ok(Some(token)),
             None => Err(pyo3::exceptions::PyRuntimeError::new_err("admission refused a blocking call")),
         }
@@ -131,6 +132,20 @@ impl ProcessCall {
     }
 }
 
+/// Takes out of `LANES` the entries `gone` picks and adds `add`, under one lock;
+/// what was taken out is released after the lock (the caller holds the interpreter).
+fn update_lanes(gone: impl Fn(&Weak<EngineShared>, &OutsideLane) -> bool, add: Option<(Weak<EngineShared>, Py<OutsideLane>)>) {
+    let dropped: Vec<(Weak<EngineShared>, Py<OutsideLane>)>;
+    {
+        let mut lanes = LANES.lock();
+        let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *lanes).into_iter().partition(|(e, l)| gone(e, l.get()));
+        *lanes = keep;
+        lanes.extend(add);
+        dropped = out;
+    }
+    drop(dropped);
+}
+
 /// Registers `lane` as its engine's process lane (see the module docs).
 #[pyfunction]
 pub(crate) fn register_process_lane(_py: Python<'_>, lane: Py<OutsideLane>) -> PyResult<()> {
@@ -138,18 +153,8 @@ pub(crate) fn register_process_lane(_py: Python<'_>, lane: Py<OutsideLane>) -> P
     if engine.strong_count() == 0 {
         return Err(pyo3::exceptions::PyRuntimeError::new_err("the engine of this lane is gone"));
     }
-    let dropped: Vec<(Weak<EngineShared>, Py<OutsideLane>)>;
-    {
-        let mut lanes = LANES.lock();
-        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut *lanes)
-            .into_iter()
-            .partition(|(e, l)| e.strong_count() > 0 && !l.get().queue.is_closed() && !e.ptr_eq(&engine));
-        *lanes = keep;
-        lanes.push((engine, lane));
-        dropped = gone;
-    }
-    // Released after the lock (the interpreter is held: `_py`).
-    drop(dropped);
+    let stale = |e: &Weak<EngineShared>, l: &OutsideLane| e.strong_count() == 0 || l.queue.is_closed() || e.ptr_eq(&engine);
+    update_lanes(stale, Some((engine.clone(), lane)));
     Ok(())
 }
 
@@ -157,13 +162,5 @@ pub(crate) fn register_process_lane(_py: Python<'_>, lane: Py<OutsideLane>) -> P
 #[pyfunction]
 pub(crate) fn forget_process_lane(_py: Python<'_>, lane: &Bound<'_, OutsideLane>) {
     let target: *const OutsideLane = lane.get();
-    let dropped: Vec<(Weak<EngineShared>, Py<OutsideLane>)>;
-    {
-        let mut lanes = LANES.lock();
-        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *lanes).into_iter().partition(|(_, l)| std::ptr::eq(l.get(), target));
-        *lanes = keep;
-        dropped = gone;
-    }
-    // Released after the lock (the interpreter is held: `_py`).
-    drop(dropped);
+    update_lanes(|_, l| std::ptr::eq(l, target), None);
 }

@@ -62,7 +62,7 @@ static DIGEST: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// How a call waits for admission when a limit is full.
 #[derive(Debug, Clone, Copy)]
-enum Admit {
+pub(crate) enum Admit {
     /// Block (releasing the GIL) up to the timeout, then raise.
     Block(Option<Duration>),
     /// Do not wait: report the rejection.
@@ -329,20 +329,29 @@ impl OperationSpec {
     }
 
     /// Queues a token of this operation on the outside lane `lane` of `engine`,
-    /// the lane receiving `func` and no arguments, with the operation's
-    /// defaults (a caller waits for admission): `submit_to` with every option
-    /// at its default.
+    /// the lane receiving `func` with the arguments, then steps aside for the
+    /// lane's taker (`OutsideLane::step_aside`). `submit_to` and the plain calls
+    /// of `process_call.rs` both queue through it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn queue_outside(
         &self,
         py: Python<'_>,
         engine: &Arc<EngineShared>,
         lane: &OutsideLane,
         func: Py<PyAny>,
+        args: Bound<'_, PyTuple>,
+        kwargs: Option<Bound<'_, PyDict>>,
+        opts: &CallOptions,
+        how: Admit,
     ) -> PyResult<Option<Py<TaskToken>>> {
-        let token =
-            self.enqueue(py, engine, func, PyTuple::empty(py), None, &self.shared.defaults, Admit::Block(None), None, Some(lane))?;
+        let token = self.enqueue(py, engine, func, args, kwargs, opts, how, None, Some(lane))?;
         lane.step_aside(py);
         Ok(token)
+    }
+
+    /// The operation's default call options (its tags').
+    pub(crate) fn defaults(&self) -> &CallOptions {
+        &self.shared.defaults
     }
 
     fn options(&self, priority: Option<i64>, timeout: Option<f64>, retries: Option<u32>) -> PyResult<CallOptions> {
@@ -508,9 +517,7 @@ impl OperationSpec {
             return Err(BindError::ShutDown.into());
         }
         let func = func.unwrap_or_else(|| self.shared.func.clone_ref(py));
-        let token = self.enqueue(py, &engine, func, args, kwargs, &opts, how, None, Some(lane))?;
-        lane.step_aside(py);
-        Ok(token)
+        self.queue_outside(py, &engine, lane, func, args, kwargs, &opts, how)
     }
 
     /// Queues `func(*args, **kwargs)` as a token of this operation on
