@@ -437,8 +437,8 @@ def test_unpicklable_result_fails_only_that_token(lane: OperationsCoordinator) -
 
 
 def test_results_that_only_cloudpickle_carries_come_back(lane: OperationsCoordinator) -> None:
-    """Results go through plain pickle first; what it cannot pickle by name (a lambda, an
-    instance of a class the worker received by value) goes by value."""
+    """Results are pickled as loky pickles them: what the parent cannot import by name (a
+    lambda, an instance of a class the worker received by value) goes by value."""
 
     class Point:
         def __init__(self, x: int) -> None:
@@ -456,6 +456,73 @@ def test_results_that_only_cloudpickle_carries_come_back(lane: OperationsCoordin
     points = make("instance").result(timeout=30)
     assert all(type(p) is Point for p in points) and [p.x for p in points] == [3, 4]
     assert make("plain").result(timeout=30) == [1, "two", 3.0, None, (4, b"5")]
+
+
+class _Reduced:
+    """Pickled through a reducer registered with copyreg in a test (see below)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def test_arguments_are_pickled_as_loky_pickles_them_with_a_pickler_made_once() -> None:
+    """The lane's pickler writes the same bytes as loky's for every kind of value, is made
+    once, and is made again when a reducer is registered, so copyreg reducers still count."""
+    import copyreg
+    import pickle
+
+    from loky.backend.reduction import dumps as loky_dumps
+
+    from tokengate._process import payload
+
+    class Local:
+        def __init__(self) -> None:
+            self.v = [1, 2]
+
+    def values() -> list[Any]:
+        # Fresh each time: a reducer may change what it pickles (tblib's, which Dask
+        # installs, marks an exception it pickled).
+        return [
+            ((1, (2, 3), [4.0, "5"], {"six": b"7"}), {}),
+            ((Local(),), {"f": lambda y: y + 1}),
+            (ValueError("x"), "a traceback"),
+            frozenset({1, 2}),
+        ]
+
+    for ours, lokys in zip(values(), values()):
+        assert payload._cloud_dumps(ours) == bytes(loky_dumps(lokys, protocol=payload._PROTO))
+    assert payload._cloud_pickler() is payload._cloud_pickler()
+    made = payload._cloud_pickler()
+
+    def reduce_it(obj: _Reduced) -> tuple[Any, ...]:
+        return (int, (obj.x * 10,))
+
+    copyreg.pickle(_Reduced, reduce_it)
+    try:
+        assert payload._cloud_pickler() is not made
+        assert pickle.loads(payload._cloud_dumps(_Reduced(4))) == 40
+        assert payload._cloud_dumps(_Reduced(4)) == bytes(loky_dumps(_Reduced(4), protocol=payload._PROTO))
+    finally:
+        del copyreg.dispatch_table[_Reduced]
+    restored = pickle.loads(payload._cloud_dumps(_Reduced(4)))
+    assert type(restored) is _Reduced and restored.x == 4
+
+
+def test_arguments_of_every_kind_reach_the_worker(lane: OperationsCoordinator) -> None:
+    """Arguments that are not plain values (containers, instances of a class defined in a
+    function, a lambda, keywords) are pickled by the lane's pickler and arrive whole."""
+
+    class Box:
+        def __init__(self, items: list[int]) -> None:
+            self.items = items
+
+    @task_token_guard(tags=PROC)
+    def use(box: Any, pairs: Any, fn: Any, scale: Any = None) -> Any:
+        return [fn(i) * scale["k"] for i in box.items], sorted(pairs.items()), os.getpid()
+
+    out, pairs, pid = use(Box([1, 2, 3]), {"a": (1, 2), "b": [3]}, lambda y: y + 1, scale={"k": 10}).result(timeout=30)
+    assert out == [20, 30, 40] and pairs == [("a", (1, 2)), ("b", [3])]
+    assert pid != os.getpid()
 
 
 # CPython's ExecutorDeadlockTest cases (Lib/test/test_concurrent_futures/test_deadlock.py),

@@ -9,10 +9,9 @@
 * **Serialization.** Functions, arguments and results that plain pickle
   cannot handle go through loky's pickler (cloudpickle with loky's
   reducers), so functions defined in ``__main__``, inside other functions,
-  or lambdas work. Arguments of plain types go through pickle. Results go
-  through pickle first and through loky's pickler only where pickle fails:
-  what pickle pickles it pickles as loky's pickler would (by name), without
-  the ~11 us loky's pickler takes to set up for each call.
+  or lambdas work. Values of plain types go through pickle. loky's pickler
+  class is made once (loky makes its dispatch table again for every call,
+  about 11 us), see :func:`_cloud_pickler`.
 * **Pickling errors.** Arguments are pickled in the calling thread; one that
   cannot be pickled fails *that token* with :class:`UnpicklableError` (a
   ``TypeError`` and ``pickle.PicklingError``) naming the argument and its type.
@@ -26,8 +25,10 @@
 from __future__ import annotations
 
 import io
+import operator
 import pickle
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import TokengateError
@@ -63,50 +64,67 @@ class RemoteError(TokengateError):
 # -- serialization --------------------------------------------------------------------
 
 
-def _cloud_dumps(obj: object) -> bytes:
-    """loky's pickler: cloudpickle (by-value functions and classes) plus loky's reducers."""
-    from loky.backend.reduction import dumps
+#: loky's pickler, made once (see :func:`_cloud_pickler`): the class, loky's pickler it was
+#: made from, copies of the dispatch tables merged into it, and loky's reduction module.
+_made: tuple[Any, ...] = (None, None, (), None)
 
-    return bytes(dumps(obj, protocol=_PROTO))
+
+def _dispatch_sources(loky_pickler: Any, reduction: Any) -> list[Any]:
+    """The dispatch tables loky's pickler merges, lowest priority first: the standard ones
+    (a class-level ChainMap on cloudpickle's pickler, whose first map wins), then loky's."""
+    import copyreg
+
+    table = getattr(loky_pickler._loky_pickler_cls, "dispatch_table", None)
+    if not isinstance(table, Mapping):  # plain pickle's pickler (LOKY_PICKLER=pickle): a slot
+        table = copyreg.dispatch_table
+    maps = getattr(table, "maps", None)
+    base = [table] if maps is None else maps[::-1]
+    return [*base, reduction._dispatch_table]
+
+
+def _cloud_pickler() -> Any:
+    """A pickler class that pickles as loky's does (cloudpickle: functions and classes
+    by value where a worker could not import them, by name elsewhere; with the standard
+    reducers and loky's), made once. loky's own copies its dispatch tables into a new
+    dict for every pickler it makes, about 11 us a call; this class holds that dict
+    (the C pickler looks types up in it without calling back into Python), and is
+    made again when a reducer was registered, replaced or removed since."""
+    global _made
+    cls, loky_pickler, copies, reduction = _made
+    if (
+        cls is not None
+        and reduction.get_loky_pickler() is loky_pickler
+        and all(map(operator.eq, copies, _dispatch_sources(loky_pickler, reduction)))
+    ):
+        return cls
+    from loky.backend import reduction as loky_reduction
+
+    loky_pickler = loky_reduction.get_loky_pickler()
+    sources = _dispatch_sources(loky_pickler, loky_reduction)
+    merged: dict[Any, Any] = {}
+    for source in sources:
+        merged.update(source)
+
+    class _CloudPickler(loky_pickler._loky_pickler_cls):  # type: ignore[misc, name-defined]
+        dispatch_table = merged
+
+    _made = (_CloudPickler, loky_pickler, [dict(source) for source in sources], loky_reduction)
+    return _CloudPickler
+
+
+def _cloud_dumps(obj: object) -> bytes:
+    """``obj`` pickled by loky's pickler (see :func:`_cloud_pickler`)."""
+    buf = io.BytesIO()
+    _cloud_pickler()(buf, _PROTO).dump(obj)
+    return buf.getvalue()
 
 
 def _dumps(obj: object) -> bytes:
-    return _cloud_dumps(obj)
-
-
-_by_name: Any = None
-_by_name_tables: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
-
-
-def _dumps_result(obj: object) -> bytes:
-    """A result, pickled as loky's pickler would, faster: pickle with loky's reducers
-    first (functions and classes by name), cloudpickle's by-value pickling only where
-    that fails (a function or class the worker received by value, a lambda). Setting
-    up loky's pickler takes about 11 us a call; this one under 1 us."""
-    global _by_name, _by_name_tables
+    """``obj`` pickled to cross the process boundary: values of plain types by pickle,
+    anything else by loky's pickler."""
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, _PROTO)
-    import copyreg
-
-    from loky.backend import reduction
-
-    std, loky = _by_name_tables
-    if _by_name is None or copyreg.dispatch_table != std or reduction._dispatch_table != loky:
-        # First use, or a reducer was registered, replaced or removed since.
-        std, loky = dict(copyreg.dispatch_table), dict(reduction._dispatch_table)
-
-        class _ByName(pickle.Pickler):
-            # The standard reducers and loky's, as loky's pickler has them (a dict: the
-            # C pickler looks types up in it without calling back into Python).
-            dispatch_table = {**std, **loky}  # noqa: RUF012
-
-        _by_name, _by_name_tables = _ByName, (std, loky)
-    buf = io.BytesIO()
-    try:
-        _by_name(buf, _PROTO).dump(obj)
-    except Exception:
-        return _cloud_dumps(obj)
-    return buf.getvalue()
+    return _cloud_dumps(obj)
 
 
 def _type_name(obj: object) -> str:
@@ -120,7 +138,7 @@ def _dump_args(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], lane: str
     """Pickles (args, kwargs); UnpicklableError naming the first argument that fails."""
     plain = _PLAIN.__contains__
     if all(map(plain, map(type, args))) and all(map(plain, map(type, kwargs.values()))):
-        return pickle.dumps((args, kwargs), _PROTO)
+        return pickle.dumps((args, kwargs), _PROTO)  # no pickler to make: the common case
     try:
         return _cloud_dumps((args, kwargs))
     except Exception as exc:
