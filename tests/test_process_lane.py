@@ -466,18 +466,23 @@ class _Reduced:
 
 
 def test_arguments_are_pickled_as_loky_pickles_them_with_a_pickler_made_once() -> None:
-    """The lane's pickler writes the same bytes as loky's for every kind of value, is made
-    once, and is made again when a reducer is registered, so copyreg reducers still count."""
+    """The lane's pickler writes the same bytes as loky's for every kind of value (loky's
+    own reducers included: a bound method, a partial), is made once, and is made again
+    when a reducer is registered (with copyreg or loky) or another loky pickler is chosen."""
     import copyreg
+    import functools
     import pickle
 
-    from loky.backend.reduction import dumps as loky_dumps
+    from loky.backend import reduction
 
     from tokengate._process import payload
 
     class Local:
         def __init__(self) -> None:
             self.v = [1, 2]
+
+        def method(self) -> int:
+            return 1
 
     def values() -> list[Any]:
         # Fresh each time: a reducer may change what it pickles (tblib's, which Dask
@@ -487,25 +492,58 @@ def test_arguments_are_pickled_as_loky_pickles_them_with_a_pickler_made_once() -
             ((Local(),), {"f": lambda y: y + 1}),
             (ValueError("x"), "a traceback"),
             frozenset({1, 2}),
+            (Local().method, functools.partial(int, base=2), [].append),
         ]
 
-    for ours, lokys in zip(values(), values()):
-        assert payload._cloud_dumps(ours) == bytes(loky_dumps(lokys, protocol=payload._PROTO))
-    assert payload._cloud_pickler() is payload._cloud_pickler()
-    made = payload._cloud_pickler()
+    def same_as_loky() -> None:
+        for ours, lokys in zip(values(), values()):
+            assert payload._cloud_dumps(ours) == bytes(reduction.dumps(lokys, protocol=payload._PROTO))
+
+    same_as_loky()
+    assert payload._picklers() == payload._picklers()
+    made = payload._picklers()
 
     def reduce_it(obj: _Reduced) -> tuple[Any, ...]:
         return (int, (obj.x * 10,))
 
-    copyreg.pickle(_Reduced, reduce_it)
+    for register, unregister in (
+        (lambda: copyreg.pickle(_Reduced, reduce_it), lambda: copyreg.dispatch_table.pop(_Reduced)),
+        (lambda: reduction.register(_Reduced, reduce_it), lambda: reduction._dispatch_table.pop(_Reduced)),
+    ):
+        register()
+        try:
+            assert payload._picklers() != made
+            assert pickle.loads(payload._cloud_dumps(_Reduced(4))) == 40
+            assert pickle.loads(payload._dumps_result(_Reduced(4))) == 40
+            assert payload._cloud_dumps(_Reduced(4)) == bytes(reduction.dumps(_Reduced(4), protocol=payload._PROTO))
+        finally:
+            unregister()
+        restored = pickle.loads(payload._cloud_dumps(_Reduced(4)))
+        assert type(restored) is _Reduced and restored.x == 4
+    reduction.set_loky_pickler("pickle")
     try:
-        assert payload._cloud_pickler() is not made
-        assert pickle.loads(payload._cloud_dumps(_Reduced(4))) == 40
-        assert payload._cloud_dumps(_Reduced(4)) == bytes(loky_dumps(_Reduced(4), protocol=payload._PROTO))
+        assert payload._picklers()[0].__mro__[1] is pickle.Pickler
+        assert payload._cloud_dumps(((1, 2), {})) == bytes(reduction.dumps(((1, 2), {}), protocol=payload._PROTO))
     finally:
-        del copyreg.dispatch_table[_Reduced]
-    restored = pickle.loads(payload._cloud_dumps(_Reduced(4)))
-    assert type(restored) is _Reduced and restored.x == 4
+        reduction.set_loky_pickler()
+    same_as_loky()
+
+
+def test_a_worker_pickles_results_by_name_first_and_by_value_where_that_fails() -> None:
+    """By name wherever pickle can (the same bytes as plain pickle with loky's table); a
+    lambda, or an instance of a class the worker could not import, by value."""
+    import pickle
+
+    from tokengate._process import payload
+
+    value = [Fraction(1, 3), {"k": (1, 2.5)}, range(3)]
+    assert payload._dumps_result(value) == pickle.dumps(value, payload._PROTO)
+    assert pickle.loads(payload._dumps_result(lambda y: y * 2))(21) == 42
+
+    class Local:
+        pass
+
+    assert type(pickle.loads(payload._dumps_result([Local()]))[0]).__name__ == "Local"
 
 
 def test_arguments_of_every_kind_reach_the_worker(lane: OperationsCoordinator) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 from .._tokengate import ProcessBoard, ReplyOutbox
 from ..exceptions import NotStartedError
 from . import wrapper
-from .payload import _PROTO, RemoteError, UnpicklableError, _dumps, _resolve_qualname, _type_name
+from .payload import _PROTO, RemoteError, UnpicklableError, _dumps, _dumps_result, _resolve_qualname, _type_name
 from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED
 from .wrapper import _WorkerStub
 
@@ -129,7 +129,7 @@ def _call_reply(seq: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             )
         return _reply_error(seq, exc)
     try:
-        data = _dumps(value)
+        data = _dumps_result(value)
         return _REPLY.pack(seq, _OK) + data
     except BaseException as exc:
         name = getattr(fn, "__qualname__", None) or repr(fn)

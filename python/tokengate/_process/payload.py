@@ -11,7 +11,8 @@
   reducers), so functions defined in ``__main__``, inside other functions,
   or lambdas work. Values of plain types go through pickle. loky's pickler
   class is made once (loky makes its dispatch table again for every call,
-  about 11 us), see :func:`_cloud_pickler`.
+  about 11 us), see :func:`_picklers`. A worker pickles results by name
+  first, with the same table, and by value only where that fails.
 * **Pickling errors.** Arguments are pickled in the calling thread; one that
   cannot be pickled fails *that token* with :class:`UnpicklableError` (a
   ``TypeError`` and ``pickle.PicklingError``) naming the argument and its type.
@@ -64,9 +65,9 @@ class RemoteError(TokengateError):
 # -- serialization --------------------------------------------------------------------
 
 
-#: loky's pickler, made once (see :func:`_cloud_pickler`): the class, loky's pickler it was
-#: made from, copies of the dispatch tables merged into it, and loky's reduction module.
-_made: tuple[Any, ...] = (None, None, (), None)
+#: loky's pickler, made once (see :func:`_picklers`): the two classes, loky's pickler they
+#: were made from, copies of the dispatch tables merged into them, and loky's reduction module.
+_made: tuple[Any, ...] = (None, None, None, (), None)
 
 
 def _dispatch_sources(loky_pickler: Any, reduction: Any) -> list[Any]:
@@ -82,40 +83,45 @@ def _dispatch_sources(loky_pickler: Any, reduction: Any) -> list[Any]:
     return [*base, reduction._dispatch_table]
 
 
-def _cloud_pickler() -> Any:
-    """A pickler class that pickles as loky's does (cloudpickle: functions and classes
-    by value where a worker could not import them, by name elsewhere; with the standard
-    reducers and loky's), made once. loky's own copies its dispatch tables into a new
-    dict for every pickler it makes, about 11 us a call; this class holds that dict
-    (the C pickler looks types up in it without calling back into Python), and is
-    made again when a reducer was registered, replaced or removed since."""
+def _picklers() -> tuple[Any, Any]:
+    """Two pickler classes with the dispatch table loky's pickler has (the standard
+    reducers, cloudpickle's and loky's), made once: loky's pickler itself (cloudpickle:
+    functions and classes by value where a worker could not import them, by name
+    elsewhere), and plain pickle's with the same table (everything by name: no Python
+    call per object). loky copies its tables into a new dict for every pickler it
+    makes, about 11 us a call; these classes hold that dict (the C pickler looks types
+    up in it without calling back into Python), and are made again when a reducer was
+    registered, replaced or removed, or another loky pickler was chosen."""
     global _made
-    cls, loky_pickler, copies, reduction = _made
-    if (
-        cls is not None
-        and reduction.get_loky_pickler() is loky_pickler
-        and all(map(operator.eq, copies, _dispatch_sources(loky_pickler, reduction)))
-    ):
-        return cls
+    cloud, by_name, loky_pickler, copies, reduction = _made
+    if cloud is not None and reduction.get_loky_pickler() is loky_pickler:
+        sources = _dispatch_sources(loky_pickler, reduction)
+        if len(sources) == len(copies) and all(map(operator.eq, copies, sources)):
+            return cloud, by_name
     from loky.backend import reduction as loky_reduction
 
     loky_pickler = loky_reduction.get_loky_pickler()
-    sources = _dispatch_sources(loky_pickler, loky_reduction)
+    # Copied first, merged from the copies: a reducer registered meanwhile (by another
+    # thread) is then missing from both, and the next call makes the classes again.
+    copies = [dict(source) for source in _dispatch_sources(loky_pickler, loky_reduction)]
     merged: dict[Any, Any] = {}
-    for source in sources:
-        merged.update(source)
+    for copy in copies:
+        merged.update(copy)
 
     class _CloudPickler(loky_pickler._loky_pickler_cls):  # type: ignore[misc, name-defined]
         dispatch_table = merged
 
-    _made = (_CloudPickler, loky_pickler, [dict(source) for source in sources], loky_reduction)
-    return _CloudPickler
+    class _ByNamePickler(pickle.Pickler):
+        dispatch_table = merged
+
+    _made = (_CloudPickler, _ByNamePickler, loky_pickler, copies, loky_reduction)
+    return _CloudPickler, _ByNamePickler
 
 
 def _cloud_dumps(obj: object) -> bytes:
-    """``obj`` pickled by loky's pickler (see :func:`_cloud_pickler`)."""
+    """``obj`` pickled as loky's pickler pickles it (see :func:`_picklers`)."""
     buf = io.BytesIO()
-    _cloud_pickler()(buf, _PROTO).dump(obj)
+    _picklers()[0](buf, protocol=_PROTO).dump(obj)
     return buf.getvalue()
 
 
@@ -125,6 +131,23 @@ def _dumps(obj: object) -> bytes:
     if type(obj) in _PLAIN:
         return pickle.dumps(obj, _PROTO)
     return _cloud_dumps(obj)
+
+
+def _dumps_result(obj: object) -> bytes:
+    """A worker's result: by name first (the same table as loky's pickler, without
+    cloudpickle's Python call for each object that is not a built-in value), by loky's
+    pickler only where that fails (a function, or an instance of a class, the worker
+    received by value, a lambda). Only in a worker: there a by-name reference to
+    ``__main__`` fails (the worker's ``__main__`` is not the caller's), so everything
+    the caller could not import goes by value."""
+    if type(obj) in _PLAIN:
+        return pickle.dumps(obj, _PROTO)
+    buf = io.BytesIO()
+    try:
+        _picklers()[1](buf, _PROTO).dump(obj)
+    except Exception:
+        return _cloud_dumps(obj)
+    return buf.getvalue()
 
 
 def _type_name(obj: object) -> str:
