@@ -13,6 +13,8 @@ Measures, in one run, on ``--workers`` processes (default 2):
   latency, p50 and mean), and a burst of ``--burst`` calls then waiting for
   all (per-token cost), for the lane and for ProcessPoolExecutor (spawn
   context, same worker count); ratio = lane / ProcessPoolExecutor.
+* The same burst with a container argument (``f((1, 2.5, "three", [4, 5]))``): what
+  pickling an argument that is not a plain value costs each call.
 * Short tokens beside a long one: after a burst of no-ops (the lane then sends
   ahead deeply), one 1 s sleep and 20 sleeps of 10 ms at once; the time until
   the 20 are done (a process free of the long one can run them all in 0.2 s),
@@ -54,6 +56,14 @@ def noop() -> None:
     return None
 
 
+def take(arg: Any) -> None:
+    return None
+
+
+#: An argument that is not a plain value (it goes through loky's pickler on the lane).
+ARG = (1, 2.5, "three", [4, 5])
+
+
 def nap(s: float) -> float:
     time.sleep(s)
     return s
@@ -61,6 +71,7 @@ def nap(s: float) -> float:
 
 lane_spin = task_token_guard(operation_type="bench_proc_spin", tags={"process_pool": True})(spin)
 lane_noop = task_token_guard(operation_type="bench_proc_noop", tags={"process_pool": True})(noop)
+lane_take = task_token_guard(operation_type="bench_proc_take", tags={"process_pool": True})(take)
 lane_nap = task_token_guard(operation_type="bench_proc_nap", tags={"process_pool": True})(nap)
 
 
@@ -118,8 +129,10 @@ def main() -> None:
         # Warm both: processes started, functions loaded everywhere.
         tokengate.gather([lane_spin(1000) for _ in range(4 * args.workers)], timeout=60)
         tokengate.gather([lane_noop() for _ in range(4 * args.workers)], timeout=60)
+        tokengate.gather([lane_take(ARG) for _ in range(4 * args.workers)], timeout=60)
         [f.result() for f in [ppe.submit(spin, 1000) for _ in range(4 * args.workers)]]
         [f.result() for f in [ppe.submit(noop) for _ in range(4 * args.workers)]]
+        [f.result() for f in [ppe.submit(take, ARG) for _ in range(4 * args.workers)]]
 
         serial_s, lane_s, ppe_s = [], [], []
         for _ in range(args.rounds):
@@ -143,10 +156,18 @@ def main() -> None:
         def ppe_burst() -> None:
             futures_wait([ppe.submit(noop) for _ in range(args.burst)])
 
-        lane_b, ppe_b = [], []
+        def lane_arg_burst() -> None:
+            tokengate.gather([lane_take(ARG) for _ in range(args.burst)], timeout=120)
+
+        def ppe_arg_burst() -> None:
+            futures_wait([ppe.submit(take, ARG) for _ in range(args.burst)])
+
+        lane_b, ppe_b, lane_ab, ppe_ab = [], [], [], []
         for _ in range(3):
             lane_b.append(timed(lane_burst) / args.burst * 1e6)
             ppe_b.append(timed(ppe_burst) / args.burst * 1e6)
+            lane_ab.append(timed(lane_arg_burst) / args.burst * 1e6)
+            ppe_ab.append(timed(ppe_arg_burst) / args.burst * 1e6)
 
         def lane_beside() -> float:
             tokengate.gather([lane_noop() for _ in range(64)], timeout=60)
@@ -215,6 +236,18 @@ def main() -> None:
         ),
         (f"no-op burst of {args.burst}, ProcessPoolExecutor, per token", f"{med(ppe_b):.0f} us", "1.00x", ""),
         (
+            f"burst of {args.burst} with a tuple argument, lane, per token",
+            f"{med(lane_ab):.0f} us",
+            f"{med(lane_ab) / med(ppe_ab):.2f}x PPE",
+            "",
+        ),
+        (
+            f"burst of {args.burst} with a tuple argument, ProcessPoolExecutor, per token",
+            f"{med(ppe_ab):.0f} us",
+            "1.00x",
+            "",
+        ),
+        (
             "20 x 10 ms beside a 1 s token, lane",
             f"{med(lane_bs):.2f} s",
             f"{med(lane_bs) / med(ppe_bs):.2f}x PPE",
@@ -245,6 +278,8 @@ def main() -> None:
             "ppe_round_trip_us": ppe_rt,
             "lane_burst_us": lane_b,
             "ppe_burst_us": ppe_b,
+            "lane_tuple_arg_burst_us": lane_ab,
+            "ppe_tuple_arg_burst_us": ppe_ab,
             "lane_beside_long_s": lane_bs,
             "ppe_beside_long_s": ppe_bs,
             "lane_stats": lane_stats,
