@@ -279,19 +279,31 @@ def test_plain_calls_are_queued_by_the_base_and_the_rest_by_python(
     assert echo(1).result(timeout=30) == ((1,), {})  # the first call makes the function's payload
     assert len(slow) == 1
     plain = [None, True, False, 7, -(2**70), 1.5, "text", b"bytes"]
-    tokens = [echo(v, v) for v in plain]
-    assert [t.result(timeout=30) for t in tokens] == [((v, v), {}) for v in plain]
+    # Small tuples, lists and dicts of plain values, nested up to 3 deep, 256 values in all.
+    plain += [[1, 2], (1,), (), {"a": 1, 2: [b"x", None]}, ([(1, 2.5)], {"k": ("v",)}), list(range(254))]
+    tokens = [echo(v, v) for v in plain[:8]] + [echo(v) for v in plain[8:]]
+    assert [t.result(timeout=30)[0] for t in tokens] == [(v, v) for v in plain[:8]] + [(v,) for v in plain[8:]]
     assert [type(t.result()[0][0]) for t in tokens] == [type(v) for v in plain]
     assert len(slow) == 1  # plain values only: queued with no Python frame
 
     class Sub(int):
         pass
 
-    others: list[Any] = [[1, 2], (1,), {"a": 1}, Sub(3), Fraction(1, 2)]
-    assert [echo(v).result(timeout=30) for v in others] == [((v,), {}) for v in others]
+    others: list[Any] = [
+        Sub(3),
+        Fraction(1, 2),
+        [1, Fraction(1, 2)],  # a value that is not plain inside a container
+        {Sub(1): 2},  # as a dict key
+        {1, 2},  # a set
+        [[[[1]]]],  # nested 4 deep
+        list(range(255)),  # 256 values with the list itself, and 1 more argument below
+    ]
+    assert [echo(v, 0).result(timeout=30)[0] for v in others] == [(v, 0) for v in others]
     assert echo(1, k=2).result(timeout=30) == ((1,), {"k": 2})
     assert echo(echo(2)).result(timeout=30) == ((((2,), {}),), {})  # a token as an argument
-    assert len(slow) == 1 + len(others) + 2
+    with pytest.raises(UnpicklableError, match="TaskToken"):  # a token inside a list: as before
+        echo([echo(3)]).result(timeout=30)
+    assert len(slow) == 1 + len(others) + 3  # the inner echo(2) and echo(3) were plain
 
 
 def test_plain_calls_go_to_the_newest_coordinator_and_back_when_it_stops() -> None:

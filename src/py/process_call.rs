@@ -3,7 +3,8 @@
 //! [`ProcessCall`] is the base class of Python's `ProcessFunction`
 //! (`python/tokengate/_process/wrapper.py`). Its `__call__` queues a call
 //! whose arguments are all positional and of plain types (None, bool, int,
-//! float, str, bytes: values, never tokens) on the newest running engine's
+//! float, str, bytes, and small tuples, lists and dicts of them: values, never
+//! tokens; see [`is_plain`]) on the newest running engine's
 //! process lane, as `ProcessFunction._call_slow` would: the arguments pickled
 //! here, `pickle.dumps((args, {}), HIGHEST_PROTOCOL)`, and the token queued
 //! with `(function, pickled arguments)` (`OperationSpec::queue_outside`).
@@ -33,7 +34,7 @@ use std::sync::{Arc, Weak};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::engine_shared::EngineShared;
 use super::handle::TaskToken;
@@ -57,14 +58,45 @@ pub(crate) struct ProcessCall {
     fast: AtomicBool,
 }
 
-/// A value whose pickle means the same in every process, and that is no token.
-fn is_plain(v: &Bound<'_, PyAny>) -> bool {
-    v.is_none()
+/// How many values (a container's items included) a call's arguments may hold to be
+/// checked here; a larger call takes `_call_slow`, whose pickling then costs far more
+/// than that Python frame.
+const PLAIN_VALUES: usize = 256;
+
+/// Containers nested deeper than this take `_call_slow`.
+const PLAIN_DEPTH: u32 = 3;
+
+/// A value whose pickle means the same in every process, and that is no token: None,
+/// bool, int, float, str, bytes, or a tuple, list or dict (exact types) of such values,
+/// nested at most [`PLAIN_DEPTH`] deep. Plain pickle writes the same bytes for it as
+/// loky's pickler (which calls no reducer for these types). `left` counts the values
+/// still allowed ([`PLAIN_VALUES`] for a whole call).
+fn is_plain(v: &Bound<'_, PyAny>, left: &mut usize, depth: u32) -> bool {
+    if *left == 0 {
+        return false;
+    }
+    *left -= 1;
+    if v.is_none()
         || v.is_exact_instance_of::<PyInt>()
         || v.is_exact_instance_of::<PyFloat>()
         || v.is_exact_instance_of::<PyString>()
         || v.is_exact_instance_of::<PyBool>()
         || v.is_exact_instance_of::<PyBytes>()
+    {
+        return true;
+    }
+    if depth == 0 {
+        return false;
+    }
+    if let Ok(t) = v.cast_exact::<PyTuple>() {
+        t.len() <= *left && t.iter().all(|x| is_plain(&x, left, depth - 1))
+    } else if let Ok(l) = v.cast_exact::<PyList>() {
+        l.len() <= *left && l.iter().all(|x| is_plain(&x, left, depth - 1))
+    } else if let Ok(d) = v.cast_exact::<PyDict>() {
+        d.len() * 2 <= *left && d.iter().all(|(k, x)| is_plain(&k, left, depth - 1) && is_plain(&x, left, depth - 1))
+    } else {
+        false
+    }
 }
 
 /// The process lane of `engine`, when one is registered and open.
@@ -81,7 +113,11 @@ impl ProcessCall {
         let py = slf.py();
         let me = slf.get();
         let spec = me.spec.get();
-        if !me.fast.load(Ordering::Acquire) || !spec.arity_is_plain(args.len()) || !args.iter().all(|a| is_plain(&a)) {
+        if !me.fast.load(Ordering::Acquire) || !spec.arity_is_plain(args.len()) {
+            return Ok(None);
+        }
+        let mut left = PLAIN_VALUES;
+        if !args.iter().all(|a| is_plain(&a, &mut left, PLAIN_DEPTH)) {
             return Ok(None);
         }
         let Ok(engine) = newest_engine() else { return Ok(None) };
