@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -41,6 +43,13 @@ PROC = {"process_pool": True}
 def module_level_square(x: int) -> tuple[int, int]:
     """Module-level: sent to the worker by reference (the worker imports this module)."""
     return os.getpid(), x * x
+
+
+class Pair(NamedTuple):
+    """A tuple subclass importable by name: plain pickle could carry it, but it is no plain value."""
+
+    a: int
+    b: int
 
 
 def _wait_gone(pids: list[int], limit: float = 5.0) -> list[int]:
@@ -279,12 +288,21 @@ def test_plain_calls_are_queued_by_the_base_and_the_rest_by_python(
     assert echo(1).result(timeout=30) == ((1,), {})  # the first call makes the function's payload
     assert len(slow) == 1
     plain = [None, True, False, 7, -(2**70), 1.5, "text", b"bytes"]
-    # Small tuples, lists and dicts of plain values, nested up to 3 deep, 256 values in all.
-    plain += [[1, 2], (1,), (), {"a": 1, 2: [b"x", None]}, ([(1, 2.5)], {"k": ("v",)}), list(range(254))]
+    # Small tuples, lists and dicts of plain values, nested up to 3 deep, 256 values in all
+    # (each container, item, key and value counts one).
+    shared = [1]
+    plain += [[1, 2], (1,), (), {"a": 1, 2: [b"x", None]}, ([(1, 2.5)], {"k": ("v",)})]
+    plain += [list(range(255)), {i: i for i in range(127)}, [shared, shared]]
     tokens = [echo(v, v) for v in plain[:8]] + [echo(v) for v in plain[8:]]
     assert [t.result(timeout=30)[0] for t in tokens] == [(v, v) for v in plain[:8]] + [(v,) for v in plain[8:]]
     assert [type(t.result()[0][0]) for t in tokens] == [type(v) for v in plain]
+    first, second = tokens[-1].result()[0][0]
+    assert first is second  # an object met twice stays one object
     assert len(slow) == 1  # plain values only: queued with no Python frame
+    from tokengate._process import payload
+
+    for v in plain[8:]:  # plain pickle writes what the lane's pickler (loky's) writes for them
+        assert pickle.dumps(((v,), {}), payload._PROTO) == payload._cloud_dumps(((v,), {}))
 
     class Sub(int):
         pass
@@ -296,7 +314,12 @@ def test_plain_calls_are_queued_by_the_base_and_the_rest_by_python(
         {Sub(1): 2},  # as a dict key
         {1, 2},  # a set
         [[[[1]]]],  # nested 4 deep
-        list(range(255)),  # 256 values with the list itself, and 1 more argument below
+        list(range(255)),  # 256 values with the list itself, and the second argument below
+        list(range(256)),  # 257 values: refused before its items are looked at
+        {i: i for i in range(128)},  # 257 values
+        Pair(1, 2),  # subclasses of tuple and dict
+        collections.OrderedDict(a=1),
+        collections.defaultdict(int, a=1),
     ]
     assert [echo(v, 0).result(timeout=30)[0] for v in others] == [(v, 0) for v in others]
     assert echo(1, k=2).result(timeout=30) == ((1,), {"k": 2})

@@ -58,9 +58,10 @@ pub(crate) struct ProcessCall {
     fast: AtomicBool,
 }
 
-/// How many values (a container's items included) a call's arguments may hold to be
-/// checked here; a larger call takes `_call_slow`, whose pickling then costs far more
-/// than that Python frame.
+/// How many values a call's positional arguments may hold to be checked here: each
+/// argument, each container, each item, and each dict key and value counts one (an
+/// object met twice counts twice). A larger call takes `_call_slow`, whose pickling then
+/// costs far more than that Python frame.
 const PLAIN_VALUES: usize = 256;
 
 /// Containers nested deeper than this take `_call_slow`.
@@ -93,7 +94,16 @@ fn is_plain(v: &Bound<'_, PyAny>, left: &mut usize, depth: u32) -> bool {
     } else if let Ok(l) = v.cast_exact::<PyList>() {
         l.len() <= *left && l.iter().all(|x| is_plain(&x, left, depth - 1))
     } else if let Ok(d) = v.cast_exact::<PyDict>() {
-        d.len() * 2 <= *left && d.iter().all(|(k, x)| is_plain(&k, left, depth - 1) && is_plain(&x, left, depth - 1))
+        // A snapshot of its items: on a free-threaded build another thread may change the
+        // dict meanwhile, and iterating it in place then panics.
+        d.len() * 2 <= *left
+            && d.items().iter().all(|pair| {
+                pair.cast_exact::<PyTuple>().is_ok_and(|kv| {
+                    kv.len() == 2
+                        && kv.get_item(0).is_ok_and(|k| is_plain(&k, left, depth - 1))
+                        && kv.get_item(1).is_ok_and(|x| is_plain(&x, left, depth - 1))
+                })
+            })
     } else {
         false
     }
@@ -129,7 +139,14 @@ impl ProcessCall {
             let pickle = py.import("pickle")?;
             Ok((pickle.getattr("dumps")?.unbind(), pickle.getattr("HIGHEST_PROTOCOL")?.unbind()))
         })?;
-        let data = dumps.bind(py).call1(((args, PyDict::new(py)), proto.bind(py)))?;
+        // On a free-threaded build another thread may put a value that is not plain into a
+        // container argument after the check: a pickling error then sends the call to
+        // `_call_slow`, which pickles it as any other (a token in it fails the token).
+        let data = match dumps.bind(py).call1(((args, PyDict::new(py)), proto.bind(py))) {
+            Ok(data) => data,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => return Ok(None),
+            Err(e) => return Err(e), // KeyboardInterrupt and the like
+        };
         let func = PyTuple::new(py, [slf.as_any(), &data])?;
         // A blocking admission queues the token or raises: None would be a bug (and the
         // caller would then queue the call a second time through `_call_slow`).
