@@ -506,7 +506,6 @@ def test_arguments_are_pickled_as_loky_pickles_them_with_a_pickler_made_once() -
     when a reducer is registered (with copyreg or loky) or another loky pickler is chosen."""
     import copyreg
     import functools
-    import pickle
 
     from loky.backend import reduction
 
@@ -567,8 +566,6 @@ def test_arguments_are_pickled_as_loky_pickles_them_with_a_pickler_made_once() -
 def test_a_worker_pickles_results_by_name_first_and_by_value_where_that_fails() -> None:
     """By name wherever pickle can (the same bytes as plain pickle with loky's table); a
     lambda, or an instance of a class the worker could not import, by value."""
-    import pickle
-
     from tokengate._process import payload
 
     value = [Fraction(1, 3), {"k": (1, 2.5)}, range(3)]
@@ -1346,7 +1343,6 @@ def test_a_burst_s_first_tokens_start_while_it_is_submitted(lane: OperationsCoor
 def test_a_reply_to_an_earlier_sending_never_matches_a_later_one() -> None:
     """A token taken back from a process and later sent to it again: the skip of its first
     sending (listed, its reply still to come) must not touch the second."""
-    import pickle
     from collections import deque
     from types import SimpleNamespace
 
@@ -1376,7 +1372,6 @@ def test_a_reply_that_comes_after_a_kill_counts_the_kill_once() -> None:
     """A token killed (or timed out) while its reply was on its way: the reply finds the
     token ended, and the stop notice then finds the item done. The kill is counted once,
     by whichever comes first; before, a reply that came first left it uncounted."""
-    import pickle
     from collections import deque
     from types import SimpleNamespace
 

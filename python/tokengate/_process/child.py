@@ -41,7 +41,7 @@ from typing import Any
 from .._tokengate import ProcessBoard, ReplyOutbox
 from ..exceptions import NotStartedError
 from . import wrapper
-from .payload import _PROTO, RemoteError, UnpicklableError, _dumps, _dumps_result, _resolve_qualname, _type_name
+from .payload import _PROTO, RemoteError, UnpicklableError, _cloud_dumps, _dumps_result, _resolve_qualname, _type_name
 from .wire import _ERROR, _OK, _READY, _REPLY, _SKIPPED
 from .wrapper import _WorkerStub
 
@@ -88,14 +88,14 @@ def _reply_error(seq: int, exc: BaseException) -> bytes:
     exc.__traceback__ = None
     head = _REPLY.pack(seq, _ERROR)
     try:
-        data = _dumps((exc, tb))
+        data = _cloud_dumps((exc, tb))
         pickle.loads(data)  # an exception that pickles but cannot be rebuilt
         return head + data
     except BaseException as err:
         stand_in = RemoteError(
             f"{_type_name(exc)}: {exc} (the exception could not be sent back from the worker process: {err!r})"
         )
-        return head + _dumps((stand_in, tb))
+        return head + _cloud_dumps((stand_in, tb))
 
 
 def _run_task(funcs: dict[int, Any], payloads: dict[int, Any], seq: int, fkey: int, args_payload: bytes) -> bytes:

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import io
 import operator
 import pickle
@@ -73,8 +74,6 @@ _made: tuple[Any, ...] = (None, None, None, (), None)
 def _dispatch_sources(loky_pickler: Any, reduction: Any) -> list[Any]:
     """The dispatch tables loky's pickler merges, lowest priority first: the standard ones
     (a class-level ChainMap on cloudpickle's pickler, whose first map wins), then loky's."""
-    import copyreg
-
     table = getattr(loky_pickler._loky_pickler_cls, "dispatch_table", None)
     if not isinstance(table, Mapping):  # plain pickle's pickler (LOKY_PICKLER=pickle): a slot
         table = copyreg.dispatch_table
@@ -123,14 +122,6 @@ def _cloud_dumps(obj: object) -> bytes:
     buf = io.BytesIO()
     _picklers()[0](buf, protocol=_PROTO).dump(obj)
     return buf.getvalue()
-
-
-def _dumps(obj: object) -> bytes:
-    """``obj`` pickled to cross the process boundary: values of plain types by pickle,
-    anything else by loky's pickler."""
-    if type(obj) in _PLAIN:
-        return pickle.dumps(obj, _PROTO)
-    return _cloud_dumps(obj)
 
 
 def _dumps_result(obj: object) -> bytes:
