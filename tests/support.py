@@ -127,6 +127,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def wait_child(pid: int, limit: float) -> int | None:
+    """The exit code of this process's forked child ``pid``, or None when it had not exited
+    after ``limit`` seconds (it is then killed and reaped). The child scripts of
+    ``test_subprocess.py`` carry the same loop (``WAIT_CHILD``): they run in interpreters
+    of their own."""
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
+
+
 def child_pids() -> set[int]:
     """Direct child processes of this process, from /proc (every thread's children)."""
     out: set[int] = set()

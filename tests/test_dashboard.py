@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import tokengate
-from support import os_thread_names
+from support import os_thread_names, wait_child
 from tokengate import OperationsCoordinator, task_token_guard
 
 ADMIN_ROUTES = ["/api/v1/ops/dash_op/pause", "/api/v1/ops/dash_op/kill", "/api/v1/admission/pause"]
@@ -411,15 +411,7 @@ def _fork_and_stop(server: Any, limit: float) -> int | None:
             code = 0 if not server.running else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    return None
+    return wait_child(pid, limit)
 
 
 def test_a_forked_child_neither_breaks_nor_holds_the_parents_server(coordinator: OperationsCoordinator) -> None:
