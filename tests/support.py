@@ -129,9 +129,9 @@ def pid_alive(pid: int) -> bool:
 
 def wait_child(pid: int, limit: float) -> int | None:
     """The exit code of this process's forked child ``pid``, or None when it had not exited
-    after ``limit`` seconds (it is then killed and reaped). The child scripts of
-    ``test_subprocess.py`` carry the same loop (``WAIT_CHILD``): they run in interpreters
-    of their own."""
+    after ``limit`` seconds (it is then killed and reaped). ``test_subprocess.py`` copies
+    its source into its child scripts (``WAIT_CHILD``): it must need nothing but os,
+    signal and time."""
     deadline = time.monotonic() + limit
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)

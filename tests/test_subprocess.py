@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from support import CHILD_TIMEOUT as TIMEOUT
-from support import default_sigint, describe, run_script
+from support import default_sigint, describe, run_script, wait_child
 
 pytestmark = pytest.mark.subprocess
 
@@ -21,23 +22,9 @@ pytestmark = pytest.mark.subprocess
 # -- fork -----------------------------------------------------------------------------------------
 
 
-#: Prepended to the fork scripts: waits for a forked child, with a deadline.
-WAIT_CHILD = """
-import os, time
-
-def wait_child(pid, limit):
-    # the child's exit code, or None when it was still there after `limit` seconds (then killed)
-    deadline = time.monotonic() + limit
-    while True:
-        got, status = os.waitpid(pid, os.WNOHANG)
-        if got:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            return None
-        time.sleep(0.005)
-"""
+#: Prepended to the fork scripts: ``support.wait_child`` (waits for a forked child, with a
+#: deadline), its source copied into the child interpreter.
+WAIT_CHILD = "from __future__ import annotations\nimport os, signal, time\n\n" + inspect.getsource(wait_child)
 
 FORK_SCRIPT = (
     WAIT_CHILD
