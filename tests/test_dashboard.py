@@ -395,7 +395,6 @@ def test_dropping_an_untracked_handle_stops_its_server(coordinator: OperationsCo
     assert_port_free(port)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def _fork_and_stop(server: Any, limit: float) -> int | None:
     """Forks a child that stops its copy of ``server`` and exits: its exit code, or None when
     it did not exit within ``limit`` seconds (it is then killed). A child stuck past 20 s
@@ -414,6 +413,7 @@ def _fork_and_stop(server: Any, limit: float) -> int | None:
     return wait_child(pid, limit)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_neither_breaks_nor_holds_the_parents_server(coordinator: OperationsCoordinator) -> None:
     server = coordinator.serve()
     code = _fork_and_stop(server, 45)
