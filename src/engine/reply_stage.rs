@@ -279,6 +279,12 @@ mod tests {
             got.extend(frames(&buf[..n]));
         }
         assert_eq!(got, vec![b"r1".to_vec(), b"r2".to_vec()]);
+        // The flusher counts the frames sent after its write: the reader may see the bytes
+        // first (a preempted flusher), so the count is waited for, not read once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while supervisor.staged() != (3, Vec::new()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(supervisor.staged(), (3, Vec::new()));
         assert!(!stage.due(None, 0.001));
     }
