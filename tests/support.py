@@ -129,19 +129,53 @@ def pid_alive(pid: int) -> bool:
 
 def wait_child(pid: int, limit: float) -> int | None:
     """The exit code of this process's forked child ``pid``, or None when it had not exited
-    after ``limit`` seconds (it is then killed and reaped). ``test_subprocess.py`` copies
-    its source into its child scripts (``WAIT_CHILD``): it must need nothing but os,
-    signal and time."""
+    after ``limit`` seconds: it is then described on stderr (each thread's state, kernel wait
+    channel and system call from /proc, and its native stacks when gdb is installed), killed
+    and reaped. ``test_subprocess.py`` copies its source into its child scripts
+    (``WAIT_CHILD``): it must need nothing but os, signal and time."""
     deadline = time.monotonic() + limit
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
+            lines = [f"forked child {pid} still running after {limit} s:"]
+            try:
+                for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+                    facts = []
+                    for name in ("stat", "wchan", "syscall"):
+                        try:
+                            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                                text = f.read().strip()
+                            if name == "stat":  # the state: the field after "(command)"
+                                text = text.rsplit(")", 1)[-1].split()[0]
+                        except (OSError, IndexError) as exc:
+                            text = f"({exc})"
+                        facts.append(text)
+                    lines.append(f"  thread {tid}: state {facts[0]}, wchan {facts[1]}, syscall {facts[2]}")
+            except OSError:
+                pass
+            os.write(2, ("\n".join(lines) + "\n").encode())
+            if os.path.exists("/usr/bin/gdb"):
+                os.system(
+                    f"timeout 60 gdb -p {pid} -batch -ex 'thread apply all bt 30' 2>/dev/null | grep '^#\\|^Thread' 1>&2"
+                )
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return None
         time.sleep(0.01)
+
+
+def log_line(config: Any, text: str) -> None:
+    """Writes ``text`` to pytest's terminal output, where CI logs keep it even when the test
+    passes (captured output shows only for failures)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:  # pragma: no cover - run without them
+        print(text, file=sys.__stderr__)
+        return
+    with capture.global_and_fixture_disabled():  # the test's output is captured meanwhile
+        reporter.write_line(text)
 
 
 def child_pids() -> set[int]:

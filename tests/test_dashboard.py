@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import tokengate
-from support import os_thread_names, wait_child
+from support import log_line, os_thread_names, wait_child
 from tokengate import OperationsCoordinator, task_token_guard
 
 ADMIN_ROUTES = ["/api/v1/ops/dash_op/pause", "/api/v1/ops/dash_op/kill", "/api/v1/admission/pause"]
@@ -414,14 +414,20 @@ def _fork_and_stop(server: Any, limit: float) -> int | None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_neither_breaks_nor_holds_the_parents_server(coordinator: OperationsCoordinator) -> None:
+def test_a_forked_child_neither_breaks_nor_holds_the_parents_server(
+    coordinator: OperationsCoordinator, pytestconfig: pytest.Config, capfd: pytest.CaptureFixture[str]
+) -> None:
     server = coordinator.serve()
     code = _fork_and_stop(server, 45)
     if code != 0:
         # Seen once in CI on free-threaded 3.13 (the child never exited; not reproduced in 30
-        # runs alone nor in 3 runs of this file): one more child must succeed. (Not a warning:
-        # the suite turns warnings into errors.)
-        print(f"a forked child stopping its copy of the server ended with {code!r}; trying once more", file=sys.stderr)
+        # runs alone nor in 20,000 forks of a stress script): one more child must succeed.
+        # What wait_child wrote of the child goes to the CI log, kept even when the retry passes.
+        described = capfd.readouterr().err
+        log_line(
+            pytestconfig,
+            f"test_dashboard: a forked child stopping its server ended with {code!r}; trying once more\n{described}",
+        )
         code = _fork_and_stop(server, 45)
     assert code == 0
     assert request(server, "GET", "/healthz", token=None)[0] == 200, "the parent's server still answers"

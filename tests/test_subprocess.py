@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from support import CHILD_TIMEOUT as TIMEOUT
-from support import default_sigint, describe, run_script, wait_child
+from support import default_sigint, describe, log_line, run_script, wait_child
 
 pytestmark = pytest.mark.subprocess
 
@@ -75,8 +75,17 @@ sys.exit(0 if code == 0 else 6)
 )
 
 
-def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path) -> None:
+def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path, pytestconfig: pytest.Config) -> None:
     proc = run_script(FORK_SCRIPT, tmp_path)
+    if proc.returncode == 5:
+        # Seen once in CI on free-threaded 3.13: the child raised ForkedProcessError at once,
+        # then did not finish its interpreter exit; not reproduced in 900 runs beside 2
+        # CPU-bound processes. wait_child described the child on stderr (logged here, kept
+        # even when the retry passes); one more run must pass.
+        log_line(
+            pytestconfig, f"test_subprocess: a forked child hung on its way out; trying once more\n{describe(proc)}"
+        )
+        proc = run_script(FORK_SCRIPT, tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "CHILD: ForkedProcessError" in proc.stdout, describe(proc)
     assert "PARENT: child exit code 0" in proc.stdout, describe(proc)
