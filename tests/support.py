@@ -130,8 +130,8 @@ def pid_alive(pid: int) -> bool:
 def wait_child(pid: int, limit: float) -> int | None:
     """The exit code of this process's forked child ``pid``, or None when it had not exited
     after ``limit`` seconds: it is then described on stderr (each thread's state, kernel wait
-    channel and system call from /proc, and its native stacks when gdb is installed), killed
-    and reaped. ``test_subprocess.py`` copies its source into its child scripts
+    channel and system call from /proc, and its native stacks when gdb is installed, which
+    adds at most 12 s), killed and reaped. ``test_subprocess.py`` copies its source into its child scripts
     (``WAIT_CHILD``): it must need nothing but os, signal and time."""
     deadline = time.monotonic() + limit
     while True:
@@ -156,9 +156,10 @@ def wait_child(pid: int, limit: float) -> int | None:
             except OSError:
                 pass
             os.write(2, ("\n".join(lines) + "\n").encode())
-            if os.path.exists("/usr/bin/gdb"):
+            if os.path.exists("/usr/bin/gdb"):  # at most 12 s; its error lines too (ptrace refused, say)
                 os.system(
-                    f"timeout 60 gdb -p {pid} -batch -ex 'thread apply all bt 30' 2>/dev/null | grep '^#\\|^Thread' 1>&2"
+                    f"timeout -k 2 10 gdb -p {pid} -batch -ex 'thread apply all bt 30' </dev/null 2>&1"
+                    " | grep '^#\\|^Thread\\|ptrace\\|denied' 1>&2"
                 )
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

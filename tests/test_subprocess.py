@@ -62,7 +62,7 @@ if pid == 0:
     # leave through normal interpreter shutdown (the exit hooks must not hang in the child)
     sys.exit(0)
 
-code = wait_child(pid, 20)
+code = wait_child(pid, 15)
 if code is None:
     print("PARENT: child hung", flush=True)
     sys.exit(5)
@@ -76,7 +76,9 @@ sys.exit(0 if code == 0 else 6)
 
 
 def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path, pytestconfig: pytest.Config) -> None:
-    proc = run_script(FORK_SCRIPT, tmp_path)
+    # 50 s: the script waits 15 s for a hung child and up to 12 s more to describe it (two
+    # runs stay within the suite's 120 s per test).
+    proc = run_script(FORK_SCRIPT, tmp_path, timeout=50)
     if proc.returncode == 5:
         # Seen once in CI on free-threaded 3.13: the child raised ForkedProcessError at once,
         # then did not finish its interpreter exit; not reproduced in 900 runs beside 2
@@ -85,7 +87,7 @@ def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path, pytest
         log_line(
             pytestconfig, f"test_subprocess: a forked child hung on its way out; trying once more\n{describe(proc)}"
         )
-        proc = run_script(FORK_SCRIPT, tmp_path)
+        proc = run_script(FORK_SCRIPT, tmp_path, timeout=50)
     assert proc.returncode == 0, describe(proc)
     assert "CHILD: ForkedProcessError" in proc.stdout, describe(proc)
     assert "PARENT: child exit code 0" in proc.stdout, describe(proc)
