@@ -430,7 +430,9 @@ def test_a_forked_child_neither_breaks_nor_holds_the_parents_server(
     code = _fork_and_stop(server, 30)
     if code != 0:
         # Seen once in CI on free-threaded 3.13 (the child never exited; not reproduced in 30
-        # runs alone nor in 20,000 forks of a stress script): one more child must succeed.
+        # runs alone nor in 20,000 forks of a stress script; test_subprocess's fork test shows
+        # the like of it, a child inheriting CPython's stop-the-world mutex locked): one more
+        # child must succeed.
         # What wait_child wrote of the child goes to the CI log, kept even when the retry passes.
         described = capfd.readouterr().err
         log_line(

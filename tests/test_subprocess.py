@@ -80,10 +80,12 @@ def test_fork_after_start_child_gets_forked_process_error(tmp_path: Path, pytest
     # runs stay within the suite's 120 s per test).
     proc = run_script(FORK_SCRIPT, tmp_path, timeout=50)
     if proc.returncode == 5:
-        # Seen once in CI on free-threaded 3.13: the child raised ForkedProcessError at once,
-        # then did not finish its interpreter exit; not reproduced in 900 runs beside 2
-        # CPU-bound processes. wait_child described the child on stderr (logged here, kept
-        # even when the retry passes); one more run must pass.
+        # Free-threaded CPython 3.13.5, about 1 run in 2,000: the child raised ForkedProcessError
+        # at once, then hung in its exit's gc.collect(), in stop_the_world() waiting on the
+        # interpreter's stop-the-world mutex (gdb). The child inherited it locked: a pause of
+        # another thread of the parent (a collection, most likely; any thread running Python,
+        # the pool's included) held it at the fork. CPython's, not tokengate's; wait_child described the child on
+        # stderr (logged here, kept even when the retry passes); one more run must pass.
         log_line(
             pytestconfig, f"test_subprocess: a forked child hung on its way out; trying once more\n{describe(proc)}"
         )
